@@ -1,0 +1,36 @@
+"""Datasets for dataset distillation: registry, loaders, ZCA whitening and the real-image sampler.
+
+Public API (importing the package registers every loader):
+
+* :func:`load_dataset` -> :class:`DatasetRecord`; :func:`list_datasets`, :data:`DATASETS`,
+  :func:`register_dataset`; :class:`DatasetError` for every user-facing problem.
+* :class:`ZCA`: kornia-compatible ZCA whitening (fit / transform / inverse / state_dict).
+* :class:`RealSampler` and :func:`sample_random_real`: per-class random real images.
+
+Datasets: MNIST, FashionMNIST, SVHN, CIFAR10, CIFAR100 (torchvision readers), TinyImageNet / Tiny
+(``tinyimagenet.pt`` or ImageFolder), ImageNet subsets (imagenette, imagewoof, imagefruit,
+imagemeow, imagesquawk, imageyellow; or ``'ImageNet'`` with ``subset``) and MHIST.
+"""
+from .core import (DATASETS, DatasetError, DatasetLoader, DatasetRecord, RawSplits, list_datasets,
+                   load_dataset, register_dataset)
+from .zca import ZCA
+from .sampler import RealSampler, sample_random_real
+from . import torchvision_sets, folder_sets  # noqa: F401  (register the loaders)
+from .folder_sets import IMAGENET_SUBSETS
+from .torchvision_sets import cache_dir
+
+__all__ = [
+    'DATASETS',
+    'DatasetError',
+    'DatasetLoader',
+    'DatasetRecord',
+    'IMAGENET_SUBSETS',
+    'RawSplits',
+    'RealSampler',
+    'ZCA',
+    'cache_dir',
+    'list_datasets',
+    'load_dataset',
+    'register_dataset',
+    'sample_random_real',
+]
