@@ -1,0 +1,87 @@
+"""Pieces shared by the command-line scripts: common flags, logging set-up, and turning user
+mistakes into one line on stderr with a non-zero exit (never a traceback)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from contextlib import contextmanager
+
+import networks
+import utils
+
+# Exit codes: 2 for a user mistake (as argparse), 3 for a numerical failure, 130 for a stop.
+EXIT_USER, EXIT_NUMERIC, EXIT_STOPPED = 2, 3, 130
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """``--dataset --data_path --zca --download --res --subset`` (reference names)."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", default="CIFAR10", help="MNIST, FashionMNIST, SVHN, CIFAR10, CIFAR100, "
+                       "TinyImageNet (or Tiny), imagenette/imagewoof/imagefruit/imagemeow/imagesquawk/imageyellow, MHIST")
+    group.add_argument("--data_path", default="data", help="dataset root (FashionMNIST is also found in "
+                       "/usr/share/datasets/fashion-mnist without it)")
+    group.add_argument("--zca", action=argparse.BooleanOptionalAction, default=False,
+                       help="ZCA-whiten the data (eps 0.1); saved images stay whitened, pictures are inverted")
+    group.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
+                       help="let torchvision download missing datasets (needs internet)")
+    group.add_argument("--res", type=int, default=None, help="image side for MHIST / ImageNet subsets")
+    group.add_argument("--subset", default=None, help="ImageNet subset name when --dataset is ImageNet-style")
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    """``--seed --device --threads``."""
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--seed", type=int, default=0, help="base seed; experiment e uses seed + e")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    group.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+
+
+def setup_logging(log_file: str | None = None, quiet: bool = False) -> None:
+    """Console (stderr) and optional file logging for the scripts."""
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def resolve_eval_models(eval_mode: str, model: str) -> list:
+    """Networks of an ``--eval_mode`` pool, each checked against the network registry.
+
+    Raises:
+        utils.UserError: unknown mode or network name.
+    """
+    try:
+        models = networks.get_eval_pool(eval_mode, model)
+    except (KeyError, ValueError) as error:
+        raise utils.UserError(f"--eval_mode {eval_mode}: {error.args[0] if error.args else error}") from None
+    check_models(models, "--eval_mode")
+    return models
+
+
+def check_models(models, flag: str) -> None:
+    """Raise a one-line ``UserError`` naming ``flag`` if a network name is unknown."""
+    known = set(networks.list_networks())
+    for name in models:
+        if name not in known:
+            raise utils.UserError(f"{flag}: unknown model {name!r}; choose from: {', '.join(networks.list_networks())}")
+
+
+def fail(message: str, code: int = EXIT_USER) -> "NoReturn":  # noqa: F821
+    """Print ``error: message`` on one line and exit."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+@contextmanager
+def user_errors():
+    """Turn the toolkit's user-facing exceptions into one line and exit code 2."""
+    from data import DatasetError
+
+    try:
+        yield
+    except (utils.UserError, DatasetError) as error:
+        fail(str(error))

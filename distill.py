@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""Learn a synthetic training set: ``python distill.py --method DC|DSA|DM --dataset ... --ipc ...``.
+
+Flags and defaults follow the reference scripts (``main.py`` for DC/DSA, ``main_DM.py`` for DM,
+VICO-UoE/DatasetCondensation): a flag left out takes the default of the chosen method's script.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+import augment
+import cli
+import methods
+import utils
+from methods.losses import METRICS
+from methods.runner import RunInterrupted, RunOptions, StopFlag, run_distillation
+
+# Flags whose default depends on the method (``None`` here, resolved from Method.defaults).
+METHOD_DEFAULTED = ("ipc", "Iteration", "lr_img", "lr_net", "batch_real", "batch_train", "init", "dsa_strategy",
+                    "dis_metric", "eval_mode")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="DC", help=f"one of: {', '.join(methods.list_methods())}")
+    parser.add_argument("--model", default="ConvNet", help="network to distil with (networks.py names)")
+    parser.add_argument("--ipc", type=int, default=None, help="images per class (DC/DSA 1, DM 50)")
+    parser.add_argument("--eval_mode", default=None, help="evaluation pool: S, SS, M, B, W, D, A, P, N, C (DC S, DM SS)")
+    parser.add_argument("--num_exp", type=int, default=5, help="independent experiments")
+    parser.add_argument("--num_eval", type=int, default=20, help="networks per evaluation (0: no evaluation)")
+    parser.add_argument("--epoch_eval_train", type=int, default=None,
+                        help="evaluation epochs (default: DC/DSA 1000 with augmentation else 300; DM 1000)")
+    parser.add_argument("--Iteration", type=int, default=None, help="outer iterations (DC/DSA 1000, DM 20000)")
+    parser.add_argument("--lr_img", type=float, default=None, help="synthetic image lr (DC/DSA 0.1, DM 1.0)")
+    parser.add_argument("--lr_net", type=float, default=None, help="network lr, inner loop and evaluation (0.01)")
+    parser.add_argument("--batch_real", type=int, default=None, help="real images per class per step (256)")
+    parser.add_argument("--batch_train", type=int, default=None, help="batch for training on the synthetic set (256)")
+    parser.add_argument("--init", default=None, help="noise or real (DC/DSA noise, DM real)")
+    parser.add_argument("--dsa_strategy", default=None,
+                        help="DiffAugment ops joined by _ (DSA/DM: color_crop_cutout_flip_scale_rotate; none to disable)")
+    parser.add_argument("--dis_metric", default=None, help=f"gradient distance for DC/DSA: {', '.join(METRICS)}")
+    parser.add_argument("--outer_loop", type=int, default=None, help="DC outer loop (default: get_loops(ipc))")
+    parser.add_argument("--inner_loop", type=int, default=None, help="DC inner loop (default: get_loops(ipc))")
+    parser.add_argument("--save_path", default="result", help="root of run directories")
+    parser.add_argument("--run_dir", default=None, help="run directory (default: save_path/METHOD_DATASET_MODEL_IPCipc)")
+    parser.add_argument("--eval_it", type=int, default=None,
+                        help="evaluate every N iterations, 0 = only at the end (default: DC 500, DM 2000 for S/SS)")
+    parser.add_argument("--checkpoint_every", type=int, default=100, help="write last.pt every N iterations (0: only on stop)")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
+                        help="continue from run_dir/last.pt if it exists")
+    parser.add_argument("--vis", action=argparse.BooleanOptionalAction, default=True, help="save PNG grids")
+    cli.add_data_args(parser)
+    cli.add_runtime_args(parser)
+    return parser
+
+
+def resolve(args: argparse.Namespace):
+    """Fill method defaults, validate every value, and build (DistillConfig, RunOptions, eval models).
+
+    Raises:
+        utils.UserError: a flag value is invalid (the message names the flag).
+    """
+    try:
+        method_class = methods.get_method_class(args.method)
+    except KeyError as error:
+        raise utils.UserError(f"--method: {error.args[0]}") from None
+    defaults = {**{f.name: f.default for f in methods.DistillConfig.__dataclass_fields__.values()},
+                **method_class.defaults}
+    defaults["Iteration"] = defaults.pop("iterations")
+    for name in METHOD_DEFAULTED:
+        if getattr(args, name) is None:
+            setattr(args, name, defaults.get(name))
+    for flag in ("ipc", "batch_real", "batch_train", "num_exp"):
+        if getattr(args, flag) < 1:
+            raise utils.UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("Iteration", "num_eval", "checkpoint_every"):
+        if getattr(args, flag) < 0:
+            raise utils.UserError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    for flag in ("lr_img", "lr_net"):
+        if not getattr(args, flag) > 0:
+            raise utils.UserError(f"--{flag} must be positive, got {getattr(args, flag)}")
+    if args.init not in ("noise", "real"):
+        raise utils.UserError(f"--init {args.init!r}: expected noise or real")
+    if args.dis_metric not in METRICS:
+        raise utils.UserError(f"--dis_metric {args.dis_metric!r}: expected one of {', '.join(METRICS)}")
+    try:
+        augment.validate_strategy(args.dsa_strategy or "")
+    except ValueError as error:
+        raise utils.UserError(str(error)) from None
+    cli.check_models([args.model], "--model")
+    eval_models = cli.resolve_eval_models(args.eval_mode, args.model)
+    if args.eval_it is None:
+        args.eval_it = (500 if args.method in ("DC", "DSA") else 2000) if args.eval_mode in ("S", "SS") else 0
+    cfg = methods.DistillConfig(method=args.method, dataset=args.dataset, model=args.model, ipc=args.ipc,
+                                iterations=args.Iteration, lr_img=args.lr_img, lr_net=args.lr_net,
+                                batch_real=args.batch_real, batch_train=args.batch_train, init=args.init,
+                                dsa_strategy=args.dsa_strategy or "", dis_metric=args.dis_metric,
+                                outer_loop=args.outer_loop, inner_loop=args.inner_loop)
+    run_dir = args.run_dir or os.path.join(args.save_path, f"{args.method}_{args.dataset}_{args.model}_{args.ipc}ipc")
+    opts = RunOptions(num_exp=args.num_exp, num_eval=args.num_eval, eval_it=args.eval_it,
+                      eval_models=tuple(eval_models), epoch_eval_train=args.epoch_eval_train, seed=args.seed,
+                      run_dir=run_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                      save_vis=args.vis)
+    return cfg, opts
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    with cli.user_errors():
+        cfg, opts = resolve(args)
+        cli.setup_logging(os.path.join(opts.run_dir, "log.txt"))
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = utils.resolve_device(args.device)
+        from data import load_dataset
+
+        record = load_dataset(args.dataset, args.data_path, zca=args.zca, download=args.download, res=args.res,
+                              subset=args.subset)
+        if args.ipc > int(record.labels_train.bincount().min()):
+            raise utils.UserError(f"--ipc {args.ipc} exceeds the smallest class of {args.dataset}")
+        stop = StopFlag().install()
+        try:
+            outcome = run_distillation(cfg, opts, record, device, stop=stop)
+        except RunInterrupted as error:
+            cli.fail(f"{error}; re-run the same command with --resume to continue", cli.EXIT_STOPPED)
+        except FloatingPointError as error:
+            cli.fail(f"{error}; the last checkpoint in {opts.run_dir} is kept", cli.EXIT_NUMERIC)
+        finally:
+            stop.restore()
+    print(f"\n{cfg.method} {cfg.dataset} ipc {cfg.ipc} ({cfg.iterations} iterations, "
+          f"{outcome.seconds_per_iteration:.3f} s/iteration on {device})")
+    for model, accs in outcome.accs_all_exps.items():
+        if accs:
+            print(f"  {model:<16} {utils.format_acc(accs)} %  over {len(accs)} networks")
+    print(f"  result file: {outcome.result_path}")
+    if outcome.vis_paths:
+        print(f"  picture:     {outcome.vis_paths[-1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""Evaluate a saved synthetic set (ours or a reference repository's ``res_*.pt``), or ipc random
+real images per class (``--baseline random``), by training fresh networks on it and testing them
+on the real test set. Prints mean ± std per model; ``--out FILE.json`` writes
+``{model: {"mean": .., "std": .., "accs": [..], "protocol": {..}}}`` with accuracies in [0, 1].
+
+Examples:
+    python evaluate.py --dataset FashionMNIST --syn_path result/DM_FashionMNIST_ConvNet_10ipc/res_DM_FashionMNIST_ConvNet_10ipc.pt
+    python evaluate.py --dataset FashionMNIST --baseline random --ipc 10 --dsa_strategy color_crop_cutout_flip_scale_rotate
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+import augment
+import cli
+import utils
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--syn_path", help="result file {'data': [[image_syn, label_syn], ...], ...}")
+    source.add_argument("--baseline", choices=["random"], help="evaluate ipc random real images per class instead")
+    parser.add_argument("--ipc", type=int, default=None, help="images per class for --baseline")
+    parser.add_argument("--model", default="ConvNet", help="the model the set was distilled with")
+    parser.add_argument("--eval_mode", default="SS", help="evaluation pool: S, SS, M, B, W, D, A, P, N, C")
+    parser.add_argument("--exp", type=int, nargs="*", default=None, help="which experiments of the file (default all)")
+    parser.add_argument("--num_eval", type=int, default=5, help="networks per synthetic set (baseline: random subsets)")
+    parser.add_argument("--epoch_eval_train", type=int, default=None,
+                        help="training epochs (default: 1000 with DSA or DC augmentation, else 300)")
+    parser.add_argument("--lr_net", type=float, default=0.01, help="SGD learning rate")
+    parser.add_argument("--batch_train", type=int, default=256, help="training batch size")
+    parser.add_argument("--dsa_strategy", default=None,
+                        help="DiffAugment strategy for training (default: the one saved with the set, else DC augmentation; "
+                             "'none' for DC augmentation)")
+    parser.add_argument("--out", default=None, help="write the accuracies as JSON here")
+    cli.add_data_args(parser)
+    cli.add_runtime_args(parser)
+    return parser
+
+
+def load_sets(args, record) -> tuple:
+    """The synthetic sets to evaluate: a list of (images, labels) and the saved DSA strategy.
+
+    Raises:
+        utils.UserError: the file does not match ``--dataset`` or ``--exp``.
+    """
+    blob = utils.load_results(args.syn_path)
+    meta = blob.get("meta") or {}
+    if meta.get("dataset") and meta["dataset"] != args.dataset:
+        raise utils.UserError(f"--syn_path holds a {meta['dataset']} set but --dataset is {args.dataset}")
+    entries = blob["data"]
+    chosen = args.exp if args.exp else range(len(entries))
+    sets = []
+    for index in chosen:
+        if not 0 <= index < len(entries):
+            raise utils.UserError(f"--exp {index}: the file holds experiments 0..{len(entries) - 1}")
+        images, labels = entries[index][0].float(), entries[index][1]
+        if tuple(images.shape[1:]) != (record.channel, *record.im_size):
+            raise utils.UserError(f"--syn_path images are {tuple(images.shape[1:])} but {args.dataset} images are "
+                                  f"{(record.channel, *record.im_size)}")
+        if labels.dim() == 1:
+            labels = labels.long()
+        sets.append((images, labels))
+    return sets, meta.get("dsa_strategy")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    with cli.user_errors():
+        cli.setup_logging(quiet=True)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.num_eval < 1:
+            raise utils.UserError(f"--num_eval must be at least 1, got {args.num_eval}")
+        if args.baseline and (args.ipc is None or args.ipc < 1):
+            raise utils.UserError("--baseline random needs --ipc N with N >= 1")
+        cli.check_models([args.model], "--model")
+        models = cli.resolve_eval_models(args.eval_mode, args.model)
+        device = utils.resolve_device(args.device)
+        from data import load_dataset, sample_random_real
+
+        record = load_dataset(args.dataset, args.data_path, zca=args.zca, download=args.download, res=args.res,
+                              subset=args.subset)
+        saved_strategy = None
+        if args.syn_path:
+            sets, saved_strategy = load_sets(args, record)
+            ipc = max(1, sets[0][0].shape[0] // record.num_classes)
+        else:
+            ipc, sets = args.ipc, None
+            if ipc > int(record.labels_train.bincount().min()):
+                raise utils.UserError(f"--ipc {ipc} exceeds the smallest class of {args.dataset}")
+        strategy = args.dsa_strategy if args.dsa_strategy is not None else (saved_strategy or "")
+        try:
+            strategy = "_".join(augment.validate_strategy(strategy))
+        except ValueError as error:
+            raise utils.UserError(str(error)) from None
+        test_images, test_labels = record.images_test.to(device), record.labels_test.to(device)
+
+        report = {}
+        for model_eval in models:
+            dc_aug = None if strategy else augment.get_daparam(args.dataset, args.model, model_eval, ipc)
+            augmented = bool(strategy) or (dc_aug is not None and dc_aug.strategy not in ("", "none", "None"))
+            epochs = args.epoch_eval_train if args.epoch_eval_train is not None else (1000 if augmented else 300)
+            cfg = utils.EvalConfig(epochs=epochs, lr=args.lr_net, batch_train=args.batch_train,
+                                   dsa_strategy=strategy, dc_aug=dc_aug)
+            accs, seconds = [], 0.0
+            if sets is not None:
+                for index, (images, labels) in enumerate(sets):
+                    result = utils.evaluate_synset(images.to(device), labels.to(device), model_eval,
+                                                   record.num_classes, test_images, test_labels, cfg,
+                                                   num_eval=args.num_eval, device=device, seed=args.seed + 1000 * index)
+                    accs += result.accs
+                    seconds += result.train_time_s
+            else:
+                for run in range(args.num_eval):
+                    images, labels = sample_random_real(record, ipc, utils.make_generator(args.seed + run))
+                    result = utils.evaluate_synset(images.to(device), labels.to(device), model_eval,
+                                                   record.num_classes, test_images, test_labels, cfg,
+                                                   num_eval=1, device=device, seed=args.seed + run)
+                    accs += result.accs
+                    seconds += result.train_time_s
+            summary = utils.EvalResult(model_eval, accs, seconds)
+            report[model_eval] = {**summary.as_dict(), "protocol": cfg.describe()}
+            what = f"random real ipc {ipc}" if args.baseline else os.path.basename(args.syn_path)
+            print(f"{model_eval:<16} {utils.format_acc(accs)} %  ({len(accs)} networks, {epochs} epochs, "
+                  f"{cfg.describe()['augmentation']}; {what}; {seconds:.1f} s)")
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as handle:
+                json.dump(report, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

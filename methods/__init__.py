@@ -1,0 +1,22 @@
+"""Distillation methods. Importing the package registers every method module.
+
+``METHODS`` maps a ``--method`` name to its class; ``get_method_class(name)`` looks one up and
+``create_method(cfg, **kwargs)`` builds it. To add a method: write ``methods/<name>.py`` with a
+:class:`DistillMethod` subclass decorated by ``@register_method('<NAME>')`` and import it here.
+"""
+from methods.base import (METHODS, DistillConfig, DistillMethod, SyntheticSet, get_method_class, list_methods,
+                          register_method)
+from methods import dc, dm  # noqa: F401  (registration)
+
+
+def create_method(cfg: DistillConfig, **kwargs) -> DistillMethod:
+    """Build the method named by ``cfg.method`` (see :class:`DistillMethod` for ``kwargs``).
+
+    Raises:
+        KeyError: unknown method; the message lists the registered ones.
+    """
+    return get_method_class(cfg.method)(cfg, **kwargs)
+
+
+__all__ = ["METHODS", "DistillConfig", "DistillMethod", "SyntheticSet", "create_method", "get_method_class",
+           "list_methods", "register_method"]

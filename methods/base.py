@@ -1,0 +1,220 @@
+"""The method interface: a registry, the configuration, the synthetic set and the base class.
+
+A distillation method is a class registered with :func:`register_method`. The runner
+(``methods/runner.py``) builds it from a frozen :class:`DistillConfig`, asks it for the initial
+:class:`SyntheticSet`, then calls :meth:`DistillMethod.step` once per iteration. The base
+``step`` is ``loss -> zero_grad -> backward -> step`` on the synthetic images; methods with an
+inner network loop (DC) override it. A method knows no command line.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar, Dict, Optional, Type
+
+import torch
+import torch.nn as nn
+
+import augment
+import networks
+
+METHODS: Dict[str, Type["DistillMethod"]] = {}
+
+
+def register_method(name: str):
+    """Class decorator adding a :class:`DistillMethod` subclass to ``METHODS`` under ``name``.
+
+    Raises:
+        ValueError: ``name`` is already registered.
+    """
+
+    def decorator(cls: Type["DistillMethod"]) -> Type["DistillMethod"]:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is already registered by {METHODS[name].__name__}")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return decorator
+
+
+def list_methods() -> list:
+    """Names accepted by ``distill.py --method``."""
+    return sorted(METHODS)
+
+
+def get_method_class(name: str) -> Type["DistillMethod"]:
+    """Look a method up by name.
+
+    Raises:
+        KeyError: unknown name; the message lists the registered ones.
+    """
+    if name not in METHODS:
+        raise KeyError(f"unknown method {name!r}; choose from: {', '.join(list_methods())}")
+    return METHODS[name]
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Everything a method needs to know, resolved from flags and method defaults; never mutated.
+
+    Attributes mirror the reference flags (``main.py`` / ``main_DM.py`` of
+    VICO-UoE/DatasetCondensation): ``iterations`` is ``--Iteration``.
+    """
+
+    method: str
+    dataset: str
+    model: str = "ConvNet"
+    ipc: int = 1
+    iterations: int = 1000
+    lr_img: float = 0.1
+    lr_net: float = 0.01
+    batch_real: int = 256
+    batch_train: int = 256
+    init: str = "noise"
+    dsa_strategy: str = ""
+    dis_metric: str = "ours"
+    outer_loop: Optional[int] = None
+    inner_loop: Optional[int] = None
+
+    def replace(self, **changes) -> "DistillConfig":
+        """A copy with some fields changed (the config itself is frozen)."""
+        return dataclasses.replace(self, **changes)
+
+
+class SyntheticSet(nn.Module):
+    """The learned artefact: synthetic images and their labels (class-major), and any learned
+    extras a method adds. Its ``state_dict`` is what a checkpoint stores.
+
+    Attributes:
+        images: ``nn.Parameter`` (K*ipc, C, H, W) in the dataset's normalised (or ZCA) space.
+        labels: buffer (K*ipc,) int64: ``ipc`` copies of class 0, then of class 1, ...
+        num_classes: K.
+        ipc: images per class.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, ipc: int):
+        super().__init__()
+        if images.shape[0] != num_classes * ipc or labels.shape[0] != images.shape[0]:
+            raise ValueError(f"expected {num_classes}*{ipc} images and labels, got {images.shape[0]} and {labels.shape[0]}")
+        self.images = nn.Parameter(images.detach().clone())
+        self.register_buffer("labels", labels.detach().clone())
+        self.num_classes = num_classes
+        self.ipc = ipc
+
+    def class_images(self, c: int) -> torch.Tensor:
+        """(ipc, C, H, W) view of class ``c``'s images (gradients flow to ``images``)."""
+        return self.images[c * self.ipc:(c + 1) * self.ipc]
+
+    @staticmethod
+    def class_major_labels(num_classes: int, ipc: int, device=None) -> torch.Tensor:
+        """(K*ipc,) int64 labels ``[0]*ipc + [1]*ipc + ...``."""
+        return torch.arange(num_classes, device=device).repeat_interleave(ipc)
+
+
+class DistillMethod:
+    """Base class of a distillation method.
+
+    Subclasses set ``defaults`` (their reference script's flag defaults), implement
+    :meth:`loss` (or override :meth:`step`), and may extend :meth:`state_dict`.
+
+    Args:
+        cfg: the resolved configuration.
+        channel, num_classes, im_size: the dataset's image shape and class count.
+        sampler: a ``data.RealSampler`` holding the real training set on ``device``.
+        device: where the synthetic set and the networks live.
+        generator: CPU generator for real-image sampling and augmentation parameters.
+    """
+
+    name: ClassVar[str] = ""
+    # Reference flag defaults of this method (override the DistillConfig field defaults).
+    defaults: ClassVar[dict] = {}
+
+    def __init__(self, cfg: DistillConfig, *, channel: int, num_classes: int, im_size, sampler,
+                 device: torch.device, generator: torch.Generator):
+        self.cfg = cfg
+        self.channel = channel
+        self.num_classes = num_classes
+        self.im_size = tuple(im_size)
+        self.sampler = sampler
+        self.device = device
+        self.generator = generator
+        self.dsa_strategy = cfg.dsa_strategy if augment.validate_strategy(cfg.dsa_strategy) else ""
+        self.optimizer_img: Optional[torch.optim.Optimizer] = None
+
+    # ---- evaluation defaults ------------------------------------------------------------
+    @property
+    def uses_dsa(self) -> bool:
+        """Whether training on the synthetic set (inner loops, evaluation) uses DiffAugment."""
+        return bool(self.dsa_strategy)
+
+    def default_eval_epochs(self, dc_aug_active: bool) -> int:
+        """``--epoch_eval_train`` when the user gives none (methods.md §9.1)."""
+        return 1000
+
+    # ---- set-up -------------------------------------------------------------------------
+    def new_network(self) -> nn.Module:
+        """A fresh randomly initialised ``cfg.model`` on the device (global torch RNG)."""
+        return networks.get_network(self.cfg.model, self.channel, self.num_classes, self.im_size, device=self.device)
+
+    def init_synthetic(self) -> SyntheticSet:
+        """The initial synthetic set: N(0, 1) noise (``--init noise``) or ``ipc`` random real
+        images per class (``--init real``), class-major.
+
+        Raises:
+            ValueError: unknown ``--init``.
+        """
+        ipc, k = self.cfg.ipc, self.num_classes
+        if self.cfg.init == "real":
+            images = torch.cat([self.sampler.get_images(c, ipc, self.generator) for c in range(k)])
+        elif self.cfg.init == "noise":
+            images = torch.randn(k * ipc, self.channel, *self.im_size, generator=self.generator).to(self.device)
+        else:
+            raise ValueError(f"--init {self.cfg.init!r}: expected noise or real")
+        labels = SyntheticSet.class_major_labels(k, ipc, device=self.device)
+        syn = SyntheticSet(images.to(self.device), labels, k, ipc)
+        self.configure(syn)
+        return syn
+
+    def configure(self, syn: SyntheticSet) -> None:
+        """Create the optimiser of the synthetic images: SGD(lr_img, momentum 0.5) as in DC/DM."""
+        self.optimizer_img = torch.optim.SGD([syn.images], lr=self.cfg.lr_img, momentum=0.5)
+
+    # ---- one iteration ------------------------------------------------------------------
+    def augment_pair(self, real: torch.Tensor, syn: torch.Tensor):
+        """Siamese DiffAugment of a real and a synthetic batch of one class (same operation and
+        parameters for both); identity when DSA is off."""
+        if not self.dsa_strategy:
+            return real, syn
+        return augment.siamese_augment(real, syn, self.dsa_strategy, self.generator)
+
+    def loss(self, syn: SyntheticSet) -> torch.Tensor:
+        """The matching loss of one iteration (a scalar with a graph to ``syn.images``)."""
+        raise NotImplementedError
+
+    def step(self, syn: SyntheticSet, iteration: int) -> Dict[str, torch.Tensor]:
+        """One outer iteration: loss, zero_grad, backward, optimiser step.
+
+        Returns:
+            ``{'loss': scalar tensor}`` (detached; converted to float once by the runner).
+        """
+        loss = self.loss(syn)
+        self.optimizer_img.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer_img.step()
+        return {"loss": loss.detach()}
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Method state beyond the synthetic set (optimiser moments ...), for resuming."""
+        return {"optimizer_img": self.optimizer_img.state_dict() if self.optimizer_img else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (call after :meth:`init_synthetic`)."""
+        if state.get("optimizer_img") is not None and self.optimizer_img is not None:
+            self.optimizer_img.load_state_dict(state["optimizer_img"])
+
+
+def has_batchnorm(net: nn.Module) -> bool:
+    """Whether ``net`` contains a BatchNorm layer (its statistics then span the whole batch)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())

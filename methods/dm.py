@@ -1,0 +1,65 @@
+"""DM: distribution matching of mean embeddings under random networks.
+
+Source: Zhao & Bilen, "Dataset Condensation with Distribution Matching", WACV 2023 (eq. 4);
+reference ``main_DM.py`` of VICO-UoE/DatasetCondensation (methods.md §1.3-1.4).
+"""
+from __future__ import annotations
+
+import torch
+
+from methods.base import DistillMethod, SyntheticSet, has_batchnorm, register_method
+from methods.losses import class_means, mean_embedding_distance
+
+# Real images per forward pass when the network has no BatchNorm (per-sample computation, so
+# chunking changes nothing but the peak memory).
+REAL_CHUNK = 2048
+
+
+@register_method("DM")
+class DM(DistillMethod):
+    """Per iteration: a fresh random network with frozen weights (train mode) embeds
+    ``batch_real`` real images and the synthetic images of every class, each class pair under
+    one siamese DiffAugment draw; the loss is ``sum_c ||mean E(real_c) - mean E(S_c)||^2`` and
+    one SGD step updates the images. There is no inner loop.
+
+    All classes are forwarded in one batch: for a BatchNorm network this is the reference's
+    joint forward (batch statistics span every class); for the others every sample is computed
+    independently, so it equals the reference's per-class loop while using larger batches.
+    """
+
+    defaults = dict(ipc=50, iterations=20000, lr_img=1.0, lr_net=0.01, batch_real=256, batch_train=256,
+                    init="real", dsa_strategy="color_crop_cutout_flip_scale_rotate", eval_mode="SS")
+
+    def new_network(self):
+        net = super().new_network()
+        net.train()
+        for param in net.parameters():
+            param.requires_grad_(False)
+        return net
+
+    def sample_batches(self, syn: SyntheticSet):
+        """Per class: ``batch_real`` real images and the synthetic images, siamese-augmented.
+
+        Returns:
+            real (sum_c n_c, C, H, W), real labels, synthetic (K*ipc, C, H, W), synthetic labels.
+        """
+        reals, syns, real_labels = [], [], []
+        for c in range(self.num_classes):
+            real = self.sampler.get_images(c, self.cfg.batch_real, self.generator)
+            real, image_syn = self.augment_pair(real, syn.class_images(c))
+            reals.append(real)
+            syns.append(image_syn)
+            real_labels.append(torch.full((real.shape[0],), c, dtype=torch.long, device=self.device))
+        return torch.cat(reals), torch.cat(real_labels), torch.cat(syns), syn.labels
+
+    def loss(self, syn: SyntheticSet) -> torch.Tensor:
+        net = self.new_network()
+        real, label_real, image_syn, label_syn = self.sample_batches(syn)
+        with torch.no_grad():
+            if has_batchnorm(net):
+                embed_real = net.embed(real)
+            else:
+                embed_real = torch.cat([net.embed(chunk) for chunk in real.split(REAL_CHUNK)])
+        mean_real = class_means(embed_real, label_real, self.num_classes)
+        mean_syn = class_means(net.embed(image_syn), label_syn, self.num_classes)
+        return mean_embedding_distance(mean_real, mean_syn)

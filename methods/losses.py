@@ -1,0 +1,99 @@
+"""Pure loss functions of the matching methods: tensors in, a scalar out; no config, no I/O.
+
+- :func:`gradient_match_distance`: DC / DSA gradient matching (Zhao et al., ICLR 2021, eq. 10
+  and the ``match_loss`` / ``distance_wb`` of the reference ``utils.py``).
+- :func:`class_means` and :func:`mean_embedding_distance`: DM distribution matching (Zhao &
+  Bilen, "Dataset Condensation with Distribution Matching", WACV 2023, eq. 4), reused by the
+  attention and feature matching methods.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+METRICS = ("ours", "mse", "cos")
+
+
+def layerwise_distance(g_syn: torch.Tensor, g_real: torch.Tensor) -> torch.Tensor:
+    """DC's per-layer distance (reference ``distance_wb``) for one parameter's gradient.
+
+    A conv gradient (out, in, kh, kw) is viewed as ``out`` rows of ``in*kh*kw``; a 3-D gradient
+    (LayerNorm's C, H, W) as C rows of H*W; a linear gradient (out, in) stays as it is. The
+    distance is ``sum_rows [1 - <r, s> / (|r| |s| + 1e-6)]``.
+
+    Quirk kept from the reference: 1-D gradients (biases, norm affine parameters) contribute 0.
+
+    Args:
+        g_syn, g_real: gradients of the same parameter, any shape.
+
+    Returns:
+        A scalar tensor (0 for 1-D inputs).
+    """
+    if g_real.dim() <= 1:
+        return g_syn.new_zeros(())
+    rows_syn = g_syn.reshape(g_syn.shape[0], -1)
+    rows_real = g_real.reshape(g_real.shape[0], -1)
+    dot = (rows_syn * rows_real).sum(dim=-1)
+    norms = rows_syn.norm(dim=-1) * rows_real.norm(dim=-1)
+    return (1.0 - dot / (norms + 1e-6)).sum()
+
+
+def gradient_match_distance(g_syn: Sequence[torch.Tensor], g_real: Sequence[torch.Tensor],
+                            metric: str = "ours") -> torch.Tensor:
+    """Distance between the synthetic and real gradients of a network (DC ``match_loss``).
+
+    Args:
+        g_syn: per-parameter gradients on the synthetic batch (built with ``create_graph=True``).
+        g_real: per-parameter gradients on the real batch (detached), same shapes.
+        metric: ``ours`` (layer-wise, row-wise cosine, 1-D parameters ignored), ``mse``
+            (squared L2 of the concatenated gradients) or ``cos`` (1 - cosine of the
+            concatenated gradients, with 1e-6 in the denominator).
+
+    Returns:
+        A scalar tensor.
+
+    Raises:
+        ValueError: unknown ``metric`` or mismatched gradient lists.
+    """
+    if len(g_syn) != len(g_real):
+        raise ValueError(f"gradient lists differ in length: {len(g_syn)} vs {len(g_real)}")
+    if metric == "ours":
+        return torch.stack([layerwise_distance(s, r) for s, r in zip(g_syn, g_real)]).sum()
+    if metric not in METRICS:
+        raise ValueError(f"--dis_metric {metric!r}: expected one of {', '.join(METRICS)}")
+    vec_syn = torch.cat([g.reshape(-1) for g in g_syn])
+    vec_real = torch.cat([g.reshape(-1) for g in g_real])
+    if metric == "mse":
+        return ((vec_syn - vec_real) ** 2).sum()
+    return 1.0 - (vec_syn * vec_real).sum() / (vec_syn.norm() * vec_real.norm() + 1e-6)
+
+
+def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-class mean of a batch of feature vectors.
+
+    Args:
+        features: (N, D) (any trailing shape is flattened).
+        labels: (N,) int64 in [0, num_classes).
+        num_classes: K.
+
+    Returns:
+        (K, D) means; a class absent from the batch gets a zero row.
+    """
+    flat = features.reshape(features.shape[0], -1)
+    sums = flat.new_zeros(num_classes, flat.shape[1]).index_add(0, labels, flat)
+    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).to(flat.dtype)
+    return sums / counts[:, None]
+
+
+def mean_embedding_distance(mean_real: torch.Tensor, mean_syn: torch.Tensor) -> torch.Tensor:
+    """DM's loss: ``sum_c || mean_real[c] - mean_syn[c] ||^2`` (sum of squares, no normalisation).
+
+    Args:
+        mean_real: (K, D) class means of real embeddings (detached by the caller).
+        mean_syn: (K, D) class means of synthetic embeddings.
+
+    Returns:
+        A scalar tensor, zero when the means coincide.
+    """
+    return ((mean_real - mean_syn) ** 2).sum()

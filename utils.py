@@ -1,0 +1,423 @@
+"""Shared machinery: seeding, device choice, the one training loop and evaluation protocol,
+checkpoint files, image grids and the saved-result format.
+
+Everything a method or a command-line script needs that is neither a network (``networks.py``),
+an augmentation (``augment.py``) nor a dataset (``data/``). Nothing here knows about any
+distillation method or about argparse.
+
+The evaluation protocol (:func:`evaluate_synset`) follows the DC family of reference
+implementations (Zhao et al., "Dataset Condensation with Gradient Matching", ICLR 2021,
+``utils.evaluate_synset``): a fresh random network, SGD with momentum 0.9 and weight decay 5e-4,
+learning rate x0.1 after epoch ``epochs // 2 + 1`` with a new optimiser, ``epochs + 1`` epochs in
+total, augmentation on every training batch, one test at the end.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import augment
+import networks
+
+logger = logging.getLogger(__name__)
+
+# Version of the checkpoint layout written by :func:`save_checkpoint`.
+CHECKPOINT_VERSION = 1
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for (a flag value, a file); scripts print it on one line."""
+
+
+# --------------------------------------------------------------------------------------------
+# Seeds, generators, devices
+# --------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's (CPU and every CUDA device) global RNGs once.
+
+    Args:
+        seed: any integer; the scripts use ``--seed + experiment index``.
+    """
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def make_generator(seed: int) -> torch.Generator:
+    """Return a CPU ``torch.Generator`` seeded with ``seed``.
+
+    All sampling of real images and augmentation parameters draws from such generators (on the
+    CPU, then moved), so the global RNG is never reseeded (STYLE.md §2.7).
+    """
+    generator = torch.Generator()
+    generator.manual_seed(int(seed))
+    return generator
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """Turn a ``--device`` value into a ``torch.device``, once per script.
+
+    Args:
+        spec: ``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Raises:
+        UserError: the value is not one of those, or asks for CUDA on a machine without it.
+    """
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {spec}: CUDA is not available on this machine (use --device cpu or auto)")
+        device = torch.device(spec)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return device
+    raise UserError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def rng_state() -> dict:
+    """Capture the global RNG states (python, numpy, torch CPU, CUDA) for a checkpoint."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` captured."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------
+# Training and testing networks
+# --------------------------------------------------------------------------------------------
+Augmenter = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def make_augmenter(dsa_strategy: str = "", dc_aug: Optional["augment.DCAugParam"] = None,
+                   dsa_param: Optional["augment.ParamDiffAug"] = None) -> Optional[Augmenter]:
+    """Build the per-batch training augmentation of the DC family.
+
+    Args:
+        dsa_strategy: a DiffAugment strategy (``color_crop_cutout_flip_scale_rotate``); when
+            non-empty, DSA is used in its non-siamese mode (one operation type per batch,
+            per-sample parameters).
+        dc_aug: DC's ``get_daparam`` setting, used when ``dsa_strategy`` is empty.
+        dsa_param: DiffAugment magnitudes (defaults to ``ParamDiffAug()``).
+
+    Returns:
+        ``f(images, generator) -> images`` or ``None`` for no augmentation.
+    """
+    if dsa_strategy and augment.validate_strategy(dsa_strategy):
+        param = dsa_param or augment.ParamDiffAug()
+        return lambda x, g: augment.diff_augment(x, dsa_strategy, generator=g, param=param)
+    if dc_aug is not None and dc_aug.strategy not in ("", "none", "None"):
+        return lambda x, g: augment.dc_augment(x, dc_aug, generator=g)
+    return None
+
+
+def train_epoch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
+                batch_size: int, generator: torch.Generator, augmenter: Optional[Augmenter] = None) -> float:
+    """Train ``net`` for one shuffled pass over an in-memory set (DC utils ``epoch('train')``).
+
+    Args:
+        net: the network, in train mode.
+        images: (N, C, H, W) on the network's device.
+        labels: (N,) int64 class indices, or (N, K) float soft-label probabilities.
+        optimizer: over ``net``'s parameters.
+        batch_size: samples per step; the last batch may be smaller.
+        generator: CPU generator for the shuffle and the augmentation.
+        augmenter: applied to each batch under ``no_grad`` (see :func:`make_augmenter`).
+
+    Returns:
+        The mean training loss over the epoch (a Python float; one device sync per epoch).
+    """
+    net.train()
+    num = images.shape[0]
+    order = torch.randperm(num, generator=generator).to(images.device)
+    total = torch.zeros((), device=images.device)
+    for start in range(0, num, batch_size):
+        index = order[start:start + batch_size]
+        x, y = images[index], labels[index]
+        if augmenter is not None:
+            with torch.no_grad():
+                x = augmenter(x, generator)
+        loss = F.cross_entropy(net(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach() * x.shape[0]
+    return float(total) / max(num, 1)
+
+
+@torch.no_grad()
+def test_accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
+    """Top-1 accuracy in [0, 1] of ``net`` (put in eval mode) on a labelled set.
+
+    Args:
+        images: (N, C, H, W), moved batch by batch to the network's device.
+        labels: (N,) int64.
+        batch_size: images per forward pass.
+    """
+    net.eval()
+    device = next(net.parameters()).device
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size].to(device, non_blocking=True)
+        y = labels[start:start + batch_size].to(device, non_blocking=True)
+        correct += (net(x).argmax(dim=1) == y).sum()
+    return int(correct) / max(images.shape[0], 1)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The evaluation protocol of the DC family (methods.md §0.4).
+
+    Attributes:
+        epochs: ``--epoch_eval_train``; ``epochs + 1`` epochs are run, the lr drops x0.1 after
+            epoch ``epochs // 2 + 1`` and the optimiser (with its momentum) is rebuilt.
+        lr: ``--lr_net``, the SGD learning rate (MTT-style methods pass their learned lr).
+        batch_train: ``--batch_train``, synthetic images per step.
+        momentum: SGD momentum (0.9 in every reference).
+        weight_decay: SGD weight decay (5e-4 in every reference).
+        dsa_strategy: DiffAugment strategy; empty means DC augmentation (or none).
+        dc_aug: DC's ``get_daparam`` setting, used when ``dsa_strategy`` is empty.
+        batch_test: test images per forward pass (does not change the result).
+    """
+
+    epochs: int = 300
+    lr: float = 0.01
+    batch_train: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    dsa_strategy: str = ""
+    dc_aug: Optional["augment.DCAugParam"] = None
+    batch_test: int = 1000
+
+    def describe(self) -> dict:
+        """A JSON-ready record of the protocol, written beside every result."""
+        return {
+            "epochs": self.epochs, "lr": self.lr, "batch_train": self.batch_train, "optimizer": "SGD",
+            "momentum": self.momentum, "weight_decay": self.weight_decay,
+            "lr_schedule": f"x0.1 after epoch {self.epochs // 2 + 1}, optimiser rebuilt",
+            "augmentation": (f"DSA {self.dsa_strategy}" if self.dsa_strategy else
+                             f"DC {self.dc_aug.strategy}" if self.dc_aug is not None else "none"),
+        }
+
+
+@dataclass
+class EvalResult:
+    """Outcome of :func:`evaluate_synset`: accuracies in [0, 1] and training seconds."""
+
+    model: str
+    accs: list = field(default_factory=list)
+    train_time_s: float = 0.0
+
+    @property
+    def acc_mean(self) -> float:
+        return float(np.mean(self.accs)) if self.accs else float("nan")
+
+    @property
+    def acc_std(self) -> float:
+        return float(np.std(self.accs)) if self.accs else float("nan")
+
+    def as_dict(self) -> dict:
+        return {"mean": self.acc_mean, "std": self.acc_std, "accs": list(self.accs),
+                "train_time_s": self.train_time_s}
+
+
+def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, test_images: torch.Tensor,
+                   test_labels: torch.Tensor, cfg: EvalConfig, generator: torch.Generator) -> float:
+    """Train one network on a (synthetic) set with the DC protocol and return its test accuracy.
+
+    Args:
+        net: a freshly initialised network on the target device.
+        images: (N, C, H, W) training images on that device (detached).
+        labels: (N,) int64 or (N, K) soft labels.
+        test_images, test_labels: (M, C, H, W) and (M,), on any device.
+        cfg: the protocol.
+        generator: CPU generator for shuffling and augmentation.
+
+    Raises:
+        FloatingPointError: the training loss became NaN or infinite.
+    """
+    augmenter = make_augmenter(cfg.dsa_strategy, cfg.dc_aug)
+    lr = cfg.lr
+
+    def make_optimizer(rate: float) -> torch.optim.Optimizer:
+        return torch.optim.SGD(net.parameters(), lr=rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    optimizer = make_optimizer(lr)
+    decay_after = cfg.epochs // 2 + 1
+    loss = 0.0
+    for epoch in range(cfg.epochs + 1):
+        loss = train_epoch(net, images, labels, optimizer, cfg.batch_train, generator, augmenter)
+        if epoch == decay_after:
+            lr *= 0.1
+            optimizer = make_optimizer(lr)
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"evaluation training loss became {loss}")
+    return test_accuracy(net, test_images, test_labels, cfg.batch_test)
+
+
+def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str, num_classes: int,
+                    test_images: torch.Tensor, test_labels: torch.Tensor, cfg: EvalConfig, *,
+                    num_eval: int = 1, device: Optional[torch.device] = None, seed: int = 0) -> EvalResult:
+    """Train ``num_eval`` fresh ``model`` networks on a synthetic set; report their test accuracy.
+
+    The one evaluation routine of the toolkit, shared by ``distill.py`` and ``evaluate.py``.
+    Network ``k`` is initialised and trained from seed ``seed + k`` inside a forked RNG, so the
+    caller's global RNG stream is left where it was and the result does not depend on when the
+    evaluation runs.
+
+    Args:
+        image_syn: (N, C, H, W) synthetic images in the dataset's normalised (or ZCA) space.
+        label_syn: (N,) int64 labels or (N, K) soft labels.
+        model: a network name from ``networks.list_networks()``.
+        num_classes: K.
+        test_images, test_labels: the real test set, (M, C, H, W) and (M,).
+        cfg: the protocol (epochs, lr, augmentation ...).
+        num_eval: number of independently initialised networks.
+        device: where to train (default: the device of ``image_syn``).
+        seed: base seed.
+
+    Returns:
+        An :class:`EvalResult` with one accuracy in [0, 1] per network.
+
+    Raises:
+        KeyError: unknown ``model``.
+        FloatingPointError: a training loss became NaN or infinite.
+    """
+    device = device or image_syn.device
+    images = image_syn.detach().to(device)
+    labels = label_syn.detach().to(device)
+    channel, im_size = images.shape[1], tuple(images.shape[2:])
+    result = EvalResult(model=model)
+    start = time.perf_counter()
+    fork_devices = [device] if device.type == "cuda" else []
+    for run in range(num_eval):
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(seed + run)
+            net = networks.get_network(model, channel, num_classes, im_size, device=device)
+            acc = train_and_test(net, images, labels, test_images, test_labels, cfg, make_generator(seed + run))
+        result.accs.append(acc)
+    result.train_time_s = time.perf_counter() - start
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Files: checkpoints, results, pictures
+# --------------------------------------------------------------------------------------------
+def atomic_save(obj: object, path: str) -> None:
+    """``torch.save`` to ``path`` through a temporary file and ``os.replace``, so a run killed
+    while saving never leaves a half-written file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: str, **state) -> None:
+    """Write ``{'version': CHECKPOINT_VERSION, **state}`` atomically (STYLE.md §2.8)."""
+    atomic_save({"version": CHECKPOINT_VERSION, **state}, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Raises:
+        UserError: the file is missing, unreadable or of another layout version.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"--resume: no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # a truncated or foreign file
+        raise UserError(f"--resume: cannot read checkpoint {path}: {error}") from None
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        raise UserError(f"--resume: {path} is not a checkpoint of this toolkit (layout version {CHECKPOINT_VERSION})")
+    return state
+
+
+def result_filename(method: str, dataset: str, model: str, ipc: int) -> str:
+    """The reference file name ``res_{method}_{dataset}_{model}_{ipc}ipc.pt`` (DC ``main.py``)."""
+    return f"res_{method}_{dataset}_{model}_{ipc}ipc.pt"
+
+
+def save_results(path: str, data: Sequence[Sequence[torch.Tensor]], accs_all_exps: dict, **extra) -> None:
+    """Save synthetic sets in the reference layout (methods.md §0.6).
+
+    Args:
+        path: the ``.pt`` file.
+        data: one ``[image_syn (N, C, H, W) float32, label_syn (N,) int64, *extras]`` per experiment.
+        accs_all_exps: ``{model: [accuracy in [0, 1], ...]}``.
+        extra: further top-level keys (``meta``, ``args``); readers of the reference layout ignore them.
+    """
+    data_cpu = [[t.detach().cpu() if torch.is_tensor(t) else t for t in entry] for entry in data]
+    atomic_save({"data": data_cpu, "accs_all_exps": accs_all_exps, **extra}, path)
+
+
+def load_results(path: str) -> dict:
+    """Load a result file of this toolkit or of the reference repositories.
+
+    Returns:
+        The dict with at least ``data`` (a list of ``[image_syn, label_syn, ...]``) and
+        ``accs_all_exps``.
+
+    Raises:
+        UserError: the file is missing or does not have the reference layout.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"--syn_path: no file at {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise UserError(f"--syn_path: cannot read {path}: {error}") from None
+    if not isinstance(blob, dict) or not isinstance(blob.get("data"), (list, tuple)) or not blob["data"]:
+        raise UserError(f"--syn_path: {path} lacks the reference layout "
+                        "{'data': [[image_syn, label_syn], ...], 'accs_all_exps': {...}}")
+    for index, entry in enumerate(blob["data"]):
+        if (not isinstance(entry, (list, tuple)) or len(entry) < 2 or not torch.is_tensor(entry[0])
+                or not torch.is_tensor(entry[1]) or entry[0].dim() != 4 or entry[1].shape[0] != entry[0].shape[0]):
+            raise UserError(f"--syn_path: {path}: data[{index}] is not [image_syn (N,C,H,W), label_syn (N,...)]")
+    blob.setdefault("accs_all_exps", {})
+    return blob
+
+
+def save_image_grid(images: torch.Tensor, path: str, nrow: int) -> None:
+    """Save pixel-space images in [0, 1] as one PNG grid, one class per row when ``nrow = ipc``.
+
+    Args:
+        images: (N, C, H, W) in [0, 1] (use ``DatasetRecord.denormalize`` first).
+        path: the ``.png`` file.
+        nrow: images per row.
+    """
+    from torchvision.utils import save_image
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_image(images.detach().float().cpu().clamp(0, 1), path, nrow=max(1, nrow), padding=1)
+
+
+def format_acc(accs: Sequence[float]) -> str:
+    """``'mean ± std'`` in percent for accuracies in [0, 1]."""
+    if len(accs) == 0:
+        return "n/a"
+    return f"{100 * np.mean(accs):.2f} ± {100 * np.std(accs):.2f}"
