@@ -108,6 +108,57 @@ def set_rng_state(state: dict) -> None:
 # --------------------------------------------------------------------------------------------
 # Training and testing networks
 # --------------------------------------------------------------------------------------------
+# Images per forward pass for work that does not depend on the batch composition (real-image
+# gradients of a network whose BatchNorm is frozen, embeddings, test accuracy). On CPU a small
+# chunk keeps a ConvNet's activations in the last-level cache: on the 2-core development machine
+# (32 MiB L3) a real-gradient pass over 256 Fashion-MNIST images took 0.68-0.77 s in chunks of 32
+# against 1.0 s in one batch, and testing 0.88 s against 1.55 s per 1000 images. On CUDA the
+# whole batch is one pass.
+CPU_CHUNK = 32
+
+
+def chunk_size(device: torch.device, full: int) -> int:
+    """Images per pass on ``device`` for a batch of ``full`` (see ``CPU_CHUNK``)."""
+    return min(full, CPU_CHUNK) if device.type == "cpu" else max(full, 1)
+
+
+def param_grads(net: nn.Module, params: Sequence[torch.Tensor], images: torch.Tensor,
+                labels: torch.Tensor) -> list:
+    """Detached gradients of the mean cross-entropy of ``net`` on a batch w.r.t. ``params``.
+
+    Computed chunk by chunk (``chunk_size``) as ``sum_chunks grad(sum CE) / N``, which equals the
+    gradient of the batch mean up to float summation order. Only valid when the network's output
+    for one image does not depend on the others in the batch (no BatchNorm in train mode).
+
+    Args:
+        net: the network.
+        params: the parameters to differentiate (usually ``list(net.parameters())``).
+        images: (N, C, H, W).
+        labels: (N,) int64.
+
+    Returns:
+        One gradient tensor per parameter, shaped like it.
+    """
+    size = chunk_size(images.device, images.shape[0])
+    total = None
+    for x, y in zip(images.split(size), labels.split(size)):
+        grads = torch.autograd.grad(F.cross_entropy(net(x), y, reduction="sum"), params)
+        total = list(grads) if total is None else [t.add_(g) for t, g in zip(total, grads)]
+    return [t.div_(images.shape[0]).detach() for t in total]
+
+
+@torch.no_grad()
+def embed_in_chunks(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``net.embed`` of a batch without gradients, chunked on CPU (no BatchNorm in train mode).
+
+    Args:
+        images: (N, C, H, W).
+
+    Returns:
+        (N, D) embeddings.
+    """
+    size = chunk_size(images.device, images.shape[0])
+    return torch.cat([net.embed(x) for x in images.split(size)])
 Augmenter = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
@@ -174,10 +225,11 @@ def test_accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, ba
     Args:
         images: (N, C, H, W), moved batch by batch to the network's device.
         labels: (N,) int64.
-        batch_size: images per forward pass.
+        batch_size: images per forward pass on CUDA (on CPU, ``CPU_CHUNK``).
     """
     net.eval()
     device = next(net.parameters()).device
+    batch_size = chunk_size(device, batch_size)
     correct = torch.zeros((), dtype=torch.long, device=device)
     for start in range(0, images.shape[0], batch_size):
         x = images[start:start + batch_size].to(device, non_blocking=True)

@@ -91,8 +91,7 @@ class DC(DistillMethod):
             real, image_syn = self.augment_pair(real, image_syn)
             label_real = torch.full((real.shape[0],), c, dtype=torch.long, device=self.device)
             label_syn = torch.full((image_syn.shape[0],), c, dtype=torch.long, device=self.device)
-            grad_real = torch.autograd.grad(F.cross_entropy(net(real), label_real), params)
-            grad_real = [g.detach() for g in grad_real]
+            grad_real = utils.param_grads(net, params, real, label_real)  # BN (if any) is frozen here
             grad_syn = torch.autograd.grad(F.cross_entropy(net(image_syn), label_syn), params, create_graph=True)
             loss = loss + gradient_match_distance(grad_syn, grad_real, self.cfg.dis_metric)
         return loss

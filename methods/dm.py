@@ -7,13 +7,9 @@ from __future__ import annotations
 
 import torch
 
+import utils
 from methods.base import DistillMethod, SyntheticSet, has_batchnorm, register_method
 from methods.losses import class_means, mean_embedding_distance
-
-# Real images per forward pass when the network has no BatchNorm (per-sample computation, so
-# chunking changes nothing but the peak memory).
-REAL_CHUNK = 2048
-
 
 @register_method("DM")
 class DM(DistillMethod):
@@ -55,11 +51,11 @@ class DM(DistillMethod):
     def loss(self, syn: SyntheticSet) -> torch.Tensor:
         net = self.new_network()
         real, label_real, image_syn, label_syn = self.sample_batches(syn)
-        with torch.no_grad():
-            if has_batchnorm(net):
+        if has_batchnorm(net):
+            with torch.no_grad():
                 embed_real = net.embed(real)
-            else:
-                embed_real = torch.cat([net.embed(chunk) for chunk in real.split(REAL_CHUNK)])
+        else:
+            embed_real = utils.embed_in_chunks(net, real)
         mean_real = class_means(embed_real, label_real, self.num_classes)
         mean_syn = class_means(net.embed(image_syn), label_syn, self.num_classes)
         return mean_embedding_distance(mean_real, mean_syn)
