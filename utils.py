@@ -204,18 +204,28 @@ def train_epoch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, opti
     num = images.shape[0]
     order = torch.randperm(num, generator=generator).to(images.device)
     total = torch.zeros((), device=images.device)
+    # Without BatchNorm every sample is computed independently, so a batch's gradient can be
+    # accumulated over cache-sized chunks (CPU_CHUNK) and the step is the same.
+    splittable = not has_batchnorm(net)
     for start in range(0, num, batch_size):
         index = order[start:start + batch_size]
         x, y = images[index], labels[index]
         if augmenter is not None:
             with torch.no_grad():
                 x = augmenter(x, generator)
-        loss = F.cross_entropy(net(x), y)
+        size = chunk_size(x.device, x.shape[0]) if splittable else x.shape[0]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        for x_chunk, y_chunk in zip(x.split(size), y.split(size)):
+            loss = F.cross_entropy(net(x_chunk), y_chunk, reduction="sum") / x.shape[0]
+            loss.backward()
+            total += loss.detach() * x.shape[0]
         optimizer.step()
-        total += loss.detach() * x.shape[0]
     return float(total) / max(num, 1)
+
+
+def has_batchnorm(net: nn.Module) -> bool:
+    """Whether ``net`` contains a BatchNorm layer (its statistics then span the whole batch)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
 
 
 @torch.no_grad()

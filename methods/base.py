@@ -17,6 +17,7 @@ import torch.nn as nn
 
 import augment
 import networks
+from utils import has_batchnorm  # noqa: F401  (re-exported for methods)
 
 METHODS: Dict[str, Type["DistillMethod"]] = {}
 
@@ -214,7 +215,3 @@ class DistillMethod:
         if state.get("optimizer_img") is not None and self.optimizer_img is not None:
             self.optimizer_img.load_state_dict(state["optimizer_img"])
 
-
-def has_batchnorm(net: nn.Module) -> bool:
-    """Whether ``net`` contains a BatchNorm layer (its statistics then span the whole batch)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())

@@ -226,6 +226,7 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
     from tqdm import tqdm
 
     method = None
+    log_every = max(1, cfg.iterations // 20)
     for exp in range(start_exp, opts.num_exp):
         utils.seed_everything(opts.seed + exp)
         generator = utils.make_generator(opts.seed + exp)
@@ -268,6 +269,9 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
                     for model_eval, result in results.items():
                         accs_all_exps[model_eval].extend(result.accs)
             bar.set_postfix(loss=f"{loss_value:.4f}", acc=last_acc)
+            if bar.disable and (iteration % log_every == 0 or is_last):  # batch jobs: no bar, log lines
+                logger.info("exp %d iter %d/%d loss %.4f acc %s (%.2f s/iteration)", exp, iteration, cfg.iterations,
+                            loss_value, last_acc, step_seconds / max(steps_timed, 1))
             if stop.requested and not is_last:
                 checkpoint(exp, iteration, method, syn, generator)
                 bar.close()
