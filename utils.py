@@ -373,7 +373,9 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
     channel, im_size = images.shape[1], tuple(images.shape[2:])
     result = EvalResult(model=model)
     start = time.perf_counter()
-    fork_devices = [device] if device.type == "cuda" else []
+    fork_devices = []
+    if device.type == "cuda":
+        fork_devices = [device.index if device.index is not None else torch.cuda.current_device()]
     for run in range(num_eval):
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(seed + run)

@@ -32,7 +32,7 @@ cell() {  # name method ipc epochs strategy iterations extra-flags...
 
 cell dc_ipc1  DC  1  300  none  "$DC_ITERS" --init real
 cell dsa_ipc1 DSA 1  1000 "$DSA" "$DC_ITERS" --init real
-cell dm_ipc10 DM  10 300  "$DSA" "$DM_ITERS" --lr_img 10
+cell dm_ipc10 DM  10 300  "$DSA" "$DM_ITERS"
 
 python3 - "$OUT" <<'PY'
 import json, os, sys

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ITERATIONS=${ITERATIONS:-100}     # DM outer iterations (paper: 20000)
-LR_IMG=${LR_IMG:-10}              # image learning rate (main_DM.py default 1; 10 converges faster in few iterations)
+LR_IMG=${LR_IMG:-1}               # image learning rate (main_DM.py default)
 NUM_EVAL=${NUM_EVAL:-2}           # networks trained per set
 EPOCHS=${EPOCHS:-200}             # evaluation epochs (DM protocol: 1000)
 SEED=${SEED:-0}
