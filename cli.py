@@ -78,10 +78,15 @@ def fail(message: str, code: int = EXIT_USER) -> "NoReturn":  # noqa: F821
 
 @contextmanager
 def user_errors():
-    """Turn the toolkit's user-facing exceptions into one line and exit code 2."""
+    """Turn the toolkit's user-facing exceptions into one line: exit code 2 for a user mistake,
+    3 for a NaN/Inf loss, 130 for Ctrl-C outside the distillation loop (which checkpoints first)."""
     from data import DatasetError
 
     try:
         yield
     except (utils.UserError, DatasetError) as error:
         fail(str(error))
+    except FloatingPointError as error:
+        fail(str(error), EXIT_NUMERIC)
+    except KeyboardInterrupt:
+        fail("interrupted", EXIT_STOPPED)
