@@ -466,18 +466,25 @@ def load_results(path: str) -> dict:
     return blob
 
 
-def save_image_grid(images: torch.Tensor, path: str, nrow: int) -> None:
-    """Save pixel-space images in [0, 1] as one PNG grid, one class per row when ``nrow = ipc``.
+def save_image_grid(images: torch.Tensor, path: str, nrow: int, min_side: int = 56) -> None:
+    """Save pixel-space images in [0, 1] as one PNG grid, one class per row when ``nrow = ipc``
+    (with ``nrow = 1``, i.e. one image per class, all classes go in one row instead).
 
     Args:
         images: (N, C, H, W) in [0, 1] (use ``DatasetRecord.denormalize`` first).
         path: the ``.png`` file.
         nrow: images per row.
+        min_side: images smaller than this are enlarged by an integer factor (nearest
+            neighbour) so that small sets stay legible.
     """
     from torchvision.utils import save_image
 
+    images = images.detach().float().cpu().clamp(0, 1)
+    factor = max(1, -(-min_side // images.shape[-2]))
+    if factor > 1:
+        images = F.interpolate(images, scale_factor=factor, mode="nearest")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_image(images.detach().float().cpu().clamp(0, 1), path, nrow=max(1, nrow), padding=1)
+    save_image(images, path, nrow=nrow if nrow > 1 else images.shape[0], padding=2)
 
 
 def format_acc(accs: Sequence[float]) -> str:
