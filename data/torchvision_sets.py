@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torchvision import datasets
@@ -44,6 +45,28 @@ def cache_dir() -> Path:
 def _show(path: str | Path) -> str:
     """A folder as the user wrote it, with a trailing slash, quoted."""
     return repr(os.path.join(str(path), ''))
+
+
+def _open_splits(open_split: Callable[[bool], Any], download: bool, where: str, expected: str) -> tuple[Any, Any]:
+    """Open a torchvision dataset's train and test splits, turning any read or download failure
+    into a one-line ``DatasetError``.
+
+    Args:
+        open_split: ``open_split(train: bool)`` builds the torchvision dataset of one split.
+        download: whether a download was allowed (changes the wording only).
+        where: the searched location, for the message.
+        expected: what should be there, for the message.
+
+    Raises:
+        DatasetError: the reader failed (corrupt or incomplete files, failed download, scipy missing).
+    """
+    try:
+        return open_split(True), open_split(False)
+    except ImportError as err:
+        raise DatasetError(f'reading from {where} needs a missing package: {one_line(err)}') from err
+    except (RuntimeError, OSError, ValueError) as err:
+        verb = 'download or read' if download else 'read'
+        raise DatasetError(f'could not {verb} {where} ({one_line(err)}); expected {expected}') from err
 
 
 def _decompress_to_cache(dataset: str, source: Path) -> str:
@@ -107,13 +130,9 @@ def _load_idx_dataset(dataset: str, reader: type, data_path: str, download: bool
                            f'(torchvision layout) or as .gz files {_DOWNLOAD_HINT}')
     if root is None:
         root = data_path
-    try:
-        train = reader(root, train=True, download=download)
-        test = reader(root, train=False, download=download)
-    except (RuntimeError, OSError, ValueError) as err:
-        verb = 'download or read' if download else 'read'
-        raise DatasetError(f'could not {verb} {dataset} from {_show(root)} ({one_line(err)}); expected the '
-                           f"IDX files in '{os.path.join(root, dataset, 'raw', '')}'") from err
+    train, test = _open_splits(lambda is_train: reader(root, train=is_train, download=download), download,
+                               f'{dataset} from {_show(root)}',
+                               f"the IDX files in '{os.path.join(root, dataset, 'raw', '')}'")
     return RawSplits(
         channel=1, im_size=(28, 28), class_names=list(train.classes), mean=[mean], std=[std],
         images_train=train.data.unsqueeze(1), labels_train=train.targets.to(torch.int64),
@@ -175,15 +194,10 @@ def load_svhn(data_path: str, *, download: bool = False, res: int | None = None,
     if missing and not download:
         raise DatasetError(f"SVHN not found under {_show(data_path)}: expected torchvision's "
                            f"{' and '.join(files)} there (missing {', '.join(missing)}) {_DOWNLOAD_HINT}")
-    try:
-        train = datasets.SVHN(data_path, split='train', download=download)
-        test = datasets.SVHN(data_path, split='test', download=download)
-    except ImportError as err:
-        raise DatasetError(f'reading SVHN needs scipy (pip install scipy): {one_line(err)}') from err
-    except (RuntimeError, OSError, ValueError) as err:
-        verb = 'download or read' if download else 'read'
-        raise DatasetError(f"could not {verb} SVHN under {_show(data_path)} ({one_line(err)}); expected "
-                           f"torchvision's {' and '.join(files)} there {_DOWNLOAD_HINT}") from err
+    train, test = _open_splits(
+        lambda is_train: datasets.SVHN(data_path, split='train' if is_train else 'test', download=download),
+        download, f'SVHN under {_show(data_path)}',
+        f"torchvision's {' and '.join(files)} there (reading needs scipy) {_DOWNLOAD_HINT}")
     return RawSplits(
         channel=3, im_size=(32, 32), class_names=[str(c) for c in range(10)],
         mean=[0.4377, 0.4438, 0.4728], std=[0.1980, 0.2010, 0.1970],
@@ -198,13 +212,9 @@ def _load_cifar(name: str, reader: type, folder: str, data_path: str, download: 
     if not download and not (Path(data_path) / folder).is_dir():
         raise DatasetError(f"{name} not found under {_show(data_path)}: expected torchvision's "
                            f"'{folder}/' folder there {_DOWNLOAD_HINT}")
-    try:
-        train = reader(data_path, train=True, download=download)
-        test = reader(data_path, train=False, download=download)
-    except (RuntimeError, OSError, ValueError) as err:
-        verb = 'download or read' if download else 'read'
-        raise DatasetError(f"could not {verb} {name} under {_show(data_path)} ({one_line(err)}); expected "
-                           f"torchvision's complete '{folder}/' folder there {_DOWNLOAD_HINT}") from err
+    train, test = _open_splits(lambda is_train: reader(data_path, train=is_train, download=download), download,
+                               f'{name} under {_show(data_path)}',
+                               f"torchvision's complete '{folder}/' folder there {_DOWNLOAD_HINT}")
     return RawSplits(
         channel=3, im_size=(32, 32), class_names=list(train.classes), mean=mean, std=std,
         images_train=torch.from_numpy(train.data).permute(0, 3, 1, 2).contiguous(),
