@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from contextlib import contextmanager
+from typing import NoReturn
 
 import networks
 import utils
@@ -70,7 +71,7 @@ def check_models(models, flag: str) -> None:
             raise utils.UserError(f"{flag}: unknown model {name!r}; choose from: {', '.join(networks.list_networks())}")
 
 
-def fail(message: str, code: int = EXIT_USER) -> "NoReturn":  # noqa: F821
+def fail(message: str, code: int = EXIT_USER) -> NoReturn:
     """Print ``error: message`` on one line and exit."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)

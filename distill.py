@@ -25,6 +25,7 @@ METHOD_DEFAULTED = ("ipc", "Iteration", "lr_img", "lr_net", "batch_real", "batch
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``distill.py`` flags (reference names; method-dependent defaults are ``None`` until resolved)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="DC", help=f"one of: {', '.join(methods.list_methods())}")
     parser.add_argument("--model", default="ConvNet", help="network to distil with (networks.py names)")
@@ -109,6 +110,7 @@ def resolve(args: argparse.Namespace):
 
 
 def main(argv=None) -> int:
+    """Parse, load the dataset, run the distillation, print the accuracy table. Returns the exit code."""
     args = build_parser().parse_args(argv)
     with cli.user_errors():
         cfg, opts = resolve(args)

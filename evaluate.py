@@ -23,6 +23,7 @@ import utils
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``evaluate.py`` flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--syn_path", help="result file {'data': [[image_syn, label_syn], ...], ...}")
@@ -72,6 +73,7 @@ def load_sets(args, record) -> tuple:
 
 
 def main(argv=None) -> int:
+    """Parse, load the test set and the synthetic sets (or draw random real ones), evaluate, report."""
     args = build_parser().parse_args(argv)
     with cli.user_errors():
         cli.setup_logging(quiet=True)

@@ -294,13 +294,16 @@ class EvalResult:
 
     @property
     def acc_mean(self) -> float:
+        """Mean accuracy in [0, 1] (NaN when empty)."""
         return float(np.mean(self.accs)) if self.accs else float("nan")
 
     @property
     def acc_std(self) -> float:
+        """Population standard deviation of the accuracies (as the references report)."""
         return float(np.std(self.accs)) if self.accs else float("nan")
 
     def as_dict(self) -> dict:
+        """JSON-ready ``{"mean", "std", "accs", "train_time_s"}``."""
         return {"mean": self.acc_mean, "std": self.acc_std, "accs": list(self.accs),
                 "train_time_s": self.train_time_s}
 

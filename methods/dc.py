@@ -97,6 +97,12 @@ class DC(DistillMethod):
         return loss
 
     def step(self, syn: SyntheticSet, iteration: int) -> Dict[str, torch.Tensor]:
+        """One DC iteration (Algorithm 1 of the DC paper): a fresh network, ``outer_loop`` image
+        updates, each followed (except the last) by ``inner_loop`` epochs of network training.
+
+        Returns:
+            ``{'loss': mean matching loss per class and outer step}`` (detached scalar tensor).
+        """
         net = self.new_network()
         net.train()
         optimizer_net = torch.optim.SGD(net.parameters(), lr=self.cfg.lr_net)

@@ -27,6 +27,7 @@ class DM(DistillMethod):
                     init="real", dsa_strategy="color_crop_cutout_flip_scale_rotate", eval_mode="SS")
 
     def new_network(self):
+        """A fresh random ``cfg.model`` in train mode with every parameter frozen (DM never trains it)."""
         net = super().new_network()
         net.train()
         for param in net.parameters():
@@ -49,6 +50,11 @@ class DM(DistillMethod):
         return torch.cat(reals), torch.cat(real_labels), torch.cat(syns), syn.labels
 
     def loss(self, syn: SyntheticSet) -> torch.Tensor:
+        """DM eq. 4: ``sum_c ||mean_i E(real_c,i) - mean_j E(S_c,j)||^2`` under one fresh network.
+
+        Returns:
+            A scalar tensor with a graph to ``syn.images``.
+        """
         net = self.new_network()
         real, label_real, image_syn, label_syn = self.sample_batches(syn)
         if has_batchnorm(net):

@@ -25,9 +25,11 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import yaml
+from tqdm import tqdm
 
 import augment
 import utils
+from data import RealSampler
 from methods.base import DistillConfig, DistillMethod, get_method_class
 
 logger = logging.getLogger(__name__)
@@ -54,11 +56,13 @@ class StopFlag:
         logger.warning("stop requested (signal %d): finishing this iteration, then writing a checkpoint", signum)
 
     def install(self) -> "StopFlag":
+        """Install the handlers (remembering the previous ones); returns ``self``."""
         for signum in (signal.SIGINT, signal.SIGTERM):
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def restore(self) -> None:
+        """Put the previous SIGINT / SIGTERM handlers back."""
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
@@ -151,8 +155,6 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
         utils.UserError: ``--resume`` found an incompatible checkpoint.
         FloatingPointError: the loss became NaN or infinite (the last checkpoint is kept).
     """
-    from data import RealSampler  # imported here: data/ is a sibling package of methods/
-
     stop = stop or StopFlag()
     method_class = get_method_class(cfg.method)
     os.makedirs(opts.run_dir, exist_ok=True)
@@ -222,8 +224,6 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
                               generator=generator.get_state() if generator is not None else None,
                               rng=utils.rng_state(), data_save=data_save, accs_all_exps=accs_all_exps,
                               summary_rows=summary_rows)
-
-    from tqdm import tqdm
 
     method = None
     log_every = max(1, cfg.iterations // 20)
