@@ -230,6 +230,21 @@ def test_run_writes_reference_format(tmp_path):
     assert outcome.vis_paths and os.path.isfile(outcome.vis_paths[-1])
 
 
+def test_zca_run_saves_the_whitening_and_pictures_in_pixel_space(tmp_path):
+    from data import ZCA
+
+    record = tiny_record()
+    record.zca = ZCA.fit(record.images_train, eps=0.1)
+    record.images_train, record.images_test = record.zca(record.images_train), record.zca(record.images_test)
+    outcome = run_distillation(small_cfg("DM", init="real", lr_img=0.01, iterations=1),
+                               run_opts(tmp_path, "zca", num_eval=0), record, CPU)
+    meta = utils.load_results(outcome.result_path)["meta"]
+    restored = ZCA.from_state_dict(meta["zca"])
+    image_syn = utils.load_results(outcome.result_path)["data"][0][0]
+    assert torch.allclose(restored.inverse(image_syn), record.zca.inverse(image_syn), atol=1e-5)
+    assert os.path.isfile(outcome.vis_paths[-1])
+
+
 def test_reference_layout_file_loads(tmp_path):
     path = tmp_path / "res_DSA_X.pt"
     torch.save({"data": [[torch.randn(10, 3, 32, 32), torch.arange(10)]], "accs_all_exps": {"ConvNet": [0.5]}}, path)
