@@ -21,7 +21,7 @@ from methods.runner import RunInterrupted, RunOptions, StopFlag, run_distillatio
 
 # Flags whose default depends on the method (``None`` here, resolved from Method.defaults).
 METHOD_DEFAULTED = ("ipc", "Iteration", "lr_img", "lr_net", "batch_real", "batch_train", "init", "dsa_strategy",
-                    "dis_metric", "eval_mode")
+                    "dis_metric", "eval_mode", "task_balance", "attention_power")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dis_metric", default=None, help=f"gradient distance for DC/DSA: {', '.join(METRICS)}")
     parser.add_argument("--outer_loop", type=int, default=None, help="DC outer loop (default: get_loops(ipc))")
     parser.add_argument("--inner_loop", type=int, default=None, help="DC inner loop (default: get_loops(ipc))")
+    parser.add_argument("--task_balance", type=float, default=None, help="DataDAM: weight of the last-layer MMD term (0.01)")
+    parser.add_argument("--attention_power", type=float, default=None,
+                        help="DataDAM: p in sum_c |A|^p (paper 4; released code 1)")
     parser.add_argument("--save_path", default="result", help="root of run directories")
     parser.add_argument("--run_dir", default=None, help="run directory (default: save_path/METHOD_DATASET_MODEL_IPCipc)")
     parser.add_argument("--eval_it", type=int, default=None,
@@ -94,13 +97,16 @@ def resolve(args: argparse.Namespace):
         raise utils.UserError(str(error)) from None
     cli.check_models([args.model], "--model")
     eval_models = cli.resolve_eval_models(args.eval_mode, args.model)
+    if args.attention_power <= 0:
+        raise utils.UserError(f"--attention_power must be positive, got {args.attention_power}")
     if args.eval_it is None:
         args.eval_it = (500 if args.method in ("DC", "DSA") else 2000) if args.eval_mode in ("S", "SS") else 0
     cfg = methods.DistillConfig(method=args.method, dataset=args.dataset, model=args.model, ipc=args.ipc,
                                 iterations=args.Iteration, lr_img=args.lr_img, lr_net=args.lr_net,
                                 batch_real=args.batch_real, batch_train=args.batch_train, init=args.init,
                                 dsa_strategy=args.dsa_strategy or "", dis_metric=args.dis_metric,
-                                outer_loop=args.outer_loop, inner_loop=args.inner_loop)
+                                outer_loop=args.outer_loop, inner_loop=args.inner_loop,
+                                task_balance=args.task_balance, attention_power=args.attention_power)
     run_dir = args.run_dir or os.path.join(args.save_path, f"{args.method}_{args.dataset}_{args.model}_{args.ipc}ipc")
     opts = RunOptions(num_exp=args.num_exp, num_eval=args.num_eval, eval_it=args.eval_it,
                       eval_models=tuple(eval_models), epoch_eval_train=args.epoch_eval_train, seed=args.seed,

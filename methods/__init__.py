@@ -6,7 +6,7 @@
 """
 from methods.base import (METHODS, DistillConfig, DistillMethod, SyntheticSet, get_method_class, list_methods,
                           register_method)
-from methods import dc, dm  # noqa: F401  (registration)
+from methods import datadam, dc, dm  # noqa: F401  (registration)
 
 
 def create_method(cfg: DistillConfig, **kwargs) -> DistillMethod:

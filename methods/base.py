@@ -77,6 +77,8 @@ class DistillConfig:
     dis_metric: str = "ours"
     outer_loop: Optional[int] = None
     inner_loop: Optional[int] = None
+    task_balance: float = 0.01
+    attention_power: float = 4.0
 
     def replace(self, **changes) -> "DistillConfig":
         """A copy with some fields changed (the config itself is frozen)."""

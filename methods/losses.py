@@ -97,3 +97,51 @@ def mean_embedding_distance(mean_real: torch.Tensor, mean_syn: torch.Tensor) -> 
         A scalar tensor, zero when the means coincide.
     """
     return ((mean_real - mean_syn) ** 2).sum()
+
+
+def spatial_attention(feature_map: torch.Tensor, power: float = 4.0, normalize: bool = True) -> torch.Tensor:
+    """DataDAM's spatial attention map of one layer (Sajedi et al., ICCV 2023, eq. 1).
+
+    ``a = sum_channels |A|^p``, flattened over space and L2-normalised per sample.
+
+    Args:
+        feature_map: (N, C, H, W) activations (a 2-D (N, D) input is treated as H*W = D, C = 1).
+        power: p (the paper's table: 4; the released code calls it with 1).
+        normalize: L2-normalise each sample's map (the paper's and the code's 'l2').
+
+    Returns:
+        (N, H*W) attention vectors.
+    """
+    if feature_map.dim() == 2:
+        feature_map = feature_map[:, None]
+    attention = feature_map.abs().pow(power).sum(dim=1).reshape(feature_map.shape[0], -1)
+    if normalize:
+        attention = torch.nn.functional.normalize(attention, p=2, dim=1)
+    return attention
+
+
+def attention_matching_loss(att_real: Sequence[torch.Tensor], labels_real: torch.Tensor,
+                            att_syn: Sequence[torch.Tensor], labels_syn: torch.Tensor, embed_real: torch.Tensor,
+                            embed_syn: torch.Tensor, num_classes: int, task_balance: float = 0.01) -> torch.Tensor:
+    """DataDAM's loss (eq. 2-3): class-mean attention matching on the intermediate layers plus
+    the last-layer mean-embedding term, ``sum_l 100 * D(att_R^l, att_S^l) + 100 * task_balance *
+    D(emb_R, emb_S)``, where ``D`` compares class means by the sum of squared differences (the
+    reference's ``error_B`` with MSE).
+
+    Args:
+        att_real, att_syn: per layer, (N_real, H*W) and (N_syn, H*W) attention vectors (real detached).
+        labels_real, labels_syn: (N_real,), (N_syn,) int64.
+        embed_real, embed_syn: (N_real, D), (N_syn, D) last-layer embeddings.
+        num_classes: K.
+        task_balance: lambda, ``--task_balance``.
+
+    Returns:
+        A scalar tensor; zero when every class's mean attention and embedding coincide.
+    """
+    loss = embed_syn.new_zeros(())
+    for real, syn in zip(att_real, att_syn):
+        loss = loss + 100.0 * mean_embedding_distance(class_means(real, labels_real, num_classes),
+                                                      class_means(syn, labels_syn, num_classes))
+    mean_real = class_means(embed_real, labels_real, num_classes)
+    mean_syn = class_means(embed_syn, labels_syn, num_classes)
+    return loss + 100.0 * task_balance * mean_embedding_distance(mean_real, mean_syn)

@@ -11,7 +11,8 @@ import networks
 import utils
 from data import DatasetRecord, RealSampler
 from methods.dc import get_loops
-from methods.losses import class_means, gradient_match_distance, layerwise_distance, mean_embedding_distance
+from methods.losses import (attention_matching_loss, class_means, gradient_match_distance, layerwise_distance,
+                            mean_embedding_distance, spatial_attention)
 from methods.runner import RunInterrupted, RunOptions, StopFlag, run_distillation
 
 CPU = torch.device("cpu")
@@ -78,6 +79,26 @@ def test_dm_loss_zero_when_class_means_coincide():
     assert mean_embedding_distance(means, means + 1).item() == pytest.approx(3 * 7)
 
 
+def test_spatial_attention_matches_hand_computation():
+    a = torch.tensor([[[[1.0, -2.0]], [[0.0, 1.0]]]])  # (1, C=2, H=1, W=2)
+    raw = torch.tensor([[1.0 ** 4 + 0.0, 2.0 ** 4 + 1.0]])  # sum over channels of |A|^4
+    assert torch.allclose(spatial_attention(a, power=4), raw / raw.norm())
+    assert torch.allclose(spatial_attention(a, power=1, normalize=False), torch.tensor([[1.0, 3.0]]))
+
+
+def test_attention_loss_zero_when_class_statistics_coincide():
+    labels = torch.tensor([0, 0, 1, 1])
+    att = [torch.rand(4, 6), torch.rand(4, 3)]
+    emb = torch.randn(4, 5)
+    # one synthetic sample per class, equal to the real class means
+    att_syn = [class_means(a, labels, 2) for a in att]
+    emb_syn = class_means(emb, labels, 2)
+    loss = attention_matching_loss(att, labels, att_syn, torch.arange(2), emb, emb_syn, 2, 0.01)
+    assert loss.item() == pytest.approx(0.0, abs=1e-10)
+    shifted = attention_matching_loss(att, labels, att_syn, torch.arange(2), emb, emb_syn + 1, 2, 0.5)
+    assert shifted.item() == pytest.approx(100 * 0.5 * 2 * 5)
+
+
 def test_get_loops_table_and_other_ipc():
     assert get_loops(1) == (1, 1) and get_loops(10) == (10, 50) and get_loops(50) == (50, 10)
     assert get_loops(15) == get_loops(20)   # tie goes to the larger tabulated ipc
@@ -105,6 +126,7 @@ def build(method, record, **overrides):
     ("DSA", {"init": "noise", "lr_img": 0.1}),
     ("DM", {"init": "noise", "lr_img": 1.0}),
     ("DM", {"init": "real", "lr_img": 1.0, "dsa_strategy": "none"}),
+    ("DataDAM", {"init": "noise", "lr_img": 1.0}),
 ])
 def test_steps_lower_the_loss_and_change_images(method, overrides):
     record = tiny_record()
@@ -113,13 +135,13 @@ def test_steps_lower_the_loss_and_change_images(method, overrides):
     start = syn.images.detach().clone()
     # Losses are stochastic (fresh networks and real batches), so compare averages of a few
     # evaluations of the loss on the same networks before and after some steps.
-    if method == "DM":
+    if method in ("DM", "DataDAM"):
         m.dsa_strategy = ""  # deterministic comparison of the loss itself
 
     def probe_loss():
         torch.manual_seed(123)
         m.generator.manual_seed(123)
-        if method == "DM":
+        if method in ("DM", "DataDAM"):
             return sum(m.loss(syn).item() for _ in range(3))
         total = 0.0
         for _ in range(3):
@@ -292,3 +314,16 @@ def test_nan_loss_raises(tmp_path):
     record = tiny_record()
     with pytest.raises(FloatingPointError, match="lr_img"):
         run_distillation(small_cfg("DM", lr_img=1e30, init="real", iterations=4), run_opts(tmp_path, "nan"), record, CPU)
+
+
+@pytest.mark.parametrize("model,power", [("ConvNetBN", 1.0), ("ConvNetD2", 4.0), ("ConvNetD4", 4.0)])
+def test_datadam_runs_on_other_norms_and_depths(model, power):
+    record = tiny_record(size=16)
+    m = build("DataDAM", record, init="real", attention_power=power)
+    m.cfg = m.cfg.replace(model=model)
+    syn = m.init_synthetic()
+    before = syn.images.detach().clone()
+    logs = m.step(syn, 1)
+    assert torch.isfinite(logs["loss"]) and logs["loss"] > 0
+    assert not torch.equal(before, syn.images.detach())
+    assert m.default_eval_epochs(False) == 1800
