@@ -122,13 +122,26 @@ def chunk_size(device: torch.device, full: int) -> int:
     return min(full, CPU_CHUNK) if device.type == "cpu" else max(full, 1)
 
 
+def batch_dependent(net: nn.Module) -> bool:
+    """Whether ``net``'s output for one image depends on the rest of the batch, i.e. it has a
+    BatchNorm layer in training mode (batch statistics). Frozen (eval-mode) BatchNorm is per-sample."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in net.modules())
+
+
+def pass_size(net: nn.Module, images: torch.Tensor) -> int:
+    """Images per forward pass for ``net`` on ``images`` (N, C, H, W): the whole batch when the
+    network is batch-dependent (:func:`batch_dependent`), else ``chunk_size``. Chunking then gives
+    the same result as one pass."""
+    return images.shape[0] if batch_dependent(net) else chunk_size(images.device, images.shape[0])
+
+
 def param_grads(net: nn.Module, params: Sequence[torch.Tensor], images: torch.Tensor,
                 labels: torch.Tensor) -> list:
     """Detached gradients of the mean cross-entropy of ``net`` on a batch w.r.t. ``params``.
 
-    Computed chunk by chunk (``chunk_size``) as ``sum_chunks grad(sum CE) / N``, which equals the
-    gradient of the batch mean up to float summation order. Only valid when the network's output
-    for one image does not depend on the others in the batch (no BatchNorm in train mode).
+    Computed chunk by chunk (:func:`pass_size`) as ``sum_chunks grad(sum CE) / N``, which equals
+    the gradient of the batch mean up to float summation order (one pass when BatchNorm is in
+    training mode).
 
     Args:
         net: the network.
@@ -139,7 +152,7 @@ def param_grads(net: nn.Module, params: Sequence[torch.Tensor], images: torch.Te
     Returns:
         One gradient tensor per parameter, shaped like it.
     """
-    size = chunk_size(images.device, images.shape[0])
+    size = pass_size(net, images)
     total = None
     for x, y in zip(images.split(size), labels.split(size)):
         grads = torch.autograd.grad(F.cross_entropy(net(x), y, reduction="sum"), params)
@@ -149,7 +162,7 @@ def param_grads(net: nn.Module, params: Sequence[torch.Tensor], images: torch.Te
 
 @torch.no_grad()
 def embed_in_chunks(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """``net.embed`` of a batch without gradients, chunked on CPU (no BatchNorm in train mode).
+    """``net.embed`` of a batch without gradients, in :func:`pass_size` chunks.
 
     Args:
         images: (N, C, H, W).
@@ -157,8 +170,7 @@ def embed_in_chunks(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
     Returns:
         (N, D) embeddings.
     """
-    size = chunk_size(images.device, images.shape[0])
-    return torch.cat([net.embed(x) for x in images.split(size)])
+    return torch.cat([net.embed(x) for x in images.split(pass_size(net, images))])
 Augmenter = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
@@ -204,16 +216,15 @@ def train_epoch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, opti
     num = images.shape[0]
     order = torch.randperm(num, generator=generator).to(images.device)
     total = torch.zeros((), device=images.device)
-    # Without BatchNorm every sample is computed independently, so a batch's gradient can be
-    # accumulated over cache-sized chunks (CPU_CHUNK) and the step is the same.
-    splittable = not has_batchnorm(net)
+    # Without batch statistics every sample is computed independently, so a batch's gradient can
+    # be accumulated over cache-sized chunks (CPU_CHUNK) and the step is the same.
     for start in range(0, num, batch_size):
         index = order[start:start + batch_size]
         x, y = images[index], labels[index]
         if augmenter is not None:
             with torch.no_grad():
                 x = augmenter(x, generator)
-        size = chunk_size(x.device, x.shape[0]) if splittable else x.shape[0]
+        size = pass_size(net, x)
         optimizer.zero_grad(set_to_none=True)
         for x_chunk, y_chunk in zip(x.split(size), y.split(size)):
             loss = F.cross_entropy(net(x_chunk), y_chunk, reduction="sum") / x.shape[0]

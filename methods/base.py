@@ -17,7 +17,6 @@ import torch.nn as nn
 
 import augment
 import networks
-from utils import has_batchnorm  # noqa: F401  (re-exported for methods)
 
 METHODS: Dict[str, Type["DistillMethod"]] = {}
 

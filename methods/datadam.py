@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 import utils
-from methods.base import SyntheticSet, has_batchnorm, register_method
+from methods.base import SyntheticSet, register_method
 from methods.dm import DM
 from methods.losses import attention_matching_loss, spatial_attention
 
@@ -42,9 +42,8 @@ class DataDAM(DM):
         net = self.new_network()
         real, label_real, image_syn, label_syn = self.sample_batches(syn)
         with torch.no_grad():
-            size = real.shape[0] if has_batchnorm(net) else utils.chunk_size(real.device, real.shape[0])
             embeds, attentions = [], []
-            for chunk in real.split(size):
+            for chunk in real.split(utils.pass_size(net, real)):
                 embed, maps = net.embed_with_feature_maps(chunk)
                 embeds.append(embed)
                 attentions.append(self._attention(maps))

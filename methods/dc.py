@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import utils
-from methods.base import DistillMethod, SyntheticSet, has_batchnorm, register_method
+from methods.base import DistillMethod, SyntheticSet, register_method
 from methods.losses import gradient_match_distance
 
 # (outer_loop, inner_loop) per ipc, from the reference ``get_loops``.
@@ -107,7 +107,7 @@ class DC(DistillMethod):
         net.train()
         optimizer_net = torch.optim.SGD(net.parameters(), lr=self.cfg.lr_net)
         augmenter = utils.make_augmenter(self.dsa_strategy)
-        use_bn = has_batchnorm(net)
+        use_bn = utils.has_batchnorm(net)
         total = torch.zeros((), device=self.device)
         for outer_step in range(self.outer_loop):
             if use_bn:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 import utils
-from methods.base import DistillMethod, SyntheticSet, has_batchnorm, register_method
+from methods.base import DistillMethod, SyntheticSet, register_method
 from methods.losses import class_means, mean_embedding_distance
 
 @register_method("DM")
@@ -57,11 +57,7 @@ class DM(DistillMethod):
         """
         net = self.new_network()
         real, label_real, image_syn, label_syn = self.sample_batches(syn)
-        if has_batchnorm(net):
-            with torch.no_grad():
-                embed_real = net.embed(real)
-        else:
-            embed_real = utils.embed_in_chunks(net, real)
+        embed_real = utils.embed_in_chunks(net, real)  # one pass for BatchNorm nets (joint statistics)
         mean_real = class_means(embed_real, label_real, self.num_classes)
         mean_syn = class_means(net.embed(image_syn), label_syn, self.num_classes)
         return mean_embedding_distance(mean_real, mean_syn)

@@ -327,3 +327,15 @@ def test_datadam_runs_on_other_norms_and_depths(model, power):
     assert torch.isfinite(logs["loss"]) and logs["loss"] > 0
     assert not torch.equal(before, syn.images.detach())
     assert m.default_eval_epochs(False) == 1800
+
+
+def test_pass_size_keeps_batchnorm_statistics_whole():
+    images = torch.randn(100, 1, 8, 8)
+    bn = networks.get_network("ConvNetBN", 1, 3, (8, 8)).train()
+    assert utils.pass_size(bn, images) == 100           # batch statistics: one pass
+    assert utils.pass_size(bn.eval(), images) == utils.CPU_CHUNK  # frozen BN: per-sample
+    assert utils.pass_size(networks.get_network("ConvNet", 1, 3, (8, 8)), images) == utils.CPU_CHUNK
+    net = networks.get_network("ConvNetW32", 1, 3, (8, 8))
+    chunked = utils.embed_in_chunks(net, images)
+    with torch.no_grad():
+        assert torch.allclose(chunked, net.embed(images), atol=1e-5)
