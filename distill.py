@@ -21,7 +21,7 @@ from methods.runner import RunInterrupted, RunOptions, StopFlag, run_distillatio
 
 # Flags whose default depends on the method (``None`` here, resolved from Method.defaults).
 METHOD_DEFAULTED = ("ipc", "Iteration", "lr_img", "lr_net", "batch_real", "batch_train", "init", "dsa_strategy",
-                    "dis_metric", "eval_mode", "task_balance", "attention_power")
+                    "dis_metric", "eval_mode")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,9 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dis_metric", default=None, help=f"gradient distance for DC/DSA: {', '.join(METRICS)}")
     parser.add_argument("--outer_loop", type=int, default=None, help="DC outer loop (default: get_loops(ipc))")
     parser.add_argument("--inner_loop", type=int, default=None, help="DC inner loop (default: get_loops(ipc))")
-    parser.add_argument("--task_balance", type=float, default=None, help="DataDAM: weight of the last-layer MMD term (0.01)")
-    parser.add_argument("--attention_power", type=float, default=None,
-                        help="DataDAM: p in sum_c |A|^p (paper 4; released code 1)")
     parser.add_argument("--save_path", default="result", help="root of run directories")
     parser.add_argument("--run_dir", default=None, help="run directory (default: save_path/METHOD_DATASET_MODEL_IPCipc)")
     parser.add_argument("--eval_it", type=int, default=None,
@@ -59,7 +56,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vis", action=argparse.BooleanOptionalAction, default=True, help="save PNG grids")
     cli.add_data_args(parser)
     cli.add_runtime_args(parser)
+    group = parser.add_argument_group("method-specific (declared by each method's options)")
+    for name, (option, users) in methods.method_options().items():
+        defaults = sorted({f"{m.name}: {m.resolve_options({})[name]}" for m in map(methods.get_method_class, users)})
+        group.add_argument(f"--{name}", type=option.type, default=None,
+                           help=f"{option.help} (default {'; '.join(defaults)})")
     return parser
+
+
+def method_extra(args: argparse.Namespace, method_class) -> dict:
+    """The chosen method's options given on the command line; warn about other methods' options.
+
+    Raises:
+        utils.UserError: a value is out of range (the message names the flag).
+    """
+    own = {option.name for option in method_class.options}
+    extra = {}
+    for name in methods.method_options():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name in own:
+            extra[name] = value
+        else:
+            print(f"warning: --{name} is not used by --method {args.method}; ignored", file=sys.stderr)
+    try:
+        method_class.resolve_options(extra)
+    except ValueError as error:
+        raise utils.UserError(str(error)) from None
+    return extra
 
 
 def resolve(args: argparse.Namespace):
@@ -97,16 +122,14 @@ def resolve(args: argparse.Namespace):
         raise utils.UserError(str(error)) from None
     cli.check_models([args.model], "--model")
     eval_models = cli.resolve_eval_models(args.eval_mode, args.model)
-    if args.attention_power <= 0:
-        raise utils.UserError(f"--attention_power must be positive, got {args.attention_power}")
+    extra = method_extra(args, method_class)
     if args.eval_it is None:
-        args.eval_it = (500 if args.method in ("DC", "DSA") else 2000) if args.eval_mode in ("S", "SS") else 0
+        args.eval_it = method_class.default_eval_it if args.eval_mode in ("S", "SS") else 0
     cfg = methods.DistillConfig(method=args.method, dataset=args.dataset, model=args.model, ipc=args.ipc,
                                 iterations=args.Iteration, lr_img=args.lr_img, lr_net=args.lr_net,
                                 batch_real=args.batch_real, batch_train=args.batch_train, init=args.init,
                                 dsa_strategy=args.dsa_strategy or "", dis_metric=args.dis_metric,
-                                outer_loop=args.outer_loop, inner_loop=args.inner_loop,
-                                task_balance=args.task_balance, attention_power=args.attention_power)
+                                outer_loop=args.outer_loop, inner_loop=args.inner_loop, extra=extra)
     run_dir = args.run_dir or os.path.join(args.save_path, f"{args.method}_{args.dataset}_{args.model}_{args.ipc}ipc")
     opts = RunOptions(num_exp=args.num_exp, num_eval=args.num_eval, eval_it=args.eval_it,
                       eval_models=tuple(eval_models), epoch_eval_train=args.epoch_eval_train, seed=args.seed,

@@ -4,9 +4,9 @@
 ``create_method(cfg, **kwargs)`` builds it. To add a method: write ``methods/<name>.py`` with a
 :class:`DistillMethod` subclass decorated by ``@register_method('<NAME>')`` and import it here.
 """
-from methods.base import (METHODS, DistillConfig, DistillMethod, SyntheticSet, get_method_class, list_methods,
-                          register_method)
-from methods import datadam, dc, dm  # noqa: F401  (registration)
+from methods.base import (METHODS, DistillConfig, DistillMethod, Option, SyntheticSet, get_method_class,
+                          list_methods, method_options, register_method)
+from methods import cafe, datadam, dc, dm  # noqa: F401  (registration)
 
 
 def create_method(cfg: DistillConfig, **kwargs) -> DistillMethod:
@@ -18,5 +18,5 @@ def create_method(cfg: DistillConfig, **kwargs) -> DistillMethod:
     return get_method_class(cfg.method)(cfg, **kwargs)
 
 
-__all__ = ["METHODS", "DistillConfig", "DistillMethod", "SyntheticSet", "create_method", "get_method_class",
-           "list_methods", "register_method"]
+__all__ = ["METHODS", "DistillConfig", "DistillMethod", "Option", "SyntheticSet", "create_method",
+           "get_method_class", "list_methods", "method_options", "register_method"]

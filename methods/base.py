@@ -9,8 +9,8 @@ inner network loop (DC) override it. A method knows no command line.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import ClassVar, Dict, Optional, Type
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -55,11 +55,69 @@ def get_method_class(name: str) -> Type["DistillMethod"]:
 
 
 @dataclass(frozen=True)
+class Option:
+    """A method-specific hyperparameter, exposed by ``distill.py`` as the flag ``--{name}``.
+
+    A method lists its options in ``DistillMethod.options``; ``distill.py`` adds one flag per
+    name over all registered methods, so a new method gets its flags without editing the CLI.
+
+    Attributes:
+        name: flag and key name (reference spelling, e.g. ``lambda_1``).
+        default: the reference default.
+        help: one line for ``--help``.
+        type: ``float``, ``int`` or ``str`` (argparse converter).
+        minimum: smallest allowed value (numbers), or ``None``.
+        exclusive_minimum: ``True`` when ``minimum`` itself is not allowed (``> minimum``).
+    """
+
+    name: str
+    default: Any
+    help: str
+    type: Callable = float
+    minimum: Optional[float] = None
+    exclusive_minimum: bool = False
+
+    def check(self, value: Any) -> Any:
+        """Validate ``value`` (already converted by ``type``) and return it.
+
+        Raises:
+            ValueError: below the minimum; the message names ``--{name}``.
+        """
+        if self.minimum is not None:
+            too_small = value <= self.minimum if self.exclusive_minimum else value < self.minimum
+            if too_small:
+                relation = ">" if self.exclusive_minimum else ">="
+                raise ValueError(f"--{self.name} must be {relation} {self.minimum}, got {value}")
+        return value
+
+
+def method_options() -> Dict[str, Tuple[Option, Tuple[str, ...]]]:
+    """Every option of every registered method: ``name -> (option, names of the methods using it)``.
+
+    Raises:
+        TypeError: two methods declare the same option name with different types.
+    """
+    found: Dict[str, Tuple[Option, Tuple[str, ...]]] = {}
+    for method_name in sorted(METHODS):
+        for option in METHODS[method_name].options:
+            if option.name in found:
+                first, users = found[option.name]
+                if first.type is not option.type:
+                    raise TypeError(f"option {option.name!r} has type {first.type.__name__} in {users[0]} "
+                                    f"but {option.type.__name__} in {method_name}")
+                found[option.name] = (first, users + (method_name,))
+            else:
+                found[option.name] = (option, (method_name,))
+    return found
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     """Everything a method needs to know, resolved from flags and method defaults; never mutated.
 
     Attributes mirror the reference flags (``main.py`` / ``main_DM.py`` of
-    VICO-UoE/DatasetCondensation): ``iterations`` is ``--Iteration``.
+    VICO-UoE/DatasetCondensation): ``iterations`` is ``--Iteration``. Flags only one family of
+    methods uses are declared by the method (:class:`Option`) and travel in ``extra``.
     """
 
     method: str
@@ -76,8 +134,8 @@ class DistillConfig:
     dis_metric: str = "ours"
     outer_loop: Optional[int] = None
     inner_loop: Optional[int] = None
-    task_balance: float = 0.01
-    attention_power: float = 4.0
+    # Method-specific options (``DistillMethod.options``) that differ from their defaults.
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def replace(self, **changes) -> "DistillConfig":
         """A copy with some fields changed (the config itself is frozen)."""
@@ -117,8 +175,9 @@ class SyntheticSet(nn.Module):
 class DistillMethod:
     """Base class of a distillation method.
 
-    Subclasses set ``defaults`` (their reference script's flag defaults), implement
-    :meth:`loss` (or override :meth:`step`), and may extend :meth:`state_dict`.
+    Subclasses set ``defaults`` (their reference script's defaults of the shared flags),
+    ``options`` (their own flags, :class:`Option`), implement :meth:`loss` (or override
+    :meth:`step`), and may extend :meth:`state_dict`. ``self.hparams`` holds the resolved options.
 
     Args:
         cfg: the resolved configuration.
@@ -131,6 +190,10 @@ class DistillMethod:
     name: ClassVar[str] = ""
     # Reference flag defaults of this method (override the DistillConfig field defaults).
     defaults: ClassVar[dict] = {}
+    # Flags of this method only (``distill.py --{option.name}``).
+    options: ClassVar[Tuple[Option, ...]] = ()
+    # Evaluate every so many iterations when --eval_it is not given (eval modes S and SS).
+    default_eval_it: ClassVar[int] = 2000
 
     def __init__(self, cfg: DistillConfig, *, channel: int, num_classes: int, im_size, sampler,
                  device: torch.device, generator: torch.Generator):
@@ -142,7 +205,22 @@ class DistillMethod:
         self.device = device
         self.generator = generator
         self.dsa_strategy = cfg.dsa_strategy if augment.validate_strategy(cfg.dsa_strategy) else ""
+        self.hparams = self.resolve_options(cfg.extra)
         self.optimizer_img: Optional[torch.optim.Optimizer] = None
+
+    @classmethod
+    def resolve_options(cls, extra: Mapping[str, Any]) -> Dict[str, Any]:
+        """This method's options: the defaults overridden by ``extra``, each validated.
+
+        Raises:
+            ValueError: a key of ``extra`` is not an option of this method, or a value is out of range.
+        """
+        known = {option.name: option for option in cls.options}
+        unknown = sorted(set(extra) - set(known))
+        if unknown:
+            raise ValueError(f"method {cls.name} has no option {', '.join(unknown)}; "
+                             f"its options: {', '.join(known) or 'none'}")
+        return {name: option.check(option.type(extra.get(name, option.default))) for name, option in known.items()}
 
     # ---- evaluation defaults ------------------------------------------------------------
     @property
@@ -189,6 +267,21 @@ class DistillMethod:
         if not self.dsa_strategy:
             return real, syn
         return augment.siamese_augment(real, syn, self.dsa_strategy, self.generator)
+
+    def sample_batches(self, syn: SyntheticSet):
+        """Per class: ``batch_real`` real images and the synthetic images, siamese-augmented.
+
+        Returns:
+            real (sum_c n_c, C, H, W), real labels, synthetic (K*ipc, C, H, W), synthetic labels.
+        """
+        reals, syns, real_labels = [], [], []
+        for c in range(self.num_classes):
+            real = self.sampler.get_images(c, self.cfg.batch_real, self.generator)
+            real, image_syn = self.augment_pair(real, syn.class_images(c))
+            reals.append(real)
+            syns.append(image_syn)
+            real_labels.append(torch.full((real.shape[0],), c, dtype=torch.long, device=self.device))
+        return torch.cat(reals), torch.cat(real_labels), torch.cat(syns), syn.labels
 
     def loss(self, syn: SyntheticSet) -> torch.Tensor:
         """The matching loss of one iteration (a scalar with a graph to ``syn.images``)."""

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-import utils
-from methods.base import SyntheticSet, register_method
+from methods.base import Option, SyntheticSet, register_method
 from methods.dm import DM
-from methods.losses import attention_matching_loss, spatial_attention
+from methods.features import real_class_statistics, syn_class_statistics
+from methods.losses import attention_matching_loss, class_means, spatial_attention
 
 
 @register_method("DataDAM")
@@ -28,6 +28,11 @@ class DataDAM(DM):
 
     defaults = dict(ipc=50, iterations=20000, lr_img=1.0, lr_net=0.01, batch_real=64, batch_train=64,
                     init="real", dsa_strategy="color_crop_cutout_flip_scale_rotate", eval_mode="SS")
+    options = (
+        Option("task_balance", 0.01, "DataDAM: weight of the last-layer MMD term", minimum=0.0),
+        Option("attention_power", 4.0, "DataDAM: p in sum_c |A|^p (paper 4; released code 1)",
+               minimum=0.0, exclusive_minimum=True),
+    )
 
     def default_eval_epochs(self, dc_aug_active: bool) -> int:
         """1800 epochs, as ``main_DataDAM.py``."""
@@ -35,20 +40,13 @@ class DataDAM(DM):
 
     def _attention(self, maps):
         """Spatial attention of every stage but the last (the reference hooks all ReLUs and drops the last)."""
-        return [spatial_attention(m, self.cfg.attention_power) for m in maps[:-1]]
+        return [spatial_attention(m, self.hparams["attention_power"]) for m in maps[:-1]]
 
     def loss(self, syn: SyntheticSet) -> torch.Tensor:
         """DataDAM eq. 3 under one fresh network (see :func:`methods.losses.attention_matching_loss`)."""
         net = self.new_network()
         real, label_real, image_syn, label_syn = self.sample_batches(syn)
-        with torch.no_grad():
-            embeds, attentions = [], []
-            for chunk in real.split(utils.pass_size(net, real)):
-                embed, maps = net.embed_with_feature_maps(chunk)
-                embeds.append(embed)
-                attentions.append(self._attention(maps))
-            embed_real = torch.cat(embeds)
-            att_real = [torch.cat(layer) for layer in zip(*attentions)]
-        embed_syn, maps_syn = net.embed_with_feature_maps(image_syn)
-        return attention_matching_loss(att_real, label_real, self._attention(maps_syn), label_syn, embed_real,
-                                       embed_syn, self.num_classes, self.cfg.task_balance)
+        att_real, embed_real = real_class_statistics(net, real, label_real, self.num_classes, self._attention)
+        att_syn, mean_syn = syn_class_statistics(net, image_syn, label_syn, self.num_classes, self._attention)
+        mean_real = class_means(embed_real, label_real, self.num_classes)
+        return attention_matching_loss(att_real, att_syn, mean_real, mean_syn, self.hparams["task_balance"])

@@ -55,6 +55,7 @@ class DC(DistillMethod):
 
     defaults = dict(ipc=1, iterations=1000, lr_img=0.1, lr_net=0.01, batch_real=256, batch_train=256,
                     init="noise", dsa_strategy="", dis_metric="ours", eval_mode="S")
+    default_eval_it = 500
     # As in the reference (``args.dsa = method == 'DSA'``), plain DC ignores --dsa_strategy.
     dsa = False
 

@@ -34,21 +34,6 @@ class DM(DistillMethod):
             param.requires_grad_(False)
         return net
 
-    def sample_batches(self, syn: SyntheticSet):
-        """Per class: ``batch_real`` real images and the synthetic images, siamese-augmented.
-
-        Returns:
-            real (sum_c n_c, C, H, W), real labels, synthetic (K*ipc, C, H, W), synthetic labels.
-        """
-        reals, syns, real_labels = [], [], []
-        for c in range(self.num_classes):
-            real = self.sampler.get_images(c, self.cfg.batch_real, self.generator)
-            real, image_syn = self.augment_pair(real, syn.class_images(c))
-            reals.append(real)
-            syns.append(image_syn)
-            real_labels.append(torch.full((real.shape[0],), c, dtype=torch.long, device=self.device))
-        return torch.cat(reals), torch.cat(real_labels), torch.cat(syns), syn.labels
-
     def loss(self, syn: SyntheticSet) -> torch.Tensor:
         """DM eq. 4: ``sum_c ||mean_i E(real_c,i) - mean_j E(S_c,j)||^2`` under one fresh network.
 

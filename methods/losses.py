@@ -120,19 +120,16 @@ def spatial_attention(feature_map: torch.Tensor, power: float = 4.0, normalize: 
     return attention
 
 
-def attention_matching_loss(att_real: Sequence[torch.Tensor], labels_real: torch.Tensor,
-                            att_syn: Sequence[torch.Tensor], labels_syn: torch.Tensor, embed_real: torch.Tensor,
-                            embed_syn: torch.Tensor, num_classes: int, task_balance: float = 0.01) -> torch.Tensor:
-    """DataDAM's loss (eq. 2-3): class-mean attention matching on the intermediate layers plus
-    the last-layer mean-embedding term, ``sum_l 100 * D(att_R^l, att_S^l) + 100 * task_balance *
-    D(emb_R, emb_S)``, where ``D`` compares class means by the sum of squared differences (the
-    reference's ``error_B`` with MSE).
+def attention_matching_loss(att_real: Sequence[torch.Tensor], att_syn: Sequence[torch.Tensor],
+                            embed_real: torch.Tensor, embed_syn: torch.Tensor, task_balance: float = 0.01) -> torch.Tensor:
+    """DataDAM's loss (eq. 2-3) from class means: attention matching on the intermediate layers
+    plus the last-layer mean-embedding term, ``sum_l 100 * D(att_R^l, att_S^l) + 100 *
+    task_balance * D(emb_R, emb_S)``, where ``D`` is the sum of squared differences of the
+    class means (the reference's ``error_B`` with MSE).
 
     Args:
-        att_real, att_syn: per layer, (N_real, H*W) and (N_syn, H*W) attention vectors (real detached).
-        labels_real, labels_syn: (N_real,), (N_syn,) int64.
-        embed_real, embed_syn: (N_real, D), (N_syn, D) last-layer embeddings.
-        num_classes: K.
+        att_real, att_syn: per layer, (K, H*W) class-mean attention vectors (real detached).
+        embed_real, embed_syn: (K, D) class-mean last-layer embeddings.
         task_balance: lambda, ``--task_balance``.
 
     Returns:
@@ -140,8 +137,45 @@ def attention_matching_loss(att_real: Sequence[torch.Tensor], labels_real: torch
     """
     loss = embed_syn.new_zeros(())
     for real, syn in zip(att_real, att_syn):
-        loss = loss + 100.0 * mean_embedding_distance(class_means(real, labels_real, num_classes),
-                                                      class_means(syn, labels_syn, num_classes))
-    mean_real = class_means(embed_real, labels_real, num_classes)
-    mean_syn = class_means(embed_syn, labels_syn, num_classes)
-    return loss + 100.0 * task_balance * mean_embedding_distance(mean_real, mean_syn)
+        loss = loss + 100.0 * mean_embedding_distance(real, syn)
+    return loss + 100.0 * task_balance * mean_embedding_distance(embed_real, embed_syn)
+
+
+def feature_alignment_loss(means_real: Sequence[torch.Tensor], means_syn: Sequence[torch.Tensor],
+                           weights: Sequence[float]) -> torch.Tensor:
+    """CAFE's layer-wise feature alignment (Wang et al., CVPR 2022, eq. 5, with the reference's
+    per-layer weights): ``sum_l w_l * sum_c ||mean_real^l[c] - mean_syn^l[c]||^2``.
+
+    Args:
+        means_real, means_syn: per layer, (K, D_l) class means (real detached).
+        weights: one weight per layer.
+
+    Returns:
+        A scalar tensor, zero when the class means coincide.
+
+    Raises:
+        ValueError: the three lists differ in length.
+    """
+    if not len(means_real) == len(means_syn) == len(weights):
+        raise ValueError(f"{len(means_real)} real layers, {len(means_syn)} synthetic layers, {len(weights)} weights")
+    loss = means_syn[0].new_zeros(())
+    for real, syn, weight in zip(means_real, means_syn, weights):
+        loss = loss + weight * mean_embedding_distance(real, syn)
+    return loss
+
+
+def discrimination_loss(embed_real: torch.Tensor, labels_real: torch.Tensor, centers_syn: torch.Tensor) -> torch.Tensor:
+    """CAFE's discrimination loss (eq. 6): real embeddings are classified by their inner product
+    with the synthetic class centres, ``sum_i CE(e_i . P^T, y_i)`` (summed, as the reference's
+    ``CrossEntropyLoss(reduction='sum')``); its gradient reaches the synthetic images through P.
+
+    Args:
+        embed_real: (N, D) real last-layer embeddings (detached).
+        labels_real: (N,) int64 in [0, K).
+        centers_syn: (K, D) class-mean synthetic embeddings P.
+
+    Returns:
+        A scalar tensor.
+    """
+    logits = embed_real @ centers_syn.t()
+    return torch.nn.functional.cross_entropy(logits, labels_real, reduction="sum")

@@ -268,10 +268,13 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
                     data_save.append([syn.images.detach().cpu().clone(), syn.labels.detach().cpu().clone()])
                     for model_eval, result in results.items():
                         accs_all_exps[model_eval].extend(result.accs)
-            bar.set_postfix(loss=f"{loss_value:.4f}", acc=last_acc)
+            # Other scalars a method reports (CAFE: outer steps, inner epochs) go beside the loss.
+            extras = {key: f"{float(value):.4g}" for key, value in logs.items() if key != "loss"}
+            bar.set_postfix(loss=f"{loss_value:.4f}", acc=last_acc, **extras)
             if bar.disable and (iteration % log_every == 0 or is_last):  # batch jobs: no bar, log lines
-                logger.info("exp %d iter %d/%d loss %.4f acc %s (%.2f s/iteration)", exp, iteration, cfg.iterations,
-                            loss_value, last_acc, step_seconds / max(steps_timed, 1))
+                logger.info("exp %d iter %d/%d loss %.4f acc %s%s (%.2f s/iteration)", exp, iteration, cfg.iterations,
+                            loss_value, last_acc, "".join(f" {k} {v}" for k, v in extras.items()),
+                            step_seconds / max(steps_timed, 1))
             if stop.requested and not is_last:
                 checkpoint(exp, iteration, method, syn, generator)
                 bar.close()

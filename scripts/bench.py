@@ -1,18 +1,26 @@
 #!/usr/bin/env python3
-"""Seconds per distillation iteration (DC ipc 1, DSA ipc 1, DM ipc 10 with --batch_real 256;
-DataDAM ipc 10 with its default --batch_real 64) and seconds to evaluate one ConvNet on an ipc-1 set (300 epochs + the 10,000
-test images), on real Fashion-MNIST.
+"""Seconds per distillation iteration and peak memory on real Fashion-MNIST, and seconds to
+evaluate one ConvNet on an ipc-1 set (300 epochs + the 10,000 test images).
 
-    python scripts/bench.py                     # all cases, 3 timed iterations each
+Cases (each method's reference defaults unless listed): DC ipc 1, DSA ipc 1, DM ipc 10 (batch_real
+256), DataDAM ipc 10 (batch_real 64), CAFE ipc 1 with the CPU-sized watchers of
+scripts/fmnist_cpu_table.sh (CAFE_cpu), and CAFE ipc 1 at the reference settings (CAFE_ref, not
+in the default list: about 4 minutes per iteration on 2 CPU cores). A CAFE iteration runs until
+its accuracy watchers settle, so its time varies; the image updates and network epochs per
+iteration are printed beside it.
+
+    python scripts/bench.py                     # default cases, 3 timed iterations each
     python scripts/bench.py --cases DC DM --iterations 5 --device cuda --json bench.json
 
-The first iteration of each case is a warm-up and is not timed.
+The first iteration of each case is a warm-up and is not timed. Peak memory: on CUDA the peak
+allocated by torch during the case; on CPU the process's peak resident set so far (it only grows).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -26,33 +34,46 @@ import methods  # noqa: E402
 import utils  # noqa: E402
 from data import RealSampler, load_dataset, sample_random_real  # noqa: E402
 
-CASES = {  # name: (method, ipc)
-    "DC": ("DC", 1),
-    "DSA": ("DSA", 1),
-    "DM": ("DM", 10),
-    "DataDAM": ("DataDAM", 10),
+CAFE_CPU = dict(batch_real=64, init="real",
+                extra=dict(watcher_window=5, watcher_images=32, max_outer_steps=10))
+CASES = {  # name: (method, ipc, overrides of the method's defaults)
+    "DC": ("DC", 1, {}),
+    "DSA": ("DSA", 1, {}),
+    "DM": ("DM", 10, {}),
+    "DataDAM": ("DataDAM", 10, {}),
+    "CAFE_cpu": ("CAFE", 1, CAFE_CPU),
+    "CAFE_ref": ("CAFE", 1, {}),
 }
+DEFAULT_CASES = ["DC", "DSA", "DM", "DataDAM", "CAFE_cpu", "eval"]
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory in MiB: torch's CUDA peak since the last reset, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def time_method(name, record, sampler, device, iterations):
-    method_name, ipc = CASES[name]
+    """Seconds of each timed iteration of case ``name`` and the logs of the last one."""
+    method_name, ipc, overrides = CASES[name]
     cls = methods.get_method_class(method_name)
     fields = {k: v for k, v in cls.defaults.items() if k != "eval_mode"}
-    fields.update(ipc=ipc)  # batch_real: the method's reference default (256 for DC/DSA/DM, 64 for DataDAM)
+    fields.update(ipc=ipc, **overrides)
     cfg = methods.DistillConfig(method=method_name, dataset=record.name, model="ConvNet", **fields)
     utils.seed_everything(0)
     method = cls(cfg, channel=record.channel, num_classes=record.num_classes, im_size=record.im_size,
                  sampler=sampler, device=device, generator=utils.make_generator(0))
     syn = method.init_synthetic()
-    times = []
-    for iteration in range(iterations + 1):
+    times, logs = [], {}
+    for iteration in range(1, iterations + 2):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        float(method.step(syn, iteration)["loss"])
-        if iteration > 0:
+        logs = {key: float(value) for key, value in method.step(syn, iteration).items()}
+        if iteration > 1:
             times.append(time.perf_counter() - start)
-    return times
+    return times, logs
 
 
 def time_eval(record, device, repeats):
@@ -70,7 +91,7 @@ def time_eval(record, device, repeats):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="*", default=list(CASES) + ["eval"], help="DC DSA DM DataDAM eval")
+    parser.add_argument("--cases", nargs="*", default=DEFAULT_CASES, help=f"from: {' '.join(CASES)} eval")
     parser.add_argument("--iterations", type=int, default=3, help="timed iterations per method")
     parser.add_argument("--eval_repeats", type=int, default=1, help="timed evaluations")
     parser.add_argument("--device", default="auto")
@@ -82,16 +103,27 @@ def main() -> int:
     sampler = RealSampler(record.images_train, record.labels_train, record.num_classes, device)
     rows = {}
     for case in args.cases:
+        if case not in CASES and case != "eval":
+            parser.error(f"unknown case {case!r}; choose from: {' '.join(CASES)} eval")
+    for case in args.cases:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        logs = {}
         if case == "eval":
             times = time_eval(record, device, args.eval_repeats)
             label = "evaluate ConvNet, ipc 1 (300 epochs + 10k test)"
-        elif case in CASES:
-            times = time_method(case, record, sampler, device, args.iterations)
-            label = f"{case} ipc {CASES[case][1]} iteration (batch_real {methods.get_method_class(CASES[case][0]).defaults['batch_real']})"
         else:
-            parser.error(f"unknown case {case!r}")
-        rows[case] = {"label": label, "seconds": statistics.median(times), "all": times}
-        print(f"{label:<52} {statistics.median(times):8.2f} s  (median of {len(times)})", flush=True)
+            times, logs = time_method(case, record, sampler, device, args.iterations)
+            method_name, ipc, overrides = CASES[case]
+            batch_real = overrides.get("batch_real", methods.get_method_class(method_name).defaults["batch_real"])
+            label = f"{case} ipc {ipc} iteration (batch_real {batch_real})"
+        memory = peak_memory_mb(device)
+        extras = {key: value for key, value in logs.items() if key != "loss"}
+        rows[case] = {"label": label, "seconds": statistics.median(times), "all": times, "peak_memory_mb": memory,
+                      "last_iteration": extras}
+        detail = "".join(f", {key} {value:g}" for key, value in extras.items())
+        print(f"{label:<52} {statistics.median(times):8.2f} s  (median of {len(times)}{detail}), "
+              f"peak memory {memory:.0f} MiB", flush=True)
     info = {"device": str(device), "torch": str(torch.__version__), "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "cases": rows}
     if device.type == "cuda":

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The CPU-sized Fashion-MNIST table of README.md: DC and DSA at ipc 1 and DM at ipc 10, each
-# evaluated next to ipc random real images per class under the same protocol, printed as a
-# Markdown table. Every cell is one distill.py run (evaluation included) plus one evaluate.py
-# baseline run. Budgets are CPU-sized; override them with the variables below.
+# The CPU-sized Fashion-MNIST tables of README.md, each cell evaluated next to ipc random real
+# images per class under the same protocol, printed as a Markdown table. Every cell is one
+# distill.py run (evaluation included) plus one evaluate.py baseline run; finished cells are
+# skipped on a re-run. Budgets are CPU-sized; override them with the variables below.
 #
-#   bash scripts/fmnist_cpu_table.sh            # about 35 minutes on 2 CPU cores
+#   bash scripts/fmnist_cpu_table.sh            # core: DC, DSA ipc 1, DM ipc 10 (~35 min, 2 cores)
+#   bash scripts/fmnist_cpu_table.sh cafe       # CAFE and CAFE+DSA at ipc 1 and 10
+#   bash scripts/fmnist_cpu_table.sh datadam    # DataDAM at ipc 1 and 10
+#   bash scripts/fmnist_cpu_table.sh core cafe datadam
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +15,11 @@ OUT=${OUT:-result/fmnist_cpu}
 NUM_EVAL=${NUM_EVAL:-3}
 DC_ITERS=${DC_ITERS:-50}
 DM_ITERS=${DM_ITERS:-100}
+CAFE_ITERS=${CAFE_ITERS:-15}
+DAM_ITERS=${DAM_ITERS:-100}
+# CAFE's watchers at CPU size: 5 readings of 32 real images per class, at most 10 image updates
+# per iteration (reference: 10 readings of 128, unbounded).
+CAFE_CPU="--watcher_window 5 --watcher_images 32 --max_outer_steps 10 --batch_real 64 --init real"
 SEED=${SEED:-0}
 DSA=color_crop_cutout_flip_scale_rotate
 mkdir -p "$OUT"
@@ -30,16 +38,34 @@ cell() {  # name method ipc epochs strategy iterations extra-flags...
   fi
 }
 
-cell dc_ipc1  DC  1  300  none  "$DC_ITERS" --init real
-cell dsa_ipc1 DSA 1  1000 "$DSA" "$DC_ITERS" --init real
-cell dm_ipc10 DM  10 300  "$DSA" "$DM_ITERS"
+CELLS=()
+for group in "${@:-core}"; do
+  case $group in
+    core)
+      cell dc_ipc1  DC  1  300  none  "$DC_ITERS" --init real
+      cell dsa_ipc1 DSA 1  1000 "$DSA" "$DC_ITERS" --init real
+      cell dm_ipc10 DM  10 300  "$DSA" "$DM_ITERS"
+      CELLS+=(dc_ipc1 dsa_ipc1 dm_ipc10) ;;
+    cafe)  # reference evaluation: 600 epochs without augmentation, 1000 with DSA
+      cell cafe_ipc1      CAFE 1  600  none   "$CAFE_ITERS" $CAFE_CPU
+      cell cafe_dsa_ipc1  CAFE 1  1000 "$DSA" "$CAFE_ITERS" $CAFE_CPU --dsa_strategy "$DSA"
+      cell cafe_ipc10     CAFE 10 600  none   "$CAFE_ITERS" $CAFE_CPU
+      cell cafe_dsa_ipc10 CAFE 10 1000 "$DSA" "$CAFE_ITERS" $CAFE_CPU --dsa_strategy "$DSA"
+      CELLS+=(cafe_ipc1 cafe_dsa_ipc1 cafe_ipc10 cafe_dsa_ipc10) ;;
+    datadam)  # 300 DSA epochs instead of the reference's 1800
+      cell datadam_ipc1  DataDAM 1  300 "$DSA" "$DAM_ITERS"
+      cell datadam_ipc10 DataDAM 10 300 "$DSA" "$DAM_ITERS"
+      CELLS+=(datadam_ipc1 datadam_ipc10) ;;
+    *) echo "unknown group $group (core, cafe, datadam)" >&2; exit 2 ;;
+  esac
+done
 
-python3 - "$OUT" <<'PY'
+python3 - "$OUT" "${CELLS[@]}" <<'PY'
 import json, os, sys
 out = sys.argv[1]
 print("| method | ipc | iterations | eval epochs, augmentation | distilled (%) | random real (%) | s / iteration |")
 print("|---|---|---|---|---|---|---|")
-for name in ("dc_ipc1", "dsa_ipc1", "dm_ipc10"):
+for name in sys.argv[2:]:
     res = json.load(open(os.path.join(out, name, "results.json")))
     rnd = json.load(open(os.path.join(out, name, "random.json")))["ConvNet"]
     acc = res["accuracy"]["ConvNet"]

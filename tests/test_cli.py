@@ -39,6 +39,8 @@ def assert_one_line_error(proc, *needles):
     (["--dataset", "FashionMNIST", "--method", "KIP"], ["KIP", "DM"]),
     (["--dataset", "FashionMNIST", "--dsa_strategy", "color_zoom"], ["--dsa_strategy", "zoom"]),
     (["--dataset", "FashionMNIST", "--device", "tpu"], ["--device"]),
+    (["--dataset", "FashionMNIST", "--method", "CAFE", "--lambda_1", "-1"], ["--lambda_1", ">= 0"]),
+    (["--dataset", "FashionMNIST", "--method", "DataDAM", "--attention_power", "0"], ["--attention_power", "> 0"]),
 ])
 def test_distill_user_mistakes_are_one_line(tmp_path, args, needles):
     proc = run("distill.py", *args, "--save_path", str(tmp_path), "--Iteration", "1", timeout=120)

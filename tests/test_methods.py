@@ -90,13 +90,17 @@ def test_attention_loss_zero_when_class_statistics_coincide():
     labels = torch.tensor([0, 0, 1, 1])
     att = [torch.rand(4, 6), torch.rand(4, 3)]
     emb = torch.randn(4, 5)
+    att_real = [class_means(a, labels, 2) for a in att]
+    emb_real = class_means(emb, labels, 2)
     # one synthetic sample per class, equal to the real class means
-    att_syn = [class_means(a, labels, 2) for a in att]
-    emb_syn = class_means(emb, labels, 2)
-    loss = attention_matching_loss(att, labels, att_syn, torch.arange(2), emb, emb_syn, 2, 0.01)
+    att_syn = [class_means(a, torch.arange(2), 2) for a in att_real]
+    emb_syn = class_means(emb_real, torch.arange(2), 2)
+    loss = attention_matching_loss(att_real, att_syn, emb_real, emb_syn, 0.01)
     assert loss.item() == pytest.approx(0.0, abs=1e-10)
-    shifted = attention_matching_loss(att, labels, att_syn, torch.arange(2), emb, emb_syn + 1, 2, 0.5)
+    shifted = attention_matching_loss(att_real, att_syn, emb_real, emb_syn + 1, 0.5)
     assert shifted.item() == pytest.approx(100 * 0.5 * 2 * 5)
+    moved = attention_matching_loss([att_real[0] + 0.5, att_real[1]], att_syn, emb_real, emb_syn, 0.5)
+    assert moved.item() == pytest.approx(100 * 0.25 * 2 * 6)
 
 
 def test_get_loops_table_and_other_ipc():
@@ -113,7 +117,10 @@ def build(method, record, **overrides):
     fields = {**cls.defaults, "ipc": 2, "batch_real": 16, "batch_train": 8, "iterations": 3, **overrides}
     fields["iterations"] = fields.pop("iterations")
     fields.pop("eval_mode", None)
-    cfg = methods.DistillConfig(method=method, dataset=record.name, model="ConvNetW32", **fields)
+    known = methods.DistillConfig.__dataclass_fields__
+    extra = {key: fields.pop(key) for key in list(fields) if key not in known}
+    fields.setdefault("model", "ConvNetW32")
+    cfg = methods.DistillConfig(method=method, dataset=record.name, extra=extra, **fields)
     torch.manual_seed(0)
     g = utils.make_generator(0)
     sampler = RealSampler(record.images_train, record.labels_train, record.num_classes, CPU)
@@ -319,8 +326,8 @@ def test_nan_loss_raises(tmp_path):
 @pytest.mark.parametrize("model,power", [("ConvNetBN", 1.0), ("ConvNetD2", 4.0), ("ConvNetD4", 4.0)])
 def test_datadam_runs_on_other_norms_and_depths(model, power):
     record = tiny_record(size=16)
-    m = build("DataDAM", record, init="real", attention_power=power)
-    m.cfg = m.cfg.replace(model=model)
+    m = build("DataDAM", record, init="real", attention_power=power, model=model)
+    assert m.hparams["attention_power"] == power
     syn = m.init_synthetic()
     before = syn.images.detach().clone()
     logs = m.step(syn, 1)

@@ -1,0 +1,175 @@
+"""CAFE: aligning features of class means layer by layer, with a discrimination loss and a
+dynamic bi-level optimisation.
+
+Source: Wang et al., "CAFE: Learning to Condense Dataset by Aligning Features", CVPR 2022
+(eq. 5-7 and Algorithm 1); reference ``distill.py`` of kaiwang960112/CAFE (methods.md §3).
+``--method CAFE`` is plain CAFE; adding ``--dsa_strategy ...`` gives CAFE+DSA (siamese
+DiffAugment in matching, DiffAugment in the inner loop and in evaluation).
+
+Where this differs from the reference (README, "Where this differs"):
+- Features come from the networks' ``embed_with_feature_maps`` interface, so any number of
+  classes, image size, depth and network with intermediate features works (the reference
+  slices a depth-3 ConvNet and reshapes to 10 classes of 3x32x32).
+- The per-layer weights map deepest-first: the embedding gets ``--first_weight``, the last
+  stage ``--second_weight``, the one before ``--third_weight``, every shallower stage
+  ``--fourth_weight``. For a depth-3 ConvNet that is the reference's mapping.
+- The real-image cross-entropy term is left out: its gradient with respect to the images is
+  zero and the network gradients it leaves are cleared before any network update.
+- The accuracy watchers are the mean per-class accuracy on fresh real images (the reference
+  carries a tenth of the previous value into each reading), and both loops are bounded by
+  ``--max_outer_steps`` / ``--max_inner_steps``.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Dict, List
+
+import torch
+import torch.nn as nn
+
+import utils
+from methods.base import DistillMethod, Option, SyntheticSet, register_method
+from methods.features import real_class_statistics, syn_class_statistics
+from methods.losses import class_means, discrimination_loss, feature_alignment_loss, mean_embedding_distance
+
+# The image learning rate is halved at each of these iterations (reference ``adjust_learning_rate``).
+LR_MILESTONES = (1200, 1600, 1800)
+
+
+def layer_weights(num_layers: int, first: float, second: float, third: float, fourth: float) -> List[float]:
+    """CAFE's per-layer weights, shallowest layer first.
+
+    The deepest layer (the embedding) gets ``first``, the next ``second``, then ``third``, and
+    every shallower one ``fourth``; for the reference's 4 taps of a depth-3 ConvNet this is
+    ``[fourth, third, second, first]``.
+
+    Raises:
+        ValueError: ``num_layers < 1``.
+    """
+    if num_layers < 1:
+        raise ValueError(f"CAFE needs at least one feature layer, got {num_layers}")
+    deepest_first = [first, second, third] + [fourth] * max(0, num_layers - 3)
+    return deepest_first[:num_layers][::-1]
+
+
+def image_lr(lr_img: float, iteration: int) -> float:
+    """The image learning rate at ``iteration`` (1-based): ``lr_img`` halved at every milestone
+    of ``LR_MILESTONES`` reached (the reference counts iterations from 0)."""
+    return lr_img * 0.5 ** sum(iteration - 1 >= milestone for milestone in LR_MILESTONES)
+
+
+@register_method("CAFE")
+class CAFE(DistillMethod):
+    """Per iteration: a fresh network and SGD(lr_net); then repeat (at most ``max_outer_steps``):
+
+    1. per class, ``batch_real`` real images and the synthetic images (siamese DiffAugment with
+       DSA); L = sum_l w_l ||class-mean features_l(real) - class-mean features_l(S)||^2
+       + ||class-mean embedding(real) - class-mean embedding(S)||^2
+       + inner_weight * sum_i CE(embedding(real_i) . P^T, y_i), P the synthetic class-mean
+       embeddings (eq. 5-7); one SGD step on the images;
+    2. the real accuracy of the network (``watcher_images`` fresh real images per class) joins
+       the outer watcher; once it holds ``watcher_window`` values, stop when they span less
+       than ``lambda_1``;
+    3. train the network on the detached synthetic set one epoch at a time (at most
+       ``max_inner_steps``), each epoch's real accuracy joining the inner watcher, until
+       ``watcher_window`` values span more than ``lambda_2``.
+    """
+
+    defaults = dict(ipc=1, iterations=2000, lr_img=0.1, lr_net=0.01, batch_real=256, batch_train=256,
+                    init="noise", dsa_strategy="", dis_metric="ours", eval_mode="S")
+    options = (
+        Option("first_weight", 1.0, "CAFE: weight of the embedding (deepest) layer", minimum=0.0),
+        Option("second_weight", 1.0, "CAFE: weight of the last intermediate stage", minimum=0.0),
+        Option("third_weight", 0.1, "CAFE: weight of the stage before it", minimum=0.0),
+        Option("fourth_weight", 0.1, "CAFE: weight of every shallower stage", minimum=0.0),
+        Option("inner_weight", 0.01, "CAFE: weight of the discrimination cross-entropy", minimum=0.0),
+        Option("lambda_1", 0.04, "CAFE: leave the outer loop when the real-accuracy watcher spans less", minimum=0.0),
+        Option("lambda_2", 0.03, "CAFE: leave the inner loop when the real-accuracy watcher spans more", minimum=0.0),
+        Option("watcher_window", 10, "CAFE: readings a watcher compares", type=int, minimum=2),
+        Option("watcher_images", 128, "CAFE: real images per class per accuracy reading", type=int, minimum=1),
+        Option("max_outer_steps", 100, "CAFE: bound on image updates per iteration", type=int, minimum=1),
+        Option("max_inner_steps", 100, "CAFE: bound on network epochs per inner loop", type=int, minimum=1),
+    )
+    default_eval_it = 100
+
+    def default_eval_epochs(self, dc_aug_active: bool) -> int:
+        """1000 epochs with DSA or an active DC augmentation, else 600 (reference ``distill.py``)."""
+        return 1000 if (self.uses_dsa or dc_aug_active) else 600
+
+    # ---- pieces -------------------------------------------------------------------------
+    def matching_loss(self, net: nn.Module, syn: SyntheticSet) -> torch.Tensor:
+        """Eq. 7 without the real cross-entropy: layer-wise alignment of class means (eq. 5) plus
+        the discrimination loss (eq. 6), for one network. A graph to ``syn.images``."""
+        hp = self.hparams
+        real, label_real, image_syn, label_syn = self.sample_batches(syn)
+        means_real, embed_real = real_class_statistics(net, real, label_real, self.num_classes)
+        means_syn, center_syn = syn_class_statistics(net, image_syn, label_syn, self.num_classes)
+        center_real = class_means(embed_real, label_real, self.num_classes)
+        weights = layer_weights(len(means_syn) + 1, hp["first_weight"], hp["second_weight"], hp["third_weight"],
+                                hp["fourth_weight"])
+        aligned = feature_alignment_loss(means_real + [center_real], means_syn + [center_syn], weights)
+        return (aligned + mean_embedding_distance(center_real, center_syn)
+                + hp["inner_weight"] * discrimination_loss(embed_real, label_real, center_syn))
+
+    def real_accuracy(self, net: nn.Module) -> float:
+        """Mean per-class accuracy of ``net`` (in its current mode) on ``watcher_images`` fresh
+        real images per class. A BatchNorm network in training mode sees one class per batch,
+        as in the reference."""
+        n = self.hparams["watcher_images"]
+        per_class = [self.sampler.get_images(c, n, self.generator) for c in range(self.num_classes)]
+        batches = per_class if utils.batch_dependent(net) else [torch.cat(per_class)]
+        correct = []
+        with torch.no_grad():
+            for images in batches:
+                predictions = torch.cat([net(chunk).argmax(dim=1) for chunk in images.split(utils.pass_size(net, images))])
+                correct.append(predictions)
+        predictions = torch.cat(correct)
+        labels = torch.cat([torch.full((x.shape[0],), c, device=self.device) for c, x in enumerate(per_class)])
+        hits = torch.bincount(labels[predictions == labels], minlength=self.num_classes).float()
+        counts = torch.bincount(labels, minlength=self.num_classes).clamp_min(1).float()
+        return float((hits / counts).mean())
+
+    def train_network(self, net: nn.Module, optimizer: torch.optim.Optimizer, syn: SyntheticSet, augmenter) -> int:
+        """The inner loop: epochs on the detached synthetic set until the real-accuracy watcher
+        spans more than ``lambda_2`` (or ``max_inner_steps`` epochs). Returns the epochs run."""
+        hp = self.hparams
+        watcher: deque = deque(maxlen=hp["watcher_window"])
+        images, labels = syn.images.detach(), syn.labels
+        for epoch in range(1, hp["max_inner_steps"] + 1):
+            utils.train_epoch(net, images, labels, optimizer, self.cfg.batch_train, self.generator, augmenter)
+            watcher.append(self.real_accuracy(net))
+            if len(watcher) == watcher.maxlen and max(watcher) - min(watcher) > hp["lambda_2"]:
+                break
+        return epoch
+
+    # ---- one iteration ------------------------------------------------------------------
+    def step(self, syn: SyntheticSet, iteration: int) -> Dict[str, torch.Tensor]:
+        """One CAFE iteration (the outer loop above) under a fresh network.
+
+        Returns:
+            ``{'loss': mean loss over the image updates, 'outer_steps': image updates,
+            'inner_epochs': network epochs}`` (detached scalar tensors).
+        """
+        hp = self.hparams
+        for group in self.optimizer_img.param_groups:
+            group["lr"] = image_lr(self.cfg.lr_img, iteration)
+        net = self.new_network()
+        net.train()
+        optimizer_net = torch.optim.SGD(net.parameters(), lr=self.cfg.lr_net)
+        augmenter = utils.make_augmenter(self.dsa_strategy)
+        watcher: deque = deque(maxlen=hp["watcher_window"])
+        losses, inner_epochs = [], 0
+        for _ in range(hp["max_outer_steps"]):
+            net.requires_grad_(False)  # only the images learn here; skip the weight gradients
+            loss = self.matching_loss(net, syn)
+            self.optimizer_img.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer_img.step()
+            net.requires_grad_(True)
+            losses.append(loss.detach())
+            watcher.append(self.real_accuracy(net))
+            if len(watcher) == watcher.maxlen and max(watcher) - min(watcher) < hp["lambda_1"]:
+                break
+            inner_epochs += self.train_network(net, optimizer_net, syn, augmenter)
+        return {"loss": torch.stack(losses).mean(), "outer_steps": torch.tensor(float(len(losses))),
+                "inner_epochs": torch.tensor(float(inner_epochs))}
