@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Train expert trajectories for MTT / DATM / PAD: ``python buffer.py --dataset ... --model ...``.
+
+Flags and defaults are those of MTT's ``buffer.py`` (methods.md §4.1); the GSAM flags of DATM's
+``buffer_FTD.py`` (§5.1) switch on flat-trajectory experts, ``--sort_method`` with PAD's schedule
+flags (§6.1) trains every epoch on a difficulty-scheduled subset (scores from ``score.py``).
+Experts go to ``{buffer_path}/{dataset}[_NO_ZCA]/{model}/replay_buffer_{n}.pt`` (MTT's format)
+with a ``manifest.json``; the same command run again continues after the last saved expert.
+
+Examples:
+    python buffer.py --dataset CIFAR10 --model ConvNet --train_epochs 50 --num_experts 100 --zca
+    python buffer.py --dataset CIFAR10 --train_epochs 100 --zca --rho_max 0.01 --rho_min 0.01 --alpha 0.3
+    python score.py --dataset CIFAR10 --zca --method GraNd
+    python buffer.py --dataset CIFAR10 --zca --train_epochs 100 --sort_method GraNd --init_ratio 0.75 \\
+        --add_end_epoch 20 --rm_epoch_first 40 --rm_epoch_second 60 --rm_easy_ratio_second 0.2
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import torch
+
+import cli
+import trajectories
+import utils
+
+logger = logging.getLogger("buffer")
+
+PAD_FLAGS = ("init_ratio", "add_end_epoch", "rm_epoch_first", "rm_epoch_second", "rm_easy_ratio_first",
+             "rm_easy_ratio_second")
+
+
+class TrueFalseFlag(argparse.Action):
+    """A boolean flag that also takes a value: ``--dsa``, ``--no-dsa``, ``--dsa True``, ``--dsa false``,
+    so the reference scripts' ``--dsa True/False`` strings keep working (and mean what they say)."""
+
+    TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+    def __init__(self, option_strings, dest, default=None, help=None, **kwargs):
+        names = list(option_strings) + [f"--no-{name[2:]}" for name in option_strings if name.startswith("--")]
+        super().__init__(names, dest, nargs="?", default=default, help=help, metavar="True|False")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string.startswith("--no-"):
+            if values is not None:
+                parser.error(f"{option_string} takes no value")
+            setattr(namespace, self.dest, False)
+        elif values is None or values.strip().lower() in self.TRUE:
+            setattr(namespace, self.dest, True)
+        elif values.strip().lower() in self.FALSE:
+            setattr(namespace, self.dest, False)
+        else:
+            parser.error(f"{option_string}: expected True or False, got {values!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``buffer.py`` flags (MTT names and defaults; DATM's GSAM and PAD's schedule flags)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ConvNet", help="expert network (networks.py names)")
+    parser.add_argument("--num_experts", type=int, default=100, help="experts wanted in the buffer in total")
+    parser.add_argument("--lr_teacher", type=float, default=0.01, help="expert SGD learning rate")
+    parser.add_argument("--batch_train", type=int, default=256, help="images per expert SGD step")
+    parser.add_argument("--batch_real", type=int, default=256, help="unused (MTT declares it; kept so its commands run)")
+    parser.add_argument("--dsa", action=TrueFalseFlag, default=True,
+                        help="DiffAugment on every batch (default True); False: DC augmentation crop_scale_rotate")
+    parser.add_argument("--dsa_strategy", default="color_crop_cutout_flip_scale_rotate", help="DiffAugment ops joined by _")
+    parser.add_argument("--buffer_path", default="./buffers", help="root of the expert buffers")
+    parser.add_argument("--train_epochs", type=int, default=50, help="epochs per expert (trajectory = epochs + 1 snapshots)")
+    parser.add_argument("--decay", action=argparse.BooleanOptionalAction, default=False,
+                        help="lr x0.1 after epoch train_epochs//2+1 (0-based), new optimiser")
+    parser.add_argument("--mom", type=float, default=0.0, help="SGD momentum")
+    parser.add_argument("--l2", type=float, default=0.0, help="SGD weight decay")
+    parser.add_argument("--save_interval", type=int, default=10, help="experts per replay_buffer_{n}.pt file")
+    parser.add_argument("--test_every", type=int, default=1, help="log test accuracy every N epochs (0: never)")
+    gsam = parser.add_argument_group("flat experts (DATM buffer_FTD.py: GSAM on every batch)")
+    gsam.add_argument("--gsam", action=TrueFalseFlag, default=None,
+                      help="GSAM updates (default: on when --rho_max, --rho_min, --alpha or --adaptive is given)")
+    gsam.add_argument("--rho_max", type=float, default=None, help="GSAM radius at the initial lr (DATM default 2.0)")
+    gsam.add_argument("--rho_min", type=float, default=None, help="GSAM radius at the decayed lr (default: --rho_max)")
+    gsam.add_argument("--alpha", type=float, default=None, help="GSAM weight of the removed gradient component (0.4)")
+    gsam.add_argument("--adaptive", action=TrueFalseFlag, default=None, help="scale-adaptive perturbation (True)")
+    pad = parser.add_argument_group("PAD data schedule (buffer_CL.py)")
+    pad.add_argument("--sort_method", default="", help="difficulty file: a path, NAME for {buffer_path}/scores/NAME.pt, "
+                     "or EL2N/GraNd/Uncertainty for {buffer_path}/scores/{dataset}_{method}.pt (score.py)")
+    pad.add_argument("--init_ratio", type=float, default=None, help="fraction of the easiest images at epoch 0 (1.0)")
+    pad.add_argument("--add_end_epoch", type=int, default=None, help="epoch by which all images are in (100)")
+    pad.add_argument("--rm_epoch_first", type=int, default=None, help="removal stage 1 after this epoch (40)")
+    pad.add_argument("--rm_epoch_second", type=int, default=None, help="removal stage 2 after this epoch (60)")
+    pad.add_argument("--rm_easy_ratio_first", type=float, default=None, help="easiest fraction removed in stage 1 (0.1)")
+    pad.add_argument("--rm_easy_ratio_second", type=float, default=None, help="easiest fraction removed in stage 2 (0.1)")
+    cli.add_data_args(parser)
+    cli.add_runtime_args(parser)
+    return parser
+
+
+def resolve(args: argparse.Namespace) -> trajectories.ExpertConfig:
+    """Fill the GSAM and PAD defaults and validate every value.
+
+    Raises:
+        utils.UserError: a value is invalid, or GSAM / PAD flags are given with GSAM / PAD off.
+    """
+    for flag in ("num_experts", "save_interval"):
+        if getattr(args, flag) < 1:
+            raise utils.UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.test_every < 0:
+        raise utils.UserError(f"--test_every must be >= 0, got {args.test_every}")
+    gsam_given = [name for name in ("rho_max", "rho_min", "alpha", "adaptive") if getattr(args, name) is not None]
+    gsam = bool(gsam_given) if args.gsam is None else args.gsam
+    if not gsam and gsam_given:
+        raise utils.UserError(f"--{gsam_given[0]} is a GSAM setting but --no-gsam is given")
+    rho_max = args.rho_max if args.rho_max is not None else (
+        args.rho_min if args.rho_min is not None else trajectories.GSAM_DEFAULTS["rho_max"])
+    pad_given = [name for name in PAD_FLAGS if getattr(args, name) is not None]
+    if pad_given and not args.sort_method:
+        raise utils.UserError(f"--{pad_given[0]} needs --sort_method (the difficulty order it schedules)")
+    schedule = None
+    if args.sort_method:
+        schedule = trajectories.PadSchedule(**{name: getattr(args, name) for name in pad_given})
+    cfg = trajectories.ExpertConfig(
+        dataset=args.dataset, model=args.model, zca=args.zca, subset=args.subset, res=args.res,
+        train_epochs=args.train_epochs, lr_teacher=args.lr_teacher, batch_train=args.batch_train, mom=args.mom,
+        l2=args.l2, decay=args.decay, dsa=args.dsa, dsa_strategy=args.dsa_strategy, gsam=gsam, rho_max=rho_max,
+        rho_min=args.rho_min if args.rho_min is not None else rho_max,
+        alpha=args.alpha if args.alpha is not None else trajectories.GSAM_DEFAULTS["alpha"],
+        adaptive=args.adaptive if args.adaptive is not None else trajectories.GSAM_DEFAULTS["adaptive"],
+        sort_method=args.sort_method, schedule=schedule, seed=args.seed)
+    cfg.validate()
+    return cfg
+
+
+def main(argv=None) -> int:
+    """Parse, refuse a mismatching buffer early, load the data, train the missing experts, report."""
+    args = build_parser().parse_args(argv)
+    with cli.user_errors():
+        cfg = resolve(args)
+        directory = trajectories.buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res)
+        trajectories.check_buffer_dir(directory, cfg.describe(args.save_interval))
+        cli.setup_logging(os.path.join(directory, "log.txt"))
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = utils.resolve_device(args.device)
+        utils.seed_everything(args.seed)
+        from data import load_dataset
+
+        record = load_dataset(args.dataset, args.data_path, zca=args.zca, download=args.download, res=args.res,
+                              subset=args.subset, zca_device=device)
+        order, sort_file = None, None
+        if cfg.sort_method:
+            sort_file = trajectories.resolve_sort_file(cfg.sort_method, args.buffer_path, args.dataset, args.subset)
+            order = trajectories.load_sort_order(sort_file, record.labels_train, record.num_classes)
+            logger.info("PAD schedule from %s: %s", sort_file, cfg.schedule)
+        try:
+            summary = trajectories.make_buffer(cfg, record, directory, args.num_experts, device=device,
+                                               save_interval=args.save_interval, test_every=args.test_every,
+                                               order=order, run_info={"sort_file": sort_file})
+        except KeyboardInterrupt:
+            done = trajectories.check_buffer_dir(directory, cfg.describe(args.save_interval))
+            cli.fail(f"interrupted; {done} expert(s) are saved in {directory}; run the same command again to continue",
+                     cli.EXIT_STOPPED)
+        except FloatingPointError as error:
+            cli.fail(f"{error}; the finished experts in {directory} are kept", cli.EXIT_NUMERIC)
+    print(f"{summary.num_experts} expert(s) in {summary.directory} ({summary.trained} trained now; "
+          f"{len(summary.files)} file(s), {summary.bytes_on_disk / 2**20:.1f} MiB)")
+    if summary.trained:
+        accs = [a for a in summary.final_test_accs if a is not None]
+        if accs:
+            print(f"  final test accuracy of the new experts: {utils.format_acc(accs)} %")
+        print(f"  {summary.seconds_per_epoch:.1f} s per training epoch on {device}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
