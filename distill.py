@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr_net", type=float, default=None, help="network lr, inner loop and evaluation (0.01)")
     parser.add_argument("--batch_real", type=int, default=None, help="real images per class per step (256)")
     parser.add_argument("--batch_train", type=int, default=None, help="batch for training on the synthetic set (256)")
-    parser.add_argument("--init", default=None, help="noise or real (DC/DSA noise, DM real)")
+    parser.add_argument("--init", "--pix_init", dest="init", default=None,
+                        help="noise or real (DC/DSA noise, DM/MTT real); DATM/PAD also samples_predicted_correctly (their default)")
     parser.add_argument("--dsa_strategy", default=None,
                         help="DiffAugment ops joined by _ (DSA/DM: color_crop_cutout_flip_scale_rotate; none to disable)")
     parser.add_argument("--dis_metric", default=None, help=f"gradient distance for DC/DSA: {', '.join(METRICS)}")
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("method-specific (declared by each method's options)")
     for name, (option, users) in methods.method_options().items():
         defaults = sorted({f"{m.name}: {m.resolve_options({})[name]}" for m in map(methods.get_method_class, users)})
-        group.add_argument(f"--{name}", type=option.type, default=None,
+        group.add_argument(f"--{name}", type=str if option.type is bool else option.type, default=None,
                            help=f"{option.help} (default {'; '.join(defaults)})")
     return parser
 
@@ -112,8 +113,8 @@ def resolve(args: argparse.Namespace):
     for flag in ("lr_img", "lr_net"):
         if not getattr(args, flag) > 0:
             raise utils.UserError(f"--{flag} must be positive, got {getattr(args, flag)}")
-    if args.init not in ("noise", "real"):
-        raise utils.UserError(f"--init {args.init!r}: expected noise or real")
+    if args.init not in method_class.init_choices:
+        raise utils.UserError(f"--init {args.init!r}: --method {args.method} takes {' or '.join(method_class.init_choices)}")
     if args.dis_metric not in METRICS:
         raise utils.UserError(f"--dis_metric {args.dis_metric!r}: expected one of {', '.join(METRICS)}")
     try:
@@ -129,7 +130,8 @@ def resolve(args: argparse.Namespace):
                                 iterations=args.Iteration, lr_img=args.lr_img, lr_net=args.lr_net,
                                 batch_real=args.batch_real, batch_train=args.batch_train, init=args.init,
                                 dsa_strategy=args.dsa_strategy or "", dis_metric=args.dis_metric,
-                                outer_loop=args.outer_loop, inner_loop=args.inner_loop, extra=extra)
+                                outer_loop=args.outer_loop, inner_loop=args.inner_loop, zca=args.zca,
+                                subset=args.subset, res=args.res, extra=extra)
     run_dir = args.run_dir or os.path.join(args.save_path, f"{args.method}_{args.dataset}_{args.model}_{args.ipc}ipc")
     opts = RunOptions(num_exp=args.num_exp, num_eval=args.num_eval, eval_it=args.eval_it,
                       eval_models=tuple(eval_models), epoch_eval_train=args.epoch_eval_train, seed=args.seed,

@@ -11,6 +11,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -35,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_eval", type=int, default=5, help="networks per synthetic set (baseline: random subsets)")
     parser.add_argument("--epoch_eval_train", type=int, default=None,
                         help="training epochs (default: 1000 with DSA or DC augmentation, else 300)")
-    parser.add_argument("--lr_net", type=float, default=0.01, help="SGD learning rate")
+    parser.add_argument("--lr_net", type=float, default=None,
+                        help="SGD learning rate (default: the step size learned with the set (MTT/DATM/PAD), else 0.01)")
     parser.add_argument("--batch_train", type=int, default=256, help="training batch size")
     parser.add_argument("--dsa_strategy", default=None,
                         help="DiffAugment strategy for training (default: the one saved with the set, else DC augmentation; "
@@ -47,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_sets(args, record) -> tuple:
-    """The synthetic sets to evaluate: a list of (images, labels) and the saved DSA strategy.
+    """The synthetic sets to evaluate: a list of (images, labels, learned lr or None) and the
+    saved DSA strategy. Float (N, K) labels are soft-label logits (DATM's format and ours) and
+    become probabilities ``softmax(logits)``.
 
     Raises:
         utils.UserError: the file does not match ``--dataset`` or ``--exp``.
@@ -68,7 +72,13 @@ def load_sets(args, record) -> tuple:
                                   f"{(record.channel, *record.im_size)}")
         if labels.dim() == 1:
             labels = labels.long()
-        sets.append((images, labels))
+        elif labels.dim() == 2 and labels.shape[1] == record.num_classes:
+            labels = torch.softmax(labels.float(), dim=1)
+        else:
+            raise utils.UserError(f"--syn_path labels of experiment {index} have shape {tuple(labels.shape)}; expected "
+                                  f"({images.shape[0]},) class indices or ({images.shape[0]}, {record.num_classes}) logits")
+        learned = meta.get("syn_lr") or []
+        sets.append((images, labels, float(learned[index]) if index < len(learned) else None))
     return sets, meta.get("dsa_strategy")
 
 
@@ -110,11 +120,13 @@ def main(argv=None) -> int:
             dc_aug = None if strategy else augment.get_daparam(args.dataset, args.model, model_eval, ipc)
             augmented = bool(strategy) or (dc_aug is not None and dc_aug.strategy not in ("", "none", "None"))
             epochs = args.epoch_eval_train if args.epoch_eval_train is not None else (1000 if augmented else 300)
-            cfg = utils.EvalConfig(epochs=epochs, lr=args.lr_net, batch_train=args.batch_train,
+            cfg = utils.EvalConfig(epochs=epochs, lr=args.lr_net if args.lr_net is not None else 0.01, batch_train=args.batch_train,
                                    dsa_strategy=strategy, dc_aug=dc_aug)
             accs, seconds = [], 0.0
             if sets is not None:
-                for index, (images, labels) in enumerate(sets):
+                for index, (images, labels, learned_lr) in enumerate(sets):
+                    if args.lr_net is None and learned_lr is not None:
+                        cfg = dataclasses.replace(cfg, lr=learned_lr)
                     result = utils.evaluate_synset(images.to(device), labels.to(device), model_eval,
                                                    record.num_classes, test_images, test_labels, cfg,
                                                    num_eval=args.num_eval, device=device, seed=args.seed + 1000 * index)

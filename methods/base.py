@@ -77,8 +77,25 @@ class Option:
     minimum: Optional[float] = None
     exclusive_minimum: bool = False
 
+    def convert(self, value: Any) -> Any:
+        """``value`` converted by ``type``; a ``bool`` option also takes the strings
+        true/false/yes/no/1/0 (the references spell booleans ``--dsa True``).
+
+        Raises:
+            ValueError: not convertible; the message names ``--{name}``.
+        """
+        if self.type is bool and isinstance(value, str):
+            lowered = value.strip().lower()
+            if lowered not in ("true", "false", "yes", "no", "1", "0"):
+                raise ValueError(f"--{self.name} expects true or false, got {value!r}")
+            return lowered in ("true", "yes", "1")
+        try:
+            return self.type(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"--{self.name} expects a {self.type.__name__}, got {value!r}") from None
+
     def check(self, value: Any) -> Any:
-        """Validate ``value`` (already converted by ``type``) and return it.
+        """Validate ``value`` (already converted by :meth:`convert`) and return it.
 
         Raises:
             ValueError: below the minimum; the message names ``--{name}``.
@@ -134,6 +151,11 @@ class DistillConfig:
     dis_metric: str = "ours"
     outer_loop: Optional[int] = None
     inner_loop: Optional[int] = None
+    # The data flags a method may need beyond the loaded tensors (trajectory matching finds its
+    # expert buffer by dataset, model, ZCA setting and ImageNet subset / resolution).
+    zca: bool = False
+    subset: Optional[str] = None
+    res: Optional[int] = None
     # Method-specific options (``DistillMethod.options``) that differ from their defaults.
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -151,6 +173,10 @@ class SyntheticSet(nn.Module):
         labels: buffer (K*ipc,) int64: ``ipc`` copies of class 0, then of class 1, ...
         num_classes: K.
         ipc: images per class.
+        syn_lr: ``None``, or a learnable scalar ``nn.Parameter``: the step size trajectory
+            matching learns (MTT's alpha); evaluation trains with it.
+        label_logits: ``None``, or a learnable ``nn.Parameter`` (K*ipc, K) of soft-label logits
+            (DATM); evaluation trains on ``softmax(label_logits)`` with soft cross-entropy.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, ipc: int):
@@ -161,10 +187,41 @@ class SyntheticSet(nn.Module):
         self.register_buffer("labels", labels.detach().clone())
         self.num_classes = num_classes
         self.ipc = ipc
+        self.syn_lr: Optional[nn.Parameter] = None
+        self.label_logits: Optional[nn.Parameter] = None
+
+    def learn_lr(self, value: float) -> nn.Parameter:
+        """Add the learnable step size, initialised at ``value``; returns it."""
+        self.syn_lr = nn.Parameter(torch.tensor(float(value), device=self.images.device))
+        return self.syn_lr
+
+    def learn_soft_labels(self, logits: torch.Tensor) -> nn.Parameter:
+        """Add learnable soft-label logits (K*ipc, K); returns them.
+
+        Raises:
+            ValueError: ``logits`` is not (K*ipc, K).
+        """
+        if tuple(logits.shape) != (self.images.shape[0], self.num_classes):
+            raise ValueError(f"soft labels must be ({self.images.shape[0]}, {self.num_classes}), got {tuple(logits.shape)}")
+        self.label_logits = nn.Parameter(logits.detach().clone().to(self.images.device))
+        return self.label_logits
 
     def class_images(self, c: int) -> torch.Tensor:
         """(ipc, C, H, W) view of class ``c``'s images (gradients flow to ``images``)."""
         return self.images[c * self.ipc:(c + 1) * self.ipc]
+
+    def targets(self) -> torch.Tensor:
+        """Training targets: (K*ipc,) int64 class labels, or (K*ipc, K) probabilities
+        ``softmax(label_logits)`` when soft labels are learned (detached)."""
+        if self.label_logits is not None:
+            return torch.softmax(self.label_logits.detach(), dim=1)
+        return self.labels
+
+    def export_labels(self) -> torch.Tensor:
+        """The labels a result file stores: the soft-label logits (DATM's ``labels_*.pt``
+        format) when learned, else the int64 class labels; detached, on the CPU."""
+        labels = self.label_logits if self.label_logits is not None else self.labels
+        return labels.detach().cpu().clone()
 
     @staticmethod
     def class_major_labels(num_classes: int, ipc: int, device=None) -> torch.Tensor:
@@ -194,6 +251,8 @@ class DistillMethod:
     options: ClassVar[Tuple[Option, ...]] = ()
     # Evaluate every so many iterations when --eval_it is not given (eval modes S and SS).
     default_eval_it: ClassVar[int] = 2000
+    # Accepted values of --init (the first is never implied: defaults name theirs).
+    init_choices: ClassVar[Tuple[str, ...]] = ("noise", "real")
 
     def __init__(self, cfg: DistillConfig, *, channel: int, num_classes: int, im_size, sampler,
                  device: torch.device, generator: torch.Generator):
@@ -220,7 +279,7 @@ class DistillMethod:
         if unknown:
             raise ValueError(f"method {cls.name} has no option {', '.join(unknown)}; "
                              f"its options: {', '.join(known) or 'none'}")
-        return {name: option.check(option.type(extra.get(name, option.default))) for name, option in known.items()}
+        return {name: option.check(option.convert(extra.get(name, option.default))) for name, option in known.items()}
 
     # ---- evaluation defaults ------------------------------------------------------------
     @property

@@ -108,15 +108,17 @@ class RunOutcome:
     vis_paths: List[str] = field(default_factory=list)
 
 
-def eval_config_for(method: DistillMethod, model_eval: str, opts: RunOptions) -> utils.EvalConfig:
+def eval_config_for(method: DistillMethod, model_eval: str, opts: RunOptions, syn=None) -> utils.EvalConfig:
     """The evaluation protocol of ``method`` for one evaluation network (methods.md §0.4, §9.1):
     DSA when the method trains with DiffAugment, else DC's ``get_daparam`` augmentation; epochs
-    from ``--epoch_eval_train`` or the method's default."""
+    from ``--epoch_eval_train`` or the method's default; the learning rate is ``--lr_net``, or
+    the step size the synthetic set learned (``syn.syn_lr``, MTT's alpha) when it has one."""
     cfg = method.cfg
     dc_aug = None if method.uses_dsa else augment.get_daparam(cfg.dataset, cfg.model, model_eval, cfg.ipc)
     dc_active = dc_aug is not None and dc_aug.strategy not in ("", "none", "None")
     epochs = opts.epoch_eval_train if opts.epoch_eval_train is not None else method.default_eval_epochs(dc_active)
-    return utils.EvalConfig(epochs=epochs, lr=cfg.lr_net, batch_train=cfg.batch_train,
+    lr = float(syn.syn_lr.detach()) if syn is not None and syn.syn_lr is not None else cfg.lr_net
+    return utils.EvalConfig(epochs=epochs, lr=lr, batch_train=cfg.batch_train,
                             dsa_strategy=method.dsa_strategy, dc_aug=dc_aug)
 
 
@@ -172,6 +174,7 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
     dims = dict(channel=record.channel, num_classes=record.num_classes, im_size=record.im_size)
 
     data_save: list = []
+    learned_lr: list = []  # per experiment, when the method learns the step size
     accs_all_exps: Dict[str, List[float]] = {m: [] for m in opts.eval_models}
     summary_rows: list = []
     start_exp, start_iteration, resumed = 0, 0, None
@@ -180,6 +183,7 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
         resumed = utils.load_checkpoint(checkpoint_path)
         _check_resumable(resumed, cfg, opts, checkpoint_path)
         data_save, accs_all_exps = resumed["data_save"], resumed["accs_all_exps"]
+        learned_lr = resumed.get("learned_lr", [])
         summary_rows = resumed["summary_rows"]
         start_exp, start_iteration = resumed["exp"], resumed["iteration"]
         logger.info("resuming %s from experiment %d, iteration %d", checkpoint_path, start_exp, start_iteration)
@@ -204,8 +208,8 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
         if opts.num_eval <= 0:
             return results
         for model_eval in opts.eval_models:
-            eval_cfg = eval_config_for(method, model_eval, opts)
-            result = utils.evaluate_synset(syn.images, syn.labels, model_eval, record.num_classes, test_images,
+            eval_cfg = eval_config_for(method, model_eval, opts, syn)
+            result = utils.evaluate_synset(syn.images, syn.targets(), model_eval, record.num_classes, test_images,
                                            test_labels, eval_cfg, num_eval=opts.num_eval, device=device,
                                            seed=1_000_000 + 1000 * opts.seed + 100 * exp)
             results[model_eval] = result
@@ -222,10 +226,11 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
                               num_exp=opts.num_exp, seed=opts.seed, syn=syn.state_dict() if syn is not None else None,
                               method=method.state_dict() if method is not None else None,
                               generator=generator.get_state() if generator is not None else None,
-                              rng=utils.rng_state(), data_save=data_save, accs_all_exps=accs_all_exps,
+                              rng=utils.rng_state(), data_save=data_save, learned_lr=learned_lr,
+                              accs_all_exps=accs_all_exps,
                               summary_rows=summary_rows)
 
-    method = None
+    method, syn = None, None
     log_every = max(1, cfg.iterations // 20)
     for exp in range(start_exp, opts.num_exp):
         utils.seed_everything(opts.seed + exp)
@@ -265,7 +270,9 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
                     first = next(iter(results.values()))
                     last_acc = f"{100 * first.acc_mean:.2f}%"
                 if is_last:
-                    data_save.append([syn.images.detach().cpu().clone(), syn.labels.detach().cpu().clone()])
+                    data_save.append([syn.images.detach().cpu().clone(), syn.export_labels()])
+                    if syn.syn_lr is not None:
+                        learned_lr.append(float(syn.syn_lr.detach()))
                     for model_eval, result in results.items():
                         accs_all_exps[model_eval].extend(result.accs)
             # Other scalars a method reports (CAFE: outer steps, inner epochs) go beside the loss.
@@ -282,7 +289,7 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
             if opts.checkpoint_every > 0 and iteration % opts.checkpoint_every == 0 and not is_last:
                 checkpoint(exp, iteration, method, syn, generator)
         bar.close()
-        _save(result_path, data_save, accs_all_exps, cfg, opts, record, method)
+        _save(result_path, data_save, accs_all_exps, cfg, opts, record, method, learned_lr)
         # The finished experiment is in data_save; the next resume starts the next experiment.
         checkpoint(exp + 1, 0, None, None, None)
         if stop.requested and exp + 1 < opts.num_exp:
@@ -297,19 +304,20 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
         json.dump({"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model, "ipc": cfg.ipc,
                    "iterations": cfg.iterations, "num_exp": opts.num_exp,
                    "seconds_per_iteration": seconds_per_iteration,
-                   "protocol": {m: eval_config_for(method, m, opts).describe() for m in opts.eval_models},
+                   "protocol": {m: eval_config_for(method, m, opts, syn).describe() for m in opts.eval_models},
                    "accuracy": {m: {"mean": utils.EvalResult(m, a).acc_mean, "std": utils.EvalResult(m, a).acc_std,
                                     "accs": a} for m, a in accs_all_exps.items()},
                    "result_file": result_path}, handle, indent=2)
     return outcome
 
 
-def _save(path, data_save, accs_all_exps, cfg, opts, record, method) -> None:
-    """Write the reference-layout result file with a ``meta`` record beside it."""
+def _save(path, data_save, accs_all_exps, cfg, opts, record, method, learned_lr) -> None:
+    """Write the reference-layout result file with a ``meta`` record beside it (``syn_lr``: the
+    learned step size of each experiment, which ``evaluate.py`` trains with)."""
     meta = {"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model, "ipc": cfg.ipc,
             "channel": record.channel, "im_size": list(record.im_size), "num_classes": record.num_classes,
             "mean": list(record.mean), "std": list(record.std),
             "zca": record.zca.state_dict() if getattr(record, "zca", None) is not None else None,
             "dsa_strategy": method.dsa_strategy, "iterations": cfg.iterations, "seed": opts.seed,
-            "config": dataclasses.asdict(cfg)}
+            "config": dataclasses.asdict(cfg), "syn_lr": list(learned_lr) or None}
     utils.save_results(path, data_save, accs_all_exps, meta=meta)

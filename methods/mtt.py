@@ -1,0 +1,474 @@
+"""Trajectory matching: MTT, DATM and PAD.
+
+Sources:
+- MTT: Cazenavette et al., "Dataset Distillation by Matching Training Trajectories", CVPR 2022
+  (eq. 1-2, Algorithm 1); reference ``distill.py`` of GeorgeCazenavette/mtt-distillation
+  (methods.md §4).
+- DATM: Guo et al., "Towards Lossless Dataset Distillation via Difficulty-Aligned Trajectory
+  Matching", ICLR 2024; reference ``distill/DATM.py`` of NUS-HPC-AI-Lab/DATM (methods.md §5).
+- PAD: Li et al., "Prioritize Alignment in Dataset Distillation"; reference ``PAD.py`` (and the
+  historical ``PAD_depth.py``) of NUS-HPC-AI-Lab/PAD (methods.md §6).
+
+One iteration: take the next expert trajectory, start a student at the expert's parameters of a
+random start epoch t, run ``syn_steps`` SGD steps on minibatches of the synthetic set with the
+learnable step size alpha (kept differentiable, ``torch.func.functional_call`` on a flat
+parameter vector), and minimise ``||theta_N - theta*_{t+M}||^2 / ||theta*_t - theta*_{t+M}||^2``
+with respect to the images and alpha (and DATM's soft labels). Experts come from ``buffer.py``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import augment
+import trajectories
+import utils
+from methods.base import DistillMethod, Option, SyntheticSet, register_method
+
+
+def flatten(snapshot: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One expert snapshot (parameters in ``model.parameters()`` order) as a flat vector (P,)."""
+    return torch.cat([tensor.reshape(-1) for tensor in snapshot])
+
+
+def trajectory_matching_loss(student: torch.Tensor, start: torch.Tensor, target: torch.Tensor,
+                             loss_ratio: float = 0.0, depth_ratio: float = 0.0) -> torch.Tensor:
+    """The normalised parameter distance of MTT (eq. 2), with PAD's parameter selection.
+
+    ``L = sum_i (student_i - target_i)^2 / sum_i (start_i - target_i)^2`` over the kept entries:
+    ``depth_ratio`` drops the first (shallowest, in ``model.parameters()`` order) fraction of
+    the flat vector (PAD paper, ``PAD_depth.py``); ``loss_ratio`` then drops the fraction of the
+    remaining entries with the smallest student error (released ``PAD.py``). Both 0 is MTT.
+
+    Args:
+        student, start, target: (P,) flat parameter vectors (student with a graph).
+        loss_ratio, depth_ratio: fractions in [0, 1).
+
+    Returns:
+        A scalar tensor; 0 when the student reaches the target.
+
+    Raises:
+        ValueError: a ratio outside [0, 1).
+    """
+    for name, ratio in (("loss_ratio", loss_ratio), ("depth_ratio", depth_ratio)):
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"--{name} must be in [0, 1), got {ratio}")
+    error = (student - target) ** 2
+    reference = (start - target) ** 2
+    if depth_ratio > 0:
+        first = int(math.floor(depth_ratio * error.numel()))
+        error, reference = error[first:], reference[first:]
+    if loss_ratio > 0:
+        dropped = int(math.floor(loss_ratio * error.numel()))
+        keep = torch.argsort(error.detach())[dropped:]
+        error, reference = error[keep], reference[keep]
+    return error.sum() / reference.sum()
+
+
+class FlatModel:
+    """Calls a network with its parameters given as one flat vector (MTT's ``ReparamModule``,
+    written with ``torch.func.functional_call``). Buffers (BatchNorm statistics) stay the module's.
+
+    Args:
+        net: the network whose structure is used; its own parameter values are ignored.
+    """
+
+    def __init__(self, net: nn.Module):
+        self.net = net
+        named = list(net.named_parameters())
+        self.names = [name for name, _ in named]
+        self.shapes = [tuple(p.shape) for _, p in named]
+        self.numels = [p.numel() for _, p in named]
+
+    @property
+    def num_params(self) -> int:
+        """P, the length of the flat vector."""
+        return sum(self.numels)
+
+    def __call__(self, flat: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Logits (N, K) of ``images`` (N, C, H, W) under the parameters ``flat`` (P,).
+
+        Raises:
+            ValueError: ``flat`` has the wrong length (a buffer made with another model).
+        """
+        if flat.numel() != self.num_params:
+            raise ValueError(f"flat parameters have {flat.numel()} entries, the network {self.num_params}")
+        params = {name: piece.view(shape) for name, piece, shape in zip(self.names, flat.split(self.numels), self.shapes)}
+        return torch.func.functional_call(self.net, params, (images,))
+
+
+class ExpertStream:
+    """Serves expert trajectories in MTT's order: buffer files in a random order, one file in
+    memory at a time (all at once with ``load_all``), the experts of a file shuffled and used in
+    turn; when every file is used the files are reshuffled.
+
+    Args:
+        directory: the buffer folder (``trajectories.buffer_dir``).
+        expect: manifest fields the buffer must match (dataset, model, zca, param_shapes).
+        generator: CPU generator for the orders.
+        load_all: keep every expert in memory (``--load_all``).
+        max_files: use only the first so many files (0: all).
+        max_experts: use at most so many experts per file, or in total with ``load_all`` (0: all).
+
+    Raises:
+        utils.UserError: no buffer, or one made with another dataset, model or ZCA setting
+            (from :func:`trajectories.load_buffer`).
+    """
+
+    def __init__(self, directory: str, expect: dict, generator: torch.Generator, *, load_all: bool = False,
+                 max_files: int = 0, max_experts: int = 0):
+        self.generator = generator
+        self.max_experts = max_experts or None
+        first = trajectories.load_buffer(directory, expect=expect, max_files=1, max_experts=1)
+        self.num_snapshots = len(first[0])
+        if load_all:
+            self.files: List[Optional[str]] = [None]
+            self._all = trajectories.load_buffer(directory, expect=expect, max_files=max_files or None,
+                                                 max_experts=self.max_experts)
+        else:
+            self.files = trajectories.list_buffer_files(directory)[:max_files or None]
+            self._all = None
+        self.file_order: List[int] = []
+        self.expert_order: List[int] = []
+        self._file_position, self._expert_position = 0, 0
+        self._loaded_index: Optional[int] = None
+        self._experts: list = []
+
+    def _load(self, index: int) -> None:
+        if self._loaded_index == index:
+            return
+        path = self.files[index]
+        experts = self._all if path is None else trajectories.load_chunk(path)
+        self._experts = experts[:self.max_experts] if path is not None else experts
+        self._loaded_index = index
+
+    def _next_file(self) -> None:
+        if self._file_position >= len(self.file_order):
+            self.file_order = torch.randperm(len(self.files), generator=self.generator).tolist()
+            self._file_position = 0
+        self._load(self.file_order[self._file_position])
+        self._file_position += 1
+        self.expert_order = torch.randperm(len(self._experts), generator=self.generator).tolist()
+        self._expert_position = 0
+
+    def next(self) -> list:
+        """The next trajectory: a list of snapshots, each a list of CPU tensors."""
+        if self._expert_position >= len(self.expert_order):
+            self._next_file()
+        trajectory = self._experts[self.expert_order[self._expert_position]]
+        self._expert_position += 1
+        return trajectory
+
+    def first_file_experts(self) -> list:
+        """The experts of the file in use (loading the first one if none is), for label initialisation."""
+        if self._loaded_index is None:
+            self._next_file()
+        return self._experts
+
+    def state_dict(self) -> dict:
+        """Positions and orders, so a resumed run continues with the same experts."""
+        return {"file_order": self.file_order, "expert_order": self.expert_order, "file_position": self._file_position,
+                "expert_position": self._expert_position, "loaded_index": self._loaded_index}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.file_order, self.expert_order = list(state["file_order"]), list(state["expert_order"])
+        self._file_position, self._expert_position = state["file_position"], state["expert_position"]
+        if state["loaded_index"] is not None:
+            self._loaded_index = None
+            self._load(state["loaded_index"])
+
+
+@register_method("MTT")
+class MTT(DistillMethod):
+    """Matching training trajectories (see the module docstring). The images (SGD lr_img,
+    momentum 0.5) and the step size alpha (SGD lr_lr, momentum 0.5, initialised at lr_teacher)
+    learn; evaluation trains with the learned alpha."""
+
+    defaults = dict(ipc=1, iterations=5000, lr_img=1000.0, lr_net=0.01, batch_real=256, batch_train=256,
+                    init="real", dsa_strategy="color_crop_cutout_flip_scale_rotate", eval_mode="S")
+    options = (
+        Option("syn_steps", 20, "trajectory matching: student steps on the synthetic set (N)", type=int, minimum=1),
+        Option("expert_epochs", 3, "trajectory matching: expert epochs the student must cover (M)", type=int, minimum=1),
+        Option("max_start_epoch", 25, "trajectory matching: start epochs are drawn below this (T+)", type=int, minimum=1),
+        Option("lr_lr", 1e-05, "trajectory matching: learning rate of the learnable step size", minimum=0.0),
+        Option("lr_teacher", 0.01, "trajectory matching: initial step size (the experts' lr)",
+               minimum=0.0, exclusive_minimum=True),
+        Option("batch_syn", 0, "trajectory matching: synthetic images per student step (0: all)", type=int, minimum=0),
+        Option("buffer_path", "./buffers", "trajectory matching: root of buffer.py's expert buffers", type=str),
+        Option("load_all", False, "trajectory matching: keep every expert file in memory", type=bool),
+        Option("max_files", 0, "trajectory matching: use only the first N buffer files (0: all)", type=int, minimum=0),
+        Option("max_experts", 0, "trajectory matching: use at most N experts per file, in total with --load_all (0: all)",
+               type=int, minimum=0),
+        Option("no_aug", False, "trajectory matching: no DiffAugment in the student steps", type=bool),
+    )
+    default_eval_it = 100
+    can_skip = False  # whether accept() may refuse an update (then 'skipped' is logged)
+
+    def __init__(self, cfg, **kwargs):
+        super().__init__(cfg, **kwargs)
+        self.student_net = self.new_network()
+        self.student = FlatModel(self.student_net)
+        self.buffer_dir = trajectories.buffer_dir(self.hparams["buffer_path"], cfg.dataset, cfg.model, cfg.zca,
+                                                  cfg.subset, cfg.res)
+        expect = {"dataset": cfg.dataset, "model": cfg.model, "zca": cfg.zca,
+                  "param_shapes": [list(shape) for shape in self.student.shapes]}
+        self.experts = ExpertStream(self.buffer_dir, expect, self.generator, load_all=self.hparams["load_all"],
+                                    max_files=self.hparams["max_files"], max_experts=self.hparams["max_experts"])
+        epochs = self.experts.num_snapshots - 1
+        if self.latest_start_epoch() + self.hparams["expert_epochs"] > epochs:
+            raise utils.UserError(f"the experts in {self.buffer_dir} have {epochs} epochs, but start epochs up to "
+                                  f"{self.latest_start_epoch()} plus --expert_epochs {self.hparams['expert_epochs']} "
+                                  f"need {self.latest_start_epoch() + self.hparams['expert_epochs']}; lower "
+                                  "--max_start_epoch or train longer experts (buffer.py --train_epochs)")
+        self._order: List[int] = []
+        self.optimizer_lr: Optional[torch.optim.Optimizer] = None
+
+    def default_eval_epochs(self, dc_aug_active: bool) -> int:
+        """1000 epochs (MTT and DATM evaluation)."""
+        return 1000
+
+    # ---- set-up -------------------------------------------------------------------------
+    def latest_start_epoch(self) -> int:
+        """The largest start epoch this run can draw (``max_start_epoch - 1``)."""
+        return self.hparams["max_start_epoch"] - 1
+
+    def configure(self, syn: SyntheticSet) -> None:
+        """Images: SGD(lr_img, momentum 0.5); the learnable step size: SGD(lr_lr, momentum 0.5)."""
+        super().configure(syn)
+        syn.learn_lr(self.hparams["lr_teacher"])
+        self.optimizer_lr = torch.optim.SGD([syn.syn_lr], lr=self.hparams["lr_lr"], momentum=0.5)
+
+    # ---- one iteration ------------------------------------------------------------------
+    def start_epoch(self, iteration: int) -> int:
+        """The expert epoch the student starts from: uniform in [0, max_start_epoch)."""
+        return int(torch.randint(0, self.hparams["max_start_epoch"], (1,), generator=self.generator))
+
+    def next_batch(self, total: int) -> torch.Tensor:
+        """Indices of the next ``batch_syn`` synthetic images: a random permutation consumed in
+        chunks and redrawn when used up (all ``total`` images when ``batch_syn`` is 0)."""
+        size = self.hparams["batch_syn"] or total
+        if len(self._order) < size:
+            self._order = torch.randperm(total, generator=self.generator).tolist()
+        batch, self._order = self._order[:size], self._order[size:]
+        return torch.tensor(batch, device=self.device)
+
+    def unroll_targets(self, syn: SyntheticSet) -> torch.Tensor:
+        """What the student's cross-entropy is taken against: the hard labels (N,) here."""
+        return syn.labels
+
+    def matching_loss(self, student: torch.Tensor, start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The normalised parameter distance (no parameter selection in MTT)."""
+        return trajectory_matching_loss(student, start, target)
+
+    def unroll(self, syn: SyntheticSet, start: torch.Tensor) -> torch.Tensor:
+        """``syn_steps`` differentiable SGD steps of the student from ``start`` (P,) with step size
+        ``syn.syn_lr``; returns the final flat parameters, with a graph to the images (and alpha)."""
+        targets = self.unroll_targets(syn)
+        augmenting = bool(self.dsa_strategy) and not self.hparams["no_aug"]
+        params = start.clone().requires_grad_(True)
+        for _ in range(self.hparams["syn_steps"]):
+            index = self.next_batch(syn.images.shape[0])
+            images = syn.images[index]
+            if augmenting:
+                images = augment.diff_augment(images, self.dsa_strategy, generator=self.generator)
+            loss = F.cross_entropy(self.student(params, images), targets[index])
+            grad = torch.autograd.grad(loss, params, create_graph=True)[0]
+            params = params - syn.syn_lr * grad
+        return params
+
+    def optimizers(self) -> list:
+        """Every optimiser stepped by an accepted iteration."""
+        return [self.optimizer_img, self.optimizer_lr]
+
+    def accept(self, loss: torch.Tensor) -> bool:
+        """Whether this iteration's update is applied (always, in MTT)."""
+        return True
+
+    def step(self, syn: SyntheticSet, iteration: int) -> Dict[str, torch.Tensor]:
+        """One trajectory-matching iteration.
+
+        Returns:
+            ``{'loss', 'start_epoch', 'syn_lr'}`` and, where updates can be skipped, ``'skipped'``
+            (detached scalar tensors).
+        """
+        trajectory = self.experts.next()
+        epoch = self.start_epoch(iteration)
+        start = flatten(trajectory[epoch]).to(self.device)
+        target = flatten(trajectory[epoch + self.hparams["expert_epochs"]]).to(self.device)
+        self.student_net.train()
+        loss = self.matching_loss(self.unroll(syn, start), start, target)
+        for optimizer in self.optimizers():
+            optimizer.zero_grad(set_to_none=True)
+        accepted = self.accept(loss)
+        if accepted:
+            loss.backward()
+            for optimizer in self.optimizers():
+                optimizer.step()
+        logs = {"loss": loss.detach(), "start_epoch": torch.tensor(float(epoch)), "syn_lr": syn.syn_lr.detach().clone()}
+        if self.can_skip:
+            logs["skipped"] = torch.tensor(0.0 if accepted else 1.0)
+        return logs
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Image and step-size optimisers, the expert order and the minibatch order."""
+        return {**super().state_dict(), "optimizer_lr": self.optimizer_lr.state_dict(),
+                "experts": self.experts.state_dict(), "order": list(self._order)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (after :meth:`init_synthetic`)."""
+        super().load_state_dict(state)
+        self.optimizer_lr.load_state_dict(state["optimizer_lr"])
+        self.experts.load_state_dict(state["experts"])
+        self._order = list(state["order"])
+
+
+@register_method("DATM")
+class DATM(MTT):
+    """Difficulty-aligned trajectory matching: MTT plus a start-epoch window that widens over the
+    run (``--Sequential_Generation``), learnable soft labels initialised from the experts' logits
+    (SGD lr_y, momentum Momentum_y, soft cross-entropy in the student steps and in evaluation),
+    images initialised with real images the expert classifies correctly
+    (``--init samples_predicted_correctly``), and skipped updates when the loss exceeds
+    ``--threshold``."""
+
+    defaults = dict(MTT.defaults, init="samples_predicted_correctly")
+    options = tuple(option for option in MTT.options if option.name not in ("syn_steps", "expert_epochs")) + (
+        Option("syn_steps", 80, "trajectory matching: student steps on the synthetic set (N)", type=int, minimum=1),
+        Option("expert_epochs", 2, "trajectory matching: expert epochs the student must cover (M)", type=int, minimum=1),
+        Option("min_start_epoch", 0, "DATM: smallest start epoch", type=int, minimum=0),
+        Option("current_max_start_epoch", 20, "DATM: initial upper bound of the start epoch", type=int, minimum=1),
+        Option("expansion_end_epoch", 3000, "DATM: iteration at which the upper bound reaches --max_start_epoch",
+               type=int, minimum=1),
+        Option("Sequential_Generation", True, "DATM: widen the start-epoch window over the run", type=bool),
+        Option("lr_y", 2.0, "DATM: learning rate of the soft-label logits", minimum=0.0),
+        Option("Momentum_y", 0.9, "DATM: momentum of the soft-label optimiser", minimum=0.0),
+        Option("threshold", 1.0, "DATM: skip an update whose matching loss exceeds this", minimum=0.0,
+               exclusive_minimum=True),
+    )
+    init_choices = ("samples_predicted_correctly", "real", "noise")
+    can_skip = True
+
+    def __init__(self, cfg, **kwargs):
+        super().__init__(cfg, **kwargs)
+        self.optimizer_y: Optional[torch.optim.Optimizer] = None
+        if self.hparams["min_start_epoch"] >= self.hparams["max_start_epoch"]:
+            raise utils.UserError(f"--min_start_epoch {self.hparams['min_start_epoch']} must be below "
+                                  f"--max_start_epoch {self.hparams['max_start_epoch']}")
+
+    def upper_start_epoch(self, iteration: int) -> int:
+        """The exclusive upper bound of the start epoch at ``iteration`` (methods.md §5.3 step 5)."""
+        hp = self.hparams
+        if not hp["Sequential_Generation"]:
+            return hp["max_start_epoch"]
+        grown = hp["current_max_start_epoch"] + int((hp["max_start_epoch"] - hp["current_max_start_epoch"])
+                                                    * iteration / hp["expansion_end_epoch"])
+        return max(hp["min_start_epoch"] + 1, min(grown, hp["max_start_epoch"]))
+
+    def start_epoch(self, iteration: int) -> int:
+        """Uniform in [min_start_epoch, upper_start_epoch(iteration))."""
+        low, high = self.hparams["min_start_epoch"], self.upper_start_epoch(iteration)
+        return int(torch.randint(low, high, (1,), generator=self.generator))
+
+    def expert_logits(self, snapshot: Sequence[torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+        """(N, K) logits of an expert snapshot on ``images`` (no gradient, in chunks)."""
+        flat = flatten(snapshot).to(self.device)
+        with torch.no_grad():
+            return torch.cat([self.student(flat, chunk) for chunk in images.split(256)])
+
+    def init_synthetic(self) -> SyntheticSet:
+        """Images (``samples_predicted_correctly``: per class, real images in random order that
+        the final snapshot of the first expert classifies correctly; else the base init) and
+        soft-label logits: per image, the mean final-snapshot logits of the experts of the first
+        buffer file in use that classify it correctly (the first expert's when none does).
+
+        Raises:
+            utils.UserError: a class has fewer than ipc correctly classified real images.
+        """
+        experts = self.experts.first_file_experts()
+        if self.cfg.init != "samples_predicted_correctly":
+            syn = super().init_synthetic()
+            logits = self.expert_logits(experts[0][-1], syn.images.detach())
+        else:
+            judge = experts[0][-1]
+            chosen = []
+            for c in range(self.num_classes):
+                pool = self.sampler.get_images(c, self.sampler.class_counts[c], self.generator)
+                keep = []
+                for chunk in pool.split(256):
+                    correct = self.expert_logits(judge, chunk).argmax(dim=1) == c
+                    keep.append(chunk[correct])
+                    if sum(len(k) for k in keep) >= self.cfg.ipc:
+                        break
+                images = torch.cat(keep)[:self.cfg.ipc]
+                if images.shape[0] < self.cfg.ipc:
+                    raise utils.UserError(f"--init samples_predicted_correctly: the expert classifies only "
+                                          f"{images.shape[0]} real images of class {c} correctly, fewer than --ipc "
+                                          f"{self.cfg.ipc}; use --init real")
+                chosen.append(images)
+            labels = SyntheticSet.class_major_labels(self.num_classes, self.cfg.ipc, device=self.device)
+            syn = SyntheticSet(torch.cat(chosen), labels, self.num_classes, self.cfg.ipc)
+            self.configure(syn)
+            logits = self.label_logits_from_experts(experts, syn.images.detach(), labels)
+        syn.learn_soft_labels(logits)
+        self.optimizer_y = torch.optim.SGD([syn.label_logits], lr=self.hparams["lr_y"],
+                                           momentum=self.hparams["Momentum_y"])
+        return syn
+
+    def label_logits_from_experts(self, experts: list, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per image, the mean final-snapshot logits over the experts that classify it correctly
+        (the first expert's logits where none does). Returns (N, K)."""
+        total = torch.zeros(images.shape[0], self.num_classes, device=self.device)
+        count = torch.zeros(images.shape[0], device=self.device)
+        for expert in experts:
+            logits = self.expert_logits(expert[-1], images)
+            correct = (logits.argmax(dim=1) == labels).float()
+            total += logits * correct[:, None]
+            count += correct
+        fallback = self.expert_logits(experts[0][-1], images)
+        return torch.where(count[:, None] > 0, total / count.clamp_min(1)[:, None], fallback)
+
+    def unroll_targets(self, syn: SyntheticSet) -> torch.Tensor:
+        """``softmax(label_logits)`` (N, K), with a graph to the logits (soft cross-entropy)."""
+        return torch.softmax(syn.label_logits, dim=1)
+
+    def optimizers(self) -> list:
+        """Images, step size and soft labels."""
+        return [self.optimizer_img, self.optimizer_lr, self.optimizer_y]
+
+    def accept(self, loss: torch.Tensor) -> bool:
+        """Apply the update only when the matching loss is at most ``--threshold`` (one sync)."""
+        return float(loss.detach()) <= self.hparams["threshold"]
+
+    def state_dict(self) -> dict:
+        """MTT's state plus the soft-label optimiser."""
+        return {**super().state_dict(), "optimizer_y": self.optimizer_y.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        super().load_state_dict(state)
+        self.optimizer_y.load_state_dict(state["optimizer_y"])
+
+
+@register_method("PAD")
+class PAD(DATM):
+    """DATM plus parameter selection in the matching loss: ``--loss_ratio`` drops that fraction
+    of parameter entries with the smallest matching error (released ``PAD.py``);
+    ``--depth_ratio`` drops that fraction of the flat vector's shallowest entries (the paper's
+    deep-layers-only matching, ``PAD_depth.py``). The released configs set both equal; here each
+    is applied when non-zero (depth first)."""
+
+    options = tuple(option for option in DATM.options if option.name != "batch_syn") + (
+        Option("batch_syn", 256, "trajectory matching: synthetic images per student step (0: all)", type=int, minimum=0),
+        Option("loss_ratio", 0.0, "PAD: fraction of parameter entries with the smallest error left out", minimum=0.0),
+        Option("depth_ratio", 0.0, "PAD: fraction of shallowest parameter entries left out", minimum=0.0),
+    )
+
+    def matching_loss(self, student: torch.Tensor, start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The normalised distance over the selected parameter entries."""
+        return trajectory_matching_loss(student, start, target, self.hparams["loss_ratio"], self.hparams["depth_ratio"])
