@@ -21,7 +21,6 @@ import logging
 import os
 import sys
 
-import torch
 
 import cli
 import trajectories
@@ -33,29 +32,6 @@ PAD_FLAGS = ("init_ratio", "add_end_epoch", "rm_epoch_first", "rm_epoch_second",
              "rm_easy_ratio_second")
 
 
-class TrueFalseFlag(argparse.Action):
-    """A boolean flag that also takes a value: ``--dsa``, ``--no-dsa``, ``--dsa True``, ``--dsa false``,
-    so the reference scripts' ``--dsa True/False`` strings keep working (and mean what they say)."""
-
-    TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-    def __init__(self, option_strings, dest, default=None, help=None, **kwargs):
-        names = list(option_strings) + [f"--no-{name[2:]}" for name in option_strings if name.startswith("--")]
-        super().__init__(names, dest, nargs="?", default=default, help=help, metavar="True|False")
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        if option_string.startswith("--no-"):
-            if values is not None:
-                parser.error(f"{option_string} takes no value")
-            setattr(namespace, self.dest, False)
-        elif values is None or values.strip().lower() in self.TRUE:
-            setattr(namespace, self.dest, True)
-        elif values.strip().lower() in self.FALSE:
-            setattr(namespace, self.dest, False)
-        else:
-            parser.error(f"{option_string}: expected True or False, got {values!r}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``buffer.py`` flags (MTT names and defaults; DATM's GSAM and PAD's schedule flags)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr_teacher", type=float, default=0.01, help="expert SGD learning rate")
     parser.add_argument("--batch_train", type=int, default=256, help="images per expert SGD step")
     parser.add_argument("--batch_real", type=int, default=256, help="unused (MTT declares it; kept so its commands run)")
-    parser.add_argument("--dsa", action=TrueFalseFlag, default=True,
+    parser.add_argument("--dsa", action=cli.TrueFalseFlag, default=True,
                         help="DiffAugment on every batch (default True); False: DC augmentation crop_scale_rotate")
     parser.add_argument("--dsa_strategy", default="color_crop_cutout_flip_scale_rotate", help="DiffAugment ops joined by _")
     parser.add_argument("--buffer_path", default="./buffers", help="root of the expert buffers")
@@ -76,12 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save_interval", type=int, default=10, help="experts per replay_buffer_{n}.pt file")
     parser.add_argument("--test_every", type=int, default=1, help="log test accuracy every N epochs (0: never)")
     gsam = parser.add_argument_group("flat experts (DATM buffer_FTD.py: GSAM on every batch)")
-    gsam.add_argument("--gsam", action=TrueFalseFlag, default=None,
+    gsam.add_argument("--gsam", action=cli.TrueFalseFlag, default=None,
                       help="GSAM updates (default: on when --rho_max, --rho_min, --alpha or --adaptive is given)")
     gsam.add_argument("--rho_max", type=float, default=None, help="GSAM radius at the initial lr (DATM default 2.0)")
     gsam.add_argument("--rho_min", type=float, default=None, help="GSAM radius at the decayed lr (default: --rho_max)")
     gsam.add_argument("--alpha", type=float, default=None, help="GSAM weight of the removed gradient component (0.4)")
-    gsam.add_argument("--adaptive", action=TrueFalseFlag, default=None, help="scale-adaptive perturbation (True)")
+    gsam.add_argument("--adaptive", action=cli.TrueFalseFlag, default=None, help="scale-adaptive perturbation (True)")
     pad = parser.add_argument_group("PAD data schedule (buffer_CL.py)")
     pad.add_argument("--sort_method", default="", help="difficulty file: a path, NAME for {buffer_path}/scores/NAME.pt, "
                      "or EL2N/GraNd/Uncertainty for {buffer_path}/scores/{dataset}_{method}.pt (score.py)")
@@ -139,14 +115,9 @@ def main(argv=None) -> int:
         directory = trajectories.buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res)
         trajectories.check_buffer_dir(directory, cfg.describe(args.save_interval))
         cli.setup_logging(os.path.join(directory, "log.txt"))
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        device = utils.resolve_device(args.device)
+        device = cli.setup_runtime(args)
         utils.seed_everything(args.seed)
-        from data import load_dataset
-
-        record = load_dataset(args.dataset, args.data_path, zca=args.zca, download=args.download, res=args.res,
-                              subset=args.subset, zca_device=device)
+        record = cli.load_record(args, device)
         order, sort_file = None, None
         if cfg.sort_method:
             sort_file = trajectories.resolve_sort_file(cfg.sort_method, args.buffer_path, args.dataset, args.subset)

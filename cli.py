@@ -16,6 +16,29 @@ import utils
 EXIT_USER, EXIT_NUMERIC, EXIT_STOPPED = 2, 3, 130
 
 
+class TrueFalseFlag(argparse.Action):
+    """A boolean flag that also takes a value: ``--dsa``, ``--no-dsa``, ``--dsa True``, ``--dsa false``,
+    so the reference scripts' ``--dsa True/False`` strings keep working (and mean what they say)."""
+
+    TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+    def __init__(self, option_strings, dest, default=None, help=None, **kwargs):
+        names = list(option_strings) + [f"--no-{name[2:]}" for name in option_strings if name.startswith("--")]
+        super().__init__(names, dest, nargs="?", default=default, help=help, metavar="True|False")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string.startswith("--no-"):
+            if values is not None:
+                parser.error(f"{option_string} takes no value")
+            setattr(namespace, self.dest, False)
+        elif values is None or values.strip().lower() in self.TRUE:
+            setattr(namespace, self.dest, True)
+        elif values.strip().lower() in self.FALSE:
+            setattr(namespace, self.dest, False)
+        else:
+            parser.error(f"{option_string}: expected True or False, got {values!r}")
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """``--dataset --data_path --zca --download --res --subset`` (reference names)."""
     group = parser.add_argument_group("data")
@@ -37,6 +60,31 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="base seed; experiment e uses seed + e")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     group.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+
+
+def setup_runtime(args: argparse.Namespace):
+    """Apply ``--threads`` and resolve ``--device`` once; returns the ``torch.device``.
+
+    Raises:
+        utils.UserError: an unusable ``--device``.
+    """
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return utils.resolve_device(args.device)
+
+
+def load_record(args: argparse.Namespace, device=None):
+    """The dataset named by the data flags (``data.load_dataset``); ZCA is fitted on ``device``.
+
+    Raises:
+        data.DatasetError: the dataset is unknown or its files are missing (one line).
+    """
+    from data import load_dataset
+
+    return load_dataset(args.dataset, args.data_path, zca=args.zca, download=args.download, res=args.res,
+                        subset=args.subset, zca_device=device if device is not None else "cpu")
 
 
 def setup_logging(log_file: str | None = None, quiet: bool = False) -> None:

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-import torch
+import yaml
 
 import augment
 import cli
@@ -27,6 +27,8 @@ METHOD_DEFAULTED = ("ipc", "Iteration", "lr_img", "lr_net", "batch_real", "batch
 def build_parser() -> argparse.ArgumentParser:
     """The ``distill.py`` flags (reference names; method-dependent defaults are ``None`` until resolved)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None,
+                        help="YAML file of flag values (configs/METHOD/DATASET_ipcN.yaml); flags given here override it")
     parser.add_argument("--method", default="DC", help=f"one of: {', '.join(methods.list_methods())}")
     parser.add_argument("--model", default="ConvNet", help="network to distil with (networks.py names)")
     parser.add_argument("--ipc", type=int, default=None, help="images per class (DC/DSA 1, DM 50)")
@@ -140,19 +142,55 @@ def resolve(args: argparse.Namespace):
     return cfg, opts
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse the command line, with ``--config FILE.yaml`` supplying defaults first.
+
+    Precedence: method defaults < the YAML file < flags on the command line (as timm's
+    ``train.py``). YAML keys are flag names without dashes (``lr_img``, ``syn_steps``, ...);
+    an unknown key is an error rather than silently ignored.
+
+    Raises:
+        utils.UserError: the file is missing, is not a YAML mapping, or has unknown keys.
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    parser = build_parser()
+    if known.config:
+        parser.set_defaults(**load_config(known.config, parser))
+    return parser.parse_args(argv)
+
+
+def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
+    """The flag values of a preset YAML file (``configs/``), checked against ``parser``'s flags.
+
+    Raises:
+        utils.UserError: unreadable file, not a mapping, or a key that is no flag.
+    """
+    if not os.path.isfile(path):
+        raise utils.UserError(f"--config: no file at {path}")
+    try:
+        with open(path) as handle:
+            values = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as error:
+        raise utils.UserError(f"--config {path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise utils.UserError(f"--config {path}: expected a mapping of flag names to values")
+    flags = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - flags)
+    if unknown:
+        raise utils.UserError(f"--config {path}: unknown keys {', '.join(unknown)} (keys are distill.py flag names)")
+    return values
+
+
 def main(argv=None) -> int:
     """Parse, load the dataset, run the distillation, print the accuracy table. Returns the exit code."""
-    args = build_parser().parse_args(argv)
     with cli.user_errors():
+        args = parse_args(argv)
         cfg, opts = resolve(args)
         cli.setup_logging(os.path.join(opts.run_dir, "log.txt"))
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        device = utils.resolve_device(args.device)
-        from data import load_dataset
-
-        record = load_dataset(args.dataset, args.data_path, zca=args.zca, download=args.download, res=args.res,
-                              subset=args.subset)
+        device = cli.setup_runtime(args)
+        record = cli.load_record(args)
         if args.ipc > int(record.labels_train.bincount().min()):
             raise utils.UserError(f"--ipc {args.ipc} exceeds the smallest class of {args.dataset}")
         stop = StopFlag().install()

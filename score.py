@@ -20,7 +20,6 @@ import torch
 import cli
 import trajectories
 import utils
-from buffer import TrueFalseFlag
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mom", type=float, default=0.9, help="SGD momentum")
     parser.add_argument("--l2", type=float, default=5e-4, help="SGD weight decay")
     parser.add_argument("--batch_train", type=int, default=256, help="images per SGD step")
-    parser.add_argument("--dsa", action=TrueFalseFlag, default=True, help="DiffAugment while training (default True)")
+    parser.add_argument("--dsa", action=cli.TrueFalseFlag, default=True, help="DiffAugment while training (default True)")
     parser.add_argument("--dsa_strategy", default="color_crop_cutout_flip_scale_rotate", help="DiffAugment ops joined by _")
     parser.add_argument("--buffer_path", default="./buffers", help="scores go to {buffer_path}/scores/")
     cli.add_data_args(parser)
@@ -56,14 +55,9 @@ def main(argv=None) -> int:
                                         res=args.res, train_epochs=args.epochs, lr_teacher=args.lr_net,
                                         batch_train=args.batch_train, mom=args.mom, l2=args.l2, dsa=args.dsa,
                                         dsa_strategy=args.dsa_strategy, seed=args.seed)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        device = utils.resolve_device(args.device)
+        device = cli.setup_runtime(args)
         utils.seed_everything(args.seed)
-        from data import load_dataset
-
-        record = load_dataset(args.dataset, args.data_path, zca=args.zca, download=args.download, res=args.res,
-                              subset=args.subset, zca_device=device)
+        record = cli.load_record(args, device)
         scores = trajectories.score_dataset(record, cfg, args.num_models, device)
         meta = {"dataset": record.name, "zca": args.zca, "model": args.model, "epochs": args.epochs,
                 "num_models": args.num_models, "lr_net": args.lr_net, "mom": args.mom, "l2": args.l2,

@@ -42,7 +42,7 @@ Public API:
   against the manifest), :func:`buffer_dir`, :func:`list_buffer_files`, :func:`load_chunk`,
   :func:`read_manifest`;
 * writing: :class:`ExpertConfig`, :class:`PadSchedule`, :func:`make_buffer`, :class:`BufferWriter`,
-  :func:`check_buffer_dir`, :func:`train_expert`, :func:`expert_epoch`, :func:`sgd_step`,
+  :func:`check_buffer_dir`, :func:`train_expert`,
   :func:`gsam_step`, :func:`snapshot`;
 * difficulty: :func:`score_dataset`, :func:`sample_scores`, :func:`class_order`,
   :func:`save_scores`, :func:`resolve_sort_file`, :func:`load_sort_order`.
@@ -726,34 +726,6 @@ def expert_augmenter(cfg: ExpertConfig) -> Optional[utils.Augmenter]:
     return utils.make_augmenter("", dc_aug=augment.DCAugParam(strategy=EXPERT_DC_AUG))
 
 
-def _accumulate_gradient(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Add the gradient of the batch-mean cross-entropy to ``p.grad`` (chunked as
-    ``utils.train_epoch``); returns the detached mean loss (a 0-d tensor on the device)."""
-    size = utils.pass_size(net, images)
-    total = torch.zeros((), device=images.device)
-    for x, y in zip(images.split(size), labels.split(size)):
-        loss = F.cross_entropy(net(x), y, reduction="sum") / images.shape[0]
-        loss.backward()
-        total += loss.detach()
-    return total
-
-
-def sgd_step(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-             optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    """One plain step: gradient of the mean cross-entropy of the batch, ``optimizer.step()``.
-
-    Args:
-        images: (B, C, H, W); labels: (B,) int64.
-
-    Returns:
-        The batch's mean loss before the step (0-d tensor).
-    """
-    optimizer.zero_grad(set_to_none=True)
-    loss = _accumulate_gradient(net, images, labels)
-    optimizer.step()
-    return loss
-
-
 @contextmanager
 def _running_stats_frozen(net: nn.Module) -> Iterator[None]:
     """BatchNorm momentum 0 inside the block, as GSAM's second pass: the running statistics stay
@@ -790,7 +762,7 @@ def gsam_step(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimi
     5. Restore ``w`` exactly and let ``optimizer`` (SGD with its momentum and weight decay) step
        with ``g_final``.
 
-    With ``rho = 0`` and ``alpha = 0`` this is exactly :func:`sgd_step`.
+    With ``rho = 0`` and ``alpha = 0`` this is exactly :func:`utils.sgd_step`.
 
     Args:
         net: the network (train mode).
@@ -806,7 +778,7 @@ def gsam_step(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimi
     """
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
-    loss = _accumulate_gradient(net, images, labels)
+    loss = utils.accumulate_gradient(net, images, labels)
     grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
     with torch.no_grad():
         scaled = [g * p.abs() for g, p in zip(grads, params)] if adaptive else grads
@@ -817,7 +789,7 @@ def gsam_step(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimi
             p.add_(step * p * p if adaptive else step)
     optimizer.zero_grad(set_to_none=True)
     with _running_stats_frozen(net):
-        _accumulate_gradient(net, images, labels)
+        utils.accumulate_gradient(net, images, labels)
     with torch.no_grad():
         for p, original in zip(params, originals):
             p.copy_(original)
@@ -841,47 +813,6 @@ def rho_for_lr(cfg: ExpertConfig, lr: float) -> float:
     if lr_max <= lr_min:
         return float(cfg.rho_max)
     return float(cfg.rho_min + (cfg.rho_max - cfg.rho_min) * (lr - lr_min) / (lr_max - lr_min))
-
-
-def expert_epoch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
-                 batch_size: int, generator: torch.Generator, augmenter: Optional[utils.Augmenter] = None,
-                 index: Optional[torch.Tensor] = None,
-                 step: Optional[Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.optim.Optimizer],
-                                         torch.Tensor]] = None) -> float:
-    """One shuffled pass over the training set (or the subset ``index``).
-
-    Without ``index`` and ``step`` it takes exactly the steps of ``utils.train_epoch`` (same
-    shuffle, augmentation draws and chunking for the same generator state).
-
-    Args:
-        net: the network; put in train mode.
-        images: (N, C, H, W) on the network's device; labels: (N,) int64 there.
-        optimizer: over ``net``'s parameters.
-        batch_size: images per step; the last batch may be smaller.
-        generator: CPU generator for the shuffle and the augmentation.
-        augmenter: applied to each batch under ``no_grad``.
-        index: (M,) int64 training-set indices of this epoch's subset (PAD); ``None``: all images.
-        step: ``step(net, x, y, optimizer) -> loss``; default :func:`sgd_step`.
-
-    Returns:
-        The mean training loss over the pass (one device sync).
-    """
-    net.train()
-    step = step or sgd_step
-    count = images.shape[0] if index is None else int(index.numel())
-    order = torch.randperm(count, generator=generator)
-    if index is not None:
-        order = index.cpu()[order]
-    order = order.to(images.device)
-    total = torch.zeros((), device=images.device)
-    for start in range(0, count, batch_size):
-        batch = order[start:start + batch_size]
-        x, y = images[batch], labels[batch]
-        if augmenter is not None:
-            with torch.no_grad():
-                x = augmenter(x, generator)
-        total += step(net, x, y, optimizer) * x.shape[0]
-    return float(total) / max(count, 1)
 
 
 @dataclass
@@ -949,7 +880,7 @@ def train_expert(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg
             rho = rho_for_lr(cfg, lr)
             step = lambda n, x, y, o: gsam_step(n, x, y, o, rho, cfg.alpha, cfg.adaptive)  # noqa: E731
         start = time.perf_counter()
-        loss = expert_epoch(net, images, labels, optimizer, cfg.batch_train, generator, augmenter, index, step)
+        loss = utils.train_epoch(net, images, labels, optimizer, cfg.batch_train, generator, augmenter, index, step)
         result.epoch_seconds.append(time.perf_counter() - start)
         if not math.isfinite(loss):
             raise FloatingPointError(f"{name}: training loss became {loss} in epoch {epoch + 1}")

@@ -196,42 +196,78 @@ def make_augmenter(dsa_strategy: str = "", dc_aug: Optional["augment.DCAugParam"
     return None
 
 
+def accumulate_gradient(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Add the gradient of the batch-mean cross-entropy to every ``p.grad``.
+
+    Without batch statistics every sample is computed independently, so the gradient is
+    accumulated over cache-sized chunks (:func:`pass_size`) with the same result.
+
+    Args:
+        images: (B, C, H, W); labels: (B,) int64 or (B, K) probabilities.
+
+    Returns:
+        The batch's mean loss (a detached 0-d tensor on the device; no sync).
+    """
+    size = pass_size(net, images)
+    total = torch.zeros((), device=images.device)
+    for x_chunk, y_chunk in zip(images.split(size), labels.split(size)):
+        loss = F.cross_entropy(net(x_chunk), y_chunk, reduction="sum") / images.shape[0]
+        loss.backward()
+        total += loss.detach()
+    return total
+
+
+def sgd_step(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+             optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """One optimiser step on the batch-mean cross-entropy (gradient from :func:`accumulate_gradient`).
+
+    Returns:
+        The batch's mean loss before the step (a detached 0-d tensor).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss = accumulate_gradient(net, images, labels)
+    optimizer.step()
+    return loss
+
+
+Step = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.optim.Optimizer], torch.Tensor]
+
+
 def train_epoch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
-                batch_size: int, generator: torch.Generator, augmenter: Optional[Augmenter] = None) -> float:
+                batch_size: int, generator: torch.Generator, augmenter: Optional[Augmenter] = None,
+                index: Optional[torch.Tensor] = None, step: Optional[Step] = None) -> float:
     """Train ``net`` for one shuffled pass over an in-memory set (DC utils ``epoch('train')``).
 
     Args:
-        net: the network, in train mode.
+        net: the network (put in train mode).
         images: (N, C, H, W) on the network's device.
         labels: (N,) int64 class indices, or (N, K) float soft-label probabilities.
         optimizer: over ``net``'s parameters.
         batch_size: samples per step; the last batch may be smaller.
         generator: CPU generator for the shuffle and the augmentation.
         augmenter: applied to each batch under ``no_grad`` (see :func:`make_augmenter`).
+        index: (M,) int64 indices of the subset to pass over (PAD's scheduled experts); all if ``None``.
+        step: ``step(net, x, y, optimizer) -> loss``; default :func:`sgd_step` (GSAM experts pass theirs).
 
     Returns:
         The mean training loss over the epoch (a Python float; one device sync per epoch).
     """
     net.train()
-    num = images.shape[0]
-    order = torch.randperm(num, generator=generator).to(images.device)
+    step = step or sgd_step
+    count = images.shape[0] if index is None else int(index.numel())
+    order = torch.randperm(count, generator=generator)
+    if index is not None:
+        order = index.cpu()[order]
+    order = order.to(images.device)
     total = torch.zeros((), device=images.device)
-    # Without batch statistics every sample is computed independently, so a batch's gradient can
-    # be accumulated over cache-sized chunks (CPU_CHUNK) and the step is the same.
-    for start in range(0, num, batch_size):
-        index = order[start:start + batch_size]
-        x, y = images[index], labels[index]
+    for start in range(0, count, batch_size):
+        batch = order[start:start + batch_size]
+        x, y = images[batch], labels[batch]
         if augmenter is not None:
             with torch.no_grad():
                 x = augmenter(x, generator)
-        size = pass_size(net, x)
-        optimizer.zero_grad(set_to_none=True)
-        for x_chunk, y_chunk in zip(x.split(size), y.split(size)):
-            loss = F.cross_entropy(net(x_chunk), y_chunk, reduction="sum") / x.shape[0]
-            loss.backward()
-            total += loss.detach() * x.shape[0]
-        optimizer.step()
-    return float(total) / max(num, 1)
+        total += step(net, x, y, optimizer) * x.shape[0]
+    return float(total) / max(count, 1)
 
 
 def has_batchnorm(net: nn.Module) -> bool:

@@ -171,15 +171,21 @@ def test_buffer_dir_layout():
 
 
 # ----- training pieces ----------------------------------------------------------------------------
-def test_plain_expert_epoch_equals_utils_train_epoch():
+def test_train_epoch_on_a_subset_uses_only_those_images():
     record = tiny_record()
-    nets = [T.new_seeded_network(MODEL, record, CPU, 3) for _ in range(2)]
-    opts = [torch.optim.SGD(n.parameters(), lr=0.05, momentum=0.5) for n in nets]
-    aug = utils.make_augmenter("color_crop_cutout_flip_scale_rotate")
-    loss_a = utils.train_epoch(nets[0], record.images_train, record.labels_train, opts[0], 16, utils.make_generator(1), aug)
-    loss_b = T.expert_epoch(nets[1], record.images_train, record.labels_train, opts[1], 16, utils.make_generator(1), aug)
-    assert loss_a == pytest.approx(loss_b, rel=1e-6)
-    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(nets[0].parameters(), nets[1].parameters()))
+    net = T.new_seeded_network(MODEL, record, CPU, 3)
+    seen = []
+
+    def recording_step(n, x, y, o):
+        seen.append(y.clone())
+        return utils.sgd_step(n, x, y, o)
+
+    index = torch.nonzero(record.labels_train == 1).flatten()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+    utils.train_epoch(net, record.images_train, record.labels_train, optimizer, 4, utils.make_generator(1),
+                      index=index, step=recording_step)
+    labels = torch.cat(seen)
+    assert len(labels) == len(index) and bool((labels == 1).all())
 
 
 @pytest.mark.parametrize("model", ["ConvNetW32", "ConvNetBN"])
@@ -189,7 +195,7 @@ def test_gsam_with_zero_rho_and_alpha_is_plain_sgd(model):
     nets = [T.new_seeded_network(model, record, CPU, 5) for _ in range(2)]
     opts = [torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3) for n in nets]
     for _ in range(2):
-        loss_plain = T.sgd_step(nets[0], x, y, opts[0])
+        loss_plain = utils.sgd_step(nets[0], x, y, opts[0])
         loss_gsam = T.gsam_step(nets[1], x, y, opts[1], rho=0.0, alpha=0.0, adaptive=True)
         assert loss_plain.item() == pytest.approx(loss_gsam.item(), abs=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(nets[0].parameters(), nets[1].parameters()))
