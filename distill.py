@@ -176,11 +176,18 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
         raise utils.UserError(f"--config {path}: not valid YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(values, dict):
         raise utils.UserError(f"--config {path}: expected a mapping of flag names to values")
-    flags = {action.dest for action in parser._actions}
-    unknown = sorted(set(values) - flags)
+    actions = {action.dest: action for action in parser._actions}
+    unknown = sorted(set(values) - set(actions))
     if unknown:
         raise utils.UserError(f"--config {path}: unknown keys {', '.join(unknown)} (keys are distill.py flag names)")
-    return values
+    converted = {}
+    for key, value in values.items():
+        convert = actions[key].type
+        try:  # YAML reads 1e-7 (no dot) as a string: give it the flag's type, as the command line would
+            converted[key] = convert(value) if convert is not None and isinstance(value, str) else value
+        except (TypeError, ValueError):
+            raise utils.UserError(f"--config {path}: {key}: {value!r} is not a {convert.__name__}") from None
+    return converted
 
 
 def main(argv=None) -> int:

@@ -7,13 +7,16 @@ Cases (each method's reference defaults unless listed): DC ipc 1, DSA ipc 1, DM 
 scripts/fmnist_cpu_table.sh (CAFE_cpu), and CAFE ipc 1 at the reference settings (CAFE_ref, not
 in the default list: about 4 minutes per iteration on 2 CPU cores). A CAFE iteration runs until
 its accuracy watchers settle, so its time varies; the image updates and network epochs per
-iteration are printed beside it.
+iteration are printed beside it. MTT, DATM and PAD run at ipc 1 with their default syn_steps and
+batch_syn on a 1-expert, 4-epoch buffer the script makes first (start epochs below 2, 2 expert
+epochs; an iteration's cost does not depend on the experts' quality).
 
     python scripts/bench.py                     # default cases, 3 timed iterations each
     python scripts/bench.py --cases DC DM --iterations 5 --device cuda --json bench.json
 
 The first iteration of each case is a warm-up and is not timed. Peak memory: on CUDA the peak
-allocated by torch during the case; on CPU the process's peak resident set so far (it only grows).
+allocated by torch during the case; on CPU the peak resident set of the process, which runs that
+case alone (each case is its own process on CPU, so this includes the loaded dataset, ~0.3 GiB).
 """
 from __future__ import annotations
 
@@ -21,8 +24,10 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -43,8 +48,31 @@ CASES = {  # name: (method, ipc, overrides of the method's defaults)
     "DataDAM": ("DataDAM", 10, {}),
     "CAFE_cpu": ("CAFE", 1, CAFE_CPU),
     "CAFE_ref": ("CAFE", 1, {}),
+    # Trajectory matching at each method's default syn_steps / batch_syn, ipc 1, on a short
+    # buffer made here (the time of an iteration does not depend on how good the experts are).
+    "MTT": ("MTT", 1, dict(init="real", extra=dict(expert_epochs=2, max_start_epoch=2))),
+    "DATM": ("DATM", 1, dict(init="real", extra=dict(expert_epochs=2, max_start_epoch=2, current_max_start_epoch=1,
+                                                      threshold=1e9))),
+    "PAD": ("PAD", 1, dict(init="real", extra=dict(expert_epochs=2, max_start_epoch=2, current_max_start_epoch=1,
+                                                    threshold=1e9, loss_ratio=0.5))),
 }
-DEFAULT_CASES = ["DC", "DSA", "DM", "DataDAM", "CAFE_cpu", "eval"]
+TRAJECTORY_METHODS = ("MTT", "DATM", "PAD")
+DEFAULT_CASES = ["DC", "DSA", "DM", "DataDAM", "CAFE_cpu", "MTT", "DATM", "PAD", "eval"]
+
+
+def bench_buffer(record, device, root: str) -> str:
+    """A 1-expert, 4-epoch ConvNet buffer trained on 512 Fashion-MNIST images, under ``root``."""
+    import dataclasses
+
+    import trajectories
+
+    generator = utils.make_generator(0)
+    index = torch.randperm(len(record.labels_train), generator=generator)[:512]
+    small = dataclasses.replace(record, images_train=record.images_train[index], labels_train=record.labels_train[index])
+    cfg = trajectories.ExpertConfig(dataset=record.name, model="ConvNet", train_epochs=4)
+    directory = trajectories.buffer_dir(root, record.name, "ConvNet", False)
+    trajectories.make_buffer(cfg, small, directory, 1, device=device, test_every=0)
+    return root
 
 
 def peak_memory_mb(device) -> float:
@@ -54,12 +82,14 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def time_method(name, record, sampler, device, iterations):
+def time_method(name, record, sampler, device, iterations, buffer_root=None):
     """Seconds of each timed iteration of case ``name`` and the logs of the last one."""
     method_name, ipc, overrides = CASES[name]
     cls = methods.get_method_class(method_name)
     fields = {k: v for k, v in cls.defaults.items() if k != "eval_mode"}
     fields.update(ipc=ipc, **overrides)
+    if method_name in TRAJECTORY_METHODS:
+        fields["extra"] = dict(fields["extra"], buffer_path=buffer_root)
     cfg = methods.DistillConfig(method=method_name, dataset=record.name, model="ConvNet", **fields)
     utils.seed_everything(0)
     method = cls(cfg, channel=record.channel, num_classes=record.num_classes, im_size=record.im_size,
@@ -89,6 +119,27 @@ def time_eval(record, device, repeats):
     return times
 
 
+def run_isolated(args) -> int:
+    """Run every case in a child ``bench.py --no-isolate`` and merge their JSON reports."""
+    import subprocess
+
+    merged: dict = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for case in args.cases:
+            out = os.path.join(folder, f"{case}.json")
+            command = [sys.executable, os.path.abspath(__file__), "--no-isolate", "--cases", case, "--iterations",
+                       str(args.iterations), "--eval_repeats", str(args.eval_repeats), "--device", args.device,
+                       "--data_path", args.data_path, "--json", out]
+            subprocess.run(command, check=True)
+            report = json.load(open(out))
+            merged.setdefault("info", {k: v for k, v in report.items() if k != "cases"})
+            merged.setdefault("cases", {}).update(report["cases"])
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({**merged["info"], "cases": merged["cases"]}, handle, indent=2)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="*", default=DEFAULT_CASES, help=f"from: {' '.join(CASES)} eval")
@@ -97,14 +148,22 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data_path", default="data")
     parser.add_argument("--json", default=None, help="write the timings here")
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                        help="run each case in its own process so the CPU peak memory is that case's "
+                             "(default: on for CPU, off for CUDA)")
     args = parser.parse_args()
-    device = utils.resolve_device(args.device)
-    record = load_dataset("FashionMNIST", args.data_path)
-    sampler = RealSampler(record.images_train, record.labels_train, record.num_classes, device)
-    rows = {}
     for case in args.cases:
         if case not in CASES and case != "eval":
             parser.error(f"unknown case {case!r}; choose from: {' '.join(CASES)} eval")
+    device = utils.resolve_device(args.device)
+    if args.isolate if args.isolate is not None else (device.type != "cuda" and len(args.cases) > 1):
+        return run_isolated(args)
+    record = load_dataset("FashionMNIST", args.data_path)
+    sampler = RealSampler(record.images_train, record.labels_train, record.num_classes, device)
+    rows = {}
+    buffer_root = None
+    if any(CASES.get(case, ("",))[0] in TRAJECTORY_METHODS for case in args.cases):
+        buffer_root = bench_buffer(record, device, tempfile.mkdtemp(prefix="bench_buffer_"))
     for case in args.cases:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -113,7 +172,7 @@ def main() -> int:
             times = time_eval(record, device, args.eval_repeats)
             label = "evaluate ConvNet, ipc 1 (300 epochs + 10k test)"
         else:
-            times, logs = time_method(case, record, sampler, device, args.iterations)
+            times, logs = time_method(case, record, sampler, device, args.iterations, buffer_root)
             method_name, ipc, overrides = CASES[case]
             batch_real = overrides.get("batch_real", methods.get_method_class(method_name).defaults["batch_real"])
             label = f"{case} ipc {ipc} iteration (batch_real {batch_real})"
@@ -124,6 +183,8 @@ def main() -> int:
         detail = "".join(f", {key} {value:g}" for key, value in extras.items())
         print(f"{label:<52} {statistics.median(times):8.2f} s  (median of {len(times)}{detail}), "
               f"peak memory {memory:.0f} MiB", flush=True)
+    if buffer_root is not None:
+        shutil.rmtree(buffer_root, ignore_errors=True)
     info = {"device": str(device), "torch": str(torch.__version__), "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "cases": rows}
     if device.type == "cuda":
