@@ -156,3 +156,23 @@ def test_distill_cli_resolves_cafe_options_and_warns_about_foreign_ones(capsys):
     assert "--task_balance is not used by --method CAFE" in capsys.readouterr().err
     assert CAFE(cfg, channel=1, num_classes=10, im_size=(28, 28), sampler=None, device=torch.device("cpu"),
                 generator=torch.Generator()).hparams["lambda_2"] == 0.05
+
+
+# ----- both feature methods on other networks, depths and sizes ------------------------------------
+@pytest.mark.parametrize("method", ["DataDAM", "CAFE"])
+@pytest.mark.parametrize("model,size,channel,classes", [
+    ("ConvNetD7", 224, 3, 2),   # MHIST as the seed report runs it
+    ("ConvNetD4", 64, 3, 3),    # Tiny ImageNet's image size
+    ("LeNet", 32, 3, 2), ("AlexNet", 32, 3, 2), ("VGG11", 32, 3, 2), ("ResNet18", 32, 3, 2), ("MLP", 28, 1, 3),
+])
+def test_feature_methods_run_on_other_networks_depths_and_sizes(method, model, size, channel, classes):
+    record = tiny_record(num_classes=classes, per_class=3, size=size, channel=channel)
+    overrides = dict(model=model, ipc=1, batch_real=2, batch_train=2, init="real")
+    if method == "CAFE":
+        overrides.update(watcher_window=2, watcher_images=2, max_outer_steps=2, max_inner_steps=2)
+    m = build(method, record, **overrides)
+    syn = m.init_synthetic()
+    before = syn.images.detach().clone()
+    logs = m.step(syn, 1)
+    assert torch.isfinite(logs["loss"]) and logs["loss"] > 0
+    assert not torch.equal(before, syn.images.detach())
