@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--syn_path", help="result file {'data': [[image_syn, label_syn], ...], ...}")
     source.add_argument("--baseline", choices=["random"], help="evaluate ipc random real images per class instead")
+    parser.add_argument("--labels_path", default=None,
+                        help="with --syn_path images_*.pt of MTT/DATM/PAD logs: their labels_*.pt (class indices or "
+                             "soft-label logits; default: class-major hard labels)")
+    parser.add_argument("--lr_path", default=None, help="with --syn_path images_*.pt: the learned lr_*.pt")
     parser.add_argument("--ipc", type=int, default=None, help="images per class for --baseline")
     parser.add_argument("--model", default="ConvNet", help="the model the set was distilled with")
     parser.add_argument("--eval_mode", default="SS", help="evaluation pool: S, SS, M, B, W, D, A, P, N, C")
@@ -48,6 +52,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_tensor_file(path: str) -> bool:
+    """Whether ``path`` holds a bare tensor (MTT/DATM/PAD ``images_*.pt``) rather than a result dict."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        return torch.is_tensor(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception:
+        return False
+
+
+def _load_tensor(path: str, flag: str) -> torch.Tensor:
+    if not os.path.isfile(path):
+        raise utils.UserError(f"{flag}: no file at {path}")
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise utils.UserError(f"{flag}: cannot read {path}: {error}") from None
+    if not torch.is_tensor(value):
+        raise utils.UserError(f"{flag}: {path} does not hold a tensor")
+    return value
+
+
+def _tensor_files(args, record) -> dict:
+    """The logged files of MTT / DATM / PAD (``images_*.pt``, ``labels_*.pt``, ``lr_*.pt``) as one
+    result entry: labels default to class-major hard labels, the lr to ``--lr_net``."""
+    images = _load_tensor(args.syn_path, "--syn_path")
+    if images.dim() != 4 or images.shape[0] % record.num_classes:
+        raise utils.UserError(f"--syn_path: {args.syn_path} holds {tuple(images.shape)}; expected (K*ipc, C, H, W) "
+                              f"with K = {record.num_classes}")
+    if args.labels_path:
+        labels = _load_tensor(args.labels_path, "--labels_path")
+    else:
+        labels = torch.arange(record.num_classes).repeat_interleave(images.shape[0] // record.num_classes)
+    meta = {}
+    if args.lr_path:
+        meta["syn_lr"] = [float(_load_tensor(args.lr_path, "--lr_path").reshape(-1)[0])]
+    return {"data": [[images, labels]], "meta": meta}
+
+
 def load_sets(args, record) -> tuple:
     """The synthetic sets to evaluate: a list of (images, labels, learned lr or None) and the
     saved DSA strategy. Float (N, K) labels are soft-label logits (DATM's format and ours) and
@@ -56,7 +99,7 @@ def load_sets(args, record) -> tuple:
     Raises:
         utils.UserError: the file does not match ``--dataset`` or ``--exp``.
     """
-    blob = utils.load_results(args.syn_path)
+    blob = _tensor_files(args, record) if _is_tensor_file(args.syn_path) else utils.load_results(args.syn_path)
     meta = blob.get("meta") or {}
     if meta.get("dataset") and meta["dataset"] != args.dataset:
         raise utils.UserError(f"--syn_path holds a {meta['dataset']} set but --dataset is {args.dataset}")

@@ -192,3 +192,22 @@ def test_resume_equals_uninterrupted(buffer_root, tmp_path):
     assert torch.allclose(whole["data"][0][0], resumed["data"][0][0])
     assert torch.allclose(whole["data"][0][1], resumed["data"][0][1])
     assert whole["meta"]["syn_lr"] == pytest.approx(resumed["meta"]["syn_lr"])
+
+
+def test_evaluate_reads_reference_logged_files(tmp_path):
+    """images_*.pt / labels_*.pt (soft logits) / lr_*.pt as the MTT/DATM repositories log them."""
+    record = tiny_record()
+    images = torch.randn(6, 1, 8, 8)
+    logits = torch.randn(6, 3)
+    torch.save(images, tmp_path / "images_best.pt")
+    torch.save(logits, tmp_path / "labels_best.pt")
+    torch.save(torch.tensor(0.02), tmp_path / "lr_best.pt")
+    args = evaluate.build_parser().parse_args(["--syn_path", str(tmp_path / "images_best.pt"), "--labels_path",
+                                               str(tmp_path / "labels_best.pt"), "--lr_path", str(tmp_path / "lr_best.pt"),
+                                               "--dataset", record.name])
+    sets, _ = evaluate.load_sets(args, record)
+    loaded, targets, lr = sets[0]
+    assert torch.equal(loaded, images) and torch.allclose(targets, torch.softmax(logits, 1)) and lr == pytest.approx(0.02)
+    args = evaluate.build_parser().parse_args(["--syn_path", str(tmp_path / "images_best.pt"), "--dataset", record.name])
+    _, hard, lr = evaluate.load_sets(args, record)[0][0]
+    assert hard.tolist() == [0, 0, 1, 1, 2, 2] and lr is None
