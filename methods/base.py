@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple, Type
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -265,6 +265,8 @@ class DistillMethod:
         self.generator = generator
         self.dsa_strategy = cfg.dsa_strategy if augment.validate_strategy(cfg.dsa_strategy) else ""
         self.hparams = self.resolve_options(cfg.extra)
+        # Extra terms on the synthetic set added to every image update (e.g. a CLoM loss).
+        self.regularizers: List[Callable[[SyntheticSet], torch.Tensor]] = []
         self.optimizer_img: Optional[torch.optim.Optimizer] = None
 
     @classmethod
@@ -346,16 +348,33 @@ class DistillMethod:
         """The matching loss of one iteration (a scalar with a graph to ``syn.images``)."""
         raise NotImplementedError
 
+    def update_images(self, syn: SyntheticSet, loss: torch.Tensor, optimizers: Optional[list] = None) -> None:
+        """The one place a method updates the synthetic set: zero the gradients, back-propagate
+        ``loss`` plus every term of ``self.regularizers`` evaluated on ``syn``, step.
+
+        Args:
+            syn: the synthetic set.
+            loss: the method's loss, a scalar with a graph to ``syn``.
+            optimizers: what to step (default: the image optimiser).
+        """
+        optimizers = optimizers or [self.optimizer_img]
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        total = loss
+        for regularizer in self.regularizers:
+            total = total + regularizer(syn)
+        total.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+
     def step(self, syn: SyntheticSet, iteration: int) -> Dict[str, torch.Tensor]:
-        """One outer iteration: loss, zero_grad, backward, optimiser step.
+        """One outer iteration: the loss, then :meth:`update_images`.
 
         Returns:
             ``{'loss': scalar tensor}`` (detached; converted to float once by the runner).
         """
         loss = self.loss(syn)
-        self.optimizer_img.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer_img.step()
+        self.update_images(syn, loss)
         return {"loss": loss.detach()}
 
     # ---- checkpoints --------------------------------------------------------------------

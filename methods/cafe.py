@@ -162,9 +162,7 @@ class CAFE(DistillMethod):
         for _ in range(hp["max_outer_steps"]):
             net.requires_grad_(False)  # only the images learn here; skip the weight gradients
             loss = self.matching_loss(net, syn)
-            self.optimizer_img.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer_img.step()
+            self.update_images(syn, loss)
             net.requires_grad_(True)
             losses.append(loss.detach())
             watcher.append(self.real_accuracy(net))

@@ -114,9 +114,7 @@ class DC(DistillMethod):
             if use_bn:
                 self._freeze_batchnorm(net)
             loss = self.matching_loss(net, syn)
-            self.optimizer_img.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer_img.step()
+            self.update_images(syn, loss)
             total += loss.detach()
             if outer_step == self.outer_loop - 1:
                 break

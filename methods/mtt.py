@@ -302,13 +302,9 @@ class MTT(DistillMethod):
         target = flatten(trajectory[epoch + self.hparams["expert_epochs"]]).to(self.device)
         self.student_net.train()
         loss = self.matching_loss(self.unroll(syn, start), start, target)
-        for optimizer in self.optimizers():
-            optimizer.zero_grad(set_to_none=True)
         accepted = self.accept(loss)
         if accepted:
-            loss.backward()
-            for optimizer in self.optimizers():
-                optimizer.step()
+            self.update_images(syn, loss, self.optimizers())
         logs = {"loss": loss.detach(), "start_epoch": torch.tensor(float(epoch)), "syn_lr": syn.syn_lr.detach().clone()}
         if self.can_skip:
             logs["skipped"] = torch.tensor(0.0 if accepted else 1.0)

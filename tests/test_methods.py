@@ -346,3 +346,29 @@ def test_pass_size_keeps_batchnorm_statistics_whole():
     chunked = utils.embed_in_chunks(net, images)
     with torch.no_grad():
         assert torch.allclose(chunked, net.embed(images), atol=1e-5)
+
+
+@pytest.mark.parametrize("method,overrides", [
+    ("DC", {}), ("DSA", {}), ("DM", {}), ("DataDAM", {}),
+    ("CAFE", {"watcher_window": 2, "watcher_images": 2, "max_outer_steps": 2, "max_inner_steps": 1}),
+])
+def test_regularizers_join_every_image_update(method, overrides):
+    """The hook CLoM-style terms use: every method's image update includes self.regularizers."""
+    record = tiny_record()
+    calls = []
+
+    plain, regularized = build(method, record, init="real", **overrides), build(method, record, init="real", **overrides)
+    weight = 0.25 / regularized.cfg.lr_img  # one SGD step on weight * |x|^2 alone halves the images
+
+    def pull_to_zero(syn):
+        calls.append(1)
+        return weight * (syn.images ** 2).sum()
+
+    regularized.regularizers.append(pull_to_zero)
+    syn_plain, syn_reg = plain.init_synthetic(), regularized.init_synthetic()
+    torch.manual_seed(5)
+    plain.step(syn_plain, 1)
+    torch.manual_seed(5)
+    regularized.step(syn_reg, 1)
+    assert calls, f"{method} never called the regulariser"
+    assert syn_reg.images.norm() < syn_plain.images.norm()

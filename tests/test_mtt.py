@@ -211,3 +211,11 @@ def test_evaluate_reads_reference_logged_files(tmp_path):
     args = evaluate.build_parser().parse_args(["--syn_path", str(tmp_path / "images_best.pt"), "--dataset", record.name])
     _, hard, lr = evaluate.load_sets(args, record)[0][0]
     assert hard.tolist() == [0, 0, 1, 1, 2, 2] and lr is None
+
+
+def test_regularizers_join_the_trajectory_matching_update(buffer_root):
+    m, _ = build("MTT", buffer_root)
+    calls = []
+    m.regularizers.append(lambda syn: calls.append(1) or 0.0 * syn.images.sum())
+    m.step(m.init_synthetic(), 1)
+    assert calls == [1]
