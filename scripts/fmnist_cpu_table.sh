@@ -15,7 +15,7 @@ OUT=${OUT:-result/fmnist_cpu}
 NUM_EVAL=${NUM_EVAL:-3}
 DC_ITERS=${DC_ITERS:-50}
 DM_ITERS=${DM_ITERS:-100}
-CAFE_ITERS=${CAFE_ITERS:-15}
+CAFE_ITERS=${CAFE_ITERS:-10}
 DAM_ITERS=${DAM_ITERS:-100}
 # CAFE's watchers at CPU size: 5 readings of 32 real images per class, at most 10 image updates
 # per iteration (reference: 10 readings of 128, unbounded).
