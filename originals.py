@@ -1,0 +1,801 @@
+"""Original models: networks trained on the whole real training set, saved for CLoM and for
+assessments of synthetic sets ("Original Model" accuracy).
+
+Source (facts from ``/work/shared/reference/methods.md`` §7; no reference code is reused):
+yaolu-zjut/DDInterpreter ``train_original_models.py`` (Lu et al., "Can pre-trained models assist in
+dataset distillation?", arXiv 2310.03295; the README's "Which Assessment Should be Prioritized in
+Dataset Distillation?"). Each original model is a fresh ``networks.get_network`` network trained
+on the full training set with SGD (lr 0.01, momentum 0.9, weight decay 0.005, batch 256) for 150
+epochs, the lr multiplied by 0.1 at epochs 50 and 100 (``MultiStepLR``), with **no augmentation**
+(methods.md §7.1: "No augmentation"), on the normalised images every loader here returns.
+
+On-disk layout (:func:`original_dir`)::
+
+    {save_path}/{dataset}/original/{model}/index_{i}/checkpoint.pt          resumable state (below)
+    {save_path}/{dataset}/original/{model}/index_{i}/{dataset}_{model}_original_epoch{E}.pth
+                                              the finished weights (a plain state_dict, reference name)
+    {save_path}/{dataset}/original/{model}/summary.json                     one row per index folder
+    {save_path}/{dataset}/original/{model}/log.txt                          (written by train_original.py)
+
+``checkpoint.pt`` (``torch.load(..., weights_only=True)`` reads it) holds ``format``,
+``format_version``, ``model``, ``dataset``, ``channel``, ``num_classes``, ``im_size`` [H, W],
+``index``, ``seed``, ``epochs_done``, ``epochs_total``, ``finished``, ``config``
+(:meth:`OriginalConfig.describe`), ``test_acc`` (in [0, 1] after the last epoch, else ``None``),
+``num_params``, ``flops_per_image``, ``state_dict``, ``optimizer``, ``scheduler``, ``rng``
+(the state of the generator every shuffle draws from; training draws nothing from the global RNG,
+there is no augmentation and no dropout), ``history`` (one
+``{epoch, loss, lr, seconds}`` per epoch), ``train_seconds``, ``device`` and ``torch_version``.
+
+Model ``i`` is initialised from ``torch.manual_seed(seed + i)`` (in a forked RNG) and shuffled from
+``utils.make_generator(seed + i)``, so a resumed model equals an uninterrupted one on the same
+device. Because the lr milestones are absolute epochs, a model finished with ``--epochs 1`` is
+exactly epoch 1 of a longer run: asking for more epochs later continues it.
+
+Public API:
+
+* configuration and paths: :class:`OriginalConfig`, :func:`parse_milestones`,
+  :func:`dataset_name`, :func:`original_dir`, :func:`index_dir`, :func:`checkpoint_path`,
+  :func:`reference_weights_name`, :func:`list_indices`, :func:`train_command`;
+* measures: :func:`count_parameters`, :func:`flops_per_image`;
+* training: :func:`train_original`, :func:`train_originals`, :func:`check_existing`,
+  :class:`OriginalResult`, :class:`OriginalsSummary`;
+* reading: :func:`read_checkpoint`, :func:`load_original_models`, :func:`collect_summary`,
+  :func:`write_summary`, :func:`format_table`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import networks
+import utils
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "dd-toolkit original model"
+FORMAT_VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pt"
+SUMMARY_NAME = "summary.json"
+DEFAULT_SAVE_PATH = "pretrained_model"
+INDEX_RE = re.compile(r"^index_(\d+)$")
+FLOPS_DEFINITION = ("FLOPs per image = 2 x multiply-adds of the convolution and linear layers for one image "
+                    "(torch.utils.flop_counter.FlopCounterMode); normalisation, activation and pooling are not counted")
+
+# Called after every epoch (after any checkpoint of that epoch is written): on_epoch(index, epoch, loss).
+EpochCallback = Callable[[int, int, float], None]
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+def parse_milestones(text: Union[str, Sequence[int], None]) -> tuple:
+    """Parse ``--lr_decay_step`` (``'50,100'``) into increasing positive epochs ``(50, 100)``.
+
+    Entries may be separated by commas or spaces; an empty string, ``'none'`` or ``None`` means
+    no decay. (DDInterpreter's ``validate.py`` hands such a string to ``MultiStepLR`` unparsed,
+    methods.md §7.4; here it is always parsed and checked.)
+
+    Raises:
+        utils.UserError: an entry is not a positive integer, or the epochs do not increase.
+    """
+    if text is None:
+        return ()
+    if isinstance(text, str):
+        parts = [part.strip() for part in text.replace(" ", ",").split(",") if part.strip()]
+        if len(parts) == 1 and parts[0].lower() == "none":
+            return ()
+    else:
+        parts = list(text)
+    try:
+        if any(isinstance(part, bool) or not isinstance(part, (str, int)) for part in parts):
+            raise TypeError(parts)
+        values = tuple(int(part) for part in parts)
+    except (TypeError, ValueError):
+        raise utils.UserError(f"--lr_decay_step {text!r}: expected comma-separated epochs such as 50,100 "
+                              "(or none)") from None
+    if any(value < 1 for value in values) or any(b <= a for a, b in zip(values, values[1:])):
+        raise utils.UserError(f"--lr_decay_step {text!r}: epochs must be positive and increasing, e.g. 50,100")
+    return values
+
+
+@dataclass(frozen=True)
+class OriginalConfig:
+    """How original models are trained (the ``train_original.py`` flags that change a model).
+
+    Field names and defaults are the reference flags of ``train_original_models.py``
+    (methods.md §7.1); ``seed`` is the toolkit's ``--seed`` (the reference's ``--random_seed``).
+
+    Attributes:
+        dataset, zca, subset, res: the training data (``data.load_dataset`` arguments).
+        model: a ``networks.py`` name.
+        epochs: total training epochs.
+        batch_size: images per SGD step (the last batch of an epoch may be smaller).
+        lr, momentum, weight_decay: SGD settings.
+        lr_decay_step: ``MultiStepLR`` milestones: the lr is multiplied by 0.1 once that many
+            epochs are done (with ``(50, 100)``: epochs 1-50 at ``lr``, 51-100 at ``lr/10``,
+            101-150 at ``lr/100``, 1-based).
+        seed: model ``i`` uses seed ``seed + i`` for its initialisation and its shuffles.
+    """
+
+    dataset: str
+    model: str = "ConvNet"
+    epochs: int = 150
+    batch_size: int = 256
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.005
+    lr_decay_step: tuple = (50, 100)
+    zca: bool = False
+    subset: Optional[str] = None
+    res: Optional[int] = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Check every value; raise ``utils.UserError`` naming the flag.
+
+        Raises:
+            utils.UserError: non-positive ``epochs``, ``batch_size`` or ``lr``, negative
+                ``momentum``/``weight_decay``, bad milestones, or an unknown model.
+        """
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise utils.UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise utils.UserError(f"--lr must be positive, got {self.lr}")
+        for name in ("momentum", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise utils.UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        parse_milestones(self.lr_decay_step)
+        if self.model not in networks.list_networks():
+            raise utils.UserError(f"--model: unknown model {self.model!r}; choose from: "
+                                  f"{', '.join(networks.list_networks())}")
+
+    def describe(self) -> dict:
+        """The configuration, JSON-ready, as stored in every checkpoint's ``config``; the dataset
+        name is :func:`dataset_name`'s and the milestones a list."""
+        record = asdict(self)
+        record["dataset"] = dataset_name(self.dataset, self.subset)
+        record["subset"] = self.subset.lower() if self.subset else None
+        record["lr_decay_step"] = list(parse_milestones(self.lr_decay_step))
+        record["augmentation"] = "none"
+        return record
+
+    def identity(self) -> dict:
+        """:meth:`describe` without ``epochs``: what must match to resume a model or to add
+        models beside others (a finished model may be continued to more epochs)."""
+        record = self.describe()
+        del record["epochs"]
+        return record
+
+
+# --------------------------------------------------------------------------------------------
+# Paths
+# --------------------------------------------------------------------------------------------
+def dataset_name(dataset: str, subset: Optional[str] = None) -> str:
+    """The folder name of a dataset: its registered spelling (case-insensitive match), or the
+    subset name for ``ImageNet`` with ``subset``; an unregistered name is returned unchanged."""
+    from data import DATASETS
+
+    name = str(dataset)
+    if name not in DATASETS:
+        matches = [key for key in DATASETS if key.lower() == name.lower()]
+        if len(matches) == 1:
+            name = matches[0]
+    if name == "ImageNet" and subset:
+        return str(subset).lower()
+    return name
+
+
+def original_dir(save_path: str, dataset: str, model: str, subset: Optional[str] = None) -> str:
+    """``{save_path}/{dataset}/original/{model}`` (the reference layout)."""
+    return os.path.join(os.fspath(save_path), dataset_name(dataset, subset), "original", model)
+
+
+def index_dir(save_path: str, dataset: str, model: str, index: int, subset: Optional[str] = None) -> str:
+    """``{original_dir}/index_{index}``: the folder of model ``index``."""
+    return os.path.join(original_dir(save_path, dataset, model, subset), f"index_{int(index)}")
+
+
+def checkpoint_path(save_path: str, dataset: str, model: str, index: int, subset: Optional[str] = None) -> str:
+    """``{index_dir}/checkpoint.pt``: model ``index``'s resumable checkpoint."""
+    return os.path.join(index_dir(save_path, dataset, model, index, subset), CHECKPOINT_NAME)
+
+
+def reference_weights_name(dataset: str, model: str, epoch: int) -> str:
+    """``{dataset}_{model}_original_epoch{epoch}.pth``: the reference's per-epoch weight file name."""
+    return f"{dataset}_{model}_original_epoch{int(epoch)}.pth"
+
+
+def list_indices(directory: str) -> list:
+    """Indices ``i`` of the ``index_{i}`` folders of ``directory`` holding a ``checkpoint.pt``, sorted."""
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        match = INDEX_RE.match(name)
+        if match and os.path.isfile(os.path.join(directory, name, CHECKPOINT_NAME)):
+            found.append(int(match.group(1)))
+    return sorted(found)
+
+
+def train_command(dataset: str = "DATASET", model: str = "MODEL", num: Optional[int] = None,
+                  save_path: Optional[str] = None, subset: Optional[str] = None,
+                  epochs: Optional[int] = None) -> str:
+    """The ``train_original.py`` command line that makes such models (for error messages)."""
+    parts = ["python train_original.py", f"--dataset {dataset}", f"--model {model}"]
+    if subset:
+        parts.append(f"--subset {subset}")
+    if num is not None:
+        parts.append(f"--num {int(num)}")
+    if epochs is not None:
+        parts.append(f"--epochs {int(epochs)}")
+    if save_path is not None and os.path.normpath(os.fspath(save_path)) != DEFAULT_SAVE_PATH:
+        parts.append(f"--save_path {save_path}")
+    return " ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Measures: parameters and FLOPs
+# --------------------------------------------------------------------------------------------
+def count_parameters(net: nn.Module) -> int:
+    """Number of parameter entries of ``net`` (every ``net.parameters()`` tensor, frozen or not;
+    buffers such as BatchNorm running statistics are not counted), as methods.md §0.3 counts them."""
+    return int(sum(p.numel() for p in net.parameters()))
+
+
+def flops_per_image(net: nn.Module, channel: int, im_size: Sequence[int]) -> int:
+    """FLOPs of one forward pass of ``net`` on one (C, H, W) image, counted by
+    ``torch.utils.flop_counter.FlopCounterMode``.
+
+    That counter charges 2 FLOPs per multiply-add of convolutions and matrix products (so
+    multiply-adds = FLOPs / 2) and nothing for normalisation, activations or pooling
+    (:data:`FLOPS_DEFINITION`). The pass runs in eval mode without gradients on the network's
+    device (BatchNorm statistics do not move); the network's mode is restored afterwards.
+
+    Args:
+        net: the network.
+        channel: C.
+        im_size: (H, W).
+
+    Returns:
+        FLOPs per image (an int).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    parameter = next(net.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    image = torch.zeros(1, int(channel), *[int(s) for s in im_size], device=device)
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            net(image)
+    finally:
+        net.train(was_training)
+    return int(counter.get_total_flops())
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+def _cpu(obj):
+    """``obj`` with every tensor detached and moved to the CPU (plain dicts, lists, tuples)."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if type(obj) is dict:
+        return {key: _cpu(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(value) for value in obj)
+    return obj
+
+
+def read_checkpoint(path: str) -> dict:
+    """Read one ``checkpoint.pt`` (``weights_only``) and check its layout.
+
+    Raises:
+        utils.UserError: the file is missing, unreadable, or not an original-model checkpoint of
+            this toolkit (or of a newer layout).
+    """
+    if not os.path.isfile(path):
+        raise utils.UserError(f"no original-model checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated or foreign file
+        raise utils.UserError(f"cannot read {path}: {' '.join(str(error).split())}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise utils.UserError(f"{path} is not an original-model checkpoint of this toolkit (made by train_original.py)")
+    if int(state.get("format_version", 0)) > FORMAT_VERSION:
+        raise utils.UserError(f"{path} has layout version {state['format_version']}; this toolkit reads up to "
+                              f"{FORMAT_VERSION}")
+    return state
+
+
+def _differences(saved: dict, current: dict) -> list:
+    """``['--key saved (this run: current)', ...]`` for every key whose value differs."""
+    keys = list(dict.fromkeys([*current, *saved]))
+    return [f"--{key} {saved.get(key)!r} (this run: {current.get(key)!r})"
+            for key in keys if saved.get(key) != current.get(key)]
+
+
+def _check_resumable(path: str, state: dict, cfg: OriginalConfig) -> None:
+    """Raise ``utils.UserError`` if the checkpoint at ``path`` cannot be continued with ``cfg``."""
+    saved = dict(state.get("config", {}))
+    saved.pop("epochs", None)
+    differences = _differences(saved, cfg.identity())
+    if differences:
+        raise utils.UserError(f"{path} was trained with {'; '.join(differences)}; refusing to mix: use the same "
+                              "flags, another --save_path, or delete that folder")
+    done, total = int(state["epochs_done"]), int(state["epochs_total"])
+    if done > cfg.epochs and done < total:
+        raise utils.UserError(f"{path} is unfinished at {done} of {total} epochs, more than --epochs {cfg.epochs}; "
+                              f"use --epochs {total} to finish it")
+
+
+def check_existing(save_path: str, cfg: OriginalConfig, num: int) -> dict:
+    """Refuse early (before the dataset is loaded) to continue or add to models of another
+    configuration; report what a run of ``num`` models would do.
+
+    Args:
+        save_path: ``--save_path``.
+        cfg: this run's configuration.
+        num: models wanted (indices ``0 .. num - 1``).
+
+    Returns:
+        ``{'finished': [i, ...], 'resume': [(i, epochs_done), ...], 'new': [i, ...]}`` for indices
+        below ``num`` (finished means at least ``cfg.epochs`` epochs done).
+
+    Raises:
+        utils.UserError: ``num`` < 1, or a checkpoint of this folder (any index) was trained with
+            other flags (the message names them), or is unfinished beyond ``cfg.epochs``.
+    """
+    if num < 1:
+        raise utils.UserError(f"--num must be at least 1, got {num}")
+    directory = original_dir(save_path, cfg.dataset, cfg.model, cfg.subset)
+    plan = {"finished": [], "resume": [], "new": []}
+    existing = list_indices(directory)
+    for index in existing:
+        path = os.path.join(directory, f"index_{index}", CHECKPOINT_NAME)
+        state = read_checkpoint(path)
+        _check_resumable(path, state, cfg)
+        if index < num:
+            done = int(state["epochs_done"])
+            if done >= cfg.epochs and done >= int(state["epochs_total"]):
+                plan["finished"].append(index)
+            else:
+                plan["resume"].append((index, done))
+    plan["new"] = [index for index in range(num) if index not in existing]
+    return plan
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+@dataclass
+class OriginalResult:
+    """What :func:`train_original` did for one model.
+
+    Attributes:
+        index: the model index.
+        path: its ``checkpoint.pt``.
+        seed: its seed (``cfg.seed + index``).
+        epochs_done, epochs_total: epochs trained in total / asked for.
+        trained_epochs: epochs trained by this call (0: it was finished already).
+        resumed_from: epochs the checkpoint had when this call started (0: a fresh model).
+        test_acc: test accuracy in [0, 1] after the last epoch (``None`` if unfinished).
+        num_params: :func:`count_parameters`.
+        flops_per_image: :func:`flops_per_image`.
+        train_seconds: training seconds summed over every call (testing excluded).
+        closed: the checkpoint had exactly ``cfg.epochs`` epochs but a larger total; this call
+            tested it and marked it finished without training.
+    """
+
+    index: int
+    path: str
+    seed: int
+    epochs_done: int
+    epochs_total: int
+    trained_epochs: int
+    resumed_from: int
+    test_acc: Optional[float]
+    num_params: int
+    flops_per_image: int
+    train_seconds: float
+    closed: bool = False
+
+    @property
+    def status(self) -> str:
+        """``'trained'``, ``'resumed from epoch k'``, ``'finished at epoch k'`` or ``'skipped (finished)'``."""
+        if self.closed:
+            return f"finished at epoch {self.epochs_done}"
+        if self.trained_epochs == 0:
+            return "skipped (finished)"
+        return f"resumed from epoch {self.resumed_from}" if self.resumed_from else "trained"
+
+
+def _build_network(model: str, channel: int, num_classes: int, im_size: Sequence[int], device,
+                   seed: Optional[int] = None) -> nn.Module:
+    """``networks.get_network`` inside a forked RNG (seeded with ``seed`` when given), so the
+    caller's global RNG stream does not move."""
+    device = torch.device(device)
+    fork = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return networks.get_network(model, channel, num_classes, tuple(im_size), device=device)
+
+
+def _record_fields(record) -> dict:
+    return {"channel": int(record.channel), "num_classes": int(record.num_classes),
+            "im_size": [int(s) for s in record.im_size]}
+
+
+def train_original(net: nn.Module, record, cfg: OriginalConfig, path: str, *, index: int = 0,
+                   seed: Optional[int] = None, save_every: int = 1, on_epoch: Optional[EpochCallback] = None,
+                   images: Optional[tuple] = None) -> OriginalResult:
+    """Train (or continue, or skip) one original model and keep its checkpoint at ``path``.
+
+    SGD(``cfg.lr``, ``cfg.momentum``, ``cfg.weight_decay``) on shuffled ``cfg.batch_size``
+    minibatches of the whole training set (``utils.train_epoch``, no augmentation), the lr
+    scheduled by ``MultiStepLR(cfg.lr_decay_step, gamma=0.1)`` stepped once per epoch. The
+    checkpoint is written atomically after every ``save_every``-th epoch and after the last one
+    (then with the test accuracy, and the reference-named weight file beside it).
+
+    If ``path`` exists, its state (weights, optimizer, scheduler, generator) is loaded into
+    ``net`` and training continues from there, also past the total it was started with (the
+    milestones are absolute epochs, so this equals a run asked for ``cfg.epochs`` from the start).
+    A finished checkpoint with at least ``cfg.epochs`` epochs is skipped (its weights are still
+    loaded into ``net``); an unfinished one with exactly ``cfg.epochs`` epochs is tested and
+    marked finished without training.
+
+    Args:
+        net: a freshly initialised ``cfg.model`` network on the training device.
+        record: a ``data.DatasetRecord`` (training and test split).
+        cfg: the configuration (validated here).
+        path: the ``checkpoint.pt`` to resume from and write (:func:`checkpoint_path`).
+        index: the model index (recorded, and named in the log).
+        seed: the shuffling seed for a fresh model; default ``cfg.seed + index``.
+        save_every: checkpoint every that many epochs (0: only after the last).
+        on_epoch: ``on_epoch(index, epoch, loss)`` after each epoch and its checkpoint.
+        images: ``(train_x, train_y, test_x, test_y)`` already on the device (saves copies
+            when training several models); default: ``record``'s tensors moved there.
+
+    Returns:
+        An :class:`OriginalResult`.
+
+    Raises:
+        utils.UserError: invalid ``cfg`` or ``save_every``, or the checkpoint was made with other
+            flags or holds another dataset or model.
+        FloatingPointError: the training loss became NaN or infinite (the last checkpoint is kept).
+    """
+    cfg.validate()
+    if save_every < 0:
+        raise utils.UserError(f"--save_every must be >= 0, got {save_every}")
+    seed = cfg.seed + index if seed is None else seed
+    device = next(net.parameters()).device
+    if images is None:
+        images = tuple(t.to(device) for t in (record.images_train, record.labels_train, record.images_test,
+                                              record.labels_test))
+    train_x, train_y, test_x, test_y = images
+    milestones = list(parse_milestones(cfg.lr_decay_step))
+    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+    generator = utils.make_generator(seed)
+    state: dict = {}
+    if os.path.isfile(path):
+        state = read_checkpoint(path)
+        _check_resumable(path, state, cfg)
+        wanted = {"dataset": cfg.describe()["dataset"], "model": cfg.model, **_record_fields(record)}
+        for key, value in wanted.items():
+            if state.get(key) != value:
+                raise utils.UserError(f"{path} holds {key}={state.get(key)!r}, this run has {key}={value!r}")
+        net.load_state_dict(state["state_dict"])
+        seed = int(state["seed"])
+    done = int(state.get("epochs_done", 0))
+    history = list(state.get("history", []))
+    num_params = count_parameters(net)
+    flops = int(state["flops_per_image"]) if state else flops_per_image(net, record.channel, record.im_size)
+    result = OriginalResult(index=index, path=path, seed=seed, epochs_done=done, epochs_total=cfg.epochs,
+                            trained_epochs=0, resumed_from=done, test_acc=state.get("test_acc"),
+                            num_params=num_params, flops_per_image=flops,
+                            train_seconds=float(sum(h["seconds"] for h in history)))
+    if done >= cfg.epochs and state.get("finished"):
+        result.epochs_total = int(state["epochs_total"])
+        logger.info("original %d: %s is finished (%d epochs): skipped", index, path, done)
+        return result
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["rng"]["generator"])
+        logger.info("original %d: resuming %s after epoch %d of %d", index, path, done, cfg.epochs)
+    base = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": cfg.model,
+            "dataset": cfg.describe()["dataset"], **_record_fields(record), "index": int(index), "seed": int(seed),
+            "config": cfg.describe(), "num_params": num_params, "flops_per_image": flops, "device": str(device),
+            "torch_version": str(torch.__version__)}
+
+    def save(epochs_done: int, test_acc: Optional[float]) -> None:
+        finished = epochs_done >= cfg.epochs
+        utils.atomic_save({**base, "epochs_done": epochs_done, "epochs_total": cfg.epochs, "finished": finished,
+                           "test_acc": test_acc, "state_dict": _cpu(net.state_dict()),
+                           "optimizer": _cpu(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
+                           "rng": {"generator": generator.get_state()},
+                           "history": history, "train_seconds": float(sum(h["seconds"] for h in history))}, path)
+        if finished:
+            utils.atomic_save(_cpu(net.state_dict()), os.path.join(
+                os.path.dirname(path), reference_weights_name(base["dataset"], cfg.model, epochs_done)))
+
+    if done >= cfg.epochs:  # unfinished at exactly --epochs (the milestones are absolute): finish it here
+        result.test_acc, result.closed = utils.test_accuracy(net, test_x, test_y), True
+        save(done, result.test_acc)
+        logger.info("original %d: %s has %d epochs: test acc %.2f%%", index, path, done, 100 * result.test_acc)
+        return result
+    for epoch in range(done, cfg.epochs):
+        lr = optimizer.param_groups[0]["lr"]
+        start = time.perf_counter()
+        loss = utils.train_epoch(net, train_x, train_y, optimizer, cfg.batch_size, generator)
+        seconds = time.perf_counter() - start
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"original {index}: training loss became {loss} in epoch {epoch + 1}; "
+                                     f"{path} keeps the last saved epoch")
+        scheduler.step()
+        history.append({"epoch": epoch + 1, "loss": loss, "lr": lr, "seconds": seconds})
+        result.trained_epochs += 1
+        message = f"original {index} epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f}, lr {lr:g}, {seconds:.1f} s"
+        last = epoch + 1 == cfg.epochs
+        if last:
+            result.test_acc = utils.test_accuracy(net, test_x, test_y)
+            message += f", test acc {100 * result.test_acc:.2f}%"
+        logger.info(message)
+        if last or (save_every and (epoch + 1) % save_every == 0):
+            save(epoch + 1, result.test_acc if last else None)
+        if on_epoch is not None:
+            on_epoch(index, epoch + 1, loss)
+    result.epochs_done = cfg.epochs
+    result.train_seconds = float(sum(h["seconds"] for h in history))
+    return result
+
+
+@dataclass
+class OriginalsSummary:
+    """What :func:`train_originals` did.
+
+    Attributes:
+        directory: :func:`original_dir`.
+        results: one :class:`OriginalResult` per index ``0 .. num - 1`` of this run.
+        summary: the ``summary.json`` content (every index folder of ``directory``).
+        summary_path: where it was written.
+    """
+
+    directory: str
+    results: list = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    summary_path: str = ""
+
+
+def train_originals(cfg: OriginalConfig, record, save_path: str, num: int, *, device: torch.device,
+                    save_every: int = 1, on_epoch: Optional[EpochCallback] = None) -> OriginalsSummary:
+    """Train original models ``0 .. num - 1`` of ``cfg.model`` on ``record`` (skipping finished
+    ones, continuing unfinished ones) and rewrite ``summary.json`` after each.
+
+    Args:
+        cfg: the configuration.
+        record: a ``data.DatasetRecord``; its name should be ``cfg.dataset``'s.
+        save_path: the root folder (``--save_path``).
+        num: models wanted.
+        device: where to train.
+        save_every: see :func:`train_original`.
+        on_epoch: see :func:`train_original`.
+
+    Returns:
+        An :class:`OriginalsSummary`.
+
+    Raises:
+        utils.UserError: see :func:`check_existing` and :func:`train_original`.
+        FloatingPointError: a training loss became NaN or infinite.
+    """
+    cfg.validate()
+    plan = check_existing(save_path, cfg, num)
+    directory = original_dir(save_path, cfg.dataset, cfg.model, cfg.subset)
+    logger.info("%s: %d finished, %d to resume, %d new", directory, len(plan["finished"]), len(plan["resume"]),
+                len(plan["new"]))
+    images = tuple(t.to(device) for t in (record.images_train, record.labels_train, record.images_test,
+                                          record.labels_test))
+    out = OriginalsSummary(directory=directory)
+    for index in range(num):
+        net = _build_network(cfg.model, record.channel, record.num_classes, record.im_size, device, cfg.seed + index)
+        path = os.path.join(directory, f"index_{index}", CHECKPOINT_NAME)
+        result = train_original(net, record, cfg, path, index=index, save_every=save_every, on_epoch=on_epoch,
+                                images=images)
+        out.results.append(result)
+        if (result.trained_epochs or result.closed) and index + 1 < num:
+            write_summary(directory)  # kept current while later models train
+    out.summary, out.summary_path = write_summary(directory)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Summary
+# --------------------------------------------------------------------------------------------
+def _row(state: dict, directory: str) -> dict:
+    history = state.get("history", [])
+    seconds = float(sum(h["seconds"] for h in history))
+    return {"index": int(state["index"]), "seed": int(state["seed"]), "epochs_done": int(state["epochs_done"]),
+            "epochs_total": int(state["epochs_total"]), "finished": bool(state["finished"]),
+            "test_acc": state.get("test_acc"), "num_params": int(state["num_params"]),
+            "flops_per_image": int(state["flops_per_image"]), "macs_per_image": int(state["flops_per_image"]) // 2,
+            "train_seconds": round(seconds, 3),
+            "seconds_per_epoch": round(seconds / len(history), 3) if history else None,
+            "checkpoint": os.path.join(f"index_{int(state['index'])}", CHECKPOINT_NAME)}
+
+
+def collect_summary(directory: str) -> dict:
+    """The summary of every ``index_{i}/checkpoint.pt`` under ``directory``.
+
+    Returns:
+        ``{'format', 'dataset', 'model', 'channel', 'im_size', 'num_classes', 'config',
+        'flops_definition', 'models': [row, ...], 'test_acc_mean', 'test_acc_std', 'finished'}``;
+        each row has ``index, seed, epochs_done, epochs_total, finished, test_acc (in [0, 1]),
+        num_params, flops_per_image, macs_per_image, train_seconds, seconds_per_epoch,
+        checkpoint``; mean and (population) std are over the finished models (``None`` if none).
+
+    Raises:
+        utils.UserError: an unreadable checkpoint.
+    """
+    rows, first = [], None
+    for index in list_indices(directory):
+        state = read_checkpoint(os.path.join(directory, f"index_{index}", CHECKPOINT_NAME))
+        first = first or state
+        rows.append(_row(state, directory))
+    accs = [row["test_acc"] for row in rows if row["finished"] and row["test_acc"] is not None]
+    summary = {"format": f"{FORMAT} summary", "format_version": FORMAT_VERSION,
+               "dataset": first["dataset"] if first else None, "model": first["model"] if first else None,
+               "channel": first["channel"] if first else None, "im_size": first["im_size"] if first else None,
+               "num_classes": first["num_classes"] if first else None,
+               "config": first["config"] if first else None, "flops_definition": FLOPS_DEFINITION, "models": rows,
+               "finished": len(accs), "test_acc_mean": float(np.mean(accs)) if accs else None,
+               "test_acc_std": float(np.std(accs)) if accs else None}
+    return summary
+
+
+def write_summary(directory: str) -> tuple:
+    """Write :func:`collect_summary` to ``{directory}/summary.json`` atomically.
+
+    Returns:
+        ``(summary, path)``.
+    """
+    summary = collect_summary(directory)
+    path = os.path.join(directory, SUMMARY_NAME)
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as handle:
+        json.dump(summary, handle, indent=2)
+        handle.write("\n")
+    os.replace(tmp, path)
+    return summary, path
+
+
+def format_table(summary: dict, status: Optional[dict] = None) -> str:
+    """A plain-text table of a :func:`collect_summary` dict (Table I of the seed report: test
+    accuracy, parameters and FLOPs of each original model), with an optional ``status`` column
+    (``{index: text}``) and a mean ± std line."""
+    header = ["index", "seed", "epochs", "test acc %", "params", "MFLOPs/img", "MMACs/img", "train s", "s/epoch"]
+    if status is not None:
+        header.append("this run")
+    lines = []
+    for row in summary["models"]:
+        cells = [str(row["index"]), str(row["seed"]), f"{row['epochs_done']}/{row['epochs_total']}",
+                 "-" if row["test_acc"] is None else f"{100 * row['test_acc']:.2f}", f"{row['num_params']:,}",
+                 f"{row['flops_per_image'] / 1e6:.2f}", f"{row['macs_per_image'] / 1e6:.2f}",
+                 f"{row['train_seconds']:.1f}",
+                 "-" if row["seconds_per_epoch"] is None else f"{row['seconds_per_epoch']:.1f}"]
+        if status is not None:
+            cells.append(status.get(row["index"], "not asked"))
+        lines.append(cells)
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *lines)]
+    text = ["  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in [header, *lines]]
+    if summary.get("test_acc_mean") is not None:
+        text.append(f"test accuracy {100 * summary['test_acc_mean']:.2f} ± {100 * summary['test_acc_std']:.2f} % "
+                    f"over {summary['finished']} finished model(s) of {summary['model']} on {summary['dataset']}")
+    text.append(FLOPS_DEFINITION)
+    return "\n".join(text)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading for CLoM and assessments
+# --------------------------------------------------------------------------------------------
+def load_original_models(save_path: str, dataset: str, model: str,
+                         indices: Union[None, int, Sequence[int]] = None, device="cpu", *,
+                         allow_unfinished: bool = False, subset: Optional[str] = None,
+                         expect: Optional[dict] = None) -> list:
+    """Load trained original models, frozen, for the CLoM regulariser and for assessments.
+
+    Each network is rebuilt with ``networks.get_network`` from the checkpoint's model name,
+    channel, classes and image size (in a forked RNG: the caller's RNG does not move), gets the
+    saved weights (strict), and is returned with ``requires_grad=False`` on every parameter and in
+    eval mode (BatchNorm uses its running statistics; the reference leaves the saved mode).
+
+    Args:
+        save_path: ``train_original.py --save_path``.
+        dataset: the dataset the models were trained on (the folder name; case-insensitive).
+        model: the network name.
+        indices: ``None`` for every ``index_{i}`` folder found, an int ``n`` for indices
+            ``0 .. n - 1``, or a sequence of indices.
+        device: where to put the networks.
+        allow_unfinished: also accept a checkpoint that has not reached its total epochs.
+        subset: the ImageNet subset when ``dataset`` is ``'ImageNet'``.
+        expect: further values the checkpoint must have: ``channel``, ``num_classes``,
+            ``im_size`` or any key of its ``config`` (``zca``, ``epochs``, ``lr`` ...).
+
+    Returns:
+        A list of ``nn.Module``, one per index, in the order asked.
+
+    Raises:
+        utils.UserError: a checkpoint is missing (the message names the expected path and the
+            ``train_original.py`` command that makes it), unreadable, holds another dataset or
+            model or another expected value, or is unfinished (the message says how many epochs
+            it has) without ``allow_unfinished``.
+        ValueError: ``indices`` is an int below 1 or empty; ``expect`` names an unknown field.
+    """
+    directory = original_dir(save_path, dataset, model, subset)
+    name = dataset_name(dataset, subset)
+    if indices is None:
+        chosen = list_indices(directory)
+        if not chosen:
+            raise utils.UserError(f"no original models in {directory} (no index_*/{CHECKPOINT_NAME}); make them with: "
+                                  f"{train_command(name, model, 1, save_path, subset)}")
+    elif isinstance(indices, int) and not isinstance(indices, bool):
+        if indices < 1:
+            raise ValueError(f"load_original_models: indices must be at least 1, got {indices}")
+        chosen = list(range(indices))
+    else:
+        chosen = [int(i) for i in indices]
+        if not chosen:
+            raise ValueError("load_original_models: indices is empty")
+    device = torch.device(device)
+    models = []
+    for index in chosen:
+        path = os.path.join(directory, f"index_{index}", CHECKPOINT_NAME)
+        if not os.path.isfile(path):
+            raise utils.UserError(f"no original model {index}: {path} is missing; make it with: "
+                                  f"{train_command(name, model, max(chosen) + 1, save_path, subset)}")
+        state = read_checkpoint(path)
+        for key, wanted in (("dataset", name), ("model", model)):
+            if str(state.get(key)).lower() != str(wanted).lower():
+                raise utils.UserError(f"{path} holds a {state.get('model')} trained on {state.get('dataset')}, not "
+                                      f"a {model} on {name}; make the right one with: "
+                                      f"{train_command(name, model, max(chosen) + 1, save_path, subset)}")
+        for key, wanted in (expect or {}).items():
+            if key in ("channel", "num_classes", "im_size"):
+                have = state[key]
+                wanted = [int(s) for s in wanted] if key == "im_size" else wanted
+            elif key in state.get("config", {}):
+                have = state["config"][key]
+            else:
+                raise ValueError(f"load_original_models: unknown expectation {key!r}")
+            if have != wanted:
+                raise utils.UserError(f"{path} was made with {key}={have!r} but {key}={wanted!r} is needed")
+        done, total = int(state["epochs_done"]), int(state["epochs_total"])
+        if done < total and not allow_unfinished:
+            raise utils.UserError(f"{path} is unfinished: {done} of {total} epochs; finish it by running "
+                                  f"{train_command(name, model, max(chosen) + 1, save_path, subset, total)} "
+                                  "with its other flags again, or pass allow_unfinished=True")
+        net = _build_network(state["model"], state["channel"], state["num_classes"], state["im_size"], device)
+        try:
+            net.load_state_dict(state["state_dict"])
+        except RuntimeError as error:
+            raise utils.UserError(f"{path} does not fit networks.get_network({state['model']!r}): "
+                                  f"{' '.join(str(error).split())[:300]}") from None
+        net.requires_grad_(False)
+        net.eval()
+        models.append(net)
+    logger.info("loaded %d original %s model(s) of %s from %s", len(models), model, name, directory)
+    return models
