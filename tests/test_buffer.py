@@ -34,13 +34,7 @@ def tiny_record(num_classes=3, per_class=24, size=8, seed=0) -> DatasetRecord:
                          images_train=train_x, labels_train=train_y, images_test=test_x, labels_test=test_y)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks gain nothing from threads, and a second thread on a busy 2-core machine costs 100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(**overrides):
