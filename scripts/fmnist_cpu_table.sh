@@ -7,6 +7,7 @@
 #   bash scripts/fmnist_cpu_table.sh            # core: DC, DSA ipc 1, DM ipc 10 (~35 min, 2 cores)
 #   bash scripts/fmnist_cpu_table.sh cafe       # CAFE and CAFE+DSA at ipc 1 and 10
 #   bash scripts/fmnist_cpu_table.sh datadam    # DataDAM at ipc 1 and 10
+#   bash scripts/fmnist_cpu_table.sh mtt        # buffer.py experts, then MTT, DATM and PAD at ipc 1 and 10
 #   bash scripts/fmnist_cpu_table.sh core cafe datadam
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,14 @@ DAM_ITERS=${DAM_ITERS:-100}
 # CAFE's watchers at CPU size: 5 readings of 32 real images per class, at most 10 image updates
 # per iteration (reference: 10 readings of 128, unbounded).
 CAFE_CPU="--watcher_window 5 --watcher_images 32 --max_outer_steps 10 --batch_real 64 --init real"
+# Trajectory matching at CPU size: 2 experts of 5 epochs (each epoch ~170 s on 2 cores), 20
+# student steps (on 20 of the 100 images at ipc 10), starts in epochs 0-2, 2 expert epochs.
+EXPERTS=${EXPERTS:-2}
+EXPERT_EPOCHS=${EXPERT_EPOCHS:-5}
+MTT_ITERS=${MTT_ITERS:-100}
+MTT_LR_IMG=${MTT_LR_IMG:-100}
+MTT_CPU="--expert_epochs 2 --max_start_epoch 3 --lr_lr 1e-5 --lr_teacher 0.01"
+DATM_CPU="--min_start_epoch 0 --current_max_start_epoch 2 --expansion_end_epoch 50"
 SEED=${SEED:-0}
 DSA=color_crop_cutout_flip_scale_rotate
 mkdir -p "$OUT"
@@ -33,8 +42,14 @@ cell() {  # name method ipc epochs strategy iterations extra-flags...
       --run_dir "$run" --resume "$@"
   fi
   if [ ! -f "$run/random.json" ]; then
-    python3 evaluate.py --dataset FashionMNIST --baseline random --ipc "$ipc" --num_eval "$NUM_EVAL" \
-      --epoch_eval_train "$epochs" --dsa_strategy "$strategy" --seed "$SEED" --out "$run/random.json"
+    # One baseline per protocol (ipc, epochs, augmentation), shared by the cells that use it.
+    local shared="$OUT/random/ipc${ipc}_e${epochs}_${strategy}_n${NUM_EVAL}_s${SEED}.json"
+    if [ ! -f "$shared" ]; then
+      mkdir -p "$OUT/random"
+      python3 evaluate.py --dataset FashionMNIST --baseline random --ipc "$ipc" --num_eval "$NUM_EVAL" \
+        --epoch_eval_train "$epochs" --dsa_strategy "$strategy" --seed "$SEED" --out "$shared"
+    fi
+    cp "$shared" "$run/random.json"
   fi
 }
 
@@ -56,7 +71,19 @@ for group in "${@:-core}"; do
       cell datadam_ipc1  DataDAM 1  300 "$DSA" "$DAM_ITERS"
       cell datadam_ipc10 DataDAM 10 300 "$DSA" "$DAM_ITERS"
       CELLS+=(datadam_ipc1 datadam_ipc10) ;;
-    *) echo "unknown group $group (core, cafe, datadam)" >&2; exit 2 ;;
+    mtt)  # experts: 2 x 5 epochs; evaluation 300 DSA epochs (reference: 1000) with the learned lr
+      python3 buffer.py --dataset FashionMNIST --model ConvNet --num_experts "$EXPERTS" \
+        --train_epochs "$EXPERT_EPOCHS" --save_interval 1 --test_every "$EXPERT_EPOCHS"
+      cell mtt_ipc1   MTT  1  300 "$DSA" "$MTT_ITERS" $MTT_CPU --syn_steps 20 --lr_img "$MTT_LR_IMG"
+      cell datm_ipc1  DATM 1  300 "$DSA" "$MTT_ITERS" $MTT_CPU $DATM_CPU --syn_steps 20 --lr_img "$MTT_LR_IMG"
+      cell pad_ipc1   PAD  1  300 "$DSA" "$MTT_ITERS" $MTT_CPU $DATM_CPU --syn_steps 20 --lr_img "$MTT_LR_IMG" \
+        --batch_syn 0 --loss_ratio 0.25 --depth_ratio 0.25
+      cell mtt_ipc10  MTT  10 300 "$DSA" "$MTT_ITERS" $MTT_CPU --syn_steps 20 --batch_syn 20 --lr_img "$MTT_LR_IMG"
+      cell datm_ipc10 DATM 10 300 "$DSA" "$MTT_ITERS" $MTT_CPU $DATM_CPU --syn_steps 20 --batch_syn 20 --lr_img "$MTT_LR_IMG"
+      cell pad_ipc10  PAD  10 300 "$DSA" "$MTT_ITERS" $MTT_CPU $DATM_CPU --syn_steps 20 --batch_syn 20 \
+        --lr_img "$MTT_LR_IMG" --loss_ratio 0.25 --depth_ratio 0.25
+      CELLS+=(mtt_ipc1 datm_ipc1 pad_ipc1 mtt_ipc10 datm_ipc10 pad_ipc10) ;;
+    *) echo "unknown group $group (core, cafe, datadam, mtt)" >&2; exit 2 ;;
   esac
 done
 
