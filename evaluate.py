@@ -11,8 +11,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
+import glob
 import os
 import sys
 
@@ -20,6 +19,7 @@ import torch
 
 import augment
 import cli
+import comparison
 import utils
 
 
@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``evaluate.py`` flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--syn_path", help="result file {'data': [[image_syn, label_syn], ...], ...}")
+    source.add_argument("--syn_path", nargs="+", help="result file(s) {'data': [[image_syn, label_syn], ...], ...} "
+                        "or distill.py run directories (their res_*.pt); several give one table")
     source.add_argument("--baseline", choices=["random"], help="evaluate ipc random real images per class instead")
     parser.add_argument("--labels_path", default=None,
                         help="with --syn_path images_*.pt of MTT/DATM/PAD logs: their labels_*.pt (class indices or "
@@ -36,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ipc", type=int, default=None, help="images per class for --baseline")
     parser.add_argument("--model", default="ConvNet", help="the model the set was distilled with")
     parser.add_argument("--eval_mode", default="SS", help="evaluation pool: S, SS, M, B, W, D, A, P, N, C")
+    parser.add_argument("--models", nargs="+", default=None, help="explicit evaluation networks (overrides --eval_mode)")
+    parser.add_argument("--random_baseline", action=argparse.BooleanOptionalAction, default=True,
+                        help="also evaluate ipc random real images per class under the same protocol (table row, IOR)")
+    parser.add_argument("--original_path", default="pretrained_model",
+                        help="train_original.py --save_path: whole-dataset accuracy row when its summary.json exists")
     parser.add_argument("--exp", type=int, nargs="*", default=None, help="which experiments of the file (default all)")
     parser.add_argument("--num_eval", type=int, default=5, help="networks per synthetic set (baseline: random subsets)")
     parser.add_argument("--epoch_eval_train", type=int, default=None,
@@ -46,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dsa_strategy", default=None,
                         help="DiffAugment strategy for training (default: the one saved with the set, else DC augmentation; "
                              "'none' for DC augmentation)")
-    parser.add_argument("--out", default=None, help="write the accuracies as JSON here")
+    parser.add_argument("--out", default=None, help="write the accuracies as JSON here (and the table as .csv beside it)")
     cli.add_data_args(parser)
     cli.add_runtime_args(parser)
     return parser
@@ -125,8 +131,38 @@ def load_sets(args, record) -> tuple:
     return sets, meta.get("dsa_strategy")
 
 
+def expand_syn_paths(paths) -> list:
+    """``--syn_path`` values with each directory replaced by the ``res_*.pt`` files in it (sorted).
+
+    Raises:
+        utils.UserError: a directory holds no ``res_*.pt``.
+    """
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(glob.glob(os.path.join(path, "res_*.pt")))
+            if not found:
+                raise utils.UserError(f"--syn_path {path}: a directory without res_*.pt (give a distill.py run directory)")
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
+def set_method(path: str) -> str:
+    """The method that made a saved set (``meta['method']``), else the file's name without extension."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+        method = (blob.get("meta") or {}).get("method") if isinstance(blob, dict) else None
+    except Exception:
+        method = None
+    return method or os.path.splitext(os.path.basename(path))[0]
+
+
 def main(argv=None) -> int:
-    """Parse, load the test set and the synthetic sets (or draw random real ones), evaluate, report."""
+    """Parse, load the test set and the synthetic sets (or draw random real ones), evaluate them and
+    ipc random real images per class under the same protocol, print one table (rows: sets,
+    columns: networks), write JSON and CSV."""
     args = build_parser().parse_args(argv)
     with cli.user_errors():
         cli.setup_logging(quiet=True)
@@ -137,61 +173,100 @@ def main(argv=None) -> int:
         if args.baseline and (args.ipc is None or args.ipc < 1):
             raise utils.UserError("--baseline random needs --ipc N with N >= 1")
         cli.check_models([args.model], "--model")
-        models = cli.resolve_eval_models(args.eval_mode, args.model)
+        if args.models:
+            cli.check_models(args.models, "--models")
+            models = list(dict.fromkeys(args.models))
+        else:
+            models = cli.resolve_eval_models(args.eval_mode, args.model)
         device = utils.resolve_device(args.device)
         from data import load_dataset, sample_random_real
 
         record = load_dataset(args.dataset, args.data_path, zca=args.zca, download=args.download, res=args.res,
                               subset=args.subset)
-        saved_strategy = None
-        if args.syn_path:
-            sets, saved_strategy = load_sets(args, record)
-            ipc = max(1, sets[0][0].shape[0] // record.num_classes)
-        else:
-            ipc, sets = args.ipc, None
-            if ipc > int(record.labels_train.bincount().min()):
+        loaded = []  # (path, method, ipc, sets)
+        saved_strategies = set()
+        for path in expand_syn_paths(args.syn_path or []):
+            sets, saved = load_sets(argparse.Namespace(**{**vars(args), "syn_path": path}), record)
+            loaded.append((path, set_method(path), max(1, sets[0][0].shape[0] // record.num_classes), sets))
+            saved_strategies.add(saved or "")
+        if args.dsa_strategy is None and len(saved_strategies) > 1:
+            raise utils.UserError(f"--syn_path: the sets were saved with different augmentation ({', '.join(sorted(s or 'none' for s in saved_strategies))}); "
+                                  "pass --dsa_strategy to evaluate every row under one protocol")
+        ipcs = sorted({ipc for _, _, ipc, _ in loaded} | ({args.ipc} if args.baseline else set()))
+        for ipc in ipcs:
+            if ipc > int(record.labels_train.bincount().min()) and (args.baseline or args.random_baseline):
                 raise utils.UserError(f"--ipc {ipc} exceeds the smallest class of {args.dataset}")
-        strategy = args.dsa_strategy if args.dsa_strategy is not None else (saved_strategy or "")
+        saved_strategy = next(iter(saved_strategies)) if saved_strategies else ""
+        strategy = args.dsa_strategy if args.dsa_strategy is not None else saved_strategy
         try:
             strategy = "_".join(augment.validate_strategy(strategy))
         except ValueError as error:
             raise utils.UserError(str(error)) from None
         test_images, test_labels = record.images_test.to(device), record.labels_test.to(device)
 
-        report = {}
-        for model_eval in models:
+        def eval_config(model_eval: str, ipc: int, learned_lr=None) -> utils.EvalConfig:
             dc_aug = None if strategy else augment.get_daparam(args.dataset, args.model, model_eval, ipc)
             augmented = bool(strategy) or (dc_aug is not None and dc_aug.strategy not in ("", "none", "None"))
             epochs = args.epoch_eval_train if args.epoch_eval_train is not None else (1000 if augmented else 300)
-            cfg = utils.EvalConfig(epochs=epochs, lr=args.lr_net if args.lr_net is not None else 0.01, batch_train=args.batch_train,
-                                   dsa_strategy=strategy, dc_aug=dc_aug)
-            accs, seconds = [], 0.0
-            if sets is not None:
+            lr = args.lr_net if args.lr_net is not None else (learned_lr if learned_lr is not None else 0.01)
+            return utils.EvalConfig(epochs=epochs, lr=lr, batch_train=args.batch_train, dsa_strategy=strategy,
+                                    dc_aug=dc_aug)
+
+        def report_line(model_eval, accs, cfg, what, seconds):
+            print(f"{model_eval:<16} {utils.format_acc(accs)} %  ({len(accs)} networks, {cfg.epochs} epochs, "
+                  f"{cfg.describe()['augmentation']}; {what}; {seconds:.1f} s)")
+
+        rows = []
+        for path, method, ipc, sets in loaded:
+            row = comparison.Row(name=f"{method} ipc {ipc} ({os.path.basename(path)})", kind="synthetic", ipc=ipc,
+                                 method=method, dataset=args.dataset, path=path)
+            for model_eval in models:
+                accs, seconds, cfg = [], 0.0, None
                 for index, (images, labels, learned_lr) in enumerate(sets):
-                    if args.lr_net is None and learned_lr is not None:
-                        cfg = dataclasses.replace(cfg, lr=learned_lr)
+                    cfg = eval_config(model_eval, ipc, learned_lr)
                     result = utils.evaluate_synset(images.to(device), labels.to(device), model_eval,
                                                    record.num_classes, test_images, test_labels, cfg,
                                                    num_eval=args.num_eval, device=device, seed=args.seed + 1000 * index)
                     accs += result.accs
                     seconds += result.train_time_s
-            else:
-                for run in range(args.num_eval):
-                    images, labels = sample_random_real(record, ipc, utils.make_generator(args.seed + run))
-                    result = utils.evaluate_synset(images.to(device), labels.to(device), model_eval,
-                                                   record.num_classes, test_images, test_labels, cfg,
-                                                   num_eval=1, device=device, seed=args.seed + run)
-                    accs += result.accs
-                    seconds += result.train_time_s
-            summary = utils.EvalResult(model_eval, accs, seconds)
-            report[model_eval] = {**summary.as_dict(), "protocol": cfg.describe()}
-            what = f"random real ipc {ipc}" if args.baseline else os.path.basename(args.syn_path)
-            print(f"{model_eval:<16} {utils.format_acc(accs)} %  ({len(accs)} networks, {epochs} epochs, "
-                  f"{cfg.describe()['augmentation']}; {what}; {seconds:.1f} s)")
+                labels_kind = "soft" if sets[0][1].dim() == 2 else "hard"
+                row.results[model_eval] = {**utils.EvalResult(model_eval, accs, seconds).as_dict(),
+                                           "protocol": {**cfg.describe(), "labels": labels_kind}}
+                report_line(model_eval, accs, cfg, os.path.basename(path), seconds)
+            rows.append(row)
+        if args.baseline or args.random_baseline:
+            for ipc in ipcs:
+                row = comparison.Row(name=f"random real ipc {ipc}", kind="random", ipc=ipc, method="random",
+                                     dataset=args.dataset)
+                for model_eval in models:
+                    cfg, accs, seconds = eval_config(model_eval, ipc), [], 0.0
+                    for run in range(args.num_eval):
+                        images, labels = sample_random_real(record, ipc, utils.make_generator(args.seed + run))
+                        result = utils.evaluate_synset(images.to(device), labels.to(device), model_eval,
+                                                       record.num_classes, test_images, test_labels, cfg,
+                                                       num_eval=1, device=device, seed=args.seed + run)
+                        accs += result.accs
+                        seconds += result.train_time_s
+                    row.results[model_eval] = {**utils.EvalResult(model_eval, accs, seconds).as_dict(),
+                                               "protocol": {**cfg.describe(), "labels": "hard"}}
+                    report_line(model_eval, accs, cfg, f"random real ipc {ipc}", seconds)
+                rows.append(row)
+        whole = comparison.Row(name="whole dataset", kind="whole", ipc=None, method="whole", dataset=args.dataset)
+        for model_eval in models:
+            found = comparison.whole_dataset_accuracy(args.original_path, args.dataset, model_eval, args.subset)
+            if found is not None:
+                whole.results[model_eval] = found
+        if whole.results:
+            rows.append(whole)
+        print()
+        print(comparison.format_table(rows, models))
         if args.out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out, "w") as handle:
-                json.dump(report, handle, indent=2)
+            # Per-model keys of the first row, as before (scripts read them), plus the whole table.
+            report = {model: result for model, result in rows[0].results.items()}
+            protocol = {"num_eval": args.num_eval, "seed": args.seed, "dataset": args.dataset,
+                        "evaluation": {m: rows[0].results[m]["protocol"] for m in rows[0].results}}
+            json_path, csv_path = comparison.write_table(args.out, rows, models, protocol, extra=report)
+            print(f"wrote {json_path} and {csv_path}")
     return 0
 
 

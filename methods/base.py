@@ -253,6 +253,9 @@ class DistillMethod:
     default_eval_it: ClassVar[int] = 2000
     # Accepted values of --init (the first is never implied: defaults name theirs).
     init_choices: ClassVar[Tuple[str, ...]] = ("noise", "real")
+    # True for selection baselines (methods/coreset.py): init_synthetic returns the final set and
+    # the runner runs no iteration, whatever --Iteration says.
+    selection_only: ClassVar[bool] = False
 
     def __init__(self, cfg: DistillConfig, *, channel: int, num_classes: int, im_size, sampler,
                  device: torch.device, generator: torch.Generator):

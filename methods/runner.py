@@ -28,6 +28,7 @@ import yaml
 from tqdm import tqdm
 
 import augment
+import resources
 import utils
 from data import RealSampler
 from methods.base import DistillConfig, DistillMethod, get_method_class
@@ -221,6 +222,13 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
         write_summary()
         return results
 
+    def keep(syn, results) -> None:  # the final set of an experiment and its accuracies
+        data_save.append([syn.images.detach().cpu().clone(), syn.export_labels()])
+        if syn.syn_lr is not None:
+            learned_lr.append(float(syn.syn_lr.detach()))
+        for model_eval, result in results.items():
+            accs_all_exps[model_eval].extend(result.accs)
+
     def checkpoint(exp, iteration, method, syn, generator) -> None:
         utils.save_checkpoint(checkpoint_path, exp=exp, iteration=iteration, config=dataclasses.asdict(cfg),
                               num_exp=opts.num_exp, seed=opts.seed, syn=syn.state_dict() if syn is not None else None,
@@ -231,12 +239,18 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
                               summary_rows=summary_rows)
 
     method, syn = None, None
-    log_every = max(1, cfg.iterations // 20)
+    # Selection baselines (methods/coreset.py) run no iteration: their initial set is the result.
+    iterations = 0 if method_class.selection_only else cfg.iterations
+    log_every = max(1, iterations // 20)
+    distill_seconds = 0.0  # set-up (init_synthetic: selection, buffers) plus iterations, all experiments
+    resources.reset_peak_memory(device)
     for exp in range(start_exp, opts.num_exp):
         utils.seed_everything(opts.seed + exp)
         generator = utils.make_generator(opts.seed + exp)
         method = method_class(cfg, sampler=sampler, device=device, generator=generator, **dims)
+        tick = time.perf_counter()
         syn = method.init_synthetic()
+        distill_seconds += time.perf_counter() - tick
         first_iteration = 1
         if resumed is not None and exp == start_exp and resumed["syn"] is not None:
             syn.load_state_dict(resumed["syn"])
@@ -247,39 +261,38 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
         run_start = time.perf_counter()
         last_acc = "-"
         loss_value = float("nan")
-        if first_iteration == 1 and opts.eval_it > 0:
+        if first_iteration == 1 and opts.eval_it > 0 and iterations > 0:
             evaluate(method, syn, exp, 0, loss_value, 0.0)
-        bar = tqdm(range(first_iteration, cfg.iterations + 1), desc=f"{tag} exp {exp}", unit="it",
-                   initial=first_iteration - 1, total=cfg.iterations, dynamic_ncols=True,
+        if iterations == 0:  # the initial (selected) set is final: evaluate and keep it
+            keep(syn, evaluate(method, syn, exp, 0, loss_value, 0.0))
+        bar = tqdm(range(first_iteration, iterations + 1), desc=f"{tag} exp {exp}", unit="it",
+                   initial=first_iteration - 1, total=iterations, dynamic_ncols=True,
                    disable=None)
         for iteration in bar:
             tick = time.perf_counter()
             logs = method.step(syn, iteration)
             loss_value = float(logs["loss"])  # the one device sync per iteration
             step_seconds += time.perf_counter() - tick
+            distill_seconds += time.perf_counter() - tick
             steps_timed += 1
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"{cfg.method} loss became {loss_value} at experiment {exp}, "
                                          f"iteration {iteration} (try a smaller --lr_img)")
             if on_iteration is not None:
                 on_iteration(exp, iteration, logs)
-            is_last = iteration == cfg.iterations
+            is_last = iteration == iterations
             if is_last or (opts.eval_it > 0 and iteration % opts.eval_it == 0):
                 results = evaluate(method, syn, exp, iteration, loss_value, time.perf_counter() - run_start)
                 if results:
                     first = next(iter(results.values()))
                     last_acc = f"{100 * first.acc_mean:.2f}%"
                 if is_last:
-                    data_save.append([syn.images.detach().cpu().clone(), syn.export_labels()])
-                    if syn.syn_lr is not None:
-                        learned_lr.append(float(syn.syn_lr.detach()))
-                    for model_eval, result in results.items():
-                        accs_all_exps[model_eval].extend(result.accs)
+                    keep(syn, results)
             # Other scalars a method reports (CAFE: outer steps, inner epochs) go beside the loss.
             extras = {key: f"{float(value):.4g}" for key, value in logs.items() if key != "loss"}
             bar.set_postfix(loss=f"{loss_value:.4f}", acc=last_acc, **extras)
             if bar.disable and (iteration % log_every == 0 or is_last):  # batch jobs: no bar, log lines
-                logger.info("exp %d iter %d/%d loss %.4f acc %s%s (%.2f s/iteration)", exp, iteration, cfg.iterations,
+                logger.info("exp %d iter %d/%d loss %.4f acc %s%s (%.2f s/iteration)", exp, iteration, iterations,
                             loss_value, last_acc, "".join(f" {k} {v}" for k, v in extras.items()),
                             step_seconds / max(steps_timed, 1))
             if stop.requested and not is_last:
@@ -302,13 +315,33 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
                          seconds_per_iteration=seconds_per_iteration, vis_paths=vis_paths)
     with open(os.path.join(opts.run_dir, "results.json"), "w") as handle:
         json.dump({"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model, "ipc": cfg.ipc,
-                   "iterations": cfg.iterations, "num_exp": opts.num_exp,
+                   "iterations": iterations, "num_exp": opts.num_exp,
                    "seconds_per_iteration": seconds_per_iteration,
-                   "protocol": {m: eval_config_for(method, m, opts, syn).describe() for m in opts.eval_models},
+                   "cost": run_cost(cfg, record, device, distill_seconds, seconds_per_iteration, syn, opts.num_exp),
+                   "protocol": {m: {**eval_config_for(method, m, opts, syn).describe(),
+                                    "labels": "soft" if syn is not None and syn.label_logits is not None else "hard"}
+                                for m in opts.eval_models},
                    "accuracy": {m: {"mean": utils.EvalResult(m, a).acc_mean, "std": utils.EvalResult(m, a).acc_std,
                                     "accs": a} for m, a in accs_all_exps.items()},
                    "result_file": result_path}, handle, indent=2)
     return outcome
+
+
+def run_cost(cfg: DistillConfig, record, device: torch.device, distill_seconds: float, seconds_per_iteration: float,
+             syn, num_exp: int) -> dict:
+    """The ``cost`` record of ``results.json``: distillation wall time (selection / set-up plus
+    iterations, summed over the experiments run by this process; evaluation excluded), seconds per
+    iteration, peak memory (:func:`resources.peak_memory`), the storage of one synthetic set
+    (images + labels + learned extras, bytes as saved) and the distillation network's parameters
+    and FLOPs per image (``torch.utils.flop_counter``)."""
+    cost = {"distill_seconds": round(distill_seconds, 3), "seconds_per_iteration": seconds_per_iteration,
+            "experiments": num_exp, "peak_memory": resources.peak_memory(device),
+            "storage_bytes": resources.synthetic_storage(syn) if syn is not None else None}
+    try:
+        cost["network"] = resources.network_cost(cfg.model, record.channel, record.im_size, record.num_classes)
+    except (KeyError, ValueError) as error:  # an exotic model the counter cannot trace
+        cost["network"] = {"model": cfg.model, "error": str(error)}
+    return cost
 
 
 def _save(path, data_save, accs_all_exps, cfg, opts, record, method, learned_lr) -> None:

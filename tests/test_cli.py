@@ -103,7 +103,7 @@ def test_short_dm_on_real_fashion_mnist_and_evaluate(tmp_path):
                "--epoch_eval_train", "20", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
-    assert set(report) == {"ConvNet"} and len(report["ConvNet"]["accs"]) == 1
+    assert set(report) == {"ConvNet", "comparison"} and len(report["ConvNet"]["accs"]) == 1
     assert 0.3 < report["ConvNet"]["mean"] <= 1.0
     assert report["ConvNet"]["protocol"]["augmentation"].startswith("DSA")  # saved with the DM set
 

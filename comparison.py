@@ -1,0 +1,166 @@
+"""Fair comparison tables: synthetic sets next to ipc random real images per class (same protocol)
+and the whole-dataset accuracy, with the improvement over random of each set.
+
+Used by ``evaluate.py`` (cross-architecture tables), ``continual.py`` and ``scripts/make_table.py``.
+
+Improvement over random (IOR, DD-Ranking: Li et al., arXiv 2505.13300; landscape.md §2)::
+
+    IOR(set, model) = Acc(set, model) - Acc(random real subset of the same ipc, model)
+
+both trained and tested with the same evaluation recipe (epochs, lr, augmentation, label type),
+reported here in percentage points as the difference of the mean accuracies. The whole-dataset
+row is the mean test accuracy of ``train_original.py``'s original models (``summary.json``); its
+own protocol (full training set, 150 epochs, no augmentation by default) is recorded with it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+import originals
+
+
+@dataclass
+class Row:
+    """One row of a comparison table.
+
+    Attributes:
+        name: what the row shows (a method and file, ``random``, ``whole dataset``).
+        kind: ``synthetic``, ``random`` or ``whole``.
+        ipc: images per class (``None`` for the whole dataset).
+        method: the method that made the set (``random`` / ``whole`` for the reference rows).
+        dataset: the dataset.
+        results: ``{model: {"mean", "std", "accs", "protocol"}}``, accuracies in [0, 1].
+        path: the file the set came from, if any.
+    """
+
+    name: str
+    kind: str
+    ipc: Optional[int]
+    method: str
+    dataset: str
+    results: Dict[str, dict] = field(default_factory=dict)
+    path: Optional[str] = None
+
+
+def improvement_over_random(accs: Sequence[float], random_accs: Sequence[float]) -> float:
+    """DD-Ranking's IOR in percentage points: ``100 * (mean(accs) - mean(random_accs))``.
+
+    Args:
+        accs: accuracies in [0, 1] of networks trained on the set.
+        random_accs: accuracies in [0, 1] of networks trained on random real subsets of the same
+            ipc under the same protocol.
+
+    Returns:
+        The difference of means in points (NaN if either list is empty).
+    """
+    if len(accs) == 0 or len(random_accs) == 0:
+        return float("nan")
+    return float(100 * (np.mean(accs) - np.mean(random_accs)))
+
+
+def whole_dataset_accuracy(original_path: str, dataset: str, model: str, subset: Optional[str] = None) -> Optional[dict]:
+    """The whole-dataset accuracy of ``model`` from ``train_original.py``'s ``summary.json``.
+
+    Args:
+        original_path: ``train_original.py --save_path`` (default ``pretrained_model``).
+        dataset, model, subset: which models.
+
+    Returns:
+        ``{"mean", "std", "accs", "protocol"}`` over the finished original models, or ``None``
+        when there is no summary or no finished model.
+    """
+    path = os.path.join(originals.original_dir(original_path, dataset, model, subset), originals.SUMMARY_NAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        summary = json.load(handle)
+    accs = [row["test_acc"] for row in summary.get("models", []) if row.get("finished") and row.get("test_acc") is not None]
+    if not accs:
+        return None
+    return {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "accs": accs,
+            "protocol": {"source": path, **(summary.get("config") or {})}}
+
+
+def random_row_for(rows: Sequence[Row], ipc: Optional[int]) -> Optional[Row]:
+    """The random-real row of the given ipc among ``rows`` (``None`` if absent)."""
+    return next((row for row in rows if row.kind == "random" and row.ipc == ipc), None)
+
+
+def long_table(rows: Sequence[Row], models: Sequence[str]) -> pd.DataFrame:
+    """One record per (row, model): name, kind, method, dataset, ipc, model, mean and std in
+    percent, n networks, IOR in points (synthetic rows with a random row of their ipc), and the
+    protocol fields epochs, lr, augmentation and labels."""
+    records = []
+    for row in rows:
+        reference = random_row_for(rows, row.ipc) if row.kind == "synthetic" else None
+        for model in models:
+            result = row.results.get(model)
+            if result is None:
+                continue
+            protocol = result.get("protocol") or {}
+            ior = float("nan")
+            if reference is not None and model in reference.results:
+                ior = improvement_over_random(result["accs"], reference.results[model]["accs"])
+            records.append({"name": row.name, "kind": row.kind, "method": row.method, "dataset": row.dataset,
+                            "ipc": row.ipc, "model": model, "mean": 100 * result["mean"], "std": 100 * result["std"],
+                            "n": len(result.get("accs", [])), "ior": ior, "epochs": protocol.get("epochs"),
+                            "lr": protocol.get("lr"), "augmentation": protocol.get("augmentation"),
+                            "labels": protocol.get("labels"), "path": row.path})
+    return pd.DataFrame.from_records(records, columns=["name", "kind", "method", "dataset", "ipc", "model", "mean", "std",
+                                                       "n", "ior", "epochs", "lr", "augmentation", "labels", "path"])
+
+
+def cell(mean: float, std: float, ior: float = float("nan")) -> str:
+    """``'mean ± std'`` (percent, 2 decimals), with ``' (+IOR)'`` in points when IOR is known."""
+    text = f"{mean:.2f} ± {std:.2f}"
+    return text if np.isnan(ior) else f"{text} ({ior:+.2f})"
+
+
+def wide_table(rows: Sequence[Row], models: Sequence[str]) -> pd.DataFrame:
+    """Rows x architectures of ``'mean ± std (+IOR)'`` cells (``-`` where not evaluated), in the
+    order of ``rows`` and ``models``."""
+    frame = long_table(rows, models)
+    table = pd.DataFrame(index=[row.name for row in rows], columns=list(models), dtype=object).fillna("-")
+    for record in frame.itertuples():
+        table.loc[record.name, record.model] = cell(record.mean, record.std, record.ior)
+    table.index.name = "set"
+    return table
+
+
+def format_table(rows: Sequence[Row], models: Sequence[str]) -> str:
+    """The Markdown table of :func:`wide_table` with a legend line."""
+    legend = ("accuracy % mean ± std over networks; (+x): improvement over random real images of the same ipc "
+              "under the same protocol (DD-Ranking IOR, points); whole dataset: train_original.py models")
+    return wide_table(rows, models).to_markdown() + "\n" + legend
+
+
+def write_table(path: str, rows: Sequence[Row], models: Sequence[str], protocol: dict, extra: Optional[dict] = None) -> tuple:
+    """Write the comparison as JSON (``path``) and the long table as CSV (``path`` with ``.csv``).
+
+    The JSON holds ``{"comparison": {"models", "protocol", "rows": [Row...], "table": [records]}}``
+    plus ``extra`` at the top level (``evaluate.py`` keeps its per-model keys there).
+
+    Returns:
+        ``(json_path, csv_path)``.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    frame = long_table(rows, models)
+    csv_path = os.path.splitext(path)[0] + ".csv"
+    frame.to_csv(csv_path, index=False)
+    records = json.loads(frame.to_json(orient="records"))
+    blob = {**(extra or {}), "comparison": {"models": list(models), "protocol": protocol,
+                                            "rows": [asdict(row) for row in rows], "table": records}}
+    with open(path, "w") as handle:
+        json.dump(blob, handle, indent=2)
+    return path, csv_path
+
+
+def rows_from_json(blob: dict) -> List[Row]:
+    """The rows saved by :func:`write_table` (``[]`` if the blob has no comparison)."""
+    return [Row(**row) for row in (blob.get("comparison") or {}).get("rows", [])]

@@ -1,0 +1,120 @@
+"""Cost measures for run summaries and ``cost.py``: network size and FLOPs at a dataset's image
+size, peak memory, and the storage of a synthetic set.
+
+Parameters and FLOPs reuse :func:`originals.count_parameters` and :func:`originals.flops_per_image`
+(``torch.utils.flop_counter``; 2 FLOPs per multiply-add of convolutions and matrix products, see
+:data:`originals.FLOPS_DEFINITION`). Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA
+(reset at the start of a run) and the process's peak resident set size
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``, KiB on Linux) on the CPU: the latter cannot be
+reset, so it covers the whole process (dataset loading included).
+"""
+from __future__ import annotations
+
+import resource
+import sys
+from typing import Mapping, Optional, Sequence
+
+import torch
+
+import networks
+import originals
+
+# (channel, (H, W), classes) of each dataset as data/ loads it; ImageNet subsets and MHIST at
+# their default resolution (128 and 224; --res changes it).
+DATASET_SHAPES = {
+    "MNIST": (1, (28, 28), 10),
+    "FashionMNIST": (1, (28, 28), 10),
+    "SVHN": (3, (32, 32), 10),
+    "CIFAR10": (3, (32, 32), 10),
+    "CIFAR100": (3, (32, 32), 100),
+    "TinyImageNet": (3, (64, 64), 200),
+    "ImageNet": (3, (128, 128), 10),
+    "MHIST": (3, (224, 224), 2),
+}
+IMAGENET_SUBSETS = ("imagenette", "imagewoof", "imagefruit", "imagemeow", "imagesquawk", "imageyellow")
+
+
+def dataset_shape(dataset: str, res: Optional[int] = None) -> tuple:
+    """``(channel, (H, W), num_classes)`` of a dataset without loading it.
+
+    Args:
+        dataset: a name of :data:`DATASET_SHAPES`, ``Tiny``, or an ImageNet subset name.
+        res: image side for ImageNet subsets and MHIST (default 128 / 224).
+
+    Raises:
+        ValueError: unknown dataset, or ``res`` for a dataset with a fixed size.
+    """
+    name = "TinyImageNet" if dataset == "Tiny" else "ImageNet" if dataset.lower() in IMAGENET_SUBSETS else dataset
+    if name not in DATASET_SHAPES:
+        raise ValueError(f"--dataset {dataset!r}: expected one of {', '.join([*DATASET_SHAPES, *IMAGENET_SUBSETS])}")
+    channel, size, classes = DATASET_SHAPES[name]
+    if res is not None:
+        if name not in ("ImageNet", "MHIST"):
+            raise ValueError(f"--res applies to ImageNet subsets and MHIST, not {dataset}")
+        size = (int(res), int(res))
+    return channel, size, classes
+
+
+def network_cost(model: str, channel: int, im_size: Sequence[int], num_classes: int, device="cpu") -> dict:
+    """Parameters and forward FLOPs per image of a fresh ``model`` for one input shape.
+
+    The network is built in a forked RNG (the caller's stream does not move).
+
+    Args:
+        model: a ``networks`` name.
+        channel, im_size, num_classes: the input (C, (H, W)) and the classifier width.
+        device: where to build and count.
+
+    Returns:
+        ``{"model", "params", "flops_per_image", "macs_per_image"}`` (ints; MACs = FLOPs / 2).
+
+    Raises:
+        KeyError: unknown model (from ``networks.get_network``).
+        ValueError: the image is too small for the network.
+    """
+    with torch.random.fork_rng(devices=[]):
+        net = networks.get_network(model, channel, num_classes, tuple(im_size), device=torch.device(device))
+    flops = originals.flops_per_image(net, channel, im_size)
+    return {"model": model, "params": originals.count_parameters(net), "flops_per_image": flops,
+            "macs_per_image": flops // 2}
+
+
+def storage_bytes(tensors: Mapping[str, Optional[torch.Tensor]]) -> dict:
+    """Bytes of each tensor as stored (``numel * element_size``; ``None`` entries are skipped).
+
+    Args:
+        tensors: e.g. ``{"images": (N, C, H, W) float32, "labels": (N,) int64, "syn_lr": ()}``.
+
+    Returns:
+        ``{name: bytes, ..., "total": bytes}``.
+    """
+    sizes = {name: int(t.numel() * t.element_size()) for name, t in tensors.items() if t is not None}
+    sizes["total"] = sum(sizes.values())
+    return sizes
+
+
+def synthetic_storage(syn) -> dict:
+    """:func:`storage_bytes` of what a result file keeps of a ``SyntheticSet``: the images, the
+    exported labels (class indices, or soft-label logits when learned) and the learned step size."""
+    return storage_bytes({"images": syn.images.detach(), "labels": syn.export_labels(),
+                          "syn_lr": syn.syn_lr.detach() if syn.syn_lr is not None else None})
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window on CUDA (no-op on the CPU, whose peak cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict:
+    """The peak memory so far: ``{"bytes": int, "measure": str}``.
+
+    CUDA: ``torch.cuda.max_memory_allocated(device)`` since :func:`reset_peak_memory` (tensors
+    only, not the caching allocator's reserve). CPU: the process's peak resident set size
+    (``ru_maxrss``, KiB on Linux, bytes on macOS) since the process started.
+    """
+    if device.type == "cuda":
+        return {"bytes": int(torch.cuda.max_memory_allocated(device)), "measure": "torch.cuda.max_memory_allocated"}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 if sys.platform == "darwin" else 1024
+    return {"bytes": int(rss * scale), "measure": "process peak RSS (getrusage ru_maxrss)"}

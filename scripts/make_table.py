@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""Gather a directory of result files into one papers-style table and one figure per dataset.
+
+Reads, recursively under each given directory:
+
+* ``results.json`` of ``distill.py`` runs (method, dataset, ipc, accuracy and protocol per model);
+* ``evaluate.py --out`` JSON files with a ``comparison`` record (every row: synthetic sets, random
+  real images, whole dataset);
+* older ``evaluate.py --baseline random --out random.json`` files without it, whose dataset and
+  ipc are taken from the ``results.json`` in the same directory (``scripts/fmnist_cpu_table.sh``).
+
+Writes ``table.md`` (rows: dataset x ipc; columns: methods, then random real images and the
+whole-dataset accuracy; cells ``mean ± std`` in %, with ``(+x)`` the improvement over random real
+images of the same ipc under the same protocol, DD-Ranking's IOR), ``table.csv`` (one record per
+dataset, ipc, method, model and protocol) and ``{dataset}_acc_vs_ipc.png`` (accuracy vs ipc per
+method, error bars = std).
+
+Example:
+    python scripts/make_table.py result/fmnist_cpu --model ConvNet --out_dir result/tables
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import comparison  # noqa: E402
+import utils  # noqa: E402
+
+COLUMNS = ["dataset", "ipc", "method", "model", "epochs", "augmentation", "labels", "accs", "source"]
+
+
+def _entry(dataset, ipc, method, model, result, source) -> dict:
+    protocol = result.get("protocol") or {}
+    return {"dataset": dataset, "ipc": ipc, "method": method, "model": model, "epochs": protocol.get("epochs"),
+            "augmentation": protocol.get("augmentation"), "labels": protocol.get("labels") or "hard",
+            "accs": list(result.get("accs") or []), "source": source}
+
+
+def read_file(path: str) -> list:
+    """The accuracy entries of one result file (``[]`` for a JSON file of another kind).
+
+    Returns:
+        dicts with the keys of :data:`COLUMNS` (``accs`` in [0, 1]).
+
+    Raises:
+        utils.UserError: the file is not valid JSON.
+    """
+    try:
+        with open(path) as handle:
+            blob = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise utils.UserError(f"{path}: not a readable JSON result file ({error})") from None
+    if not isinstance(blob, dict):
+        return []
+    if "comparison" in blob:
+        return [_entry(row.dataset, row.ipc, row.method, model, result, path)
+                for row in comparison.rows_from_json(blob) if row.kind != "whole"
+                for model, result in row.results.items()]
+    if {"method", "dataset", "ipc", "accuracy"} <= set(blob):
+        return [_entry(blob["dataset"], blob["ipc"], blob["method"], model,
+                       {**result, "protocol": (blob.get("protocol") or {}).get(model)}, path)
+                for model, result in blob["accuracy"].items()]
+    sibling = os.path.join(os.path.dirname(path), "results.json")
+    per_model = {k: v for k, v in blob.items() if isinstance(v, dict) and "accs" in v}
+    if per_model and os.path.basename(path).startswith("random") and os.path.isfile(sibling):
+        with open(sibling) as handle:
+            run = json.load(handle)
+        return [_entry(run["dataset"], run["ipc"], "random", model, result, path) for model, result in per_model.items()]
+    return []
+
+
+def gather(directories) -> pd.DataFrame:
+    """Every entry of every ``*.json`` under ``directories`` (see the module docstring).
+
+    Raises:
+        utils.UserError: a directory does not exist.
+    """
+    entries = []
+    for directory in directories:
+        if not os.path.isdir(directory):
+            raise utils.UserError(f"{directory}: no such directory")
+        for root, _, files in sorted(os.walk(directory)):
+            for name in sorted(files):
+                if name.endswith(".json"):
+                    entries += read_file(os.path.join(root, name))
+    return pd.DataFrame.from_records(entries, columns=COLUMNS)
+
+
+def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
+    """Pool the accuracies of entries with the same dataset, ipc, method, model and protocol
+    (epochs, augmentation, labels), and add IOR against the random row of the same key.
+
+    Returns:
+        One record per key: ``mean``, ``std`` (% over all pooled networks), ``n``, ``ior``
+        (points, NaN when no random row matches), ``sources``.
+    """
+    keys = ["dataset", "ipc", "method", "model", "epochs", "augmentation", "labels"]
+    if frame.empty:
+        return pd.DataFrame(columns=[*keys, "mean", "std", "n", "ior", "sources"])
+    pooled = defaultdict(lambda: ([], []))
+    for record in frame.to_dict("records"):
+        key = tuple(record[k] for k in keys)
+        pooled[key][0].extend(record["accs"])
+        pooled[key][1].append(record["source"])
+    rows = []
+    for key, (accs, sources) in pooled.items():
+        row = dict(zip(keys, key))
+        row.update(mean=100 * float(np.mean(accs)) if accs else float("nan"),
+                   std=100 * float(np.std(accs)) if accs else float("nan"), n=len(accs),
+                   sources=";".join(sorted(set(sources))), accs=accs)
+        rows.append(row)
+    by_key = {tuple(r[k] for k in keys): r for r in rows}
+    for row in rows:
+        random_key = tuple("random" if k == "method" else row[k] for k in keys)
+        reference = by_key.get(random_key)
+        row["ior"] = (comparison.improvement_over_random(row["accs"], reference["accs"])
+                      if reference is not None and row["method"] != "random" else float("nan"))
+    out = pd.DataFrame(rows).drop(columns=["accs"])
+    return out.sort_values(["dataset", "ipc", "method"]).reset_index(drop=True)
+
+
+def method_label(row, protocols_per_method) -> str:
+    """A column name: the method, plus the protocol when a method appears under several."""
+    if protocols_per_method[(row["dataset"], row["method"])] > 1:
+        return f"{row['method']} ({row['epochs']} ep, {row['augmentation']}, {row['labels']})"
+    return row["method"]
+
+
+def paper_table(table: pd.DataFrame, model: str, original_path: str) -> pd.DataFrame:
+    """Rows (dataset, ipc) x columns (methods, ``random``, ``whole dataset``) of ``mean ± std (+IOR)``
+    cells for one evaluation ``model``; the whole-dataset column comes from ``train_original.py``
+    summaries under ``original_path`` (``-`` when none)."""
+    chosen = table[table["model"] == model]
+    if chosen.empty:
+        return pd.DataFrame()
+    counts = chosen.groupby(["dataset", "method"])[["epochs", "augmentation", "labels"]].apply(
+        lambda g: len(g.drop_duplicates())).to_dict()
+    cells = {}
+    for row in chosen.to_dict("records"):
+        cells[((row["dataset"], row["ipc"]), method_label(row, counts))] = comparison.cell(row["mean"], row["std"], row["ior"])
+    columns = sorted({c for _, c in cells}, key=lambda c: (c.startswith("random"), c.lower()))
+    index = sorted({i for i, _ in cells})
+    wide = pd.DataFrame("-", index=pd.MultiIndex.from_tuples(index, names=["dataset", "ipc"]), columns=columns)
+    for (i, c), text in cells.items():
+        wide.loc[i, c] = text
+    whole = []
+    for dataset, _ in index:
+        found = comparison.whole_dataset_accuracy(original_path, dataset, model)
+        whole.append(comparison.cell(100 * found["mean"], 100 * found["std"]) if found else "-")
+    wide["whole dataset"] = whole
+    return wide
+
+
+def plot(table: pd.DataFrame, model: str, out_dir: str) -> list:
+    """One PNG per dataset: mean accuracy (%) vs ipc per method, error bars = std, log ipc axis.
+
+    Returns:
+        The paths written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    chosen = table[table["model"] == model]
+    for dataset, group in chosen.groupby("dataset"):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for (method, epochs, aug, labels), line in group.groupby(["method", "epochs", "augmentation", "labels"],
+                                                                 dropna=False):
+            line = line.sort_values("ipc")
+            ax.errorbar(line["ipc"], line["mean"], yerr=line["std"], marker="o", capsize=3,
+                        label=f"{method} ({epochs} ep, {aug})")
+        ax.set_xscale("log")
+        ax.set_xlabel("images per class")
+        ax.set_ylabel(f"test accuracy (%), {model}")
+        ax.set_title(dataset)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{dataset}_acc_vs_ipc.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None) -> int:
+    """Parse, gather, write the table and the figures; returns the exit code."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dirs", nargs="+", help="directories searched recursively for result JSON files")
+    parser.add_argument("--model", default="ConvNet", help="evaluation network whose accuracies fill the table")
+    parser.add_argument("--out_dir", default=None, help="where table.md, table.csv and figures go (default: first dir)")
+    parser.add_argument("--original_path", default="pretrained_model", help="train_original.py --save_path")
+    args = parser.parse_args(argv)
+    try:
+        table = aggregate(gather(args.dirs))
+        if table.empty:
+            raise utils.UserError(f"no result files (results.json, evaluate.py --out JSON) under {', '.join(args.dirs)}")
+        out_dir = args.out_dir or args.dirs[0]
+        os.makedirs(out_dir, exist_ok=True)
+        wide = paper_table(table, args.model, args.original_path)
+        if wide.empty:
+            raise utils.UserError(f"--model {args.model}: no results for it; found {', '.join(sorted(table['model'].unique()))}")
+    except utils.UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    markdown = (wide.reset_index().to_markdown(index=False) + f"\n\nTest accuracy (%) of {args.model}, mean ± std over networks; (+x): improvement "
+                "over random real images of the same ipc and protocol (DD-Ranking IOR, points).\n")
+    with open(os.path.join(out_dir, "table.md"), "w") as handle:
+        handle.write(markdown)
+    table.to_csv(os.path.join(out_dir, "table.csv"), index=False)
+    figures = plot(table, args.model, out_dir)
+    print(markdown)
+    print(f"wrote {os.path.join(out_dir, 'table.md')}, {os.path.join(out_dir, 'table.csv')}"
+          + "".join(f", {path}" for path in figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
