@@ -30,6 +30,7 @@ from tqdm import tqdm
 import augment
 import utils
 from data import RealSampler
+from methods import clom
 from methods.base import DistillConfig, DistillMethod, get_method_class
 
 logger = logging.getLogger(__name__)
@@ -172,6 +173,7 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
     sampler = RealSampler(record.images_train, record.labels_train, record.num_classes, device)
     test_images, test_labels = record.images_test.to(device), record.labels_test.to(device)
     dims = dict(channel=record.channel, num_classes=record.num_classes, im_size=record.im_size)
+    clom_pool = clom.load_for_run(cfg, record, device)  # original models, loaded once (None: CLoM off)
 
     data_save: list = []
     learned_lr: list = []  # per experiment, when the method learns the step size
@@ -236,6 +238,7 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
         utils.seed_everything(opts.seed + exp)
         generator = utils.make_generator(opts.seed + exp)
         method = method_class(cfg, sampler=sampler, device=device, generator=generator, **dims)
+        clom.attach(method, clom_pool)
         syn = method.init_synthetic()
         first_iteration = 1
         if resumed is not None and exp == start_exp and resumed["syn"] is not None:
@@ -255,6 +258,8 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
         for iteration in bar:
             tick = time.perf_counter()
             logs = method.step(syn, iteration)
+            for regularizer in method.regularizers:  # their per-iteration values (e.g. the CLoM term)
+                logs.update(regularizer.pop_logs() if hasattr(regularizer, "pop_logs") else {})
             loss_value = float(logs["loss"])  # the one device sync per iteration
             step_seconds += time.perf_counter() - tick
             steps_timed += 1
@@ -307,7 +312,7 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
                    "protocol": {m: eval_config_for(method, m, opts, syn).describe() for m in opts.eval_models},
                    "accuracy": {m: {"mean": utils.EvalResult(m, a).acc_mean, "std": utils.EvalResult(m, a).acc_std,
                                     "accs": a} for m, a in accs_all_exps.items()},
-                   "result_file": result_path}, handle, indent=2)
+                   "result_file": result_path, "clom": dict(cfg.clom) if cfg.clom else None}, handle, indent=2)
     return outcome
 
 
