@@ -155,11 +155,13 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
 
     Raises:
         RunInterrupted: a stop was requested (a checkpoint was written).
-        utils.UserError: ``--resume`` found an incompatible checkpoint.
+        utils.UserError: ``--resume`` found an incompatible checkpoint, or ``cfg.clom`` asks for
+            original models that are missing or do not fit (``methods.clom.load_for_run``).
         FloatingPointError: the loss became NaN or infinite (the last checkpoint is kept).
     """
     stop = stop or StopFlag()
     method_class = get_method_class(cfg.method)
+    clom_pool = clom.load_for_run(cfg, record, device)  # original models, loaded once (None: CLoM off)
     os.makedirs(opts.run_dir, exist_ok=True)
     tag = f"{cfg.method}_{cfg.dataset}_{cfg.model}_{cfg.ipc}ipc"
     result_path = os.path.join(opts.run_dir, utils.result_filename(cfg.method, cfg.dataset, cfg.model, cfg.ipc))
@@ -173,7 +175,6 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
     sampler = RealSampler(record.images_train, record.labels_train, record.num_classes, device)
     test_images, test_labels = record.images_test.to(device), record.labels_test.to(device)
     dims = dict(channel=record.channel, num_classes=record.num_classes, im_size=record.im_size)
-    clom_pool = clom.load_for_run(cfg, record, device)  # original models, loaded once (None: CLoM off)
 
     data_save: list = []
     learned_lr: list = []  # per experiment, when the method learns the step size
