@@ -139,3 +139,40 @@ def user_errors():
         fail(str(error), EXIT_NUMERIC)
     except KeyboardInterrupt:
         fail("interrupted", EXIT_STOPPED)
+
+
+def add_original_model_args(parser: argparse.ArgumentParser, clom: bool = True) -> None:
+    """Flags choosing original models (``train_original.py`` outputs, methods.md §7.2).
+
+    With ``clom`` (``distill.py``): the CLoM regulariser flags ``--alphas --models_pool --model_num
+    --CLoM_distance --source_dataset --epoch --CLoM_batch_size --pretrained_path`` (and the
+    reference's ``--CLoM`` switch, which ``--alphas`` implies). Without (``evaluate.py --assess``):
+    ``--models_pool --model_num --epoch --pretrained_path``. ``--alphas`` and ``--models_pool``
+    take values space- or comma-separated (``--alphas 1000 2000`` or ``--alphas 1000,2000``).
+    The root of the models is ``--pretrained_path`` (``train_original.py --save_path``), because
+    ``distill.py --save_path`` names the root of run directories.
+    """
+    title = "CLoM regulariser (original models' classification loss)" if clom else "original models for --assess"
+    group = parser.add_argument_group(title)
+    if clom:
+        group.add_argument("--CLoM", action="store_true",
+                           help="reference switch; CLoM is on exactly when --alphas is given")
+        group.add_argument("--alphas", nargs="+", default=None,
+                           help="CLoM weight: one for every architecture or one per --models_pool entry (off if absent)")
+    group.add_argument("--models_pool", nargs="+", default=None,
+                       help="architectures of the original models, e.g. ConvNet or ConvNet,LeNet (default: --model)")
+    group.add_argument("--model_num", type=int, default=1 if clom else None,
+                       help="original models per architecture, indices 0..N-1 "
+                            f"(default {'1' if clom else 'every index_* folder found'})")
+    group.add_argument("--epoch", type=int, default=None,
+                       help="use models whose checkpoint holds exactly this many trained epochs "
+                            "(default: the finished models)")
+    group.add_argument("--pretrained_path", default="pretrained_model",
+                       help="root of the original models (train_original.py --save_path)")
+    if clom:
+        group.add_argument("--CLoM_distance", default="ce", choices=["ce", "cos"],
+                           help="ce: alpha*CE(model(image_syn), label_syn); cos: the contrastive variant")
+        group.add_argument("--source_dataset", default=None,
+                           help="dataset the original models were trained on (default: --dataset)")
+        group.add_argument("--CLoM_batch_size", type=int, default=None,
+                           help="real images per step for --CLoM_distance cos (required there)")

@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vis", action=argparse.BooleanOptionalAction, default=True, help="save PNG grids")
     cli.add_data_args(parser)
     cli.add_runtime_args(parser)
+    cli.add_original_model_args(parser, clom=True)
     group = parser.add_argument_group("method-specific (declared by each method's options)")
     for name, (option, users) in methods.method_options().items():
         defaults = sorted({f"{m.name}: {m.resolve_options({})[name]}" for m in map(methods.get_method_class, users)})
@@ -88,6 +89,23 @@ def method_extra(args: argparse.Namespace, method_class) -> dict:
     except ValueError as error:
         raise utils.UserError(str(error)) from None
     return extra
+
+
+def clom_settings(args: argparse.Namespace):
+    """The CLoM flags as ``DistillConfig.clom`` (a dict), or ``None`` when ``--alphas`` is absent.
+
+    Raises:
+        utils.UserError: an invalid CLoM flag, or ``--CLoM`` without ``--alphas``.
+    """
+    from methods.clom import settings_from_flags
+
+    settings = settings_from_flags(args.alphas, args.models_pool, model=args.model, model_num=args.model_num,
+                                   distance=args.CLoM_distance, source_dataset=args.source_dataset,
+                                   epoch=args.epoch, batch_size=args.CLoM_batch_size,
+                                   pretrained_path=args.pretrained_path)
+    if settings is None and args.CLoM:
+        raise utils.UserError("--CLoM needs --alphas (the weight of the term)")
+    return settings.as_dict() if settings is not None else None
 
 
 def resolve(args: argparse.Namespace):
@@ -133,7 +151,7 @@ def resolve(args: argparse.Namespace):
                                 batch_real=args.batch_real, batch_train=args.batch_train, init=args.init,
                                 dsa_strategy=args.dsa_strategy or "", dis_metric=args.dis_metric,
                                 outer_loop=args.outer_loop, inner_loop=args.inner_loop, zca=args.zca,
-                                subset=args.subset, res=args.res, extra=extra)
+                                subset=args.subset, res=args.res, extra=extra, clom=clom_settings(args))
     run_dir = args.run_dir or os.path.join(args.save_path, f"{args.method}_{args.dataset}_{args.model}_{args.ipc}ipc")
     opts = RunOptions(num_exp=args.num_exp, num_eval=args.num_eval, eval_it=args.eval_it,
                       eval_models=tuple(eval_models), epoch_eval_train=args.epoch_eval_train, seed=args.seed,

@@ -7,6 +7,11 @@ on the real test set. Prints mean ± std per model; ``--out FILE.json`` writes
 Examples:
     python evaluate.py --dataset FashionMNIST --syn_path result/DM_FashionMNIST_ConvNet_10ipc/res_DM_FashionMNIST_ConvNet_10ipc.pt
     python evaluate.py --dataset FashionMNIST --baseline random --ipc 10 --dsa_strategy color_crop_cutout_flip_scale_rotate
+
+``--assess`` does not train: it prints the synthetic set's accuracy and loss on original models
+(``train_original.py``) and its distances to real data (``assess.py``), written to
+``--out`` or ``{syn_path stem}_assess.json``:
+    python evaluate.py --dataset FashionMNIST --assess --models_pool ConvNet --syn_path result/.../res_DC_FashionMNIST_ConvNet_1ipc.pt
 """
 from __future__ import annotations
 
@@ -55,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="write the accuracies as JSON here (and the table as .csv beside it)")
     cli.add_data_args(parser)
     cli.add_runtime_args(parser)
+    parser.add_argument("--assess", action="store_true",
+                        help="instead of training: OM accuracy / loss and synthetic-real distances on original models "
+                             "(assess.py); JSON to --out or next to --syn_path")
+    parser.add_argument("--assess_real", type=int, default=500, help="--assess: real images per class (seeded draw)")
+    cli.add_original_model_args(parser, clom=False)
     return parser
 
 
@@ -170,6 +180,8 @@ def main(argv=None) -> int:
             torch.set_num_threads(args.threads)
         if args.num_eval < 1:
             raise utils.UserError(f"--num_eval must be at least 1, got {args.num_eval}")
+        if args.assess and not args.syn_path:
+            raise utils.UserError("--assess needs --syn_path (a saved synthetic set)")
         if args.baseline and (args.ipc is None or args.ipc < 1):
             raise utils.UserError("--baseline random needs --ipc N with N >= 1")
         cli.check_models([args.model], "--model")
@@ -183,6 +195,15 @@ def main(argv=None) -> int:
 
         record = load_dataset(args.dataset, args.data_path, zca=args.zca, download=args.download, res=args.res,
                               subset=args.subset)
+        if args.assess:
+            paths = expand_syn_paths(args.syn_path or [])
+            if len(paths) != 1:
+                raise utils.UserError(f"--assess takes one synthetic set (--syn_path), got {len(paths)}")
+            import assess
+
+            single = argparse.Namespace(**{**vars(args), "syn_path": paths[0]})
+            sets, _ = load_sets(single, record)
+            return assess.run_cli(single, record, sets, device)
         loaded = []  # (path, method, ipc, sets)
         saved_strategies = set()
         for path in expand_syn_paths(args.syn_path or []):

@@ -158,6 +158,8 @@ class DistillConfig:
     res: Optional[int] = None
     # Method-specific options (``DistillMethod.options``) that differ from their defaults.
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # The CLoM regulariser (``methods.clom.CLoMSettings.as_dict()``), or ``None``: off.
+    clom: Optional[Mapping[str, Any]] = None
 
     def replace(self, **changes) -> "DistillConfig":
         """A copy with some fields changed (the config itself is frozen)."""
@@ -383,10 +385,18 @@ class DistillMethod:
     # ---- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Method state beyond the synthetic set (optimiser moments ...), for resuming."""
-        return {"optimizer_img": self.optimizer_img.state_dict() if self.optimizer_img else None}
+        state = {"optimizer_img": self.optimizer_img.state_dict() if self.optimizer_img else None}
+        # Regularisers with their own random draws (CLoM) continue them after a resume.
+        saved = [r.state_dict() if hasattr(r, "state_dict") else None for r in self.regularizers]
+        if any(entry is not None for entry in saved):
+            state["regularizers"] = saved
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned (call after :meth:`init_synthetic`)."""
         if state.get("optimizer_img") is not None and self.optimizer_img is not None:
             self.optimizer_img.load_state_dict(state["optimizer_img"])
+        for regularizer, saved in zip(self.regularizers, state.get("regularizers", [])):
+            if saved is not None:
+                regularizer.load_state_dict(saved)
 

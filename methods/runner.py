@@ -31,6 +31,7 @@ import augment
 import resources
 import utils
 from data import RealSampler
+from methods import clom
 from methods.base import DistillConfig, DistillMethod, get_method_class
 
 logger = logging.getLogger(__name__)
@@ -155,11 +156,13 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
 
     Raises:
         RunInterrupted: a stop was requested (a checkpoint was written).
-        utils.UserError: ``--resume`` found an incompatible checkpoint.
+        utils.UserError: ``--resume`` found an incompatible checkpoint, or ``cfg.clom`` asks for
+            original models that are missing or do not fit (``methods.clom.load_for_run``).
         FloatingPointError: the loss became NaN or infinite (the last checkpoint is kept).
     """
     stop = stop or StopFlag()
     method_class = get_method_class(cfg.method)
+    clom_pool = clom.load_for_run(cfg, record, device)  # original models, loaded once (None: CLoM off)
     os.makedirs(opts.run_dir, exist_ok=True)
     tag = f"{cfg.method}_{cfg.dataset}_{cfg.model}_{cfg.ipc}ipc"
     result_path = os.path.join(opts.run_dir, utils.result_filename(cfg.method, cfg.dataset, cfg.model, cfg.ipc))
@@ -248,6 +251,7 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
         utils.seed_everything(opts.seed + exp)
         generator = utils.make_generator(opts.seed + exp)
         method = method_class(cfg, sampler=sampler, device=device, generator=generator, **dims)
+        clom.attach(method, clom_pool)
         tick = time.perf_counter()
         syn = method.init_synthetic()
         distill_seconds += time.perf_counter() - tick
@@ -271,6 +275,8 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
         for iteration in bar:
             tick = time.perf_counter()
             logs = method.step(syn, iteration)
+            for regularizer in method.regularizers:  # their per-iteration values (e.g. the CLoM term)
+                logs.update(regularizer.pop_logs() if hasattr(regularizer, "pop_logs") else {})
             loss_value = float(logs["loss"])  # the one device sync per iteration
             step_seconds += time.perf_counter() - tick
             distill_seconds += time.perf_counter() - tick
@@ -323,7 +329,7 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
                                 for m in opts.eval_models},
                    "accuracy": {m: {"mean": utils.EvalResult(m, a).acc_mean, "std": utils.EvalResult(m, a).acc_std,
                                     "accs": a} for m, a in accs_all_exps.items()},
-                   "result_file": result_path}, handle, indent=2)
+                   "result_file": result_path, "clom": dict(cfg.clom) if cfg.clom else None}, handle, indent=2)
     return outcome
 
 
