@@ -20,6 +20,8 @@ import torch
 
 import augment
 import cli
+import feature_cli
+import feature_loss
 import utils
 
 
@@ -47,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DiffAugment strategy for training (default: the one saved with the set, else DC augmentation; "
                              "'none' for DC augmentation)")
     parser.add_argument("--out", default=None, help="write the accuracies as JSON here")
+    parser.add_argument("--lbd", type=float, default=None,
+                        help="sets saved with feature labels F (DRUPI): lambda of D(E(x), F) in training (default: the "
+                             "value the set was distilled with, else 0.01); 0 trains with CE only")
+    feature_cli.add_eval_option_args(parser)
     cli.add_data_args(parser)
     cli.add_runtime_args(parser)
     return parser
@@ -125,6 +131,44 @@ def load_sets(args, record) -> tuple:
     return sets, meta.get("dsa_strategy")
 
 
+def load_feature_labels(args, num_images: int, num_classes: int) -> list:
+    """Per chosen experiment, the ``evaluate_synset`` keyword arguments for its feature labels:
+    ``{}`` for a set without F, else F (the third entry of the ``data`` item, as DRUPI saves it)
+    and the loss settings saved with the set (``meta.config.feature_labels``), ``--lbd`` overriding
+    lambda. A file without our ``meta`` (the reference's) uses the DRUPI defaults, with avg
+    pooling when F is 1x1.
+
+    Raises:
+        utils.UserError: ``--lbd`` is negative, or a saved setting is invalid.
+    """
+    if args.lbd is not None and args.lbd < 0:
+        raise utils.UserError(f"--lbd must be >= 0, got {args.lbd}")
+    if _is_tensor_file(args.syn_path):
+        return [{}]
+    blob = utils.load_results(args.syn_path)
+    saved = ((blob.get("meta") or {}).get("config") or {}).get("feature_labels") or {}
+    entries = blob["data"]
+    chosen = args.exp if args.exp else range(len(entries))
+    found = []
+    for index in chosen:
+        entry = entries[index]
+        if len(entry) < 3 or not torch.is_tensor(entry[2]):
+            found.append({})
+            continue
+        features = entry[2].float()
+        pooling = saved.get("pooling", "avg" if features.dim() == 5 and tuple(features.shape[3:]) == (1, 1) else None)
+        try:
+            cfg = feature_loss.FeatureLossConfig(
+                lbd=args.lbd if args.lbd is not None else saved.get("lbd", 0.01), layer_idx=saved.get("layer_idx"),
+                pooling=pooling, metric=saved.get("feat_metric", "mse"), norm=saved.get("feat_norm", False),
+                use_feature=saved.get("use_feature", "mean"))
+            feature_loss.FeatureTargets(features, num_images, num_classes, cfg)  # checks the shape
+        except ValueError as error:
+            raise utils.UserError(f"--syn_path data[{index}] feature labels: {error}") from None
+        found.append({"feature_labels": features, "feature_cfg": cfg})
+    return found
+
+
 def main(argv=None) -> int:
     """Parse, load the test set and the synthetic sets (or draw random real ones), evaluate, report."""
     args = build_parser().parse_args(argv)
@@ -146,6 +190,7 @@ def main(argv=None) -> int:
         saved_strategy = None
         if args.syn_path:
             sets, saved_strategy = load_sets(args, record)
+            feature_args = load_feature_labels(args, sets[0][0].shape[0], record.num_classes)
             ipc = max(1, sets[0][0].shape[0] // record.num_classes)
         else:
             ipc, sets = args.ipc, None
@@ -164,15 +209,20 @@ def main(argv=None) -> int:
             augmented = bool(strategy) or (dc_aug is not None and dc_aug.strategy not in ("", "none", "None"))
             epochs = args.epoch_eval_train if args.epoch_eval_train is not None else (1000 if augmented else 300)
             cfg = utils.EvalConfig(epochs=epochs, lr=args.lr_net if args.lr_net is not None else 0.01, batch_train=args.batch_train,
-                                   dsa_strategy=strategy, dc_aug=dc_aug)
+                                   dsa_strategy=strategy, dc_aug=dc_aug, **feature_cli.eval_option_values(args))
             accs, seconds = [], 0.0
             if sets is not None:
                 for index, (images, labels, learned_lr) in enumerate(sets):
                     if args.lr_net is None and learned_lr is not None:
                         cfg = dataclasses.replace(cfg, lr=learned_lr)
-                    result = utils.evaluate_synset(images.to(device), labels.to(device), model_eval,
-                                                   record.num_classes, test_images, test_labels, cfg,
-                                                   num_eval=args.num_eval, device=device, seed=args.seed + 1000 * index)
+                    try:
+                        result = utils.evaluate_synset(images.to(device), labels.to(device), model_eval,
+                                                       record.num_classes, test_images, test_labels, cfg,
+                                                       num_eval=args.num_eval, device=device, seed=args.seed + 1000 * index,
+                                                       **feature_args[index])
+                    except ValueError as error:
+                        raise utils.UserError(f"feature labels of experiment {index}: {error} "
+                                              "(--lbd 0 evaluates without them)") from None
                     accs += result.accs
                     seconds += result.train_time_s
             else:
