@@ -236,6 +236,9 @@ def main(argv=None) -> int:
             summary = utils.EvalResult(model_eval, accs, seconds)
             report[model_eval] = {**summary.as_dict(), "protocol": cfg.describe()}
             what = f"random real ipc {ipc}" if args.baseline else os.path.basename(args.syn_path)
+            used = [a["feature_cfg"].lbd for a in (feature_args if sets is not None else []) if a and a["feature_cfg"].lbd > 0]
+            if used:
+                what += f"; feature labels, lbd {used[0]:g}"
             print(f"{model_eval:<16} {utils.format_acc(accs)} %  ({len(accs)} networks, {epochs} epochs, "
                   f"{cfg.describe()['augmentation']}; {what}; {seconds:.1f} s)")
         if args.out:

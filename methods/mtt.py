@@ -316,6 +316,8 @@ class MTT(DistillMethod):
         logs = {"loss": loss.detach(), "start_epoch": torch.tensor(float(epoch)), "syn_lr": syn.syn_lr.detach().clone()}
         if self.can_skip:
             logs["skipped"] = torch.tensor(0.0 if accepted else 1.0)
+        if self.feature_learner is not None:  # DRUPI: the summed CE(h(F_b), y_b) of the unroll, graph released
+            self.feature_ce = logs["feat_ce"] = self.feature_ce.detach()
         return logs
 
     # ---- checkpoints --------------------------------------------------------------------
