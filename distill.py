@@ -14,6 +14,7 @@ import yaml
 
 import augment
 import cli
+import feature_cli
 import methods
 import utils
 from methods.losses import METRICS
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_data_args(parser)
     cli.add_runtime_args(parser)
     cli.add_original_model_args(parser, clom=True)
+    feature_cli.add_feature_label_args(parser)
+    feature_cli.add_eval_option_args(parser)
     group = parser.add_argument_group("method-specific (declared by each method's options)")
     for name, (option, users) in methods.method_options().items():
         defaults = sorted({f"{m.name}: {m.resolve_options({})[name]}" for m in map(methods.get_method_class, users)})
@@ -151,12 +154,13 @@ def resolve(args: argparse.Namespace):
                                 batch_real=args.batch_real, batch_train=args.batch_train, init=args.init,
                                 dsa_strategy=args.dsa_strategy or "", dis_metric=args.dis_metric,
                                 outer_loop=args.outer_loop, inner_loop=args.inner_loop, zca=args.zca,
-                                subset=args.subset, res=args.res, extra=extra, clom=clom_settings(args))
+                                subset=args.subset, res=args.res, extra=extra, clom=clom_settings(args),
+                                feature_labels=feature_cli.feature_label_config(args))
     run_dir = args.run_dir or os.path.join(args.save_path, f"{args.method}_{args.dataset}_{args.model}_{args.ipc}ipc")
     opts = RunOptions(num_exp=args.num_exp, num_eval=args.num_eval, eval_it=args.eval_it,
                       eval_models=tuple(eval_models), epoch_eval_train=args.epoch_eval_train, seed=args.seed,
                       run_dir=run_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                      save_vis=args.vis)
+                      save_vis=args.vis, **feature_cli.eval_option_values(args))
     return cfg, opts
 
 

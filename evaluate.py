@@ -25,6 +25,8 @@ import torch
 import augment
 import cli
 import comparison
+import feature_cli
+import feature_loss
 import utils
 
 
@@ -58,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DiffAugment strategy for training (default: the one saved with the set, else DC augmentation; "
                              "'none' for DC augmentation)")
     parser.add_argument("--out", default=None, help="write the accuracies as JSON here (and the table as .csv beside it)")
+    parser.add_argument("--lbd", type=float, default=None,
+                        help="sets saved with feature labels F (DRUPI): lambda of D(E(x), F) in training (default: the "
+                             "value the set was distilled with, else 0.01); 0 trains with CE only")
+    feature_cli.add_eval_option_args(parser)
     cli.add_data_args(parser)
     cli.add_runtime_args(parser)
     parser.add_argument("--assess", action="store_true",
@@ -169,6 +175,44 @@ def set_method(path: str) -> str:
     return method or os.path.splitext(os.path.basename(path))[0]
 
 
+def load_feature_labels(args, num_images: int, num_classes: int) -> list:
+    """Per chosen experiment, the ``evaluate_synset`` keyword arguments for its feature labels:
+    ``{}`` for a set without F, else F (the third entry of the ``data`` item, as DRUPI saves it)
+    and the loss settings saved with the set (``meta.config.feature_labels``), ``--lbd`` overriding
+    lambda. A file without our ``meta`` (the reference's) uses the DRUPI defaults, with avg
+    pooling when F is 1x1.
+
+    Raises:
+        utils.UserError: ``--lbd`` is negative, or a saved setting is invalid.
+    """
+    if args.lbd is not None and args.lbd < 0:
+        raise utils.UserError(f"--lbd must be >= 0, got {args.lbd}")
+    if _is_tensor_file(args.syn_path):
+        return [{}]
+    blob = utils.load_results(args.syn_path)
+    saved = ((blob.get("meta") or {}).get("config") or {}).get("feature_labels") or {}
+    entries = blob["data"]
+    chosen = args.exp if args.exp else range(len(entries))
+    found = []
+    for index in chosen:
+        entry = entries[index]
+        if len(entry) < 3 or not torch.is_tensor(entry[2]):
+            found.append({})
+            continue
+        features = entry[2].float()
+        pooling = saved.get("pooling", "avg" if features.dim() == 5 and tuple(features.shape[3:]) == (1, 1) else None)
+        try:
+            cfg = feature_loss.FeatureLossConfig(
+                lbd=args.lbd if args.lbd is not None else saved.get("lbd", 0.01), layer_idx=saved.get("layer_idx"),
+                pooling=pooling, metric=saved.get("feat_metric", "mse"), norm=saved.get("feat_norm", False),
+                use_feature=saved.get("use_feature", "mean"))
+            feature_loss.FeatureTargets(features, num_images, num_classes, cfg)  # checks the shape
+        except ValueError as error:
+            raise utils.UserError(f"--syn_path data[{index}] feature labels: {error}") from None
+        found.append({"feature_labels": features, "feature_cfg": cfg})
+    return found
+
+
 def main(argv=None) -> int:
     """Parse, load the test set and the synthetic sets (or draw random real ones), evaluate them and
     ipc random real images per class under the same protocol, print one table (rows: sets,
@@ -204,16 +248,18 @@ def main(argv=None) -> int:
             single = argparse.Namespace(**{**vars(args), "syn_path": paths[0]})
             sets, _ = load_sets(single, record)
             return assess.run_cli(single, record, sets, device)
-        loaded = []  # (path, method, ipc, sets)
+        loaded = []  # (path, method, ipc, sets, feature-label arguments per experiment)
         saved_strategies = set()
         for path in expand_syn_paths(args.syn_path or []):
-            sets, saved = load_sets(argparse.Namespace(**{**vars(args), "syn_path": path}), record)
-            loaded.append((path, set_method(path), max(1, sets[0][0].shape[0] // record.num_classes), sets))
+            single = argparse.Namespace(**{**vars(args), "syn_path": path})
+            sets, saved = load_sets(single, record)
+            feature_args = load_feature_labels(single, sets[0][0].shape[0], record.num_classes)
+            loaded.append((path, set_method(path), max(1, sets[0][0].shape[0] // record.num_classes), sets, feature_args))
             saved_strategies.add(saved or "")
         if args.dsa_strategy is None and len(saved_strategies) > 1:
             raise utils.UserError(f"--syn_path: the sets were saved with different augmentation ({', '.join(sorted(s or 'none' for s in saved_strategies))}); "
                                   "pass --dsa_strategy to evaluate every row under one protocol")
-        ipcs = sorted({ipc for _, _, ipc, _ in loaded} | ({args.ipc} if args.baseline else set()))
+        ipcs = sorted({ipc for _, _, ipc, _, _ in loaded} | ({args.ipc} if args.baseline else set()))
         for ipc in ipcs:
             if ipc > int(record.labels_train.bincount().min()) and (args.baseline or args.random_baseline):
                 raise utils.UserError(f"--ipc {ipc} exceeds the smallest class of {args.dataset}")
@@ -231,29 +277,39 @@ def main(argv=None) -> int:
             epochs = args.epoch_eval_train if args.epoch_eval_train is not None else (1000 if augmented else 300)
             lr = args.lr_net if args.lr_net is not None else (learned_lr if learned_lr is not None else 0.01)
             return utils.EvalConfig(epochs=epochs, lr=lr, batch_train=args.batch_train, dsa_strategy=strategy,
-                                    dc_aug=dc_aug)
+                                    dc_aug=dc_aug, **feature_cli.eval_option_values(args))
 
         def report_line(model_eval, accs, cfg, what, seconds):
             print(f"{model_eval:<16} {utils.format_acc(accs)} %  ({len(accs)} networks, {cfg.epochs} epochs, "
                   f"{cfg.describe()['augmentation']}; {what}; {seconds:.1f} s)")
 
         rows = []
-        for path, method, ipc, sets in loaded:
+        for path, method, ipc, sets, feature_args in loaded:
             row = comparison.Row(name=f"{method} ipc {ipc} ({os.path.basename(path)})", kind="synthetic", ipc=ipc,
                                  method=method, dataset=args.dataset, path=path)
             for model_eval in models:
                 accs, seconds, cfg = [], 0.0, None
                 for index, (images, labels, learned_lr) in enumerate(sets):
                     cfg = eval_config(model_eval, ipc, learned_lr)
-                    result = utils.evaluate_synset(images.to(device), labels.to(device), model_eval,
-                                                   record.num_classes, test_images, test_labels, cfg,
-                                                   num_eval=args.num_eval, device=device, seed=args.seed + 1000 * index)
+                    try:
+                        result = utils.evaluate_synset(images.to(device), labels.to(device), model_eval,
+                                                       record.num_classes, test_images, test_labels, cfg,
+                                                       num_eval=args.num_eval, device=device, seed=args.seed + 1000 * index,
+                                                       **feature_args[index])
+                    except ValueError as error:
+                        raise utils.UserError(f"{path}: feature labels of experiment {index}: {error} "
+                                              "(--lbd 0 evaluates without them)") from None
                     accs += result.accs
                     seconds += result.train_time_s
                 labels_kind = "soft" if sets[0][1].dim() == 2 else "hard"
                 row.results[model_eval] = {**utils.EvalResult(model_eval, accs, seconds).as_dict(),
                                            "protocol": {**cfg.describe(), "labels": labels_kind}}
-                report_line(model_eval, accs, cfg, os.path.basename(path), seconds)
+                what = os.path.basename(path)
+                used = [a["feature_cfg"].lbd for a in feature_args if a and a["feature_cfg"].lbd > 0]
+                if used:
+                    what += f"; feature labels, lbd {used[0]:g}"
+                    row.results[model_eval]["protocol"]["feature_labels_lbd"] = used[0]
+                report_line(model_eval, accs, cfg, what, seconds)
             rows.append(row)
         if args.baseline or args.random_baseline:
             for ipc in ipcs:

@@ -18,6 +18,7 @@ import math
 import os
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -27,7 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import augment
+import feature_loss
 import networks
+from feature_loss import FeatureTargets
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +238,8 @@ Step = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.optim.Optimizer], 
 
 def train_epoch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
                 batch_size: int, generator: torch.Generator, augmenter: Optional[Augmenter] = None,
-                index: Optional[torch.Tensor] = None, step: Optional[Step] = None) -> float:
+                index: Optional[torch.Tensor] = None, step: Optional[Step] = None,
+                features: Optional[FeatureTargets] = None) -> float:
     """Train ``net`` for one shuffled pass over an in-memory set (DC utils ``epoch('train')``).
 
     Args:
@@ -248,6 +252,9 @@ def train_epoch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, opti
         augmenter: applied to each batch under ``no_grad`` (see :func:`make_augmenter`).
         index: (M,) int64 indices of the subset to pass over (PAD's scheduled experts); all if ``None``.
         step: ``step(net, x, y, optimizer) -> loss``; default :func:`sgd_step` (GSAM experts pass theirs).
+        features: privileged feature labels F of the set (DRUPI, ``feature_loss.FeatureTargets``);
+            each step then minimises CE + lbd * D(E(x), F) in one pass (``step`` is not used).
+            ``None`` (the default) leaves the loop exactly as without them.
 
     Returns:
         The mean training loss over the epoch (a Python float; one device sync per epoch).
@@ -266,7 +273,10 @@ def train_epoch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, opti
         if augmenter is not None:
             with torch.no_grad():
                 x = augmenter(x, generator)
-        total += step(net, x, y, optimizer) * x.shape[0]
+        if features is not None:
+            total += features.sgd_step(net, x, y, batch, optimizer, generator) * x.shape[0]
+        else:
+            total += step(net, x, y, optimizer) * x.shape[0]
     return float(total) / max(count, 1)
 
 
@@ -275,24 +285,68 @@ def has_batchnorm(net: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
 
 
+TTA_MODES = ("hflip",)
+
+# Images per test pass in deterministic mode, whatever ``batch_test`` is (on CPU, ``CPU_CHUNK``).
+DETERMINISTIC_TEST_PASS = 500
+
+
 @torch.no_grad()
-def test_accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
+def test_accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000,
+                  tta_mode: str = "", deterministic: bool = False) -> float:
     """Top-1 accuracy in [0, 1] of ``net`` (put in eval mode) on a labelled set.
 
     Args:
         images: (N, C, H, W), moved batch by batch to the network's device.
         labels: (N,) int64.
         batch_size: images per forward pass on CUDA (on CPU, ``CPU_CHUNK``).
+        tta_mode: ``""`` (none) or ``hflip``: test-time augmentation as DRUPI's ``--tta --tta_mode
+            hflip`` (methods.md §8.1): the prediction is the argmax of the mean of the softmax
+            probabilities of the image and of its horizontal mirror (flip of the width axis).
+        deterministic: pass ``DETERMINISTIC_TEST_PASS`` images at a time whatever ``batch_size``,
+            so the accuracy does not depend on the test batch size (kernels chosen by batch shape).
+
+    Raises:
+        ValueError: unknown ``tta_mode``.
     """
+    if tta_mode and tta_mode not in TTA_MODES:
+        raise ValueError(f"--tta_mode {tta_mode!r}: expected one of {', '.join(TTA_MODES)}")
     net.eval()
     device = next(net.parameters()).device
-    batch_size = chunk_size(device, batch_size)
+    batch_size = chunk_size(device, DETERMINISTIC_TEST_PASS if deterministic else batch_size)
     correct = torch.zeros((), dtype=torch.long, device=device)
     for start in range(0, images.shape[0], batch_size):
         x = images[start:start + batch_size].to(device, non_blocking=True)
         y = labels[start:start + batch_size].to(device, non_blocking=True)
-        correct += (net(x).argmax(dim=1) == y).sum()
+        if tta_mode == "hflip":
+            scores = torch.softmax(net(x), dim=1) + torch.softmax(net(x.flip(-1)), dim=1)
+        else:
+            scores = net(x)
+        correct += (scores.argmax(dim=1) == y).sum()
     return int(correct) / max(images.shape[0], 1)
+
+
+@contextmanager
+def deterministic_algorithms(enabled: bool = True):
+    """Within the block: ``torch.use_deterministic_algorithms(True, warn_only=True)``, cuDNN
+    deterministic and not benchmarking, ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (unless set) for
+    deterministic cuBLAS (STYLE.md §2.7; warn_only because some backward kernels DSA relies on,
+    grid_sample and adaptive pooling, have no deterministic CUDA version). Restores the previous
+    settings on exit; does nothing when ``enabled`` is false."""
+    if not enabled:
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                cudnn.deterministic, cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        cudnn.deterministic, cudnn.benchmark = previous[2], previous[3]
 
 
 @dataclass(frozen=True)
@@ -309,6 +363,9 @@ class EvalConfig:
         dsa_strategy: DiffAugment strategy; empty means DC augmentation (or none).
         dc_aug: DC's ``get_daparam`` setting, used when ``dsa_strategy`` is empty.
         batch_test: test images per forward pass (does not change the result).
+        tta_mode: ``""`` or ``hflip``: test-time augmentation (:func:`test_accuracy`; ``--tta``).
+        deterministic: ``--deterministic``: deterministic kernels while training and testing
+            (:func:`deterministic_algorithms`) and a test pass size independent of ``batch_test``.
     """
 
     epochs: int = 300
@@ -319,16 +376,24 @@ class EvalConfig:
     dsa_strategy: str = ""
     dc_aug: Optional["augment.DCAugParam"] = None
     batch_test: int = 1000
+    tta_mode: str = ""
+    deterministic: bool = False
 
     def describe(self) -> dict:
-        """A JSON-ready record of the protocol, written beside every result."""
-        return {
+        """A JSON-ready record of the protocol, written beside every result (``tta`` and
+        ``deterministic`` only when set)."""
+        record = {
             "epochs": self.epochs, "lr": self.lr, "batch_train": self.batch_train, "optimizer": "SGD",
             "momentum": self.momentum, "weight_decay": self.weight_decay,
             "lr_schedule": f"x0.1 after epoch {self.epochs // 2 + 1}, optimiser rebuilt",
             "augmentation": (f"DSA {self.dsa_strategy}" if self.dsa_strategy else
                              f"DC {self.dc_aug.strategy}" if self.dc_aug is not None else "none"),
         }
+        if self.tta_mode:
+            record["tta"] = f"{self.tta_mode} (mean of softmax probabilities)"
+        if self.deterministic:
+            record["deterministic"] = True
+        return record
 
 
 @dataclass
@@ -356,7 +421,8 @@ class EvalResult:
 
 
 def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, test_images: torch.Tensor,
-                   test_labels: torch.Tensor, cfg: EvalConfig, generator: torch.Generator) -> float:
+                   test_labels: torch.Tensor, cfg: EvalConfig, generator: torch.Generator,
+                   features: Optional[FeatureTargets] = None) -> float:
     """Train one network on a (synthetic) set with the DC protocol and return its test accuracy.
 
     Args:
@@ -366,6 +432,8 @@ def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, t
         test_images, test_labels: (M, C, H, W) and (M,), on any device.
         cfg: the protocol.
         generator: CPU generator for shuffling and augmentation.
+        features: privileged feature labels (DRUPI); training then minimises CE + lbd * D(E(x), F)
+            (see :func:`train_epoch`).
 
     Raises:
         FloatingPointError: the training loss became NaN or infinite.
@@ -380,18 +448,20 @@ def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, t
     decay_after = cfg.epochs // 2 + 1
     loss = 0.0
     for epoch in range(cfg.epochs + 1):
-        loss = train_epoch(net, images, labels, optimizer, cfg.batch_train, generator, augmenter)
+        loss = train_epoch(net, images, labels, optimizer, cfg.batch_train, generator, augmenter, features=features)
         if epoch == decay_after:
             lr *= 0.1
             optimizer = make_optimizer(lr)
     if not math.isfinite(loss):
         raise FloatingPointError(f"evaluation training loss became {loss}")
-    return test_accuracy(net, test_images, test_labels, cfg.batch_test)
+    return test_accuracy(net, test_images, test_labels, cfg.batch_test, cfg.tta_mode, cfg.deterministic)
 
 
 def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str, num_classes: int,
                     test_images: torch.Tensor, test_labels: torch.Tensor, cfg: EvalConfig, *,
-                    num_eval: int = 1, device: Optional[torch.device] = None, seed: int = 0) -> EvalResult:
+                    num_eval: int = 1, device: Optional[torch.device] = None, seed: int = 0,
+                    feature_labels: Optional[torch.Tensor] = None,
+                    feature_cfg: Optional[feature_loss.FeatureLossConfig] = None) -> EvalResult:
     """Train ``num_eval`` fresh ``model`` networks on a synthetic set; report their test accuracy.
 
     The one evaluation routine of the toolkit, shared by ``distill.py`` and ``evaluate.py``.
@@ -409,12 +479,18 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
         num_eval: number of independently initialised networks.
         device: where to train (default: the device of ``image_syn``).
         seed: base seed.
+        feature_labels: privileged feature labels F, (n_feat, N, ...) per image or (n_feat, K, ...)
+            per class (DRUPI, methods.md §8); every network then trains on CE + lbd * D(E(x), F).
+            ``None``, or ``feature_cfg.lbd == 0``, is exactly the plain protocol. (The reference
+            trains its evaluation network 0 without F and the others with it; here all use F.)
+        feature_cfg: how F is compared (``feature_loss.FeatureLossConfig``; default settings if None).
 
     Returns:
         An :class:`EvalResult` with one accuracy in [0, 1] per network.
 
     Raises:
         KeyError: unknown ``model``.
+        ValueError: ``feature_labels`` do not fit ``model``'s features (see ``feature_loss``).
         FloatingPointError: a training loss became NaN or infinite.
     """
     device = device or image_syn.device
@@ -426,11 +502,19 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
     fork_devices = []
     if device.type == "cuda":
         fork_devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    targets = None
+    if feature_labels is not None:
+        feature_cfg = feature_cfg or feature_loss.FeatureLossConfig()
+        if feature_cfg.lbd > 0:
+            targets = feature_loss.FeatureTargets(feature_labels.to(device), images.shape[0], num_classes, feature_cfg)
     for run in range(num_eval):
-        with torch.random.fork_rng(devices=fork_devices):
+        with torch.random.fork_rng(devices=fork_devices), deterministic_algorithms(cfg.deterministic):
             torch.manual_seed(seed + run)
             net = networks.get_network(model, channel, num_classes, im_size, device=device)
-            acc = train_and_test(net, images, labels, test_images, test_labels, cfg, make_generator(seed + run))
+            if targets is not None and run == 0:
+                targets.check(net, images)
+            acc = train_and_test(net, images, labels, test_images, test_labels, cfg, make_generator(seed + run),
+                                 features=targets)
         result.accs.append(acc)
     result.train_time_s = time.perf_counter() - start
     return result

@@ -160,6 +160,8 @@ class DistillConfig:
     extra: Mapping[str, Any] = field(default_factory=dict)
     # The CLoM regulariser (``methods.clom.CLoMSettings.as_dict()``), or ``None``: off.
     clom: Optional[Mapping[str, Any]] = None
+    # ``--feature_labels``: privileged feature labels F (DRUPI), a methods.feature_labels.FeatureLabelConfig.
+    feature_labels: Optional[Any] = None
 
     def replace(self, **changes) -> "DistillConfig":
         """A copy with some fields changed (the config itself is frozen)."""
@@ -179,6 +181,9 @@ class SyntheticSet(nn.Module):
             matching learns (MTT's alpha); evaluation trains with it.
         label_logits: ``None``, or a learnable ``nn.Parameter`` (K*ipc, K) of soft-label logits
             (DATM); evaluation trains on ``softmax(label_logits)`` with soft cross-entropy.
+        features: ``None``, or learnable privileged feature labels ``nn.Parameter``
+            (n_feat, K*ipc or K, ...) (DRUPI, ``--feature_labels``); evaluation trains on
+            CE + lbd * D(E(x), F).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, ipc: int):
@@ -191,6 +196,7 @@ class SyntheticSet(nn.Module):
         self.ipc = ipc
         self.syn_lr: Optional[nn.Parameter] = None
         self.label_logits: Optional[nn.Parameter] = None
+        self.features: Optional[nn.Parameter] = None
 
     def learn_lr(self, value: float) -> nn.Parameter:
         """Add the learnable step size, initialised at ``value``; returns it."""
@@ -207,6 +213,18 @@ class SyntheticSet(nn.Module):
             raise ValueError(f"soft labels must be ({self.images.shape[0]}, {self.num_classes}), got {tuple(logits.shape)}")
         self.label_logits = nn.Parameter(logits.detach().clone().to(self.images.device))
         return self.label_logits
+
+    def learn_features(self, features: torch.Tensor) -> nn.Parameter:
+        """Add learnable feature labels (n_feat, K*ipc or K, ...) (methods/feature_labels.py); returns them.
+
+        Raises:
+            ValueError: dim 1 is neither K*ipc (per image) nor K (per class).
+        """
+        if features.dim() < 3 or features.shape[1] not in (self.images.shape[0], self.num_classes):
+            raise ValueError(f"feature labels must be (n_feat, {self.images.shape[0]} or {self.num_classes}, ...), "
+                             f"got {tuple(features.shape)}")
+        self.features = nn.Parameter(features.detach().clone().to(self.images.device))
+        return self.features
 
     def class_images(self, c: int) -> torch.Tensor:
         """(ipc, C, H, W) view of class ``c``'s images (gradients flow to ``images``)."""
@@ -273,6 +291,11 @@ class DistillMethod:
         # Extra terms on the synthetic set added to every image update (e.g. a CLoM loss).
         self.regularizers: List[Callable[[SyntheticSet], torch.Tensor]] = []
         self.optimizer_img: Optional[torch.optim.Optimizer] = None
+        # Privileged feature labels (``--feature_labels``): learned after every image update.
+        self.feature_learner = None
+        if cfg.feature_labels is not None:
+            from methods.feature_labels import FeatureLabelLearner
+            self.feature_learner = FeatureLabelLearner(cfg.feature_labels, self)
 
     @classmethod
     def resolve_options(cls, extra: Mapping[str, Any]) -> Dict[str, Any]:
@@ -323,8 +346,11 @@ class DistillMethod:
         return syn
 
     def configure(self, syn: SyntheticSet) -> None:
-        """Create the optimiser of the synthetic images: SGD(lr_img, momentum 0.5) as in DC/DM."""
+        """Create the optimiser of the synthetic images: SGD(lr_img, momentum 0.5) as in DC/DM;
+        with ``--feature_labels``, also the feature labels and their optimiser."""
         self.optimizer_img = torch.optim.SGD([syn.images], lr=self.cfg.lr_img, momentum=0.5)
+        if self.feature_learner is not None:
+            self.feature_learner.attach(syn)
 
     # ---- one iteration ------------------------------------------------------------------
     def augment_pair(self, real: torch.Tensor, syn: torch.Tensor):
@@ -375,12 +401,19 @@ class DistillMethod:
     def step(self, syn: SyntheticSet, iteration: int) -> Dict[str, torch.Tensor]:
         """One outer iteration: the loss, then :meth:`update_images`.
 
+        With ``--feature_labels``, the feature labels are then updated once on a fresh network
+        (``FeatureLabelLearner.feature_step``).
+
         Returns:
-            ``{'loss': scalar tensor}`` (detached; converted to float once by the runner).
+            ``{'loss': scalar tensor}`` (detached; converted to float once by the runner), and
+            ``'feat_loss'`` with feature labels.
         """
         loss = self.loss(syn)
         self.update_images(syn, loss)
-        return {"loss": loss.detach()}
+        logs = {"loss": loss.detach()}
+        if self.feature_learner is not None:
+            logs["feat_loss"] = self.feature_learner.feature_step(syn)
+        return logs
 
     # ---- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -390,6 +423,8 @@ class DistillMethod:
         saved = [r.state_dict() if hasattr(r, "state_dict") else None for r in self.regularizers]
         if any(entry is not None for entry in saved):
             state["regularizers"] = saved
+        if self.feature_learner is not None:
+            state["feature_labels"] = self.feature_learner.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -399,4 +434,6 @@ class DistillMethod:
         for regularizer, saved in zip(self.regularizers, state.get("regularizers", [])):
             if saved is not None:
                 regularizer.load_state_dict(saved)
+        if state.get("feature_labels") is not None and self.feature_learner is not None:
+            self.feature_learner.load_state_dict(state["feature_labels"])
 

@@ -85,6 +85,8 @@ class RunOptions:
         checkpoint_every: write ``last.pt`` every so many iterations (0: only when stopped).
         resume: continue from ``run_dir/last.pt`` if it exists.
         save_vis: write a picture at each evaluation.
+        tta_mode: test-time augmentation of the evaluation (``--tta --tta_mode hflip``; ``""`` off).
+        deterministic: deterministic evaluation (``--deterministic``; ``utils.EvalConfig``).
     """
 
     num_exp: int = 1
@@ -97,6 +99,8 @@ class RunOptions:
     checkpoint_every: int = 0
     resume: bool = False
     save_vis: bool = True
+    tta_mode: str = ""
+    deterministic: bool = False
 
 
 @dataclass
@@ -121,7 +125,8 @@ def eval_config_for(method: DistillMethod, model_eval: str, opts: RunOptions, sy
     epochs = opts.epoch_eval_train if opts.epoch_eval_train is not None else method.default_eval_epochs(dc_active)
     lr = float(syn.syn_lr.detach()) if syn is not None and syn.syn_lr is not None else cfg.lr_net
     return utils.EvalConfig(epochs=epochs, lr=lr, batch_train=cfg.batch_train,
-                            dsa_strategy=method.dsa_strategy, dc_aug=dc_aug)
+                            dsa_strategy=method.dsa_strategy, dc_aug=dc_aug, tta_mode=opts.tta_mode,
+                            deterministic=opts.deterministic)
 
 
 def _check_resumable(saved: dict, cfg: DistillConfig, opts: RunOptions, path: str) -> None:
@@ -215,7 +220,8 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
             eval_cfg = eval_config_for(method, model_eval, opts, syn)
             result = utils.evaluate_synset(syn.images, syn.targets(), model_eval, record.num_classes, test_images,
                                            test_labels, eval_cfg, num_eval=opts.num_eval, device=device,
-                                           seed=1_000_000 + 1000 * opts.seed + 100 * exp)
+                                           seed=1_000_000 + 1000 * opts.seed + 100 * exp,
+                                           **_feature_eval_args(cfg, syn))
             results[model_eval] = result
             summary_rows.append(dict(exp=exp, iteration=iteration, model=model_eval, acc_mean=result.acc_mean,
                                      acc_std=result.acc_std, num_eval=opts.num_eval, loss=loss_value,
@@ -226,7 +232,8 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
         return results
 
     def keep(syn, results) -> None:  # the final set of an experiment and its accuracies
-        data_save.append([syn.images.detach().cpu().clone(), syn.export_labels()])
+        data_save.append([syn.images.detach().cpu().clone(), syn.export_labels()]
+                         + ([syn.features.detach().cpu().clone()] if syn.features is not None else []))
         if syn.syn_lr is not None:
             learned_lr.append(float(syn.syn_lr.detach()))
         for model_eval, result in results.items():
@@ -348,6 +355,15 @@ def run_cost(cfg: DistillConfig, record, device: torch.device, distill_seconds: 
     except (KeyError, ValueError) as error:  # an exotic model the counter cannot trace
         cost["network"] = {"model": cfg.model, "error": str(error)}
     return cost
+
+
+def _feature_eval_args(cfg: DistillConfig, syn) -> dict:
+    """``evaluate_synset`` keyword arguments for a set with feature labels (DRUPI): F and the
+    loss settings of ``--feature_labels``; empty without them. A cross-architecture evaluation
+    network whose features do not fit F is an error (evaluate.py --lbd 0 evaluates without F)."""
+    if syn is None or syn.features is None or cfg.feature_labels is None:
+        return {}
+    return {"feature_labels": syn.features.detach(), "feature_cfg": cfg.feature_labels.loss_config()}
 
 
 def _save(path, data_save, accs_all_exps, cfg, opts, record, method, learned_lr) -> None:

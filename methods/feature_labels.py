@@ -1,0 +1,263 @@
+"""Learning privileged feature labels F beside the synthetic images (DRUPI, ``--feature_labels``).
+
+Source: "Dataset Reduction Using Privileged Information" (DRUPI, arXiv 2410.01611), repository
+turturturturtur/DRUPI ``DC/main.py`` (methods.md §8.1-8.2). The synthetic set becomes
+(x, y, F). A method keeps updating x with its own loss; after every image update the
+:class:`FeatureLabelLearner` updates F with the feature step of §8.2 on a network:
+
+    for every class c (one real batch per class, shared by the K = n_feat sets):
+        g_r = grad_{theta \\ classifier} CE(f(x_r), c)
+        for every set k:
+            l_s = CE(f(S_c), c) + lbd * D(E(S_c), F_{k,c})          (S_c detached)
+            g_s = grad_{theta \\ classifier} l_s                      (create_graph)
+            L  += dist(g_s, g_r) + feat_lbd * CE(h(F_{k,c}), c)
+    one optimiser step on F (SGD(lr_feat, momentum 0.5), or Adam for any other --feat_opt)
+
+``h`` runs F through the same network's remaining layers and classifier
+(``feature_loss.classify_features``); the reference's fresh random Linear layer is not used.
+DC/DSA call the step with their network of the outer loop (BatchNorm frozen as for the image
+step) and train that network on CE + lbd * D(E(x), F); methods without a network of their own
+(DM and the other feature-statistics methods, through ``DistillMethod.step``) call it with a
+fresh random network each iteration. The trajectory-matching methods learn F inside their
+unroll instead (methods.md §8.3; see ``methods/mtt.py``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import networks
+import utils
+from feature_loss import (FeatureLossConfig, FeatureTargets, classify_features, feature_distance,
+                          forward_with_features, pool_features)
+from feature_loss import select_feature_set as select_feature_set_train
+from methods.losses import gradient_match_distance
+
+FEATURE_INITS = ("pretrained", "random", "noise")
+FEATURE_PER = ("image", "class")
+
+
+@dataclass(frozen=True)
+class FeatureLabelConfig:
+    """The ``--feature_labels`` flags (methods.md §8.1; reference names and defaults).
+
+    Attributes:
+        lbd, layer_idx, pooling, feat_metric, feat_norm, use_feature: the training loss
+            (see ``feature_loss.FeatureLossConfig``).
+        lr_feat: learning rate of F (0.1).
+        feat_opt: ``SGD`` (momentum 0.5); any other value means Adam, as in the reference.
+        feat_lbd: weight of CE(h(F), y) (0 in DC; 0.02 in DATM_ours).
+        n_feat: K, the number of sets of feature labels (1).
+        feat_per: ``image`` (one F per synthetic image, default) or ``class`` (one per class).
+        feat_init: ``pretrained`` (reference: F = E(S) under a network trained one epoch on the
+            real training set), ``random`` (E(S) under a fresh network) or ``noise`` (N(0, 1)).
+
+    Raises:
+        ValueError: a value outside its range (the message names the flag).
+    """
+
+    lbd: float = 0.01
+    lr_feat: float = 0.1
+    feat_opt: str = "SGD"
+    layer_idx: Optional[int] = None
+    pooling: Optional[str] = None
+    feat_lbd: float = 0.0
+    n_feat: int = 1
+    use_feature: str = "mean"
+    feat_metric: str = "mse"
+    feat_norm: bool = False
+    feat_per: str = "image"
+    feat_init: str = "pretrained"
+
+    def __post_init__(self):
+        self.loss_config()  # validates the loss fields
+        if not self.lr_feat > 0:
+            raise ValueError(f"--lr_feat must be positive, got {self.lr_feat}")
+        if self.feat_lbd < 0:
+            raise ValueError(f"--feat_lbd must be >= 0, got {self.feat_lbd}")
+        if self.n_feat < 1:
+            raise ValueError(f"--n_feat must be at least 1, got {self.n_feat}")
+        if self.feat_per not in FEATURE_PER:
+            raise ValueError(f"--feat_per {self.feat_per!r}: expected image or class")
+        if self.feat_init not in FEATURE_INITS:
+            raise ValueError(f"--feat_init {self.feat_init!r}: expected one of {', '.join(FEATURE_INITS)}")
+
+    def loss_config(self) -> FeatureLossConfig:
+        """The settings networks trained on (x, y, F) use."""
+        return FeatureLossConfig(lbd=self.lbd, layer_idx=self.layer_idx, pooling=self.pooling,
+                                 metric=self.feat_metric, norm=self.feat_norm, use_feature=self.use_feature)
+
+
+class _Tap(nn.Module):
+    """Wraps a network so that ``torch.func.functional_call`` can run :func:`forward_with_features`
+    (``mode='tap'``) or :func:`classify_features` (``mode='classify'``) under given parameters."""
+
+    def __init__(self, net: nn.Module, cfg: FeatureLabelConfig):
+        super().__init__()
+        self.net = net
+        self.cfg = cfg
+
+    def forward(self, x: torch.Tensor, mode: str = "tap", tap_size=None):
+        if mode == "tap":
+            return forward_with_features(self.net, x, self.cfg.layer_idx)
+        return classify_features(self.net, x, self.cfg.layer_idx, tap_size, self.cfg.pooling)
+
+
+class FeatureLabelLearner:
+    """Initialises, optimises and serves the feature labels of one synthetic set.
+
+    Args:
+        cfg: the flags.
+        method: the distillation method (its sampler, device, generator, model and lr_net are used).
+    """
+
+    def __init__(self, cfg: FeatureLabelConfig, method):
+        self.cfg = cfg
+        self.loss_cfg = cfg.loss_config()
+        self.method = method
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+
+    # ---- set-up -------------------------------------------------------------------------
+    def new_network(self) -> nn.Module:
+        """A fresh trainable ``--model`` network on the method's device (global torch RNG)."""
+        m = self.method
+        return networks.get_network(m.cfg.model, m.channel, m.num_classes, m.im_size, device=m.device)
+
+    def pretrained_network(self) -> nn.Module:
+        """A fresh network trained for ONE epoch on the whole real training set (SGD(lr_net), no
+        momentum, batch_train, no augmentation), as the reference initialises F (§8.2 step 1)."""
+        m = self.method
+        net = self.new_network()
+        optimizer = torch.optim.SGD(net.parameters(), lr=m.cfg.lr_net)
+        utils.train_epoch(net, m.sampler.images, m.sampler.labels, optimizer, m.cfg.batch_train, m.generator)
+        return net
+
+    def initial_features(self, syn) -> torch.Tensor:
+        """(n_feat, N or K, ...) initial F: each set from its own network (``pretrained`` /
+        ``random``), E(S) pooled per ``--pooling`` (class means with ``--feat_per class``), or
+        N(0, 1) of that shape (``noise``)."""
+        sets = []
+        for _ in range(self.cfg.n_feat):
+            net = self.pretrained_network() if self.cfg.feat_init == "pretrained" else self.new_network()
+            net.eval()
+            with torch.no_grad():
+                parts = [forward_with_features(net, x, self.cfg.layer_idx)[1] for x in syn.images.detach().split(256)]
+            features = pool_features(torch.cat(parts), self.cfg.pooling)
+            if self.cfg.feat_per == "class":
+                features = features.reshape(syn.num_classes, syn.ipc, *features.shape[1:]).mean(dim=1)
+            if self.cfg.feat_init == "noise":
+                features = torch.randn(features.shape, generator=self.method.generator).to(features.device)
+            sets.append(features)
+        return torch.stack(sets)
+
+    def attach(self, syn) -> None:
+        """Give ``syn`` learnable feature labels and create their optimiser."""
+        features = syn.learn_features(self.initial_features(syn))
+        if self.cfg.feat_opt.upper() == "SGD":
+            self.optimizer = torch.optim.SGD([features], lr=self.cfg.lr_feat, momentum=0.5)
+        else:
+            self.optimizer = torch.optim.Adam([features], lr=self.cfg.lr_feat)
+
+    def targets(self, syn) -> FeatureTargets:
+        """The current F of ``syn`` (detached) for training a network on (x, y, F)."""
+        return FeatureTargets(syn.features.detach(), syn.images.shape[0], syn.num_classes, self.loss_cfg)
+
+    # ---- the feature step ---------------------------------------------------------------
+    def class_features(self, syn, c: int) -> torch.Tensor:
+        """(n_feat, ipc, ...) the feature labels of class ``c``'s images (graph to ``syn.features``)."""
+        if self.cfg.feat_per == "class":
+            return syn.features[:, c:c + 1].expand(-1, syn.ipc, *syn.features.shape[2:])
+        return syn.features[:, c * syn.ipc:(c + 1) * syn.ipc]
+
+    def feature_loss(self, syn, net: nn.Module) -> torch.Tensor:
+        """The matching loss of F on ``net`` (module docstring; methods.md §8.2 step 2).
+
+        Returns:
+            A scalar with a graph to ``syn.features`` only.
+        """
+        m = self.method
+        params = [p for name, p in net.named_parameters() if p.requires_grad and not name.startswith("classifier.")]
+        if not params:
+            raise ValueError(f"--feature_labels: {m.cfg.model} has no trainable parameters before its classifier")
+        loss = torch.zeros((), device=m.device)
+        for c in range(m.num_classes):
+            real = m.sampler.get_images(c, m.cfg.batch_real, m.generator)
+            label_real = torch.full((real.shape[0],), c, dtype=torch.long, device=m.device)
+            grad_real = utils.param_grads(net, params, real, label_real)
+            image_syn = syn.class_images(c).detach()
+            label_syn = torch.full((image_syn.shape[0],), c, dtype=torch.long, device=m.device)
+            logits, features = forward_with_features(net, image_syn, self.cfg.layer_idx)
+            ce = F.cross_entropy(logits, label_syn)
+            tap_size = tuple(features.shape[2:]) if features.dim() == 4 else None
+            for labels_k in self.class_features(syn, c):
+                distance = feature_distance(features, labels_k, self.cfg.feat_metric, self.cfg.feat_norm,
+                                            self.cfg.pooling)
+                grad_syn = torch.autograd.grad(ce + self.cfg.lbd * distance, params, create_graph=True)
+                loss = loss + gradient_match_distance(grad_syn, grad_real, m.cfg.dis_metric)
+                if self.cfg.feat_lbd > 0:
+                    logits_f = classify_features(net, labels_k, self.cfg.layer_idx, tap_size, self.cfg.pooling)
+                    loss = loss + self.cfg.feat_lbd * F.cross_entropy(logits_f, label_syn)
+        return loss
+
+    def feature_step(self, syn, net: Optional[nn.Module] = None) -> torch.Tensor:
+        """Update F once: :meth:`feature_loss` on ``net`` (a fresh random network if ``None``),
+        backward (into ``syn.features`` only; the network's gradients are left alone), step.
+
+        Returns:
+            The loss (detached scalar).
+        """
+        net = net if net is not None else self.new_network()
+        loss = self.feature_loss(syn, net)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward(inputs=[syn.features])
+        self.optimizer.step()
+        return loss.detach()
+
+    # ---- trajectory matching (methods.md §8.3) -------------------------------------------
+    def unroll_step_loss(self, student, params: torch.Tensor, syn, index: torch.Tensor, images: torch.Tensor,
+                         targets: torch.Tensor) -> tuple:
+        """One student step of DATM_ours: CE(f(x; theta_n), y_b) + lbd * D(E(x; theta_n), F_b), and
+        CE(h(F_b; theta_n), y_b) for the feature term, with ``theta_n`` the flat parameters.
+
+        F_b keeps its graph to ``syn.features`` (the trajectory loss reaches F through the unroll);
+        h(F_b) uses ``theta_n`` detached, so the CE of F trains F only. The reference pools both
+        sides with a fixed AvgPool(4); here ``--pooling`` is used as in DC.
+
+        Args:
+            student: the method's ``mtt.FlatModel``.
+            params: (P,) flat parameters theta_n.
+            index: (B,) positions of the batch in the set; images: (B, C, H, W) (maybe augmented).
+            targets: (B,) int64 or (B, K) probabilities.
+
+        Returns:
+            ``(step loss, feature CE)``, scalars.
+        """
+        tap = _Tap(student.net, self.cfg)
+        pieces = params.split(student.numels)
+        named = {f"net.{name}": p.view(shape) for name, p, shape in zip(student.names, pieces, student.shapes)}
+        logits, features = torch.func.functional_call(tap, named, (images,))
+        rows = torch.div(index, syn.ipc, rounding_mode="floor") if self.cfg.feat_per == "class" else index
+        batch = select_feature_set_train(syn.features[:, rows], self.cfg.use_feature, self.method.generator)
+        distance = feature_distance(features, batch, self.cfg.feat_metric, self.cfg.feat_norm, self.cfg.pooling)
+        loss = F.cross_entropy(logits, targets) + self.cfg.lbd * distance
+        ce_feat = torch.zeros((), device=params.device)
+        if self.cfg.feat_lbd > 0:
+            detached = {name: p.detach() for name, p in named.items()}
+            tap_size = tuple(features.shape[2:]) if features.dim() == 4 else None
+            logits_f = torch.func.functional_call(tap, detached, (batch,), {"mode": "classify", "tap_size": tap_size})
+            ce_feat = F.cross_entropy(logits_f, targets)
+        return loss, ce_feat
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The optimiser of F."""
+        return {"optimizer": self.optimizer.state_dict() if self.optimizer is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (after :meth:`attach`)."""
+        if state.get("optimizer") is not None and self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
