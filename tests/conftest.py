@@ -20,3 +20,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory):
+    """Root of two trained original ConvNetW32 on the 16-per-class ``Tiny3`` miniature (2 epochs),
+    in the originals.py layout (``{root}/Tiny3/original/ConvNetW32/index_{i}``)."""
+    import originals
+    from tiny_data import tiny_record
+
+    root = tmp_path_factory.mktemp("pretrained")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cfg = originals.OriginalConfig(dataset="Tiny3", model="ConvNetW32", epochs=2, batch_size=16, lr_decay_step=(5,))
+    originals.train_originals(cfg, tiny_record(per_class=16), str(root), 2, device=torch.device("cpu"), save_every=0)
+    torch.set_num_threads(before)
+    return str(root)

@@ -8,43 +8,22 @@ import torch.nn.functional as F
 
 import distill
 import methods
-import originals
 import utils
-from data import DatasetRecord, RealSampler
+from data import RealSampler
 from methods import clom
 from methods.runner import RunOptions, run_distillation
+from tiny_data import tiny_record as _tiny_record
 
 CPU = torch.device("cpu")
 MODEL = "ConvNetW32"
 
+
+def tiny_record(**kw):
+    """The shared miniature with 16 training images per class."""
+    return _tiny_record(**{"per_class": 16, **kw})
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_record(num_classes=3, per_class=16, size=8, seed=0, name="Tiny3") -> DatasetRecord:
-    """1x8x8 images: class prototype * 1.5 + N(0, 0.5^2) noise (separable)."""
-    g = torch.Generator().manual_seed(seed)
-    prototypes = torch.randn(num_classes, 1, size, size, generator=torch.Generator().manual_seed(99))
-
-    def make(n):
-        labels = torch.arange(num_classes).repeat_interleave(n)
-        return 1.5 * prototypes[labels] + 0.5 * torch.randn(len(labels), 1, size, size, generator=g), labels
-
-    (train_x, train_y), (test_x, test_y) = make(per_class), make(per_class // 2)
-    return DatasetRecord(name=name, channel=1, im_size=(size, size), num_classes=num_classes,
-                         class_names=[str(c) for c in range(num_classes)], mean=[0.0], std=[1.0],
-                         images_train=train_x, labels_train=train_y, images_test=test_x, labels_test=test_y)
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """Two trained original ConvNetW32 on Tiny3 (2 epochs), in the originals.py layout."""
-    root = tmp_path_factory.mktemp("pretrained")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    cfg = originals.OriginalConfig(dataset="Tiny3", model=MODEL, epochs=2, batch_size=16, lr_decay_step=(5,))
-    originals.train_originals(cfg, tiny_record(), str(root), 2, device=CPU, save_every=0)
-    torch.set_num_threads(before)
-    return str(root)
 
 
 def settings(pretrained, alphas=("10",), models_pool=None, **kw):
