@@ -8,6 +8,8 @@
 #   bash scripts/fmnist_cpu_table.sh cafe       # CAFE and CAFE+DSA at ipc 1 and 10
 #   bash scripts/fmnist_cpu_table.sh datadam    # DataDAM at ipc 1 and 10
 #   bash scripts/fmnist_cpu_table.sh mtt        # buffer.py experts, then MTT, DATM and PAD at ipc 1 and 10
+#   bash scripts/fmnist_cpu_table.sh originals  # train_original.py models; DC / DM with CLoM and with feature
+#                                               # labels (compare with core); evaluate.py --assess on every set
 #   bash scripts/fmnist_cpu_table.sh core cafe datadam
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +31,9 @@ MTT_ITERS=${MTT_ITERS:-100}
 MTT_LR_IMG=${MTT_LR_IMG:-100}
 MTT_CPU="--expert_epochs 2 --max_start_epoch 3 --lr_lr 1e-5 --lr_teacher 0.01"
 DATM_CPU="--min_start_epoch 0 --current_max_start_epoch 2 --expansion_end_epoch 50"
+# Original models for CLoM and --assess: 2 ConvNets, 2 epochs each (~130 s an epoch on 2 cores).
+ORIGINAL_EPOCHS=${ORIGINAL_EPOCHS:-2}
+CLOM_ALPHA=${CLOM_ALPHA:-100}
 SEED=${SEED:-0}
 DSA=color_crop_cutout_flip_scale_rotate
 mkdir -p "$OUT"
@@ -83,7 +88,24 @@ for group in "${@:-core}"; do
       cell pad_ipc10  PAD  10 300 "$DSA" "$MTT_ITERS" $MTT_CPU $DATM_CPU --syn_steps 20 --batch_syn 20 \
         --lr_img "$MTT_LR_IMG" --loss_ratio 0.25 --depth_ratio 0.25
       CELLS+=(mtt_ipc1 datm_ipc1 pad_ipc1 mtt_ipc10 datm_ipc10 pad_ipc10) ;;
-    *) echo "unknown group $group (core, cafe, datadam, mtt)" >&2; exit 2 ;;
+    originals)  # the same budgets and protocols as core's dc_ipc1 and dm_ipc10
+      python3 train_original.py --dataset FashionMNIST --model ConvNet --num 2 --epochs "$ORIGINAL_EPOCHS" \
+        --lr_decay_step 1
+      CLOM="--alphas $CLOM_ALPHA --models_pool ConvNet --model_num 2"
+      cell dc_clom_ipc1  DC 1  300 none   "$DC_ITERS" --init real $CLOM
+      cell dm_clom_ipc10 DM 10 300 "$DSA" "$DM_ITERS" $CLOM
+      cell dc_feat_ipc1  DC 1  300 none   "$DC_ITERS" --init real --feature_labels
+      cell dm_feat_ipc10 DM 10 300 "$DSA" "$DM_ITERS" --feature_labels
+      CELLS+=(dc_clom_ipc1 dm_clom_ipc10 dc_feat_ipc1 dm_feat_ipc10)
+      # OM accuracy and distances of every saved set of the sweep, then their correlation with accuracy
+      for run in "$OUT"/*/; do
+        for res in "$run"res_*.pt; do
+          [ -f "$res" ] && [ ! -f "${res%.pt}_assess.json" ] && \
+            python3 evaluate.py --dataset FashionMNIST --assess --model_num 2 --syn_path "$res" >/dev/null
+        done
+      done
+      python3 scripts/assess_correlation.py "$OUT" ;;
+    *) echo "unknown group $group (core, cafe, datadam, mtt, originals)" >&2; exit 2 ;;
   esac
 done
 
