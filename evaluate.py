@@ -113,6 +113,21 @@ def _tensor_files(args, record) -> dict:
     return {"data": [[images, labels]], "meta": meta}
 
 
+def single_set_args(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with ``syn_path`` as one path: a one-element ``--syn_path`` list (as the parser
+    gives it) is unwrapped; a string is kept.
+
+    Raises:
+        utils.UserError: ``--syn_path`` holds several paths where one set is expected.
+    """
+    path = args.syn_path
+    if isinstance(path, (list, tuple)):
+        if len(path) != 1:
+            raise utils.UserError(f"--syn_path: expected one synthetic set here, got {len(path)}")
+        args = argparse.Namespace(**{**vars(args), "syn_path": path[0]})
+    return args
+
+
 def load_sets(args, record) -> tuple:
     """The synthetic sets to evaluate: a list of (images, labels, learned lr or None) and the
     saved DSA strategy. Float (N, K) labels are soft-label logits (DATM's format and ours) and
@@ -121,6 +136,7 @@ def load_sets(args, record) -> tuple:
     Raises:
         utils.UserError: the file does not match ``--dataset`` or ``--exp``.
     """
+    args = single_set_args(args)
     blob = _tensor_files(args, record) if _is_tensor_file(args.syn_path) else utils.load_results(args.syn_path)
     meta = blob.get("meta") or {}
     if meta.get("dataset") and meta["dataset"] != args.dataset:
@@ -185,6 +201,7 @@ def load_feature_labels(args, num_images: int, num_classes: int) -> list:
     Raises:
         utils.UserError: ``--lbd`` is negative, or a saved setting is invalid.
     """
+    args = single_set_args(args)
     if args.lbd is not None and args.lbd < 0:
         raise utils.UserError(f"--lbd must be >= 0, got {args.lbd}")
     if _is_tensor_file(args.syn_path):

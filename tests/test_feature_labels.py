@@ -202,23 +202,19 @@ def test_run_saves_features_third_and_evaluate_reads_sets_with_and_without(one_t
     assert results["protocol"][MODEL]["tta"].startswith("hflip") and results["protocol"][MODEL]["deterministic"]
 
     monkeypatch.setattr("data.load_dataset", lambda *a, **k: record)
-    def single(argv):  # load_feature_labels takes one set: --syn_path as one path, as main() passes it
-        args = evaluate.build_parser().parse_args(argv)
-        args.syn_path = args.syn_path[0]
-        return args
-
-    args = single(["--syn_path", outcome.result_path, "--dataset", record.name])
+    args = evaluate.build_parser().parse_args(["--syn_path", outcome.result_path, "--dataset", record.name])
     found = evaluate.load_feature_labels(args, 3, 3)
     assert torch.equal(found[0]["feature_labels"], features) and found[0]["feature_cfg"].lbd == 0.2
     assert found[0]["feature_cfg"].pooling == "avg"
-    args = single(["--syn_path", outcome.result_path, "--dataset", record.name, "--lbd", "0"])
+    args = evaluate.build_parser().parse_args(["--syn_path", outcome.result_path, "--dataset", record.name, "--lbd", "0"])
     assert evaluate.load_feature_labels(args, 3, 3)[0]["feature_cfg"].lbd == 0
     common = ["--dataset", record.name, "--model", MODEL, "--num_eval", "1", "--epoch_eval_train", "1", "--device", "cpu"]
     assert evaluate.main(["--syn_path", outcome.result_path, "--tta", "--deterministic", *common]) == 0
     # the same set without F (two entries, as before) still evaluates
     plain_path = str(tmp_path / "plain.pt")
     utils.save_results(plain_path, [[images, labels]], {})
-    assert evaluate.load_feature_labels(single(["--syn_path", plain_path, "--dataset", record.name]), 3, 3) == [{}]
+    args = evaluate.build_parser().parse_args(["--syn_path", plain_path, "--dataset", record.name])
+    assert evaluate.load_feature_labels(args, 3, 3) == [{}]
     assert evaluate.main(["--syn_path", plain_path, *common]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(MODEL) and "networks" in line]
     first = [line for line in lines if os.path.basename(outcome.result_path) in line]

@@ -146,3 +146,11 @@ def test_make_table_aggregates_fake_result_files(tmp_path, capsys):
     assert (out_dir / "FashionMNIST_acc_vs_ipc.png").stat().st_size > 1000
     assert len(pd.read_csv(out_dir / "table.csv")) == 4
     assert make_table.main([str(tmp_path / "missing")]) == 2
+
+
+def test_single_set_args_unwraps_one_path_and_refuses_several():
+    args = evaluate.build_parser().parse_args(["--syn_path", "a.pt", "--dataset", "MNIST"])
+    assert args.syn_path == ["a.pt"] and evaluate.single_set_args(args).syn_path == "a.pt"
+    args = evaluate.build_parser().parse_args(["--syn_path", "a.pt", "b.pt", "--dataset", "MNIST"])
+    with pytest.raises(utils.UserError, match="expected one synthetic set"):
+        evaluate.single_set_args(args)
