@@ -58,6 +58,16 @@ cell() {  # name method ipc epochs strategy iterations extra-flags...
   fi
 }
 
+assess_all() {  # OM accuracy and distances of every saved set of the sweep, then their correlation with accuracy
+  for res in "$OUT"/*/res_*.pt; do
+    if [ -f "$res" ] && [ ! -f "${res%.pt}_assess.json" ]; then
+      python3 evaluate.py --dataset FashionMNIST --assess --model_num 2 --syn_path "$res" >/dev/null \
+        || echo "assessment of $res failed (continuing)" >&2
+    fi
+  done
+  python3 scripts/assess_correlation.py "$OUT" || echo "assess_correlation.py failed (continuing)" >&2
+}
+
 CELLS=()
 for group in "${@:-core}"; do
   case $group in
@@ -91,20 +101,14 @@ for group in "${@:-core}"; do
     originals)  # the same budgets and protocols as core's dc_ipc1 and dm_ipc10
       python3 train_original.py --dataset FashionMNIST --model ConvNet --num 2 --epochs "$ORIGINAL_EPOCHS" \
         --lr_decay_step 1
+      assess_all  # the sets of the other groups first (cheap), then the new cells
       CLOM="--alphas $CLOM_ALPHA --models_pool ConvNet --model_num 2"
       cell dc_clom_ipc1  DC 1  300 none   "$DC_ITERS" --init real $CLOM
       cell dm_clom_ipc10 DM 10 300 "$DSA" "$DM_ITERS" $CLOM
       cell dc_feat_ipc1  DC 1  300 none   "$DC_ITERS" --init real --feature_labels
       cell dm_feat_ipc10 DM 10 300 "$DSA" "$DM_ITERS" --feature_labels
       CELLS+=(dc_clom_ipc1 dm_clom_ipc10 dc_feat_ipc1 dm_feat_ipc10)
-      # OM accuracy and distances of every saved set of the sweep, then their correlation with accuracy
-      for run in "$OUT"/*/; do
-        for res in "$run"res_*.pt; do
-          [ -f "$res" ] && [ ! -f "${res%.pt}_assess.json" ] && \
-            python3 evaluate.py --dataset FashionMNIST --assess --model_num 2 --syn_path "$res" >/dev/null
-        done
-      done
-      python3 scripts/assess_correlation.py "$OUT" ;;
+      assess_all ;;
     *) echo "unknown group $group (core, cafe, datadam, mtt, originals)" >&2; exit 2 ;;
   esac
 done
