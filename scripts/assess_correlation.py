@@ -40,7 +40,7 @@ def find_pairs(root: str, model: Optional[str] = None) -> List[dict]:
             first entry (the distillation network in distill.py's order).
 
     Returns:
-        One ``{'path', 'run_dir', 'accuracy', 'metrics'}`` per assessment with a measured
+        One ``{'path', 'run_dir', 'accuracy', 'ipc', 'metrics'}`` per assessment with a measured
         accuracy (in [0, 1]), sorted by path.
 
     Raises:
@@ -56,7 +56,8 @@ def find_pairs(root: str, model: Optional[str] = None) -> List[dict]:
                 print(f"warning: {os.path.join(directory, name)} has no results.json beside it; skipped", file=sys.stderr)
                 continue
             with open(results_path) as handle:
-                accuracy = json.load(handle).get("accuracy") or {}
+                results = json.load(handle)
+            accuracy = results.get("accuracy") or {}
             chosen = model or next(iter(accuracy), None)
             if chosen not in accuracy:
                 raise utils.UserError(f"{results_path} has no accuracy of --model {chosen} "
@@ -68,7 +69,7 @@ def find_pairs(root: str, model: Optional[str] = None) -> List[dict]:
             with open(os.path.join(directory, name)) as handle:
                 metrics = json.load(handle)["metrics"]
             pairs.append({"path": os.path.join(directory, name), "run_dir": directory, "accuracy": float(mean),
-                          "metrics": metrics})
+                          "ipc": results.get("ipc"), "metrics": metrics})
     return pairs
 
 
@@ -107,6 +108,23 @@ def correlations(pairs: List[dict]) -> List[dict]:
     return rows
 
 
+def by_ipc(pairs: List[dict]) -> dict:
+    """The pairs grouped by images per class, for ipc values with at least 3 sets.
+
+    Sets of different ipc differ in accuracy for reasons no assessment of the images measures
+    (an ipc-1 set is easy for the original models and trains worse networks), so a correlation over
+    mixed ipc can hide or invert the one within each ipc.
+
+    Returns:
+        ``{ipc: [pair, ...]}`` in ascending ipc; pairs without a recorded ipc are left out.
+    """
+    groups: dict = {}
+    for pair in pairs:
+        if pair.get("ipc") is not None:
+            groups.setdefault(int(pair["ipc"]), []).append(pair)
+    return {ipc: groups[ipc] for ipc in sorted(groups) if len(groups[ipc]) >= MIN_SETS}
+
+
 def markdown_table(rows: List[dict]) -> str:
     """The correlations as a Markdown table."""
     lines = ["| assessment | Spearman rho | p | Kendall tau | p | n |", "|---|---:|---:|---:|---:|---:|"]
@@ -132,7 +150,11 @@ def scatter_plots(pairs: List[dict], rows: List[dict], plot_dir: str) -> List[st
     paths = []
     for r in rows:
         figure, axis = plt.subplots(figsize=(4, 3.2))
-        axis.scatter([p["metrics"][r["metric"]] for p in pairs], accuracy, s=18)
+        for ipc in sorted({p.get("ipc") for p in pairs}, key=lambda v: (v is None, v)):
+            chosen = [i for i, p in enumerate(pairs) if p.get("ipc") == ipc]
+            axis.scatter([pairs[i]["metrics"][r["metric"]] for i in chosen], [accuracy[i] for i in chosen], s=18,
+                         label=f"ipc {ipc}" if ipc is not None else "ipc ?")
+        axis.legend(fontsize=7)
         axis.set_xlabel(r["description"], fontsize=8)
         axis.set_ylabel("test accuracy (%)")
         axis.set_title(f"Spearman {r['spearman']:.2f}, Kendall {r['kendall']:.2f} (n={r['n']})", fontsize=9)
@@ -160,11 +182,18 @@ def main(argv=None) -> int:
         return 2
     print(f"{len(pairs)} assessed synthetic sets under {args.root}\n")
     print(markdown_table(rows))
+    per_ipc = by_ipc(pairs) if len({p.get("ipc") for p in pairs}) > 1 else {}
+    per_ipc_rows = {}
+    for ipc, group in per_ipc.items():
+        per_ipc_rows[ipc] = correlations(group)
+        print(f"\nipc {ipc} only ({len(group)} sets)\n")
+        print(markdown_table(per_ipc_rows[ipc]))
     paths = scatter_plots(pairs, rows, args.plot_dir or os.path.join(args.root, "assess_correlation"))
     print(f"\nscatter plots: {os.path.dirname(paths[0]) if paths else '-'} ({len(paths)} files)")
     if args.out:
         with open(args.out, "w") as handle:
-            json.dump({"sets": pairs, "correlations": rows}, handle, indent=2)
+            json.dump({"sets": pairs, "correlations": rows,
+                       "correlations_by_ipc": {str(k): v for k, v in per_ipc_rows.items()}}, handle, indent=2)
     return 0
 
 

@@ -10,6 +10,9 @@
 #   bash scripts/fmnist_cpu_table.sh mtt        # buffer.py experts, then MTT, DATM and PAD at ipc 1 and 10
 #   bash scripts/fmnist_cpu_table.sh originals  # train_original.py models; DC / DM with CLoM and with feature
 #                                               # labels (compare with core); evaluate.py --assess on every set
+#   bash scripts/fmnist_cpu_table.sh baselines  # random / herding / k-center at ipc 1 and 10; a cross-architecture
+#                                               # table of dsa_ipc1; 5-step continual learning of dm_ipc10;
+#                                               # make_table.py over everything; cost of the networks
 #   bash scripts/fmnist_cpu_table.sh core cafe datadam
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,6 +62,7 @@ cell() {  # name method ipc epochs strategy iterations extra-flags...
 }
 
 assess_all() {  # OM accuracy and distances of every saved set of the sweep, then their correlation with accuracy
+  [ -d pretrained_model/FashionMNIST/original/ConvNet ] || { echo "no original models: run the originals group" >&2; return 0; }
   for res in "$OUT"/*/res_*.pt; do
     if [ -f "$res" ] && [ ! -f "${res%.pt}_assess.json" ]; then
       python3 evaluate.py --dataset FashionMNIST --assess --model_num 2 --syn_path "$res" >/dev/null \
@@ -109,7 +113,27 @@ for group in "${@:-core}"; do
       cell dm_feat_ipc10 DM 10 300 "$DSA" "$DM_ITERS" --feature_labels
       CELLS+=(dc_clom_ipc1 dm_clom_ipc10 dc_feat_ipc1 dm_feat_ipc10)
       assess_all ;;
-    *) echo "unknown group $group (core, cafe, datadam, mtt, originals)" >&2; exit 2 ;;
+    baselines)  # coresets under the protocols of dc_ipc1 / dm_ipc10; needs core's dsa_ipc1 and dm_ipc10
+      for ipc in 1 10; do
+        if [ "$ipc" = 1 ]; then protocol=(300 none); else protocol=(300 "$DSA"); fi
+        for m in random herding kcenter; do
+          cell "${m}_ipc$ipc" "$m" "$ipc" "${protocol[@]}" 0
+          CELLS+=("${m}_ipc$ipc")
+        done
+      done
+      # Cross-architecture: CPU-sized 300 DSA epochs (reference: 1000), 3 networks per architecture.
+      [ -f "$OUT/crossarch_dsa_ipc1.json" ] || python3 evaluate.py --dataset FashionMNIST \
+        --syn_path "$OUT/dsa_ipc1" --eval_mode M --num_eval "$NUM_EVAL" --epoch_eval_train 300 \
+        --seed "$SEED" --out "$OUT/crossarch_dsa_ipc1.json"
+      # Continual learning: 5 steps of 2 classes, 5 class orders, 1 network per order and step,
+      # 300 DSA epochs (reference: 3 networks, 1000 epochs).
+      [ -f "$OUT/continual/cl5_dm_ipc10.json" ] || python3 continual.py --dataset FashionMNIST --steps 5 \
+        --syn_path "$OUT/dm_ipc10" --baselines random herding --num_eval 1 --epoch_eval_train 300 \
+        --seed "$SEED" --out "$OUT/continual/cl5_dm_ipc10.json"
+      assess_all  # the coreset sets too (needs originals' models)
+      python3 scripts/make_table.py "$OUT" --model ConvNet --out_dir "$OUT/tables"
+      python3 cost.py --dataset FashionMNIST --eval_mode M --out "$OUT/cost_M.json" ;;
+    *) echo "unknown group $group (core, cafe, datadam, mtt, originals, baselines)" >&2; exit 2 ;;
   esac
 done
 

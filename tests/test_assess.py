@@ -156,13 +156,16 @@ def test_evaluate_assess_missing_models_is_one_line(tmp_path, monkeypatch, capsy
 
 
 # ----- correlation script -----------------------------------------------------------------------
-def fake_runs(root, accuracies):
+def fake_runs(root, accuracies, ipcs=None):
     """One run directory per accuracy: results.json and an assessment whose om_acc rises with the
     accuracy and whose distances fall."""
     for index, acc in enumerate(accuracies):
         run = root / f"nested{index % 2}" / f"run{index}"
         run.mkdir(parents=True)
-        json.dump({"accuracy": {MODEL: {"mean": acc, "std": 0.0, "accs": [acc]}}}, open(run / "results.json", "w"))
+        results = {"accuracy": {MODEL: {"mean": acc, "std": 0.0, "accs": [acc]}}}
+        if ipcs is not None:
+            results["ipc"] = ipcs[index]
+        json.dump(results, open(run / "results.json", "w"))
         metrics = {"om_acc": acc ** 2, "om_loss": 1 - acc, "feat_mean_dist": 5 - 4 * acc, "feat_mmd": 1 / (1 + acc),
                    "pixel_mean_dist": 0.3, "pixel_std_dist": (index * 7) % 4}
         json.dump({"metrics": metrics, "experiments": []}, open(run / f"res_{index}_assess.json", "w"))
@@ -187,3 +190,25 @@ def test_correlation_script_needs_three_sets(tmp_path, capsys):
     fake_runs(tmp_path, [0.3, 0.5])
     assert assess_correlation.main([str(tmp_path)]) == 2
     assert "found 2 assessed set(s)" in capsys.readouterr().err
+
+
+def test_correlation_script_per_ipc_tables(tmp_path, capsys):
+    """Within each ipc om_acc rises with accuracy, but ipc 1 sets have higher om_acc and lower
+    accuracy, so the pooled Spearman is negative; the per-ipc tables must show +1."""
+    accuracies = [0.50, 0.55, 0.60, 0.80, 0.82, 0.84]
+    ipcs = [1, 1, 1, 10, 10, 10]
+    fake_runs(tmp_path, accuracies, ipcs)
+    for index, acc in enumerate(accuracies):  # om_acc: high for ipc 1, rising with accuracy inside each ipc
+        path = tmp_path / f"nested{index % 2}" / f"run{index}" / f"res_{index}_assess.json"
+        report = json.load(open(path))
+        report["metrics"]["om_acc"] = (1.0 if ipcs[index] == 1 else 0.0) + acc
+        json.dump(report, open(path, "w"))
+    assert assess_correlation.main([str(tmp_path), "--out", str(tmp_path / "corr.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "ipc 1 only (3 sets)" in printed and "ipc 10 only (3 sets)" in printed
+    saved = json.load(open(tmp_path / "corr.json"))
+    pooled = {r["metric"]: r for r in saved["correlations"]}
+    assert pooled["om_acc"]["spearman"] < 0
+    for ipc in ("1", "10"):
+        rows = {r["metric"]: r for r in saved["correlations_by_ipc"][ipc]}
+        assert rows["om_acc"]["spearman"] == pytest.approx(1.0) and rows["om_acc"]["n"] == 3
