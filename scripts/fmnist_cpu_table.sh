@@ -137,11 +137,14 @@ for group in "${@:-core}"; do
   esac
 done
 
+[ ${#CELLS[@]} -gt 0 ] || exit 0
 python3 - "$OUT" "${CELLS[@]}" <<'PY'
 import json, os, sys
+sys.path.insert(0, os.getcwd())
+import comparison
 out = sys.argv[1]
-print("| method | ipc | iterations | eval epochs, augmentation | distilled (%) | random real (%) | s / iteration |")
-print("|---|---|---|---|---|---|---|")
+print("| method | ipc | iterations | eval epochs, augmentation | distilled (%) | random real (%) | IOR (points) | s / iteration |")
+print("|---|---|---|---|---|---|---|---|")
 for name in sys.argv[2:]:
     res = json.load(open(os.path.join(out, name, "results.json")))
     rnd = json.load(open(os.path.join(out, name, "random.json")))["ConvNet"]
@@ -149,5 +152,9 @@ for name in sys.argv[2:]:
     proto = res["protocol"]["ConvNet"]
     print(f"| {res['method']} | {res['ipc']} | {res['iterations']} | {proto['epochs']}, {proto['augmentation']} | "
           f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f} | {100 * rnd['mean']:.2f} ± {100 * rnd['std']:.2f} | "
-          f"{res['seconds_per_iteration']:.2f} |")
+          f"{100 * (acc['mean'] - rnd['mean']):+.2f} | {res['seconds_per_iteration']:.2f} |")
+whole = comparison.whole_dataset_accuracy("pretrained_model", "FashionMNIST", "ConvNet")
+if whole is not None:  # train_original.py's models (the originals group), their own protocol
+    print(f"\nwhole dataset (train_original.py, {len(whole['accs'])} ConvNets, {whole['protocol'].get('epochs')} epochs): "
+          f"{100 * whole['mean']:.2f} ± {100 * whole['std']:.2f}")
 PY
