@@ -336,7 +336,9 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
                                 for m in opts.eval_models},
                    "accuracy": {m: {"mean": utils.EvalResult(m, a).acc_mean, "std": utils.EvalResult(m, a).acc_std,
                                     "accs": a} for m, a in accs_all_exps.items()},
-                   "result_file": result_path, "clom": dict(cfg.clom) if cfg.clom else None}, handle, indent=2)
+                   "result_file": result_path, "clom": dict(cfg.clom) if cfg.clom else None,
+                   "feature_labels": (dataclasses.asdict(cfg.feature_labels.loss_config())
+                                      if cfg.feature_labels is not None else None)}, handle, indent=2)
     return outcome
 
 

@@ -44,6 +44,27 @@ def _entry(dataset, ipc, method, model, result, source) -> dict:
             "accs": list(result.get("accs") or []), "source": source}
 
 
+def variant_suffix(results: dict, run_dir: str) -> str:
+    """``+CLoM`` / ``+F`` for a distill.py run that used the CLoM regulariser or feature labels, so
+    that such runs get a column of their own instead of being pooled with the plain method.
+
+    Reads ``results.json``'s ``clom`` and ``feature_labels`` records; runs written before
+    ``feature_labels`` was recorded there are recognised by the ``config.yaml`` beside it.
+    """
+    suffix = "+CLoM" if results.get("clom") else ""
+    feature_labels = results.get("feature_labels")
+    if feature_labels is None and "feature_labels" not in results:
+        config_path = os.path.join(run_dir, "config.yaml")
+        if os.path.isfile(config_path):
+            import yaml
+
+            with open(config_path) as handle:
+                config = yaml.safe_load(handle) or {}
+            distill = config.get("distill") if isinstance(config, dict) else None
+            feature_labels = distill.get("feature_labels") if isinstance(distill, dict) else None
+    return suffix + ("+F" if feature_labels else "")
+
+
 def read_file(path: str) -> list:
     """The accuracy entries of one result file (``[]`` for a JSON file of another kind).
 
@@ -65,7 +86,8 @@ def read_file(path: str) -> list:
                 for row in comparison.rows_from_json(blob) if row.kind != "whole"
                 for model, result in row.results.items()]
     if {"method", "dataset", "ipc", "accuracy"} <= set(blob):
-        return [_entry(blob["dataset"], blob["ipc"], blob["method"], model,
+        method = blob["method"] + variant_suffix(blob, os.path.dirname(path))
+        return [_entry(blob["dataset"], blob["ipc"], method, model,
                        {**result, "protocol": (blob.get("protocol") or {}).get(model)}, path)
                 for model, result in blob["accuracy"].items()]
     sibling = os.path.join(os.path.dirname(path), "results.json")
@@ -127,10 +149,20 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["dataset", "ipc", "method"]).reset_index(drop=True)
 
 
+def short_augmentation(augmentation) -> str:
+    """``DSA color_crop_...`` -> ``DSA``, ``DC none`` / ``none`` -> ``no aug``, other strings as they are."""
+    text = str(augmentation)
+    if text.startswith("DSA"):
+        return "DSA"
+    if text in ("DC none", "none", "None"):
+        return "no aug"
+    return text
+
+
 def method_label(row, protocols_per_method) -> str:
     """A column name: the method, plus the protocol when a method appears under several."""
     if protocols_per_method[(row["dataset"], row["method"])] > 1:
-        return f"{row['method']} ({row['epochs']} ep, {row['augmentation']}, {row['labels']})"
+        return f"{row['method']} ({row['epochs']} ep, {short_augmentation(row['augmentation'])}, {row['labels']})"
     return row["method"]
 
 
@@ -178,7 +210,7 @@ def plot(table: pd.DataFrame, model: str, out_dir: str) -> list:
                                                                  dropna=False):
             line = line.sort_values("ipc")
             ax.errorbar(line["ipc"], line["mean"], yerr=line["std"], marker="o", capsize=3,
-                        label=f"{method} ({epochs} ep, {aug})")
+                        label=f"{method} ({epochs} ep, {short_augmentation(aug)})")
         ax.set_xscale("log")
         ax.set_xlabel("images per class")
         ax.set_ylabel(f"test accuracy (%), {model}")

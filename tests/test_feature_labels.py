@@ -200,6 +200,7 @@ def test_run_saves_features_third_and_evaluate_reads_sets_with_and_without(one_t
     assert blob["meta"]["config"]["feature_labels"]["lbd"] == 0.2
     results = json.load(open(tmp_path / "run" / "results.json"))
     assert results["protocol"][MODEL]["tta"].startswith("hflip") and results["protocol"][MODEL]["deterministic"]
+    assert results["feature_labels"]["lbd"] == 0.2 and results["feature_labels"]["pooling"] == "avg"
 
     monkeypatch.setattr("data.load_dataset", lambda *a, **k: record)
     args = evaluate.build_parser().parse_args(["--syn_path", outcome.result_path, "--dataset", record.name])

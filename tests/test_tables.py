@@ -154,3 +154,28 @@ def test_single_set_args_unwraps_one_path_and_refuses_several():
     args = evaluate.build_parser().parse_args(["--syn_path", "a.pt", "b.pt", "--dataset", "MNIST"])
     with pytest.raises(utils.UserError, match="expected one synthetic set"):
         evaluate.single_set_args(args)
+
+
+def test_make_table_keeps_clom_and_feature_label_runs_apart(tmp_path):
+    """A CLoM run, a feature-label run (recorded in results.json, or only in config.yaml as older
+    runs are) and the plain run of the same method and protocol are three columns, not one pool."""
+    protocol = {"epochs": 300, "augmentation": "DC none", "lr": 0.01, "labels": "hard"}
+
+    def run(name, acc, **extra):
+        _write(str(tmp_path / name / "results.json"),
+               {"method": "DC", "dataset": "FashionMNIST", "ipc": 1, "iterations": 5,
+                "accuracy": {"ConvNet": {"mean": acc, "std": 0.0, "accs": [acc]}},
+                "protocol": {"ConvNet": protocol}, **extra})
+
+    run("plain", 0.6, clom=None, feature_labels=None)
+    run("clom", 0.7, clom={"alphas": [100.0]}, feature_labels=None)
+    run("feat_new", 0.8, clom=None, feature_labels={"lbd": 0.01})
+    run("feat_old", 0.9, clom=None)  # older results.json: F only in config.yaml
+    (tmp_path / "feat_old" / "config.yaml").write_text("distill:\n  method: DC\n  feature_labels:\n    lbd: 0.01\n")
+    (tmp_path / "plain" / "config.yaml").write_text("distill:\n  method: DC\n  feature_labels: null\n")
+    table = make_table.aggregate(make_table.gather([str(tmp_path)])).set_index("method")
+    assert sorted(table.index) == ["DC", "DC+CLoM", "DC+F"]
+    assert table.loc["DC", "mean"] == pytest.approx(60.0) and table.loc["DC+CLoM", "mean"] == pytest.approx(70.0)
+    assert table.loc["DC+F", "mean"] == pytest.approx(85.0) and table.loc["DC+F", "n"] == 2
+    assert make_table.short_augmentation("DSA color_crop_cutout_flip_scale_rotate") == "DSA"
+    assert make_table.short_augmentation("DC none") == "no aug"
