@@ -115,9 +115,10 @@ for group in "${@:-core}"; do
       assess_all ;;
     baselines)  # coresets under the protocols of dc_ipc1 / dm_ipc10; needs core's dsa_ipc1 and dm_ipc10
       for ipc in 1 10; do
-        if [ "$ipc" = 1 ]; then protocol=(300 none); else protocol=(300 "$DSA"); fi
+        # ipc 1 as dc_ipc1 (no augmentation), ipc 10 as dm_ipc10 (DSA: the set's --dsa_strategy)
+        if [ "$ipc" = 1 ]; then protocol=(300 none); aug=(); else protocol=(300 "$DSA"); aug=(--dsa_strategy "$DSA"); fi
         for m in random herding kcenter; do
-          cell "${m}_ipc$ipc" "$m" "$ipc" "${protocol[@]}" 0
+          cell "${m}_ipc$ipc" "$m" "$ipc" "${protocol[@]}" 0 "${aug[@]}"
           CELLS+=("${m}_ipc$ipc")
         done
       done
