@@ -118,7 +118,9 @@ def gather(directories) -> pd.DataFrame:
 
 def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
     """Pool the accuracies of entries with the same dataset, ipc, method, model and protocol
-    (epochs, augmentation, labels), and add IOR against the random row of the same key.
+    (epochs, augmentation, labels), and add IOR against the random row of the same key. An entry
+    whose key and accuracies equal an earlier one's (the sweep copies one shared random.json into
+    every run directory that uses it) is counted once.
 
     Returns:
         One record per key: ``mean``, ``std`` (% over all pooled networks), ``n``, ``ior``
@@ -128,8 +130,12 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
     if frame.empty:
         return pd.DataFrame(columns=[*keys, "mean", "std", "n", "ior", "sources"])
     pooled = defaultdict(lambda: ([], []))
+    seen = set()
     for record in frame.to_dict("records"):
         key = tuple(record[k] for k in keys)
+        if (key, tuple(record["accs"])) in seen:  # one baseline file copied beside several runs counts once
+            continue
+        seen.add((key, tuple(record["accs"])))
         pooled[key][0].extend(record["accs"])
         pooled[key][1].append(record["source"])
     rows = []

@@ -179,3 +179,19 @@ def test_make_table_keeps_clom_and_feature_label_runs_apart(tmp_path):
     assert table.loc["DC+F", "mean"] == pytest.approx(85.0) and table.loc["DC+F", "n"] == 2
     assert make_table.short_augmentation("DSA color_crop_cutout_flip_scale_rotate") == "DSA"
     assert make_table.short_augmentation("DC none") == "no aug"
+
+
+def test_make_table_counts_a_copied_baseline_once(tmp_path):
+    """The sweep copies one random.json beside every run that shares its protocol; pooled copies
+    would weight that draw several times. Identical copies count once, a different draw is pooled."""
+    protocol = {"epochs": 300, "augmentation": "DSA", "lr": 0.01}
+    for name, acc in (("DM10", 0.8), ("MTT10", 0.81), ("herding10", 0.79)):
+        _write(str(tmp_path / name / "results.json"),
+               {"method": name[:-2], "dataset": "FashionMNIST", "ipc": 10, "iterations": 5,
+                "accuracy": {"ConvNet": {"mean": acc, "std": 0.0, "accs": [acc]}}, "protocol": {"ConvNet": protocol}})
+    for name in ("DM10", "MTT10"):  # two copies of one baseline
+        _write(str(tmp_path / name / "random.json"), {"ConvNet": {"accs": [0.70, 0.72], "protocol": protocol}})
+    _write(str(tmp_path / "herding10" / "random.json"), {"ConvNet": {"accs": [0.76], "protocol": protocol}})
+    table = make_table.aggregate(make_table.gather([str(tmp_path)])).set_index("method")
+    assert table.loc["random", "n"] == 3
+    assert table.loc["random", "mean"] == pytest.approx(100 * (0.70 + 0.72 + 0.76) / 3)
