@@ -156,9 +156,11 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def short_augmentation(augmentation) -> str:
-    """``DSA color_crop_...`` -> ``DSA``, ``DC none`` / ``none`` -> ``no aug``, other strings as they are."""
+    """``DSA color_crop_cutout_flip_scale_rotate`` (the reference strategy) -> ``DSA``, ``DC none`` /
+    ``none`` -> ``no aug``, other strings (other DSA strategies included) as they are, so that two
+    protocols never share a column name."""
     text = str(augmentation)
-    if text.startswith("DSA"):
+    if text == "DSA color_crop_cutout_flip_scale_rotate":
         return "DSA"
     if text in ("DC none", "none", "None"):
         return "no aug"

@@ -179,6 +179,7 @@ def test_make_table_keeps_clom_and_feature_label_runs_apart(tmp_path):
     assert table.loc["DC+F", "mean"] == pytest.approx(85.0) and table.loc["DC+F", "n"] == 2
     assert make_table.short_augmentation("DSA color_crop_cutout_flip_scale_rotate") == "DSA"
     assert make_table.short_augmentation("DC none") == "no aug"
+    assert make_table.short_augmentation("DSA color_crop") == "DSA color_crop"
 
 
 def test_make_table_counts_a_copied_baseline_once(tmp_path):
