@@ -23,7 +23,7 @@ import sys
 
 
 import cli
-import trajectories
+from pretrained import buffers, experts, scores
 import utils
 
 logger = logging.getLogger("buffer")
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve(args: argparse.Namespace) -> trajectories.ExpertConfig:
+def resolve(args: argparse.Namespace) -> experts.ExpertConfig:
     """Fill the GSAM and PAD defaults and validate every value.
 
     Raises:
@@ -88,20 +88,20 @@ def resolve(args: argparse.Namespace) -> trajectories.ExpertConfig:
     if not gsam and gsam_given:
         raise utils.UserError(f"--{gsam_given[0]} is a GSAM setting but --no-gsam is given")
     rho_max = args.rho_max if args.rho_max is not None else (
-        args.rho_min if args.rho_min is not None else trajectories.GSAM_DEFAULTS["rho_max"])
+        args.rho_min if args.rho_min is not None else experts.GSAM_DEFAULTS["rho_max"])
     pad_given = [name for name in PAD_FLAGS if getattr(args, name) is not None]
     if pad_given and not args.sort_method:
         raise utils.UserError(f"--{pad_given[0]} needs --sort_method (the difficulty order it schedules)")
     schedule = None
     if args.sort_method:
-        schedule = trajectories.PadSchedule(**{name: getattr(args, name) for name in pad_given})
-    cfg = trajectories.ExpertConfig(
+        schedule = experts.PadSchedule(**{name: getattr(args, name) for name in pad_given})
+    cfg = experts.ExpertConfig(
         dataset=args.dataset, model=args.model, zca=args.zca, subset=args.subset, res=args.res,
         train_epochs=args.train_epochs, lr_teacher=args.lr_teacher, batch_train=args.batch_train, mom=args.mom,
         l2=args.l2, decay=args.decay, dsa=args.dsa, dsa_strategy=args.dsa_strategy, gsam=gsam, rho_max=rho_max,
         rho_min=args.rho_min if args.rho_min is not None else rho_max,
-        alpha=args.alpha if args.alpha is not None else trajectories.GSAM_DEFAULTS["alpha"],
-        adaptive=args.adaptive if args.adaptive is not None else trajectories.GSAM_DEFAULTS["adaptive"],
+        alpha=args.alpha if args.alpha is not None else experts.GSAM_DEFAULTS["alpha"],
+        adaptive=args.adaptive if args.adaptive is not None else experts.GSAM_DEFAULTS["adaptive"],
         sort_method=args.sort_method, schedule=schedule, seed=args.seed)
     cfg.validate()
     return cfg
@@ -112,23 +112,23 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     with cli.user_errors():
         cfg = resolve(args)
-        directory = trajectories.buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res)
-        trajectories.check_buffer_dir(directory, cfg.describe(args.save_interval))
+        directory = buffers.buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res)
+        buffers.check_buffer_dir(directory, cfg.describe(args.save_interval))
         cli.setup_logging(os.path.join(directory, "log.txt"))
         device = cli.setup_runtime(args)
         utils.seed_everything(args.seed)
         record = cli.load_record(args, device)
         order, sort_file = None, None
         if cfg.sort_method:
-            sort_file = trajectories.resolve_sort_file(cfg.sort_method, args.buffer_path, args.dataset, args.subset)
-            order = trajectories.load_sort_order(sort_file, record.labels_train, record.num_classes)
+            sort_file = scores.resolve_sort_file(cfg.sort_method, args.buffer_path, args.dataset, args.subset)
+            order = scores.load_sort_order(sort_file, record.labels_train, record.num_classes)
             logger.info("PAD schedule from %s: %s", sort_file, cfg.schedule)
         try:
-            summary = trajectories.make_buffer(cfg, record, directory, args.num_experts, device=device,
+            summary = experts.make_buffer(cfg, record, directory, args.num_experts, device=device,
                                                save_interval=args.save_interval, test_every=args.test_every,
                                                order=order, run_info={"sort_file": sort_file})
         except KeyboardInterrupt:
-            done = trajectories.check_buffer_dir(directory, cfg.describe(args.save_interval))
+            done = buffers.check_buffer_dir(directory, cfg.describe(args.save_interval))
             cli.fail(f"interrupted; {done} expert(s) are saved in {directory}; run the same command again to continue",
                      cli.EXIT_STOPPED)
         except FloatingPointError as error:

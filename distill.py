@@ -14,7 +14,7 @@ import yaml
 
 import augment
 import cli
-import feature_cli
+from cli import features as feature_cli
 import methods
 import utils
 from methods.losses import METRICS
@@ -100,7 +100,7 @@ def clom_settings(args: argparse.Namespace):
     Raises:
         utils.UserError: an invalid CLoM flag, or ``--CLoM`` without ``--alphas``.
     """
-    from methods.clom import settings_from_flags
+    from methods.addons.clom import settings_from_flags
 
     settings = settings_from_flags(args.alphas, args.models_pool, model=args.model, model_num=args.model_num,
                                    distance=args.CLoM_distance, source_dataset=args.source_dataset,

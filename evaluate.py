@@ -24,9 +24,9 @@ import torch
 
 import augment
 import cli
-import comparison
-import feature_cli
-import feature_loss
+from sets import comparison
+from cli import features as feature_cli
+from methods.addons import feature_loss
 import utils
 
 
@@ -226,7 +226,8 @@ def load_feature_labels(args, num_images: int, num_classes: int) -> list:
             feature_loss.FeatureTargets(features, num_images, num_classes, cfg)  # checks the shape
         except ValueError as error:
             raise utils.UserError(f"--syn_path data[{index}] feature labels: {error}") from None
-        found.append({"feature_labels": features, "feature_cfg": cfg})
+        found.append({"term": feature_loss.FeatureTargets(features, num_images, num_classes, cfg) if cfg.lbd > 0 else None,
+                      "lbd": cfg.lbd})
     return found
 
 
@@ -260,7 +261,7 @@ def main(argv=None) -> int:
             paths = expand_syn_paths(args.syn_path or [])
             if len(paths) != 1:
                 raise utils.UserError(f"--assess takes one synthetic set (--syn_path), got {len(paths)}")
-            import assess
+            from sets import assess
 
             single = argparse.Namespace(**{**vars(args), "syn_path": paths[0]})
             sets, _ = load_sets(single, record)
@@ -312,7 +313,8 @@ def main(argv=None) -> int:
                         result = utils.evaluate_synset(images.to(device), labels.to(device), model_eval,
                                                        record.num_classes, test_images, test_labels, cfg,
                                                        num_eval=args.num_eval, device=device, seed=args.seed + 1000 * index,
-                                                       **feature_args[index])
+                                                       term=(feature_args[index].get("term").to(device)
+                                                             if feature_args[index].get("term") else None))
                     except ValueError as error:
                         raise utils.UserError(f"{path}: feature labels of experiment {index}: {error} "
                                               "(--lbd 0 evaluates without them)") from None
@@ -322,7 +324,7 @@ def main(argv=None) -> int:
                 row.results[model_eval] = {**utils.EvalResult(model_eval, accs, seconds).as_dict(),
                                            "protocol": {**cfg.describe(), "labels": labels_kind}}
                 what = os.path.basename(path)
-                used = [a["feature_cfg"].lbd for a in feature_args if a and a["feature_cfg"].lbd > 0]
+                used = [a["lbd"] for a in feature_args if a and a["lbd"] > 0]
                 if used:
                     what += f"; feature labels, lbd {used[0]:g}"
                     row.results[model_eval]["protocol"]["feature_labels_lbd"] = used[0]

@@ -22,7 +22,7 @@ import os
 import sys
 
 import cli
-import originals
+from pretrained import originals
 import utils
 
 

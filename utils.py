@@ -20,7 +20,7 @@ import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -28,9 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import augment
-import feature_loss
 import networks
-from feature_loss import FeatureTargets
 
 logger = logging.getLogger(__name__)
 
@@ -236,10 +234,25 @@ def sgd_step(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 Step = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.optim.Optimizer], torch.Tensor]
 
 
+class TrainingTerm(Protocol):
+    """What a synthetic set may carry beyond images and labels that changes how networks are
+    trained on it (an add-on's learned state, e.g. DRUPI's feature labels): the protocol calls
+    :meth:`sgd_step` instead of its plain cross-entropy step and knows nothing else about it.
+    """
+
+    def check(self, net: nn.Module, images: torch.Tensor) -> None:
+        """Raise ``ValueError`` early if the term does not fit ``net`` (e.g. feature shapes)."""
+
+    def sgd_step(self, net: nn.Module, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
+                 optimizer: torch.optim.Optimizer, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """One optimiser step on the batch ``images`` (B, C, H, W) at positions ``index`` (B,) of
+        the set; returns the batch's mean loss before the step (detached 0-d tensor)."""
+
+
 def train_epoch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
                 batch_size: int, generator: torch.Generator, augmenter: Optional[Augmenter] = None,
                 index: Optional[torch.Tensor] = None, step: Optional[Step] = None,
-                features: Optional[FeatureTargets] = None) -> float:
+                term: Optional[TrainingTerm] = None) -> float:
     """Train ``net`` for one shuffled pass over an in-memory set (DC utils ``epoch('train')``).
 
     Args:
@@ -252,9 +265,9 @@ def train_epoch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, opti
         augmenter: applied to each batch under ``no_grad`` (see :func:`make_augmenter`).
         index: (M,) int64 indices of the subset to pass over (PAD's scheduled experts); all if ``None``.
         step: ``step(net, x, y, optimizer) -> loss``; default :func:`sgd_step` (GSAM experts pass theirs).
-        features: privileged feature labels F of the set (DRUPI, ``feature_loss.FeatureTargets``);
-            each step then minimises CE + lbd * D(E(x), F) in one pass (``step`` is not used).
-            ``None`` (the default) leaves the loop exactly as without them.
+        term: a :class:`TrainingTerm` of the set (e.g. feature labels); each step is then its
+            ``sgd_step`` on the batch and its positions (``step`` is not used). ``None`` (the
+            default) leaves the loop exactly as without it.
 
     Returns:
         The mean training loss over the epoch (a Python float; one device sync per epoch).
@@ -273,8 +286,8 @@ def train_epoch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, opti
         if augmenter is not None:
             with torch.no_grad():
                 x = augmenter(x, generator)
-        if features is not None:
-            total += features.sgd_step(net, x, y, batch, optimizer, generator) * x.shape[0]
+        if term is not None:
+            total += term.sgd_step(net, x, y, batch, optimizer, generator) * x.shape[0]
         else:
             total += step(net, x, y, optimizer) * x.shape[0]
     return float(total) / max(count, 1)
@@ -422,7 +435,7 @@ class EvalResult:
 
 def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, test_images: torch.Tensor,
                    test_labels: torch.Tensor, cfg: EvalConfig, generator: torch.Generator,
-                   features: Optional[FeatureTargets] = None) -> float:
+                   term: Optional[TrainingTerm] = None) -> float:
     """Train one network on a (synthetic) set with the DC protocol and return its test accuracy.
 
     Args:
@@ -432,8 +445,8 @@ def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, t
         test_images, test_labels: (M, C, H, W) and (M,), on any device.
         cfg: the protocol.
         generator: CPU generator for shuffling and augmentation.
-        features: privileged feature labels (DRUPI); training then minimises CE + lbd * D(E(x), F)
-            (see :func:`train_epoch`).
+        term: the set's :class:`TrainingTerm` (e.g. feature labels), or ``None``: plain
+            cross-entropy (see :func:`train_epoch`).
 
     Raises:
         FloatingPointError: the training loss became NaN or infinite.
@@ -448,7 +461,7 @@ def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, t
     decay_after = cfg.epochs // 2 + 1
     loss = 0.0
     for epoch in range(cfg.epochs + 1):
-        loss = train_epoch(net, images, labels, optimizer, cfg.batch_train, generator, augmenter, features=features)
+        loss = train_epoch(net, images, labels, optimizer, cfg.batch_train, generator, augmenter, term=term)
         if epoch == decay_after:
             lr *= 0.1
             optimizer = make_optimizer(lr)
@@ -460,8 +473,7 @@ def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, t
 def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str, num_classes: int,
                     test_images: torch.Tensor, test_labels: torch.Tensor, cfg: EvalConfig, *,
                     num_eval: int = 1, device: Optional[torch.device] = None, seed: int = 0,
-                    feature_labels: Optional[torch.Tensor] = None,
-                    feature_cfg: Optional[feature_loss.FeatureLossConfig] = None) -> EvalResult:
+                    term: Optional[TrainingTerm] = None) -> EvalResult:
     """Train ``num_eval`` fresh ``model`` networks on a synthetic set; report their test accuracy.
 
     The one evaluation routine of the toolkit, shared by ``distill.py`` and ``evaluate.py``.
@@ -479,18 +491,16 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
         num_eval: number of independently initialised networks.
         device: where to train (default: the device of ``image_syn``).
         seed: base seed.
-        feature_labels: privileged feature labels F, (n_feat, N, ...) per image or (n_feat, K, ...)
-            per class (DRUPI, methods.md §8); every network then trains on CE + lbd * D(E(x), F).
-            ``None``, or ``feature_cfg.lbd == 0``, is exactly the plain protocol. (The reference
-            trains its evaluation network 0 without F and the others with it; here all use F.)
-        feature_cfg: how F is compared (``feature_loss.FeatureLossConfig``; default settings if None).
+        term: what the set carries beyond images and labels that changes training (an add-on's
+            :class:`TrainingTerm`, on ``device``), checked against the first network; ``None``
+            is the plain protocol.
 
     Returns:
         An :class:`EvalResult` with one accuracy in [0, 1] per network.
 
     Raises:
         KeyError: unknown ``model``.
-        ValueError: ``feature_labels`` do not fit ``model``'s features (see ``feature_loss``).
+        ValueError: ``term`` does not fit ``model`` (:meth:`TrainingTerm.check`).
         FloatingPointError: a training loss became NaN or infinite.
     """
     device = device or image_syn.device
@@ -502,19 +512,14 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
     fork_devices = []
     if device.type == "cuda":
         fork_devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    targets = None
-    if feature_labels is not None:
-        feature_cfg = feature_cfg or feature_loss.FeatureLossConfig()
-        if feature_cfg.lbd > 0:
-            targets = feature_loss.FeatureTargets(feature_labels.to(device), images.shape[0], num_classes, feature_cfg)
     for run in range(num_eval):
         with torch.random.fork_rng(devices=fork_devices), deterministic_algorithms(cfg.deterministic):
             torch.manual_seed(seed + run)
             net = networks.get_network(model, channel, num_classes, im_size, device=device)
-            if targets is not None and run == 0:
-                targets.check(net, images)
+            if term is not None and run == 0:
+                term.check(net, images)
             acc = train_and_test(net, images, labels, test_images, test_labels, cfg, make_generator(seed + run),
-                                 features=targets)
+                                 term=term)
         result.accs.append(acc)
     result.train_time_s = time.perf_counter() - start
     return result

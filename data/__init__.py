@@ -12,7 +12,7 @@ Datasets: MNIST, FashionMNIST, SVHN, CIFAR10, CIFAR100 (torchvision readers), Ti
 imagemeow, imagesquawk, imageyellow; or ``'ImageNet'`` with ``subset``) and MHIST.
 """
 from .core import (DATASETS, DatasetError, DatasetLoader, DatasetRecord, RawSplits, list_datasets,
-                   load_dataset, register_dataset)
+                   load_dataset, one_line, register_dataset)
 from .zca import ZCA
 from .sampler import RealSampler, sample_random_real
 from . import torchvision_sets, folder_sets  # noqa: F401  (register the loaders)

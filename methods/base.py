@@ -294,7 +294,7 @@ class DistillMethod:
         # Privileged feature labels (``--feature_labels``): learned after every image update.
         self.feature_learner = None
         if cfg.feature_labels is not None:
-            from methods.feature_labels import FeatureLabelLearner
+            from methods.addons.feature_labels import FeatureLabelLearner
             self.feature_learner = FeatureLabelLearner(cfg.feature_labels, self)
 
     @classmethod

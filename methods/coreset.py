@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import originals
+from pretrained import originals
 import utils
 from methods.base import DistillMethod, Option, SyntheticSet, register_method
 

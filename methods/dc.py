@@ -130,7 +130,7 @@ class DC(DistillMethod):
             images, labels = syn.images.detach(), syn.labels
             for _ in range(self.inner_loop):
                 utils.train_epoch(net, images, labels, optimizer_net, self.cfg.batch_train, self.generator, augmenter,
-                                  features=features)
+                                  term=features)
         logs = {"loss": total / (self.num_classes * self.outer_loop)}
         if self.feature_learner is not None:
             logs["feat_loss"] = feat_total / self.outer_loop

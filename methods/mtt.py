@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import augment
-import trajectories
+from pretrained import buffers
 import utils
 from methods.base import DistillMethod, Option, SyntheticSet, register_method
 
@@ -107,7 +107,7 @@ class ExpertStream:
     turn; when every file is used the files are reshuffled.
 
     Args:
-        directory: the buffer folder (``trajectories.buffer_dir``).
+        directory: the buffer folder (``buffers.buffer_dir``).
         expect: manifest fields the buffer must match (dataset, model, zca, param_shapes).
         generator: CPU generator for the orders.
         load_all: keep every expert in memory (``--load_all``).
@@ -116,21 +116,21 @@ class ExpertStream:
 
     Raises:
         utils.UserError: no buffer, or one made with another dataset, model or ZCA setting
-            (from :func:`trajectories.load_buffer`).
+            (from :func:`buffers.load_buffer`).
     """
 
     def __init__(self, directory: str, expect: dict, generator: torch.Generator, *, load_all: bool = False,
                  max_files: int = 0, max_experts: int = 0):
         self.generator = generator
         self.max_experts = max_experts or None
-        first = trajectories.load_buffer(directory, expect=expect, max_files=1, max_experts=1)
+        first = buffers.load_buffer(directory, expect=expect, max_files=1, max_experts=1)
         self.num_snapshots = len(first[0])
         if load_all:
             self.files: List[Optional[str]] = [None]
-            self._all = trajectories.load_buffer(directory, expect=expect, max_files=max_files or None,
+            self._all = buffers.load_buffer(directory, expect=expect, max_files=max_files or None,
                                                  max_experts=self.max_experts)
         else:
-            self.files = trajectories.list_buffer_files(directory)[:max_files or None]
+            self.files = buffers.list_buffer_files(directory)[:max_files or None]
             self._all = None
         self.file_order: List[int] = []
         self.expert_order: List[int] = []
@@ -142,7 +142,7 @@ class ExpertStream:
         if self._loaded_index == index:
             return
         path = self.files[index]
-        experts = self._all if path is None else trajectories.load_chunk(path)
+        experts = self._all if path is None else buffers.load_chunk(path)
         self._experts = experts[:self.max_experts] if path is not None else experts
         self._loaded_index = index
 
@@ -213,7 +213,7 @@ class MTT(DistillMethod):
         super().__init__(cfg, **kwargs)
         self.student_net = self.new_network()
         self.student = FlatModel(self.student_net)
-        self.buffer_dir = trajectories.buffer_dir(self.hparams["buffer_path"], cfg.dataset, cfg.model, cfg.zca,
+        self.buffer_dir = buffers.buffer_dir(self.hparams["buffer_path"], cfg.dataset, cfg.model, cfg.zca,
                                                   cfg.subset, cfg.res)
         expect = {"dataset": cfg.dataset, "model": cfg.model, "zca": cfg.zca,
                   "param_shapes": [list(shape) for shape in self.student.shapes]}

@@ -28,10 +28,10 @@ import yaml
 from tqdm import tqdm
 
 import augment
-import resources
+from sets import resources
 import utils
 from data import RealSampler
-from methods import clom
+from methods.addons import clom
 from methods.base import DistillConfig, DistillMethod, get_method_class
 
 logger = logging.getLogger(__name__)
@@ -365,7 +365,11 @@ def _feature_eval_args(cfg: DistillConfig, syn) -> dict:
     network whose features do not fit F is an error (evaluate.py --lbd 0 evaluates without F)."""
     if syn is None or syn.features is None or cfg.feature_labels is None:
         return {}
-    return {"feature_labels": syn.features.detach(), "feature_cfg": cfg.feature_labels.loss_config()}
+    loss_cfg = cfg.feature_labels.loss_config()
+    if loss_cfg.lbd <= 0:
+        return {}
+    from methods.addons.feature_loss import FeatureTargets
+    return {"term": FeatureTargets(syn.features.detach(), syn.images.shape[0], syn.num_classes, loss_cfg)}
 
 
 def _save(path, data_save, accs_all_exps, cfg, opts, record, method, learned_lr) -> None:

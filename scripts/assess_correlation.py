@@ -22,10 +22,8 @@ import sys
 from typing import List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-import assess  # noqa: E402  (after the path set-up)
+from sets import assess  # noqa: E402  (after the path set-up)
 import utils  # noqa: E402
 
 MIN_SETS = 3

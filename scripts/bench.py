@@ -32,7 +32,6 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import augment  # noqa: E402
 import methods  # noqa: E402
@@ -67,14 +66,13 @@ def bench_buffer(record, device, root: str) -> str:
     size can diverge), under ``root``."""
     import dataclasses
 
-    import trajectories
-
+    from pretrained import buffers, experts
     generator = utils.make_generator(0)
     index = torch.randperm(len(record.labels_train), generator=generator)[:512]
     small = dataclasses.replace(record, images_train=record.images_train[index], labels_train=record.labels_train[index])
-    cfg = trajectories.ExpertConfig(dataset=record.name, model="ConvNet", train_epochs=4, batch_train=32)
-    directory = trajectories.buffer_dir(root, record.name, "ConvNet", False)
-    trajectories.make_buffer(cfg, small, directory, 1, device=device, test_every=0)
+    cfg = experts.ExpertConfig(dataset=record.name, model="ConvNet", train_epochs=4, batch_train=32)
+    directory = buffers.buffer_dir(root, record.name, "ConvNet", False)
+    experts.make_buffer(cfg, small, directory, 1, device=device, test_every=0)
     return root
 
 

@@ -29,9 +29,8 @@ from collections import defaultdict
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import comparison  # noqa: E402
+from sets import comparison  # noqa: E402
 import utils  # noqa: E402
 
 COLUMNS = ["dataset", "ipc", "method", "model", "epochs", "augmentation", "labels", "accs", "source"]

@@ -6,8 +6,6 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -26,7 +24,7 @@ def one_thread():
 def pretrained(tmp_path_factory):
     """Root of two trained original ConvNetW32 on the 16-per-class ``Tiny3`` miniature (2 epochs),
     in the originals.py layout (``{root}/Tiny3/original/ConvNetW32/index_{i}``)."""
-    import originals
+    from pretrained import originals
     from tiny_data import tiny_record
 
     root = tmp_path_factory.mktemp("pretrained")

@@ -7,16 +7,15 @@ import sys
 import pytest
 import torch
 
-import assess
+from sets import assess
 import data
 import evaluate
-import originals
+from pretrained import originals
 import utils
 from tiny_data import tiny_record as _tiny_record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import assess_correlation  # noqa: E402
+from scripts import assess_correlation  # noqa: E402
 
 CPU = torch.device("cpu")
 MODEL = "ConvNetW32"

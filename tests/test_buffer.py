@@ -9,8 +9,8 @@ import torch
 import buffer
 import data
 import networks
-import score
-import trajectories as T
+from scripts import score
+from pretrained import buffers, experts, scores
 import utils
 from tiny_data import PROTOTYPE_SEED, tiny_record
 
@@ -24,12 +24,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def config(**overrides):
     fields = dict(dataset="Tiny3", model=MODEL, train_epochs=3, batch_train=16, dsa=True)
     fields.update(overrides)
-    return T.ExpertConfig(**fields)
+    return experts.ExpertConfig(**fields)
 
 
 def make(tmp_path, num_experts, cfg=None, record=None, **kwargs):
     directory = str(tmp_path / "Tiny3_NO_ZCA" / MODEL)
-    summary = T.make_buffer(cfg or config(), record or tiny_record(), directory, num_experts, device=CPU,
+    summary = experts.make_buffer(cfg or config(), record or tiny_record(), directory, num_experts, device=CPU,
                             test_every=0, **kwargs)
     return directory, summary
 
@@ -40,11 +40,11 @@ def test_two_experts_round_trip(tmp_path):
     directory, summary = make(tmp_path, 2, record=record)
     assert summary.num_experts == 2 and summary.trained == 2
     raw = torch.load(os.path.join(directory, "replay_buffer_0.pt"), weights_only=True)  # the reference's reader
-    buffer = T.load_buffer(directory, expect=dict(dataset="tiny3", model=MODEL, zca=False))
+    buffer = buffers.load_buffer(directory, expect=dict(dataset="tiny3", model=MODEL, zca=False))
     assert len(raw) == len(buffer) == 2
     for k, trajectory in enumerate(buffer):
         assert len(trajectory) == 4  # initialisation + 3 epochs
-        net = T.new_seeded_network(MODEL, record, CPU, seed=k)  # expert k starts from seed 0 + k
+        net = experts.new_seeded_network(MODEL, record, CPU, seed=k)  # expert k starts from seed 0 + k
         shapes = [p.shape for p in net.parameters()]
         for snap in trajectory:
             assert [t.shape for t in snap] == shapes and all(t.device.type == "cpu" for t in snap)
@@ -57,7 +57,7 @@ def test_two_experts_round_trip(tmp_path):
     assert manifest["config"]["train_epochs"] == 3 and manifest["config"]["dsa"] is True
     assert manifest["param_names"][-1] == "classifier.bias"
     assert manifest["param_shapes"] == [list(s) for s in shapes] and manifest["torch_version"] == torch.__version__
-    assert T.load_buffer(directory, max_experts=1)[0][3][0].equal(buffer[0][3][0])
+    assert buffers.load_buffer(directory, max_experts=1)[0][3][0].equal(buffer[0][3][0])
 
 
 def test_interrupted_run_resumes_with_the_same_experts(tmp_path):
@@ -66,17 +66,17 @@ def test_interrupted_run_resumes_with_the_same_experts(tmp_path):
 
     directory = str(tmp_path / "Tiny3_NO_ZCA" / MODEL)
     with pytest.raises(KeyboardInterrupt):
-        T.make_buffer(config(), tiny_record(), directory, 3, device=CPU, test_every=0, save_interval=2,
+        experts.make_buffer(config(), tiny_record(), directory, 3, device=CPU, test_every=0, save_interval=2,
                       on_expert=stop_after_first)
-    first = T.load_buffer(directory)
+    first = buffers.load_buffer(directory)
     assert len(first) == 1  # the partial chunk was saved after the first expert
     _, summary = make(tmp_path, 3, save_interval=2)
     assert summary.trained == 2 and summary.num_experts == 3
-    resumed = T.load_buffer(directory)
-    assert len(resumed) == 3 and len(T.list_buffer_files(directory)) == 2
+    resumed = buffers.load_buffer(directory)
+    assert len(resumed) == 3 and len(buffers.list_buffer_files(directory)) == 2
     assert all(torch.equal(a, b) for snap_a, snap_b in zip(first[0], resumed[0]) for a, b in zip(snap_a, snap_b))
     # an uninterrupted run gives the same experts (expert k depends only on seed + k)
-    straight = T.load_buffer(make(tmp_path / "straight", 3, save_interval=2)[0])
+    straight = buffers.load_buffer(make(tmp_path / "straight", 3, save_interval=2)[0])
     assert all(torch.equal(a, b) for ta, tb in zip(straight, resumed) for sa, sb in zip(ta, tb) for a, b in zip(sa, sb))
     assert json.load(open(os.path.join(directory, "manifest.json")))["files"] == {
         "replay_buffer_0.pt": 2, "replay_buffer_1.pt": 1}
@@ -89,7 +89,7 @@ def test_chunk_saved_but_manifest_update_lost_is_recovered(tmp_path):
     manifest.update(num_experts=0, files={}, experts=[])  # as if killed between the two writes
     json.dump(manifest, open(manifest_path, "w"))
     _, summary = make(tmp_path, 2)
-    assert summary.trained == 1 and len(T.load_buffer(directory)) == 2
+    assert summary.trained == 1 and len(buffers.load_buffer(directory)) == 2
 
 
 # ----- refusing to mix, checking on load --------------------------------------------------------
@@ -99,7 +99,7 @@ def test_other_config_into_the_same_folder_is_refused(tmp_path):
         make(tmp_path, 2, cfg=config(lr_teacher=0.02))
     with pytest.raises(utils.UserError, match="--gsam"):
         make(tmp_path, 2, cfg=config(gsam=True, rho_max=0.1, rho_min=0.1, alpha=0.3))
-    assert len(T.load_buffer(directory)) == 1
+    assert len(buffers.load_buffer(directory)) == 1
 
 
 @pytest.mark.parametrize("expect,field", [
@@ -111,12 +111,12 @@ def test_other_config_into_the_same_folder_is_refused(tmp_path):
 def test_manifest_mismatch_names_the_field(tmp_path, expect, field):
     directory, _ = make(tmp_path, 1, cfg=config(train_epochs=1))
     with pytest.raises(utils.UserError, match=f"made with {field}=.*buffer.py"):
-        T.load_buffer(directory, expect=expect)
+        buffers.load_buffer(directory, expect=expect)
 
 
 def test_missing_buffer_names_path_and_command(tmp_path):
     with pytest.raises(utils.UserError) as error:
-        T.load_buffer((str(tmp_path), "FashionMNIST", "ConvNet", False))
+        buffers.load_buffer((str(tmp_path), "FashionMNIST", "ConvNet", False))
     message = str(error.value)
     expected_dir = os.path.join(str(tmp_path), "FashionMNIST_NO_ZCA", "ConvNet")
     assert expected_dir in message and "python buffer.py --dataset FashionMNIST --model ConvNet" in message
@@ -131,27 +131,27 @@ def test_reference_buffer_without_manifest_loads_with_a_warning(tmp_path, caplog
     torch.save([trajectory, trajectory], directory / "replay_buffer_0.pt")
     torch.save([trajectory], directory / "replay_buffer_1.pt")
     with caplog.at_level(logging.WARNING, logger="trajectories"):
-        loaded = T.load_buffer(str(directory), max_files=1)
+        loaded = buffers.load_buffer(str(directory), max_files=1)
     assert len(loaded) == 2 and "manifest" in caplog.text
-    assert len(T.load_buffer(str(directory))) == 3
+    assert len(buffers.load_buffer(str(directory))) == 3
     with pytest.raises(utils.UserError, match="shapes"):
-        T.load_buffer(str(directory), expect={"param_shapes": [[1, 2]]})
+        buffers.load_buffer(str(directory), expect={"param_shapes": [[1, 2]]})
     with pytest.raises(utils.UserError, match="reference-format"):  # never appended to
-        T.check_buffer_dir(str(directory), config().describe(10))
+        buffers.check_buffer_dir(str(directory), config().describe(10))
 
 
 def test_buffer_dir_layout():
-    assert T.buffer_dir("b", "fashionmnist", "ConvNet", False) == os.path.join("b", "FashionMNIST_NO_ZCA", "ConvNet")
-    assert T.buffer_dir("b", "CIFAR10", "ConvNet", True) == os.path.join("b", "CIFAR10", "ConvNet")
-    assert T.buffer_dir("b", "TinyImageNet", "ConvNetD4", True) == os.path.join("b", "Tiny", "ConvNetD4")
-    assert T.buffer_dir("b", "ImageNet", "ConvNetD5", True, subset="imagewoof") == os.path.join(
+    assert buffers.buffer_dir("b", "fashionmnist", "ConvNet", False) == os.path.join("b", "FashionMNIST_NO_ZCA", "ConvNet")
+    assert buffers.buffer_dir("b", "CIFAR10", "ConvNet", True) == os.path.join("b", "CIFAR10", "ConvNet")
+    assert buffers.buffer_dir("b", "TinyImageNet", "ConvNetD4", True) == os.path.join("b", "Tiny", "ConvNetD4")
+    assert buffers.buffer_dir("b", "ImageNet", "ConvNetD5", True, subset="imagewoof") == os.path.join(
         "b", "ImageNet", "imagewoof", "128", "ConvNetD5")
 
 
 # ----- training pieces ----------------------------------------------------------------------------
 def test_train_epoch_on_a_subset_uses_only_those_images():
     record = tiny_record()
-    net = T.new_seeded_network(MODEL, record, CPU, 3)
+    net = experts.new_seeded_network(MODEL, record, CPU, 3)
     seen = []
 
     def recording_step(n, x, y, o):
@@ -170,11 +170,11 @@ def test_train_epoch_on_a_subset_uses_only_those_images():
 def test_gsam_with_zero_rho_and_alpha_is_plain_sgd(model):
     record = tiny_record()
     x, y = record.images_train[:20], record.labels_train[:20]
-    nets = [T.new_seeded_network(model, record, CPU, 5) for _ in range(2)]
+    nets = [experts.new_seeded_network(model, record, CPU, 5) for _ in range(2)]
     opts = [torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3) for n in nets]
     for _ in range(2):
         loss_plain = utils.sgd_step(nets[0], x, y, opts[0])
-        loss_gsam = T.gsam_step(nets[1], x, y, opts[1], rho=0.0, alpha=0.0, adaptive=True)
+        loss_gsam = experts.gsam_step(nets[1], x, y, opts[1], rho=0.0, alpha=0.0, adaptive=True)
         assert loss_plain.item() == pytest.approx(loss_gsam.item(), abs=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(nets[0].parameters(), nets[1].parameters()))
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(nets[0].buffers(), nets[1].buffers()))
@@ -201,21 +201,21 @@ def test_gsam_step_matches_hand_computation():
     norm_p = torch.sqrt(sum((t ** 2).sum() for t in gp))
     cos = sum((a * b).sum() for a, b in zip(g, gp)) / (norm_g * norm_p)
     expected = [w - lr * (b - alpha * (a - cos * norm_g * b / norm_p)) for w, a, b in zip(w0, g, gp)]
-    T.gsam_step(net, x, y, torch.optim.SGD(net.parameters(), lr=lr), rho=rho, alpha=alpha, adaptive=False)
+    experts.gsam_step(net, x, y, torch.optim.SGD(net.parameters(), lr=lr), rho=rho, alpha=alpha, adaptive=False)
     assert all(torch.allclose(p, e, atol=1e-6) for p, e in zip(net.parameters(), expected))
     assert not torch.allclose(expected[0], w0[0] - lr * g[0], atol=1e-4)  # GSAM moved differently from SGD
 
 
 def test_rho_follows_the_lr():
     flat = config(gsam=True, rho_max=0.5, rho_min=0.1)
-    assert T.rho_for_lr(flat, 0.01) == 0.5
+    assert experts.rho_for_lr(flat, 0.01) == 0.5
     decayed = config(gsam=True, rho_max=0.5, rho_min=0.1, decay=True)
-    assert T.rho_for_lr(decayed, 0.01) == pytest.approx(0.5) and T.rho_for_lr(decayed, 0.001) == pytest.approx(0.1)
+    assert experts.rho_for_lr(decayed, 0.01) == pytest.approx(0.5) and experts.rho_for_lr(decayed, 0.001) == pytest.approx(0.1)
 
 
 # ----- PAD schedule and difficulty scores -------------------------------------------------------
 def test_pad_schedule_sizes_per_stage():
-    schedule = T.PadSchedule(init_ratio=0.5, add_end_epoch=4, rm_epoch_first=6, rm_epoch_second=8,
+    schedule = experts.PadSchedule(init_ratio=0.5, add_end_epoch=4, rm_epoch_first=6, rm_epoch_second=8,
                              rm_easy_ratio_first=0.1, rm_easy_ratio_second=0.25)
     order = [torch.arange(100), torch.arange(100, 140)]  # classes of 100 and 40 images, easy first
     expected = {0: (50, 20), 2: (75, 30), 4: (100, 40), 5: (100, 40), 6: (100, 40), 7: (90, 36), 8: (90, 36),
@@ -227,7 +227,7 @@ def test_pad_schedule_sizes_per_stage():
     assert 0 not in schedule.select(order, 7).tolist() and 10 in schedule.select(order, 7).tolist()
     assert [schedule.stage(e) for e in (0, 4, 5, 6, 7, 8, 9)] == [1, 1, 2, 2, 3, 3, 4]
     with pytest.raises(utils.UserError, match="--init_ratio"):
-        T.PadSchedule(init_ratio=0.0).validate()
+        experts.PadSchedule(init_ratio=0.0).validate()
 
 
 def scored_record():
@@ -247,23 +247,23 @@ def scored_record():
 def test_scores_put_the_easy_image_first_and_the_mislabelled_last(tmp_path):
     record = scored_record()
     # MLP: an instance-normalised ConvNet would not see the 3x scale
-    cfg = T.ExpertConfig(dataset="Tiny3", model="MLP", train_epochs=6, batch_train=16, dsa=False, mom=0.9)
-    scores = T.score_dataset(record, cfg, num_models=2, device=CPU)
+    cfg = experts.ExpertConfig(dataset="Tiny3", model="MLP", train_epochs=6, batch_train=16, dsa=False, mom=0.9)
+    computed = scores.score_dataset(record, cfg, num_models=2, device=CPU)
     for method in ("EL2N", "GraNd", "Uncertainty"):
-        order = T.class_order(scores[method], record.labels_train, 3)
+        order = scores.class_order(computed[method], record.labels_train, 3)
         for c in range(3):
             assert order[c][0] == c * 25, (method, c)
             if method != "Uncertainty":  # label-free: a confidently mislabelled image looks certain
                 assert order[c][-1] == c * 25 + 1, (method, c)
-    path = T.score_path(str(tmp_path), "Tiny3", "el2n")
-    T.save_scores(path, "EL2N", scores["EL2N"], record.labels_train, 3, {"dataset": "Tiny3"})
-    assert T.resolve_sort_file("EL2N", str(tmp_path), "Tiny3") == path
-    rows = T.load_sort_order(path, record.labels_train, 3)
+    path = scores.score_path(str(tmp_path), "Tiny3", "el2n")
+    scores.save_scores(path, "EL2N", computed["EL2N"], record.labels_train, 3, {"dataset": "Tiny3"})
+    assert scores.resolve_sort_file("EL2N", str(tmp_path), "Tiny3") == path
+    rows = scores.load_sort_order(path, record.labels_train, 3)
     assert [int(r[0]) for r in rows] == [0, 25, 50]
     with pytest.raises(utils.UserError, match="another training set"):
-        T.load_sort_order(path, record.labels_train[:-1], 3)
+        scores.load_sort_order(path, record.labels_train[:-1], 3)
     with pytest.raises(utils.UserError, match="score.py --dataset Tiny3 --method GraNd"):
-        T.resolve_sort_file("GraNd", str(tmp_path), "Tiny3")
+        scores.resolve_sort_file("GraNd", str(tmp_path), "Tiny3")
 
 
 # ----- the command-line scripts -----------------------------------------------------------------
@@ -295,7 +295,7 @@ def test_buffer_and_score_cli_end_to_end(tmp_path, fake_dataset, capsys):
     # per class 25 images: epoch 0 uses floor(0.6 * 25) = 15, epoch 1 uses 20, epoch 2 all 25
     assert manifest["experts"][0]["subset_sizes"] == [45, 60, 75]
     assert len(manifest["experts"][1]["test_acc"]) == 3
-    buffer_list = T.load_buffer((str(tmp_path), "Tiny3", "MLP", False))
+    buffer_list = buffers.load_buffer((str(tmp_path), "Tiny3", "MLP", False))
     assert len(buffer_list) == 2 and len(buffer_list[0]) == 4
     # the same command again has nothing to do; another lr is refused with one line naming the flag
     assert buffer.main(argv) == 0

@@ -10,7 +10,7 @@ import distill
 import methods
 import utils
 from data import RealSampler
-from methods import clom
+from methods.addons import clom
 from methods.runner import RunOptions, run_distillation
 from tiny_data import tiny_record as _tiny_record
 

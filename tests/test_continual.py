@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-import continual
+from scripts import continual
 import data
 import utils
 from test_methods import tiny_record

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-import cost
-import originals
-import resources
+from scripts import cost
+from pretrained import originals
+from sets import resources
 from methods.base import SyntheticSet
 
 

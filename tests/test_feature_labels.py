@@ -15,9 +15,9 @@ import methods
 import networks
 import utils
 from data import RealSampler
-from feature_loss import (FeatureLossConfig, FeatureTargets, classify_features, feature_distance,
+from methods.addons.feature_loss import (FeatureLossConfig, FeatureTargets, classify_features, feature_distance,
                           forward_with_features)
-from methods.feature_labels import FeatureLabelConfig
+from methods.addons.feature_labels import FeatureLabelConfig
 from methods.runner import RunOptions, run_distillation
 from test_methods import tiny_record
 
@@ -111,8 +111,10 @@ def test_per_class_features_and_pretrained_init(one_thread):
 def _eval(record, images, labels, features=None, lbd=0.1, **cfg):
     eval_cfg = utils.EvalConfig(epochs=2, batch_train=4, **cfg)
     return utils.evaluate_synset(images, labels, MODEL, record.num_classes, record.images_test, record.labels_test,
-                                 eval_cfg, num_eval=2, device=CPU, seed=3, feature_labels=features,
-                                 feature_cfg=FeatureLossConfig(lbd=lbd) if features is not None else None).accs
+                                 eval_cfg, num_eval=2, device=CPU, seed=3,
+                                 term=(FeatureTargets(features, images.shape[0], record.num_classes,
+                                                      FeatureLossConfig(lbd=lbd))
+                                       if features is not None and lbd > 0 else None)).accs
 
 
 def test_lambda_zero_equals_no_features_and_lambda_positive_trains_differently(one_thread):
@@ -128,7 +130,7 @@ def test_lambda_zero_equals_no_features_and_lambda_positive_trains_differently(o
     targets = FeatureTargets(features, images.shape[0], 3, FeatureLossConfig(lbd=1.0))
     for net, feats in ((net_a, None), (net_b, targets)):
         utils.train_epoch(net, images, labels, torch.optim.SGD(net.parameters(), lr=0.1), 4, utils.make_generator(0),
-                          features=feats)
+                          term=feats)
     assert not torch.equal(net_a.classifier.weight, net_b.classifier.weight)
 
 
@@ -205,10 +207,10 @@ def test_run_saves_features_third_and_evaluate_reads_sets_with_and_without(one_t
     monkeypatch.setattr("data.load_dataset", lambda *a, **k: record)
     args = evaluate.build_parser().parse_args(["--syn_path", outcome.result_path, "--dataset", record.name])
     found = evaluate.load_feature_labels(args, 3, 3)
-    assert torch.equal(found[0]["feature_labels"], features) and found[0]["feature_cfg"].lbd == 0.2
-    assert found[0]["feature_cfg"].pooling == "avg"
+    assert torch.equal(found[0]["term"].features, features) and found[0]["term"].cfg.lbd == 0.2
+    assert found[0]["term"].cfg.pooling == "avg"
     args = evaluate.build_parser().parse_args(["--syn_path", outcome.result_path, "--dataset", record.name, "--lbd", "0"])
-    assert evaluate.load_feature_labels(args, 3, 3)[0]["feature_cfg"].lbd == 0
+    assert evaluate.load_feature_labels(args, 3, 3)[0]["term"] is None
     common = ["--dataset", record.name, "--model", MODEL, "--num_eval", "1", "--epoch_eval_train", "1", "--device", "cpu"]
     assert evaluate.main(["--syn_path", outcome.result_path, "--tta", "--deterministic", *common]) == 0
     # the same set without F (two entries, as before) still evaluates

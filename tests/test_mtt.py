@@ -1,4 +1,4 @@
-"""Trajectory matching (MTT, DATM, PAD) on a tiny buffer made by trajectories.make_buffer: the
+"""Trajectory matching (MTT, DATM, PAD) on a tiny buffer made by experts.make_buffer: the
 loss, PAD's selection, one step of each method, soft labels, resume and evaluation of the saved set."""
 import math
 
@@ -7,7 +7,7 @@ import torch
 
 import evaluate
 import methods
-import trajectories
+from pretrained import buffers, experts
 import utils
 from methods.mtt import FlatModel, flatten, trajectory_matching_loss
 from methods.runner import RunOptions, run_distillation
@@ -22,10 +22,10 @@ def buffer_root(tmp_path_factory):
     """2 experts x 4 epochs of ConvNetW32 on the 3-class 8x8 generated set, in buffer.py's layout."""
     root = tmp_path_factory.mktemp("buffers")
     record = tiny_record()
-    cfg = trajectories.ExpertConfig(dataset=record.name, model=MODEL, train_epochs=4, batch_train=8, dsa=False,
+    cfg = experts.ExpertConfig(dataset=record.name, model=MODEL, train_epochs=4, batch_train=8, dsa=False,
                                     lr_teacher=0.05)
-    directory = trajectories.buffer_dir(str(root), record.name, MODEL, False)
-    trajectories.make_buffer(cfg, record, directory, 2, device=CPU, test_every=0)
+    directory = buffers.buffer_dir(str(root), record.name, MODEL, False)
+    experts.make_buffer(cfg, record, directory, 2, device=CPU, test_every=0)
     return str(root)
 
 

@@ -8,15 +8,14 @@ import pytest
 import torch
 
 import cli
-import comparison
+from sets import comparison
 import data
 import evaluate
 import networks
 import utils
 from test_methods import tiny_record
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-import make_table  # noqa: E402
+from scripts import make_table  # noqa: E402
 
 
 def test_eval_mode_m_expands_to_the_six_architectures():

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import data
 import networks
-import originals as O
+from pretrained import originals as O
 import train_original
 import utils
 from tiny_data import tiny_record

@@ -331,7 +331,7 @@ def run_cli(args, record, sets: Sequence[tuple], device) -> int:
         utils.UserError: missing original models (the message names the directory and the
             ``train_original.py`` command), or ``--assess_real`` < 1.
     """
-    from methods.clom import load_pool, split_list
+    from methods.addons.clom import load_pool, split_list
 
     if args.assess_real < 1:
         raise utils.UserError(f"--assess_real must be at least 1, got {args.assess_real}")

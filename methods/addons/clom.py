@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import originals
+from pretrained import originals
 import utils
 
 logger = logging.getLogger(__name__)

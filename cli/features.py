@@ -65,7 +65,7 @@ def feature_label_config(args: argparse.Namespace):
     """
     if not args.feature_labels:
         return None
-    from methods.feature_labels import FeatureLabelConfig
+    from methods.addons.feature_labels import FeatureLabelConfig
 
     feat_lbd = args.feat_lbd if args.feat_lbd is not None else (0.02 if args.method in FEAT_LBD_002 else 0.0)
     try:

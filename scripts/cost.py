@@ -16,7 +16,7 @@ import os
 import sys
 
 import cli
-import resources
+from sets import resources
 import utils
 
 

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-import originals
+from pretrained import originals
 
 
 @dataclass

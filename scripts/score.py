@@ -3,7 +3,7 @@
 
 Trains ``--num_models`` fresh networks for ``--epochs`` epochs (0 = score at initialisation),
 scores every training image with each (EL2N, GraNd on the last layer, least-confidence
-uncertainty; see ``trajectories.sample_scores``), averages, and writes for each method
+uncertainty; see ``scores.sample_scores``), averages, and writes for each method
 ``{buffer_path}/scores/{dataset}_{method}.pt`` holding the raw scores and each class's training
 indices sorted easiest (lowest score) first. ``buffer.py --sort_method {method}`` reads it.
 
@@ -18,7 +18,7 @@ import sys
 import torch
 
 import cli
-import trajectories
+from pretrained import buffers, experts, scores
 import utils
 
 
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``score.py`` flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", nargs="+", default=["all"],
-                        help=f"{', '.join(trajectories.SCORE_METHODS)} or all (default all)")
+                        help=f"{', '.join(scores.SCORE_METHODS)} or all (default all)")
     parser.add_argument("--model", default="ConvNet", help="scoring network (networks.py names)")
     parser.add_argument("--num_models", type=int, default=3, help="networks the scores are averaged over")
     parser.add_argument("--epochs", type=int, default=10, help="training epochs before scoring (0: at initialisation)")
@@ -47,28 +47,28 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     with cli.user_errors():
         cli.setup_logging()
-        names = list(trajectories.SCORE_METHODS) if [m.lower() for m in args.method] == ["all"] else list(
-            dict.fromkeys(trajectories.score_method_name(m) for m in args.method))
+        names = list(scores.SCORE_METHODS) if [m.lower() for m in args.method] == ["all"] else list(
+            dict.fromkeys(scores.score_method_name(m) for m in args.method))
         if args.epochs < 0:
             raise utils.UserError(f"--epochs must be >= 0, got {args.epochs}")
-        cfg = trajectories.ExpertConfig(dataset=args.dataset, model=args.model, zca=args.zca, subset=args.subset,
+        cfg = experts.ExpertConfig(dataset=args.dataset, model=args.model, zca=args.zca, subset=args.subset,
                                         res=args.res, train_epochs=args.epochs, lr_teacher=args.lr_net,
                                         batch_train=args.batch_train, mom=args.mom, l2=args.l2, dsa=args.dsa,
                                         dsa_strategy=args.dsa_strategy, seed=args.seed)
         device = cli.setup_runtime(args)
         utils.seed_everything(args.seed)
         record = cli.load_record(args, device)
-        scores = trajectories.score_dataset(record, cfg, args.num_models, device)
+        computed = scores.score_dataset(record, cfg, args.num_models, device)
         meta = {"dataset": record.name, "zca": args.zca, "model": args.model, "epochs": args.epochs,
                 "num_models": args.num_models, "lr_net": args.lr_net, "mom": args.mom, "l2": args.l2,
                 "dsa_strategy": args.dsa_strategy if args.dsa else None, "seed": args.seed,
                 "definition": "", "torch_version": str(torch.__version__),
-                "toolkit_version": trajectories.toolkit_version()}
+                "toolkit_version": buffers.toolkit_version()}
         for name in names:
-            path = trajectories.score_path(args.buffer_path, args.dataset, name, args.subset)
-            meta["definition"] = trajectories.SCORE_METHODS[name]
-            trajectories.save_scores(path, name, scores[name], record.labels_train, record.num_classes, meta)
-            values = scores[name]
+            path = scores.score_path(args.buffer_path, args.dataset, name, args.subset)
+            meta["definition"] = scores.SCORE_METHODS[name]
+            scores.save_scores(path, name, computed[name], record.labels_train, record.num_classes, meta)
+            values = computed[name]
             print(f"{name:<12} mean {values.mean():.4f}, min {values.min():.4f}, max {values.max():.4f} -> {path}")
     return 0
 

@@ -17,7 +17,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 import networks
-import originals
+from pretrained import originals
 
 # (channel, (H, W), classes) of each dataset as data/ loads it; ImageNet subsets and MHIST at
 # their default resolution (128 and 224; --res changes it).

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 
 import networks
 import utils
-from feature_loss import (FeatureLossConfig, FeatureTargets, classify_features, feature_distance,
+from methods.addons.feature_loss import (FeatureLossConfig, FeatureTargets, classify_features, feature_distance,
                           forward_with_features, pool_features)
-from feature_loss import select_feature_set as select_feature_set_train
+from methods.addons.feature_loss import select_feature_set as select_feature_set_train
 from methods.losses import gradient_match_distance
 
 FEATURE_INITS = ("pretrained", "random", "noise")
