@@ -19,6 +19,7 @@ import os
 import random
 import time
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Sequence
 
@@ -407,6 +408,69 @@ class EvalConfig:
         if self.deterministic:
             record["deterministic"] = True
         return record
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """The one evaluation-protocol resolver: what a synthetic set is trained with, before the
+    evaluation network is known. :meth:`resolve` turns it into the :class:`EvalConfig` of one
+    network (DC ``get_daparam`` augmentation depends on it); it is saved with every set
+    (``meta['protocol']``, :meth:`as_dict`) so that ``evaluate.py`` replays exactly the protocol
+    ``distill.py`` evaluated with, unless flags override a field.
+
+    It knows no method: the distillation layer fills ``epochs_augmented`` / ``epochs_plain`` from
+    the method's reference defaults (DC/DSA 1000 with augmentation, else 300; CAFE 1000 / 600;
+    DataDAM 1800; DM and the trajectory-matching family 1000) or from ``--epoch_eval_train``.
+
+    Attributes:
+        epochs_augmented: ``--epoch_eval_train`` when training is augmented (DSA, or an active DC
+            augmentation).
+        epochs_plain: ``--epoch_eval_train`` without augmentation.
+        lr: SGD learning rate (``--lr_net``) unless the set learned a step size.
+        batch_train: ``--batch_train``.
+        dsa_strategy: DiffAugment strategy ("" : DC's ``get_daparam`` augmentation or none).
+        tta_mode, deterministic: see :class:`EvalConfig`.
+    """
+
+    epochs_augmented: int = 1000
+    epochs_plain: int = 300
+    lr: float = 0.01
+    batch_train: int = 256
+    dsa_strategy: str = ""
+    tta_mode: str = ""
+    deterministic: bool = False
+
+    def resolve(self, dataset: str, model: str, model_eval: str, ipc: int,
+                learned_lr: Optional[float] = None) -> EvalConfig:
+        """The :class:`EvalConfig` of evaluation network ``model_eval``.
+
+        Args:
+            dataset: dataset name (DC's augmentation choice depends on it).
+            model: the network the set was distilled with.
+            model_eval: the network being trained.
+            ipc: images per class.
+            learned_lr: a step size learned with the set (trajectory matching), used instead of ``lr``.
+        """
+        dc_aug = None if self.dsa_strategy else augment.get_daparam(dataset, model, model_eval, ipc)
+        augmented = bool(self.dsa_strategy) or (dc_aug is not None and dc_aug.strategy not in ("", "none", "None"))
+        return EvalConfig(epochs=self.epochs_augmented if augmented else self.epochs_plain,
+                          lr=float(learned_lr) if learned_lr is not None else self.lr, batch_train=self.batch_train,
+                          dsa_strategy=self.dsa_strategy, dc_aug=dc_aug, tta_mode=self.tta_mode,
+                          deterministic=self.deterministic)
+
+    def with_epochs(self, epochs: Optional[int]) -> "EvalProtocol":
+        """This protocol with both epoch counts set to ``epochs`` (unchanged when ``None``)."""
+        return self if epochs is None else dataclasses.replace(self, epochs_augmented=epochs, epochs_plain=epochs)
+
+    def as_dict(self) -> dict:
+        """JSON-ready record (``meta['protocol']`` of a result file)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "EvalProtocol":
+        """Inverse of :meth:`as_dict`; unknown keys are ignored (a newer file), missing ones default."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in record.items() if key in known})
 
 
 @dataclass

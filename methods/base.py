@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple, Type
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -276,6 +276,13 @@ class DistillMethod:
     # True for selection baselines (methods/coreset.py): init_synthetic returns the final set and
     # the runner runs no iteration, whatever --Iteration says.
     selection_only: ClassVar[bool] = False
+    # Add-ons (``methods/addons``) this method hosts, by name; any other is refused. The base class
+    # calls the hooks of CLoM (every image update) and feature labels (after every image update,
+    # networks trained on the set); a method that overrides ``step`` lists what it still honours.
+    hosted_addons: ClassVar[Tuple[str, ...]] = ("CLoM", "feature_labels")
+    # Shared flags this method does not use: giving one is refused (``distill.py``), so a value
+    # is never recorded as if it had been used.
+    unused_flags: ClassVar[Tuple[str, ...]] = ()
 
     def __init__(self, cfg: DistillConfig, *, channel: int, num_classes: int, im_size, sampler,
                  device: torch.device, generator: torch.Generator):
@@ -288,14 +295,9 @@ class DistillMethod:
         self.generator = generator
         self.dsa_strategy = cfg.dsa_strategy if augment.validate_strategy(cfg.dsa_strategy) else ""
         self.hparams = self.resolve_options(cfg.extra)
-        # Extra terms on the synthetic set added to every image update (e.g. a CLoM loss).
-        self.regularizers: List[Callable[[SyntheticSet], torch.Tensor]] = []
         self.optimizer_img: Optional[torch.optim.Optimizer] = None
-        # Privileged feature labels (``--feature_labels``): learned after every image update.
-        self.feature_learner = None
-        if cfg.feature_labels is not None:
-            from methods.addons.feature_labels import FeatureLabelLearner
-            self.feature_learner = FeatureLabelLearner(cfg.feature_labels, self)
+        # The add-ons the run attached (``methods.addons.base.AddOn``; :meth:`attach_addons`).
+        self.addons: list = []
 
     @classmethod
     def resolve_options(cls, extra: Mapping[str, Any]) -> Dict[str, Any]:
@@ -310,6 +312,63 @@ class DistillMethod:
             raise ValueError(f"method {cls.name} has no option {', '.join(unknown)}; "
                              f"its options: {', '.join(known) or 'none'}")
         return {name: option.check(option.convert(extra.get(name, option.default))) for name, option in known.items()}
+
+    @classmethod
+    def check_addons(cls, requested: Sequence[Tuple[str, str]]) -> None:
+        """Refuse add-ons this method does not host.
+
+        Args:
+            requested: ``(add-on name, flag)`` of every add-on the configuration turns on.
+
+        Raises:
+            ValueError: one line naming the flag, the method and the add-ons it hosts.
+        """
+        for name, flag in requested:
+            if name not in cls.hosted_addons:
+                supported = ", ".join(cls.hosted_addons) or "none"
+                raise ValueError(f"{flag}: --method {cls.name} does not support the {name} add-on "
+                                 f"(add-ons it supports: {supported})")
+
+    def attach_addons(self, addons: Sequence) -> None:
+        """Give the method its add-ons (before :meth:`init_synthetic`, which attaches them to the set).
+
+        Raises:
+            ValueError: an add-on this method does not host.
+        """
+        self.check_addons([(addon.name, addon.flag) for addon in addons])
+        self.addons = list(addons)
+
+    # ---- add-on hooks (methods/addons/base.py) -------------------------------------------
+    def after_image_update(self, syn: SyntheticSet, net: Optional[nn.Module] = None) -> None:
+        """Run every add-on's work after an image update (``net``: the method's network, if any)."""
+        for addon in self.addons:
+            addon.after_image_update(syn, net)
+
+    def training_term(self, syn: SyntheticSet):
+        """The ``utils.TrainingTerm`` networks trained on ``syn`` use (inner loops, evaluation), or ``None``.
+
+        Raises:
+            ValueError: two add-ons both change network training.
+        """
+        terms = [(addon.name, term) for addon in self.addons if (term := addon.training_term(syn)) is not None]
+        if len(terms) > 1:
+            raise ValueError(f"add-ons {', '.join(n for n, _ in terms)} both change how networks train on the set")
+        return terms[0][1] if terms else None
+
+    def addon_optimizers(self) -> list:
+        """The optimisers of the add-ons' learned state, stepped with the images."""
+        return [optimizer for addon in self.addons for optimizer in addon.optimizers()]
+
+    def pop_addon_logs(self) -> Dict[str, torch.Tensor]:
+        """Every add-on's values since the last call, for the per-iteration log."""
+        logs: Dict[str, torch.Tensor] = {}
+        for addon in self.addons:
+            logs.update(addon.pop_logs())
+        return logs
+
+    def saved_entries(self, syn: SyntheticSet) -> list:
+        """Tensors the add-ons append to an experiment's ``[image_syn, label_syn]`` result entry."""
+        return [tensor for addon in self.addons for tensor in addon.saved_entries(syn)]
 
     # ---- evaluation defaults ------------------------------------------------------------
     @property
@@ -347,10 +406,10 @@ class DistillMethod:
 
     def configure(self, syn: SyntheticSet) -> None:
         """Create the optimiser of the synthetic images: SGD(lr_img, momentum 0.5) as in DC/DM;
-        with ``--feature_labels``, also the feature labels and their optimiser."""
+        then every add-on attaches its learned state to ``syn`` (:meth:`AddOn.attach`)."""
         self.optimizer_img = torch.optim.SGD([syn.images], lr=self.cfg.lr_img, momentum=0.5)
-        if self.feature_learner is not None:
-            self.feature_learner.attach(syn)
+        for addon in self.addons:
+            addon.attach(syn)
 
     # ---- one iteration ------------------------------------------------------------------
     def augment_pair(self, real: torch.Tensor, syn: torch.Tensor):
@@ -381,7 +440,7 @@ class DistillMethod:
 
     def update_images(self, syn: SyntheticSet, loss: torch.Tensor, optimizers: Optional[list] = None) -> None:
         """The one place a method updates the synthetic set: zero the gradients, back-propagate
-        ``loss`` plus every term of ``self.regularizers`` evaluated on ``syn``, step.
+        ``loss`` plus every add-on's :meth:`AddOn.image_loss` on ``syn`` (e.g. CLoM), step.
 
         Args:
             syn: the synthetic set.
@@ -392,48 +451,48 @@ class DistillMethod:
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         total = loss
-        for regularizer in self.regularizers:
-            total = total + regularizer(syn)
+        for addon in self.addons:
+            term = addon.image_loss(syn)
+            if term is not None:
+                total = total + term
         total.backward()
         for optimizer in optimizers:
             optimizer.step()
 
     def step(self, syn: SyntheticSet, iteration: int) -> Dict[str, torch.Tensor]:
-        """One outer iteration: the loss, then :meth:`update_images`.
-
-        With ``--feature_labels``, the feature labels are then updated once on a fresh network
-        (``FeatureLabelLearner.feature_step``).
+        """One outer iteration: the loss, :meth:`update_images`, then the add-ons' work after an
+        image update (:meth:`after_image_update`; with no network of its own, an add-on that needs
+        one uses a fresh random network).
 
         Returns:
-            ``{'loss': scalar tensor}`` (detached; converted to float once by the runner), and
-            ``'feat_loss'`` with feature labels.
+            ``{'loss': scalar tensor}`` (detached; converted to float once by the runner). Add-on
+            values come from :meth:`pop_addon_logs`.
         """
         loss = self.loss(syn)
         self.update_images(syn, loss)
-        logs = {"loss": loss.detach()}
-        if self.feature_learner is not None:
-            logs["feat_loss"] = self.feature_learner.feature_step(syn)
-        return logs
+        self.after_image_update(syn)
+        return {"loss": loss.detach()}
 
     # ---- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Method state beyond the synthetic set (optimiser moments ...), for resuming."""
         state = {"optimizer_img": self.optimizer_img.state_dict() if self.optimizer_img else None}
-        # Regularisers with their own random draws (CLoM) continue them after a resume.
-        saved = [r.state_dict() if hasattr(r, "state_dict") else None for r in self.regularizers]
-        if any(entry is not None for entry in saved):
-            state["regularizers"] = saved
-        if self.feature_learner is not None:
-            state["feature_labels"] = self.feature_learner.state_dict()
+        if self.addons:  # their draws and optimisers continue after a resume
+            state["addons"] = {addon.name: addon.state_dict() for addon in self.addons}
         return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned (call after :meth:`init_synthetic`)."""
         if state.get("optimizer_img") is not None and self.optimizer_img is not None:
             self.optimizer_img.load_state_dict(state["optimizer_img"])
-        for regularizer, saved in zip(self.regularizers, state.get("regularizers", [])):
-            if saved is not None:
-                regularizer.load_state_dict(saved)
-        if state.get("feature_labels") is not None and self.feature_learner is not None:
-            self.feature_learner.load_state_dict(state["feature_labels"])
+        saved = dict(state.get("addons") or {})
+        # Checkpoints written before the add-on interface kept CLoM under "regularizers" and the
+        # feature labels' optimiser under "feature_labels".
+        if state.get("regularizers"):
+            saved.setdefault("CLoM", state["regularizers"][0])
+        if state.get("feature_labels") is not None:
+            saved.setdefault("feature_labels", state["feature_labels"])
+        for addon in self.addons:
+            if saved.get(addon.name) is not None:
+                addon.load_state_dict(saved[addon.name])
 

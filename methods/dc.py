@@ -101,12 +101,12 @@ class DC(DistillMethod):
         """One DC iteration (Algorithm 1 of the DC paper): a fresh network, ``outer_loop`` image
         updates, each followed (except the last) by ``inner_loop`` epochs of network training.
 
-        With ``--feature_labels`` (DRUPI, methods.md §8.2), every image update is followed by a
-        feature-label update on the same network, and the inner loop trains on CE + lbd * D(E(x), F).
+        Every image update is followed by the add-ons' work on the same network
+        (:meth:`after_image_update`; DRUPI's feature step), and the inner loop trains with the
+        add-ons' training term (:meth:`training_term`; CE + lbd * D(E(x), F) with feature labels).
 
         Returns:
-            ``{'loss': mean matching loss per class and outer step}`` (detached scalar tensor), and
-            ``'feat_loss'`` (mean feature-step loss) with feature labels.
+            ``{'loss': mean matching loss per class and outer step}`` (detached scalar tensor).
         """
         net = self.new_network()
         net.train()
@@ -114,27 +114,20 @@ class DC(DistillMethod):
         augmenter = utils.make_augmenter(self.dsa_strategy)
         use_bn = utils.has_batchnorm(net)
         total = torch.zeros((), device=self.device)
-        feat_total = torch.zeros((), device=self.device)
         for outer_step in range(self.outer_loop):
             if use_bn:
                 self._freeze_batchnorm(net)
             loss = self.matching_loss(net, syn)
             self.update_images(syn, loss)
             total += loss.detach()
-            features = None
-            if self.feature_learner is not None:
-                feat_total += self.feature_learner.feature_step(syn, net)
-                features = self.feature_learner.targets(syn)
+            self.after_image_update(syn, net)
             if outer_step == self.outer_loop - 1:
                 break
-            images, labels = syn.images.detach(), syn.labels
+            images, labels, term = syn.images.detach(), syn.labels, self.training_term(syn)
             for _ in range(self.inner_loop):
                 utils.train_epoch(net, images, labels, optimizer_net, self.cfg.batch_train, self.generator, augmenter,
-                                  term=features)
-        logs = {"loss": total / (self.num_classes * self.outer_loop)}
-        if self.feature_learner is not None:
-            logs["feat_loss"] = feat_total / self.outer_loop
-        return logs
+                                  term=term)
+        return {"loss": total / (self.num_classes * self.outer_loop)}
 
 
 @register_method("DSA")

@@ -271,26 +271,35 @@ class MTT(DistillMethod):
         targets = self.unroll_targets(syn)
         augmenting = bool(self.dsa_strategy) and not self.hparams["no_aug"]
         params = start.clone().requires_grad_(True)
-        self.feature_ce = torch.zeros((), device=self.device)  # DRUPI: sum of CE(h(F_b), y_b) over the steps
+        # Terms an add-on adds to the matching loss once per unroll (AddOn.unroll_loss; DRUPI's CE of F).
+        self.unroll_extra = torch.zeros((), device=self.device)
         for _ in range(self.hparams["syn_steps"]):
             index = self.next_batch(syn.images.shape[0])
             images = syn.images[index]
             if augmenting:
                 images = augment.diff_augment(images, self.dsa_strategy, generator=self.generator)
-            if self.feature_learner is not None:  # CE + lbd * D(E(x), F_b) (methods.md §8.3)
-                loss, ce_feat = self.feature_learner.unroll_step_loss(self.student, params, syn, index, images,
-                                                                      targets[index])
-                self.feature_ce = self.feature_ce + ce_feat
-            else:
-                loss = F.cross_entropy(self.student(params, images), targets[index])
+            loss = self.student_loss(params, syn, index, images, targets[index])
             grad = torch.autograd.grad(loss, params, create_graph=True)[0]
             params = params - syn.syn_lr * grad
         return params
 
+    def student_loss(self, params: torch.Tensor, syn: SyntheticSet, index: torch.Tensor, images: torch.Tensor,
+                     targets: torch.Tensor) -> torch.Tensor:
+        """The loss of one student step at flat parameters ``params`` (P,) on ``images`` (B, C, H, W):
+        cross-entropy against ``targets`` (B,) or (B, K), or an add-on's step loss
+        (``AddOn.unroll_loss``, e.g. CE + lbd * D(E(x), F_b) with feature labels), whose extra
+        term joins ``self.unroll_extra``."""
+        for addon in self.addons:
+            handled = addon.unroll_loss(self.student, params, syn, index, images, targets)
+            if handled is not None:
+                loss, extra = handled
+                self.unroll_extra = self.unroll_extra + extra
+                return loss
+        return F.cross_entropy(self.student(params, images), targets)
+
     def optimizers(self) -> list:
-        """Every optimiser stepped by an accepted iteration (with the feature labels' one)."""
-        extra = [self.feature_learner.optimizer] if self.feature_learner is not None else []
-        return [self.optimizer_img, self.optimizer_lr] + extra
+        """Every optimiser stepped by an accepted iteration (with the add-ons' ones)."""
+        return [self.optimizer_img, self.optimizer_lr] + self.addon_optimizers()
 
     def accept(self, loss: torch.Tensor) -> bool:
         """Whether this iteration's update is applied (always, in MTT)."""
@@ -311,13 +320,11 @@ class MTT(DistillMethod):
         loss = self.matching_loss(self.unroll(syn, start), start, target)
         accepted = self.accept(loss)
         if accepted:
-            feature_term = self.feature_learner.cfg.feat_lbd * self.feature_ce if self.feature_learner is not None else 0
-            self.update_images(syn, loss + feature_term, self.optimizers())
+            self.update_images(syn, loss + self.unroll_extra, self.optimizers())
         logs = {"loss": loss.detach(), "start_epoch": torch.tensor(float(epoch)), "syn_lr": syn.syn_lr.detach().clone()}
         if self.can_skip:
             logs["skipped"] = torch.tensor(0.0 if accepted else 1.0)
-        if self.feature_learner is not None:  # DRUPI: the summed CE(h(F_b), y_b) of the unroll, graph released
-            self.feature_ce = logs["feat_ce"] = self.feature_ce.detach()
+        self.unroll_extra = self.unroll_extra.detach()  # release the unroll's graph
         return logs
 
     # ---- checkpoints --------------------------------------------------------------------
@@ -444,7 +451,7 @@ class DATM(MTT):
         return torch.softmax(syn.label_logits, dim=1)
 
     def optimizers(self) -> list:
-        """Images, step size, soft labels (and feature labels)."""
+        """Images, step size, soft labels (and the add-ons' optimisers)."""
         return super().optimizers() + [self.optimizer_y]
 
     def accept(self, loss: torch.Tensor) -> bool:

@@ -51,7 +51,7 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -799,3 +799,50 @@ def load_original_models(save_path: str, dataset: str, model: str,
         models.append(net)
     logger.info("loaded %d original %s model(s) of %s from %s", len(models), model, name, directory)
     return models
+
+
+def load_pool(pretrained_path: str, dataset: str, models_pool: Sequence[str], model_num: Optional[int],
+              device, *, epoch: Optional[int] = None, subset: Optional[str] = None,
+              expect: Optional[dict] = None) -> Dict[str, List[nn.Module]]:
+    """Load the original models of every architecture of a pool, frozen and in eval mode.
+
+    Args:
+        pretrained_path: ``train_original.py --save_path``.
+        dataset: the dataset the models were trained on.
+        models_pool: architecture names.
+        model_num: models per architecture (indices ``0 .. model_num - 1``); ``None``: every
+            ``index_*`` folder found.
+        device: where to put them.
+        epoch: ``None`` for finished models; else every checkpoint must hold exactly ``epoch``
+            trained epochs (finished or not; see the module docstring).
+        subset: the ImageNet subset, if any.
+        expect: checkpoint values that must match (``channel``, ``im_size``, ``num_classes``,
+            ``zca`` ...), passed to ``load_original_models``.
+
+    Returns:
+        ``{architecture: [nn.Module, ...]}`` in pool order.
+
+    Raises:
+        utils.UserError: a model is missing (the message names the expected directory and the
+            ``train_original.py`` command that makes it), does not match ``expect``, is unfinished
+            (``epoch`` not given) or has another epoch count than ``epoch``.
+    """
+    pool: Dict[str, List[nn.Module]] = {}
+    for arch in models_pool:
+        if epoch is not None:
+            directory = original_dir(pretrained_path, dataset, arch, subset)
+            indices = range(model_num) if model_num is not None else list_indices(directory)
+            for index in indices:
+                path = checkpoint_path(pretrained_path, dataset, arch, index, subset)
+                if not os.path.isfile(path):
+                    break  # load_original_models below reports the missing file with its command
+                done = int(read_checkpoint(path)["epochs_done"])
+                if done != epoch:
+                    raise utils.UserError(
+                        f"--epoch {epoch}: {path} holds {done} trained epochs (train_original.py keeps only the "
+                        f"latest epoch of a model); train models with --epochs {epoch} under another "
+                        f"--save_path, or leave --epoch out")
+        pool[arch] = load_original_models(pretrained_path, dataset, arch, model_num, device,
+                                                    allow_unfinished=epoch is not None, subset=subset,
+                                                    expect=expect)
+    return pool

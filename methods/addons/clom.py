@@ -28,24 +28,24 @@ whose checkpoint holds exactly ``E`` trained epochs (finished or not) and is an 
 leaving it out (the default) takes the finished models whatever their epoch count. The reference
 default 150 equals ``train_original.py``'s default ``--epochs``.
 
-A method knows no command line: ``cli.add_original_model_args`` declares the flags and
-:func:`settings_from_flags` turns their values into a :class:`CLoMSettings`, which travels in
+A method knows no command line: ``cli/clom.py`` declares the flags and turns their values into a
+:class:`CLoMSettings`, which travels in
 ``DistillConfig.clom`` (a plain dict, so it is written into ``config.yaml`` and the result file).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrained import originals
 import utils
+from methods.addons.base import AddOn
+from pretrained import originals
 
 logger = logging.getLogger(__name__)
 
@@ -111,143 +111,9 @@ class CLoMSettings:
         return dict(zip(self.models_pool, self.alphas))
 
 
-def split_list(values: Union[None, str, float, Sequence[Any]]) -> List[str]:
-    """Flag values given space-separated (the reference: ``--alphas 1000 2000``), comma-separated
-    (``--alphas 1000,2000``) or both, as one flat list of non-empty strings; a single scalar
-    (a YAML preset's ``alphas: 1000``) counts as one value."""
-    if isinstance(values, (str, int, float)):
-        values = [values]
-    out: List[str] = []
-    for value in values or []:
-        out.extend(part.strip() for part in str(value).split(",") if part.strip())
-    return out
-
-
-def parse_alphas(values: Optional[Sequence[str]], models_pool: Sequence[str]) -> Tuple[float, ...]:
-    """``--alphas`` for ``--models_pool``: one value for all architectures or one per architecture.
-
-    Args:
-        values: the ``--alphas`` strings (space- and/or comma-separated).
-        models_pool: the architectures.
-
-    Returns:
-        One float per architecture, in pool order.
-
-    Raises:
-        utils.UserError: a value is not a number, is negative or not finite, or the count is
-            neither 1 nor ``len(models_pool)``.
-    """
-    parts = split_list(values)
-    try:
-        alphas = [float(part) for part in parts]
-    except ValueError:
-        raise utils.UserError(f"--alphas {' '.join(parts)}: expected numbers such as 1000 or 1000,2000") from None
-    if any(not (a >= 0 and a != float("inf")) for a in alphas):
-        raise utils.UserError(f"--alphas {' '.join(parts)}: weights must be finite and >= 0")
-    if len(alphas) == 1:
-        return tuple(alphas * len(models_pool))
-    if len(alphas) != len(models_pool):
-        raise utils.UserError(f"--alphas has {len(alphas)} values but --models_pool has {len(models_pool)} "
-                              f"architectures ({', '.join(models_pool)}); give one weight or one per architecture")
-    return tuple(alphas)
-
-
-def settings_from_flags(alphas: Optional[Sequence[str]], models_pool: Optional[Sequence[str]], *,
-                        model: str, model_num: int = 1, distance: str = "ce",
-                        source_dataset: Optional[str] = None, epoch: Optional[int] = None,
-                        batch_size: Optional[int] = None,
-                        pretrained_path: str = originals.DEFAULT_SAVE_PATH) -> Optional[CLoMSettings]:
-    """The CLoM settings the flags ask for, or ``None`` when ``--alphas`` is not given (CLoM off).
-
-    Args:
-        alphas: ``--alphas`` strings.
-        models_pool: ``--models_pool`` strings; default: ``[model]`` (the distillation network).
-        model: ``--model``.
-        model_num, distance, source_dataset, epoch, batch_size, pretrained_path: the flags of
-            the same names (``--CLoM_distance``, ``--CLoM_batch_size``).
-
-    Raises:
-        utils.UserError: see :func:`parse_alphas`; an unknown architecture; ``--model_num``,
-            ``--epoch`` or ``--CLoM_batch_size`` below 1; an unknown ``--CLoM_distance``; ``cos``
-            without ``--CLoM_batch_size``.
-    """
-    if not split_list(alphas):
-        return None
-    import networks
-
-    pool = split_list(models_pool) or [model]
-    known = networks.list_networks()
-    for name in pool:
-        if name not in known:
-            raise utils.UserError(f"--models_pool: unknown model {name!r}; choose from: {', '.join(known)}")
-    if len(set(pool)) != len(pool):
-        raise utils.UserError(f"--models_pool {','.join(pool)}: an architecture is listed twice")
-    if model_num < 1:
-        raise utils.UserError(f"--model_num must be at least 1, got {model_num}")
-    if distance not in DISTANCES:
-        raise utils.UserError(f"--CLoM_distance {distance!r}: expected ce or cos")
-    if epoch is not None and epoch < 1:
-        raise utils.UserError(f"--epoch must be at least 1, got {epoch}")
-    if batch_size is not None and batch_size < 1:
-        raise utils.UserError(f"--CLoM_batch_size must be at least 1, got {batch_size}")
-    if distance == "cos" and batch_size is None:
-        raise utils.UserError("--CLoM_distance cos needs --CLoM_batch_size N (real images per step; "
-                              "the reference README uses 8196)")
-    return CLoMSettings(alphas=parse_alphas(alphas, pool), models_pool=tuple(pool), model_num=int(model_num),
-                        distance=distance, source_dataset=source_dataset, epoch=epoch, batch_size=batch_size,
-                        pretrained_path=str(pretrained_path))
-
-
 # --------------------------------------------------------------------------------------------
 # Loading the original models
 # --------------------------------------------------------------------------------------------
-def load_pool(pretrained_path: str, dataset: str, models_pool: Sequence[str], model_num: Optional[int],
-              device, *, epoch: Optional[int] = None, subset: Optional[str] = None,
-              expect: Optional[dict] = None) -> Dict[str, List[nn.Module]]:
-    """Load the original models of every architecture of a pool, frozen and in eval mode.
-
-    Args:
-        pretrained_path: ``train_original.py --save_path``.
-        dataset: the dataset the models were trained on.
-        models_pool: architecture names.
-        model_num: models per architecture (indices ``0 .. model_num - 1``); ``None``: every
-            ``index_*`` folder found.
-        device: where to put them.
-        epoch: ``None`` for finished models; else every checkpoint must hold exactly ``epoch``
-            trained epochs (finished or not; see the module docstring).
-        subset: the ImageNet subset, if any.
-        expect: checkpoint values that must match (``channel``, ``im_size``, ``num_classes``,
-            ``zca`` ...), passed to ``originals.load_original_models``.
-
-    Returns:
-        ``{architecture: [nn.Module, ...]}`` in pool order.
-
-    Raises:
-        utils.UserError: a model is missing (the message names the expected directory and the
-            ``train_original.py`` command that makes it), does not match ``expect``, is unfinished
-            (``epoch`` not given) or has another epoch count than ``epoch``.
-    """
-    pool: Dict[str, List[nn.Module]] = {}
-    for arch in models_pool:
-        if epoch is not None:
-            directory = originals.original_dir(pretrained_path, dataset, arch, subset)
-            indices = range(model_num) if model_num is not None else originals.list_indices(directory)
-            for index in indices:
-                path = originals.checkpoint_path(pretrained_path, dataset, arch, index, subset)
-                if not os.path.isfile(path):
-                    break  # load_original_models below reports the missing file with its command
-                done = int(originals.read_checkpoint(path)["epochs_done"])
-                if done != epoch:
-                    raise utils.UserError(
-                        f"--epoch {epoch}: {path} holds {done} trained epochs (train_original.py keeps only the "
-                        f"latest epoch of a model); train models with --epochs {epoch} under another "
-                        f"--save_path, or leave --epoch out")
-        pool[arch] = originals.load_original_models(pretrained_path, dataset, arch, model_num, device,
-                                                    allow_unfinished=epoch is not None, subset=subset,
-                                                    expect=expect)
-    return pool
-
-
 def load_for_method(settings: CLoMSettings, *, dataset: str, channel: int, num_classes: int, im_size,
                     zca: bool, subset: Optional[str], device) -> Dict[str, List[nn.Module]]:
     """The pool of :func:`load_pool` for a distillation run: models trained on
@@ -262,7 +128,7 @@ def load_for_method(settings: CLoMSettings, *, dataset: str, channel: int, num_c
     if settings.distance == "ce":
         expect["num_classes"] = int(num_classes)
     same = originals.dataset_name(source) == originals.dataset_name(dataset)
-    return load_pool(settings.pretrained_path, source, settings.models_pool, settings.model_num, device,
+    return originals.load_pool(settings.pretrained_path, source, settings.models_pool, settings.model_num, device,
                      epoch=settings.epoch, subset=subset if same else None, expect=expect)
 
 
@@ -310,49 +176,66 @@ def clom_cos(feat_syn: torch.Tensor, label_syn: torch.Tensor, feat_real: torch.T
 
 
 # --------------------------------------------------------------------------------------------
-# The regulariser
+# The add-on
 # --------------------------------------------------------------------------------------------
-class CLoMRegularizer:
-    """A ``DistillMethod.regularizers`` entry: ``syn -> alpha * L_CLoM(syn)`` (module docstring).
+class CLoM(AddOn):
+    """The CLoM add-on: ``image_loss(syn) = alpha * L_CLoM(syn)`` at every image update (module docstring).
 
     Draws (one architecture, then one of its models, both uniform, and the real batch of ``cos``)
-    come from the regulariser's own CPU generator, seeded with the method generator's seed plus
+    come from the add-on's own CPU generator, seeded with the method generator's seed plus
     :data:`SEED_OFFSET`: the method's own draws (real batches, augmentation) are the same as
     without CLoM, so ``alpha = 0`` reproduces the plain run exactly. Its state travels in the
     method's checkpoint (:meth:`state_dict`), so a resumed run draws the same models as an
     uninterrupted one. The values of the calls are kept for the run's log (:meth:`pop_logs`).
 
     Args:
-        settings: the CLoM settings.
-        pool: ``{architecture: [frozen models]}`` from :func:`load_for_method` (shared by the
-            experiments of a run).
+        settings: ``DistillConfig.clom`` (:meth:`CLoMSettings.as_dict`) or a :class:`CLoMSettings`.
         method: the ``DistillMethod`` whose update uses the term (its ``generator``,
             ``sampler``, ``num_classes`` and ``device``).
+        shared: ``{architecture: [frozen models]}`` from :meth:`load_shared` (shared by the
+            experiments of a run).
 
     Raises:
         ValueError: the pool lacks an architecture of ``settings`` or has no models for it.
     """
 
+    name = "CLoM"
+    config_field = "clom"
+    flag = "--alphas"
     log_name = "clom"
 
-    def __init__(self, settings: CLoMSettings, pool: Mapping[str, Sequence[nn.Module]], method):
+    def __init__(self, settings, method, shared: Mapping[str, Sequence[nn.Module]]):
+        settings = settings if isinstance(settings, CLoMSettings) else CLoMSettings.from_dict(settings)
+        super().__init__(settings, method, shared)
         for arch in settings.models_pool:
-            if not pool.get(arch):
+            if not shared.get(arch):
                 raise ValueError(f"CLoM: no original {arch} models loaded")
-        self.settings = settings
-        self.entries = [(arch, alpha, list(pool[arch])) for arch, alpha in zip(settings.models_pool, settings.alphas)]
-        self.method = method
+        self.entries = [(arch, alpha, list(shared[arch])) for arch, alpha in zip(settings.models_pool, settings.alphas)]
         self.generator = utils.make_generator(method.generator.initial_seed() + SEED_OFFSET)
         self._values: List[torch.Tensor] = []
 
+    @classmethod
+    def load_shared(cls, settings, cfg, record, device) -> Dict[str, List[nn.Module]]:
+        """The run's original models, loaded once (:func:`load_for_method`).
+
+        Raises:
+            utils.UserError: see ``originals.load_pool``.
+        """
+        settings = settings if isinstance(settings, CLoMSettings) else CLoMSettings.from_dict(settings)
+        pool = load_for_method(settings, dataset=cfg.dataset, channel=record.channel, num_classes=record.num_classes,
+                               im_size=record.im_size, zca=cfg.zca, subset=cfg.subset, device=device)
+        logger.info("CLoM %s: %s", settings.distance, ", ".join(
+            f"{arch} x{len(models)} (alpha {settings.weights()[arch]:g})" for arch, models in pool.items()))
+        return pool
+
     def draw(self) -> Tuple[str, float, nn.Module]:
-        """One (architecture, alpha, model), each uniform, from the regulariser's generator."""
+        """One (architecture, alpha, model), each uniform, from the add-on's generator."""
         generator = self.generator
         arch, alpha, models = self.entries[int(torch.randint(len(self.entries), (1,), generator=generator))]
         model = models[int(torch.randint(len(models), (1,), generator=generator))]
         return arch, alpha, model
 
-    def __call__(self, syn) -> torch.Tensor:
+    def image_loss(self, syn) -> torch.Tensor:
         """The term for one image update.
 
         Args:
@@ -391,42 +274,3 @@ class CLoMRegularizer:
         value = torch.stack(self._values).mean()
         self._values = []
         return {self.log_name: value}
-
-
-def attach(method, pool: Mapping[str, Sequence[nn.Module]]) -> Optional[CLoMRegularizer]:
-    """Append a :class:`CLoMRegularizer` to ``method.regularizers`` when ``method.cfg.clom`` is set.
-
-    Args:
-        method: a ``DistillMethod``.
-        pool: the loaded models (:func:`load_for_method`); ignored when CLoM is off.
-
-    Returns:
-        The regulariser, or ``None`` (CLoM off: the method is untouched).
-    """
-    record = getattr(method.cfg, "clom", None)
-    if not record:
-        return None
-    regularizer = CLoMRegularizer(CLoMSettings.from_dict(record), pool, method)
-    method.regularizers.append(regularizer)
-    return regularizer
-
-
-def load_for_run(cfg, record, device) -> Optional[Dict[str, List[nn.Module]]]:
-    """The original-model pool of a run (``cfg.clom`` set), loaded once, or ``None`` (CLoM off).
-
-    Args:
-        cfg: the ``DistillConfig``.
-        record: the ``data.DatasetRecord`` being distilled.
-        device: where to put the models.
-
-    Raises:
-        utils.UserError: see :func:`load_pool`.
-    """
-    if not getattr(cfg, "clom", None):
-        return None
-    settings = CLoMSettings.from_dict(cfg.clom)
-    pool = load_for_method(settings, dataset=cfg.dataset, channel=record.channel, num_classes=record.num_classes,
-                           im_size=record.im_size, zca=cfg.zca, subset=cfg.subset, device=device)
-    logger.info("CLoM %s: %s", settings.distance,
-                ", ".join(f"{arch} x{len(models)} (alpha {settings.weights()[arch]:g})" for arch, models in pool.items()))
-    return pool

@@ -3,7 +3,7 @@
 Source: "Dataset Reduction Using Privileged Information" (DRUPI, arXiv 2410.01611), repository
 turturturturtur/DRUPI ``DC/main.py`` (methods.md §8.1-8.2). The synthetic set becomes
 (x, y, F). A method keeps updating x with its own loss; after every image update the
-:class:`FeatureLabelLearner` updates F with the feature step of §8.2 on a network:
+:class:`FeatureLabels` add-on updates F with the feature step of §8.2 on a network:
 
     for every class c (one real batch per class, shared by the K = n_feat sets):
         g_r = grad_{theta \\ classifier} CE(f(x_r), c)
@@ -15,11 +15,13 @@ turturturturtur/DRUPI ``DC/main.py`` (methods.md §8.1-8.2). The synthetic set b
 
 ``h`` runs F through the same network's remaining layers and classifier
 (``feature_loss.classify_features``); the reference's fresh random Linear layer is not used.
-DC/DSA call the step with their network of the outer loop (BatchNorm frozen as for the image
-step) and train that network on CE + lbd * D(E(x), F); methods without a network of their own
-(DM and the other feature-statistics methods, through ``DistillMethod.step``) call it with a
-fresh random network each iteration. The trajectory-matching methods learn F inside their
-unroll instead (methods.md §8.3; see ``methods/mtt.py``).
+It is an add-on (``methods/addons/base.py``): DC/DSA call its step
+(``after_image_update``) with their network of the outer loop (BatchNorm frozen as for the image
+step) and train that network on CE + lbd * D(E(x), F) (``training_term``); methods without a
+network of their own (DM and the other feature-statistics methods, through
+``DistillMethod.step``) call it with a fresh random network each iteration. The
+trajectory-matching methods learn F inside their unroll instead (``unroll_loss``; DRUPI
+``DATM_FD/distill/DATM_ours.py``). CAFE and the coreset baselines do not host it.
 """
 from __future__ import annotations
 
@@ -32,8 +34,9 @@ import torch.nn.functional as F
 
 import networks
 import utils
+from methods.addons.base import AddOn
 from methods.addons.feature_loss import (FeatureLossConfig, FeatureTargets, classify_features, feature_distance,
-                          forward_with_features, pool_features)
+                                         forward_with_features, pool_features)
 from methods.addons.feature_loss import select_feature_set as select_feature_set_train
 from methods.losses import gradient_match_distance
 
@@ -107,19 +110,27 @@ class _Tap(nn.Module):
         return classify_features(self.net, x, self.cfg.layer_idx, tap_size, self.cfg.pooling)
 
 
-class FeatureLabelLearner:
-    """Initialises, optimises and serves the feature labels of one synthetic set.
+class FeatureLabels(AddOn):
+    """The feature-label add-on: initialises, optimises and serves the feature labels of one
+    synthetic set (module docstring).
 
     Args:
-        cfg: the flags.
+        settings: the flags (:class:`FeatureLabelConfig`).
         method: the distillation method (its sampler, device, generator, model and lr_net are used).
+        shared: unused.
     """
 
-    def __init__(self, cfg: FeatureLabelConfig, method):
-        self.cfg = cfg
-        self.loss_cfg = cfg.loss_config()
-        self.method = method
+    name = "feature_labels"
+    config_field = "feature_labels"
+    flag = "--feature_labels"
+
+    def __init__(self, settings: FeatureLabelConfig, method, shared=None):
+        super().__init__(settings, method, shared)
+        self.cfg = settings
+        self.loss_cfg = settings.loss_config()
         self.optimizer: Optional[torch.optim.Optimizer] = None
+        self._step_losses: list = []  # feature-step losses since the last pop_logs
+        self._unroll_ce: list = []  # per-unroll sums of CE(h(F_b), y_b) (trajectory matching)
 
     # ---- set-up -------------------------------------------------------------------------
     def new_network(self) -> nn.Module:
@@ -165,6 +176,40 @@ class FeatureLabelLearner:
     def targets(self, syn) -> FeatureTargets:
         """The current F of ``syn`` (detached) for training a network on (x, y, F)."""
         return FeatureTargets(syn.features.detach(), syn.images.shape[0], syn.num_classes, self.loss_cfg)
+
+    def training_term(self, syn) -> Optional[FeatureTargets]:
+        """Networks trained on the set minimise CE + lbd * D(E(x), F); ``None`` when ``lbd`` is 0
+        (plain cross-entropy, the same objective)."""
+        return self.targets(syn) if self.loss_cfg.lbd > 0 else None
+
+    def after_image_update(self, syn, net: Optional[nn.Module] = None) -> None:
+        """One :meth:`feature_step` on ``net`` (a fresh random network if ``None``)."""
+        self._step_losses.append(self.feature_step(syn, net))
+
+    def unroll_loss(self, student, params, syn, index, images, targets):
+        """:meth:`unroll_step_loss`; the extra term is ``feat_lbd * CE(h(F_b), y_b)``."""
+        loss, ce_feat = self.unroll_step_loss(student, params, syn, index, images, targets)
+        self._unroll_ce.append(ce_feat.detach())
+        return loss, self.cfg.feat_lbd * ce_feat
+
+    def optimizers(self) -> list:
+        """F's optimiser."""
+        return [self.optimizer] if self.optimizer is not None else []
+
+    def saved_entries(self, syn) -> list:
+        """F, the third entry of each ``data`` item of the result file (as DRUPI saves it)."""
+        return [syn.features.detach().cpu().clone()] if syn.features is not None else []
+
+    def pop_logs(self) -> dict:
+        """``feat_loss`` (mean feature-step loss) and ``feat_ce`` (summed CE(h(F_b), y_b) of the
+        unrolls) since the last call, where there were any."""
+        logs = {}
+        if self._step_losses:
+            logs["feat_loss"] = torch.stack(self._step_losses).mean()
+        if self._unroll_ce:
+            logs["feat_ce"] = torch.stack(self._unroll_ce).sum()
+        self._step_losses, self._unroll_ce = [], []
+        return logs
 
     # ---- the feature step ---------------------------------------------------------------
     def class_features(self, syn, c: int) -> torch.Tensor:
