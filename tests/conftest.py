@@ -34,3 +34,19 @@ def pretrained(tmp_path_factory):
     originals.train_originals(cfg, tiny_record(per_class=16), str(root), 2, device=torch.device("cpu"), save_every=0)
     torch.set_num_threads(before)
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def buffer_root(tmp_path_factory):
+    """Root (``buffer_path``) of a tiny expert buffer shared by the MTT and feature-label tests:
+    2 experts x 4 epochs of ConvNetW32 on ``tiny_record()``, in buffer.py's layout. Built once per
+    session on one torch thread; the tests only read it."""
+    from tiny_data import make_tiny_buffer
+
+    root = tmp_path_factory.mktemp("buffers")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return make_tiny_buffer(root)
+    finally:
+        torch.set_num_threads(before)

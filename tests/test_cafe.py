@@ -8,7 +8,7 @@ import networks
 from methods.cafe import CAFE, image_lr, layer_weights
 from methods.features import real_class_statistics, syn_class_statistics
 from methods.losses import class_means, discrimination_loss, feature_alignment_loss
-from test_methods import build, tiny_record
+from tiny_data import build_method, tiny_record
 
 
 def test_feature_alignment_is_weighted_sum_of_squared_mean_differences():
@@ -62,7 +62,7 @@ def test_real_statistics_in_chunks_equal_one_pass():
 def cafe(record, **overrides):
     fields = dict(init="noise", watcher_window=2, watcher_images=4, max_outer_steps=3, max_inner_steps=3)
     fields.update(overrides)
-    return build("CAFE", record, **fields)
+    return build_method("CAFE", record, **fields)
 
 
 def test_loss_is_zero_when_synthetic_and_real_statistics_coincide():
@@ -144,7 +144,7 @@ def test_options_reach_the_method_and_unknown_ones_fail():
     m = cafe(record, lambda_1=0.5)
     assert m.hparams["lambda_1"] == 0.5 and m.hparams["inner_weight"] == 0.01
     with pytest.raises(ValueError, match="no option"):
-        build("DM", record, lambda_1=0.5)
+        build_method("DM", record, lambda_1=0.5)
 
 
 def test_distill_cli_resolves_cafe_options_and_warns_about_foreign_ones(capsys):
@@ -170,7 +170,7 @@ def test_feature_methods_run_on_other_networks_depths_and_sizes(method, model, s
     overrides = dict(model=model, ipc=1, batch_real=2, batch_train=2, init="real")
     if method == "CAFE":
         overrides.update(watcher_window=2, watcher_images=2, max_outer_steps=2, max_inner_steps=2)
-    m = build(method, record, **overrides)
+    m = build_method(method, record, **overrides)
     syn = m.init_synthetic()
     before = syn.images.detach().clone()
     logs = m.step(syn, 1)

@@ -8,7 +8,7 @@ import torch
 from scripts import continual
 import data
 import utils
-from test_methods import tiny_record
+from tiny_data import tiny_record
 
 
 def test_class_orders_are_the_reference_permutations():

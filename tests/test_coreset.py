@@ -11,7 +11,7 @@ from data import RealSampler
 from methods.coreset import (count_forgetting_events, forgetting_statistics, herding_select, kcenter_select,
                              most_forgotten)
 from methods.runner import RunOptions, run_distillation
-from test_methods import tiny_record
+from tiny_data import tiny_record
 
 CPU = torch.device("cpu")
 

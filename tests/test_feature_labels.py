@@ -19,7 +19,7 @@ from methods.addons.feature_loss import (FeatureLossConfig, FeatureTargets, clas
                           forward_with_features)
 from methods.addons.feature_labels import FeatureLabelConfig
 from methods.runner import RunOptions, run_distillation
-from test_methods import tiny_record
+from tiny_data import build_mtt, tiny_record
 
 CPU = torch.device("cpu")
 MODEL = "ConvNetW32"
@@ -240,10 +240,6 @@ def test_distill_flags_build_the_feature_config():
     assert cfg.feature_labels is None and opts.tta_mode == "" and not opts.deterministic
     with pytest.raises(utils.UserError, match="--feat_metric"):
         distill.resolve(distill.parse_args(["--dataset", "MNIST", "--feature_labels", "--feat_metric", "l1"]))
-
-
-from test_mtt import build as build_mtt  # noqa: E402
-from test_mtt import buffer_root  # noqa: E402,F401  (the module-scoped expert buffer fixture)
 
 
 @pytest.mark.parametrize("name", ["MTT", "DATM"])

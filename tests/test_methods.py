@@ -9,33 +9,13 @@ import torch.nn.functional as F
 import methods
 import networks
 import utils
-from data import DatasetRecord, RealSampler
 from methods.dc import get_loops
 from methods.losses import (attention_matching_loss, class_means, gradient_match_distance, layerwise_distance,
                             mean_embedding_distance, spatial_attention)
 from methods.runner import RunInterrupted, RunOptions, StopFlag, run_distillation
+from tiny_data import build_method, tiny_record
 
 CPU = torch.device("cpu")
-
-
-def tiny_record(num_classes=3, per_class=24, size=8, channel=1, seed=0, separable=True) -> DatasetRecord:
-    """A generated dataset whose classes differ in mean brightness pattern (easy to learn)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def make(n):
-        labels = torch.arange(num_classes).repeat_interleave(n)
-        images = 0.5 * torch.randn(len(labels), channel, size, size, generator=g)
-        if separable:
-            prototypes = torch.randn(num_classes, channel, size, size, generator=torch.Generator().manual_seed(99))
-            images += 1.5 * prototypes[labels]
-        return images, labels
-
-    train_x, train_y = make(per_class)
-    test_x, test_y = make(per_class // 2)
-    return DatasetRecord(name="Tiny3", channel=channel, im_size=(size, size), num_classes=num_classes,
-                         class_names=[str(c) for c in range(num_classes)], mean=[0.0] * channel,
-                         std=[1.0] * channel, images_train=train_x, labels_train=train_y,
-                         images_test=test_x, labels_test=test_y, zca=None)
 
 
 # ----- losses ---------------------------------------------------------------------------------
@@ -112,22 +92,6 @@ def test_get_loops_table_and_other_ipc():
 
 
 # ----- methods ------------------------------------------------------------------------------
-def build(method, record, **overrides):
-    cls = methods.get_method_class(method)
-    fields = {**cls.defaults, "ipc": 2, "batch_real": 16, "batch_train": 8, "iterations": 3, **overrides}
-    fields["iterations"] = fields.pop("iterations")
-    fields.pop("eval_mode", None)
-    known = methods.DistillConfig.__dataclass_fields__
-    extra = {key: fields.pop(key) for key in list(fields) if key not in known}
-    fields.setdefault("model", "ConvNetW32")
-    cfg = methods.DistillConfig(method=method, dataset=record.name, extra=extra, **fields)
-    torch.manual_seed(0)
-    g = utils.make_generator(0)
-    sampler = RealSampler(record.images_train, record.labels_train, record.num_classes, CPU)
-    return cls(cfg, channel=record.channel, num_classes=record.num_classes, im_size=record.im_size, sampler=sampler,
-               device=CPU, generator=g)
-
-
 @pytest.mark.parametrize("method,overrides", [
     ("DC", {"init": "noise", "lr_img": 0.1}),
     ("DSA", {"init": "noise", "lr_img": 0.1}),
@@ -137,7 +101,7 @@ def build(method, record, **overrides):
 ])
 def test_steps_lower_the_loss_and_change_images(method, overrides):
     record = tiny_record()
-    m = build(method, record, **overrides)
+    m = build_method(method, record, **overrides)
     syn = m.init_synthetic()
     start = syn.images.detach().clone()
     # Losses are stochastic (fresh networks and real batches), so compare averages of a few
@@ -169,7 +133,7 @@ def test_steps_lower_the_loss_and_change_images(method, overrides):
 
 def test_dc_with_batchnorm_model_and_inner_loop():
     record = tiny_record()
-    m = build("DC", record, outer_loop=2, inner_loop=2)
+    m = build_method("DC", record, outer_loop=2, inner_loop=2)
     m.cfg = m.cfg.replace(model="ConvNetBN")
     syn = m.init_synthetic()
     before = syn.images.detach().clone()
@@ -179,9 +143,9 @@ def test_dc_with_batchnorm_model_and_inner_loop():
 
 def test_plain_dc_ignores_dsa_strategy():
     record = tiny_record()
-    m = build("DC", record, dsa_strategy="color_crop")
+    m = build_method("DC", record, dsa_strategy="color_crop")
     assert m.dsa_strategy == "" and not m.uses_dsa
-    assert build("DSA", record).uses_dsa
+    assert build_method("DSA", record).uses_dsa
 
 
 def test_unknown_method_lists_choices():
@@ -326,7 +290,7 @@ def test_nan_loss_raises(tmp_path):
 @pytest.mark.parametrize("model,power", [("ConvNetBN", 1.0), ("ConvNetD2", 4.0), ("ConvNetD4", 4.0)])
 def test_datadam_runs_on_other_norms_and_depths(model, power):
     record = tiny_record(size=16)
-    m = build("DataDAM", record, init="real", attention_power=power, model=model)
+    m = build_method("DataDAM", record, init="real", attention_power=power, model=model)
     assert m.hparams["attention_power"] == power
     syn = m.init_synthetic()
     before = syn.images.detach().clone()
@@ -357,7 +321,7 @@ def test_regularizers_join_every_image_update(method, overrides):
     record = tiny_record()
     calls = []
 
-    plain, regularized = build(method, record, init="real", **overrides), build(method, record, init="real", **overrides)
+    plain, regularized = build_method(method, record, init="real", **overrides), build_method(method, record, init="real", **overrides)
     weight = 0.25 / regularized.cfg.lr_img  # one SGD step on weight * |x|^2 alone halves the images
 
     def pull_to_zero(syn):

@@ -7,42 +7,13 @@ import torch
 
 import evaluate
 import methods
-from pretrained import buffers, experts
 import utils
 from methods.mtt import FlatModel, flatten, trajectory_matching_loss
 from methods.runner import RunOptions, run_distillation
-from test_methods import tiny_record
+from tiny_data import build_mtt, tiny_record
 
 CPU = torch.device("cpu")
 MODEL = "ConvNetW32"
-
-
-@pytest.fixture(scope="module")
-def buffer_root(tmp_path_factory):
-    """2 experts x 4 epochs of ConvNetW32 on the 3-class 8x8 generated set, in buffer.py's layout."""
-    root = tmp_path_factory.mktemp("buffers")
-    record = tiny_record()
-    cfg = experts.ExpertConfig(dataset=record.name, model=MODEL, train_epochs=4, batch_train=8, dsa=False,
-                                    lr_teacher=0.05)
-    directory = buffers.buffer_dir(str(root), record.name, MODEL, False)
-    experts.make_buffer(cfg, record, directory, 2, device=CPU, test_every=0)
-    return str(root)
-
-
-def build(method, buffer_root, **overrides):
-    record = tiny_record()
-    cls = methods.get_method_class(method)
-    fields = {k: v for k, v in cls.defaults.items() if k != "eval_mode"}
-    fields.update(ipc=2, model=MODEL, lr_img=100.0, iterations=4)
-    extra = dict(buffer_path=buffer_root, syn_steps=4, expert_epochs=1, max_start_epoch=3)
-    for key, value in overrides.items():
-        (fields if key in methods.DistillConfig.__dataclass_fields__ else extra)[key] = value
-    cfg = methods.DistillConfig(method=method, dataset=record.name, extra=extra, **fields)
-    torch.manual_seed(0)
-    from data import RealSampler
-    sampler = RealSampler(record.images_train, record.labels_train, record.num_classes, CPU)
-    return cls(cfg, channel=record.channel, num_classes=record.num_classes, im_size=record.im_size, sampler=sampler,
-               device=CPU, generator=utils.make_generator(0)), record
 
 
 def test_matching_loss_is_zero_at_the_target_and_one_at_the_start():
@@ -67,7 +38,7 @@ def test_pad_selection_keeps_the_stated_fraction():
 
 
 def test_student_reproducing_the_expert_has_zero_loss(buffer_root):
-    m, _ = build("MTT", buffer_root)
+    m, _ = build_mtt("MTT", buffer_root)
     trajectory = m.experts.next()
     snapshot = trajectory[1]
     net = m.new_network()
@@ -87,7 +58,7 @@ def test_one_step_changes_images_lr_and_labels(buffer_root, method):
         extra["init"] = "real"
     if method == "PAD":
         extra["loss_ratio"] = 0.5
-    m, _ = build(method, buffer_root, **extra)
+    m, _ = build_mtt(method, buffer_root, **extra)
     syn = m.init_synthetic()
     images, lr = syn.images.detach().clone(), float(syn.syn_lr.detach())
     logits = syn.label_logits.detach().clone() if syn.label_logits is not None else None
@@ -104,7 +75,7 @@ def test_one_step_changes_images_lr_and_labels(buffer_root, method):
 
 
 def test_datm_skips_updates_above_the_threshold(buffer_root):
-    m, _ = build("DATM", buffer_root, threshold=1e-9)
+    m, _ = build_mtt("DATM", buffer_root, threshold=1e-9)
     syn = m.init_synthetic()
     images = syn.images.detach().clone()
     logs = m.step(syn, 1)
@@ -112,7 +83,7 @@ def test_datm_skips_updates_above_the_threshold(buffer_root):
 
 
 def test_datm_initialises_with_correctly_classified_images_and_expert_logits(buffer_root):
-    m, _ = build("DATM", buffer_root)
+    m, _ = build_mtt("DATM", buffer_root)
     syn = m.init_synthetic()
     judge = m.experts.first_file_experts()[0][-1]
     predictions = m.expert_logits(judge, syn.images.detach()).argmax(1)
@@ -136,9 +107,9 @@ def test_datm_start_epoch_window_grows():
 
 def test_missing_or_short_buffer_is_a_clear_error(buffer_root, tmp_path):
     with pytest.raises(utils.UserError, match="buffer.py"):
-        build("MTT", str(tmp_path))
+        build_mtt("MTT", str(tmp_path))
     with pytest.raises(utils.UserError, match="max_start_epoch"):
-        build("MTT", buffer_root, max_start_epoch=4, expert_epochs=2)
+        build_mtt("MTT", buffer_root, max_start_epoch=4, expert_epochs=2)
 
 
 @pytest.mark.parametrize("method", ["MTT", "DATM"])
@@ -214,7 +185,7 @@ def test_evaluate_reads_reference_logged_files(tmp_path):
 
 
 def test_regularizers_join_the_trajectory_matching_update(buffer_root):
-    m, _ = build("MTT", buffer_root)
+    m, _ = build_mtt("MTT", buffer_root)
     calls = []
     m.regularizers.append(lambda syn: calls.append(1) or 0.0 * syn.images.sum())
     m.step(m.init_synthetic(), 1)

@@ -13,7 +13,7 @@ import data
 import evaluate
 import networks
 import utils
-from test_methods import tiny_record
+from tiny_data import tiny_record
 
 from scripts import make_table  # noqa: E402
 
