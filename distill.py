@@ -1,227 +1,32 @@
 #!/usr/bin/env python3
-"""Learn a synthetic training set: ``python distill.py --method DC|DSA|DM --dataset ... --ipc ...``.
+"""Learn a synthetic training set: ``python distill.py --method DC|DSA|DM|... --dataset ... --ipc ...``.
 
-Flags and defaults follow the reference scripts (``main.py`` for DC/DSA, ``main_DM.py`` for DM,
-VICO-UoE/DatasetCondensation): a flag left out takes the default of the chosen method's script.
+Flags and defaults follow the reference scripts (``main.py`` for DC/DSA and ``main_DM.py`` for DM
+of VICO-UoE/DatasetCondensation, and each later method's ``distill.py``): a flag left out takes
+the default of the chosen method's script. ``--config FILE.yaml`` supplies flag values first
+(``configs/``); flags on the command line override it. See README.md for every flag.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-import yaml
-
-import augment
 import cli
-from cli import features as feature_cli
-import methods
 import utils
-from methods.losses import METRICS
-from methods.runner import RunInterrupted, RunOptions, StopFlag, run_distillation
-
-# Flags whose default depends on the method (``None`` here, resolved from Method.defaults).
-METHOD_DEFAULTED = ("ipc", "Iteration", "lr_img", "lr_net", "batch_real", "batch_train", "init", "dsa_strategy",
-                    "dis_metric", "eval_mode")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``distill.py`` flags (reference names; method-dependent defaults are ``None`` until resolved)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None,
-                        help="YAML file of flag values (configs/METHOD/DATASET_ipcN.yaml); flags given here override it")
-    parser.add_argument("--method", default="DC", help=f"one of: {', '.join(methods.list_methods())}")
-    parser.add_argument("--model", default="ConvNet", help="network to distil with (networks.py names)")
-    parser.add_argument("--ipc", type=int, default=None, help="images per class (DC/DSA 1, DM 50)")
-    parser.add_argument("--eval_mode", default=None, help="evaluation pool: S, SS, M, B, W, D, A, P, N, C (DC S, DM SS)")
-    parser.add_argument("--num_exp", type=int, default=5, help="independent experiments")
-    parser.add_argument("--num_eval", type=int, default=20, help="networks per evaluation (0: no evaluation)")
-    parser.add_argument("--epoch_eval_train", type=int, default=None,
-                        help="evaluation epochs (default: DC/DSA 1000 with augmentation else 300; DM 1000)")
-    parser.add_argument("--Iteration", type=int, default=None, help="outer iterations (DC/DSA 1000, DM 20000)")
-    parser.add_argument("--lr_img", type=float, default=None, help="synthetic image lr (DC/DSA 0.1, DM 1.0)")
-    parser.add_argument("--lr_net", type=float, default=None, help="network lr, inner loop and evaluation (0.01)")
-    parser.add_argument("--batch_real", type=int, default=None, help="real images per class per step (256)")
-    parser.add_argument("--batch_train", type=int, default=None, help="batch for training on the synthetic set (256)")
-    parser.add_argument("--init", "--pix_init", dest="init", default=None,
-                        help="noise or real (DC/DSA noise, DM/MTT real); DATM/PAD also samples_predicted_correctly (their default)")
-    parser.add_argument("--dsa_strategy", default=None,
-                        help="DiffAugment ops joined by _ (DSA/DM: color_crop_cutout_flip_scale_rotate; none to disable)")
-    parser.add_argument("--dis_metric", default=None, help=f"gradient distance for DC/DSA: {', '.join(METRICS)}")
-    parser.add_argument("--outer_loop", type=int, default=None, help="DC outer loop (default: get_loops(ipc))")
-    parser.add_argument("--inner_loop", type=int, default=None, help="DC inner loop (default: get_loops(ipc))")
-    parser.add_argument("--save_path", default="result", help="root of run directories")
-    parser.add_argument("--run_dir", default=None, help="run directory (default: save_path/METHOD_DATASET_MODEL_IPCipc)")
-    parser.add_argument("--eval_it", type=int, default=None,
-                        help="evaluate every N iterations, 0 = only at the end (default: DC 500, DM 2000 for S/SS)")
-    parser.add_argument("--checkpoint_every", type=int, default=100, help="write last.pt every N iterations (0: only on stop)")
-    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
-                        help="continue from run_dir/last.pt if it exists")
-    parser.add_argument("--vis", action=argparse.BooleanOptionalAction, default=True, help="save PNG grids")
-    cli.add_data_args(parser)
-    cli.add_runtime_args(parser)
-    cli.add_original_model_args(parser, clom=True)
-    feature_cli.add_feature_label_args(parser)
-    feature_cli.add_eval_option_args(parser)
-    group = parser.add_argument_group("method-specific (declared by each method's options)")
-    for name, (option, users) in methods.method_options().items():
-        defaults = sorted({f"{m.name}: {m.resolve_options({})[name]}" for m in map(methods.get_method_class, users)})
-        group.add_argument(f"--{name}", type=str if option.type is bool else option.type, default=None,
-                           help=f"{option.help} (default {'; '.join(defaults)})")
-    return parser
-
-
-def method_extra(args: argparse.Namespace, method_class) -> dict:
-    """The chosen method's options given on the command line; warn about other methods' options.
-
-    Raises:
-        utils.UserError: a value is out of range (the message names the flag).
-    """
-    own = {option.name for option in method_class.options}
-    extra = {}
-    for name in methods.method_options():
-        value = getattr(args, name)
-        if value is None:
-            continue
-        if name in own:
-            extra[name] = value
-        else:
-            print(f"warning: --{name} is not used by --method {args.method}; ignored", file=sys.stderr)
-    try:
-        method_class.resolve_options(extra)
-    except ValueError as error:
-        raise utils.UserError(str(error)) from None
-    return extra
-
-
-def clom_settings(args: argparse.Namespace):
-    """The CLoM flags as ``DistillConfig.clom`` (a dict), or ``None`` when ``--alphas`` is absent.
-
-    Raises:
-        utils.UserError: an invalid CLoM flag, or ``--CLoM`` without ``--alphas``.
-    """
-    from methods.addons.clom import settings_from_flags
-
-    settings = settings_from_flags(args.alphas, args.models_pool, model=args.model, model_num=args.model_num,
-                                   distance=args.CLoM_distance, source_dataset=args.source_dataset,
-                                   epoch=args.epoch, batch_size=args.CLoM_batch_size,
-                                   pretrained_path=args.pretrained_path)
-    if settings is None and args.CLoM:
-        raise utils.UserError("--CLoM needs --alphas (the weight of the term)")
-    return settings.as_dict() if settings is not None else None
-
-
-def resolve(args: argparse.Namespace):
-    """Fill method defaults, validate every value, and build (DistillConfig, RunOptions, eval models).
-
-    Raises:
-        utils.UserError: a flag value is invalid (the message names the flag).
-    """
-    try:
-        method_class = methods.get_method_class(args.method)
-    except KeyError as error:
-        raise utils.UserError(f"--method: {error.args[0]}") from None
-    defaults = {**{f.name: f.default for f in methods.DistillConfig.__dataclass_fields__.values()},
-                **method_class.defaults}
-    defaults["Iteration"] = defaults.pop("iterations")
-    for name in METHOD_DEFAULTED:
-        if getattr(args, name) is None:
-            setattr(args, name, defaults.get(name))
-    for flag in ("ipc", "batch_real", "batch_train", "num_exp"):
-        if getattr(args, flag) < 1:
-            raise utils.UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    for flag in ("Iteration", "num_eval", "checkpoint_every"):
-        if getattr(args, flag) < 0:
-            raise utils.UserError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
-    for flag in ("lr_img", "lr_net"):
-        if not getattr(args, flag) > 0:
-            raise utils.UserError(f"--{flag} must be positive, got {getattr(args, flag)}")
-    if args.init not in method_class.init_choices:
-        raise utils.UserError(f"--init {args.init!r}: --method {args.method} takes {' or '.join(method_class.init_choices)}")
-    if args.dis_metric not in METRICS:
-        raise utils.UserError(f"--dis_metric {args.dis_metric!r}: expected one of {', '.join(METRICS)}")
-    try:
-        augment.validate_strategy(args.dsa_strategy or "")
-    except ValueError as error:
-        raise utils.UserError(str(error)) from None
-    cli.check_models([args.model], "--model")
-    eval_models = cli.resolve_eval_models(args.eval_mode, args.model)
-    extra = method_extra(args, method_class)
-    if args.eval_it is None:
-        args.eval_it = method_class.default_eval_it if args.eval_mode in ("S", "SS") else 0
-    cfg = methods.DistillConfig(method=args.method, dataset=args.dataset, model=args.model, ipc=args.ipc,
-                                iterations=args.Iteration, lr_img=args.lr_img, lr_net=args.lr_net,
-                                batch_real=args.batch_real, batch_train=args.batch_train, init=args.init,
-                                dsa_strategy=args.dsa_strategy or "", dis_metric=args.dis_metric,
-                                outer_loop=args.outer_loop, inner_loop=args.inner_loop, zca=args.zca,
-                                subset=args.subset, res=args.res, extra=extra, clom=clom_settings(args),
-                                feature_labels=feature_cli.feature_label_config(args))
-    run_dir = args.run_dir or os.path.join(args.save_path, f"{args.method}_{args.dataset}_{args.model}_{args.ipc}ipc")
-    opts = RunOptions(num_exp=args.num_exp, num_eval=args.num_eval, eval_it=args.eval_it,
-                      eval_models=tuple(eval_models), epoch_eval_train=args.epoch_eval_train, seed=args.seed,
-                      run_dir=run_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                      save_vis=args.vis, **feature_cli.eval_option_values(args))
-    return cfg, opts
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    """Parse the command line, with ``--config FILE.yaml`` supplying defaults first.
-
-    Precedence: method defaults < the YAML file < flags on the command line (as timm's
-    ``train.py``). YAML keys are flag names without dashes (``lr_img``, ``syn_steps``, ...);
-    an unknown key is an error rather than silently ignored.
-
-    Raises:
-        utils.UserError: the file is missing, is not a YAML mapping, or has unknown keys.
-    """
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, _ = pre.parse_known_args(argv)
-    parser = build_parser()
-    if known.config:
-        parser.set_defaults(**load_config(known.config, parser))
-    return parser.parse_args(argv)
-
-
-def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
-    """The flag values of a preset YAML file (``configs/``), checked against ``parser``'s flags.
-
-    Raises:
-        utils.UserError: unreadable file, not a mapping, or a key that is no flag.
-    """
-    if not os.path.isfile(path):
-        raise utils.UserError(f"--config: no file at {path}")
-    try:
-        with open(path) as handle:
-            values = yaml.safe_load(handle) or {}
-    except yaml.YAMLError as error:
-        raise utils.UserError(f"--config {path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    if not isinstance(values, dict):
-        raise utils.UserError(f"--config {path}: expected a mapping of flag names to values")
-    actions = {action.dest: action for action in parser._actions}
-    unknown = sorted(set(values) - set(actions))
-    if unknown:
-        raise utils.UserError(f"--config {path}: unknown keys {', '.join(unknown)} (keys are distill.py flag names)")
-    converted = {}
-    for key, value in values.items():
-        convert = actions[key].type
-        try:  # YAML reads 1e-7 (no dot) as a string: give it the flag's type, as the command line would
-            converted[key] = convert(value) if convert is not None and isinstance(value, str) else value
-        except (TypeError, ValueError):
-            raise utils.UserError(f"--config {path}: {key}: {value!r} is not a {convert.__name__}") from None
-    return converted
+from cli import distill_flags
+from methods.runner import RunInterrupted, StopFlag, run_distillation
 
 
 def main(argv=None) -> int:
     """Parse, load the dataset, run the distillation, print the accuracy table. Returns the exit code."""
     with cli.user_errors():
-        args = parse_args(argv)
-        cfg, opts = resolve(args)
+        args = distill_flags.parse_args(argv, description=__doc__)
+        cfg, opts = distill_flags.resolve(args)
         cli.setup_logging(os.path.join(opts.run_dir, "log.txt"))
         device = cli.setup_runtime(args)
         record = cli.load_record(args)
-        if args.ipc > int(record.labels_train.bincount().min()):
-            raise utils.UserError(f"--ipc {args.ipc} exceeds the smallest class of {args.dataset}")
+        if cfg.ipc > int(record.labels_train.bincount().min()):
+            raise utils.UserError(f"--ipc {cfg.ipc} exceeds the smallest class of {args.dataset}")
         stop = StopFlag().install()
         try:
             outcome = run_distillation(cfg, opts, record, device, stop=stop)

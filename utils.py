@@ -13,6 +13,7 @@ total, augmentation on every training batch, one test at the end.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -592,14 +593,42 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
 # --------------------------------------------------------------------------------------------
 # Files: checkpoints, results, pictures
 # --------------------------------------------------------------------------------------------
-def atomic_save(obj: object, path: str) -> None:
-    """``torch.save`` to ``path`` through a temporary file and ``os.replace``, so a run killed
-    while saving never leaves a half-written file."""
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """The toolkit's one atomic writer: ``write(tmp)`` writes a temporary file beside ``path``,
+    which then replaces ``path`` (``os.replace``), so a run killed while saving never leaves a
+    half-written file. The parent directory is created if needed; on an error the temporary file
+    is removed and the previous ``path`` is left as it was.
+
+    Raises:
+        OSError: the directory or file cannot be written (the caller names the flag).
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_save(obj: object, path: str) -> None:
+    """``torch.save(obj)`` to ``path`` through :func:`atomic_write`."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through :func:`atomic_write`."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+    atomic_write(path, write)
+
+
+def write_json(path: str, obj: object) -> None:
+    """Write ``obj`` as indented JSON (and a final newline) through :func:`atomic_write`."""
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def save_checkpoint(path: str, **state) -> None:
@@ -624,51 +653,6 @@ def load_checkpoint(path: str) -> dict:
     return state
 
 
-def result_filename(method: str, dataset: str, model: str, ipc: int) -> str:
-    """The reference file name ``res_{method}_{dataset}_{model}_{ipc}ipc.pt`` (DC ``main.py``)."""
-    return f"res_{method}_{dataset}_{model}_{ipc}ipc.pt"
-
-
-def save_results(path: str, data: Sequence[Sequence[torch.Tensor]], accs_all_exps: dict, **extra) -> None:
-    """Save synthetic sets in the reference layout (methods.md §0.6).
-
-    Args:
-        path: the ``.pt`` file.
-        data: one ``[image_syn (N, C, H, W) float32, label_syn (N,) int64, *extras]`` per experiment.
-        accs_all_exps: ``{model: [accuracy in [0, 1], ...]}``.
-        extra: further top-level keys (``meta``, ``args``); readers of the reference layout ignore them.
-    """
-    data_cpu = [[t.detach().cpu() if torch.is_tensor(t) else t for t in entry] for entry in data]
-    atomic_save({"data": data_cpu, "accs_all_exps": accs_all_exps, **extra}, path)
-
-
-def load_results(path: str) -> dict:
-    """Load a result file of this toolkit or of the reference repositories.
-
-    Returns:
-        The dict with at least ``data`` (a list of ``[image_syn, label_syn, ...]``) and
-        ``accs_all_exps``.
-
-    Raises:
-        UserError: the file is missing or does not have the reference layout.
-    """
-    if not os.path.isfile(path):
-        raise UserError(f"--syn_path: no file at {path}")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise UserError(f"--syn_path: cannot read {path}: {error}") from None
-    if not isinstance(blob, dict) or not isinstance(blob.get("data"), (list, tuple)) or not blob["data"]:
-        raise UserError(f"--syn_path: {path} lacks the reference layout "
-                        "{'data': [[image_syn, label_syn], ...], 'accs_all_exps': {...}}")
-    for index, entry in enumerate(blob["data"]):
-        if (not isinstance(entry, (list, tuple)) or len(entry) < 2 or not torch.is_tensor(entry[0])
-                or not torch.is_tensor(entry[1]) or entry[0].dim() != 4 or entry[1].shape[0] != entry[0].shape[0]):
-            raise UserError(f"--syn_path: {path}: data[{index}] is not [image_syn (N,C,H,W), label_syn (N,...)]")
-    blob.setdefault("accs_all_exps", {})
-    return blob
-
-
 def save_image_grid(images: torch.Tensor, path: str, nrow: int, min_side: int = 56) -> None:
     """Save pixel-space images in [0, 1] as one PNG grid, one class per row when ``nrow = ipc``
     (with ``nrow = 1``, i.e. one image per class, all classes go in one row instead).
@@ -688,6 +672,29 @@ def save_image_grid(images: torch.Tensor, path: str, nrow: int, min_side: int = 
         images = F.interpolate(images, scale_factor=factor, mode="nearest")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_image(images, path, nrow=nrow if nrow > 1 else images.shape[0], padding=2)
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[object]], markdown: bool = False,
+                 numeric_right: bool = True) -> str:
+    """The toolkit's one table formatter: ``rows`` under ``header``, as aligned plain text (columns
+    two spaces apart; with ``numeric_right``, every column but the first right-aligned) or as a
+    GitHub Markdown table (``markdown``, through ``tabulate``).
+
+    Args:
+        header: column titles.
+        rows: one sequence of cells per row (converted with ``str``).
+    """
+    cells = [[str(c) for c in row] for row in rows]
+    if markdown:
+        from tabulate import tabulate
+
+        return tabulate(cells, headers=list(header), tablefmt="pipe", disable_numparse=True)
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *cells)]
+
+    def line(row):
+        return "  ".join(c.rjust(w) if numeric_right and i > 0 else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+    return "\n".join(line(row) for row in [[str(h) for h in header], *cells])
 
 
 def format_acc(accs: Sequence[float]) -> str:

@@ -4,6 +4,7 @@
 receives the resolved settings."""
 from __future__ import annotations
 
+import argparse
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import networks
@@ -95,3 +96,55 @@ def settings_from_flags(alphas: Optional[Sequence[str]], models_pool: Optional[S
     return CLoMSettings(alphas=parse_alphas(alphas, pool), models_pool=tuple(pool), model_num=int(model_num),
                         distance=distance, source_dataset=source_dataset, epoch=epoch, batch_size=batch_size,
                         pretrained_path=str(pretrained_path))
+
+
+def add_original_model_args(parser: argparse.ArgumentParser, clom: bool = True) -> None:
+    """Flags choosing original models (``train_original.py`` outputs; the reference's names, DDInterpreter ``main.py``).
+
+    With ``clom`` (``distill.py``): the CLoM regulariser flags ``--alphas --models_pool --model_num
+    --CLoM_distance --source_dataset --epoch --CLoM_batch_size --pretrained_path`` (and the
+    reference's ``--CLoM`` switch, which ``--alphas`` implies). Without (``evaluate.py --assess``):
+    ``--models_pool --model_num --epoch --pretrained_path``. ``--alphas`` and ``--models_pool``
+    take values space- or comma-separated (``--alphas 1000 2000`` or ``--alphas 1000,2000``).
+    The root of the models is ``--pretrained_path`` (``train_original.py --save_path``), because
+    ``distill.py --save_path`` names the root of run directories.
+    """
+    title = "CLoM regulariser (original models' classification loss)" if clom else "original models for --assess"
+    group = parser.add_argument_group(title)
+    if clom:
+        group.add_argument("--CLoM", action="store_true",
+                           help="reference switch; CLoM is on exactly when --alphas is given")
+        group.add_argument("--alphas", nargs="+", default=None,
+                           help="CLoM weight: one for every architecture or one per --models_pool entry (off if absent)")
+    group.add_argument("--models_pool", nargs="+", default=None,
+                       help="architectures of the original models, e.g. ConvNet or ConvNet,LeNet (default: --model)")
+    group.add_argument("--model_num", type=int, default=1 if clom else None,
+                       help="original models per architecture, indices 0..N-1 "
+                            f"(default {'1' if clom else 'every index_* folder found'})")
+    group.add_argument("--epoch", type=int, default=None,
+                       help="use models whose checkpoint holds exactly this many trained epochs "
+                            "(default: the finished models)")
+    group.add_argument("--pretrained_path", default="pretrained_model",
+                       help="root of the original models (train_original.py --save_path)")
+    if clom:
+        group.add_argument("--CLoM_distance", default="ce", choices=["ce", "cos"],
+                           help="ce: alpha*CE(model(image_syn), label_syn); cos: the contrastive variant")
+        group.add_argument("--source_dataset", default=None,
+                           help="dataset the original models were trained on (default: --dataset)")
+        group.add_argument("--CLoM_batch_size", type=int, default=None,
+                           help="real images per step for --CLoM_distance cos (required there)")
+
+
+def clom_settings(args: argparse.Namespace) -> Optional[dict]:
+    """The CLoM flags as ``DistillConfig.clom`` (a dict), or ``None`` when ``--alphas`` is absent.
+
+    Raises:
+        utils.UserError: an invalid CLoM flag, or ``--CLoM`` without ``--alphas``.
+    """
+    settings = settings_from_flags(args.alphas, args.models_pool, model=args.model, model_num=args.model_num,
+                                   distance=args.CLoM_distance, source_dataset=args.source_dataset,
+                                   epoch=args.epoch, batch_size=args.CLoM_batch_size,
+                                   pretrained_path=args.pretrained_path)
+    if settings is None and args.CLoM:
+        raise utils.UserError("--CLoM needs --alphas (the weight of the term)")
+    return settings.as_dict() if settings is not None else None

@@ -77,22 +77,33 @@ def feature_label_config(args: argparse.Namespace):
         raise utils.UserError(str(error)) from None
 
 
-def add_eval_option_args(parser: argparse.ArgumentParser) -> None:
-    """``--tta --tta_mode --deterministic`` (DRUPI ``DCmain3.0.py``; distill.py and evaluate.py)."""
+def add_eval_option_args(parser: argparse.ArgumentParser, saved_default: bool = False) -> None:
+    """``--tta --tta_mode --deterministic`` (DRUPI ``DCmain3.0.py``; distill.py and evaluate.py).
+
+    With ``saved_default`` (``evaluate.py``), ``--tta`` and ``--deterministic`` default to ``None``:
+    the protocol saved with the set decides unless the flag is given.
+    """
     group = parser.add_argument_group("evaluation options")
-    group.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
+    off = None if saved_default else False
+    group.add_argument("--tta", action=argparse.BooleanOptionalAction, default=off,
                        help="test-time augmentation: average the softmax of each test image and its transform")
     group.add_argument("--tta_mode", default="hflip", help=f"with --tta: {', '.join(utils.TTA_MODES)} (hflip)")
-    group.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
+    group.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=off,
                        help="deterministic kernels and a test pass size independent of the batch size")
 
 
-def eval_option_values(args: argparse.Namespace) -> dict:
-    """``{'tta_mode', 'deterministic'}`` for ``utils.EvalConfig`` / ``RunOptions``.
+def eval_option_values(args: argparse.Namespace, given_only: bool = False) -> dict:
+    """``{'tta_mode', 'deterministic'}`` for ``utils.EvalProtocol`` / ``RunOptions``; with
+    ``given_only``, only the flags given (``None`` defaults are left out).
 
     Raises:
         utils.UserError: unknown ``--tta_mode``.
     """
     if args.tta and args.tta_mode not in utils.TTA_MODES:
         raise utils.UserError(f"--tta_mode {args.tta_mode!r}: expected one of {', '.join(utils.TTA_MODES)}")
-    return {"tta_mode": args.tta_mode if args.tta else "", "deterministic": bool(args.deterministic)}
+    values = {}
+    if not given_only or args.tta is not None:
+        values["tta_mode"] = args.tta_mode if args.tta else ""
+    if not given_only or args.deterministic is not None:
+        values["deterministic"] = bool(args.deterministic)
+    return values

@@ -283,6 +283,9 @@ class DistillMethod:
     # Shared flags this method does not use: giving one is refused (``distill.py``), so a value
     # is never recorded as if it had been used.
     unused_flags: ClassVar[Tuple[str, ...]] = ()
+    # Evaluation epochs when no --epoch_eval_train is given: (with augmentation, without), where
+    # augmentation is DSA or an active DC augmentation (utils.EvalProtocol).
+    eval_epochs: ClassVar[Tuple[int, int]] = (1000, 1000)
 
     def __init__(self, cfg: DistillConfig, *, channel: int, num_classes: int, im_size, sampler,
                  device: torch.device, generator: torch.Generator):
@@ -293,7 +296,7 @@ class DistillMethod:
         self.sampler = sampler
         self.device = device
         self.generator = generator
-        self.dsa_strategy = cfg.dsa_strategy if augment.validate_strategy(cfg.dsa_strategy) else ""
+        self.dsa_strategy = self.training_dsa(cfg)
         self.hparams = self.resolve_options(cfg.extra)
         self.optimizer_img: Optional[torch.optim.Optimizer] = None
         # The add-ons the run attached (``methods.addons.base.AddOn``; :meth:`attach_addons`).
@@ -371,14 +374,20 @@ class DistillMethod:
         return [tensor for addon in self.addons for tensor in addon.saved_entries(syn)]
 
     # ---- evaluation defaults ------------------------------------------------------------
+    @classmethod
+    def training_dsa(cls, cfg: DistillConfig) -> str:
+        """The DiffAugment strategy this method trains networks on the set with (its inner loops and
+        its evaluation): ``cfg.dsa_strategy``, or ``""`` for none.
+
+        Raises:
+            ValueError: an unknown DiffAugment operation.
+        """
+        return cfg.dsa_strategy if augment.validate_strategy(cfg.dsa_strategy) else ""
+
     @property
     def uses_dsa(self) -> bool:
         """Whether training on the synthetic set (inner loops, evaluation) uses DiffAugment."""
         return bool(self.dsa_strategy)
-
-    def default_eval_epochs(self, dc_aug_active: bool) -> int:
-        """``--epoch_eval_train`` when the user gives none (methods.md §9.1)."""
-        return 1000
 
     # ---- set-up -------------------------------------------------------------------------
     def new_network(self) -> nn.Module:

@@ -92,9 +92,12 @@ class CAFE(DistillMethod):
     )
     default_eval_it = 100
 
-    def default_eval_epochs(self, dc_aug_active: bool) -> int:
-        """1000 epochs with DSA or an active DC augmentation, else 600 (reference ``distill.py``)."""
-        return 1000 if (self.uses_dsa or dc_aug_active) else 600
+    # 1000 epochs with DSA or an active DC augmentation, else 600 (reference ``distill.py``).
+    eval_epochs = (1000, 600)
+    # CAFE's own step runs its networks through watcher loops: it hosts CLoM (every image update)
+    # but not feature labels, which it would never learn.
+    hosted_addons = ("CLoM",)
+    unused_flags = ("dis_metric", "outer_loop", "inner_loop")
 
     # ---- pieces -------------------------------------------------------------------------
     def matching_loss(self, net: nn.Module, syn: SyntheticSet) -> torch.Tensor:

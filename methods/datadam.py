@@ -34,9 +34,8 @@ class DataDAM(DM):
                minimum=0.0, exclusive_minimum=True),
     )
 
-    def default_eval_epochs(self, dc_aug_active: bool) -> int:
-        """1800 epochs, as ``main_DataDAM.py``."""
-        return 1800
+    # 1800 epochs, as ``main_DataDAM.py``.
+    eval_epochs = (1800, 1800)
 
     def _attention(self, maps):
         """Spatial attention of every stage but the last (the reference hooks all ReLUs and drops the last)."""

@@ -56,20 +56,24 @@ class DC(DistillMethod):
     defaults = dict(ipc=1, iterations=1000, lr_img=0.1, lr_net=0.01, batch_real=256, batch_train=256,
                     init="noise", dsa_strategy="", dis_metric="ours", eval_mode="S")
     default_eval_it = 500
-    # As in the reference (``args.dsa = method == 'DSA'``), plain DC ignores --dsa_strategy.
+    # As in the reference (``args.dsa = method == 'DSA'``), plain DC trains without DiffAugment;
+    # --dsa_strategy is refused (distill.py) rather than recorded as if it were used.
     dsa = False
+    unused_flags = ("dsa_strategy",)
+    unused_hint = "--method DSA is DC with DiffAugment"
+    # 1000 epochs with an active DC augmentation (or DSA), else 300 (reference ``main.py``).
+    eval_epochs = (1000, 300)
+
+    @classmethod
+    def training_dsa(cls, cfg) -> str:
+        """DSA trains with ``--dsa_strategy``; plain DC with none."""
+        return super().training_dsa(cfg) if cls.dsa else ""
 
     def __init__(self, cfg, **kwargs):
         super().__init__(cfg, **kwargs)
-        if not self.dsa:
-            self.dsa_strategy = ""
         default_outer, default_inner = get_loops(cfg.ipc)
         self.outer_loop = cfg.outer_loop or default_outer
         self.inner_loop = cfg.inner_loop if cfg.inner_loop is not None else default_inner
-
-    def default_eval_epochs(self, dc_aug_active: bool) -> int:
-        """1000 epochs with DSA or an active DC augmentation, else 300 (reference ``main.py``)."""
-        return 1000 if (self.uses_dsa or dc_aug_active) else 300
 
     def _freeze_batchnorm(self, net: nn.Module) -> None:
         """Set BN statistics from real images of every class, then freeze them (eval mode)."""
@@ -140,3 +144,4 @@ class DSA(DC):
 
     defaults = dict(DC.defaults, dsa_strategy="color_crop_cutout_flip_scale_rotate")
     dsa = True
+    unused_flags = ()

@@ -25,6 +25,7 @@ class DM(DistillMethod):
 
     defaults = dict(ipc=50, iterations=20000, lr_img=1.0, lr_net=0.01, batch_real=256, batch_train=256,
                     init="real", dsa_strategy="color_crop_cutout_flip_scale_rotate", eval_mode="SS")
+    unused_flags = ("dis_metric", "outer_loop", "inner_loop")
 
     def new_network(self):
         """A fresh random ``cfg.model`` in train mode with every parameter frozen (DM never trains it)."""

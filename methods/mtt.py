@@ -228,9 +228,10 @@ class MTT(DistillMethod):
         self._order: List[int] = []
         self.optimizer_lr: Optional[torch.optim.Optimizer] = None
 
-    def default_eval_epochs(self, dc_aug_active: bool) -> int:
-        """1000 epochs (MTT and DATM evaluation)."""
-        return 1000
+    # 1000 epochs (MTT and DATM evaluation); hosts CLoM (every accepted update) and feature labels
+    # (learned inside the unroll, DRUPI's DATM_ours).
+    eval_epochs = (1000, 1000)
+    unused_flags = ("dis_metric", "outer_loop", "inner_loop")
 
     # ---- set-up -------------------------------------------------------------------------
     def latest_start_epoch(self) -> int:

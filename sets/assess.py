@@ -30,7 +30,6 @@ every set and model). Classes without synthetic images are skipped in the class 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -308,57 +307,3 @@ def format_table(report: dict) -> str:
 def default_output(syn_path: str) -> str:
     """``{syn_path without extension}_assess.json``: where ``evaluate.py --assess`` writes by default."""
     return os.path.splitext(syn_path)[0] + "_assess.json"
-
-
-# --------------------------------------------------------------------------------------------
-# evaluate.py --assess
-# --------------------------------------------------------------------------------------------
-def run_cli(args, record, sets: Sequence[tuple], device) -> int:
-    """The ``evaluate.py --assess`` branch: load the original models, assess every experiment of
-    ``--syn_path``, print the table, write the JSON (``--out`` or :func:`default_output`).
-
-    Args:
-        args: the parsed ``evaluate.py`` flags (``--models_pool --model_num --epoch
-            --pretrained_path --assess_real --seed --syn_path --out --model``).
-        record: the ``data.DatasetRecord`` of ``--dataset``.
-        sets: ``evaluate.load_sets``' entries ``(images, labels, learned lr)``.
-        device: where the models run.
-
-    Returns:
-        0.
-
-    Raises:
-        utils.UserError: missing original models (the message names the directory and the
-            ``train_original.py`` command), or ``--assess_real`` < 1.
-    """
-    from methods.addons.clom import load_pool, split_list
-
-    if args.assess_real < 1:
-        raise utils.UserError(f"--assess_real must be at least 1, got {args.assess_real}")
-    pool_names = split_list(args.models_pool) or [args.model]
-    import cli
-
-    cli.check_models(pool_names, "--models_pool")
-    expect = {"channel": record.channel, "im_size": list(record.im_size), "num_classes": record.num_classes,
-              "zca": bool(args.zca)}
-    pool = load_pool(args.pretrained_path, args.dataset, pool_names, args.model_num, device, epoch=args.epoch,
-                     subset=args.subset, expect=expect)
-    models = [model for arch in pool_names for model in pool[arch]]
-    image_real, label_real = sample_real(record.images_train, record.labels_train, record.num_classes,
-                                         args.assess_real, seed=args.seed)
-    report = assess_sets([(images, labels) for images, labels, _ in sets], models, image_real, label_real,
-                         record.num_classes, device)
-    report.update({"syn_path": args.syn_path, "dataset": args.dataset,
-                   "models": {arch: len(pool[arch]) for arch in pool_names}, "pretrained_path": args.pretrained_path,
-                   "real_per_class": args.assess_real, "seed": args.seed, "mmd_kernel": BANDWIDTH_RULE,
-                   "definitions": {key: text for key, text, _ in METRICS}})
-    print(f"assessment of {args.syn_path} on {len(models)} original model(s) "
-          f"({', '.join(f'{a} x{n}' for a, n in report['models'].items())}), "
-          f"{len(label_real)} real images (up to {args.assess_real} per class)")
-    print(format_table(report))
-    out = args.out or default_output(args.syn_path)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as handle:
-        json.dump(report, handle, indent=2)
-    print(f"written: {out}")
-    return 0

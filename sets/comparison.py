@@ -1,7 +1,7 @@
 """Fair comparison tables: synthetic sets next to ipc random real images per class (same protocol)
 and the whole-dataset accuracy, with the improvement over random of each set.
 
-Used by ``evaluate.py`` (cross-architecture tables), ``continual.py`` and ``scripts/make_table.py``.
+Used by ``evaluate.py`` (cross-architecture tables), ``scripts/continual.py`` and ``scripts/make_table.py``.
 
 Improvement over random (IOR, DD-Ranking: Li et al., arXiv 2505.13300; landscape.md §2)::
 
@@ -17,11 +17,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 
+import utils
 from pretrained import originals
 
 
@@ -87,6 +89,103 @@ def whole_dataset_accuracy(original_path: str, dataset: str, model: str, subset:
             "protocol": {"source": path, **(summary.get("config") or {})}}
 
 
+@dataclass
+class SetToEvaluate:
+    """One experiment of a saved set, ready for the protocol.
+
+    Attributes:
+        images: (N, C, H, W) float32 in the dataset's normalised (or ZCA) space.
+        labels: (N,) int64 class labels, or (N, K) probabilities (soft labels).
+        learned_lr: the step size learned with the set (trajectory matching), or ``None``.
+        term: the set's ``utils.TrainingTerm`` (an add-on's, e.g. feature labels), or ``None``.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    learned_lr: Optional[float] = None
+    term: Optional[object] = None
+
+
+ReportFn = Callable[[str, List[float], "utils.EvalConfig", str, float], None]
+
+
+def _result(model_eval: str, accs: List[float], seconds: float, cfg: "utils.EvalConfig", labels: str) -> dict:
+    """A row's ``results[model_eval]``: mean, std, accuracies, seconds and the protocol record."""
+    return {**utils.EvalResult(model_eval, accs, seconds).as_dict(), "protocol": {**cfg.describe(), "labels": labels}}
+
+
+def evaluate_set_row(row: Row, experiments: Sequence[SetToEvaluate], models: Sequence[str],
+                     protocol: "utils.EvalProtocol", distilled_with: str, test_images: torch.Tensor,
+                     test_labels: torch.Tensor, num_classes: int, *, num_eval: int, device: torch.device,
+                     seed: int, report: Optional[ReportFn] = None) -> Row:
+    """Train ``num_eval`` networks of every model in ``models`` on every experiment of a set and
+    fill ``row.results`` (experiment ``e`` uses seeds ``seed + 1000 * e + k``).
+
+    Args:
+        row: the row to fill (its ``ipc`` and ``dataset`` are used).
+        experiments: the set's experiments.
+        models: evaluation networks.
+        protocol: the set's evaluation protocol (``utils.EvalProtocol``).
+        distilled_with: the network the set was distilled with (DC's augmentation choice).
+        test_images, test_labels: the real test set on ``device``.
+        report: called as ``report(model, accs, cfg, what, seconds)`` after each model.
+
+    Raises:
+        ValueError: an experiment's training term does not fit an evaluation network.
+        FloatingPointError: a training loss became NaN or infinite.
+    """
+    labels_kind = "soft" if experiments[0].labels.dim() == 2 else "hard"
+    for model_eval in models:
+        accs, seconds, cfg = [], 0.0, None
+        for index, experiment in enumerate(experiments):
+            cfg = protocol.resolve(row.dataset, distilled_with, model_eval, row.ipc, experiment.learned_lr)
+            result = utils.evaluate_synset(experiment.images.to(device), experiment.labels.to(device), model_eval,
+                                           num_classes, test_images, test_labels, cfg, num_eval=num_eval,
+                                           device=device, seed=seed + 1000 * index, term=experiment.term)
+            accs += result.accs
+            seconds += result.train_time_s
+        row.results[model_eval] = _result(model_eval, accs, seconds, cfg, labels_kind)
+        if report is not None:
+            report(model_eval, accs, cfg, row.name, seconds)
+    return row
+
+
+def random_real_row(record, ipc: int, models: Sequence[str], protocol: "utils.EvalProtocol", distilled_with: str,
+                    test_images: torch.Tensor, test_labels: torch.Tensor, *, num_eval: int, device: torch.device,
+                    seed: int, report: Optional[ReportFn] = None) -> Row:
+    """The random-real row: for each of ``num_eval`` networks a fresh draw of ``ipc`` real training
+    images per class (generator ``seed + k``), hard labels, the same protocol as the sets.
+
+    Raises:
+        FloatingPointError: a training loss became NaN or infinite.
+    """
+    from data import sample_random_real
+
+    row = Row(name=f"random real ipc {ipc}", kind="random", ipc=ipc, method="random", dataset=record.name)
+    for model_eval in models:
+        cfg, accs, seconds = protocol.resolve(record.name, distilled_with, model_eval, ipc), [], 0.0
+        for run in range(num_eval):
+            images, labels = sample_random_real(record, ipc, utils.make_generator(seed + run))
+            result = utils.evaluate_synset(images.to(device), labels.to(device), model_eval, record.num_classes,
+                                           test_images, test_labels, cfg, num_eval=1, device=device, seed=seed + run)
+            accs += result.accs
+            seconds += result.train_time_s
+        row.results[model_eval] = _result(model_eval, accs, seconds, cfg, "hard")
+        if report is not None:
+            report(model_eval, accs, cfg, row.name, seconds)
+    return row
+
+
+def whole_dataset_row(original_path: str, dataset: str, models: Sequence[str], subset: Optional[str] = None) -> Optional[Row]:
+    """The whole-dataset row from ``train_original.py``'s summaries (``None`` when none exists)."""
+    row = Row(name="whole dataset", kind="whole", ipc=None, method="whole", dataset=dataset)
+    for model_eval in models:
+        found = whole_dataset_accuracy(original_path, dataset, model_eval, subset)
+        if found is not None:
+            row.results[model_eval] = found
+    return row if row.results else None
+
+
 def random_row_for(rows: Sequence[Row], ipc: Optional[int]) -> Optional[Row]:
     """The random-real row of the given ipc among ``rows`` (``None`` if absent)."""
     return next((row for row in rows if row.kind == "random" and row.ipc == ipc), None)
@@ -137,7 +236,9 @@ def format_table(rows: Sequence[Row], models: Sequence[str]) -> str:
     """The Markdown table of :func:`wide_table` with a legend line."""
     legend = ("accuracy % mean ± std over networks; (+x): improvement over random real images of the same ipc "
               "under the same protocol (DD-Ranking IOR, points); whole dataset: train_original.py models")
-    return wide_table(rows, models).to_markdown() + "\n" + legend
+    table = wide_table(rows, models)
+    body = [[name, *values] for name, values in zip(table.index, table.values.tolist())]
+    return utils.format_table([table.index.name or "", *table.columns], body, markdown=True) + "\n" + legend
 
 
 def write_table(path: str, rows: Sequence[Row], models: Sequence[str], protocol: dict, extra: Optional[dict] = None) -> tuple:
@@ -149,15 +250,13 @@ def write_table(path: str, rows: Sequence[Row], models: Sequence[str], protocol:
     Returns:
         ``(json_path, csv_path)``.
     """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     frame = long_table(rows, models)
     csv_path = os.path.splitext(path)[0] + ".csv"
-    frame.to_csv(csv_path, index=False)
+    utils.write_text(csv_path, frame.to_csv(index=False))
     records = json.loads(frame.to_json(orient="records"))
     blob = {**(extra or {}), "comparison": {"models": list(models), "protocol": protocol,
                                             "rows": [asdict(row) for row in rows], "table": records}}
-    with open(path, "w") as handle:
-        json.dump(blob, handle, indent=2)
+    utils.write_json(path, blob)
     return path, csv_path
 
 

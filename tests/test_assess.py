@@ -12,6 +12,7 @@ import data
 import evaluate
 from pretrained import originals
 import utils
+from sets import files
 from tiny_data import tiny_record as _tiny_record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,7 +110,7 @@ def test_distances_zero_when_syn_equals_real(pretrained):
 
 
 def write_result(path, record, sets):
-    utils.save_results(str(path), [[images, labels] for images, labels in sets], {MODEL: [0.5]},
+    files.save_results(str(path), [[images, labels] for images, labels in sets], {MODEL: [0.5]},
                        meta={"dataset": "Tiny3", "dsa_strategy": ""})
 
 

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 import distill
+from methods.runner import RunOptions, eval_protocol
+from cli import distill_flags
 import networks
 from methods.cafe import CAFE, image_lr, layer_weights
 from methods.features import real_class_statistics, syn_class_statistics
@@ -85,7 +87,8 @@ def test_cafe_runs_on_2_and_3_classes_at_28_and_32_pixels(num_classes, size, dsa
     record = tiny_record(num_classes=num_classes, per_class=12, size=size, channel=3 if size == 32 else 1)
     m = cafe(record, dsa_strategy=dsa, model="ConvNet", ipc=1, batch_real=6, batch_train=4)
     assert m.uses_dsa == bool(dsa)
-    assert m.default_eval_epochs(False) == (1000 if dsa else 600)
+    protocol = eval_protocol(type(m), m.cfg, RunOptions())
+    assert protocol.resolve(record.name, "ConvNet", "ConvNet", 1).epochs == (1000 if dsa else 600)
     syn = m.init_synthetic()
     before = syn.images.detach().clone()
     logs = m.step(syn, 1)
@@ -148,9 +151,9 @@ def test_options_reach_the_method_and_unknown_ones_fail():
 
 
 def test_distill_cli_resolves_cafe_options_and_warns_about_foreign_ones(capsys):
-    args = distill.build_parser().parse_args(["--method", "CAFE", "--dataset", "FashionMNIST", "--lambda_2", "0.05",
+    args = distill_flags.build_parser().parse_args(["--method", "CAFE", "--dataset", "FashionMNIST", "--lambda_2", "0.05",
                                               "--task_balance", "0.1"])
-    cfg, opts = distill.resolve(args)
+    cfg, opts = distill_flags.resolve(args)
     assert cfg.extra == {"lambda_2": 0.05} and cfg.lr_img == 0.1 and cfg.iterations == 2000
     assert opts.eval_it == 100
     assert "--task_balance is not used by --method CAFE" in capsys.readouterr().err

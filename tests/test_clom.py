@@ -1,4 +1,4 @@
-"""The CLoM regulariser (methods/clom.py) on tiny generated data and tiny trained original models, CPU."""
+"""The CLoM add-on (methods/addons/clom.py; flags in cli/clom.py) on tiny generated data and tiny trained original models, CPU."""
 import math
 import os
 
@@ -7,9 +7,12 @@ import torch
 import torch.nn.functional as F
 
 import distill
+from cli import distill_flags
 import methods
 import utils
+from sets import files
 from data import RealSampler
+from cli import clom as cli_clom
 from methods.addons import clom
 from methods.runner import RunOptions, run_distillation
 from tiny_data import tiny_record as _tiny_record
@@ -29,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def settings(pretrained, alphas=("10",), models_pool=None, **kw):
     values = dict(model=MODEL, model_num=2, pretrained_path=pretrained)
     values.update(kw)
-    return clom.settings_from_flags(list(alphas), models_pool, **values)
+    return cli_clom.settings_from_flags(list(alphas), models_pool, **values)
 
 
 def build(method, record, clom_settings=None, **overrides):
@@ -47,43 +50,45 @@ def build(method, record, clom_settings=None, **overrides):
 def with_clom(method, record, pretrained, overrides=None, **kw):
     s = settings(pretrained, **kw)
     m = build(method, record, s, **(overrides or {}))
-    pool = clom.load_for_run(m.cfg, record, CPU)
-    return m, clom.attach(m, pool), pool
+    pool = clom.CLoM.load_shared(m.cfg.clom, m.cfg, record, CPU)
+    addon = clom.CLoM(m.cfg.clom, m, pool)
+    m.attach_addons([addon])
+    return m, addon, pool
 
 
 # ----- flags ------------------------------------------------------------------------------------
 def test_alphas_one_for_all_or_one_per_architecture():
-    assert clom.parse_alphas(["1000"], ["ConvNet", "LeNet", "AlexNet"]) == (1000.0, 1000.0, 1000.0)
-    assert clom.parse_alphas(["1000", "2000"], ["ConvNet", "LeNet"]) == (1000.0, 2000.0)
-    assert clom.parse_alphas(["1000,2000"], ["ConvNet", "LeNet"]) == (1000.0, 2000.0)
+    assert cli_clom.parse_alphas(["1000"], ["ConvNet", "LeNet", "AlexNet"]) == (1000.0, 1000.0, 1000.0)
+    assert cli_clom.parse_alphas(["1000", "2000"], ["ConvNet", "LeNet"]) == (1000.0, 2000.0)
+    assert cli_clom.parse_alphas(["1000,2000"], ["ConvNet", "LeNet"]) == (1000.0, 2000.0)
     with pytest.raises(utils.UserError, match="--alphas has 2 values but --models_pool has 3"):
-        clom.parse_alphas(["1", "2"], ["ConvNet", "LeNet", "AlexNet"])
+        cli_clom.parse_alphas(["1", "2"], ["ConvNet", "LeNet", "AlexNet"])
     with pytest.raises(utils.UserError, match="--alphas"):
-        clom.parse_alphas(["ten"], ["ConvNet"])
+        cli_clom.parse_alphas(["ten"], ["ConvNet"])
     with pytest.raises(utils.UserError, match=">= 0"):
-        clom.parse_alphas(["-1"], ["ConvNet"])
+        cli_clom.parse_alphas(["-1"], ["ConvNet"])
 
 
 def test_distill_flags_reach_the_config():
-    args = distill.parse_args(["--method", "DC", "--dataset", "MNIST", "--alphas", "1000", "2000",
+    args = distill_flags.parse_args(["--method", "DC", "--dataset", "MNIST", "--alphas", "1000", "2000",
                                "--models_pool", "ConvNet,LeNet", "--model_num", "3", "--epoch", "20",
                                "--source_dataset", "FashionMNIST", "--pretrained_path", "pm"])
-    cfg, _ = distill.resolve(args)
+    cfg, _ = distill_flags.resolve(args)
     assert cfg.clom == {"alphas": [1000.0, 2000.0], "models_pool": ["ConvNet", "LeNet"], "model_num": 3,
                         "distance": "ce", "source_dataset": "FashionMNIST", "epoch": 20, "batch_size": None,
                         "pretrained_path": "pm"}
-    plain, _ = distill.resolve(distill.parse_args(["--method", "DM", "--dataset", "MNIST"]))
+    plain, _ = distill_flags.resolve(distill_flags.parse_args(["--method", "DM", "--dataset", "MNIST"]))
     assert plain.clom is None
     # the reference spelling: space-separated pool, and a single weight for every architecture
-    spaced = distill.parse_args(["--dataset", "MNIST", "--alphas", "5", "--models_pool", "ConvNet", "LeNet"])
-    assert distill.clom_settings(spaced)["alphas"] == [5.0, 5.0]
+    spaced = distill_flags.parse_args(["--dataset", "MNIST", "--alphas", "5", "--models_pool", "ConvNet", "LeNet"])
+    assert cli_clom.clom_settings(spaced)["alphas"] == [5.0, 5.0]
     for argv, message in ((["--CLoM"], "--CLoM needs --alphas"),
                           (["--alphas", "1", "2"], "--alphas has 2 values"),
                           (["--alphas", "1", "--models_pool", "NoNet"], "--models_pool: unknown model"),
                           (["--alphas", "1", "--CLoM_distance", "cos"], "--CLoM_batch_size"),
                           (["--alphas", "1", "--model_num", "0"], "--model_num")):
         with pytest.raises(utils.UserError, match=message):
-            distill.clom_settings(distill.parse_args(["--dataset", "MNIST", *argv]))
+            cli_clom.clom_settings(distill_flags.parse_args(["--dataset", "MNIST", *argv]))
 
 
 # ----- loading ----------------------------------------------------------------------------------
@@ -95,7 +100,7 @@ def test_models_are_loaded_frozen_and_in_eval_mode(pretrained):
         assert not net.training
         assert all(not p.requires_grad for p in net.parameters())
     syn = m.init_synthetic()
-    regularizer(syn).backward()
+    regularizer.image_loss(syn).backward()
     assert syn.images.grad is not None and syn.images.grad.abs().sum() > 0
     assert all(p.grad is None for net in pool[MODEL] for p in net.parameters())
 
@@ -104,7 +109,7 @@ def test_missing_models_name_directory_and_command(tmp_path):
     record = tiny_record()
     m = build("DC", record, settings(str(tmp_path / "nowhere"), model_num=1))
     with pytest.raises(utils.UserError) as error:
-        clom.load_for_run(m.cfg, record, CPU)
+        clom.CLoM.load_shared(m.cfg.clom, m.cfg, record, CPU)
     message = str(error.value)
     assert os.path.join(str(tmp_path / "nowhere"), "Tiny3", "original", MODEL) in message
     assert "python train_original.py --dataset Tiny3 --model ConvNetW32" in message
@@ -114,23 +119,23 @@ def test_too_many_models_asked(pretrained):
     record = tiny_record()
     m = build("DC", record, settings(pretrained, model_num=3))
     with pytest.raises(utils.UserError, match="index_2"):
-        clom.load_for_run(m.cfg, record, CPU)
+        clom.CLoM.load_shared(m.cfg.clom, m.cfg, record, CPU)
 
 
 def test_epoch_maps_to_the_trained_epochs(pretrained):
     record = tiny_record()
     ok = build("DC", record, settings(pretrained, epoch=2))
-    assert len(clom.load_for_run(ok.cfg, record, CPU)[MODEL]) == 2
+    assert len(clom.CLoM.load_shared(ok.cfg.clom, ok.cfg, record, CPU)[MODEL]) == 2
     wrong = build("DC", record, settings(pretrained, epoch=150))
     with pytest.raises(utils.UserError, match="--epoch 150: .* holds 2 trained epochs"):
-        clom.load_for_run(wrong.cfg, record, CPU)
+        clom.CLoM.load_shared(wrong.cfg.clom, wrong.cfg, record, CPU)
 
 
 def test_ce_needs_the_same_classes_and_shape(pretrained):
     other = tiny_record(num_classes=2, name="Tiny3")
     m = build("DC", other, settings(pretrained))
     with pytest.raises(utils.UserError, match="num_classes"):
-        clom.load_for_run(m.cfg, other, CPU)
+        clom.CLoM.load_shared(m.cfg.clom, m.cfg, other, CPU)
 
 
 # ----- the term ---------------------------------------------------------------------------------
@@ -144,7 +149,7 @@ def test_ce_term_equals_alpha_times_cross_entropy(pretrained):
     # hand: -log softmax at the label, averaged over the 6 synthetic images
     log_probs = logits - logits.exp().sum(1, keepdim=True).log()
     expected = 7.5 * -log_probs[torch.arange(6), syn.labels].mean()
-    assert regularizer(syn).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert regularizer.image_loss(syn).item() == pytest.approx(expected.item(), rel=1e-5)
     assert regularizer.pop_logs()["clom"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert regularizer.pop_logs() == {}
 
@@ -164,7 +169,7 @@ def test_cos_variant_runs_and_draws_real_batches(pretrained):
     record = tiny_record()
     m, regularizer, _ = with_clom("DM", record, pretrained, distance="cos", batch_size=5)
     syn = m.init_synthetic()
-    value = regularizer(syn)
+    value = regularizer.image_loss(syn)
     assert 0 < value.item() < 10  # alpha 10, the ratio is in (0, 1)
     value.backward()
     assert syn.images.grad.abs().sum() > 0
@@ -254,6 +259,6 @@ def test_run_logs_records_and_resumes_with_clom(pretrained, tmp_path):
     with pytest.raises(RunInterrupted):
         run_distillation(cfg, opts("split", checkpoint_every=0), record, CPU, stop=stop, on_iteration=request_stop)
     resumed = run_distillation(cfg, opts("split", resume=True), record, CPU)
-    a = utils.load_results(whole.result_path)["data"][0][0]
-    b = utils.load_results(resumed.result_path)["data"][0][0]
+    a = files.load_results(whole.result_path)["data"][0][0]
+    b = files.load_results(resumed.result_path)["data"][0][0]
     assert torch.equal(a, b)

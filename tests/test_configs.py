@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 import distill
+from cli import distill_flags
 import methods
 import utils
 
@@ -25,8 +26,8 @@ EXPECTED["PAD"] = EXPECTED["DATM"]
 
 
 def resolved(path, *flags):
-    args = distill.parse_args(["--config", path, *flags])
-    cfg, opts = distill.resolve(args)
+    args = distill_flags.parse_args(["--config", path, *flags])
+    cfg, opts = distill_flags.resolve(args)
     return args, cfg, opts
 
 
@@ -67,7 +68,7 @@ def test_command_line_overrides_file(path, capsys):
 @pytest.mark.parametrize("path", FILES, ids=IDS)
 def test_float_values_are_yaml_floats(path):
     """YAML reads ``1e-5`` as a string; float flags must be written so that they load as floats."""
-    parser = distill.build_parser()
+    parser = distill_flags.build_parser()
     float_flags = {a.dest for a in parser._actions if a.type is float}
     float_flags |= {name for name, (option, _) in methods.method_options().items() if option.type is float}
     with open(path) as handle:
@@ -131,9 +132,9 @@ def test_unknown_key_is_a_user_error(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("method: MTT\nsyn_steps: 5\nnot_a_flag: 1\n")
     with pytest.raises(utils.UserError, match="not_a_flag"):
-        distill.parse_args(["--config", str(path)])
+        distill_flags.parse_args(["--config", str(path)])
 
 
 def test_missing_file_is_a_user_error(tmp_path):
     with pytest.raises(utils.UserError, match="no file"):
-        distill.parse_args(["--config", str(tmp_path / "absent.yaml")])
+        distill_flags.parse_args(["--config", str(tmp_path / "absent.yaml")])

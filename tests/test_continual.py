@@ -6,13 +6,15 @@ import pytest
 import torch
 
 from scripts import continual
+from sets import continual as cl_lib
 import data
 import utils
+from sets import files
 from tiny_data import tiny_record
 
 
 def test_class_orders_are_the_reference_permutations():
-    orders = continual.class_orders(10)
+    orders = cl_lib.class_orders(10)
     assert len(orders) == 5
     for seed, order in enumerate(orders):
         np.random.seed(seed)
@@ -22,17 +24,17 @@ def test_class_orders_are_the_reference_permutations():
 
 def test_seen_classes_grow_by_k_over_steps():
     order = [3, 1, 4, 0, 2, 5, 9, 8, 7, 6]
-    assert continual.seen_classes(order, 5, 0) == [3, 1]
-    assert continual.seen_classes(order, 5, 4) == order
-    assert continual.seen_classes(order, 3, 2) == order[:9]  # K // steps = 3 per step; class 6 never used
+    assert cl_lib.seen_classes(order, 5, 0) == [3, 1]
+    assert cl_lib.seen_classes(order, 5, 4) == order
+    assert cl_lib.seen_classes(order, 3, 2) == order[:9]  # K // steps = 3 per step; class 6 never used
     with pytest.raises(ValueError, match="--steps 11"):
-        continual.seen_classes(order, 11, 0)
+        cl_lib.seen_classes(order, 11, 0)
 
 
 def test_restrict_keeps_only_listed_classes():
     images = torch.arange(6.0).reshape(6, 1, 1, 1)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
-    x, y = continual.restrict(images, labels, [2, 0])
+    x, y = cl_lib.restrict(images, labels, [2, 0])
     assert y.tolist() == [0, 2, 0, 2] and x.flatten().tolist() == [0.0, 2.0, 3.0, 5.0]
 
 
@@ -46,12 +48,12 @@ def test_each_step_trains_and_tests_on_seen_classes_only(monkeypatch):
 
     monkeypatch.setattr(utils, "evaluate_synset", fake_evaluate)
     memory = (record.images_train, record.labels_train)
-    outcome = continual.run_continual({"all": lambda index: memory}, record, steps=2, model="ConvNet",
+    outcome = cl_lib.run_continual({"all": lambda index: memory}, record, steps=2, model="ConvNet",
                                       cfg=utils.EvalConfig(epochs=1), num_eval=2, device=torch.device("cpu"),
                                       num_orders=3, log=lambda line: None)
     assert len(calls) == 3 * 2
     for (train_classes, test_classes, count, k), (order_index, step) in zip(calls, [(o, t) for o in range(3) for t in range(2)]):
-        seen = sorted(continual.class_orders(4, 3)[order_index][:2 * (step + 1)])
+        seen = sorted(cl_lib.class_orders(4, 3)[order_index][:2 * (step + 1)])
         assert train_classes == test_classes == seen
         assert count == 3 * len(seen)  # tiny_record has per_class // 2 = 3 test images per class
         assert k == 4  # the network always has K outputs
@@ -63,7 +65,7 @@ def test_continual_cli_runs_sets_and_baselines(tmp_path, monkeypatch, capsys, on
     record = tiny_record(num_classes=2, per_class=4, size=8)
     monkeypatch.setattr(data, "load_dataset", lambda *args, **kwargs: record)
     images = record.images_train[[0, 4]]
-    utils.save_results(str(tmp_path / "res_X.pt"), [[images, torch.tensor([0, 1])]], {},
+    files.save_results(str(tmp_path / "res_X.pt"), [[images, torch.tensor([0, 1])]], {},
                        meta={"method": "X", "dataset": "Tiny3"})
     out = tmp_path / "cl" / "cl.json"
     code = continual.main(["--dataset", "Tiny3", "--syn_path", str(tmp_path / "res_X.pt"), "--steps", "2",

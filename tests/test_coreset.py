@@ -5,8 +5,11 @@ import os
 import pytest
 import torch
 
+from cli import distill_flags
+
 import methods
 import utils
+from sets import files
 from data import RealSampler
 from methods.coreset import (count_forgetting_events, forgetting_statistics, herding_select, kcenter_select,
                              most_forgotten)
@@ -135,7 +138,7 @@ def test_runner_saves_a_selection_run_without_iterations(tmp_path, one_thread):
                                 init="real", batch_train=8)
     opts = RunOptions(num_exp=2, num_eval=1, eval_it=5, epoch_eval_train=1, run_dir=str(tmp_path), save_vis=False)
     outcome = run_distillation(cfg, opts, record, CPU)
-    blob = utils.load_results(outcome.result_path)
+    blob = files.load_results(outcome.result_path)
     assert len(blob["data"]) == 2 and blob["data"][0][0].shape == (2, 1, 8, 8)
     assert len(outcome.accs_all_exps["ConvNet"]) == 2
     results = json.load(open(os.path.join(tmp_path, "results.json")))
@@ -153,10 +156,10 @@ def test_runner_saves_a_selection_run_without_iterations(tmp_path, one_thread):
 def test_distill_cli_accepts_selection_methods(tmp_path, monkeypatch, one_thread):
     import distill
 
-    args = distill.parse_args(["--method", "kcenter", "--dataset", "FashionMNIST", "--ipc", "1",
+    args = distill_flags.parse_args(["--method", "kcenter", "--dataset", "FashionMNIST", "--ipc", "1",
                                "--coreset_model_path", "x", "--run_dir", str(tmp_path)])
-    cfg, opts = distill.resolve(args)
+    cfg, opts = distill_flags.resolve(args)
     assert cfg.iterations == 0 and cfg.init == "real" and cfg.extra == {"coreset_model_path": "x"}
-    args = distill.parse_args(["--method", "forgetting", "--dataset", "FashionMNIST", "--forgetting_epochs", "0"])
+    args = distill_flags.parse_args(["--method", "forgetting", "--dataset", "FashionMNIST", "--forgetting_epochs", "0"])
     with pytest.raises(utils.UserError, match="--forgetting_epochs must be >= 1"):
-        distill.resolve(args)
+        distill_flags.resolve(args)

@@ -6,20 +6,24 @@ import os
 
 import pytest
 import torch
+
+from cli import evaluate_flags
 import torch.nn as nn
 import torch.nn.functional as F
 
 import distill
+from cli import distill_flags
 import evaluate
 import methods
 import networks
 import utils
+from sets import files
 from data import RealSampler
 from methods.addons.feature_loss import (FeatureLossConfig, FeatureTargets, classify_features, feature_distance,
                           forward_with_features)
 from methods.addons.feature_labels import FeatureLabelConfig
 from methods.runner import RunOptions, run_distillation
-from tiny_data import build_mtt, tiny_record
+from tiny_data import build_mtt, tiny_record, with_addons
 
 CPU = torch.device("cpu")
 MODEL = "ConvNetW32"
@@ -33,8 +37,8 @@ def build(name, record, **feature_flags):
                                 feature_labels=FeatureLabelConfig(**{"feat_init": "random", **feature_flags}))
     sampler = RealSampler(record.images_train, record.labels_train, record.num_classes, CPU)
     torch.manual_seed(0)
-    return cls(cfg, channel=record.channel, num_classes=record.num_classes, im_size=record.im_size, sampler=sampler,
-               device=CPU, generator=utils.make_generator(0))
+    return with_addons(cls(cfg, channel=record.channel, num_classes=record.num_classes, im_size=record.im_size,
+                           sampler=sampler, device=CPU, generator=utils.make_generator(0)), record)
 
 
 # ----- the loss ---------------------------------------------------------------------------------
@@ -91,7 +95,7 @@ def test_one_step_changes_features_and_images(one_thread, name):
     syn = m.init_synthetic()
     assert syn.features.shape == (1, 6, 32, 1, 1)
     features, images = syn.features.detach().clone(), syn.images.detach().clone()
-    logs = m.step(syn, 1)
+    logs = {**m.step(syn, 1), **m.pop_addon_logs()}
     assert math.isfinite(float(logs["loss"])) and math.isfinite(float(logs["feat_loss"]))
     assert not torch.equal(syn.features, features)
     assert not torch.equal(syn.images, images)
@@ -196,7 +200,7 @@ def test_run_saves_features_third_and_evaluate_reads_sets_with_and_without(one_t
     opts = RunOptions(num_exp=1, num_eval=1, eval_models=(MODEL,), epoch_eval_train=1, run_dir=str(tmp_path / "run"),
                       save_vis=False, tta_mode="hflip", deterministic=True)
     outcome = run_distillation(cfg, opts, record, CPU)
-    blob = utils.load_results(outcome.result_path)
+    blob = files.load_results(outcome.result_path)
     images, labels, features = blob["data"][0]
     assert features.shape == (1, 3, 32, 1, 1)
     assert blob["meta"]["config"]["feature_labels"]["lbd"] == 0.2
@@ -205,19 +209,19 @@ def test_run_saves_features_third_and_evaluate_reads_sets_with_and_without(one_t
     assert results["feature_labels"]["lbd"] == 0.2 and results["feature_labels"]["pooling"] == "avg"
 
     monkeypatch.setattr("data.load_dataset", lambda *a, **k: record)
-    args = evaluate.build_parser().parse_args(["--syn_path", outcome.result_path, "--dataset", record.name])
-    found = evaluate.load_feature_labels(args, 3, 3)
-    assert torch.equal(found[0]["term"].features, features) and found[0]["term"].cfg.lbd == 0.2
-    assert found[0]["term"].cfg.pooling == "avg"
-    args = evaluate.build_parser().parse_args(["--syn_path", outcome.result_path, "--dataset", record.name, "--lbd", "0"])
-    assert evaluate.load_feature_labels(args, 3, 3)[0]["term"] is None
+    args = evaluate_flags.build_parser().parse_args(["--syn_path", outcome.result_path, "--dataset", record.name])
+    _, found, _ = evaluate_flags.load_set(outcome.result_path, args, record)
+    assert torch.equal(found[0].term.features, features) and found[0].term.cfg.lbd == 0.2
+    assert found[0].term.cfg.pooling == "avg"
+    args = evaluate_flags.build_parser().parse_args(["--syn_path", outcome.result_path, "--dataset", record.name, "--lbd", "0"])
+    assert evaluate_flags.load_set(outcome.result_path, args, record)[1][0].term is None
     common = ["--dataset", record.name, "--model", MODEL, "--num_eval", "1", "--epoch_eval_train", "1", "--device", "cpu"]
     assert evaluate.main(["--syn_path", outcome.result_path, "--tta", "--deterministic", *common]) == 0
     # the same set without F (two entries, as before) still evaluates
     plain_path = str(tmp_path / "plain.pt")
-    utils.save_results(plain_path, [[images, labels]], {})
-    args = evaluate.build_parser().parse_args(["--syn_path", plain_path, "--dataset", record.name])
-    assert evaluate.load_feature_labels(args, 3, 3) == [{}]
+    files.save_results(plain_path, [[images, labels]], {})
+    args = evaluate_flags.build_parser().parse_args(["--syn_path", plain_path, "--dataset", record.name])
+    assert evaluate_flags.load_set(plain_path, args, record)[1][0].term is None
     assert evaluate.main(["--syn_path", plain_path, *common]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(MODEL) and "networks" in line]
     first = [line for line in lines if os.path.basename(outcome.result_path) in line]
@@ -227,19 +231,19 @@ def test_run_saves_features_third_and_evaluate_reads_sets_with_and_without(one_t
 
 
 def test_distill_flags_build_the_feature_config():
-    args = distill.parse_args(["--method", "DC", "--dataset", "MNIST", "--feature_labels", "--lbd", "0.1",
+    args = distill_flags.parse_args(["--method", "DC", "--dataset", "MNIST", "--feature_labels", "--lbd", "0.1",
                                "--feat-lbd", "0.05", "--layer-idx", "2", "--pooling", "avg", "--feat_metric", "cos",
                                "--tta", "--deterministic"])
-    cfg, opts = distill.resolve(args)
+    cfg, opts = distill_flags.resolve(args)
     assert cfg.feature_labels == FeatureLabelConfig(lbd=0.1, feat_lbd=0.05, layer_idx=2, pooling="avg",
                                                     feat_metric="cos")
     assert opts.tta_mode == "hflip" and opts.deterministic
-    cfg, opts = distill.resolve(distill.parse_args(["--method", "DATM", "--dataset", "MNIST", "--feature_labels"]))
+    cfg, opts = distill_flags.resolve(distill_flags.parse_args(["--method", "DATM", "--dataset", "MNIST", "--feature_labels"]))
     assert cfg.feature_labels.feat_lbd == 0.02  # DATM_ours' default
-    cfg, opts = distill.resolve(distill.parse_args(["--method", "DC", "--dataset", "MNIST"]))
+    cfg, opts = distill_flags.resolve(distill_flags.parse_args(["--method", "DC", "--dataset", "MNIST"]))
     assert cfg.feature_labels is None and opts.tta_mode == "" and not opts.deterministic
     with pytest.raises(utils.UserError, match="--feat_metric"):
-        distill.resolve(distill.parse_args(["--dataset", "MNIST", "--feature_labels", "--feat_metric", "l1"]))
+        distill_flags.resolve(distill_flags.parse_args(["--dataset", "MNIST", "--feature_labels", "--feat_metric", "l1"]))
 
 
 @pytest.mark.parametrize("name", ["MTT", "DATM"])
@@ -250,6 +254,8 @@ def test_trajectory_matching_learns_features_in_the_unroll(one_thread, buffer_ro
     syn = m.init_synthetic()
     features, images = syn.features.detach().clone(), syn.images.detach().clone()
     m.step(syn, 1)
-    assert m.feature_learner.optimizer in m.optimizers()
-    assert float(m.feature_ce) > 0 and not m.feature_ce.requires_grad
+    (addon,) = m.addons
+    assert addon.optimizer in m.optimizers()
+    assert float(m.unroll_extra) > 0 and not m.unroll_extra.requires_grad
+    assert float(m.pop_addon_logs()["feat_ce"]) > 0
     assert not torch.equal(syn.features, features) and not torch.equal(syn.images, images)

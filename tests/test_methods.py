@@ -9,11 +9,12 @@ import torch.nn.functional as F
 import methods
 import networks
 import utils
+from sets import files
 from methods.dc import get_loops
 from methods.losses import (attention_matching_loss, class_means, gradient_match_distance, layerwise_distance,
                             mean_embedding_distance, spatial_attention)
 from methods.runner import RunInterrupted, RunOptions, StopFlag, run_distillation
-from tiny_data import build_method, tiny_record
+from tiny_data import build_method, tiny_record, image_loss_addon
 
 CPU = torch.device("cpu")
 
@@ -210,7 +211,7 @@ def small_cfg(method="DC", **kw):
 def test_run_writes_reference_format(tmp_path):
     record = tiny_record()
     outcome = run_distillation(small_cfg(iterations=2), run_opts(tmp_path, "fmt", num_exp=2), record, CPU)
-    blob = utils.load_results(outcome.result_path)
+    blob = files.load_results(outcome.result_path)
     assert os.path.basename(outcome.result_path) == "res_DC_Tiny3_ConvNetW32_2ipc.pt"
     assert len(blob["data"]) == 2
     image_syn, label_syn = blob["data"][0]
@@ -231,9 +232,9 @@ def test_zca_run_saves_the_whitening_and_pictures_in_pixel_space(tmp_path):
     record.images_train, record.images_test = record.zca(record.images_train), record.zca(record.images_test)
     outcome = run_distillation(small_cfg("DM", init="real", lr_img=0.01, iterations=1),
                                run_opts(tmp_path, "zca", num_eval=0), record, CPU)
-    meta = utils.load_results(outcome.result_path)["meta"]
+    meta = files.load_results(outcome.result_path)["meta"]
     restored = ZCA.from_state_dict(meta["zca"])
-    image_syn = utils.load_results(outcome.result_path)["data"][0][0]
+    image_syn = files.load_results(outcome.result_path)["data"][0][0]
     assert torch.allclose(restored.inverse(image_syn), record.zca.inverse(image_syn), atol=1e-5)
     assert os.path.isfile(outcome.vis_paths[-1])
 
@@ -241,11 +242,11 @@ def test_zca_run_saves_the_whitening_and_pictures_in_pixel_space(tmp_path):
 def test_reference_layout_file_loads(tmp_path):
     path = tmp_path / "res_DSA_X.pt"
     torch.save({"data": [[torch.randn(10, 3, 32, 32), torch.arange(10)]], "accs_all_exps": {"ConvNet": [0.5]}}, path)
-    blob = utils.load_results(str(path))
+    blob = files.load_results(str(path))
     assert blob["data"][0][0].shape == (10, 3, 32, 32)
     torch.save({"images": torch.randn(2)}, tmp_path / "bad.pt")
     with pytest.raises(utils.UserError, match="reference layout"):
-        utils.load_results(str(tmp_path / "bad.pt"))
+        files.load_results(str(tmp_path / "bad.pt"))
 
 
 @pytest.mark.parametrize("method", ["DSA", "DM"])
@@ -265,8 +266,8 @@ def test_resume_equals_uninterrupted(tmp_path, method):
         run_distillation(cfg, run_opts(tmp_path, "cut"), record, CPU, stop=stop, on_iteration=interrupt)
     assert not os.path.exists(os.path.join(tmp_path, "cut", "res_%s_Tiny3_ConvNetW32_2ipc.pt" % method))
     resumed = run_distillation(cfg, run_opts(tmp_path, "cut", resume=True), record, CPU)
-    a = utils.load_results(full.result_path)["data"][0][0]
-    b = utils.load_results(resumed.result_path)["data"][0][0]
+    a = files.load_results(full.result_path)["data"][0][0]
+    b = files.load_results(resumed.result_path)["data"][0][0]
     assert torch.equal(a, b)
     assert full.accs_all_exps == resumed.accs_all_exps
 
@@ -297,7 +298,7 @@ def test_datadam_runs_on_other_norms_and_depths(model, power):
     logs = m.step(syn, 1)
     assert torch.isfinite(logs["loss"]) and logs["loss"] > 0
     assert not torch.equal(before, syn.images.detach())
-    assert m.default_eval_epochs(False) == 1800
+    assert type(m).eval_epochs == (1800, 1800)
 
 
 def test_pass_size_keeps_batchnorm_statistics_whole():
@@ -317,7 +318,7 @@ def test_pass_size_keeps_batchnorm_statistics_whole():
     ("CAFE", {"watcher_window": 2, "watcher_images": 2, "max_outer_steps": 2, "max_inner_steps": 1}),
 ])
 def test_regularizers_join_every_image_update(method, overrides):
-    """The hook CLoM-style terms use: every method's image update includes self.regularizers."""
+    """The hook CLoM-style add-ons use: every method's image update includes every add-on's image_loss."""
     record = tiny_record()
     calls = []
 
@@ -328,7 +329,7 @@ def test_regularizers_join_every_image_update(method, overrides):
         calls.append(1)
         return weight * (syn.images ** 2).sum()
 
-    regularized.regularizers.append(pull_to_zero)
+    regularized.addons.append(image_loss_addon(pull_to_zero))
     syn_plain, syn_reg = plain.init_synthetic(), regularized.init_synthetic()
     torch.manual_seed(5)
     plain.step(syn_plain, 1)

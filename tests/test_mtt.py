@@ -5,12 +5,15 @@ import math
 import pytest
 import torch
 
+from cli import evaluate_flags
+
 import evaluate
 import methods
 import utils
+from sets import files
 from methods.mtt import FlatModel, flatten, trajectory_matching_loss
 from methods.runner import RunOptions, run_distillation
-from tiny_data import build_mtt, tiny_record
+from tiny_data import build_mtt, tiny_record, image_loss_addon
 
 CPU = torch.device("cpu")
 MODEL = "ConvNetW32"
@@ -124,15 +127,15 @@ def test_run_saves_lr_and_soft_labels_that_evaluate_reads(buffer_root, tmp_path,
     opts = RunOptions(num_exp=1, num_eval=1, eval_models=(MODEL,), epoch_eval_train=5, run_dir=str(tmp_path / "run"),
                       checkpoint_every=2)
     outcome = run_distillation(cfg, opts, record, CPU)
-    blob = utils.load_results(outcome.result_path)
+    blob = files.load_results(outcome.result_path)
     assert blob["meta"]["syn_lr"] and blob["meta"]["syn_lr"][0] != 0.01
     labels = blob["data"][0][1]
     assert labels.shape == ((3, 3) if method == "DATM" else (3,))
     # evaluate.py reads the learned lr and (soft) labels back
     monkeypatch.setattr("data.load_dataset", lambda *a, **k: record)
-    args = evaluate.build_parser().parse_args(["--syn_path", outcome.result_path, "--dataset", record.name])
-    sets, _ = evaluate.load_sets(args, record)
-    images, targets, learned_lr = sets[0]
+    args = evaluate_flags.build_parser().parse_args(["--syn_path", outcome.result_path, "--dataset", record.name])
+    _, sets, _ = evaluate_flags.load_set(outcome.result_path, args, record)
+    targets, learned_lr = sets[0].labels, sets[0].learned_lr
     assert learned_lr == pytest.approx(blob["meta"]["syn_lr"][0])
     if method == "DATM":
         assert torch.allclose(targets, torch.softmax(labels, 1))
@@ -157,9 +160,9 @@ def test_resume_equals_uninterrupted(buffer_root, tmp_path):
         except RunInterrupted:
             return None
 
-    whole = utils.load_results(run("whole").result_path)
+    whole = files.load_results(run("whole").result_path)
     assert run("split", stop_at=2) is None
-    resumed = utils.load_results(run("split").result_path)
+    resumed = files.load_results(run("split").result_path)
     assert torch.allclose(whole["data"][0][0], resumed["data"][0][0])
     assert torch.allclose(whole["data"][0][1], resumed["data"][0][1])
     assert whole["meta"]["syn_lr"] == pytest.approx(resumed["meta"]["syn_lr"])
@@ -173,20 +176,21 @@ def test_evaluate_reads_reference_logged_files(tmp_path):
     torch.save(images, tmp_path / "images_best.pt")
     torch.save(logits, tmp_path / "labels_best.pt")
     torch.save(torch.tensor(0.02), tmp_path / "lr_best.pt")
-    args = evaluate.build_parser().parse_args(["--syn_path", str(tmp_path / "images_best.pt"), "--labels_path",
+    args = evaluate_flags.build_parser().parse_args(["--syn_path", str(tmp_path / "images_best.pt"), "--labels_path",
                                                str(tmp_path / "labels_best.pt"), "--lr_path", str(tmp_path / "lr_best.pt"),
                                                "--dataset", record.name])
-    sets, _ = evaluate.load_sets(args, record)
-    loaded, targets, lr = sets[0]
+    _, sets, _ = evaluate_flags.load_set(str(tmp_path / "images_best.pt"), args, record)
+    loaded, targets, lr = sets[0].images, sets[0].labels, sets[0].learned_lr
     assert torch.equal(loaded, images) and torch.allclose(targets, torch.softmax(logits, 1)) and lr == pytest.approx(0.02)
-    args = evaluate.build_parser().parse_args(["--syn_path", str(tmp_path / "images_best.pt"), "--dataset", record.name])
-    _, hard, lr = evaluate.load_sets(args, record)[0][0]
+    args = evaluate_flags.build_parser().parse_args(["--syn_path", str(tmp_path / "images_best.pt"), "--dataset", record.name])
+    loaded = evaluate_flags.load_set(str(tmp_path / "images_best.pt"), args, record)[1][0]
+    hard, lr = loaded.labels, loaded.learned_lr
     assert hard.tolist() == [0, 0, 1, 1, 2, 2] and lr is None
 
 
 def test_regularizers_join_the_trajectory_matching_update(buffer_root):
     m, _ = build_mtt("MTT", buffer_root)
     calls = []
-    m.regularizers.append(lambda syn: calls.append(1) or 0.0 * syn.images.sum())
+    m.addons.append(image_loss_addon(lambda syn: calls.append(1) or 0.0 * syn.images.sum()))
     m.step(m.init_synthetic(), 1)
     assert calls == [1]

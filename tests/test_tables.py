@@ -7,12 +7,15 @@ import pandas as pd
 import pytest
 import torch
 
+from cli import evaluate_flags
+
 import cli
 from sets import comparison
 import data
 import evaluate
 import networks
 import utils
+from sets import files
 from tiny_data import tiny_record
 
 from scripts import make_table  # noqa: E402
@@ -66,7 +69,7 @@ def _fake_set(path, record, ipc, method, seed):
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(record.num_classes * ipc, record.channel, *record.im_size, generator=g)
     labels = torch.arange(record.num_classes).repeat_interleave(ipc)
-    utils.save_results(str(path), [[images, labels]], {}, meta={"method": method, "dataset": "Tiny3", "dsa_strategy": ""})
+    files.save_results(str(path), [[images, labels]], {}, meta={"method": method, "dataset": "Tiny3", "dsa_strategy": ""})
 
 
 def test_evaluate_prints_one_table_with_random_and_whole_rows(tmp_path, monkeypatch, capsys, one_thread):
@@ -104,7 +107,7 @@ def test_evaluate_refuses_mixed_augmentation_without_dsa_strategy(tmp_path, monk
     record = tiny_record(num_classes=2, per_class=4, size=8)
     monkeypatch.setattr(data, "load_dataset", lambda *args, **kwargs: record)
     _fake_set(tmp_path / "a.pt", record, 1, "A", 0)
-    blob = utils.load_results(str(tmp_path / "a.pt"))
+    blob = files.load_results(str(tmp_path / "a.pt"))
     blob["meta"]["dsa_strategy"] = "color_crop"
     torch.save(blob, tmp_path / "b.pt")
     with pytest.raises(SystemExit) as error:
@@ -147,12 +150,12 @@ def test_make_table_aggregates_fake_result_files(tmp_path, capsys):
     assert make_table.main([str(tmp_path / "missing")]) == 2
 
 
-def test_single_set_args_unwraps_one_path_and_refuses_several():
-    args = evaluate.build_parser().parse_args(["--syn_path", "a.pt", "--dataset", "MNIST"])
-    assert args.syn_path == ["a.pt"] and evaluate.single_set_args(args).syn_path == "a.pt"
-    args = evaluate.build_parser().parse_args(["--syn_path", "a.pt", "b.pt", "--dataset", "MNIST"])
-    with pytest.raises(utils.UserError, match="expected one synthetic set"):
-        evaluate.single_set_args(args)
+def test_assess_takes_exactly_one_set(capsys):
+    """--assess refuses several sets with one line, before any data is loaded."""
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(["--assess", "--syn_path", "a.pt", "b.pt", "--dataset", "MNIST"])
+    assert stop.value.code == 2
+    assert "--assess takes one synthetic set (--syn_path), got 2" in capsys.readouterr().err
 
 
 def test_make_table_keeps_clom_and_feature_label_runs_apart(tmp_path):

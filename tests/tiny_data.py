@@ -53,8 +53,8 @@ def build_method(method, record, **overrides):
     torch.manual_seed(0)
     g = utils.make_generator(0)
     sampler = RealSampler(record.images_train, record.labels_train, record.num_classes, CPU)
-    return cls(cfg, channel=record.channel, num_classes=record.num_classes, im_size=record.im_size, sampler=sampler,
-               device=CPU, generator=g)
+    return with_addons(cls(cfg, channel=record.channel, num_classes=record.num_classes, im_size=record.im_size,
+                           sampler=sampler, device=CPU, generator=g), record)
 
 
 def make_tiny_buffer(root) -> str:
@@ -88,5 +88,26 @@ def build_mtt(method, buffer_root, **overrides):
     cfg = methods.DistillConfig(method=method, dataset=record.name, extra=extra, **fields)
     torch.manual_seed(0)
     sampler = RealSampler(record.images_train, record.labels_train, record.num_classes, CPU)
-    return cls(cfg, channel=record.channel, num_classes=record.num_classes, im_size=record.im_size, sampler=sampler,
-               device=CPU, generator=utils.make_generator(0)), record
+    return with_addons(cls(cfg, channel=record.channel, num_classes=record.num_classes, im_size=record.im_size,
+                           sampler=sampler, device=CPU, generator=utils.make_generator(0)), record), record
+
+
+def with_addons(method, record):
+    """``method`` with the add-ons its configuration turns on attached, as the runner does."""
+    from methods import addons
+
+    method.attach_addons(addons.create(method.cfg, method, addons.load_shared(method.cfg, record, CPU)))
+    return method
+
+
+def image_loss_addon(fn):
+    """An add-on whose only hook is ``image_loss = fn(syn)`` (for tests of the image-update hook)."""
+    from methods.addons.base import AddOn
+
+    class ImageLoss(AddOn):
+        name = "test_image_loss"
+
+        def image_loss(self, syn):
+            return fn(syn)
+
+    return ImageLoss(None, None)

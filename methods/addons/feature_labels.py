@@ -306,3 +306,33 @@ class FeatureLabels(AddOn):
         """Restore what :meth:`state_dict` returned (after :meth:`attach`)."""
         if state.get("optimizer") is not None and self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
+
+
+def training_term_from_saved(features: torch.Tensor, saved: dict, num_images: int, num_classes: int,
+                             lbd: Optional[float] = None) -> Optional[FeatureTargets]:
+    """The training term of a saved set's feature labels (``evaluate.py``): F (the third entry of a
+    result file's ``data`` item, as DRUPI saves it) with the loss settings saved with the set
+    (``meta.config.feature_labels``), ``lbd`` overriding lambda. A file without them (DRUPI's own)
+    takes DRUPI's defaults, with avg pooling when F is 1x1.
+
+    Args:
+        features: (n_feat, N or K, ...) feature labels.
+        saved: the saved ``FeatureLabelConfig`` fields (``{}`` if none).
+        num_images, num_classes: N and K of the set.
+        lbd: ``--lbd``; ``None`` takes the saved value (default 0.01).
+
+    Returns:
+        The ``FeatureTargets``, or ``None`` when lambda is 0 (plain cross-entropy).
+
+    Raises:
+        ValueError: ``lbd`` is negative, a saved setting is invalid, or F's shape does not fit the set.
+    """
+    if lbd is not None and lbd < 0:
+        raise ValueError(f"--lbd must be >= 0, got {lbd}")
+    features = features.float()
+    pooling = saved.get("pooling", "avg" if features.dim() == 5 and tuple(features.shape[3:]) == (1, 1) else None)
+    cfg = FeatureLossConfig(lbd=lbd if lbd is not None else saved.get("lbd", 0.01), layer_idx=saved.get("layer_idx"),
+                            pooling=pooling, metric=saved.get("feat_metric", "mse"), norm=saved.get("feat_norm", False),
+                            use_feature=saved.get("use_feature", "mean"))
+    targets = FeatureTargets(features, num_images, num_classes, cfg)  # checks the shape
+    return targets if cfg.lbd > 0 else None

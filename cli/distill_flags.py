@@ -1,0 +1,225 @@
+"""The ``distill.py`` command line: its flags (the reference scripts' names and defaults), the
+``--config`` YAML presets, and resolving them once into a frozen ``methods.DistillConfig`` and
+``methods.runner.RunOptions``.
+
+A flag left out takes the chosen method's reference default (``DistillMethod.defaults``: DC/DSA
+``main.py`` and DM ``main_DM.py`` of VICO-UoE/DatasetCondensation, ``main_DataDAM.py``, CAFE's
+``distill.py``, MTT/DATM/PAD ``distill.py``). A flag the chosen method does not use, and an add-on
+it does not host, are refused with one line before anything is loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import yaml
+
+import augment
+import cli
+import methods
+import utils
+from cli import clom as cli_clom
+from cli import features as feature_cli
+from methods import addons
+from methods.losses import METRICS
+from methods.runner import RunOptions
+
+# Flags whose default depends on the method (``None`` here, resolved from Method.defaults).
+METHOD_DEFAULTED = ("ipc", "Iteration", "lr_img", "lr_net", "batch_real", "batch_train", "init", "dsa_strategy",
+                    "dis_metric", "eval_mode")
+
+
+def build_parser(description: str = "") -> argparse.ArgumentParser:
+    """The ``distill.py`` flags (reference names; method-dependent defaults are ``None`` until resolved)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None,
+                        help="YAML file of flag values (configs/METHOD/DATASET_ipcN.yaml); flags given here override it")
+    parser.add_argument("--method", default="DC", help=f"one of: {', '.join(methods.list_methods())}")
+    parser.add_argument("--model", default="ConvNet", help="network to distil with (networks.py names)")
+    parser.add_argument("--ipc", type=int, default=None, help="images per class (DC/DSA 1, DM 50)")
+    parser.add_argument("--eval_mode", default=None, help="evaluation pool: S, SS, M, B, W, D, A, P, N, C (DC S, DM SS)")
+    parser.add_argument("--num_exp", type=int, default=5, help="independent experiments")
+    parser.add_argument("--num_eval", type=int, default=20, help="networks per evaluation (0: no evaluation)")
+    parser.add_argument("--epoch_eval_train", type=int, default=None,
+                        help="evaluation epochs (default: DC/DSA 1000 with augmentation else 300; DM 1000)")
+    parser.add_argument("--Iteration", type=int, default=None, help="outer iterations (DC/DSA 1000, DM 20000)")
+    parser.add_argument("--lr_img", type=float, default=None, help="synthetic image lr (DC/DSA 0.1, DM 1.0)")
+    parser.add_argument("--lr_net", type=float, default=None, help="network lr, inner loop and evaluation (0.01)")
+    parser.add_argument("--batch_real", type=int, default=None, help="real images per class per step (256)")
+    parser.add_argument("--batch_train", type=int, default=None, help="batch for training on the synthetic set (256)")
+    parser.add_argument("--init", "--pix_init", dest="init", default=None,
+                        help="noise or real (DC/DSA noise, DM/MTT real); DATM/PAD also samples_predicted_correctly (their default)")
+    parser.add_argument("--dsa_strategy", default=None,
+                        help="DiffAugment ops joined by _ (DSA/DM: color_crop_cutout_flip_scale_rotate; none to disable)")
+    parser.add_argument("--dis_metric", default=None, help=f"gradient distance for DC/DSA: {', '.join(METRICS)}")
+    parser.add_argument("--outer_loop", type=int, default=None, help="DC outer loop (default: get_loops(ipc))")
+    parser.add_argument("--inner_loop", type=int, default=None, help="DC inner loop (default: get_loops(ipc))")
+    parser.add_argument("--save_path", default="result", help="root of run directories")
+    parser.add_argument("--run_dir", default=None, help="run directory (default: save_path/METHOD_DATASET_MODEL_IPCipc)")
+    parser.add_argument("--eval_it", type=int, default=None,
+                        help="evaluate every N iterations, 0 = only at the end (default: DC 500, DM 2000 for S/SS)")
+    parser.add_argument("--checkpoint_every", type=int, default=100, help="write last.pt every N iterations (0: only on stop)")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
+                        help="continue from run_dir/last.pt if it exists")
+    parser.add_argument("--vis", action=argparse.BooleanOptionalAction, default=True, help="save PNG grids")
+    cli.add_data_args(parser)
+    cli.add_runtime_args(parser)
+    cli_clom.add_original_model_args(parser, clom=True)
+    feature_cli.add_feature_label_args(parser)
+    feature_cli.add_eval_option_args(parser)
+    group = parser.add_argument_group("method-specific (declared by each method's options)")
+    for name, (option, users) in methods.method_options().items():
+        defaults = sorted({f"{m.name}: {m.resolve_options({})[name]}" for m in map(methods.get_method_class, users)})
+        group.add_argument(f"--{name}", type=str if option.type is bool else option.type, default=None,
+                           help=f"{option.help} (default {'; '.join(defaults)})")
+    return parser
+
+
+def method_extra(args: argparse.Namespace, method_class) -> dict:
+    """The chosen method's options given on the command line; warn about other methods' options.
+
+    Raises:
+        utils.UserError: a value is out of range (the message names the flag).
+    """
+    own = {option.name for option in method_class.options}
+    extra = {}
+    for name in methods.method_options():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name in own:
+            extra[name] = value
+        else:
+            print(f"warning: --{name} is not used by --method {args.method}; ignored", file=sys.stderr)
+    try:
+        method_class.resolve_options(extra)
+    except ValueError as error:
+        raise utils.UserError(str(error)) from None
+    return extra
+
+
+def refuse_unused(args: argparse.Namespace, method_class) -> None:
+    """Refuse a shared flag the chosen method does not use (``DistillMethod.unused_flags``), so that
+    a value is never recorded as if it had been used. ``--dsa_strategy none`` is accepted everywhere.
+
+    Raises:
+        utils.UserError: one line naming the flag and the method.
+    """
+    for name in method_class.unused_flags:
+        value = getattr(args, name, None)
+        if value is None or (name == "dsa_strategy" and str(value).strip().lower() in ("", "none")):
+            continue
+        hint = f" ({method_class.unused_hint})" if getattr(method_class, "unused_hint", "") else ""
+        raise utils.UserError(f"--{name} {value}: --method {args.method} does not use this flag{hint}; leave it out")
+
+
+def resolve(args: argparse.Namespace):
+    """Fill method defaults, validate every value, and build the frozen (DistillConfig, RunOptions).
+
+    ``args`` is not modified.
+
+    Raises:
+        utils.UserError: a flag value is invalid, unused by the method, or asks for an add-on the
+            method does not host (the message names the flag).
+    """
+    try:
+        method_class = methods.get_method_class(args.method)
+    except KeyError as error:
+        raise utils.UserError(f"--method: {error.args[0]}") from None
+    refuse_unused(args, method_class)
+    defaults = {**{f.name: f.default for f in methods.DistillConfig.__dataclass_fields__.values()},
+                **method_class.defaults}
+    defaults["Iteration"] = defaults.pop("iterations")
+    v = {name: (defaults.get(name) if getattr(args, name) is None else getattr(args, name)) for name in METHOD_DEFAULTED}
+    for flag in ("ipc", "batch_real", "batch_train"):
+        if v[flag] < 1:
+            raise utils.UserError(f"--{flag} must be at least 1, got {v[flag]}")
+    if args.num_exp < 1:
+        raise utils.UserError(f"--num_exp must be at least 1, got {args.num_exp}")
+    for flag, value in (("Iteration", v["Iteration"]), ("num_eval", args.num_eval),
+                        ("checkpoint_every", args.checkpoint_every)):
+        if value < 0:
+            raise utils.UserError(f"--{flag} must be >= 0, got {value}")
+    for flag in ("lr_img", "lr_net"):
+        if not v[flag] > 0:
+            raise utils.UserError(f"--{flag} must be positive, got {v[flag]}")
+    if v["init"] not in method_class.init_choices:
+        raise utils.UserError(f"--init {v['init']!r}: --method {args.method} takes {' or '.join(method_class.init_choices)}")
+    if v["dis_metric"] not in METRICS:
+        raise utils.UserError(f"--dis_metric {v['dis_metric']!r}: expected one of {', '.join(METRICS)}")
+    try:
+        augment.validate_strategy(v["dsa_strategy"] or "")
+    except ValueError as error:
+        raise utils.UserError(str(error)) from None
+    cli.check_models([args.model], "--model")
+    eval_models = cli.resolve_eval_models(v["eval_mode"], args.model)
+    extra = method_extra(args, method_class)
+    eval_it = args.eval_it
+    if eval_it is None:
+        eval_it = method_class.default_eval_it if v["eval_mode"] in ("S", "SS") else 0
+    cfg = methods.DistillConfig(method=args.method, dataset=args.dataset, model=args.model, ipc=v["ipc"],
+                                iterations=v["Iteration"], lr_img=v["lr_img"], lr_net=v["lr_net"],
+                                batch_real=v["batch_real"], batch_train=v["batch_train"], init=v["init"],
+                                dsa_strategy=v["dsa_strategy"] or "", dis_metric=v["dis_metric"],
+                                outer_loop=args.outer_loop, inner_loop=args.inner_loop, zca=args.zca,
+                                subset=args.subset, res=args.res, extra=extra, clom=cli_clom.clom_settings(args),
+                                feature_labels=feature_cli.feature_label_config(args))
+    try:
+        method_class.check_addons(addons.requested(cfg))
+    except ValueError as error:
+        raise utils.UserError(str(error)) from None
+    run_dir = args.run_dir or os.path.join(args.save_path, f"{args.method}_{args.dataset}_{args.model}_{v['ipc']}ipc")
+    opts = RunOptions(num_exp=args.num_exp, num_eval=args.num_eval, eval_it=eval_it,
+                      eval_models=tuple(eval_models), epoch_eval_train=args.epoch_eval_train, seed=args.seed,
+                      run_dir=run_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                      save_vis=args.vis, **feature_cli.eval_option_values(args))
+    return cfg, opts
+
+
+def parse_args(argv=None, description: str = "") -> argparse.Namespace:
+    """Parse the command line, with ``--config FILE.yaml`` supplying defaults first.
+
+    Precedence: method defaults < the YAML file < flags on the command line (as timm's
+    ``train.py``). YAML keys are flag names without dashes (``lr_img``, ``syn_steps``, ...);
+    an unknown key is an error rather than silently ignored.
+
+    Raises:
+        utils.UserError: the file is missing, is not a YAML mapping, or has unknown keys.
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    parser = build_parser(description)
+    if known.config:
+        parser.set_defaults(**load_config(known.config, parser))
+    return parser.parse_args(argv)
+
+
+def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
+    """The flag values of a preset YAML file (``configs/``), checked against ``parser``'s flags.
+
+    Raises:
+        utils.UserError: unreadable file, not a mapping, or a key that is no flag.
+    """
+    if not os.path.isfile(path):
+        raise utils.UserError(f"--config: no file at {path}")
+    try:
+        with open(path) as handle:
+            values = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as error:
+        raise utils.UserError(f"--config {path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise utils.UserError(f"--config {path}: expected a mapping of flag names to values")
+    actions = {action.dest: action for action in parser._actions}
+    unknown = sorted(set(values) - set(actions))
+    if unknown:
+        raise utils.UserError(f"--config {path}: unknown keys {', '.join(unknown)} (keys are distill.py flag names)")
+    converted = {}
+    for key, value in values.items():
+        convert = actions[key].type
+        try:  # YAML reads 1e-7 (no dot) as a string: give it the flag's type, as the command line would
+            converted[key] = convert(value) if convert is not None and isinstance(value, str) else value
+        except (TypeError, ValueError):
+            raise utils.UserError(f"--config {path}: {key}: {value!r} is not a {convert.__name__}") from None
+    return converted

@@ -1,0 +1,160 @@
+"""Synthetic-set files: the result file ``distill.py`` writes and every layout ``evaluate.py`` reads.
+
+Layouts:
+
+* ours and the DC family's (VICO-UoE/DatasetCondensation ``main.py``): ``res_{method}_{dataset}_
+  {model}_{ipc}ipc.pt`` holding ``{'data': [[image_syn, label_syn, *extras], ...],
+  'accs_all_exps': {model: [accuracy in [0, 1], ...]}}``, one ``data`` entry per experiment
+  (images N x C x H x W float32 in the dataset's normalised space; class-major labels, int64, or
+  (N, K) soft-label logits; DRUPI's feature labels as a third entry). Ours adds a ``meta`` dict
+  (dataset, normalisation, ZCA, DSA strategy, the configuration, the learned step size ``syn_lr``
+  and the evaluation protocol ``protocol``, ``utils.EvalProtocol``);
+* the trajectory-matching logs (GeorgeCazenavette/mtt-distillation, NUS-HPC-AI-Lab/DATM and PAD
+  ``distill.py``): bare tensors ``images_*.pt``, ``labels_*.pt`` (class indices or soft-label
+  logits) and ``lr_*.pt`` (the learned step size).
+
+Every file is read with ``torch.load(weights_only=True)``: loading never runs code from the file.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from typing import List, Optional, Sequence
+
+import torch
+
+import utils
+from data import one_line
+
+
+def result_filename(method: str, dataset: str, model: str, ipc: int) -> str:
+    """The reference file name ``res_{method}_{dataset}_{model}_{ipc}ipc.pt`` (DC ``main.py``)."""
+    return f"res_{method}_{dataset}_{model}_{ipc}ipc.pt"
+
+
+def save_results(path: str, data: Sequence[Sequence[torch.Tensor]], accs_all_exps: dict, **extra) -> None:
+    """Save synthetic sets in the reference layout (module docstring), atomically.
+
+    Args:
+        path: the ``.pt`` file.
+        data: one ``[image_syn (N, C, H, W) float32, label_syn (N,) int64 or (N, K), *extras]`` per experiment.
+        accs_all_exps: ``{model: [accuracy in [0, 1], ...]}``.
+        extra: further top-level keys (``meta``); readers of the reference layout ignore them.
+    """
+    data_cpu = [[t.detach().cpu() if torch.is_tensor(t) else t for t in entry] for entry in data]
+    utils.atomic_save({"data": data_cpu, "accs_all_exps": accs_all_exps, **extra}, path)
+
+
+def _load(path: str, flag: str):
+    """``torch.load(path, weights_only=True)`` on the CPU, a user mistake as one line.
+
+    Raises:
+        utils.UserError: missing or unreadable file, or one that needs code to load.
+    """
+    if not os.path.isfile(path):
+        raise utils.UserError(f"{flag}: no file at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated file, or a pickle that would run code
+        raise utils.UserError(f"{flag}: cannot read {path} as tensors only ({one_line(error)[:200]})") from None
+
+
+def load_results(path: str, flag: str = "--syn_path") -> dict:
+    """Load a result file of this toolkit or of the DC-family references.
+
+    Returns:
+        The dict with at least ``data`` (a list of ``[image_syn, label_syn, ...]``) and ``accs_all_exps``.
+
+    Raises:
+        utils.UserError: the file is missing, unreadable or does not have the reference layout.
+    """
+    blob = _load(path, flag)
+    if not isinstance(blob, dict) or not isinstance(blob.get("data"), (list, tuple)) or not blob["data"]:
+        raise utils.UserError(f"{flag}: {path} lacks the reference layout "
+                              "{'data': [[image_syn, label_syn], ...], 'accs_all_exps': {...}}")
+    for index, entry in enumerate(blob["data"]):
+        if (not isinstance(entry, (list, tuple)) or len(entry) < 2 or not torch.is_tensor(entry[0])
+                or not torch.is_tensor(entry[1]) or entry[0].dim() != 4 or entry[1].shape[0] != entry[0].shape[0]):
+            raise utils.UserError(f"{flag}: {path}: data[{index}] is not [image_syn (N,C,H,W), label_syn (N,...)]")
+    blob.setdefault("accs_all_exps", {})
+    return blob
+
+
+def is_tensor_file(path: str) -> bool:
+    """Whether ``path`` holds a bare tensor (MTT/DATM/PAD ``images_*.pt``) rather than a result dict."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        return torch.is_tensor(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception:
+        return False
+
+
+def load_tensor(path: str, flag: str) -> torch.Tensor:
+    """A bare tensor file (``images_*.pt``, ``labels_*.pt``, ``lr_*.pt``).
+
+    Raises:
+        utils.UserError: missing, unreadable, or not a tensor.
+    """
+    value = _load(path, flag)
+    if not torch.is_tensor(value):
+        raise utils.UserError(f"{flag}: {path} does not hold a tensor")
+    return value
+
+
+def tensor_files_as_results(images_path: str, num_classes: int, labels_path: Optional[str] = None,
+                            lr_path: Optional[str] = None) -> dict:
+    """The logged files of MTT / DATM / PAD as one result entry: labels default to class-major
+    hard labels; ``meta['syn_lr']`` holds the learned step size when ``lr_path`` is given.
+
+    Raises:
+        utils.UserError: the images are not (K*ipc, C, H, W) for ``num_classes`` K.
+    """
+    images = load_tensor(images_path, "--syn_path")
+    if images.dim() != 4 or images.shape[0] % num_classes:
+        raise utils.UserError(f"--syn_path: {images_path} holds {tuple(images.shape)}; expected (K*ipc, C, H, W) "
+                              f"with K = {num_classes}")
+    if labels_path:
+        labels = load_tensor(labels_path, "--labels_path")
+    else:
+        labels = torch.arange(num_classes).repeat_interleave(images.shape[0] // num_classes)
+    meta = {}
+    if lr_path:
+        meta["syn_lr"] = [float(load_tensor(lr_path, "--lr_path").reshape(-1)[0])]
+    return {"data": [[images, labels]], "meta": meta, "accs_all_exps": {}}
+
+
+def read_set_file(path: str, num_classes: int, labels_path: Optional[str] = None,
+                  lr_path: Optional[str] = None) -> dict:
+    """A result dict from either layout (module docstring).
+
+    Raises:
+        utils.UserError: see :func:`load_results` and :func:`tensor_files_as_results`.
+    """
+    if is_tensor_file(path):
+        return tensor_files_as_results(path, num_classes, labels_path, lr_path)
+    return load_results(path)
+
+
+def expand_syn_paths(paths: Sequence[str]) -> List[str]:
+    """``--syn_path`` values with each directory replaced by the ``res_*.pt`` files in it (sorted).
+
+    Raises:
+        utils.UserError: a directory holds no ``res_*.pt``.
+    """
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(glob.glob(os.path.join(path, "res_*.pt")))
+            if not found:
+                raise utils.UserError(f"--syn_path {path}: a directory without res_*.pt (give a distill.py run directory)")
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
+def set_method(blob: dict, path: str) -> str:
+    """The method that made a saved set (``meta['method']``), else the file's name without extension."""
+    method = (blob.get("meta") or {}).get("method") if isinstance(blob, dict) else None
+    return method or os.path.splitext(os.path.basename(path))[0]
