@@ -9,7 +9,7 @@ Examples:
     python evaluate.py --dataset FashionMNIST --baseline random --ipc 10 --dsa_strategy color_crop_cutout_flip_scale_rotate
 
 ``--assess`` does not train: it prints the synthetic set's accuracy and loss on original models
-(``train_original.py``) and its distances to real data (``assess.py``), written to
+(``train_original.py``) and its distances to real data (``sets/assess.py``), written to
 ``--out`` or ``{syn_path stem}_assess.json``:
     python evaluate.py --dataset FashionMNIST --assess --models_pool ConvNet --syn_path result/.../res_DC_FashionMNIST_ConvNet_1ipc.pt
 """

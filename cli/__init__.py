@@ -142,7 +142,7 @@ def user_errors():
 
 
 def add_original_model_args(parser: argparse.ArgumentParser, clom: bool = True) -> None:
-    """Flags choosing original models (``train_original.py`` outputs, methods.md §7.2).
+    """Flags choosing original models (``train_original.py`` outputs; DDInterpreter's CLoM flags).
 
     With ``clom`` (``distill.py``): the CLoM regulariser flags ``--alphas --models_pool --model_num
     --CLoM_distance --source_dataset --epoch --CLoM_batch_size --pretrained_path`` (and the

@@ -3,7 +3,7 @@
 Sources: Zhao, Mopuri & Bilen, "Dataset Condensation with Gradient Matching", ICLR 2021
 (Algorithm 1), and Zhao & Bilen, "Dataset Condensation with Differentiable Siamese
 Augmentation", ICML 2021; reference ``main.py`` of VICO-UoE/DatasetCondensation
-(methods.md §1.1-1.2).
+(its quirks: docs/reference-notes.md, *DC, DSA and DM*).
 """
 from __future__ import annotations
 
@@ -101,8 +101,9 @@ class DC(DistillMethod):
         """One DC iteration (Algorithm 1 of the DC paper): a fresh network, ``outer_loop`` image
         updates, each followed (except the last) by ``inner_loop`` epochs of network training.
 
-        With ``--feature_labels`` (DRUPI, methods.md §8.2), every image update is followed by a
-        feature-label update on the same network, and the inner loop trains on CE + lbd * D(E(x), F).
+        With ``--feature_labels`` (DRUPI, turturturturtur/DRUPI ``DC/main.py``), every image update is
+        followed by a feature-label update on the same network, and the inner loop trains on
+        CE + lbd * D(E(x), F).
 
         Returns:
             ``{'loss': mean matching loss per class and outer step}`` (detached scalar tensor), and

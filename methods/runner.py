@@ -4,7 +4,7 @@ summaries, checkpoints and resume. ``distill.py`` parses flags and calls :func:`
 Layout of a run directory (``--run_dir``):
     config.yaml                                  the resolved configuration, written before step 1
     last.pt                                      checkpoint (``--checkpoint_every``, and on a stop)
-    res_{method}_{dataset}_{model}_{ipc}ipc.pt   the result, in the reference layout (methods.md §0.6)
+    res_{method}_{dataset}_{model}_{ipc}ipc.pt   the result, in the reference layout (DC ``main.py``)
     vis_{method}_{dataset}_{model}_{ipc}ipc_exp{e}_iter{it}.png   pixel-space grid per evaluation
     summary.csv                                  one row per (evaluation, model)
     results.json                                 final accuracies, protocol, timings
@@ -115,7 +115,8 @@ class RunOutcome:
 
 
 def eval_config_for(method: DistillMethod, model_eval: str, opts: RunOptions, syn=None) -> utils.EvalConfig:
-    """The evaluation protocol of ``method`` for one evaluation network (methods.md §0.4, §9.1):
+    """The evaluation protocol of ``method`` for one evaluation network (VICO-UoE/DatasetCondensation
+    ``utils.py`` ``evaluate_synset``; docs/reference-notes.md, *Evaluation protocol*):
     DSA when the method trains with DiffAugment, else DC's ``get_daparam`` augmentation; epochs
     from ``--epoch_eval_train`` or the method's default; the learning rate is ``--lr_net``, or
     the step size the synthetic set learned (``syn.syn_lr``, MTT's alpha) when it has one."""

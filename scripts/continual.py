@@ -2,7 +2,7 @@
 """Class-incremental continual learning with synthetic sets as memory (the DM paper's protocol).
 
 Follows ``CL_DM.py`` of VICO-UoE/DatasetCondensation (Zhao & Bilen, "Dataset Condensation with
-Distribution Matching", WACV 2023, §5 continual learning; methods.md §1):
+Distribution Matching", WACV 2023, §5 continual learning):
 
 * 5 class orders, ``np.random.seed(s); np.random.permutation(K)`` for s = 0..4;
 * ``--steps`` steps of ``K // steps`` new classes each (classes beyond ``steps * (K // steps)``
@@ -22,7 +22,7 @@ random ``--model`` from ``--seed`` (herding per class does not depend on the cla
 selection serves all orders; the reference's per-order files were made elsewhere).
 
 Example (CPU-sized):
-    python continual.py --dataset FashionMNIST --steps 5 --syn_path result/DM_FashionMNIST_ConvNet_10ipc \\
+    python scripts/continual.py --dataset FashionMNIST --steps 5 --syn_path result/DM_FashionMNIST_ConvNet_10ipc \\
         --baselines random herding --num_eval 1 --epoch_eval_train 100 --out result/cl/fmnist_cl.json
 """
 from __future__ import annotations

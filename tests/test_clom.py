@@ -1,4 +1,4 @@
-"""The CLoM regulariser (methods/clom.py) on tiny generated data and tiny trained original models, CPU."""
+"""The CLoM regulariser (methods/addons/clom.py) on tiny generated data and tiny trained original models, CPU."""
 import math
 import os
 
