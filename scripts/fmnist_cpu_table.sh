@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU-sized Fashion-MNIST tables of README.md, each cell evaluated next to ipc random real
+# The CPU-sized Fashion-MNIST tables of docs/results.md, each cell evaluated next to ipc random real
 # images per class under the same protocol, printed as a Markdown table. Every cell is one
 # distill.py run (evaluation included) plus one evaluate.py baseline run; finished cells are
 # skipped on a re-run. Budgets are CPU-sized; override them with the variables below.
