@@ -82,8 +82,8 @@ def test_parameter_count(name: str, channel: int, im_size: tuple[int, int], num_
 
 
 def test_embedding_widths_from_methods_md() -> None:
-    """Embedding widths (docs/reference-notes.md, *Networks*): 2048 features for ConvNet on
-    MNIST/CIFAR, D4 on 64², D5 on 128²; 8192 for D3 on 64²."""
+    """Embedding widths (docs/reference-notes.md, *Networks and parameter counts*): 2048 features
+    for ConvNet on MNIST/CIFAR, D4 on 64², D5 on 128²; 8192 for D3 on 64²."""
     cases = [("ConvNet", 1, (28, 28), 2048), ("ConvNet", 3, (32, 32), 2048), ("ConvNetD4", 3, (64, 64), 2048),
              ("ConvNetD5", 3, (128, 128), 2048), ("ConvNet", 3, (64, 64), 8192),
              ("ResNet18_AP", 1, (28, 28), 512 * 9), ("ResNet18_AP", 3, (32, 32), 512 * 16)]
