@@ -11,7 +11,7 @@ Two augmentation families live here:
 * **DC augmentation** (``augment``/``get_daparam`` in DC ``utils.py``), used to train evaluation networks
   when DSA is off: per image one of crop / scale / rotate / noise.
 
-Design (STYLE §2.5, §2.7):
+Design:
 
 * Sampling is separated from application. :func:`sample_diffaug_params` returns a :class:`DiffAugParams`
   holding the drawn transform parameters; :func:`apply_diffaug` applies them differentiably. Siamese

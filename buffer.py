@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
 """Train expert trajectories for MTT / DATM / PAD: ``python buffer.py --dataset ... --model ...``.
 
-Flags and defaults are those of MTT's ``buffer.py`` (methods.md §4.1); the GSAM flags of DATM's
-``buffer_FTD.py`` (§5.1) switch on flat-trajectory experts, ``--sort_method`` with PAD's schedule
-flags (§6.1) trains every epoch on a difficulty-scheduled subset (scores from ``score.py``).
+Flags and defaults are those of GeorgeCazenavette/mtt-distillation ``buffer.py``; the GSAM flags
+of NUS-HPC-AI-Lab/DATM ``buffer/buffer_FTD.py`` switch on flat-trajectory experts, ``--sort_method``
+with the schedule flags of NUS-HPC-AI-Lab/PAD ``buffer/buffer_CL.py`` trains every epoch on a
+difficulty-scheduled subset (scores from ``scripts/score.py``).
 Experts go to ``{buffer_path}/{dataset}[_NO_ZCA]/{model}/replay_buffer_{n}.pt`` (MTT's format)
 with a ``manifest.json``; the same command run again continues after the last saved expert.
 
 Examples:
     python buffer.py --dataset CIFAR10 --model ConvNet --train_epochs 50 --num_experts 100 --zca
     python buffer.py --dataset CIFAR10 --train_epochs 100 --zca --rho_max 0.01 --rho_min 0.01 --alpha 0.3
-    python score.py --dataset CIFAR10 --zca --method GraNd
+    python scripts/score.py --dataset CIFAR10 --zca --method GraNd
     python buffer.py --dataset CIFAR10 --zca --train_epochs 100 --sort_method GraNd --init_ratio 0.75 \\
         --add_end_epoch 20 --rm_epoch_first 40 --rm_epoch_second 60 --rm_easy_ratio_second 0.2
 """
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     gsam.add_argument("--adaptive", action=cli.TrueFalseFlag, default=None, help="scale-adaptive perturbation (True)")
     pad = parser.add_argument_group("PAD data schedule (buffer_CL.py)")
     pad.add_argument("--sort_method", default="", help="difficulty file: a path, NAME for {buffer_path}/scores/NAME.pt, "
-                     "or EL2N/GraNd/Uncertainty for {buffer_path}/scores/{dataset}_{method}.pt (score.py)")
+                     "or EL2N/GraNd/Uncertainty for {buffer_path}/scores/{dataset}_{method}.pt (scripts/score.py)")
     pad.add_argument("--init_ratio", type=float, default=None, help="fraction of the easiest images at epoch 0 (1.0)")
     pad.add_argument("--add_end_epoch", type=int, default=None, help="epoch by which all images are in (100)")
     pad.add_argument("--rm_epoch_first", type=int, default=None, help="removal stage 1 after this epoch (40)")

@@ -2,7 +2,7 @@
 """Train original models (networks on the whole real training set) for CLoM and for assessments:
 ``python train_original.py --dataset ... --model ... --num N``.
 
-Flags and defaults are those of DDInterpreter's ``train_original_models.py`` (methods.md §7.1):
+Flags and defaults are those of yaolu-zjut/DDInterpreter ``train_original_models.py``:
 SGD lr 0.01, momentum 0.9, weight decay 0.005, batch 256, 150 epochs, lr x0.1 at epochs 50 and 100
 (``MultiStepLR``), no augmentation. Model ``i`` goes to
 ``{save_path}/{dataset}/original/{model}/index_{i}/`` (``checkpoint.pt`` every ``--save_every``
@@ -27,7 +27,7 @@ import utils
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``train_original.py`` flags (reference names and defaults, methods.md §7.1)."""
+    """The ``train_original.py`` flags (reference names and defaults, DDInterpreter)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ConvNet", help="network to train (networks.py names)")
     parser.add_argument("--num", type=int, default=1, help="number of models (indices 0 .. num-1)")

@@ -60,7 +60,7 @@ def make_generator(seed: int) -> torch.Generator:
     """Return a CPU ``torch.Generator`` seeded with ``seed``.
 
     All sampling of real images and augmentation parameters draws from such generators (on the
-    CPU, then moved), so the global RNG is never reseeded (STYLE.md §2.7).
+    CPU, then moved), so the global RNG is never reseeded.
     """
     generator = torch.Generator()
     generator.manual_seed(int(seed))
@@ -316,7 +316,7 @@ def test_accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, ba
         labels: (N,) int64.
         batch_size: images per forward pass on CUDA (on CPU, ``CPU_CHUNK``).
         tta_mode: ``""`` (none) or ``hflip``: test-time augmentation as DRUPI's ``--tta --tta_mode
-            hflip`` (methods.md §8.1): the prediction is the argmax of the mean of the softmax
+            hflip`` (``DCmain3.0.py``): the prediction is the argmax of the mean of the softmax
             probabilities of the image and of its horizontal mirror (flip of the width axis).
         deterministic: pass ``DETERMINISTIC_TEST_PASS`` images at a time whatever ``batch_size``,
             so the accuracy does not depend on the test batch size (kernels chosen by batch shape).
@@ -345,7 +345,7 @@ def test_accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, ba
 def deterministic_algorithms(enabled: bool = True):
     """Within the block: ``torch.use_deterministic_algorithms(True, warn_only=True)``, cuDNN
     deterministic and not benchmarking, ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (unless set) for
-    deterministic cuBLAS (STYLE.md §2.7; warn_only because some backward kernels DSA relies on,
+    deterministic cuBLAS (warn_only because some backward kernels DSA relies on,
     grid_sample and adaptive pooling, have no deterministic CUDA version). Restores the previous
     settings on exit; does nothing when ``enabled`` is false."""
     if not enabled:
@@ -366,7 +366,8 @@ def deterministic_algorithms(enabled: bool = True):
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """The evaluation protocol of the DC family (methods.md §0.4).
+    """The evaluation protocol of the DC family (VICO-UoE/DatasetCondensation ``utils.py``
+    ``evaluate_synset``; docs/reference-notes.md, *Evaluation protocol*).
 
     Attributes:
         epochs: ``--epoch_eval_train``; ``epochs + 1`` epochs are run, the lr drops x0.1 after
@@ -632,7 +633,7 @@ def write_json(path: str, obj: object) -> None:
 
 
 def save_checkpoint(path: str, **state) -> None:
-    """Write ``{'version': CHECKPOINT_VERSION, **state}`` atomically (STYLE.md §2.8)."""
+    """Write ``{'version': CHECKPOINT_VERSION, **state}`` atomically (temporary file, then rename)."""
     atomic_save({"version": CHECKPOINT_VERSION, **state}, path)
 
 

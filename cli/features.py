@@ -1,8 +1,8 @@
 """Command-line flags of privileged feature labels (DRUPI, ``--feature_labels``) and of the
-evaluation options from the same seed (``--tta --tta_mode``, ``--deterministic``), shared by
+evaluation options of its ``DCmain3.0.py`` (``--tta --tta_mode``; and ``--deterministic``), shared by
 ``distill.py`` and ``evaluate.py``.
 
-Flag names and defaults are the DRUPI reference's (methods.md §8.1); the reference spells several
+Flag names and defaults are those of turturturturtur/DRUPI ``DC/main.py``; the reference spells several
 with dashes (``--feat-opt``), which are accepted as aliases.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Optional
 
 import utils
 
-# Methods whose reference DRUPI code defaults --feat_lbd to 0.02 (DATM_ours, methods.md §8.1).
+# Methods whose reference DRUPI code defaults --feat_lbd to 0.02 (DATM_FD/distill/DATM_ours.py).
 FEAT_LBD_002 = ("MTT", "DATM", "PAD")
 
 
@@ -28,7 +28,7 @@ def _optional_str(value: str) -> Optional[str]:
 
 def add_feature_label_args(parser: argparse.ArgumentParser) -> None:
     """``--feature_labels`` and its settings (distill.py)."""
-    group = parser.add_argument_group("privileged feature labels (DRUPI, methods.md §8)")
+    group = parser.add_argument_group("privileged feature labels (DRUPI)")
     group.add_argument("--feature_labels", action=argparse.BooleanOptionalAction, default=False,
                        help="learn a feature label F per image (or class) beside the images; networks trained on the "
                             "set minimise CE + lbd * D(E(x), F)")

@@ -1,8 +1,9 @@
 """MNIST, FashionMNIST, SVHN, CIFAR10 and CIFAR100 through torchvision's readers.
 
 Shapes, class counts and mean/std are the DC-utils table (VICO-UoE/DatasetCondensation
-``utils.get_dataset``; reference notes methods.md §0.1). CIFAR100 uses its own mean/std as in
-DC/DSA/DM and CLoM (CAFE, MTT, DATM and PAD reuse the CIFAR10 values, a copy-paste quirk).
+``utils.get_dataset``; docs/reference-notes.md, *Datasets and normalisation*). CIFAR100 uses its
+own mean/std as in DC/DSA/DM and CLoM (CAFE, MTT, DATM and PAD reuse the CIFAR10 values, a
+copy-paste quirk).
 
 The readers' ``.data``/``.targets`` arrays are used directly (no per-image PIL loop). torchvision is
 called with ``download=False`` unless the caller asks for ``download=True``.

@@ -160,7 +160,7 @@ class DistillConfig:
     extra: Mapping[str, Any] = field(default_factory=dict)
     # The CLoM regulariser (``methods.clom.CLoMSettings.as_dict()``), or ``None``: off.
     clom: Optional[Mapping[str, Any]] = None
-    # ``--feature_labels``: privileged feature labels F (DRUPI), a methods.feature_labels.FeatureLabelConfig.
+    # ``--feature_labels``: privileged feature labels F (DRUPI), a methods.addons.feature_labels.FeatureLabelConfig.
     feature_labels: Optional[Any] = None
 
     def replace(self, **changes) -> "DistillConfig":
@@ -215,7 +215,7 @@ class SyntheticSet(nn.Module):
         return self.label_logits
 
     def learn_features(self, features: torch.Tensor) -> nn.Parameter:
-        """Add learnable feature labels (n_feat, K*ipc or K, ...) (methods/feature_labels.py); returns them.
+        """Add learnable feature labels (n_feat, K*ipc or K, ...) (methods/addons/feature_labels.py); returns them.
 
         Raises:
             ValueError: dim 1 is neither K*ipc (per image) nor K (per class).

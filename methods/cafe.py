@@ -2,7 +2,8 @@
 dynamic bi-level optimisation.
 
 Source: Wang et al., "CAFE: Learning to Condense Dataset by Aligning Features", CVPR 2022
-(eq. 5-7 and Algorithm 1); reference ``distill.py`` of kaiwang960112/CAFE (methods.md §3).
+(eq. 5-7 and Algorithm 1); reference ``distill.py`` of kaiwang960112/CAFE (its quirks:
+docs/reference-notes.md, *CAFE*).
 ``--method CAFE`` is plain CAFE; adding ``--dsa_strategy ...`` gives CAFE+DSA (siamese
 DiffAugment in matching, DiffAugment in the inner loop and in evaluation).
 

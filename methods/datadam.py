@@ -1,12 +1,12 @@
 """DataDAM: dataset distillation by attention matching.
 
 Source: Sajedi et al., "DataDAM: Efficient Dataset Distillation with Attention Matching", ICCV
-2023 (eq. 1-3); reference ``main_DataDAM.py`` of DataDistillation/DataDAM (methods.md §2).
+2023 (eq. 1-3); reference ``main_DataDAM.py`` of DataDistillation/DataDAM.
 
-Paper and code disagree (methods.md §2.1): the paper's table uses attention power p = 4 and an
-InstanceNorm ConvNet, the released code p = 1 and a BatchNorm ConvNet. The defaults follow the
-paper (``--attention_power 4``, ``--model ConvNet``); ``--attention_power 1 --model ConvNetBN``
-gives the code's setting.
+Paper and code disagree (docs/reference-notes.md, *DataDAM*): the paper's table uses attention
+power p = 4 and an InstanceNorm ConvNet, the released code p = 1 and a BatchNorm ConvNet. The
+defaults follow the paper (``--attention_power 4``, ``--model ConvNet``);
+``--attention_power 1 --model ConvNetBN`` gives the code's setting.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Sources: Zhao, Mopuri & Bilen, "Dataset Condensation with Gradient Matching", ICLR 2021
 (Algorithm 1), and Zhao & Bilen, "Dataset Condensation with Differentiable Siamese
 Augmentation", ICML 2021; reference ``main.py`` of VICO-UoE/DatasetCondensation
-(methods.md §1.1-1.2).
+(its quirks: docs/reference-notes.md, *DC, DSA and DM*).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """DM: distribution matching of mean embeddings under random networks.
 
 Source: Zhao & Bilen, "Dataset Condensation with Distribution Matching", WACV 2023 (eq. 4);
-reference ``main_DM.py`` of VICO-UoE/DatasetCondensation (methods.md §1.3-1.4).
+reference ``main_DM.py`` of VICO-UoE/DatasetCondensation (docs/reference-notes.md, *DC, DSA and DM*).
 """
 from __future__ import annotations
 

@@ -3,11 +3,13 @@
 Sources:
 - MTT: Cazenavette et al., "Dataset Distillation by Matching Training Trajectories", CVPR 2022
   (eq. 1-2, Algorithm 1); reference ``distill.py`` of GeorgeCazenavette/mtt-distillation
-  (methods.md §4).
+  (its quirks: docs/reference-notes.md, *MTT*).
 - DATM: Guo et al., "Towards Lossless Dataset Distillation via Difficulty-Aligned Trajectory
-  Matching", ICLR 2024; reference ``distill/DATM.py`` of NUS-HPC-AI-Lab/DATM (methods.md §5).
-- PAD: Li et al., "Prioritize Alignment in Dataset Distillation"; reference ``PAD.py`` (and the
-  historical ``PAD_depth.py``) of NUS-HPC-AI-Lab/PAD (methods.md §6).
+  Matching", ICLR 2024; reference ``distill/DATM.py`` of NUS-HPC-AI-Lab/DATM (docs/reference-notes.md,
+  *DATM*).
+- PAD: Li et al., "Prioritize Alignment in Dataset Distillation", arXiv 2408.03360, 2024; reference
+  ``distill/PAD.py`` (and the historical ``PAD_depth.py``) of NUS-HPC-AI-Lab/PAD
+  (docs/reference-notes.md, *PAD*).
 
 One iteration: take the next expert trajectory, start a student at the expert's parameters of a
 random start epoch t, run ``syn_steps`` SGD steps on minibatches of the synthetic set with the
@@ -376,7 +378,8 @@ class DATM(MTT):
                                   f"--max_start_epoch {self.hparams['max_start_epoch']}")
 
     def upper_start_epoch(self, iteration: int) -> int:
-        """The exclusive upper bound of the start epoch at ``iteration`` (methods.md §5.3 step 5)."""
+        """The exclusive upper bound of the start epoch at ``iteration`` (DATM's ``Sequential_Generation``
+        schedule in NUS-HPC-AI-Lab/DATM ``distill/DATM.py``; docs/reference-notes.md, *DATM*)."""
         hp = self.hparams
         if not hp["Sequential_Generation"]:
             return hp["max_start_epoch"]

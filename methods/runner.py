@@ -4,7 +4,7 @@ summaries, checkpoints and resume. ``distill.py`` parses flags and calls :func:`
 Layout of a run directory (``--run_dir``):
     config.yaml                                  the resolved configuration, written before step 1
     last.pt                                      checkpoint (``--checkpoint_every``, and on a stop)
-    res_{method}_{dataset}_{model}_{ipc}ipc.pt   the result, in the reference layout (methods.md §0.6)
+    res_{method}_{dataset}_{model}_{ipc}ipc.pt   the result, in the reference layout (DC ``main.py``)
     vis_{method}_{dataset}_{model}_{ipc}ipc_exp{e}_iter{it}.png   pixel-space grid per evaluation
     summary.csv                                  one row per (evaluation, model)
     results.json                                 final accuracies, protocol, timings
@@ -196,7 +196,7 @@ class DistillationRun:
         utils.write_text(os.path.join(self.opts.run_dir, "summary.csv"), buffer.getvalue())
 
     def checkpoint(self, exp: int, iteration: int, method=None, syn=None, generator=None) -> None:
-        """Write ``last.pt`` (STYLE.md's layout: version, position, config, set, method state, RNG)."""
+        """Write ``last.pt`` (version, position, configuration, the set, the method's state, RNG states)."""
         utils.save_checkpoint(self.checkpoint_path, exp=exp, iteration=iteration, config=dataclasses.asdict(self.cfg),
                               num_exp=self.opts.num_exp, seed=self.opts.seed,
                               syn=syn.state_dict() if syn is not None else None,

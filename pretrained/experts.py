@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 # The DC augmentation MTT's buffer.py uses when --dsa is off.
 EXPERT_DC_AUG = "crop_scale_rotate"
-# Reference defaults (methods.md §5.1, §6.1) of the GSAM and PAD flags.
+# Reference defaults (DATM buffer/buffer_FTD.py, PAD buffer/buffer_CL.py) of the GSAM and PAD flags.
 GSAM_DEFAULTS = {"rho_max": 2.0, "alpha": 0.4, "adaptive": True}
 
 # --------------------------------------------------------------------------------------------
@@ -52,7 +52,7 @@ GSAM_DEFAULTS = {"rho_max": 2.0, "alpha": 0.4, "adaptive": True}
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PadSchedule:
-    """PAD's per-epoch training subset (``buffer_CL.py``, methods.md §6.1).
+    """PAD's per-epoch training subset (NUS-HPC-AI-Lab/PAD ``buffer/buffer_CL.py``).
 
     For a class whose ``n`` training images are ordered easiest first, epoch ``e`` (0-based, the
     ``e``-th training epoch) trains on:
@@ -142,7 +142,7 @@ class PadSchedule:
 class ExpertConfig:
     """How experts are trained (the ``buffer.py`` flags that change a trajectory).
 
-    Field names are the reference flag names (methods.md §4.1, §5.1, §6.1).
+    Field names are the reference flag names (MTT ``buffer.py``, DATM ``buffer_FTD.py``, PAD ``buffer_CL.py``).
 
     Attributes:
         dataset, model, zca, subset, res: what the experts are trained on / as.
@@ -284,7 +284,7 @@ def _global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 def gsam_step(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
               rho: float, alpha: float, adaptive: bool = False, eps: float = 1e-12) -> torch.Tensor:
     """One GSAM update (Zhuang et al., "Surrogate Gap Guided Sharpness-Aware Minimization",
-    ICLR 2022), as DATM's ``buffer_FTD.py`` applies it to every batch (methods.md §5.1).
+    ICLR 2022), as DATM's ``buffer/buffer_FTD.py`` applies it to every batch.
 
     1. ``g = grad L(w)``.
     2. ``e = rho * g / (||g|| + eps)``; with ``adaptive`` the norm is ``|| |w| * g ||`` and ``e``

@@ -1,13 +1,13 @@
 """Original models: networks trained on the whole real training set, saved for CLoM and for
 assessments of synthetic sets ("Original Model" accuracy).
 
-Source (facts from ``/work/shared/reference/methods.md`` §7; no reference code is reused):
+Source (docs/reference-notes.md, *CLoM*; no reference code is reused):
 yaolu-zjut/DDInterpreter ``train_original_models.py`` (Lu et al., "Can pre-trained models assist in
 dataset distillation?", arXiv 2310.03295; the README's "Which Assessment Should be Prioritized in
 Dataset Distillation?"). Each original model is a fresh ``networks.get_network`` network trained
 on the full training set with SGD (lr 0.01, momentum 0.9, weight decay 0.005, batch 256) for 150
 epochs, the lr multiplied by 0.1 at epochs 50 and 100 (``MultiStepLR``), with **no augmentation**
-(methods.md §7.1: "No augmentation"), on the normalised images every loader here returns.
+(as in the reference), on the normalised images every loader here returns.
 
 On-disk layout (:func:`original_dir`)::
 
@@ -83,7 +83,7 @@ def parse_milestones(text: Union[str, Sequence[int], None]) -> tuple:
 
     Entries may be separated by commas or spaces; an empty string, ``'none'`` or ``None`` means
     no decay. (DDInterpreter's ``validate.py`` hands such a string to ``MultiStepLR`` unparsed,
-    methods.md §7.4; here it is always parsed and checked.)
+    docs/reference-notes.md, *CLoM*; here it is always parsed and checked.)
 
     Raises:
         utils.UserError: an entry is not a positive integer, or the epochs do not increase.
@@ -113,7 +113,7 @@ class OriginalConfig:
     """How original models are trained (the ``train_original.py`` flags that change a model).
 
     Field names and defaults are the reference flags of ``train_original_models.py``
-    (methods.md §7.1); ``seed`` is the toolkit's ``--seed`` (the reference's ``--random_seed``).
+    (yaolu-zjut/DDInterpreter); ``seed`` is the toolkit's ``--seed`` (the reference's ``--random_seed``).
 
     Attributes:
         dataset, zca, subset, res: the training data (``data.load_dataset`` arguments).
@@ -249,7 +249,7 @@ def train_command(dataset: str = "DATASET", model: str = "MODEL", num: Optional[
 # --------------------------------------------------------------------------------------------
 def count_parameters(net: nn.Module) -> int:
     """Number of parameter entries of ``net`` (every ``net.parameters()`` tensor, frozen or not;
-    buffers such as BatchNorm running statistics are not counted), as methods.md §0.3 counts them."""
+    buffers such as BatchNorm running statistics are not counted), as docs/reference-notes.md counts them."""
     return int(sum(p.numel() for p in net.parameters()))
 
 

@@ -164,7 +164,7 @@ def resolve_sort_file(sort_method: str, buffer_path: str, dataset: str, subset: 
     ``{buffer_path}/scores/{dataset}_{sort_method}.pt`` (a bare method name such as ``EL2N``).
 
     Raises:
-        utils.UserError: none exists; the message lists the paths tried and the ``score.py``
+        utils.UserError: none exists; the message lists the paths tried and the ``scripts/score.py``
             command that makes the file.
     """
     scores = os.path.join(os.fspath(buffer_path), "scores")
@@ -176,7 +176,7 @@ def resolve_sort_file(sort_method: str, buffer_path: str, dataset: str, subset: 
             return path
     method = next((key for key in SCORE_METHODS if key.lower() in sort_method.lower()), "EL2N")
     raise utils.UserError(f"--sort_method {sort_method}: no score file at {' or '.join(dict.fromkeys(tried))}; make "
-                          f"one with: python score.py --dataset {dataset} --method {method} --buffer_path {buffer_path}")
+                          f"one with: python scripts/score.py --dataset {dataset} --method {method} --buffer_path {buffer_path}")
 
 
 def load_sort_order(path: str, labels: torch.Tensor, num_classes: int) -> list:
@@ -215,7 +215,7 @@ def load_sort_order(path: str, labels: torch.Tensor, num_classes: int) -> list:
                                   f"against {len(labels)} here)")
         rows = [torch.as_tensor(row).long() for row in blob["order"]]
     else:
-        raise utils.UserError(f"--sort_method {path}: expected a score file of score.py or a (K, n) index tensor")
+        raise utils.UserError(f"--sort_method {path}: expected a score file of scripts/score.py or a (K, n) index tensor")
     if len(rows) != num_classes:
         raise utils.UserError(f"--sort_method {path} orders {len(rows)} classes, the dataset has {num_classes}")
     for c, row in enumerate(rows):

@@ -5,8 +5,9 @@ Walks a directory tree for the assessment files of ``evaluate.py --assess`` (``*
 that sit in a run directory of ``distill.py`` (beside its ``results.json``), pairs each
 assessment with the run's measured evaluation accuracy, and prints the Spearman and Kendall rank
 correlations (``scipy.stats.spearmanr`` / ``kendalltau``, with their two-sided p-values) as a
-Markdown table; one scatter plot per assessment goes to ``--plot_dir``. Seed 001 reports that
-the OM accuracy correlates best (methods.md §7).
+Markdown table; one scatter plot per assessment goes to ``--plot_dir``. The README of
+yaolu-zjut/DDInterpreter ("Which Assessment Should be Prioritized in Dataset Distillation?")
+reports that the OM accuracy correlates strongly with the accuracy of networks trained on a set.
 
 Example:
     python evaluate.py --dataset FashionMNIST --assess --syn_path result/DC_FashionMNIST_ConvNet_1ipc/res_DC_FashionMNIST_ConvNet_1ipc.pt

@@ -4,9 +4,9 @@ any dataset's image size (``torch.utils.flop_counter``), the storage of saved sy
 the distillation cost recorded in a run's ``results.json``.
 
 Examples:
-    python cost.py --model ConvNet --dataset FashionMNIST
-    python cost.py --eval_mode M --dataset CIFAR10
-    python cost.py --dataset FashionMNIST --run_dir result/DM_FashionMNIST_ConvNet_10ipc
+    python scripts/cost.py --model ConvNet --dataset FashionMNIST
+    python scripts/cost.py --eval_mode M --dataset CIFAR10
+    python scripts/cost.py --dataset FashionMNIST --run_dir result/DM_FashionMNIST_ConvNet_10ipc
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU-sized Fashion-MNIST tables of README.md, each cell evaluated next to ipc random real
+# The CPU-sized Fashion-MNIST tables of docs/results.md, each cell evaluated next to ipc random real
 # images per class under the same protocol, printed as a Markdown table. Every cell is one
 # distill.py run (evaluation included) plus one evaluate.py baseline run; finished cells are
 # skipped on a re-run. Budgets are CPU-sized; override them with the variables below.
@@ -128,12 +128,12 @@ for group in "${@:-core}"; do
         --seed "$SEED" --out "$OUT/crossarch_dsa_ipc1.json"
       # Continual learning: 5 steps of 2 classes, 5 class orders, 1 network per order and step,
       # 100 DSA epochs (reference: 3 networks, 1000 epochs; 300 epochs took ~75 s a step here).
-      [ -f "$OUT/continual/cl5_dm_ipc10.json" ] || python3 continual.py --dataset FashionMNIST --steps 5 \
+      [ -f "$OUT/continual/cl5_dm_ipc10.json" ] || python3 scripts/continual.py --dataset FashionMNIST --steps 5 \
         --syn_path "$OUT/dm_ipc10" --baselines random herding --num_eval 1 --epoch_eval_train 100 \
         --seed "$SEED" --out "$OUT/continual/cl5_dm_ipc10.json"
       assess_all  # the coreset sets too (needs originals' models)
       python3 scripts/make_table.py "$OUT" --model ConvNet --out_dir "$OUT/tables"
-      python3 cost.py --dataset FashionMNIST --eval_mode M --out "$OUT/cost_M.json" ;;
+      python3 scripts/cost.py --dataset FashionMNIST --eval_mode M --out "$OUT/cost_M.json" ;;
     *) echo "unknown group $group (core, cafe, datadam, mtt, originals, baselines)" >&2; exit 2 ;;
   esac
 done

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Per-image difficulty scores for PAD's data schedule: ``python score.py --dataset ... --method EL2N``.
+"""Per-image difficulty scores for PAD's data schedule: ``python scripts/score.py --dataset ... --method EL2N``.
 
 Trains ``--num_models`` fresh networks for ``--epochs`` epochs (0 = score at initialisation),
 scores every training image with each (EL2N, GraNd on the last layer, least-confidence
@@ -8,7 +8,7 @@ uncertainty; see ``scores.sample_scores``), averages, and writes for each method
 indices sorted easiest (lowest score) first. ``buffer.py --sort_method {method}`` reads it.
 
 Example:
-    python score.py --dataset CIFAR10 --zca --method EL2N GraNd --num_models 3 --epochs 10
+    python scripts/score.py --dataset CIFAR10 --zca --method EL2N GraNd --num_models 3 --epochs 10
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Assessing a synthetic set without training on it (``evaluate.py --assess``).
 
-Source: seed 001 (yaolu-zjut/DDInterpreter, "Which Assessment Should be Prioritized in Dataset
-Distillation?"; methods.md §7): the classification accuracy of the synthetic images on Original
+Source: the README of yaolu-zjut/DDInterpreter ("Which Assessment Should be Prioritized in Dataset
+Distillation?"; Lu et al., arXiv 2310.03295): the classification accuracy of the synthetic images on Original
 Models (networks trained on the whole real training set, ``train_original.py``) correlates with
 the accuracy of networks trained on the set; it compares that with image-, feature- and
 semantic-level distances between synthetic and real data. No reference code is reused; the

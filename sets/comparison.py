@@ -3,7 +3,7 @@ and the whole-dataset accuracy, with the improvement over random of each set.
 
 Used by ``evaluate.py`` (cross-architecture tables), ``scripts/continual.py`` and ``scripts/make_table.py``.
 
-Improvement over random (IOR, DD-Ranking: Li et al., arXiv 2505.13300; landscape.md §2)::
+Improvement over random (IOR, DD-Ranking: Li et al., arXiv 2505.13300; NUS-HPC-AI-Lab/DD-Ranking)::
 
     IOR(set, model) = Acc(set, model) - Acc(random real subset of the same ipc, model)
 

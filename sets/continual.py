@@ -1,7 +1,7 @@
 """Class-incremental continual learning with synthetic sets as memory (the DM paper's protocol).
 
 Follows ``CL_DM.py`` of VICO-UoE/DatasetCondensation (Zhao & Bilen, "Dataset Condensation with
-Distribution Matching", WACV 2023, §5 continual learning; methods.md §1):
+Distribution Matching", WACV 2023, continual learning):
 
 * 5 class orders, ``np.random.seed(s); np.random.permutation(K)`` for s = 0..4;
 * ``--steps`` steps of ``K // steps`` new classes each (classes beyond ``steps * (K // steps)``

@@ -1,4 +1,4 @@
-"""Cost measures for run summaries and ``cost.py``: network size and FLOPs at a dataset's image
+"""Cost measures for run summaries and ``scripts/cost.py``: network size and FLOPs at a dataset's image
 size, peak memory, and the storage of a synthetic set.
 
 Parameters and FLOPs reuse :func:`originals.count_parameters` and :func:`originals.flops_per_image`

@@ -1,4 +1,4 @@
-"""Expert trajectories (buffer.py, score.py, trajectories.py) on tiny generated data, CPU."""
+"""Expert trajectories (buffer.py, scripts/score.py, pretrained/) on tiny generated data, CPU."""
 import json
 import logging
 import os

@@ -1,5 +1,5 @@
 """The preset files under configs/: each parses and resolves for its method without warnings,
-matches its path, yields to command-line flags, and spot-checked values equal methods.md."""
+matches its path, yields to command-line flags, and spot-checked values equal the published settings."""
 import glob
 import os
 
@@ -16,7 +16,7 @@ CONFIG_DIR = os.path.join(ROOT, "configs")
 FILES = sorted(glob.glob(os.path.join(CONFIG_DIR, "*", "*.yaml")))
 IDS = [os.path.relpath(path, CONFIG_DIR) for path in FILES]
 
-# The published cells (methods.md §4.3, §5.4, §6.2): every one must have its file.
+# The published cells (MTT author table, released DATM and PAD configs): every one must have its file.
 EXPECTED = {
     "MTT": [(d, i) for d in ("CIFAR10", "CIFAR100", "Tiny") for i in (1, 10, 50)],
     "DATM": [("CIFAR10", i) for i in (1, 10, 50, 500, 1000)] + [("CIFAR100", i) for i in (1, 10, 50, 100)]
@@ -84,7 +84,7 @@ def load(name):
 
 
 def test_spot_check_mtt_values():
-    """methods.md §4.3 author-provided table."""
+    """The MTT author-provided table (justincui03/dc_benchmark ``methods/tm/readme.md``)."""
     cifar10_1 = load("MTT/CIFAR10_ipc1.yaml")
     assert {k: cifar10_1[k] for k in ("syn_steps", "expert_epochs", "max_start_epoch", "lr_img", "lr_lr",
                                       "lr_teacher", "zca", "model")} == dict(
@@ -101,7 +101,7 @@ def test_spot_check_mtt_values():
 
 
 def test_spot_check_datm_and_pad_values():
-    """methods.md §5.4 released DATM YAMLs and §6.2 PAD differences."""
+    """The released DATM YAMLs and PAD's differences from them."""
     datm_c10_1 = load("DATM/CIFAR10_ipc1.yaml")
     assert (datm_c10_1["lr_lr"], datm_c10_1["lr_y"], datm_c10_1["batch_syn"], datm_c10_1["threshold"],
             datm_c10_1["max_start_epoch"], datm_c10_1["Sequential_Generation"]) == (1e-7, 5.0, 10, 1.1, 4, False)
@@ -121,7 +121,7 @@ def test_spot_check_datm_and_pad_values():
     pad_c100_1 = load("PAD/CIFAR100_ipc1.yaml")
     assert (pad_c100_1["current_max_start_epoch"], pad_c100_1["max_start_epoch"]) == (20, 30)
     assert load("PAD/CIFAR100_ipc50.yaml")["loss_ratio"] == 0.0
-    # PAD keeps DATM's values where §6.2 lists no difference
+    # PAD keeps DATM's values where its configs list no difference
     datm, pad = load("DATM/Tiny_ipc50.yaml"), load("PAD/Tiny_ipc50.yaml")
     for key in ("syn_steps", "expert_epochs", "lr_img", "lr_lr", "lr_y", "batch_syn", "min_start_epoch",
                 "max_start_epoch", "threshold", "init", "model"):

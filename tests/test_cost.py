@@ -20,7 +20,7 @@ def test_flops_of_tiny_conv_and_linear_net_equal_hand_count():
 
 def test_network_cost_of_mlp_on_fashion_mnist_matches_hand_count():
     row = resources.network_cost("MLP", 1, (28, 28), 10)
-    # 784 -> 128 -> 128 -> 10 (methods.md §0.3: 118,282 parameters)
+    # 784 -> 128 -> 128 -> 10 (docs/reference-notes.md: 118,282 parameters)
     assert row["params"] == 118_282
     assert row["flops_per_image"] == 2 * (784 * 128 + 128 * 128 + 128 * 10)
     assert row["macs_per_image"] == row["flops_per_image"] // 2

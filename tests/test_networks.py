@@ -1,4 +1,4 @@
-"""Tests for networks.py: parameter counts vs methods.md §0.3, the BaseNetwork contract
+"""Tests for networks.py: parameter counts vs docs/reference-notes.md, the BaseNetwork contract
 for every registered network, the registry and the evaluation pools."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ MNIST = (1, (28, 28), 10)
 CIFAR10 = (3, (32, 32), 10)
 CIFAR100 = (3, (32, 32), 100)
 
-# methods.md §0.3 "Parameter counts": name -> (MNIST, CIFAR10, CIFAR100).
+# docs/reference-notes.md, *Parameter counts*: name -> (MNIST, CIFAR10, CIFAR100).
 PARAM_TABLE: dict[str, tuple[int, int, int]] = {
     "ConvNet": (317_706, 320_010, 504_420),
     "ConvNetIN": (317_706, 320_010, 504_420),
@@ -63,7 +63,7 @@ COUNT_CASES = [
     for name, counts in {**PARAM_TABLE, **DERIVED}.items()
     for i, (tag, setting) in enumerate((("MNIST", MNIST), ("CIFAR10", CIFAR10), ("CIFAR100", CIFAR100)))
 ] + [
-    # methods.md §0.3 "More counts".
+    # docs/reference-notes.md, *Parameter counts*, "Further".
     pytest.param("ConvNetD4", 3, (64, 64), 200, 857_160, id="ConvNetD4-TinyImageNet"),
     pytest.param("ConvNet", 3, (64, 64), 200, 1_938_120, id="ConvNet-TinyImageNet"),
     pytest.param("ConvNetD5", 3, (128, 128), 10, 615_690, id="ConvNetD5-ImageNet128"),
@@ -82,7 +82,8 @@ def test_parameter_count(name: str, channel: int, im_size: tuple[int, int], num_
 
 
 def test_embedding_widths_from_methods_md() -> None:
-    """§0.3 exact shapes: 2048 features for ConvNet on MNIST/CIFAR, D4 on 64², D5 on 128²; 8192 for D3 on 64²."""
+    """Embedding widths (docs/reference-notes.md, *Networks and parameter counts*): 2048 features
+    for ConvNet on MNIST/CIFAR, D4 on 64², D5 on 128²; 8192 for D3 on 64²."""
     cases = [("ConvNet", 1, (28, 28), 2048), ("ConvNet", 3, (32, 32), 2048), ("ConvNetD4", 3, (64, 64), 2048),
              ("ConvNetD5", 3, (128, 128), 2048), ("ConvNet", 3, (64, 64), 8192),
              ("ResNet18_AP", 1, (28, 28), 512 * 9), ("ResNet18_AP", 3, (32, 32), 512 * 16)]

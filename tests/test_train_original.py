@@ -162,7 +162,7 @@ def test_parameters_and_flops_match_hand_computation():
     mlp = networks.get_network("MLP", 1, 3, (8, 8))
     assert O.count_parameters(mlp) == (64 * 128 + 128) + (128 * 128 + 128) + (128 * 3 + 3)
     assert O.flops_per_image(mlp, 1, (8, 8)) == 2 * (64 * 128 + 128 * 128 + 128 * 3)
-    # methods.md §0.3: ConvNet on MNIST-sized images has 317,706 parameters
+    # docs/reference-notes.md: ConvNet on MNIST-sized images has 317,706 parameters
     assert O.count_parameters(networks.get_network("ConvNet", 1, 10, (28, 28))) == 317_706
     bn = networks.get_network("ConvNetBN", 1, 3, (8, 8)).train()
     before = [b.clone() for b in bn.buffers()]

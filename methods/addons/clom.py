@@ -2,11 +2,11 @@
 
 Source: Lu et al., "Can pre-trained models assist in dataset distillation?" (arXiv 2310.03295;
 yaolu-zjut/DDInterpreter, whose README is titled "Which Assessment Should be Prioritized in
-Dataset Distillation?"); facts from ``/work/shared/reference/methods.md`` §7.2-7.3 and seed 001.
-No reference code is reused.
+Dataset Distillation?"): the CLoM flags of ``methods/DC_DSA_DM/main.py``, the loss of
+``utils_clom/CLoM.py`` and the README (docs/reference-notes.md, *CLoM*). No reference code is reused.
 
 The original models are networks trained on the whole real training set by ``train_original.py``
-(``originals.py``, layout ``{pretrained_path}/{dataset}/original/{model}/index_{i}/checkpoint.pt``).
+(``pretrained/originals.py``, layout ``{pretrained_path}/{dataset}/original/{model}/index_{i}/checkpoint.pt``).
 They are loaded once per run, frozen (``requires_grad=False``) and put in eval mode (the reference
 leaves them in their saved mode; eval mode makes BatchNorm use its running statistics, so the term
 does not depend on which synthetic images share a batch).
@@ -17,7 +17,7 @@ one architecture of the pool uniformly (with its weight alpha) and one of its ``
 uniformly, and adds
 
 * ``ce``:  ``alpha * CE(model(image_syn), label_syn)`` over all synthetic images at once, without
-  augmentation (methods.md §7.3), or
+  augmentation (DDInterpreter ``utils_clom/CLoM.py``), or
 * ``cos``: ``alpha * sum(M * D) / sum(D)`` with ``M = onehot(y_syn) onehot(y_real)^T`` and
   ``D = 1 - F_syn F_real^T`` on L2-normalised embeddings of the synthetic images and of
   ``CLoM_batch_size`` real images drawn uniformly with replacement from the whole training set.
@@ -59,7 +59,7 @@ SEED_OFFSET = 104729
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CLoMSettings:
-    """The CLoM flags, parsed and checked (methods.md §7.2).
+    """The CLoM flags, parsed and checked (DDInterpreter ``methods/DC_DSA_DM/main.py``).
 
     Attributes:
         alphas: one weight per architecture of ``models_pool`` (a single ``--alphas`` value is
@@ -136,7 +136,7 @@ def load_for_method(settings: CLoMSettings, *, dataset: str, channel: int, num_c
 # Loss terms (pure functions)
 # --------------------------------------------------------------------------------------------
 def clom_ce(logits: torch.Tensor, targets: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``alpha * CE(logits, targets)`` (mean over the images), methods.md §7.3 ``ce``.
+    """``alpha * CE(logits, targets)`` (mean over the images), DDInterpreter ``utils_clom/CLoM.py`` ``ce``.
 
     Args:
         logits: (N, K) outputs of an original model on the synthetic images.
@@ -151,7 +151,7 @@ def clom_ce(logits: torch.Tensor, targets: torch.Tensor, alpha: float) -> torch.
 
 def clom_cos(feat_syn: torch.Tensor, label_syn: torch.Tensor, feat_real: torch.Tensor, label_real: torch.Tensor,
              num_classes: int, alpha: float) -> torch.Tensor:
-    """The contrastive CLoM term, methods.md §7.3 ``cos``:
+    """The contrastive CLoM term, DDInterpreter ``utils_clom/CLoM.py`` ``cos``:
     ``alpha * sum(M * D) / sum(D)`` with ``M = onehot(y_syn) onehot(y_real)^T`` and
     ``D = 1 - normalize(F_syn) normalize(F_real)^T``.
 

@@ -1,9 +1,9 @@
 """Learning privileged feature labels F beside the synthetic images (DRUPI, ``--feature_labels``).
 
 Source: "Dataset Reduction Using Privileged Information" (DRUPI, arXiv 2410.01611), repository
-turturturturtur/DRUPI ``DC/main.py`` (methods.md §8.1-8.2). The synthetic set becomes
+turturturturtur/DRUPI ``DC/main.py`` (docs/reference-notes.md, *DRUPI*). The synthetic set becomes
 (x, y, F). A method keeps updating x with its own loss; after every image update the
-:class:`FeatureLabels` add-on updates F with the feature step of §8.2 on a network:
+:class:`FeatureLabels` add-on updates F with the feature step of ``DC/main.py`` on a network:
 
     for every class c (one real batch per class, shared by the K = n_feat sets):
         g_r = grad_{theta \\ classifier} CE(f(x_r), c)
@@ -46,7 +46,7 @@ FEATURE_PER = ("image", "class")
 
 @dataclass(frozen=True)
 class FeatureLabelConfig:
-    """The ``--feature_labels`` flags (methods.md §8.1; reference names and defaults).
+    """The ``--feature_labels`` flags (DRUPI ``DC/main.py`` names and defaults).
 
     Attributes:
         lbd, layer_idx, pooling, feat_metric, feat_norm, use_feature: the training loss
@@ -140,7 +140,7 @@ class FeatureLabels(AddOn):
 
     def pretrained_network(self) -> nn.Module:
         """A fresh network trained for ONE epoch on the whole real training set (SGD(lr_net), no
-        momentum, batch_train, no augmentation), as the reference initialises F (§8.2 step 1)."""
+        momentum, batch_train, no augmentation), as the reference ``DC/main.py`` initialises F."""
         m = self.method
         net = self.new_network()
         optimizer = torch.optim.SGD(net.parameters(), lr=m.cfg.lr_net)
@@ -219,7 +219,7 @@ class FeatureLabels(AddOn):
         return syn.features[:, c * syn.ipc:(c + 1) * syn.ipc]
 
     def feature_loss(self, syn, net: nn.Module) -> torch.Tensor:
-        """The matching loss of F on ``net`` (module docstring; methods.md §8.2 step 2).
+        """The matching loss of F on ``net`` (module docstring; the feature step of DRUPI ``DC/main.py``).
 
         Returns:
             A scalar with a graph to ``syn.features`` only.
@@ -262,7 +262,7 @@ class FeatureLabels(AddOn):
         self.optimizer.step()
         return loss.detach()
 
-    # ---- trajectory matching (methods.md §8.3) -------------------------------------------
+    # ---- trajectory matching (DRUPI DATM_FD/distill/DATM_ours.py) -----------------------
     def unroll_step_loss(self, student, params: torch.Tensor, syn, index: torch.Tensor, images: torch.Tensor,
                          targets: torch.Tensor) -> tuple:
         """One student step of DATM_ours: CE(f(x; theta_n), y_b) + lbd * D(E(x; theta_n), F_b), and

@@ -2,9 +2,10 @@
 training loss CE(f(x), y) + lbd * D(E(x), F) used to train networks on a set (x, y, F).
 
 Source: "Dataset Reduction Using Privileged Information" (DRUPI, arXiv 2410.01611) and its
-repository turturturturtur/DRUPI (methods.md §8). The network is f = C o E; E(x) is the feature
-at ``layer_idx`` and C the network's own remaining layers. This module knows no distillation
-method (``methods/feature_labels.py`` learns F); the evaluation protocol in ``utils.py`` uses it.
+repository turturturturtur/DRUPI (``DC/main.py``; docs/reference-notes.md, *DRUPI*). The network
+is f = C o E; E(x) is the feature at ``layer_idx`` and C the network's own remaining layers. This
+module knows no distillation method (``methods/addons/feature_labels.py`` learns F); the evaluation
+protocol in ``utils.py`` uses it.
 
 Taps (ConvNet family, depth d, blocks [conv, norm, act, pool]):
     ``layer_idx`` None: the last block's pooled output, (width, h, w) = 128x4x4 for 28/32 px.
@@ -27,7 +28,7 @@ USE_FEATURE = ("mean", "random")
 
 @dataclass(frozen=True)
 class FeatureLossConfig:
-    """How a network trained on (x, y, F) compares its features with F (methods.md §8.1).
+    """How a network trained on (x, y, F) compares its features with F (DRUPI ``DC/main.py`` flags).
 
     Attributes:
         lbd: ``--lbd``, lambda of the feature term (reference default 0.01); 0 trains with CE only.
@@ -117,7 +118,7 @@ def classify_features(net: nn.Module, features: torch.Tensor, layer_idx: Optiona
     """h(F): logits of feature labels through the network's own remaining layers and classifier.
 
     The reference builds a new randomly initialised Linear layer on every call when
-    ``layer_idx`` is None (methods.md §9.10); here the network's own classifier is used. A
+    ``layer_idx`` is None (docs/reference-notes.md, *DRUPI*); here the network's own classifier is used. A
     feature pooled to 1x1 (``--pooling``) is broadcast back over the tap's spatial size first
     (a constant map, whose average pool is the feature itself); with ``sum`` pooling it is
     divided by the area first so that the map's sum is the feature.
@@ -178,7 +179,7 @@ def gaussian_mmd(a: torch.Tensor, b: torch.Tensor, kernel_mul: float = 2.0, kern
     """Biased MMD^2 between the rows of ``a`` (B, D) and ``b`` (B', D) under a sum of
     ``kernel_num`` Gaussian kernels exp(-||u - v||^2 / s_i), s_i = s * kernel_mul^(i - kernel_num//2),
     s the mean off-diagonal squared distance of the pooled rows (detached), as in the widely
-    copied DAN ``mmd_rbf``. The reference's exact kernel is not recorded in methods.md §8.
+    copied DAN ``mmd_rbf``. The reference's exact kernel was not checked.
 
     Returns:
         A scalar >= 0 (up to rounding); 0 when ``a`` equals ``b``.
@@ -199,7 +200,7 @@ def feature_distance(features: torch.Tensor, labels: torch.Tensor, metric: str =
 
     Both sides are pooled (``pooling``; a 1x1 side stays as it is) and, with ``norm``,
     L2-normalised along dim 1 (channels), as the reference applies pooling and normalisation to
-    both sides (methods.md §8.2).
+    both sides (DRUPI ``DC/main.py``).
 
     Args:
         features: E(x), (B, C, h, w) or (B, D).
@@ -298,7 +299,7 @@ class FeatureTargets:
 
     def loss(self, net: nn.Module, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
              generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """CE(f(x), y) + lbd * D(E(x), F) on one batch (seed 003's loss l').
+        """CE(f(x), y) + lbd * D(E(x), F) on one batch (the DRUPI README's loss l').
 
         Args:
             images: (B, C, H, W), possibly augmented (F is not).
