@@ -915,3 +915,48 @@ def get_eval_pool(eval_mode: str, model: str, model_eval: str | None = None) -> 
         return _MODEL_POOLS[eval_mode](model)
     valid = ", ".join([*EVAL_POOLS, *_MODEL_POOLS])
     raise ValueError(f"unknown eval_mode {eval_mode!r}; choose from: {valid}")
+
+
+FLOPS_DEFINITION = ("FLOPs per image = 2 x multiply-adds of the convolution and linear layers for one image "
+                    "(torch.utils.flop_counter.FlopCounterMode); normalisation, activation and pooling are not counted")
+
+
+# --------------------------------------------------------------------------------------------
+# Measures: parameters and FLOPs (the cost tables, original models, run cost records)
+# --------------------------------------------------------------------------------------------
+def count_parameters(net: nn.Module) -> int:
+    """Number of parameter entries of ``net`` (every ``net.parameters()`` tensor, frozen or not;
+    buffers such as BatchNorm running statistics are not counted), as docs/reference-notes.md counts them."""
+    return int(sum(p.numel() for p in net.parameters()))
+
+
+def flops_per_image(net: nn.Module, channel: int, im_size: Sequence[int]) -> int:
+    """FLOPs of one forward pass of ``net`` on one (C, H, W) image, counted by
+    ``torch.utils.flop_counter.FlopCounterMode``.
+
+    That counter charges 2 FLOPs per multiply-add of convolutions and matrix products (so
+    multiply-adds = FLOPs / 2) and nothing for normalisation, activations or pooling
+    (:data:`FLOPS_DEFINITION`). The pass runs in eval mode without gradients on the network's
+    device (BatchNorm statistics do not move); the network's mode is restored afterwards.
+
+    Args:
+        net: the network.
+        channel: C.
+        im_size: (H, W).
+
+    Returns:
+        FLOPs per image (an int).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    parameter = next(net.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    image = torch.zeros(1, int(channel), *[int(s) for s in im_size], device=device)
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            net(image)
+    finally:
+        net.train(was_training)
+    return int(counter.get_total_flops())

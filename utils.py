@@ -22,7 +22,7 @@ import time
 from contextlib import contextmanager
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, List, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -594,6 +594,15 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
 # --------------------------------------------------------------------------------------------
 # Files: checkpoints, results, pictures
 # --------------------------------------------------------------------------------------------
+def config_differences(saved: dict, current: dict) -> List[str]:
+    """The toolkit's one resume-compatibility check: ``'--key saved (this run: current)'`` for every
+    key whose value differs between a saved and the current flat configuration (run checkpoints,
+    expert buffers, original models); empty when they agree."""
+    keys = list(dict.fromkeys([*current, *saved]))
+    return [f"--{key} {saved.get(key)!r} (this run: {current.get(key)!r})"
+            for key in keys if saved.get(key) != current.get(key)]
+
+
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """The toolkit's one atomic writer: ``write(tmp)`` writes a temporary file beside ``path``,
     which then replaces ``path`` (``os.replace``), so a run killed while saving never leaves a

@@ -132,13 +132,6 @@ def eval_config_for(method: DistillMethod, model_eval: str, opts: RunOptions, sy
     return eval_protocol(type(method), cfg, opts).resolve(cfg.dataset, cfg.model, model_eval, cfg.ipc, learned)
 
 
-def config_differences(saved: dict, current: dict) -> List[str]:
-    """``'key: old -> new'`` for every key whose value differs between two flat configurations
-    (the one resume-compatibility check of the toolkit: run checkpoints, buffers, original models)."""
-    return [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
-            for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
-
-
 class DistillationRun:
     """One ``distill.py`` run: ``opts.num_exp`` experiments of ``cfg.method``, each a synthetic set
     learned for ``cfg.iterations`` iterations, evaluated every ``opts.eval_it`` iterations and at
@@ -218,7 +211,7 @@ class DistillationRun:
             return None
         saved = utils.load_checkpoint(self.checkpoint_path)
         current = {**dataclasses.asdict(self.cfg), "num_exp": self.opts.num_exp, "seed": self.opts.seed}
-        differing = config_differences({**saved["config"], "num_exp": saved.get("num_exp"), "seed": saved.get("seed")},
+        differing = utils.config_differences({**saved["config"], "num_exp": saved.get("num_exp"), "seed": saved.get("seed")},
                                        current)
         if differing:
             raise utils.UserError(f"--resume: {self.checkpoint_path} was written with other values ({'; '.join(differing)}); "

@@ -176,12 +176,7 @@ def read_manifest(directory: str) -> Optional[dict]:
 
 def write_manifest(directory: str, manifest: dict) -> None:
     """Write ``manifest.json`` atomically (temporary file + ``os.replace``)."""
-    path = os.path.join(directory, MANIFEST_NAME)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as handle:
-        json.dump(manifest, handle, indent=2)
-        handle.write("\n")
-    os.replace(tmp, path)
+    utils.write_json(os.path.join(directory, MANIFEST_NAME), manifest)
 
 
 def load_chunk(path: str) -> list:
@@ -201,13 +196,6 @@ def load_chunk(path: str) -> list:
         raise utils.UserError(f"{path} is not an expert buffer file (a list of trajectories, each a list of "
                               "snapshots, each a list of parameter tensors)")
     return chunk
-
-
-def config_differences(saved: dict, current: dict) -> list:
-    """``['--key saved (this run: current)', ...]`` for every key whose value differs."""
-    keys = list(dict.fromkeys([*current, *saved]))
-    return [f"--{key} {saved.get(key)!r} (this run: {current.get(key)!r})"
-            for key in keys if saved.get(key) != current.get(key)]
 
 
 def check_buffer_dir(directory: str, config: dict) -> int:
@@ -234,7 +222,7 @@ def check_buffer_dir(directory: str, config: dict) -> int:
                                   "(a reference-format buffer?); refusing to add experts to it: use another "
                                   "--buffer_path")
         return 0
-    differences = config_differences(manifest["config"], config)
+    differences = utils.config_differences(manifest["config"], config)
     if differences and files:
         raise utils.UserError(f"{directory} holds {manifest.get('num_experts', '?')} expert(s) made with "
                               f"{'; '.join(differences)}; refusing to mix experts: use the same flags, another "
@@ -270,7 +258,7 @@ class BufferWriter:
         existing = read_manifest(directory)
         files = list_buffer_files(directory)
         if existing is not None and not files:  # no experts saved yet: nothing to keep
-            if config_differences(existing["config"], config):
+            if utils.config_differences(existing["config"], config):
                 logger.info("%s holds no experts yet; replacing its manifest (another configuration)", directory)
             existing = None
         self.saved, self._chunk = self._count(files, existing)

@@ -44,7 +44,6 @@ Public API:
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -68,8 +67,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 SUMMARY_NAME = "summary.json"
 DEFAULT_SAVE_PATH = "pretrained_model"
 INDEX_RE = re.compile(r"^index_(\d+)$")
-FLOPS_DEFINITION = ("FLOPs per image = 2 x multiply-adds of the convolution and linear layers for one image "
-                    "(torch.utils.flop_counter.FlopCounterMode); normalisation, activation and pooling are not counted")
+FLOPS_DEFINITION = networks.FLOPS_DEFINITION
 
 # Called after every epoch (after any checkpoint of that epoch is written): on_epoch(index, epoch, loss).
 EpochCallback = Callable[[int, int, float], None]
@@ -245,47 +243,6 @@ def train_command(dataset: str = "DATASET", model: str = "MODEL", num: Optional[
 
 
 # --------------------------------------------------------------------------------------------
-# Measures: parameters and FLOPs
-# --------------------------------------------------------------------------------------------
-def count_parameters(net: nn.Module) -> int:
-    """Number of parameter entries of ``net`` (every ``net.parameters()`` tensor, frozen or not;
-    buffers such as BatchNorm running statistics are not counted), as docs/reference-notes.md counts them."""
-    return int(sum(p.numel() for p in net.parameters()))
-
-
-def flops_per_image(net: nn.Module, channel: int, im_size: Sequence[int]) -> int:
-    """FLOPs of one forward pass of ``net`` on one (C, H, W) image, counted by
-    ``torch.utils.flop_counter.FlopCounterMode``.
-
-    That counter charges 2 FLOPs per multiply-add of convolutions and matrix products (so
-    multiply-adds = FLOPs / 2) and nothing for normalisation, activations or pooling
-    (:data:`FLOPS_DEFINITION`). The pass runs in eval mode without gradients on the network's
-    device (BatchNorm statistics do not move); the network's mode is restored afterwards.
-
-    Args:
-        net: the network.
-        channel: C.
-        im_size: (H, W).
-
-    Returns:
-        FLOPs per image (an int).
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    parameter = next(net.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    image = torch.zeros(1, int(channel), *[int(s) for s in im_size], device=device)
-    was_training = net.training
-    net.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            net(image)
-    finally:
-        net.train(was_training)
-    return int(counter.get_total_flops())
-
-
-# --------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------
 def _cpu(obj):
@@ -320,18 +277,11 @@ def read_checkpoint(path: str) -> dict:
     return state
 
 
-def _differences(saved: dict, current: dict) -> list:
-    """``['--key saved (this run: current)', ...]`` for every key whose value differs."""
-    keys = list(dict.fromkeys([*current, *saved]))
-    return [f"--{key} {saved.get(key)!r} (this run: {current.get(key)!r})"
-            for key in keys if saved.get(key) != current.get(key)]
-
-
 def _check_resumable(path: str, state: dict, cfg: OriginalConfig) -> None:
     """Raise ``utils.UserError`` if the checkpoint at ``path`` cannot be continued with ``cfg``."""
     saved = dict(state.get("config", {}))
     saved.pop("epochs", None)
-    differences = _differences(saved, cfg.identity())
+    differences = utils.config_differences(saved, cfg.identity())
     if differences:
         raise utils.UserError(f"{path} was trained with {'; '.join(differences)}; refusing to mix: use the same "
                               "flags, another --save_path, or delete that folder")
@@ -502,8 +452,8 @@ def train_original(net: nn.Module, record, cfg: OriginalConfig, path: str, *, in
         seed = int(state["seed"])
     done = int(state.get("epochs_done", 0))
     history = list(state.get("history", []))
-    num_params = count_parameters(net)
-    flops = int(state["flops_per_image"]) if state else flops_per_image(net, record.channel, record.im_size)
+    num_params = networks.count_parameters(net)
+    flops = int(state["flops_per_image"]) if state else networks.flops_per_image(net, record.channel, record.im_size)
     result = OriginalResult(index=index, path=path, seed=seed, epochs_done=done, epochs_total=cfg.epochs,
                             trained_epochs=0, resumed_from=done, test_acc=state.get("test_acc"),
                             num_params=num_params, flops_per_image=flops,
@@ -674,12 +624,7 @@ def write_summary(directory: str) -> tuple:
     """
     summary = collect_summary(directory)
     path = os.path.join(directory, SUMMARY_NAME)
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as handle:
-        json.dump(summary, handle, indent=2)
-        handle.write("\n")
-    os.replace(tmp, path)
+    utils.write_json(path, summary)
     return summary, path
 
 
@@ -700,8 +645,7 @@ def format_table(summary: dict, status: Optional[dict] = None) -> str:
         if status is not None:
             cells.append(status.get(row["index"], "not asked"))
         lines.append(cells)
-    widths = [max(len(str(c)) for c in column) for column in zip(header, *lines)]
-    text = ["  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in [header, *lines]]
+    text = [utils.format_table(header, lines, numeric_right=False)]
     if summary.get("test_acc_mean") is not None:
         text.append(f"test accuracy {100 * summary['test_acc_mean']:.2f} ± {100 * summary['test_acc_std']:.2f} % "
                     f"over {summary['finished']} finished model(s) of {summary['model']} on {summary['dataset']}")

@@ -299,9 +299,7 @@ def format_table(report: dict) -> str:
     header = ["assessment", *[f"exp {i}" for i in range(len(experiments))], "mean"]
     rows = [[description, *[f"{e[key]:.4g}" for e in experiments], f"{report['metrics'][key]:.4g}"]
             for key, description, _ in METRICS]
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
-                               enumerate(zip(r, widths))) for r in [header, *rows])
+    return utils.format_table(header, rows)
 
 
 def default_output(syn_path: str) -> str:

@@ -1,9 +1,9 @@
 """Cost measures for run summaries and ``scripts/cost.py``: network size and FLOPs at a dataset's image
 size, peak memory, and the storage of a synthetic set.
 
-Parameters and FLOPs reuse :func:`originals.count_parameters` and :func:`originals.flops_per_image`
+Parameters and FLOPs reuse :func:`networks.count_parameters` and :func:`networks.flops_per_image`
 (``torch.utils.flop_counter``; 2 FLOPs per multiply-add of convolutions and matrix products, see
-:data:`originals.FLOPS_DEFINITION`). Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA
+:data:`networks.FLOPS_DEFINITION`). Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA
 (reset at the start of a run) and the process's peak resident set size
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, KiB on Linux) on the CPU: the latter cannot be
 reset, so it covers the whole process (dataset loading included).
@@ -17,7 +17,6 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 import networks
-from pretrained import originals
 
 # (channel, (H, W), classes) of each dataset as data/ loads it; ImageNet subsets and MHIST at
 # their default resolution (128 and 224; --res changes it).
@@ -74,8 +73,8 @@ def network_cost(model: str, channel: int, im_size: Sequence[int], num_classes: 
     """
     with torch.random.fork_rng(devices=[]):
         net = networks.get_network(model, channel, num_classes, tuple(im_size), device=torch.device(device))
-    flops = originals.flops_per_image(net, channel, im_size)
-    return {"model": model, "params": originals.count_parameters(net), "flops_per_image": flops,
+    flops = networks.flops_per_image(net, channel, im_size)
+    return {"model": model, "params": networks.count_parameters(net), "flops_per_image": flops,
             "macs_per_image": flops // 2}
 
 

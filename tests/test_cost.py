@@ -3,6 +3,8 @@ import json
 
 import pytest
 import torch
+
+import networks
 import torch.nn as nn
 
 from scripts import cost
@@ -14,8 +16,8 @@ from methods.base import SyntheticSet
 def test_flops_of_tiny_conv_and_linear_net_equal_hand_count():
     net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
     # conv: 72 outputs x 9 multiply-adds x 2; linear: 72 x 3 multiply-adds x 2 (ReLU not counted)
-    assert originals.flops_per_image(net, 1, (8, 8)) == 2 * 72 * 9 + 2 * 72 * 3
-    assert originals.count_parameters(net) == (2 * 9 + 2) + (72 * 3 + 3)
+    assert networks.flops_per_image(net, 1, (8, 8)) == 2 * 72 * 9 + 2 * 72 * 3
+    assert networks.count_parameters(net) == (2 * 9 + 2) + (72 * 3 + 3)
 
 
 def test_network_cost_of_mlp_on_fashion_mnist_matches_hand_count():

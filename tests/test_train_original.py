@@ -65,12 +65,12 @@ def test_two_models_write_the_layout_and_learn(tmp_path):
     net = networks.get_network(MODEL, 1, 3, (8, 8))
     for row, result in zip(summary["models"], done.results):
         assert row["test_acc"] == result.test_acc and row["epochs_done"] == 4
-        assert row["num_params"] == O.count_parameters(net)
-        assert row["flops_per_image"] == O.flops_per_image(net, 1, (8, 8)) == 2 * row["macs_per_image"]
+        assert row["num_params"] == networks.count_parameters(net)
+        assert row["flops_per_image"] == networks.flops_per_image(net, 1, (8, 8)) == 2 * row["macs_per_image"]
         assert row["train_seconds"] > 0 and result.status == "trained"
     assert summary["test_acc_mean"] == pytest.approx(sum(r.test_acc for r in done.results) / 2)
     table = O.format_table(summary)
-    assert "MFLOPs/img" in table and f"{O.count_parameters(net):,}" in table and "multiply-adds" in table
+    assert "MFLOPs/img" in table and f"{networks.count_parameters(net):,}" in table and "multiply-adds" in table
 
 
 # ----- resume -----------------------------------------------------------------------------------
@@ -156,17 +156,17 @@ def test_other_flags_into_the_same_folder_are_refused(tmp_path):
 # ----- parameters and FLOPs -----------------------------------------------------------------------
 def test_parameters_and_flops_match_hand_computation():
     tiny = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
-    assert O.count_parameters(tiny) == (2 * 1 * 3 * 3 + 2) + (32 * 3 + 3)  # 119
+    assert networks.count_parameters(tiny) == (2 * 1 * 3 * 3 + 2) + (32 * 3 + 3)  # 119
     # conv: 2x4x4 outputs x 9 multiply-adds; linear: 32 x 3 multiply-adds; FLOPs = 2 x multiply-adds
-    assert O.flops_per_image(tiny, 1, (4, 4)) == 2 * (32 * 9 + 32 * 3)
+    assert networks.flops_per_image(tiny, 1, (4, 4)) == 2 * (32 * 9 + 32 * 3)
     mlp = networks.get_network("MLP", 1, 3, (8, 8))
-    assert O.count_parameters(mlp) == (64 * 128 + 128) + (128 * 128 + 128) + (128 * 3 + 3)
-    assert O.flops_per_image(mlp, 1, (8, 8)) == 2 * (64 * 128 + 128 * 128 + 128 * 3)
+    assert networks.count_parameters(mlp) == (64 * 128 + 128) + (128 * 128 + 128) + (128 * 3 + 3)
+    assert networks.flops_per_image(mlp, 1, (8, 8)) == 2 * (64 * 128 + 128 * 128 + 128 * 3)
     # docs/reference-notes.md: ConvNet on MNIST-sized images has 317,706 parameters
-    assert O.count_parameters(networks.get_network("ConvNet", 1, 10, (28, 28))) == 317_706
+    assert networks.count_parameters(networks.get_network("ConvNet", 1, 10, (28, 28))) == 317_706
     bn = networks.get_network("ConvNetBN", 1, 3, (8, 8)).train()
     before = [b.clone() for b in bn.buffers()]
-    O.flops_per_image(bn, 1, (8, 8))
+    networks.flops_per_image(bn, 1, (8, 8))
     assert bn.training and all(torch.equal(a, b) for a, b in zip(before, bn.buffers()))  # no stats moved
 
 
