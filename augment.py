@@ -348,16 +348,24 @@ def validate_strategy(strategy: str) -> list[str]:
         ValueError: if an operation is not in ``AUGMENT_OPS``; the message names ``--dsa_strategy``, the
             bad operation and the valid ones.
     """
+    return _parse_ops(strategy, AUGMENT_OPS, "--dsa_strategy", "unknown DSA operation",
+                      " (e.g. 'color_crop_cutout_flip_scale_rotate')")
+
+
+def _parse_ops(strategy: str, valid, what: str, unknown: str, example: str = "") -> list[str]:
+    """``strategy`` split at ``'_'`` with every name checked against ``valid``; ``[]`` for
+    ``''``/``'none'`` (any case).
+
+    Raises:
+        ValueError: ``{what} {strategy!r}: {unknown} {op!r}; valid operations are ...``.
+    """
     if strategy is None or strategy.strip().lower() in _IDENTITY_NAMES:
         return []
     ops = strategy.strip().split("_")
     for op in ops:
-        if op not in AUGMENT_OPS:
-            raise ValueError(
-                f"--dsa_strategy {strategy!r}: unknown DSA operation {op!r}; valid operations are "
-                f"{', '.join(AUGMENT_OPS)} joined by '_' (e.g. 'color_crop_cutout_flip_scale_rotate'), "
-                f"or 'none'"
-            )
+        if op not in valid:
+            raise ValueError(f"{what} {strategy!r}: {unknown} {op!r}; valid operations are "
+                             f"{', '.join(valid)} joined by '_'{example}, or 'none'")
     return ops
 
 
@@ -550,16 +558,7 @@ def validate_dc_strategy(strategy: str) -> list[str]:
     Raises:
         ValueError: for an unknown operation (the reference silently skipped it), naming the valid ones.
     """
-    if strategy is None or strategy.strip().lower() in _IDENTITY_NAMES:
-        return []
-    ops = strategy.strip().split("_")
-    for op in ops:
-        if op not in DC_AUGMENT_OPS:
-            raise ValueError(
-                f"DC augmentation strategy {strategy!r}: unknown operation {op!r}; valid operations are "
-                f"{', '.join(DC_AUGMENT_OPS)} joined by '_', or 'none'"
-            )
-    return ops
+    return _parse_ops(strategy, DC_AUGMENT_OPS, "DC augmentation strategy", "unknown operation")
 
 
 def get_daparam(dataset: str, model: str, model_eval: str, ipc: int) -> DCAugParam:

@@ -18,11 +18,12 @@ import logging
 import math
 import os
 import random
+import re
 import time
 from contextlib import contextmanager
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Protocol, Sequence
+from typing import Callable, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -594,6 +595,39 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
 # --------------------------------------------------------------------------------------------
 # Files: checkpoints, results, pictures
 # --------------------------------------------------------------------------------------------
+def check_flag_ranges(values: object, at_least_one: Sequence[str] = (), positive: Sequence[str] = (),
+                      non_negative: Sequence[str] = ()) -> None:
+    """Check the named attributes of ``values`` (a config whose fields are flag names).
+
+    Raises:
+        UserError: ``--NAME must be at least 1 / positive / >= 0, got V`` for the first value out of range.
+    """
+    for name in at_least_one:
+        if getattr(values, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(values, name)}")
+    for name in positive:
+        if not getattr(values, name) > 0:
+            raise UserError(f"--{name} must be positive, got {getattr(values, name)}")
+    for name in non_negative:
+        if not getattr(values, name) >= 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(values, name)}")
+
+
+def numbered_entries(directory: str, pattern: "re.Pattern", require: Optional[str] = None) -> List[Tuple[int, str]]:
+    """``(n, path)`` of the entries of ``directory`` whose name matches ``pattern`` (group 1 is the
+    number ``n``), sorted by ``n``; with ``require``, only entries holding that file. Empty when the
+    directory does not exist (numbered chunks of a buffer, ``index_{i}`` model folders)."""
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        match = pattern.match(name)
+        path = os.path.join(directory, name)
+        if match and (require is None or os.path.isfile(os.path.join(path, require))):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
 def config_differences(saved: dict, current: dict) -> List[str]:
     """The toolkit's one resume-compatibility check: ``'--key saved (this run: current)'`` for every
     key whose value differs between a saved and the current flat configuration (run checkpoints,

@@ -208,8 +208,15 @@ def load_svhn(data_path: str, *, download: bool = False, res: int | None = None,
         labels_test=torch.from_numpy(test.labels).to(torch.int64))
 
 
-def _load_cifar(name: str, reader: type, folder: str, data_path: str, download: bool,
-                mean: list[float], std: list[float]) -> RawSplits:
+def _load_cifar(name: str, reader: type, folder: str, data_path: str, download: bool, res: int | None,
+                subset: str | None, mean: list[float], std: list[float]) -> RawSplits:
+    """CIFAR10 / CIFAR100 from torchvision's ``folder`` under ``data_path`` (uint8 3x32x32).
+
+    Raises:
+        DatasetError: folder missing or corrupted, or ``res``/``subset`` given.
+    """
+    reject_res(name, res)
+    reject_subset(name, subset)
     if not download and not (Path(data_path) / folder).is_dir():
         raise DatasetError(f"{name} not found under {_show(data_path)}: expected torchvision's "
                            f"'{folder}/' folder there {_DOWNLOAD_HINT}")
@@ -235,9 +242,7 @@ def load_cifar10(data_path: str, *, download: bool = False, res: int | None = No
     Raises:
         DatasetError: folder missing or corrupted, or ``res``/``subset`` given.
     """
-    reject_res('CIFAR10', res)
-    reject_subset('CIFAR10', subset)
-    return _load_cifar('CIFAR10', datasets.CIFAR10, 'cifar-10-batches-py', data_path, download,
+    return _load_cifar('CIFAR10', datasets.CIFAR10, 'cifar-10-batches-py', data_path, download, res, subset,
                        [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010])
 
 
@@ -252,7 +257,5 @@ def load_cifar100(data_path: str, *, download: bool = False, res: int | None = N
     Raises:
         DatasetError: folder missing or corrupted, or ``res``/``subset`` given.
     """
-    reject_res('CIFAR100', res)
-    reject_subset('CIFAR100', subset)
-    return _load_cifar('CIFAR100', datasets.CIFAR100, 'cifar-100-python', data_path, download,
+    return _load_cifar('CIFAR100', datasets.CIFAR100, 'cifar-100-python', data_path, download, res, subset,
                        [0.5071, 0.4866, 0.4409], [0.2673, 0.2564, 0.2762])

@@ -115,14 +115,7 @@ def chunk_path(directory: str, index: int) -> str:
 
 def list_buffer_files(directory: str) -> list:
     """The ``replay_buffer_{n}.pt`` files of a buffer directory, sorted by ``n`` (empty if none)."""
-    if not os.path.isdir(directory):
-        return []
-    found = []
-    for name in os.listdir(directory):
-        match = CHUNK_RE.match(name)
-        if match:
-            found.append((int(match.group(1)), os.path.join(directory, name)))
-    return [path for _, path in sorted(found)]
+    return [path for _, path in utils.numbered_entries(directory, CHUNK_RE)]
 
 
 def buffer_command(dataset: str = "DATASET", model: str = "MODEL", zca: bool = False,

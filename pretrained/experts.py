@@ -195,14 +195,8 @@ class ExpertConfig:
             utils.UserError: a non-positive epoch count, lr or batch size, negative ``mom``/``l2``,
                 an unknown model or DiffAugment operation, bad GSAM radii or PAD ratios.
         """
-        for name in ("train_epochs", "batch_train"):
-            if getattr(self, name) < 1:
-                raise utils.UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        if not self.lr_teacher > 0:
-            raise utils.UserError(f"--lr_teacher must be positive, got {self.lr_teacher}")
-        for name in ("mom", "l2"):
-            if not getattr(self, name) >= 0:
-                raise utils.UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        utils.check_flag_ranges(self, at_least_one=("train_epochs", "batch_train"), positive=("lr_teacher",),
+                                non_negative=("mom", "l2"))
         if self.model not in networks.list_networks():
             raise utils.UserError(f"--model: unknown model {self.model!r}; choose from: "
                                   f"{', '.join(networks.list_networks())}")

@@ -145,14 +145,8 @@ class OriginalConfig:
             utils.UserError: non-positive ``epochs``, ``batch_size`` or ``lr``, negative
                 ``momentum``/``weight_decay``, bad milestones, or an unknown model.
         """
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise utils.UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise utils.UserError(f"--lr must be positive, got {self.lr}")
-        for name in ("momentum", "weight_decay"):
-            if not getattr(self, name) >= 0:
-                raise utils.UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        utils.check_flag_ranges(self, at_least_one=("epochs", "batch_size"), positive=("lr",),
+                                non_negative=("momentum", "weight_decay"))
         parse_milestones(self.lr_decay_step)
         if self.model not in networks.list_networks():
             raise utils.UserError(f"--model: unknown model {self.model!r}; choose from: "
@@ -216,14 +210,7 @@ def reference_weights_name(dataset: str, model: str, epoch: int) -> str:
 
 def list_indices(directory: str) -> list:
     """Indices ``i`` of the ``index_{i}`` folders of ``directory`` holding a ``checkpoint.pt``, sorted."""
-    if not os.path.isdir(directory):
-        return []
-    found = []
-    for name in os.listdir(directory):
-        match = INDEX_RE.match(name)
-        if match and os.path.isfile(os.path.join(directory, name, CHECKPOINT_NAME)):
-            found.append(int(match.group(1)))
-    return sorted(found)
+    return [index for index, _ in utils.numbered_entries(directory, INDEX_RE, require=CHECKPOINT_NAME)]
 
 
 def train_command(dataset: str = "DATASET", model: str = "MODEL", num: Optional[int] = None,
