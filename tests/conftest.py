@@ -1,6 +1,6 @@
-"""Shared pytest setup: put the repository root on sys.path and keep torch to the CI's 2 cores."""
+"""Shared pytest setup: keep torch to the CI's 2 cores; fixtures shared by the test modules (the library is
+imported from the editable install, `pip install -e .`)."""
 import os
-import sys
 
 import pytest
 import torch

@@ -2,7 +2,6 @@
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
@@ -11,7 +10,6 @@ from sets import assess
 import data
 import evaluate
 from pretrained import originals
-import utils
 from sets import files
 from tiny_data import tiny_record as _tiny_record
 

@@ -1,13 +1,11 @@
 """Comparison tables: IOR, whole-dataset rows, evaluate.py's cross-architecture table, make_table."""
 import json
 import os
-import sys
 
 import pandas as pd
 import pytest
 import torch
 
-from cli import evaluate_flags
 
 import cli
 from sets import comparison
