@@ -680,6 +680,13 @@ def save_checkpoint(path: str, **state) -> None:
     atomic_save({"version": CHECKPOINT_VERSION, **state}, path)
 
 
+def _checkpoint_globals() -> list:
+    """The only non-tensor types a checkpoint of ours holds beyond plain Python values: numpy's
+    global RNG state (a uint32 array), allowed explicitly for ``torch.load(weights_only=True)``."""
+    multiarray = getattr(np, "_core", getattr(np, "core", None)).multiarray
+    return [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def load_checkpoint(path: str) -> dict:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
@@ -689,9 +696,11 @@ def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"--resume: no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # a truncated or foreign file
-        raise UserError(f"--resume: cannot read checkpoint {path}: {error}") from None
+        with torch.serialization.safe_globals(_checkpoint_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file, or one that would run code
+        message = " ".join(str(error).split())[:200]
+        raise UserError(f"--resume: cannot read checkpoint {path} as plain data ({message})") from None
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
         raise UserError(f"--resume: {path} is not a checkpoint of this toolkit (layout version {CHECKPOINT_VERSION})")
     return state

@@ -10,6 +10,9 @@ import time
 import pytest
 import torch
 
+import utils
+from sets import files
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = "/usr/share/datasets/fashion-mnist"
 needs_fashion = pytest.mark.skipif(not os.path.isdir(FASHION) and not os.environ.get("CI"),
@@ -72,7 +75,7 @@ def test_sigterm_then_resume_finishes_the_run(tmp_path):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "--resume" in stderr.strip().splitlines()[-1]
-    saved = torch.load(run_dir / "last.pt", weights_only=False)
+    saved = utils.load_checkpoint(str(run_dir / "last.pt"))
     stopped_at = saved["iteration"]
     assert 0 < stopped_at < 400
     done = run(*args, "--resume")
@@ -90,7 +93,7 @@ def test_short_dm_on_real_fashion_mnist_and_evaluate(tmp_path):
                "--run_dir", str(run_dir), "--seed", "1")
     assert proc.returncode == 0, proc.stderr
     result = run_dir / "res_DM_FashionMNIST_ConvNet_2ipc.pt"
-    blob = torch.load(result, weights_only=False)
+    blob = files.load_results(str(result))
     image_syn, label_syn = blob["data"][0]
     assert image_syn.shape == (20, 1, 28, 28) and label_syn.tolist() == [c for c in range(10) for _ in range(2)]
     acc = blob["accs_all_exps"]["ConvNet"][0]

@@ -92,4 +92,10 @@ def test_loading_never_runs_code(tmp_path):
     torch.save({"data": [[torch.zeros(1, 1, 8, 8), torch.zeros(1, dtype=torch.long)]], "x": Evil()}, path)
     with pytest.raises(utils.UserError, match="--syn_path: cannot read"):
         files.load_results(str(path))
+    torch.save({"version": utils.CHECKPOINT_VERSION, "x": Evil()}, tmp_path / "last.pt")
+    with pytest.raises(utils.UserError, match="--resume: cannot read checkpoint"):
+        utils.load_checkpoint(str(tmp_path / "last.pt"))
     assert not marker.exists()
+    # our own checkpoints, numpy's RNG state included, load as plain data
+    utils.save_checkpoint(str(tmp_path / "ok.pt"), rng=utils.rng_state(), config={"a": [1, 2.5, None]})
+    assert utils.load_checkpoint(str(tmp_path / "ok.pt"))["config"] == {"a": [1, 2.5, None]}
