@@ -198,6 +198,22 @@ class DistillationRun:
                               rng=utils.rng_state(), data_save=self.data_save, learned_lr=self.learned_lr,
                               accs_all_exps=self.accs_all_exps, summary_rows=self.summary_rows)
 
+    def refuse_overwrite(self) -> None:
+        """A run directory that already holds a run (its checkpoint or result file) is continued
+        with ``--resume``, never overwritten.
+
+        Raises:
+            utils.UserError: the directory holds a run and ``--resume`` is off; or ``--run_dir``
+                names a file.
+        """
+        run_dir = self.opts.run_dir
+        if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+            raise utils.UserError(f"--run_dir {run_dir}: a file, not a directory")
+        found = [os.path.basename(p) for p in (self.checkpoint_path, self.result_path) if os.path.isfile(p)]
+        if found and not self.opts.resume:
+            raise utils.UserError(f"--run_dir {run_dir} already holds a run ({', '.join(found)}); add --resume to "
+                                  "continue it, or choose another --run_dir (or --save_path)")
+
     def resume(self) -> Optional[dict]:
         """The checkpoint to continue from (``--resume`` and ``last.pt`` exists), its progress restored.
 
@@ -338,6 +354,7 @@ class DistillationRun:
             utils.UserError: see the class docstring.
             FloatingPointError: the loss became NaN or infinite (the last checkpoint is kept).
         """
+        self.refuse_overwrite()
         os.makedirs(self.opts.run_dir, exist_ok=True)
         self.write_config()
         resumed = self.resume()

@@ -1,0 +1,43 @@
+"""Files from others never run code; a finished run is never overwritten."""
+import os
+
+import pytest
+import torch
+
+import methods
+import utils
+from methods.runner import RunOptions, run_distillation
+from sets import files
+from tiny_data import CPU, tiny_record
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _dm(record):
+    return methods.DistillConfig(method="DM", dataset=record.name, model="ConvNetW32", ipc=1, iterations=1,
+                                 batch_real=4, init="real", dsa_strategy="")
+
+
+def test_a_finished_run_is_not_overwritten(tmp_path):
+    record = tiny_record(per_class=8)
+    opts = RunOptions(num_exp=1, num_eval=0, run_dir=str(tmp_path / "run"), save_vis=False)
+    outcome = run_distillation(_dm(record), opts, record, CPU)
+    before = files.load_results(outcome.result_path)["data"][0][0].clone()
+    stamp = os.stat(outcome.result_path).st_mtime_ns
+    with pytest.raises(utils.UserError, match="already holds a run .*add --resume to continue it, or choose another "
+                                              "--run_dir"):
+        run_distillation(_dm(record).replace(lr_img=5.0), opts, record, CPU)
+    assert os.stat(outcome.result_path).st_mtime_ns == stamp
+    assert torch.equal(files.load_results(outcome.result_path)["data"][0][0], before)
+    # --resume on the finished run changes nothing either
+    from dataclasses import replace
+    again = run_distillation(_dm(record), replace(opts, resume=True), record, CPU)
+    assert torch.equal(files.load_results(again.result_path)["data"][0][0], before)
+
+
+def test_run_dir_that_is_a_file_is_one_line(tmp_path):
+    record = tiny_record(per_class=8)
+    path = tmp_path / "taken"
+    path.write_text("x")
+    with pytest.raises(utils.UserError, match="--run_dir .*taken: a file, not a directory"):
+        run_distillation(_dm(record), RunOptions(num_exp=1, num_eval=0, run_dir=str(path)), record, CPU)
