@@ -30,7 +30,7 @@ fi
 start=$(date +%s)
 echo "== distilling: DM, FashionMNIST, ipc 10, $ITERATIONS iterations, lr_img $LR_IMG"
 python3 distill.py --method DM --dataset FashionMNIST --ipc 10 --Iteration "$ITERATIONS" --lr_img "$LR_IMG" \
-  --num_exp 1 --num_eval 0 --eval_it 0 --seed "$SEED" --run_dir "$OUT/dm" --dsa_strategy "$STRATEGY"
+  --num_exp 1 --num_eval 0 --eval_it 0 --seed "$SEED" --run_dir "$OUT/dm" --dsa_strategy "$STRATEGY" --resume
 syn="$OUT/dm/res_DM_FashionMNIST_ConvNet_10ipc.pt"
 
 echo "== evaluating the distilled set and 10 random real images per class ($NUM_EVAL ConvNets each, $EPOCHS epochs, DSA)"
