@@ -22,6 +22,7 @@ def main(argv=None) -> int:
     with cli.user_errors():
         args = distill_flags.parse_args(argv, description=__doc__)
         cfg, opts = distill_flags.resolve(args)
+        cli.check_writable(opts.run_dir, "--run_dir", directory=True)
         cli.setup_logging(os.path.join(opts.run_dir, "log.txt"))
         device = cli.setup_runtime(args)
         record = cli.load_record(args)

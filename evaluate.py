@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     with cli.user_errors():
         cli.setup_logging(quiet=True)
         flags.check_args(args)
+        if args.out:
+            cli.check_writable(args.out, "--out")
         models = flags.resolve_models(args)
         paths = files.expand_syn_paths(args.syn_path or [])
         if args.assess and len(paths) != 1:

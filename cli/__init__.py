@@ -139,3 +139,25 @@ def user_errors():
         fail(str(error), EXIT_NUMERIC)
     except KeyboardInterrupt:
         fail("interrupted", EXIT_STOPPED)
+
+
+def check_writable(path: str, flag: str, directory: bool = False) -> None:
+    """Refuse before any work an output that cannot be written: ``path`` (a file, or with
+    ``directory`` a folder) must be creatable, and its folder writable.
+
+    Raises:
+        utils.UserError: one line naming ``flag`` and why.
+    """
+    folder = path if directory else (os.path.dirname(os.path.abspath(path)) or ".")
+    if directory and os.path.exists(path) and not os.path.isdir(path):
+        raise utils.UserError(f"{flag} {path}: a file, not a directory")
+    if not directory and os.path.isdir(path):
+        raise utils.UserError(f"{flag} {path}: a directory, not a file")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise utils.UserError(f"{flag} {path}: cannot write there ({error.strerror or error})") from None

@@ -41,3 +41,22 @@ def test_run_dir_that_is_a_file_is_one_line(tmp_path):
     path.write_text("x")
     with pytest.raises(utils.UserError, match="--run_dir .*taken: a file, not a directory"):
         run_distillation(_dm(record), RunOptions(num_exp=1, num_eval=0, run_dir=str(path)), record, CPU)
+
+
+@pytest.mark.parametrize("script,argv,message", [
+    ("evaluate", ["--baseline", "random", "--ipc", "1", "--out", "/proc/nope/x.json"], "--out /proc/nope/x.json: cannot write there"),
+    ("distill", ["--run_dir", "/proc/nope"], "--run_dir /proc/nope: cannot write there"),
+])
+def test_unwritable_outputs_are_refused_before_any_work(script, argv, message, capsys, monkeypatch):
+    import distill
+    import evaluate
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was loaded before the output was checked")
+
+    monkeypatch.setattr("data.load_dataset", no_data)
+    with pytest.raises(SystemExit) as stop:
+        {"distill": distill, "evaluate": evaluate}[script].main(["--dataset", "MNIST", *argv])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
