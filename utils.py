@@ -644,17 +644,47 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     is removed and the previous ``path`` is left as it was.
 
     Raises:
-        OSError: the directory or file cannot be written (the caller names the flag).
+        OSError: one line, ``cannot write PATH (reason)``, saying whether the previous file is intact.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
+        os.makedirs(directory, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
+        reason = getattr(error, "strerror", None) or " ".join(str(error).split())[:160]
+        kept = "; the previous file is intact" if os.path.exists(path) else ""
+        raise OSError(f"cannot write {path} ({reason}){kept}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+TEMPORARY = re.compile(r"\.tmp(\d+)$")
+
+
+def remove_stale_temporaries(directory: str) -> List[str]:
+    """Delete the temporary files :func:`atomic_write` leaves when its process was killed while
+    writing (``NAME.tmpPID`` whose process no longer runs); returns their paths."""
+    removed = []
+    if not os.path.isdir(directory):
+        return removed
+    for name in os.listdir(directory):
+        match = TEMPORARY.search(name)
+        if not match or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+            continue  # its writer is still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        path = os.path.join(directory, name)
+        os.remove(path)
+        removed.append(path)
+    return removed
 
 
 def atomic_save(obj: object, path: str) -> None:

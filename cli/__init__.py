@@ -137,6 +137,8 @@ def user_errors():
         fail(str(error))
     except FloatingPointError as error:
         fail(str(error), EXIT_NUMERIC)
+    except OSError as error:  # an output that could not be written (full disk, permissions)
+        fail(str(error) if str(error).startswith("cannot write") else f"{type(error).__name__}: {error}")
     except KeyboardInterrupt:
         fail("interrupted", EXIT_STOPPED)
 

@@ -356,6 +356,8 @@ class DistillationRun:
         """
         self.refuse_overwrite()
         os.makedirs(self.opts.run_dir, exist_ok=True)
+        for path in utils.remove_stale_temporaries(self.opts.run_dir):
+            logger.info("removed %s, left by a process stopped while writing", path)
         self.write_config()
         resumed = self.resume()
         start_exp = resumed["exp"] if resumed is not None else 0

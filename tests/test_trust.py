@@ -60,3 +60,34 @@ def test_unwritable_outputs_are_refused_before_any_work(script, argv, message, c
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_a_failed_write_keeps_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    utils.save_checkpoint(path, iteration=1)
+    real_save = torch.save
+
+    def full_disk(obj, target):
+        with open(target, "wb") as handle:
+            handle.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:595] . PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"cannot write .*last.pt \(.*PytorchStreamWriter failed.*\); the previous file is intact"):
+        utils.save_checkpoint(path, iteration=2)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert utils.load_checkpoint(path)["iteration"] == 1
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_stale_temporaries_of_killed_writers_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"last.pt.tmp{int(dead.stdout)}"
+    stale.write_bytes(b"half a checkpoint")
+    mine = tmp_path / f"res.pt.tmp{os.getpid()}"
+    mine.write_bytes(b"being written")
+    assert utils.remove_stale_temporaries(str(tmp_path)) == [str(stale)]
+    assert not stale.exists() and mine.exists()
