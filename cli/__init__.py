@@ -39,12 +39,16 @@ class TrueFalseFlag(argparse.Action):
             parser.error(f"{option_string}: expected True or False, got {values!r}")
 
 
+# The reference scripts' default; a --data_path the user gives must exist.
+DEFAULT_DATA_PATH = "data"
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """``--dataset --data_path --zca --download --res --subset`` (reference names)."""
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", default="CIFAR10", help="MNIST, FashionMNIST, SVHN, CIFAR10, CIFAR100, "
                        "TinyImageNet (or Tiny), imagenette/imagewoof/imagefruit/imagemeow/imagesquawk/imageyellow, MHIST")
-    group.add_argument("--data_path", default="data", help="dataset root (FashionMNIST is also found in "
+    group.add_argument("--data_path", default=DEFAULT_DATA_PATH, help="dataset root (FashionMNIST is also found in "
                        "/usr/share/datasets/fashion-mnist without it)")
     group.add_argument("--zca", action=argparse.BooleanOptionalAction, default=False,
                        help="ZCA-whiten the data (eps 0.1); saved images stay whitened, pictures are inverted")
@@ -83,6 +87,13 @@ def load_record(args: argparse.Namespace, device=None):
     """
     from data import load_dataset
 
+    if os.path.exists(args.data_path) and not os.path.isdir(args.data_path):
+        raise utils.UserError(f"--data_path {args.data_path}: a file, not a directory")
+    # A typo must not fall back silently to the system copy Fashion-MNIST is also found in.
+    if (args.data_path != DEFAULT_DATA_PATH and not args.download and not os.path.isdir(args.data_path)
+            and args.dataset.lower() == "fashionmnist"):
+        raise utils.UserError(f"--data_path {args.data_path}: no such directory (leave --data_path out to use "
+                              "the system Fashion-MNIST)")
     return load_dataset(args.dataset, args.data_path, zca=args.zca, download=args.download, res=args.res,
                         subset=args.subset, zca_device=device if device is not None else "cpu")
 

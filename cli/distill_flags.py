@@ -137,6 +137,9 @@ def resolve(args: argparse.Namespace):
             raise utils.UserError(f"--{flag} must be at least 1, got {v[flag]}")
     if args.num_exp < 1:
         raise utils.UserError(f"--num_exp must be at least 1, got {args.num_exp}")
+    if args.epoch_eval_train is not None and args.epoch_eval_train < 1:
+        raise utils.UserError(f"--epoch_eval_train must be at least 1 (the protocol trains epochs + 1 epochs), "
+                              f"got {args.epoch_eval_train}")
     for flag, value in (("Iteration", v["Iteration"]), ("num_eval", args.num_eval),
                         ("checkpoint_every", args.checkpoint_every)):
         if value < 0:
@@ -217,9 +220,41 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
         raise utils.UserError(f"--config {path}: unknown keys {', '.join(unknown)} (keys are distill.py flag names)")
     converted = {}
     for key, value in values.items():
-        convert = actions[key].type
-        try:  # YAML reads 1e-7 (no dot) as a string: give it the flag's type, as the command line would
-            converted[key] = convert(value) if convert is not None and isinstance(value, str) else value
-        except (TypeError, ValueError):
-            raise utils.UserError(f"--config {path}: {key}: {value!r} is not a {convert.__name__}") from None
+        try:
+            converted[key] = yaml_value(actions[key], value)
+        except ValueError as error:
+            raise utils.UserError(f"--config {path}: {key}: {error}") from None
     return converted
+
+
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def yaml_value(action: argparse.Action, value):
+    """A YAML value checked and converted as the command line would for the flag ``action``:
+    booleans (``resume: no``, ``vis: "false"``) become ``bool``; an integer flag refuses ``1.7``;
+    YAML strings such as ``1e-7`` (no dot) get the flag's type.
+
+    Raises:
+        ValueError: the value does not fit the flag (the message says what was expected).
+    """
+    boolean = isinstance(action, argparse.BooleanOptionalAction) or isinstance(
+        action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+    if boolean:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+            return value.strip().lower() in TRUE_WORDS
+        raise ValueError(f"{value!r} is not true or false")
+    if value is None or action.nargs in ("+", "*"):
+        return value
+    convert = action.type
+    if convert is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+        raise ValueError(f"{value!r} is not an integer")
+    if convert is not None and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        try:
+            return convert(value)
+        except (TypeError, ValueError):
+            expected = {int: "an integer", float: "a number"}.get(convert, f"a {getattr(convert, '__name__', 'value')}")
+            raise ValueError(f"{value!r} is not {expected}") from None
+    return value

@@ -46,6 +46,8 @@ def test_run_dir_that_is_a_file_is_one_line(tmp_path):
 @pytest.mark.parametrize("script,argv,message", [
     ("evaluate", ["--baseline", "random", "--ipc", "1", "--out", "/proc/nope/x.json"], "--out /proc/nope/x.json: cannot write there"),
     ("distill", ["--run_dir", "/proc/nope"], "--run_dir /proc/nope: cannot write there"),
+    ("distill", ["--epoch_eval_train", "0"], "--epoch_eval_train must be at least 1"),
+    ("evaluate", ["--baseline", "random", "--ipc", "1", "--epoch_eval_train", "0"], "--epoch_eval_train must be at least 1"),
 ])
 def test_unwritable_outputs_are_refused_before_any_work(script, argv, message, capsys, monkeypatch):
     import distill
@@ -91,3 +93,42 @@ def test_stale_temporaries_of_killed_writers_are_removed(tmp_path):
     mine.write_bytes(b"being written")
     assert utils.remove_stale_temporaries(str(tmp_path)) == [str(stale)]
     assert not stale.exists() and mine.exists()
+
+
+@pytest.mark.parametrize("text,key,expected", [
+    ("resume: \"no\"\n", "resume", False), ("vis: \"false\"\n", "vis", False), ("resume: yes\n", "resume", True),
+    ("lr_lr: 1e-7\n", "lr_lr", "1e-07"), ("ipc: 2.0\n", "ipc", 2),
+])
+def test_yaml_values_take_the_flags_types(tmp_path, text, key, expected):
+    from cli import distill_flags
+
+    path = tmp_path / "preset.yaml"
+    path.write_text(f"method: MTT\ndataset: MNIST\n{text}")
+    args = distill_flags.parse_args(["--config", str(path)])
+    assert getattr(args, key) == expected or str(getattr(args, key)) == expected
+
+
+@pytest.mark.parametrize("text,message", [
+    ("ipc: 1.7\n", "ipc: 1.7 is not an integer"), ("resume: maybe\n", "resume: 'maybe' is not true or false"),
+    ("num_eval: ten\n", "num_eval: 'ten' is not an integer"),
+])
+def test_yaml_values_of_the_wrong_type_are_one_line(tmp_path, text, message):
+    from cli import distill_flags
+
+    path = tmp_path / "preset.yaml"
+    path.write_text(f"dataset: MNIST\n{text}")
+    with pytest.raises(utils.UserError, match=message):
+        distill_flags.parse_args(["--config", str(path)])
+
+
+@pytest.mark.parametrize("make,message", [(lambda p: None, "no such directory"),
+                                          (lambda p: p.write_text("x"), "a file, not a directory")])
+def test_a_data_path_that_is_not_a_folder_is_refused(tmp_path, capsys, make, message):
+    import evaluate
+
+    path = tmp_path / "FashionMNSIT"
+    make(path)
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(["--dataset", "FashionMNIST", "--data_path", str(path), "--baseline", "random", "--ipc", "1"])
+    assert stop.value.code == 2
+    assert f"--data_path {path}: {message}" in capsys.readouterr().err
