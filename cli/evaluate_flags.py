@@ -172,8 +172,14 @@ def read_experiments(path: str, record, exp: Optional[Sequence[int]] = None, lab
         if tuple(images.shape[1:]) != (record.channel, *record.im_size):
             raise utils.UserError(f"--syn_path images are {tuple(images.shape[1:])} but {dataset} images are "
                                   f"{(record.channel, *record.im_size)}")
+        if not torch.isfinite(images).all():
+            raise utils.UserError(f"--syn_path {path}: data[{index}] images hold NaN or infinite values "
+                                  f"({int((~torch.isfinite(images)).sum())} entries); the set is not usable")
         if labels.dim() == 1:
             labels = labels.long()
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= record.num_classes):
+                raise utils.UserError(f"--syn_path {path}: data[{index}] labels run {int(labels.min())}..{int(labels.max())}; "
+                                      f"{dataset} has classes 0..{record.num_classes - 1}")
         elif labels.dim() == 2 and labels.shape[1] == record.num_classes:
             labels = torch.softmax(labels.float(), dim=1)
         else:

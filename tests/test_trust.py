@@ -132,3 +132,20 @@ def test_a_data_path_that_is_not_a_folder_is_refused(tmp_path, capsys, make, mes
         evaluate.main(["--dataset", "FashionMNIST", "--data_path", str(path), "--baseline", "random", "--ipc", "1"])
     assert stop.value.code == 2
     assert f"--data_path {path}: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("corrupt,message", [
+    (lambda images, labels: labels.__setitem__(0, 7), "labels run 1..7; Tiny3 has classes 0..2"),
+    (lambda images, labels: labels.__setitem__(0, -1), "labels run -1..2"),
+    (lambda images, labels: images.__setitem__((0, 0, 0, 0), float("nan")), "images hold NaN or infinite values"),
+])
+def test_broken_sets_are_named_with_the_file(tmp_path, corrupt, message):
+    from cli import evaluate_flags
+
+    record = tiny_record(per_class=4)
+    images, labels = record.images_train[::4].clone(), record.labels_train[::4].clone()
+    corrupt(images, labels)
+    path = str(tmp_path / "res_bad.pt")
+    files.save_results(path, [[images, labels]], {})
+    with pytest.raises(utils.UserError, match=message):
+        evaluate_flags.read_experiments(path, record)
