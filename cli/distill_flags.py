@@ -71,8 +71,11 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     group = parser.add_argument_group("method-specific (declared by each method's options)")
     for name, (option, users) in methods.method_options().items():
         defaults = sorted({f"{m.name}: {m.resolve_options({})[name]}" for m in map(methods.get_method_class, users)})
-        group.add_argument(f"--{name}", type=str if option.type is bool else option.type, default=None,
-                           help=f"{option.help} (default {'; '.join(defaults)})")
+        help_text = f"{option.help} (default {'; '.join(defaults)})"
+        if option.type is bool:  # --no_aug alone, and the references' --no_aug True / False
+            group.add_argument(f"--{name}", action=cli.TrueFalseFlag, default=None, help=help_text)
+        else:
+            group.add_argument(f"--{name}", type=option.type, default=None, help=help_text)
     return parser
 
 
@@ -238,8 +241,8 @@ def yaml_value(action: argparse.Action, value):
     Raises:
         ValueError: the value does not fit the flag (the message says what was expected).
     """
-    boolean = isinstance(action, argparse.BooleanOptionalAction) or isinstance(
-        action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+    boolean = isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction,
+                                  argparse._StoreFalseAction, cli.TrueFalseFlag))
     if boolean:
         if isinstance(value, bool):
             return value

@@ -149,3 +149,14 @@ def test_broken_sets_are_named_with_the_file(tmp_path, corrupt, message):
     files.save_results(path, [[images, labels]], {})
     with pytest.raises(utils.UserError, match=message):
         evaluate_flags.read_experiments(path, record)
+
+
+@pytest.mark.parametrize("argv,expected", [([], None), (["--no_aug"], True), (["--no_aug", "True"], True),
+                                           (["--no_aug", "false"], False), (["--no-no_aug"], False),
+                                           (["--load_all"], True), (["--Sequential_Generation", "False"], False)])
+def test_trajectory_matching_booleans_take_no_value_or_the_reference_spelling(argv, expected):
+    from cli import distill_flags
+
+    args = distill_flags.parse_args(["--method", "DATM", "--dataset", "MNIST", *argv])
+    name = (argv[0].lstrip("-").replace("no-", "", 1) if argv else "no_aug")
+    assert getattr(args, name) is expected
