@@ -8,6 +8,7 @@ the default of the chosen method's script. ``--config FILE.yaml`` supplies flag 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -22,6 +23,7 @@ def main(argv=None) -> int:
     with cli.user_errors():
         args = distill_flags.parse_args(argv, description=__doc__)
         cfg, opts = distill_flags.resolve(args)
+        opts = dataclasses.replace(opts, command=cli.command_line(argv))
         cli.check_writable(opts.run_dir, "--run_dir", directory=True)
         cli.setup_logging(os.path.join(opts.run_dir, "log.txt"))
         device = cli.setup_runtime(args)

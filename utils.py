@@ -500,9 +500,14 @@ class EvalResult:
                 "train_time_s": self.train_time_s}
 
 
+class EvaluationStopped(Exception):
+    """An evaluation was abandoned because its caller asked to stop (``should_stop``)."""
+
+
 def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, test_images: torch.Tensor,
                    test_labels: torch.Tensor, cfg: EvalConfig, generator: torch.Generator,
-                   term: Optional[TrainingTerm] = None) -> float:
+                   term: Optional[TrainingTerm] = None,
+                   should_stop: Optional[Callable[[], bool]] = None) -> float:
     """Train one network on a (synthetic) set with the DC protocol and return its test accuracy.
 
     Args:
@@ -514,9 +519,11 @@ def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, t
         generator: CPU generator for shuffling and augmentation.
         term: the set's :class:`TrainingTerm` (e.g. feature labels), or ``None``: plain
             cross-entropy (see :func:`train_epoch`).
+        should_stop: asked before every epoch; ``True`` abandons the training.
 
     Raises:
         FloatingPointError: the training loss became NaN or infinite.
+        EvaluationStopped: ``should_stop`` said so.
     """
     augmenter = make_augmenter(cfg.dsa_strategy, cfg.dc_aug)
     lr = cfg.lr
@@ -528,6 +535,8 @@ def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, t
     decay_after = cfg.epochs // 2 + 1
     loss = 0.0
     for epoch in range(cfg.epochs + 1):
+        if should_stop is not None and should_stop():
+            raise EvaluationStopped
         loss = train_epoch(net, images, labels, optimizer, cfg.batch_train, generator, augmenter, term=term)
         if epoch == decay_after:
             lr *= 0.1
@@ -540,7 +549,8 @@ def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, t
 def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str, num_classes: int,
                     test_images: torch.Tensor, test_labels: torch.Tensor, cfg: EvalConfig, *,
                     num_eval: int = 1, device: Optional[torch.device] = None, seed: int = 0,
-                    term: Optional[TrainingTerm] = None) -> EvalResult:
+                    term: Optional[TrainingTerm] = None,
+                    should_stop: Optional[Callable[[], bool]] = None) -> EvalResult:
     """Train ``num_eval`` fresh ``model`` networks on a synthetic set; report their test accuracy.
 
     The one evaluation routine of the toolkit, shared by ``distill.py`` and ``evaluate.py``.
@@ -561,6 +571,8 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
         term: what the set carries beyond images and labels that changes training (an add-on's
             :class:`TrainingTerm`, on ``device``), checked against the first network; ``None``
             is the plain protocol.
+        should_stop: asked before every epoch of every network; ``True`` abandons the evaluation
+            (a stop requested by a signal).
 
     Returns:
         An :class:`EvalResult` with one accuracy in [0, 1] per network.
@@ -569,6 +581,7 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
         KeyError: unknown ``model``.
         ValueError: ``term`` does not fit ``model`` (:meth:`TrainingTerm.check`).
         FloatingPointError: a training loss became NaN or infinite.
+        EvaluationStopped: ``should_stop`` said so.
     """
     device = device or image_syn.device
     images = image_syn.detach().to(device)
@@ -586,7 +599,7 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
             if term is not None and run == 0:
                 term.check(net, images)
             acc = train_and_test(net, images, labels, test_images, test_labels, cfg, make_generator(seed + run),
-                                 term=term)
+                                 term=term, should_stop=should_stop)
         result.accs.append(acc)
     result.train_time_s = time.perf_counter() - start
     return result
@@ -628,12 +641,14 @@ def numbered_entries(directory: str, pattern: "re.Pattern", require: Optional[st
     return sorted(found)
 
 
-def config_differences(saved: dict, current: dict) -> List[str]:
-    """The toolkit's one resume-compatibility check: ``'--key saved (this run: current)'`` for every
-    key whose value differs between a saved and the current flat configuration (run checkpoints,
-    expert buffers, original models); empty when they agree."""
+def config_differences(saved: dict, current: dict, flag_names: Optional[dict] = None) -> List[str]:
+    """The toolkit's one resume-compatibility check: ``'--flag saved → current'`` for every key
+    whose value differs between a saved and the current flat configuration (run checkpoints,
+    expert buffers, original models); empty when they agree. ``flag_names`` maps a key to its
+    flag's name where they differ (``iterations`` is ``--Iteration``)."""
+    names = flag_names or {}
     keys = list(dict.fromkeys([*current, *saved]))
-    return [f"--{key} {saved.get(key)!r} (this run: {current.get(key)!r})"
+    return [f"--{names.get(key, key)} {saved.get(key)!r} → {current.get(key)!r}"
             for key in keys if saved.get(key) != current.get(key)]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from contextlib import contextmanager
 from typing import NoReturn
@@ -128,6 +129,13 @@ def check_models(models, flag: str) -> None:
     for name in models:
         if name not in known:
             raise utils.UserError(f"{flag}: unknown model {name!r}; choose from: {', '.join(networks.list_networks())}")
+
+
+def command_line(argv=None) -> str:
+    """The command that started this process, shell-quoted (``argv`` when a script's ``main`` was
+    called with one; otherwise ``sys.argv``), for the records a run writes."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return shlex.join([os.path.basename(sys.executable), sys.argv[0], *args])
 
 
 def fail(message: str, code: int = EXIT_USER) -> NoReturn:

@@ -70,6 +70,7 @@ class RawSplits:
         labels_test: (M,) integer labels in [0, K).
         name: the record's name when it should differ from the registered name (dataset
             'ImageNet' names its record after the subset); None keeps the registered name.
+        source: the folder (or file) the images were read from; None: ``data_path``.
     """
 
     channel: int
@@ -82,6 +83,7 @@ class RawSplits:
     images_test: Tensor = field(repr=False)
     labels_test: Tensor = field(repr=False)
     name: str | None = None
+    source: str | None = None
 
 
 class DatasetLoader(Protocol):
@@ -116,6 +118,7 @@ class DatasetRecord:
         images_test: (M, C, H, W) float32, same preprocessing as the training images.
         labels_test: (M,) int64 in [0, K).
         zca: the whitening fitted on the training set, or None without ``zca``.
+        source: where the images were read from (a folder or file path; ``''`` when unknown).
     """
 
     name: str
@@ -130,6 +133,7 @@ class DatasetRecord:
     images_test: Tensor = field(repr=False)
     labels_test: Tensor = field(repr=False)
     zca: ZCA | None = field(default=None, repr=False)
+    source: str = ''
 
     def denormalize(self, images: Tensor) -> Tensor:
         """Map images from the record's space back to pixel space.
@@ -294,9 +298,10 @@ def load_dataset(name: str, data_path: str | os.PathLike = 'data', *, zca: bool 
         images_test=images_test,
         labels_test=raw.labels_test.to(torch.int64),
         zca=whitening,
+        source=raw.source or os.path.abspath(os.fspath(data_path)),
     )
-    _logger.info('loaded %s: %d train / %d test images of %s, %d classes%s in %.1f s', record.name,
-                 len(record.labels_train), len(record.labels_test),
+    _logger.info('loaded %s from %s: %d train / %d test images of %s, %d classes%s in %.1f s', record.name,
+                 record.source, len(record.labels_train), len(record.labels_test),
                  'x'.join(map(str, (record.channel, *record.im_size))), record.num_classes,
                  ' (ZCA)' if zca else '', time.perf_counter() - start)
     return record

@@ -101,7 +101,7 @@ def _decompress_to_cache(dataset: str, source: Path) -> str:
 
 
 def _find_idx_root(dataset: str, data_path: str,
-                   system_dirs: tuple[str, ...]) -> tuple[str | None, list[str]]:
+                   system_dirs: tuple[str, ...]) -> tuple[str | None, str | None, list[str]]:
     """Find a torchvision ``root`` for an MNIST-style dataset.
 
     Search order: ``data_path/<dataset>/raw/`` with the uncompressed IDX files (torchvision's
@@ -109,21 +109,22 @@ def _find_idx_root(dataset: str, data_path: str,
     each of ``system_dirs`` (decompressed into the cache).
 
     Returns:
-        (root or None, the folders searched, for error messages).
+        (root or None, the folder the files were found in or None, the folders searched, for
+        error messages).
     """
     raw = Path(data_path) / dataset / 'raw'
     if all((raw / name).is_file() for name in _IDX_FILES):
-        return data_path, [str(raw)]
+        return data_path, str(raw), [str(raw)]
     searched = [str(raw), data_path, *system_dirs]
     for folder in (raw, Path(data_path), *map(Path, system_dirs)):
         if all((folder / f'{name}.gz').is_file() for name in _IDX_FILES):
-            return _decompress_to_cache(dataset, folder), searched
-    return None, searched
+            return _decompress_to_cache(dataset, folder), str(folder), searched
+    return None, None, searched
 
 
 def _load_idx_dataset(dataset: str, reader: type, data_path: str, download: bool,
                       system_dirs: tuple[str, ...], mean: float, std: float) -> RawSplits:
-    root, searched = _find_idx_root(dataset, data_path, system_dirs)
+    root, found, searched = _find_idx_root(dataset, data_path, system_dirs)
     if root is None and not download:
         folders = ', '.join(_show(folder) for folder in searched)
         raise DatasetError(f'{dataset} not found: searched {folders}; expected the IDX files '
@@ -137,7 +138,8 @@ def _load_idx_dataset(dataset: str, reader: type, data_path: str, download: bool
     return RawSplits(
         channel=1, im_size=(28, 28), class_names=list(train.classes), mean=[mean], std=[std],
         images_train=train.data.unsqueeze(1), labels_train=train.targets.to(torch.int64),
-        images_test=test.data.unsqueeze(1), labels_test=test.targets.to(torch.int64))
+        images_test=test.data.unsqueeze(1), labels_test=test.targets.to(torch.int64),
+        source=os.path.abspath(found or root))
 
 
 @register_dataset('MNIST')

@@ -86,6 +86,7 @@ class RunOptions:
         save_vis: write a picture at each evaluation.
         tta_mode: test-time augmentation of the evaluation (``--tta --tta_mode hflip``; ``""`` off).
         deterministic: deterministic evaluation (``--deterministic``; ``utils.EvalConfig``).
+        command: the command line that started the run (recorded in ``results.json``).
     """
 
     num_exp: int = 1
@@ -100,6 +101,7 @@ class RunOptions:
     save_vis: bool = True
     tta_mode: str = ""
     deterministic: bool = False
+    command: str = ""
 
 
 @dataclass
@@ -162,10 +164,13 @@ class DistillationRun:
         self.dims = dict(channel=record.channel, num_classes=record.num_classes, im_size=record.im_size)
         # Selection baselines (methods/coreset.py) run no iteration: their initial set is the result.
         self.iterations = 0 if self.method_class.selection_only else cfg.iterations
-        # What a checkpoint carries across a stop.
+        # What a checkpoint carries across a stop, one entry per finished experiment.
         self.data_save: list = []
-        self.learned_lr: list = []  # per experiment, when the method learns the step size
-        self.accs_all_exps: Dict[str, List[float]] = {m: [] for m in opts.eval_models}
+        self.learned_lr: list = []  # when the method learns the step size
+        self.accs_by_exp: List[Dict[str, List[float]]] = []
+        # Where each finished experiment ended (set, method, RNG), so that a larger --Iteration
+        # can continue it on --resume.
+        self.finished: list = []
         self.summary_rows: list = []
         self.vis_paths: list = []
         self.step_seconds, self.steps_timed, self.distill_seconds = 0.0, 0, 0.0
@@ -188,15 +193,29 @@ class DistillationRun:
         writer.writerows(self.summary_rows)
         utils.write_text(os.path.join(self.opts.run_dir, "summary.csv"), buffer.getvalue())
 
-    def checkpoint(self, exp: int, iteration: int, method=None, syn=None, generator=None) -> None:
-        """Write ``last.pt`` (version, position, configuration, the set, the method's state, RNG states)."""
-        utils.save_checkpoint(self.checkpoint_path, exp=exp, iteration=iteration, config=dataclasses.asdict(self.cfg),
-                              num_exp=self.opts.num_exp, seed=self.opts.seed,
-                              syn=syn.state_dict() if syn is not None else None,
-                              method=method.state_dict() if method is not None else None,
-                              generator=generator.get_state() if generator is not None else None,
-                              rng=utils.rng_state(), data_save=self.data_save, learned_lr=self.learned_lr,
-                              accs_all_exps=self.accs_all_exps, summary_rows=self.summary_rows)
+    @property
+    def accs_all_exps(self) -> Dict[str, List[float]]:
+        """Per evaluation model, the final accuracies of every finished experiment, in order."""
+        return {m: [acc for accs in self.accs_by_exp for acc in accs.get(m, [])] for m in self.opts.eval_models}
+
+    @staticmethod
+    def position(iteration: int, method=None, syn=None, generator=None) -> dict:
+        """Where an experiment stands after ``iteration``: its set, its method's state and the RNG
+        states (what :meth:`run_experiment` continues from)."""
+        return {"iteration": iteration, "syn": syn.state_dict() if syn is not None else None,
+                "method": method.state_dict() if method is not None else None,
+                "generator": generator.get_state() if generator is not None else None, "rng": utils.rng_state()}
+
+    def checkpoint(self, exp: int, iteration: int, method=None, syn=None, generator=None,
+                   pending_eval: bool = False) -> None:
+        """Write ``last.pt``: version, position (``exp``, ``iteration``; with ``pending_eval`` the
+        evaluation of ``iteration`` was stopped and runs again on resume), configuration, the set,
+        the method's state, RNG states, and every finished experiment (set, accuracies, end state)."""
+        utils.save_checkpoint(self.checkpoint_path, exp=exp, config=dataclasses.asdict(self.cfg),
+                              num_exp=self.opts.num_exp, seed=self.opts.seed, pending_eval=pending_eval,
+                              **self.position(iteration, method, syn, generator),
+                              data_save=self.data_save, learned_lr=self.learned_lr, accs_by_exp=self.accs_by_exp,
+                              finished=self.finished, summary_rows=self.summary_rows)
 
     def refuse_overwrite(self) -> None:
         """A run directory that already holds a run (its checkpoint or result file) is continued
@@ -216,9 +235,12 @@ class DistillationRun:
 
     def resume(self) -> Optional[dict]:
         """The checkpoint to continue from (``--resume`` and ``last.pt`` exists), its progress restored.
+        Every setting must match the checkpoint's except ``--Iteration``, which may grow: finished
+        experiments then continue from where they ended.
 
         Raises:
-            utils.UserError: the checkpoint was written with other settings (each difference named).
+            utils.UserError: the checkpoint was written with other settings (each difference named,
+                saved value → this run's), or with more iterations than this run asks for.
         """
         if not self.opts.resume:
             return None
@@ -226,21 +248,49 @@ class DistillationRun:
             logger.info("--resume: no checkpoint in %s yet, starting from scratch", self.opts.run_dir)
             return None
         saved = utils.load_checkpoint(self.checkpoint_path)
-        current = {**dataclasses.asdict(self.cfg), "num_exp": self.opts.num_exp, "seed": self.opts.seed}
-        differing = utils.config_differences({**saved["config"], "num_exp": saved.get("num_exp"), "seed": saved.get("seed")},
-                                       current)
+        before = {**saved["config"], "num_exp": saved.get("num_exp"), "seed": saved.get("seed")}
+        now = {**dataclasses.asdict(self.cfg), "num_exp": self.opts.num_exp, "seed": self.opts.seed}
+        saved_iterations = before.pop("iterations", None)
+        now.pop("iterations")
+        differing = utils.config_differences(before, now, flag_names={"iterations": "Iteration"})
         if differing:
-            raise utils.UserError(f"--resume: {self.checkpoint_path} was written with other values ({'; '.join(differing)}); "
-                                  "use the same flags, or another --run_dir")
-        self.data_save, self.accs_all_exps = saved["data_save"], saved["accs_all_exps"]
-        self.learned_lr = saved.get("learned_lr", [])
+            raise utils.UserError(f"--resume: {self.checkpoint_path} was written with other values "
+                                  f"({'; '.join(differing)}); use the same flags (only --Iteration may grow), "
+                                  "or another --run_dir")
+        if saved_iterations is not None and self.cfg.iterations < saved_iterations:
+            raise utils.UserError(f"--resume: --Iteration {saved_iterations} → {self.cfg.iterations}: a run can be "
+                                  "extended, not shortened; use another --run_dir")
+        self.data_save, self.learned_lr = saved["data_save"], saved.get("learned_lr", [])
         self.summary_rows = saved["summary_rows"]
+        self.finished = saved.get("finished") or []
+        if "accs_by_exp" in saved:
+            self.accs_by_exp = saved["accs_by_exp"]
+        else:  # checkpoints before per-experiment accuracies: equal shares per finished experiment
+            done = max(len(self.data_save), 1)
+            self.accs_by_exp = [{m: accs[len(accs) * e // done:len(accs) * (e + 1) // done]
+                                 for m, accs in saved["accs_all_exps"].items()} for e in range(len(self.data_save))]
+        if saved_iterations is not None and self.cfg.iterations > saved_iterations:
+            if len(self.finished) < len(self.data_save):
+                raise utils.UserError(f"--resume: {self.checkpoint_path} does not keep where its finished experiments "
+                                      "ended (written by an older version), so --Iteration cannot grow; use "
+                                      "another --run_dir")
+            logger.info("--resume: --Iteration %d → %d, continuing every experiment", saved_iterations,
+                        self.cfg.iterations)
         logger.info("resuming %s from experiment %d, iteration %d", self.checkpoint_path, saved["exp"], saved["iteration"])
         return saved
 
     # ---- evaluation ---------------------------------------------------------------------
+    def evaluates_at(self, iteration: int) -> bool:
+        """Whether the set is evaluated after ``iteration`` (0: the initial set): every
+        ``--eval_it`` iterations and after the last one."""
+        return iteration == self.iterations or (self.opts.eval_it > 0 and iteration % self.opts.eval_it == 0)
+
     def evaluate(self, method, syn, exp: int, iteration: int, loss_value: float, elapsed: float) -> Dict[str, utils.EvalResult]:
-        """Picture, then ``num_eval`` networks per evaluation model; rows into ``summary.csv``."""
+        """Picture, then ``num_eval`` networks per evaluation model; rows into ``summary.csv``.
+
+        Raises:
+            utils.EvaluationStopped: a stop was requested during the evaluation (its rows are not kept).
+        """
         results = {}
         if self.opts.save_vis:
             path = os.path.join(self.opts.run_dir, f"vis_{self.tag}_exp{exp}_iter{iteration}.png")
@@ -249,28 +299,55 @@ class DistillationRun:
         if self.opts.num_eval <= 0:
             return results
         term = method.training_term(syn)  # an add-on's training objective (feature labels), or None
-        for model_eval in self.opts.eval_models:
-            eval_cfg = eval_config_for(method, model_eval, self.opts, syn)
-            result = utils.evaluate_synset(syn.images, syn.targets(), model_eval, self.record.num_classes,
-                                           self.test_images, self.test_labels, eval_cfg, num_eval=self.opts.num_eval,
-                                           device=self.device, seed=1_000_000 + 1000 * self.opts.seed + 100 * exp,
-                                           term=term)
-            results[model_eval] = result
-            self.summary_rows.append(dict(exp=exp, iteration=iteration, model=model_eval, acc_mean=result.acc_mean,
-                                          acc_std=result.acc_std, num_eval=self.opts.num_eval, loss=loss_value,
-                                          eval_seconds=round(result.train_time_s, 2), elapsed_s=round(elapsed, 2)))
-            logger.info("exp %d iter %d: %s %s (%d nets, %d epochs, %.1f s)", exp, iteration, model_eval,
-                        utils.format_acc(result.accs), self.opts.num_eval, eval_cfg.epochs, result.train_time_s)
+        rows = len(self.summary_rows)
+        try:
+            for model_eval in self.opts.eval_models:
+                eval_cfg = eval_config_for(method, model_eval, self.opts, syn)
+                result = utils.evaluate_synset(syn.images, syn.targets(), model_eval, self.record.num_classes,
+                                               self.test_images, self.test_labels, eval_cfg, num_eval=self.opts.num_eval,
+                                               device=self.device, seed=1_000_000 + 1000 * self.opts.seed + 100 * exp,
+                                               term=term, should_stop=lambda: self.stop.requested)
+                results[model_eval] = result
+                self.summary_rows.append(dict(exp=exp, iteration=iteration, model=model_eval, acc_mean=result.acc_mean,
+                                              acc_std=result.acc_std, num_eval=self.opts.num_eval, loss=loss_value,
+                                              eval_seconds=round(result.train_time_s, 2), elapsed_s=round(elapsed, 2)))
+                logger.info("exp %d iter %d: %s %s (%d nets, %d epochs, %.1f s)", exp, iteration, model_eval,
+                            utils.format_acc(result.accs), self.opts.num_eval, eval_cfg.epochs, result.train_time_s)
+        except utils.EvaluationStopped:
+            del self.summary_rows[rows:]
+            raise
         self.write_summary()
         return results
 
-    def keep(self, method, syn, results: Dict[str, utils.EvalResult]) -> None:
-        """Keep an experiment's final set (images, labels, add-on entries) and its accuracies."""
-        self.data_save.append([syn.images.detach().cpu().clone(), syn.export_labels()] + method.saved_entries(syn))
+    def evaluate_or_stop(self, exp: int, iteration: int, method, syn, generator, loss_value: float,
+                         elapsed: float) -> Dict[str, utils.EvalResult]:
+        """:meth:`evaluate`; a stop requested during it writes a checkpoint from which the
+        evaluation runs again on resume.
+
+        Raises:
+            RunInterrupted: the evaluation was stopped (the checkpoint is written).
+        """
+        try:
+            return self.evaluate(method, syn, exp, iteration, loss_value, elapsed)
+        except utils.EvaluationStopped:
+            self.checkpoint(exp, iteration, method, syn, generator, pending_eval=True)
+            raise RunInterrupted(f"stopped during the evaluation of experiment {exp}, iteration {iteration} "
+                                 f"(it runs again on resume); checkpoint {self.checkpoint_path}") from None
+
+    def keep(self, exp: int, method, syn, generator, results: Dict[str, utils.EvalResult]) -> None:
+        """Keep experiment ``exp``'s final set (images, labels, add-on entries), its accuracies and
+        where it ended (replacing an earlier end when a resumed run grew ``--Iteration``)."""
+        entries = {"data_save": [syn.images.detach().cpu().clone(), syn.export_labels()] + method.saved_entries(syn),
+                   "accs_by_exp": {m: list(result.accs) for m, result in results.items()},
+                   "finished": self.position(self.iterations, method, syn, generator)}
         if syn.syn_lr is not None:
-            self.learned_lr.append(float(syn.syn_lr.detach()))
-        for model_eval, result in results.items():
-            self.accs_all_exps[model_eval].extend(result.accs)
+            entries["learned_lr"] = float(syn.syn_lr.detach())
+        for name, value in entries.items():
+            kept = getattr(self, name)
+            if exp < len(kept):
+                kept[exp] = value
+            else:
+                kept.append(value)
 
     # ---- the run ------------------------------------------------------------------------
     def new_method(self, exp: int, generator: torch.Generator) -> DistillMethod:
@@ -280,7 +357,8 @@ class DistillationRun:
         return method
 
     def run_experiment(self, exp: int, resumed: Optional[dict]) -> None:
-        """Experiment ``exp`` from its start, or from ``resumed`` (a checkpoint inside it).
+        """Experiment ``exp`` from its start, or from ``resumed`` (a :meth:`position` inside it, or
+        where it ended when ``--Iteration`` grew).
 
         Raises:
             RunInterrupted: a stop was requested (the checkpoint is written).
@@ -293,22 +371,22 @@ class DistillationRun:
         tick = time.perf_counter()
         syn = self.syn = method.init_synthetic()
         self.distill_seconds += time.perf_counter() - tick
-        first_iteration = 1
+        done, pending = 0, True  # iterations done; whether the evaluation after them is still to run
         if resumed is not None and resumed["syn"] is not None:
             syn.load_state_dict(resumed["syn"])
             method.load_state_dict(resumed["method"])
             generator.set_state(resumed["generator"])
             utils.set_rng_state(resumed["rng"])
-            first_iteration = resumed["iteration"] + 1
+            done, pending = resumed["iteration"], resumed.get("pending_eval", False)
         run_start = time.perf_counter()
         last_acc, loss_value = "-", float("nan")
-        if first_iteration == 1 and opts.eval_it > 0 and iterations > 0:
-            self.evaluate(method, syn, exp, 0, loss_value, 0.0)
-        if iterations == 0:  # the initial (selected) set is final: evaluate and keep it
-            self.keep(method, syn, self.evaluate(method, syn, exp, 0, loss_value, 0.0))
+        if pending and self.evaluates_at(done):  # the initial set, or an evaluation a stop interrupted
+            results = self.evaluate_or_stop(exp, done, method, syn, generator, loss_value, 0.0)
+            if done == iterations:  # a selected set (no iterations), or the end
+                self.keep(exp, method, syn, generator, results)
         log_every = max(1, iterations // 20)
-        bar = tqdm(range(first_iteration, iterations + 1), desc=f"{self.tag} exp {exp}", unit="it",
-                   initial=first_iteration - 1, total=iterations, dynamic_ncols=True, disable=None)
+        bar = tqdm(range(done + 1, iterations + 1), desc=f"{self.tag} exp {exp}", unit="it",
+                   initial=done, total=iterations, dynamic_ncols=True, disable=None)
         for iteration in bar:
             tick = time.perf_counter()
             logs = method.step(syn, iteration)
@@ -324,12 +402,17 @@ class DistillationRun:
             if self.on_iteration is not None:
                 self.on_iteration(exp, iteration, logs)
             is_last = iteration == iterations
-            if is_last or (opts.eval_it > 0 and iteration % opts.eval_it == 0):
-                results = self.evaluate(method, syn, exp, iteration, loss_value, time.perf_counter() - run_start)
+            if self.evaluates_at(iteration):
+                try:
+                    results = self.evaluate_or_stop(exp, iteration, method, syn, generator, loss_value,
+                                                    time.perf_counter() - run_start)
+                except RunInterrupted:
+                    bar.close()
+                    raise
                 if results:
                     last_acc = f"{100 * next(iter(results.values())).acc_mean:.2f}%"
                 if is_last:
-                    self.keep(method, syn, results)
+                    self.keep(exp, method, syn, generator, results)
             # Other scalars a method reports (CAFE: outer steps, inner epochs) go beside the loss.
             extras = {key: f"{float(value):.4g}" for key, value in logs.items() if key != "loss"}
             bar.set_postfix(loss=f"{loss_value:.4f}", acc=last_acc, **extras)
@@ -346,8 +429,13 @@ class DistillationRun:
                 self.checkpoint(exp, iteration, method, syn, generator)
         bar.close()
 
+    def finished_enough(self, exp: int) -> bool:
+        """Whether experiment ``exp`` has finished all of this run's iterations."""
+        return exp < len(self.finished) and self.finished[exp]["iteration"] >= self.iterations
+
     def run(self) -> RunOutcome:
-        """Every experiment not yet finished; then the result file and ``results.json``.
+        """Every experiment not yet finished (or finished with fewer iterations than
+        ``--Iteration`` now asks for); then the result file and ``results.json``.
 
         Raises:
             RunInterrupted: a stop was requested (a checkpoint was written).
@@ -360,15 +448,21 @@ class DistillationRun:
             logger.info("removed %s, left by a process stopped while writing", path)
         self.write_config()
         resumed = self.resume()
-        start_exp = resumed["exp"] if resumed is not None else 0
+        todo = [exp for exp in range(self.opts.num_exp) if not self.finished_enough(exp)]
         resources.reset_peak_memory(self.device)
-        for exp in range(start_exp, self.opts.num_exp):
-            self.run_experiment(exp, resumed if exp == start_exp else None)
-            self.save_result()
-            # The finished experiment is in data_save; the next resume starts the next experiment.
+        for index, exp in enumerate(todo):
+            if resumed is not None and resumed["exp"] == exp and resumed["syn"] is not None:
+                start = resumed  # the experiment the checkpoint stopped inside
+            else:  # from its start, or from where it ended when --Iteration grew
+                start = self.finished[exp] if exp < len(self.finished) else None
+            self.run_experiment(exp, start)
+            # The finished experiment is in the checkpoint's lists; a resume skips it.
             self.checkpoint(exp + 1, 0)
-            if self.stop.requested and exp + 1 < self.opts.num_exp:
+            self.save_result()
+            if self.stop.requested and index + 1 < len(todo):
                 raise RunInterrupted(f"stopped after experiment {exp}; checkpoint {self.checkpoint_path}")
+        if not os.path.isfile(self.result_path):  # its last write failed after the checkpoint
+            self.save_result()
         if self.method is None:  # every experiment was already finished in the checkpoint
             self.method = self.new_method(0, utils.make_generator(self.opts.seed))
         self.write_results_json()
@@ -395,11 +489,15 @@ class DistillationRun:
         files.save_results(self.result_path, self.data_save, self.accs_all_exps, meta=meta)
 
     def write_results_json(self) -> None:
-        """``results.json``: final accuracies, the protocol of every evaluation model, cost."""
+        """``results.json``: the command line, seed and full resolved configuration (method and run
+        options), final accuracies, the protocol of every evaluation model, cost."""
         cfg, opts, syn = self.cfg, self.opts, self.syn
         labels = "soft" if syn is not None and syn.label_logits is not None else "hard"
         record = {"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model, "ipc": cfg.ipc,
-                  "iterations": self.iterations, "num_exp": opts.num_exp,
+                  "iterations": self.iterations, "num_exp": opts.num_exp, "seed": opts.seed,
+                  "command": opts.command, "data_source": getattr(self.record, "source", ""),
+                  "config": dataclasses.asdict(cfg),
+                  "run": {**dataclasses.asdict(opts), "eval_models": list(opts.eval_models)},
                   "seconds_per_iteration": self.seconds_per_iteration,
                   "cost": run_cost(cfg, self.record, self.device, self.distill_seconds, self.seconds_per_iteration,
                                    syn, opts.num_exp),

@@ -95,7 +95,7 @@ def test_chunk_saved_but_manifest_update_lost_is_recovered(tmp_path):
 # ----- refusing to mix, checking on load --------------------------------------------------------
 def test_other_config_into_the_same_folder_is_refused(tmp_path):
     directory, _ = make(tmp_path, 1)
-    with pytest.raises(utils.UserError, match="--lr_teacher 0.01 .this run: 0.02"):
+    with pytest.raises(utils.UserError, match="--lr_teacher 0.01 → 0.02"):
         make(tmp_path, 2, cfg=config(lr_teacher=0.02))
     with pytest.raises(utils.UserError, match="--gsam"):
         make(tmp_path, 2, cfg=config(gsam=True, rho_max=0.1, rho_min=0.1, alpha=0.3))

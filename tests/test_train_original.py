@@ -147,7 +147,7 @@ def test_fewer_epochs_than_an_unfinished_run(tmp_path):
 
 def test_other_flags_into_the_same_folder_are_refused(tmp_path):
     train(tmp_path, 1, config(epochs=1))
-    with pytest.raises(utils.UserError, match=r"--lr 0.01 \(this run: 0.02\)"):
+    with pytest.raises(utils.UserError, match=r"--lr 0.01 → 0.02"):
         train(tmp_path, 2, config(epochs=1, lr=0.02))
     with pytest.raises(utils.UserError, match="--seed"):
         O.check_existing(str(tmp_path), config(epochs=1, seed=7), 1)
@@ -287,4 +287,4 @@ def test_cli_refuses_other_flags_before_loading_data(tmp_path, fake_dataset, cap
     with pytest.raises(SystemExit) as stop:
         train_original.main([*argv, "--weight_decay", "0.0005"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert stop.value.code == 2 and len(err) == 1 and "--weight_decay 0.005 (this run: 0.0005)" in err[0]
+    assert stop.value.code == 2 and len(err) == 1 and "--weight_decay 0.005 → 0.0005" in err[0]

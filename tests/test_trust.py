@@ -160,3 +160,140 @@ def test_trajectory_matching_booleans_take_no_value_or_the_reference_spelling(ar
     args = distill_flags.parse_args(["--method", "DATM", "--dataset", "MNIST", *argv])
     name = (argv[0].lstrip("-").replace("no-", "", 1) if argv else "no_aug")
     assert getattr(args, name) is expected
+
+
+# ---- resume: growing --Iteration, stops during evaluation and during a checkpoint write ----------
+def _small(**kw):
+    fields = dict(method="DM", dataset="Tiny3", model="ConvNetW32", ipc=2, iterations=4, lr_img=1.0, batch_real=8,
+                  batch_train=8, init="real", dsa_strategy="")
+    fields.update(kw)
+    return methods.DistillConfig(**fields)
+
+
+def _opts(tmp_path, name, **kw):
+    from dataclasses import replace
+
+    return replace(RunOptions(num_exp=1, num_eval=1, eval_models=("ConvNetW32",), epoch_eval_train=2, seed=3,
+                              run_dir=str(tmp_path / name), save_vis=False), **kw)
+
+
+def _same_result(a, b):
+    blob_a, blob_b = files.load_results(a.result_path), files.load_results(b.result_path)
+    assert len(blob_a["data"]) == len(blob_b["data"])
+    for (images_a, labels_a, *_), (images_b, labels_b, *_) in zip(blob_a["data"], blob_b["data"]):
+        assert torch.equal(images_a, images_b) and torch.equal(labels_a, labels_b)
+    assert a.accs_all_exps == b.accs_all_exps
+
+
+def test_resume_with_a_larger_iteration_continues_every_finished_experiment(tmp_path):
+    record = tiny_record()
+    direct = run_distillation(_small(iterations=4), _opts(tmp_path, "direct", num_exp=2), record, CPU)
+    short = run_distillation(_small(iterations=2), _opts(tmp_path, "grown", num_exp=2), record, CPU)
+    with pytest.raises(AssertionError):
+        _same_result(direct, short)
+    grown = run_distillation(_small(iterations=4), _opts(tmp_path, "grown", num_exp=2, resume=True), record, CPU)
+    _same_result(direct, grown)
+    assert files.load_results(grown.result_path)["meta"]["iterations"] == 4
+
+
+def test_resume_names_each_refused_difference_old_to_new(tmp_path):
+    record = tiny_record()
+    run_distillation(_small(iterations=4), _opts(tmp_path, "run", num_eval=0), record, CPU)
+    with pytest.raises(utils.UserError, match="--Iteration 4 → 2: a run can be extended, not shortened"):
+        run_distillation(_small(iterations=2), _opts(tmp_path, "run", num_eval=0, resume=True), record, CPU)
+    with pytest.raises(utils.UserError, match=r"other values \(--lr_img 1.0 → 5.0; --seed 3 → 4\); use the same flags "
+                                              r"\(only --Iteration may grow\)"):
+        run_distillation(_small(iterations=4, lr_img=5.0), _opts(tmp_path, "run", num_eval=0, resume=True, seed=4),
+                         record, CPU)
+
+
+def test_a_stop_during_evaluation_resumes_bit_exactly(tmp_path, monkeypatch):
+    from methods.runner import RunInterrupted, StopFlag
+
+    record = tiny_record()
+    opts = dict(eval_it=2, num_exp=2)
+    full = run_distillation(_small(), _opts(tmp_path, "full", **opts), record, CPU)
+    stop, calls, real = StopFlag(), [], utils.evaluate_synset
+
+    def signal_during_the_second_evaluation(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            stop.requested = True  # what SIGINT / SIGTERM do while a network trains
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(utils, "evaluate_synset", signal_during_the_second_evaluation)
+    with pytest.raises(RunInterrupted, match="stopped during the evaluation of experiment 0, iteration 2"):
+        run_distillation(_small(), _opts(tmp_path, "cut", **opts), record, CPU, stop=stop)
+    saved = utils.load_checkpoint(str(tmp_path / "cut" / "last.pt"))
+    assert (saved["exp"], saved["iteration"], saved["pending_eval"]) == (0, 2, True)
+    monkeypatch.setattr(utils, "evaluate_synset", real)
+    resumed = run_distillation(_small(), _opts(tmp_path, "cut", resume=True, **opts), record, CPU)
+    _same_result(full, resumed)
+    summary = [(r["exp"], r["iteration"]) for r in csv_rows(tmp_path / "cut" / "summary.csv")]
+    assert summary == [(r["exp"], r["iteration"]) for r in csv_rows(tmp_path / "full" / "summary.csv")]
+
+
+def csv_rows(path):
+    import csv
+
+    with open(path) as handle:
+        return [{k: int(v) if k in ("exp", "iteration") else v for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+KILL_DURING_THIRD_CHECKPOINT = """
+import os, sys, torch
+sys.path[:0] = [{root!r}, {tests!r}]
+torch.set_num_threads(1)
+import methods
+from methods.runner import RunOptions, run_distillation
+from tiny_data import CPU, tiny_record
+writes = []
+real_save = torch.save
+def dying_save(obj, target, *args, **kwargs):
+    if isinstance(obj, dict) and "syn" in obj and obj.get("iteration"):
+        writes.append(obj["iteration"])
+        if len(writes) == 3:
+            with open(target, "wb") as handle:
+                handle.write(b"half a checkpoint")
+            os._exit(137)  # SIGKILL in the middle of the write
+    return real_save(obj, target, *args, **kwargs)
+torch.save = dying_save
+cfg = methods.DistillConfig(method="DM", dataset="Tiny3", model="ConvNetW32", ipc=2, iterations=4, lr_img=1.0,
+                            batch_real=8, batch_train=8, init="real", dsa_strategy="")
+run_distillation(cfg, RunOptions(num_exp=1, num_eval=1, eval_models=("ConvNetW32",), epoch_eval_train=2, seed=3,
+                                 run_dir={run_dir!r}, save_vis=False, checkpoint_every=1), tiny_record(), CPU)
+"""
+
+
+def test_a_kill_during_a_checkpoint_write_resumes_bit_exactly(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run_dir = str(tmp_path / "killed")
+    script = KILL_DURING_THIRD_CHECKPOINT.format(root=root, tests=os.path.join(root, "tests"), run_dir=run_dir)
+    died = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert died.returncode == 137, died.stderr[-2000:]
+    left = sorted(os.listdir(run_dir))
+    assert any(name.startswith("last.pt.tmp") for name in left)
+    assert utils.load_checkpoint(os.path.join(run_dir, "last.pt"))["iteration"] == 2  # the previous one, intact
+    record = tiny_record()
+    full = run_distillation(_small(), _opts(tmp_path, "full", checkpoint_every=1), record, CPU)
+    resumed = run_distillation(_small(), _opts(tmp_path, "killed", checkpoint_every=1, resume=True), record, CPU)
+    _same_result(full, resumed)
+    assert not any(name.startswith("last.pt.tmp") for name in os.listdir(run_dir))
+
+
+def test_results_json_records_seed_configuration_and_command(tmp_path):
+    import json
+
+    import distill
+
+    run_dir = tmp_path / "cmd"
+    argv = ["--method", "DM", "--dataset", "FashionMNIST", "--ipc", "1", "--Iteration", "1", "--num_eval", "0",
+            "--batch_real", "4", "--model", "ConvNetW32", "--run_dir", str(run_dir), "--seed", "5", "--no-vis"]
+    assert distill.main(argv) == 0
+    record = json.loads((run_dir / "results.json").read_text())
+    assert record["seed"] == 5 and record["config"]["batch_real"] == 4 and record["config"]["iterations"] == 1
+    assert record["run"]["run_dir"] == str(run_dir) and record["command"].endswith(" ".join(argv[-6:]))
+    assert "fashion-mnist" in record["data_source"].lower()
