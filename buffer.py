@@ -128,10 +128,10 @@ def main(argv=None) -> int:
             summary = experts.make_buffer(cfg, record, directory, args.num_experts, device=device,
                                                save_interval=args.save_interval, test_every=args.test_every,
                                                order=order, run_info={"sort_file": sort_file})
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
             done = buffers.check_buffer_dir(directory, cfg.describe(args.save_interval))
-            cli.fail(f"interrupted; {done} expert(s) are saved in {directory}; run the same command again to continue",
-                     cli.EXIT_STOPPED)
+            cli.fail(f"{cli.stop_word(stop)}; {done} expert(s) are saved in {directory}; run the same command again "
+                     "to continue from the next expert", cli.EXIT_STOPPED)
         except FloatingPointError as error:
             cli.fail(f"{error}; the finished experts in {directory} are kept", cli.EXIT_NUMERIC)
     print(f"{summary.num_experts} expert(s) in {summary.directory} ({summary.trained} trained now; "

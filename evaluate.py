@@ -41,6 +41,8 @@ def main(argv=None) -> int:
             raise utils.UserError(f"--assess takes one synthetic set (--syn_path), got {len(paths)}")
         device = cli.setup_runtime(args)
         record = cli.load_record(args)
+        print(f"{record.name}: {len(record.labels_train)} training / {len(record.labels_test)} test images "
+              f"from {record.source or args.data_path}")
         if args.assess:
             args.syn_path = paths[0]
             return flags.run_assess(args, record, flags.load_set(paths[0], args, record)[1], device)
@@ -93,7 +95,9 @@ def main(argv=None) -> int:
             record_protocol = {"num_eval": args.num_eval, "seed": args.seed, "dataset": args.dataset,
                                "evaluation": {m: rows[0].results[m]["protocol"] for m in rows[0].results},
                                "protocol": protocol.as_dict()}
-            json_path, csv_path = comparison.write_table(args.out, rows, models, record_protocol, extra=report_first)
+            json_path, csv_path = cli.write_or_rescue(
+                lambda path: comparison.write_table(path, rows, models, record_protocol, extra=report_first),
+                args.out, "--out")
             print(f"wrote {json_path} and {csv_path}")
     return 0
 

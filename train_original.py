@@ -82,9 +82,9 @@ def main(argv=None) -> int:
         try:
             done = originals.train_originals(cfg, record, args.save_path, args.num, device=device,
                                              save_every=args.save_every)
-        except KeyboardInterrupt:
-            cli.fail(f"interrupted; finished models and the last checkpoint are kept in {directory}; run the same "
-                     "command again to continue", cli.EXIT_STOPPED)
+        except KeyboardInterrupt as stop:
+            cli.fail(f"{cli.stop_word(stop)}; finished models and the last checkpoint are kept in {directory}; run "
+                     "the same command again to continue", cli.EXIT_STOPPED)
         except FloatingPointError as error:
             cli.fail(f"{error}; finished models in {directory} are kept", cli.EXIT_NUMERIC)
     status = {result.index: result.status for result in done.results}

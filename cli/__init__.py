@@ -6,15 +6,19 @@ import argparse
 import logging
 import os
 import shlex
+import signal
 import sys
+import tempfile
+import time
 from contextlib import contextmanager
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 import networks
 import utils
 
-# Exit codes: 2 for a user mistake (as argparse), 3 for a numerical failure, 130 for a stop.
-EXIT_USER, EXIT_NUMERIC, EXIT_STOPPED = 2, 3, 130
+# Exit codes: 1 for results written elsewhere than asked, 2 for a user mistake (as argparse), 3 for
+# a numerical failure, 130 for a stop.
+EXIT_RESCUED, EXIT_USER, EXIT_NUMERIC, EXIT_STOPPED = 1, 2, 3, 130
 
 
 class TrueFalseFlag(argparse.Action):
@@ -138,18 +142,45 @@ def command_line(argv=None) -> str:
     return shlex.join([os.path.basename(sys.executable), sys.argv[0], *args])
 
 
+def log_to_files(message: str) -> None:
+    """Append ``message`` as an ERROR record to the log files :func:`setup_logging` opened (the
+    run's ``log.txt``), not to the console, where :func:`fail` has printed it already."""
+    record = logging.LogRecord("cli", logging.ERROR, __file__, 0, "%s", (message,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def fail(message: str, code: int = EXIT_USER) -> NoReturn:
-    """Print ``error: message`` on one line and exit."""
+    """Print ``error: message`` on one line (also into the log file, if one is open) and exit."""
     print(f"error: {message}", file=sys.stderr)
+    log_to_files(f"error: {message}")
     sys.exit(code)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's stop), raised where the script is, like Ctrl-C's ``KeyboardInterrupt``."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+def stop_word(stop: KeyboardInterrupt) -> str:
+    """``'terminated (SIGTERM)'`` or ``'interrupted'`` (Ctrl-C), for a stage's stop message."""
+    return "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+
+
 @contextmanager
-def user_errors():
+def user_errors(on_stop: str = "nothing was written; run the same command again"):
     """Turn the toolkit's user-facing exceptions into one line: exit code 2 for a user mistake,
-    3 for a NaN/Inf loss, 130 for Ctrl-C outside the distillation loop (which checkpoints first)."""
+    3 for a NaN/Inf loss, 130 for Ctrl-C or SIGTERM outside the distillation loop (which
+    checkpoints first), saying ``on_stop`` (what is kept, how to continue). SIGTERM is turned
+    into :class:`Terminated` (a ``KeyboardInterrupt``) while the block runs, so a stage's own
+    ``except KeyboardInterrupt`` (buffer.py, train_original.py) reports both alike."""
     from data import DatasetError
 
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
     except (utils.UserError, DatasetError) as error:
@@ -158,8 +189,37 @@ def user_errors():
         fail(str(error), EXIT_NUMERIC)
     except OSError as error:  # an output that could not be written (full disk, permissions)
         fail(str(error) if str(error).startswith("cannot write") else f"{type(error).__name__}: {error}")
-    except KeyboardInterrupt:
-        fail("interrupted", EXIT_STOPPED)
+    except KeyboardInterrupt as stop:
+        fail(f"{stop_word(stop)}; {on_stop}", EXIT_STOPPED)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def write_or_rescue(write: Callable[[str], object], path: str, flag: str) -> object:
+    """``write(path)``; if that fails at the end of a long computation, write the same results to
+    a new file in the working directory (or, failing that, the temporary directory) rather than
+    lose them, and end with one line naming both. Returns what ``write`` returned.
+
+    Raises:
+        SystemExit: code :data:`EXIT_RESCUED` after a rescue, :data:`EXIT_USER` when nothing
+            could be written anywhere.
+    """
+    try:
+        return write(path)
+    except OSError as error:
+        stem, suffix = os.path.splitext(os.path.basename(path))
+        name = f"{stem}.rescued-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}{suffix}"
+        tried = []
+        for folder in dict.fromkeys([os.getcwd(), tempfile.gettempdir()]):
+            rescue = os.path.join(folder, name)
+            try:
+                write(rescue)
+            except OSError:
+                tried.append(folder)
+                continue
+            fail(f"{flag} {path}: {error}; the results were written to {rescue} instead", EXIT_RESCUED)
+        fail(f"{flag} {path}: {error}; {', '.join(tried)} were not writable either, so only the printed table "
+             "is left", EXIT_USER)
 
 
 def check_writable(path: str, flag: str, directory: bool = False) -> None:

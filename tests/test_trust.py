@@ -297,3 +297,84 @@ def test_results_json_records_seed_configuration_and_command(tmp_path):
     assert record["seed"] == 5 and record["config"]["batch_real"] == 4 and record["config"]["iterations"] == 1
     assert record["run"]["run_dir"] == str(run_dir) and record["command"].endswith(" ".join(argv[-6:]))
     assert "fashion-mnist" in record["data_source"].lower()
+
+
+# ---- every stage says, on one line, what a stop kept and how to continue; errors go to log.txt ---
+def _send_sigterm(*args, **kwargs):
+    import signal
+
+    os.kill(os.getpid(), signal.SIGTERM)
+    raise AssertionError("SIGTERM did not stop the stage")
+
+
+@pytest.mark.parametrize("stage,target,message,log", [
+    ("buffer", "pretrained.experts.make_buffer", "terminated (SIGTERM); 0 expert(s) are saved in {d}/MNIST_NO_ZCA/ConvNetW32; "
+     "run the same command again to continue from the next expert", "MNIST_NO_ZCA/ConvNetW32/log.txt"),
+    ("train_original", "pretrained.originals.train_originals", "terminated (SIGTERM); finished models and the last "
+     "checkpoint are kept in {d}/MNIST/original/ConvNetW32; run the same command again to continue",
+     "MNIST/original/ConvNetW32/log.txt"),
+    ("evaluate", "sets.comparison.random_real_row", "terminated (SIGTERM); nothing was written; run the same "
+     "command again", None),
+])
+def test_sigterm_in_every_stage_is_one_line_saying_how_to_continue(stage, target, message, log, tmp_path, capsys,
+                                                                     monkeypatch):
+    import importlib
+    import signal
+
+    module = importlib.import_module(stage)
+    monkeypatch.setattr("cli.load_record", lambda *args, **kwargs: tiny_record(per_class=4))
+    monkeypatch.setattr(target, _send_sigterm)
+    argv = {"buffer": ["--buffer_path", str(tmp_path), "--num_experts", "1", "--train_epochs", "1"],
+            "train_original": ["--save_path", str(tmp_path), "--num", "1", "--epochs", "1"],
+            "evaluate": ["--baseline", "random", "--ipc", "1"]}[stage]
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stop:
+        module.main(["--dataset", "MNIST", "--model", "ConvNetW32", *argv])
+    assert stop.value.code == 130 and signal.getsignal(signal.SIGTERM) == before
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: " + message.format(d=tmp_path)
+    assert not any("Traceback" in line for line in err)
+    if log:
+        assert ("error: " + message.format(d=tmp_path)) in (tmp_path / log).read_text()
+
+
+def test_distill_stopped_by_sigterm_says_resume_and_logs_it(tmp_path, capsys, monkeypatch):
+    import signal
+
+    import distill
+
+    real = distill.run_distillation
+
+    def sigterm_at_iteration_1(*args, **kwargs):
+        kwargs["on_iteration"] = lambda exp, iteration, logs: os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("cli.load_record", lambda *args, **kwargs: tiny_record(per_class=4))
+    monkeypatch.setattr(distill, "run_distillation", sigterm_at_iteration_1)
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        distill.main(["--method", "DM", "--dataset", "MNIST", "--model", "ConvNetW32", "--ipc", "1", "--Iteration", "3",
+                      "--num_eval", "0", "--batch_real", "4", "--run_dir", str(run_dir)])
+    assert stop.value.code == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: stopped at experiment 0, iteration 1; checkpoint ") and line.endswith(
+        "re-run the same command with --resume to continue")
+    assert line in (run_dir / "log.txt").read_text()
+
+
+def test_a_failed_final_write_keeps_the_results_elsewhere(tmp_path, capsys, monkeypatch):
+    import json
+
+    import evaluate
+
+    monkeypatch.setattr("cli.load_record", lambda *args, **kwargs: tiny_record(per_class=4))
+    monkeypatch.setattr("cli.check_writable", lambda *args, **kwargs: None)  # the folder went away during the work
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(["--dataset", "MNIST", "--model", "ConvNetW32", "--baseline", "random", "--ipc", "1",
+                       "--num_eval", "1", "--epoch_eval_train", "1", "--out", "/proc/gone/acc.json"])
+    assert stop.value.code == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: --out /proc/gone/acc.json: cannot write /proc/gone/acc.")
+    rescued = line.split("the results were written to ")[1].removesuffix(" instead")
+    assert os.path.dirname(rescued) == str(tmp_path) and json.loads(open(rescued).read())["comparison"]["table"]
