@@ -19,8 +19,9 @@ import math
 import os
 import random
 import re
+import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Protocol, Sequence, Tuple
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import augment
 import networks
@@ -107,6 +109,144 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------
+# Progress of long stages
+# --------------------------------------------------------------------------------------------
+# Seconds between two progress lines when no terminal shows a bar (:class:`Progress`).
+PROGRESS_EVERY_S = 30.0
+# Progress lines go here; scripts that log only warnings keep this logger at INFO.
+progress_logger = logging.getLogger(__name__ + ".progress")
+# A progress line: tqdm's meter without the bar.
+PROGRESS_LINE = "{desc}: {percentage:.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+
+
+class _BarSafeHandler(logging.StreamHandler):
+    """A console handler that writes through ``tqdm.write``, so that a log line printed while a
+    bar is open does not land inside the bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging must not raise (as logging.StreamHandler.emit)
+            self.handleError(record)
+
+
+def _route_console_through_tqdm() -> List[Tuple[logging.Handler, logging.Handler]]:
+    """Swap the root logger's console handlers (stdout / stderr) for :class:`_BarSafeHandler`s
+    with the same level, formatter and filters; returns ``(original, replacement)`` pairs."""
+    swapped = []
+    for position, handler in enumerate(logging.root.handlers):
+        if (isinstance(handler, logging.StreamHandler) and not isinstance(handler, _BarSafeHandler)
+                and handler.stream in (sys.stdout, sys.stderr)):
+            safe = _BarSafeHandler(handler.stream)
+            safe.setLevel(handler.level)
+            safe.setFormatter(handler.formatter)
+            for log_filter in handler.filters:
+                safe.addFilter(log_filter)
+            logging.root.handlers[position] = safe
+            swapped.append((handler, safe))
+    return swapped
+
+
+class Progress:
+    """Progress of a long stage (evaluation, distillation, experts, original models ...).
+
+    On a terminal (tqdm's own test, ``file.isatty()``) a tqdm bar is drawn, and while it is open
+    console log lines are written through ``tqdm.write`` so that they do not break it. Without a
+    terminal (batch jobs, pipes, pytest) an INFO line goes to :data:`progress_logger` once
+    ``log_every_s`` seconds have passed since the previous one, each time a further
+    ``log_fraction`` of ``total`` is done (when given), and at the end; the line is tqdm's meter
+    without the bar
+    (:data:`PROGRESS_LINE`), e.g.
+    ``evaluation ConvNet: 41% 2050/5005 [00:41<00:59, 49.64epoch/s, network 2/5, epoch 49/1001]``.
+
+    It only counts and prints: no random number is drawn and nothing is synchronised.
+
+    Args:
+        total: units of work in the stage (e.g. epochs of all networks).
+        desc: what runs (the bar's and every line's prefix).
+        unit: name of one unit (``epoch``, ``it``); the rate is given per unit.
+        initial: units already done before this process (a resumed run); the rate counts only new ones.
+        log_every_s: seconds between lines without a terminal (0: a line per update); ``None``:
+            :data:`PROGRESS_EVERY_S`.
+        log_fraction: also a line each time another such fraction of ``total`` is done (the
+            distillation loop logs every 5 %); ``None``: by time only.
+        leave: keep the bar on screen when closed (``False`` for bars inside another stage).
+        file: the bar's stream (default ``sys.stderr``); whether it is a terminal decides.
+        bar: ``True``/``False`` forces the bar / the log lines; ``None`` decides by ``file``.
+
+    Use as a context manager (``with Progress(...) as progress:``) or call :meth:`close`.
+    """
+
+    def __init__(self, total: int, desc: str, unit: str = "it", *, initial: int = 0,
+                 log_every_s: Optional[float] = None, log_fraction: Optional[float] = None, leave: bool = True,
+                 file=None, bar: Optional[bool] = None):
+        self.total, self.desc, self.unit, self.initial = total, desc, unit, initial
+        self.log_every_s = PROGRESS_EVERY_S if log_every_s is None else log_every_s
+        self.log_fraction = log_fraction
+        self.n = self.logged_n = initial
+        self.postfix = ""
+        self.bar = tqdm(total=total, desc=desc, unit=unit, initial=initial, leave=leave, file=file,
+                        dynamic_ncols=True, disable=None if bar is None else not bar)
+        self.start = self.logged_at = time.monotonic()
+        self._swapped = [] if self.bar.disable else _route_console_through_tqdm()
+        self.closed = False
+
+    @property
+    def logs(self) -> bool:
+        """Whether progress goes to log lines (no terminal) rather than to a bar."""
+        return self.bar.disable
+
+    def update(self, n: int = 1, postfix: Optional[str] = None) -> None:
+        """Count ``n`` more units done; ``postfix`` (e.g. ``"network 2/5, epoch 49/1001"`` or
+        ``"loss=0.1234, acc=45.10%"``) replaces the text shown after the rate."""
+        self.n += n
+        if postfix is not None:
+            self.postfix = postfix
+        if not self.logs:
+            if postfix is not None:
+                self.bar.set_postfix_str(postfix, refresh=False)
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        step = self.total * self.log_fraction if self.log_fraction and self.total else 0
+        crossed = step > 0 and math.floor(self.n / step) > math.floor(self.logged_n / step)
+        if now - self.logged_at >= self.log_every_s or crossed or self.n == self.total:
+            self.log(now)
+
+    def line(self, now: Optional[float] = None) -> str:
+        """The progress line as logged (:data:`PROGRESS_LINE`)."""
+        elapsed = (time.monotonic() if now is None else now) - self.start
+        return tqdm.format_meter(self.n, self.total, elapsed, prefix=self.desc, unit=self.unit,
+                                 postfix=self.postfix or None, initial=self.initial, bar_format=PROGRESS_LINE)
+
+    def log(self, now: Optional[float] = None) -> None:
+        """Log the progress line now."""
+        now = time.monotonic() if now is None else now
+        progress_logger.info(self.line(now))
+        self.logged_n, self.logged_at = self.n, now
+
+    def close(self) -> None:
+        """Close the bar (console logging goes back to its handlers), or log the last line if
+        work was done since the previous one. Calling it again does nothing."""
+        if self.closed:
+            return
+        self.closed = True
+        if not self.logs:
+            self.bar.close()
+            for original, safe in self._swapped:
+                if safe in logging.root.handlers:
+                    logging.root.handlers[logging.root.handlers.index(safe)] = original
+        elif self.n != self.logged_n:
+            self.log()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,7 +646,7 @@ class EvaluationStopped(Exception):
 
 def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, test_images: torch.Tensor,
                    test_labels: torch.Tensor, cfg: EvalConfig, generator: torch.Generator,
-                   term: Optional[TrainingTerm] = None,
+                   term: Optional[TrainingTerm] = None, on_epoch: Optional[Callable[[int], None]] = None,
                    should_stop: Optional[Callable[[], bool]] = None) -> float:
     """Train one network on a (synthetic) set with the DC protocol and return its test accuracy.
 
@@ -519,6 +659,8 @@ def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, t
         generator: CPU generator for shuffling and augmentation.
         term: the set's :class:`TrainingTerm` (e.g. feature labels), or ``None``: plain
             cross-entropy (see :func:`train_epoch`).
+        on_epoch: called as ``on_epoch(epochs_done)`` after each of the ``cfg.epochs + 1``
+            epochs (progress display; it must not draw random numbers).
         should_stop: asked before every epoch; ``True`` abandons the training.
 
     Raises:
@@ -541,6 +683,8 @@ def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, t
         if epoch == decay_after:
             lr *= 0.1
             optimizer = make_optimizer(lr)
+        if on_epoch is not None:
+            on_epoch(epoch + 1)
     if not math.isfinite(loss):
         raise FloatingPointError(f"evaluation training loss became {loss}")
     return test_accuracy(net, test_images, test_labels, cfg.batch_test, cfg.tta_mode, cfg.deterministic)
@@ -549,7 +693,7 @@ def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, t
 def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str, num_classes: int,
                     test_images: torch.Tensor, test_labels: torch.Tensor, cfg: EvalConfig, *,
                     num_eval: int = 1, device: Optional[torch.device] = None, seed: int = 0,
-                    term: Optional[TrainingTerm] = None,
+                    term: Optional[TrainingTerm] = None, progress: bool = True,
                     should_stop: Optional[Callable[[], bool]] = None) -> EvalResult:
     """Train ``num_eval`` fresh ``model`` networks on a synthetic set; report their test accuracy.
 
@@ -571,6 +715,9 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
         term: what the set carries beyond images and labels that changes training (an add-on's
             :class:`TrainingTerm`, on ``device``), checked against the first network; ``None``
             is the plain protocol.
+        progress: show progress over networks and epochs (:class:`Progress`: a bar on a
+            terminal, else a log line every :data:`PROGRESS_EVERY_S` seconds and at the end).
+            It does not change the result.
         should_stop: asked before every epoch of every network; ``True`` abandons the evaluation
             (a stop requested by a signal).
 
@@ -592,15 +739,22 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
     fork_devices = []
     if device.type == "cuda":
         fork_devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    for run in range(num_eval):
-        with torch.random.fork_rng(devices=fork_devices), deterministic_algorithms(cfg.deterministic):
-            torch.manual_seed(seed + run)
-            net = networks.get_network(model, channel, num_classes, im_size, device=device)
-            if term is not None and run == 0:
-                term.check(net, images)
-            acc = train_and_test(net, images, labels, test_images, test_labels, cfg, make_generator(seed + run),
-                                 term=term, should_stop=should_stop)
-        result.accs.append(acc)
+    epochs = cfg.epochs + 1
+    shown = Progress(num_eval * epochs, f"evaluation {model}", unit="epoch", leave=False) if progress else None
+    with shown or nullcontext():
+        for run in range(num_eval):
+            def on_epoch(done: int, network: int = run + 1) -> None:
+                shown.update(1, f"network {network}/{num_eval}, epoch {done}/{epochs}")
+
+            with torch.random.fork_rng(devices=fork_devices), deterministic_algorithms(cfg.deterministic):
+                torch.manual_seed(seed + run)
+                net = networks.get_network(model, channel, num_classes, im_size, device=device)
+                if term is not None and run == 0:
+                    term.check(net, images)
+                acc = train_and_test(net, images, labels, test_images, test_labels, cfg, make_generator(seed + run),
+                                     term=term, on_epoch=on_epoch if progress else None,
+                                     should_stop=should_stop)
+            result.accs.append(acc)
     result.train_time_s = time.perf_counter() - start
     return result
 

@@ -104,13 +104,15 @@ def load_record(args: argparse.Namespace, device=None):
 
 
 def setup_logging(log_file: str | None = None, quiet: bool = False) -> None:
-    """Console (stderr) and optional file logging for the scripts."""
+    """Console (stderr) and optional file logging for the scripts; ``quiet`` keeps warnings and the
+    progress lines of long stages (``utils.Progress``, shown when stderr is not a terminal)."""
     handlers = [logging.StreamHandler(sys.stderr)]
     if log_file:
         os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
         handlers.append(logging.FileHandler(log_file))
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, handlers=handlers, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    utils.progress_logger.setLevel(logging.INFO)
 
 
 def resolve_eval_models(eval_mode: str, model: str) -> list:

@@ -25,7 +25,6 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import yaml
-from tqdm import tqdm
 
 import utils
 from data import RealSampler
@@ -384,50 +383,41 @@ class DistillationRun:
             results = self.evaluate_or_stop(exp, done, method, syn, generator, loss_value, 0.0)
             if done == iterations:  # a selected set (no iterations), or the end
                 self.keep(exp, method, syn, generator, results)
-        log_every = max(1, iterations // 20)
-        bar = tqdm(range(done + 1, iterations + 1), desc=f"{self.tag} exp {exp}", unit="it",
-                   initial=done, total=iterations, dynamic_ncols=True, disable=None)
-        for iteration in bar:
-            tick = time.perf_counter()
-            logs = method.step(syn, iteration)
-            logs.update(method.pop_addon_logs())  # e.g. the CLoM term, the feature-label loss
-            loss_value = float(logs["loss"])  # the one device sync per iteration
-            elapsed = time.perf_counter() - tick
-            self.step_seconds += elapsed
-            self.distill_seconds += elapsed
-            self.steps_timed += 1
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"{self.cfg.method} loss became {loss_value} at experiment {exp}, "
-                                         f"iteration {iteration} (try a smaller --lr_img)")
-            if self.on_iteration is not None:
-                self.on_iteration(exp, iteration, logs)
-            is_last = iteration == iterations
-            if self.evaluates_at(iteration):
-                try:
+        # A bar on a terminal; in batch jobs a log line every 5 % of the iterations (and every
+        # utils.PROGRESS_EVERY_S seconds) with the loss and the last accuracy.
+        with utils.Progress(iterations, f"{self.tag} exp {exp}", unit="it", initial=done,
+                            log_fraction=0.05) as progress:
+            for iteration in range(done + 1, iterations + 1):
+                tick = time.perf_counter()
+                logs = method.step(syn, iteration)
+                logs.update(method.pop_addon_logs())  # e.g. the CLoM term, the feature-label loss
+                loss_value = float(logs["loss"])  # the one device sync per iteration
+                elapsed = time.perf_counter() - tick
+                self.step_seconds += elapsed
+                self.distill_seconds += elapsed
+                self.steps_timed += 1
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"{self.cfg.method} loss became {loss_value} at experiment {exp}, "
+                                             f"iteration {iteration} (try a smaller --lr_img)")
+                if self.on_iteration is not None:
+                    self.on_iteration(exp, iteration, logs)
+                is_last = iteration == iterations
+                if self.evaluates_at(iteration):
                     results = self.evaluate_or_stop(exp, iteration, method, syn, generator, loss_value,
                                                     time.perf_counter() - run_start)
-                except RunInterrupted:
-                    bar.close()
-                    raise
-                if results:
-                    last_acc = f"{100 * next(iter(results.values())).acc_mean:.2f}%"
-                if is_last:
-                    self.keep(exp, method, syn, generator, results)
-            # Other scalars a method reports (CAFE: outer steps, inner epochs) go beside the loss.
-            extras = {key: f"{float(value):.4g}" for key, value in logs.items() if key != "loss"}
-            bar.set_postfix(loss=f"{loss_value:.4f}", acc=last_acc, **extras)
-            if bar.disable and (iteration % log_every == 0 or is_last):  # batch jobs: no bar, log lines
-                logger.info("exp %d iter %d/%d loss %.4f acc %s%s (%.2f s/iteration)", exp, iteration, iterations,
-                            loss_value, last_acc, "".join(f" {k} {v}" for k, v in extras.items()),
-                            self.step_seconds / max(self.steps_timed, 1))
-            if self.stop.requested and not is_last:
-                self.checkpoint(exp, iteration, method, syn, generator)
-                bar.close()
-                raise RunInterrupted(f"stopped at experiment {exp}, iteration {iteration}; "
-                                     f"checkpoint {self.checkpoint_path}")
-            if opts.checkpoint_every > 0 and iteration % opts.checkpoint_every == 0 and not is_last:
-                self.checkpoint(exp, iteration, method, syn, generator)
-        bar.close()
+                    if results:
+                        last_acc = f"{100 * next(iter(results.values())).acc_mean:.2f}%"
+                    if is_last:
+                        self.keep(exp, method, syn, generator, results)
+                # Other scalars a method reports (CAFE: outer steps, inner epochs) go beside the loss.
+                extras = "".join(f", {key}={float(value):.4g}" for key, value in logs.items() if key != "loss")
+                progress.update(1, f"loss={loss_value:.4f}, acc={last_acc}{extras}")
+                if self.stop.requested and not is_last:
+                    self.checkpoint(exp, iteration, method, syn, generator)
+                    raise RunInterrupted(f"stopped at experiment {exp}, iteration {iteration}; "
+                                         f"checkpoint {self.checkpoint_path}")
+                if opts.checkpoint_every > 0 and iteration % opts.checkpoint_every == 0 and not is_last:
+                    self.checkpoint(exp, iteration, method, syn, generator)
 
     def finished_enough(self, exp: int) -> bool:
         """Whether experiment ``exp`` has finished all of this run's iterations."""

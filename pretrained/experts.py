@@ -371,7 +371,8 @@ class ExpertResult:
 def train_expert(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: ExpertConfig,
                  generator: torch.Generator, *, test_images: Optional[torch.Tensor] = None,
                  test_labels: Optional[torch.Tensor] = None, order: Optional[Sequence[torch.Tensor]] = None,
-                 test_every: int = 1, name: str = "expert") -> ExpertResult:
+                 test_every: int = 1, name: str = "expert",
+                 on_epoch: Optional[Callable[[int], None]] = None) -> ExpertResult:
     """Train one expert and record its trajectory (MTT ``buffer.py``; GSAM per DATM; PAD subset).
 
     Args:
@@ -384,6 +385,7 @@ def train_expert(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg
             ``cfg.schedule.select(order, epoch)``.
         test_every: test after every ``test_every``-th epoch and after the last (0: never).
         name: how the log names this network.
+        on_epoch: called as ``on_epoch(epochs_done)`` after each epoch (progress display).
 
     Returns:
         An :class:`ExpertResult`; ``trajectory[0]`` equals the parameters ``net`` came with.
@@ -426,6 +428,8 @@ def train_expert(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg
         if cfg.decay and epoch == decay_after:
             lr *= 0.1
             optimizer = make_optimizer(lr)
+        if on_epoch is not None:
+            on_epoch(epoch + 1)
     return result
 
 
@@ -520,18 +524,25 @@ def make_buffer(cfg: ExpertConfig, record, directory: str, num_experts: int, *, 
     images, labels = record.images_train.to(device), record.labels_train.to(device)
     test_images, test_labels = record.images_test.to(device), record.labels_test.to(device)
     accs, epoch_seconds = [], []
-    for index in range(start_index, num_experts):
-        seed = cfg.seed + index
-        net = new_seeded_network(cfg.model, record, device, seed)
-        result = train_expert(net, images, labels, cfg, utils.make_generator(seed), test_images=test_images,
-                              test_labels=test_labels, order=order, test_every=test_every,
-                              name=f"expert {index}")
-        path = writer.add(result.trajectory, {"seed": seed, "device": str(device), **result.info()})
-        logger.info("expert %d/%d saved in %s (%.1f s)", index + 1, num_experts, path, sum(result.epoch_seconds))
-        accs.append(result.info()["final_test_acc"])
-        epoch_seconds += result.epoch_seconds
-        if on_expert is not None:
-            on_expert(index, result)
+    progress = utils.Progress(max(num_experts - start_index, 0) * cfg.train_epochs, f"buffer {cfg.model}",
+                              unit="epoch")
+    with progress:
+        for index in range(start_index, num_experts):
+            seed = cfg.seed + index
+
+            def on_epoch(done: int, index: int = index) -> None:
+                progress.update(1, f"expert {index + 1}/{num_experts}, epoch {done}/{cfg.train_epochs}")
+
+            net = new_seeded_network(cfg.model, record, device, seed)
+            result = train_expert(net, images, labels, cfg, utils.make_generator(seed), test_images=test_images,
+                                  test_labels=test_labels, order=order, test_every=test_every,
+                                  name=f"expert {index}", on_epoch=on_epoch)
+            path = writer.add(result.trajectory, {"seed": seed, "device": str(device), **result.info()})
+            logger.info("expert %d/%d saved in %s (%.1f s)", index + 1, num_experts, path, sum(result.epoch_seconds))
+            accs.append(result.info()["final_test_acc"])
+            epoch_seconds += result.epoch_seconds
+            if on_expert is not None:
+                on_expert(index, result)
     files = list_buffer_files(directory)
     return BufferSummary(directory=directory, num_experts=writer.saved, trained=writer.saved - start_index,
                          files=files, final_test_accs=accs,

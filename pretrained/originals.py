@@ -547,14 +547,24 @@ def train_originals(cfg: OriginalConfig, record, save_path: str, num: int, *, de
     images = tuple(t.to(device) for t in (record.images_train, record.labels_train, record.images_test,
                                           record.labels_test))
     out = OriginalsSummary(directory=directory)
-    for index in range(num):
-        net = _build_network(cfg.model, record.channel, record.num_classes, record.im_size, device, cfg.seed + index)
-        path = os.path.join(directory, f"index_{index}", CHECKPOINT_NAME)
-        result = train_original(net, record, cfg, path, index=index, save_every=save_every, on_epoch=on_epoch,
-                                images=images)
-        out.results.append(result)
-        if (result.trained_epochs or result.closed) and index + 1 < num:
-            write_summary(directory)  # kept current while later models train
+    done_before = cfg.epochs * len(plan["finished"]) + sum(min(done, cfg.epochs) for _, done in plan["resume"])
+    progress = utils.Progress(num * cfg.epochs, f"original {cfg.model} models", unit="epoch", initial=done_before)
+
+    def each_epoch(index: int, epoch: int, loss: float) -> None:
+        progress.update(1, f"model {index + 1}/{num}, epoch {epoch}/{cfg.epochs}")
+        if on_epoch is not None:
+            on_epoch(index, epoch, loss)
+
+    with progress:
+        for index in range(num):
+            net = _build_network(cfg.model, record.channel, record.num_classes, record.im_size, device,
+                                 cfg.seed + index)
+            path = os.path.join(directory, f"index_{index}", CHECKPOINT_NAME)
+            result = train_original(net, record, cfg, path, index=index, save_every=save_every, on_epoch=each_epoch,
+                                    images=images)
+            out.results.append(result)
+            if (result.trained_epochs or result.closed) and index + 1 < num:
+                write_summary(directory)  # kept current while later models train
     out.summary, out.summary_path = write_summary(directory)
     return out
 

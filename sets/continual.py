@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 import networks
 import utils
@@ -72,7 +73,7 @@ MemoryFn = Callable[[int], tuple]  # order index -> (images (N, C, H, W), labels
 
 def run_continual(memories: Dict[str, MemoryFn], record, steps: int, model: str, cfg: utils.EvalConfig, *,
                   num_eval: int, device: torch.device, seed: int = 0, num_orders: int = NUM_ORDERS,
-                  log: Callable[[str], None] = print) -> dict:
+                  log: Callable[[str], None] = tqdm.write) -> dict:
     """Accuracy after every step for every memory source.
 
     Args:
@@ -86,7 +87,7 @@ def run_continual(memories: Dict[str, MemoryFn], record, steps: int, model: str,
         device: where to train.
         seed: base seed; order o, step t, network k trains from ``seed + 1000 o + 100 t + k``.
         num_orders: class orders (seeds 0..num_orders-1).
-        log: progress printer.
+        log: prints a line per step (default ``tqdm.write``: stdout, without breaking a progress bar).
 
     Returns:
         ``{"orders": [[...]], "accs": {name: [[acc per order x network] per step]}}``, accuracies in [0, 1].
@@ -94,18 +95,22 @@ def run_continual(memories: Dict[str, MemoryFn], record, steps: int, model: str,
     orders = class_orders(record.num_classes, num_orders)
     test_images, test_labels = record.images_test.to(device), record.labels_test.to(device)
     accs = {name: [[] for _ in range(steps)] for name in memories}
-    for name, memory in memories.items():
-        for index, order in enumerate(orders):
-            images, labels = memory(index)
-            for step in range(steps):
-                classes = seen_classes(order, steps, step)
-                train_x, train_y = restrict(images.to(device), labels.to(device), classes)
-                eval_x, eval_y = restrict(test_images, test_labels, classes)
-                result = utils.evaluate_synset(train_x, train_y, model, record.num_classes, eval_x, eval_y, cfg,
-                                               num_eval=num_eval, device=device, seed=seed + 1000 * index + 100 * step)
-                accs[name][step] += result.accs
-                log(f"{name} order {index} step {step + 1}/{steps}: {len(classes)} classes, {train_x.shape[0]} "
-                    f"images, test {eval_x.shape[0]}: {utils.format_acc(result.accs)} %")
+    # One unit per (source, order, step); each evaluation shows its networks and epochs itself.
+    with utils.Progress(len(memories) * len(orders) * steps, f"continual {model}", unit="step") as progress:
+        for name, memory in memories.items():
+            for index, order in enumerate(orders):
+                images, labels = memory(index)
+                for step in range(steps):
+                    classes = seen_classes(order, steps, step)
+                    train_x, train_y = restrict(images.to(device), labels.to(device), classes)
+                    eval_x, eval_y = restrict(test_images, test_labels, classes)
+                    result = utils.evaluate_synset(train_x, train_y, model, record.num_classes, eval_x, eval_y, cfg,
+                                                   num_eval=num_eval, device=device,
+                                                   seed=seed + 1000 * index + 100 * step)
+                    accs[name][step] += result.accs
+                    log(f"{name} order {index} step {step + 1}/{steps}: {len(classes)} classes, {train_x.shape[0]} "
+                        f"images, test {eval_x.shape[0]}: {utils.format_acc(result.accs)} %")
+                    progress.update(1, f"{name}, order {index + 1}/{len(orders)}, step {step + 1}/{steps}")
     return {"orders": orders, "accs": accs}
 
 
