@@ -448,11 +448,11 @@ class DistillationRun:
             self.run_experiment(exp, start)
             # The finished experiment is in the checkpoint's lists; a resume skips it.
             self.checkpoint(exp + 1, 0)
-            self.save_result()
+            self.save_result_or_say_where()
             if self.stop.requested and index + 1 < len(todo):
                 raise RunInterrupted(f"stopped after experiment {exp}; checkpoint {self.checkpoint_path}")
         if not os.path.isfile(self.result_path):  # its last write failed after the checkpoint
-            self.save_result()
+            self.save_result_or_say_where()
         if self.method is None:  # every experiment was already finished in the checkpoint
             self.method = self.new_method(0, utils.make_generator(self.opts.seed))
         self.write_results_json()
@@ -463,6 +463,19 @@ class DistillationRun:
     def seconds_per_iteration(self) -> float:
         """Mean seconds of one iteration (evaluation excluded) over the iterations this process ran."""
         return self.step_seconds / max(self.steps_timed, 1)
+
+    def save_result_or_say_where(self) -> None:
+        """:meth:`save_result`; when the write fails, the message says that the finished sets are
+        safe in the checkpoint and how to write the file from it.
+
+        Raises:
+            OSError: one line (``cannot write ...``).
+        """
+        try:
+            self.save_result()
+        except OSError as error:
+            raise OSError(f"{error}; the finished sets are kept in {self.checkpoint_path}: make room and re-run "
+                          "the same command with --resume to write it") from None
 
     def save_result(self) -> None:
         """The reference-layout result file with a ``meta`` record beside it: ``syn_lr`` (the learned

@@ -378,3 +378,22 @@ def test_a_failed_final_write_keeps_the_results_elsewhere(tmp_path, capsys, monk
     assert line.startswith("error: --out /proc/gone/acc.json: cannot write /proc/gone/acc.")
     rescued = line.split("the results were written to ")[1].removesuffix(" instead")
     assert os.path.dirname(rescued) == str(tmp_path) and json.loads(open(rescued).read())["comparison"]["table"]
+
+
+def test_a_failed_result_write_keeps_the_sets_in_the_checkpoint(tmp_path, monkeypatch):
+    record = tiny_record(per_class=8)
+    opts = RunOptions(num_exp=1, num_eval=0, run_dir=str(tmp_path / "run"), save_vis=False)
+    real = files.save_results
+
+    def full_disk(path, *args, **kwargs):
+        raise OSError(f"cannot write {path} (No space left on device)")
+
+    monkeypatch.setattr(files, "save_results", full_disk)
+    with pytest.raises(OSError, match=r"No space left on device\); the finished sets are kept in .*last.pt: make room "
+                                      "and re-run the same command with --resume to write it"):
+        run_distillation(_dm(record), opts, record, CPU)
+    monkeypatch.setattr(files, "save_results", real)
+    from dataclasses import replace
+
+    outcome = run_distillation(_dm(record), replace(opts, resume=True), record, CPU)
+    assert files.load_results(outcome.result_path)["data"][0][0].shape[0] == record.num_classes
