@@ -28,7 +28,7 @@ import torch
 
 
 import utils
-from data import one_line
+from data import PlainDataError, load_plain, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -173,15 +173,16 @@ def write_manifest(directory: str, manifest: dict) -> None:
 
 
 def load_chunk(path: str) -> list:
-    """One ``replay_buffer_{n}.pt``: a list of trajectories (``torch.load``, ``weights_only``).
+    """One ``replay_buffer_{n}.pt``: a list of trajectories (``data.load_plain``: tensors only).
 
     Raises:
-        utils.UserError: unreadable, or not a list of trajectories (lists of lists of tensors).
+        utils.UserError: unreadable, holding more than plain data (a pickle that would run code),
+            or not a list of trajectories (lists of lists of tensors).
     """
     try:
-        chunk = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated or foreign file
-        raise utils.UserError(f"cannot read expert buffer file {path}: {one_line(error)}") from None
+        chunk = load_plain(path, "expert buffer file")
+    except PlainDataError as error:  # truncated or foreign file, or a pickle that would run code
+        raise utils.UserError(str(error)) from None
     if not isinstance(chunk, list) or not all(
             isinstance(traj, (list, tuple)) and traj and all(
                 isinstance(snap, (list, tuple)) and snap and all(torch.is_tensor(t) for t in snap) for snap in traj)
@@ -397,7 +398,8 @@ def load_buffer(source, expect: Optional[dict] = None, max_files: Optional[int] 
         utils.UserError: no ``replay_buffer_*.pt`` where expected (the message names the path and
             the ``buffer.py`` command that makes it); the manifest records another dataset, model,
             ZCA setting or other expected value (the message names the field); parameter shapes
-            differ from ``expect['param_shapes']``; an unreadable file.
+            differ from ``expect['param_shapes']``; an unreadable file, or one holding more than
+            plain data.
         ValueError: ``expect`` names a field the manifest does not have, or a non-positive limit.
         TypeError: ``source`` is neither a path nor such a tuple.
 

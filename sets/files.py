@@ -13,7 +13,8 @@ Layouts:
   ``distill.py``): bare tensors ``images_*.pt``, ``labels_*.pt`` (class indices or soft-label
   logits) and ``lr_*.pt`` (the learned step size).
 
-Every file is read with ``torch.load(weights_only=True)``: loading never runs code from the file.
+Every file is read with ``data.load_plain`` (``torch.load(weights_only=True)``): loading never runs
+code from the file; one that holds more than tensors and plain values is refused in one line.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import List, Optional, Sequence
 import torch
 
 import utils
-from data import one_line
+from data import PlainDataError, load_plain
 
 
 def result_filename(method: str, dataset: str, model: str, ipc: int) -> str:
@@ -54,9 +55,9 @@ def _load(path: str, flag: str):
     if not os.path.isfile(path):
         raise utils.UserError(f"{flag}: no file at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated file, or a pickle that would run code
-        raise utils.UserError(f"{flag}: cannot read {path} as tensors only ({one_line(error)[:200]})") from None
+        return load_plain(path)
+    except PlainDataError as error:  # a truncated file, or a pickle that would run code
+        raise utils.UserError(f"{flag}: {error}") from None
 
 
 def load_results(path: str, flag: str = "--syn_path") -> dict:
@@ -85,8 +86,8 @@ def is_tensor_file(path: str) -> bool:
     if not os.path.isfile(path):
         return False
     try:
-        return torch.is_tensor(torch.load(path, map_location="cpu", weights_only=True))
-    except Exception:
+        return torch.is_tensor(load_plain(path))
+    except PlainDataError:  # the reader of the dict layout reports it
         return False
 
 
