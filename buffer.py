@@ -114,6 +114,7 @@ def main(argv=None) -> int:
     with cli.user_errors():
         cfg = resolve(args)
         directory = buffers.buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res)
+        cli.check_writable(directory, "--buffer_path", directory=True, given=args.buffer_path)
         buffers.check_buffer_dir(directory, cfg.describe(args.save_interval))
         cli.setup_logging(os.path.join(directory, "log.txt"))
         device = cli.setup_runtime(args)

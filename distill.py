@@ -24,7 +24,8 @@ def main(argv=None) -> int:
         args = distill_flags.parse_args(argv, description=__doc__)
         cfg, opts = distill_flags.resolve(args)
         opts = dataclasses.replace(opts, command=cli.command_line(argv))
-        cli.check_writable(opts.run_dir, "--run_dir", directory=True)
+        cli.check_writable(opts.run_dir, "--run_dir" if args.run_dir else "--save_path", directory=True,
+                           given=args.run_dir or args.save_path)
         cli.setup_logging(os.path.join(opts.run_dir, "log.txt"))
         device = cli.setup_runtime(args)
         record = cli.load_record(args)

@@ -74,6 +74,7 @@ def main(argv=None) -> int:
     with cli.user_errors():
         cfg = resolve(args)
         directory = originals.original_dir(args.save_path, cfg.dataset, cfg.model, cfg.subset)
+        cli.check_writable(directory, "--save_path", directory=True, given=args.save_path)
         originals.check_existing(args.save_path, cfg, args.num)
         cli.setup_logging(os.path.join(directory, "log.txt"))
         device = cli.setup_runtime(args)

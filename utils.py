@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import augment
 import networks
+from data import PlainDataError, load_plain
 
 logger = logging.getLogger(__name__)
 
@@ -895,11 +896,9 @@ def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"--resume: no checkpoint at {path}")
     try:
-        with torch.serialization.safe_globals(_checkpoint_globals()):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated or foreign file, or one that would run code
-        message = " ".join(str(error).split())[:200]
-        raise UserError(f"--resume: cannot read checkpoint {path} as plain data ({message})") from None
+        state = load_plain(path, "checkpoint", _checkpoint_globals())
+    except PlainDataError as error:  # a truncated or foreign file, or one that would run code
+        raise UserError(f"--resume: {error}") from None
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
         raise UserError(f"--resume: {path} is not a checkpoint of this toolkit (layout version {CHECKPOINT_VERSION})")
     return state

@@ -224,18 +224,40 @@ def write_or_rescue(write: Callable[[str], object], path: str, flag: str) -> obj
              "is left", EXIT_USER)
 
 
-def check_writable(path: str, flag: str, directory: bool = False) -> None:
+def _file_in_the_way(folder: str) -> str | None:
+    """The nearest existing ancestor of ``folder`` (itself included) when it is not a directory."""
+    current = os.path.normpath(folder)
+    while not os.path.exists(current):
+        parent = os.path.dirname(current)
+        if parent in ("", current):
+            return None
+        current = parent
+    return None if os.path.isdir(current) else current
+
+
+def check_writable(path: str, flag: str, directory: bool = False, given: str | None = None) -> None:
     """Refuse before any work an output that cannot be written: ``path`` (a file, or with
     ``directory`` a folder) must be creatable, and its folder writable.
 
+    Args:
+        path: the file or folder the script will write.
+        flag: the flag that chose it.
+        directory: ``path`` is a folder.
+        given: the flag's value as typed when ``path`` is derived from it (``--save_path`` of a
+            run directory inside it); the message shows it instead of ``path``.
+
     Raises:
-        utils.UserError: one line naming ``flag`` and why.
+        utils.UserError: one line naming ``flag`` and why (a file where a folder must be, by name).
     """
+    shown = path if given is None else given
     folder = path if directory else (os.path.dirname(os.path.abspath(path)) or ".")
-    if directory and os.path.exists(path) and not os.path.isdir(path):
-        raise utils.UserError(f"{flag} {path}: a file, not a directory")
     if not directory and os.path.isdir(path):
-        raise utils.UserError(f"{flag} {path}: a directory, not a file")
+        raise utils.UserError(f"{flag} {shown}: a directory, not a file")
+    blocker = _file_in_the_way(folder)
+    if blocker is not None:
+        same = os.path.abspath(blocker) == os.path.abspath(shown)
+        raise utils.UserError(f"{flag} {shown}: " + ("a file, not a directory" if same else
+                                                     f"{blocker} is a file, not a directory"))
     try:
         os.makedirs(folder, exist_ok=True)
         probe = os.path.join(folder, f".write-test-{os.getpid()}")

@@ -4,6 +4,8 @@ Public API (importing the package registers every loader):
 
 * :func:`load_dataset` -> :class:`DatasetRecord`; :func:`list_datasets`, :data:`DATASETS`,
   :func:`register_dataset`; :class:`DatasetError` for every user-facing problem.
+* :func:`load_plain`: ``torch.load(weights_only=True)`` of any file a user hands the toolkit, a
+  file that would run code refused in one line (:class:`PlainDataError`).
 * :class:`ZCA`: kornia-compatible ZCA whitening (fit / transform / inverse / state_dict).
 * :class:`RealSampler` and :func:`sample_random_real`: per-class random real images.
 
@@ -11,8 +13,8 @@ Datasets: MNIST, FashionMNIST, SVHN, CIFAR10, CIFAR100 (torchvision readers), Ti
 (``tinyimagenet.pt`` or ImageFolder), ImageNet subsets (imagenette, imagewoof, imagefruit,
 imagemeow, imagesquawk, imageyellow; or ``'ImageNet'`` with ``subset``) and MHIST.
 """
-from .core import (DATASETS, DatasetError, DatasetLoader, DatasetRecord, RawSplits, list_datasets,
-                   load_dataset, one_line, register_dataset)
+from .core import (DATASETS, DatasetError, DatasetLoader, DatasetRecord, PlainDataError, RawSplits, list_datasets,
+                   load_dataset, load_plain, one_line, register_dataset)
 from .zca import ZCA
 from .sampler import RealSampler, sample_random_real
 from . import torchvision_sets, folder_sets  # noqa: F401  (register the loaders)
@@ -25,12 +27,14 @@ __all__ = [
     'DatasetLoader',
     'DatasetRecord',
     'IMAGENET_SUBSETS',
+    'PlainDataError',
     'RawSplits',
     'RealSampler',
     'ZCA',
     'cache_dir',
     'list_datasets',
     'load_dataset',
+    'load_plain',
     'register_dataset',
     'sample_random_real',
 ]

@@ -24,7 +24,7 @@ from torchvision.datasets.folder import default_loader, find_classes
 from torchvision.datasets.imagenet import load_meta_file
 from torchvision.transforms.functional import pil_to_tensor
 
-from .core import DatasetError, RawSplits, one_line, register_dataset, reject_res, reject_subset
+from .core import DatasetError, PlainDataError, RawSplits, load_plain, one_line, register_dataset, reject_res, reject_subset
 
 _logger = logging.getLogger(__name__)
 
@@ -139,10 +139,10 @@ _TINY_KEYS = ('classes', 'images_train', 'labels_train', 'images_val', 'labels_v
 
 def _tiny_from_pt(path: Path) -> RawSplits:
     try:
-        data = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as err:  # pickle, zip and weights_only errors have no common base class
-        raise DatasetError(f"could not read {str(path)!r} ({one_line(err)}); expected a torch.save'd dict "
-                           f"with keys {', '.join(_TINY_KEYS)} (tensors and a list of class names)") from err
+        data = load_plain(path, 'TinyImageNet file')
+    except PlainDataError as err:  # unreadable, or a pickle that would run code
+        raise DatasetError(f"{err}; expected a torch.save'd dict with keys {', '.join(_TINY_KEYS)} "
+                           "(tensors and a list of class names)") from None
     if not isinstance(data, dict) or any(key not in data for key in _TINY_KEYS):
         found = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise DatasetError(f'{str(path)!r} must be a dict with keys {", ".join(_TINY_KEYS)}; found {found}')

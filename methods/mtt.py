@@ -112,6 +112,8 @@ class ExpertStream:
         directory: the buffer folder (``buffers.buffer_dir``).
         expect: manifest fields the buffer must match (dataset, model, zca, param_shapes).
         generator: CPU generator for the orders.
+        data_facts: this run's training data (``image_shape``, ``num_classes``, ``num_train``),
+            checked against the manifest once (``buffers.load_buffer``).
         load_all: keep every expert in memory (``--load_all``).
         max_files: use only the first so many files (0: all).
         max_experts: use at most so many experts per file, or in total with ``load_all`` (0: all).
@@ -122,10 +124,10 @@ class ExpertStream:
     """
 
     def __init__(self, directory: str, expect: dict, generator: torch.Generator, *, load_all: bool = False,
-                 max_files: int = 0, max_experts: int = 0):
+                 max_files: int = 0, max_experts: int = 0, data_facts: Optional[dict] = None):
         self.generator = generator
         self.max_experts = max_experts or None
-        first = buffers.load_buffer(directory, expect=expect, max_files=1, max_experts=1)
+        first = buffers.load_buffer(directory, expect=expect, max_files=1, max_experts=1, data_facts=data_facts)
         self.num_snapshots = len(first[0])
         if load_all:
             self.files: List[Optional[str]] = [None]
@@ -219,8 +221,12 @@ class MTT(DistillMethod):
                                                   cfg.subset, cfg.res)
         expect = {"dataset": cfg.dataset, "model": cfg.model, "zca": cfg.zca,
                   "param_shapes": [list(shape) for shape in self.student.shapes]}
+        labels = getattr(self.sampler, "labels", None)
+        facts = {"image_shape": [self.channel, *self.im_size], "num_classes": self.num_classes,
+                 "num_train": None if labels is None else int(labels.numel())}
         self.experts = ExpertStream(self.buffer_dir, expect, self.generator, load_all=self.hparams["load_all"],
-                                    max_files=self.hparams["max_files"], max_experts=self.hparams["max_experts"])
+                                    max_files=self.hparams["max_files"], max_experts=self.hparams["max_experts"],
+                                    data_facts=facts)
         epochs = self.experts.num_snapshots - 1
         if self.latest_start_epoch() + self.hparams["expert_epochs"] > epochs:
             raise utils.UserError(f"the experts in {self.buffer_dir} have {epochs} epochs, but start epochs up to "

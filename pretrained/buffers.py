@@ -28,7 +28,7 @@ import torch
 
 
 import utils
-from data import one_line
+from data import PlainDataError, load_plain, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -173,15 +173,16 @@ def write_manifest(directory: str, manifest: dict) -> None:
 
 
 def load_chunk(path: str) -> list:
-    """One ``replay_buffer_{n}.pt``: a list of trajectories (``torch.load``, ``weights_only``).
+    """One ``replay_buffer_{n}.pt``: a list of trajectories (``data.load_plain``: tensors only).
 
     Raises:
-        utils.UserError: unreadable, or not a list of trajectories (lists of lists of tensors).
+        utils.UserError: unreadable, holding more than plain data (a pickle that would run code),
+            or not a list of trajectories (lists of lists of tensors).
     """
     try:
-        chunk = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated or foreign file
-        raise utils.UserError(f"cannot read expert buffer file {path}: {one_line(error)}") from None
+        chunk = load_plain(path, "expert buffer file")
+    except PlainDataError as error:  # truncated or foreign file, or a pickle that would run code
+        raise utils.UserError(str(error)) from None
     if not isinstance(chunk, list) or not all(
             isinstance(traj, (list, tuple)) and traj and all(
                 isinstance(snap, (list, tuple)) and snap and all(torch.is_tensor(t) for t in snap) for snap in traj)
@@ -260,6 +261,10 @@ class BufferWriter:
                 if existing.get(key) != meta.get(key):
                     raise utils.UserError(f"{directory}: the saved experts have other {key} than a {config['model']} "
                                           f"network for these images; use another --buffer_path")
+            if None not in (existing.get("num_train"), meta.get("num_train")) and existing["num_train"] != meta["num_train"]:
+                logger.warning("%s: the saved experts were trained on num_train %s images, this run's training set has "
+                               "%s: the buffer will mix experts of both (its manifest keeps %s)", directory,
+                               existing["num_train"], meta["num_train"], existing["num_train"])
         now = time.strftime("%Y-%m-%d %H:%M:%S")
         self.manifest = existing or {"format": BUFFER_FORMAT, "format_version": BUFFER_FORMAT_VERSION,
                                      "created": now, "config": config, **meta, "files": {}, "experts": [],
@@ -373,8 +378,36 @@ def _check_expectations(directory: str, saved: dict, expect: dict, command: str)
                                   f"{key}={wanted!r}; make a matching one with: {command}")
 
 
+# Facts about the training data the manifest records beside ``config`` (make_buffer's ``meta``):
+# experts on images of another shape or class count cannot serve this data and are refused; a
+# training set of another size (a subset, another split) is allowed with a warning.
+_REFUSED_FACTS = ("image_shape", "num_classes")
+_WARNED_FACTS = ("num_train",)
+
+
+def _check_data_facts(directory: str, manifest: dict, facts: dict, command: str) -> None:
+    """Compare the manifest's data facts with this run's; a fact the manifest lacks is unknown."""
+    unknown = sorted(set(facts) - set(_REFUSED_FACTS) - set(_WARNED_FACTS))
+    if unknown:
+        raise ValueError(f"load_buffer: unknown data fact(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(_REFUSED_FACTS + _WARNED_FACTS)}")
+    for key, wanted in facts.items():
+        have = manifest.get(key)
+        if have is None or wanted is None:  # older manifests do not record it
+            continue
+        if key == "image_shape":
+            have, wanted = [int(s) for s in have], [int(s) for s in wanted]
+        if have == wanted:
+            continue
+        if key in _REFUSED_FACTS:
+            raise utils.UserError(f"the expert buffer {directory} was made with {key}={have!r} but this run's data has "
+                                  f"{key}={wanted!r}; make a matching one with: {command}")
+        logger.warning("the expert buffer %s was trained on another training set: %s %s -> %s (this run); fine for a "
+                       "deliberate subset, else make a matching one with: %s", directory, key, have, wanted, command)
+
+
 def load_buffer(source, expect: Optional[dict] = None, max_files: Optional[int] = None,
-                max_experts: Optional[int] = None) -> list:
+                max_experts: Optional[int] = None, data_facts: Optional[dict] = None) -> list:
     """Load expert trajectories written by ``buffer.py`` or by the MTT/DATM/PAD reference scripts.
 
     Args:
@@ -388,6 +421,10 @@ def load_buffer(source, expect: Optional[dict] = None, max_files: Optional[int] 
         max_files: read only the first ``max_files`` chunk files (MTT ``--max_files``).
         max_experts: return at most this many trajectories in total (MTT ``--max_experts`` with
             ``--load_all``; files past the limit are not read).
+        data_facts: this run's training data, compared with what the manifest records:
+            ``image_shape`` [C, H, W] and ``num_classes`` must match; ``num_train`` (the number of
+            training images) may differ, with a logged warning naming both values. Facts an
+            older manifest does not record are not checked.
 
     Returns:
         A list of trajectories; ``buffer[i][t][j]`` is parameter ``j`` of expert ``i`` after epoch
@@ -396,8 +433,9 @@ def load_buffer(source, expect: Optional[dict] = None, max_files: Optional[int] 
     Raises:
         utils.UserError: no ``replay_buffer_*.pt`` where expected (the message names the path and
             the ``buffer.py`` command that makes it); the manifest records another dataset, model,
-            ZCA setting or other expected value (the message names the field); parameter shapes
-            differ from ``expect['param_shapes']``; an unreadable file.
+            ZCA setting, image shape, class count or other expected value (the message names the
+            field); parameter shapes differ from ``expect['param_shapes']``; an unreadable file,
+            or one holding more than plain data.
         ValueError: ``expect`` names a field the manifest does not have, or a non-positive limit.
         TypeError: ``source`` is neither a path nor such a tuple.
 
@@ -424,6 +462,7 @@ def load_buffer(source, expect: Optional[dict] = None, max_files: Optional[int] 
                        "checked", directory, MANIFEST_NAME)
     else:
         _check_expectations(directory, manifest["config"], expect, command)
+        _check_data_facts(directory, manifest, dict(data_facts or {}), command)
     if max_files is not None:
         files = files[:max_files]
     buffer: list = []

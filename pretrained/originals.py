@@ -58,6 +58,7 @@ import torch.nn as nn
 
 import networks
 import utils
+from data import PlainDataError, load_plain
 
 logger = logging.getLogger(__name__)
 
@@ -253,9 +254,9 @@ def read_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise utils.UserError(f"no original-model checkpoint at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated or foreign file
-        raise utils.UserError(f"cannot read {path}: {' '.join(str(error).split())}") from None
+        state = load_plain(path, "original-model checkpoint")
+    except PlainDataError as error:  # truncated or foreign file, or a pickle that would run code
+        raise utils.UserError(str(error)) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise utils.UserError(f"{path} is not an original-model checkpoint of this toolkit (made by train_original.py)")
     if int(state.get("format_version", 0)) > FORMAT_VERSION:

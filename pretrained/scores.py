@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 
 import utils
-from data import one_line
+from data import PlainDataError, load_plain
 from pretrained.buffers import canonical_dataset, imagenet_subset
 from pretrained.experts import ExpertConfig, new_seeded_network, train_expert
 
@@ -199,9 +199,9 @@ def load_sort_order(path: str, labels: torch.Tensor, num_classes: int) -> list:
             (a file made for another dataset).
     """
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise utils.UserError(f"--sort_method: cannot read {path}: {one_line(error)}") from None
+        blob = load_plain(path, "score file")
+    except PlainDataError as error:  # truncated or foreign file, or a pickle that would run code
+        raise utils.UserError(f"--sort_method: {error}") from None
     labels = labels.detach().cpu().long()
     if torch.is_tensor(blob) and blob.dim() == 2:
         logger.warning("--sort_method %s: a bare index tensor (reference format); checking it against the "

@@ -55,6 +55,8 @@ def main(argv=None) -> int:
                                         res=args.res, train_epochs=args.epochs, lr_teacher=args.lr_net,
                                         batch_train=args.batch_train, mom=args.mom, l2=args.l2, dsa=args.dsa,
                                         dsa_strategy=args.dsa_strategy, seed=args.seed)
+        cli.check_writable(scores.score_path(args.buffer_path, args.dataset, names[0], args.subset), "--buffer_path",
+                           given=args.buffer_path)
         device = cli.setup_runtime(args)
         utils.seed_everything(args.seed)
         record = cli.load_record(args, device)

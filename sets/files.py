@@ -13,18 +13,22 @@ Layouts:
   ``distill.py``): bare tensors ``images_*.pt``, ``labels_*.pt`` (class indices or soft-label
   logits) and ``lr_*.pt`` (the learned step size).
 
-Every file is read with ``torch.load(weights_only=True)``: loading never runs code from the file.
+Every file is read with ``data.load_plain`` (``torch.load(weights_only=True)``): loading never runs
+code from the file; one that holds more than tensors and plain values is refused in one line.
 """
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from typing import List, Optional, Sequence
 
 import torch
 
 import utils
-from data import one_line
+from data import PlainDataError, load_plain
+
+logger = logging.getLogger(__name__)
 
 
 def result_filename(method: str, dataset: str, model: str, ipc: int) -> str:
@@ -54,9 +58,9 @@ def _load(path: str, flag: str):
     if not os.path.isfile(path):
         raise utils.UserError(f"{flag}: no file at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated file, or a pickle that would run code
-        raise utils.UserError(f"{flag}: cannot read {path} as tensors only ({one_line(error)[:200]})") from None
+        return load_plain(path)
+    except PlainDataError as error:  # a truncated file, or a pickle that would run code
+        raise utils.UserError(f"{flag}: {error}") from None
 
 
 def load_results(path: str, flag: str = "--syn_path") -> dict:
@@ -85,8 +89,8 @@ def is_tensor_file(path: str) -> bool:
     if not os.path.isfile(path):
         return False
     try:
-        return torch.is_tensor(torch.load(path, map_location="cpu", weights_only=True))
-    except Exception:
+        return torch.is_tensor(load_plain(path))
+    except PlainDataError:  # the reader of the dict layout reports it
         return False
 
 
@@ -102,22 +106,47 @@ def load_tensor(path: str, flag: str) -> torch.Tensor:
     return value
 
 
+def labels_file_beside(images_path: str) -> str:
+    """Where MTT / DATM / PAD save the labels of ``images_{tag}.pt``: ``labels_{tag}.pt`` beside it
+    (``labels_best.pt`` for any other name)."""
+    folder, name = os.path.split(images_path)
+    return os.path.join(folder, "labels_" + name[len("images_"):] if name.startswith("images_") else "labels_best.pt")
+
+
 def tensor_files_as_results(images_path: str, num_classes: int, labels_path: Optional[str] = None,
                             lr_path: Optional[str] = None) -> dict:
-    """The logged files of MTT / DATM / PAD as one result entry: labels default to class-major
-    hard labels; ``meta['syn_lr']`` holds the learned step size when ``lr_path`` is given.
+    """The logged files of MTT / DATM / PAD as one result entry; ``meta['syn_lr']`` holds the
+    learned step size when ``lr_path`` is given.
+
+    Without ``labels_path`` the labels are assumed: class-major hard labels, ``N / K`` per class
+    (what MTT's ``images_*.pt`` hold), with a logged warning naming the labels file to pass.
 
     Raises:
-        utils.UserError: the images are not (K*ipc, C, H, W) for ``num_classes`` K.
+        utils.UserError: the images are not (N, C, H, W); the labels are not N class indices or
+            (N, K') logits; or, with labels assumed, N is not a multiple of ``num_classes`` K.
     """
     images = load_tensor(images_path, "--syn_path")
-    if images.dim() != 4 or images.shape[0] % num_classes:
-        raise utils.UserError(f"--syn_path: {images_path} holds {tuple(images.shape)}; expected (K*ipc, C, H, W) "
-                              f"with K = {num_classes}")
+    if images.dim() != 4 or images.shape[0] == 0:
+        raise utils.UserError(f"--syn_path: {images_path} holds {tuple(images.shape)}; expected images (N, C, H, W)")
+    count = images.shape[0]
+    beside = labels_file_beside(images_path)
     if labels_path:
         labels = load_tensor(labels_path, "--labels_path")
+        if labels.dim() not in (1, 2) or labels.shape[0] != count:
+            raise utils.UserError(f"--labels_path: {labels_path} holds {tuple(labels.shape)} for the {count} images of "
+                                  f"{images_path}; expected ({count},) class indices or ({count}, K) logits")
+    elif count % num_classes:
+        raise utils.UserError(f"--syn_path: {images_path} holds {count} images without labels, not a multiple of the "
+                              f"{num_classes} classes, so class-major labels cannot be assumed; give them with "
+                              f"--labels_path {beside}")
     else:
-        labels = torch.arange(num_classes).repeat_interleave(images.shape[0] // num_classes)
+        ipc = count // num_classes
+        labels = torch.arange(num_classes).repeat_interleave(ipc)
+        where = (f"{os.path.basename(beside)} lies beside it: pass --labels_path {beside} to use it"
+                 if os.path.isfile(beside) else
+                 f"to give labels, pass --labels_path {beside} (the labels file MTT/DATM/PAD save beside it)")
+        logger.warning("--syn_path %s holds bare images without labels: assuming class-major labels, %d per class "
+                       "(images 0..%d are class 0, the next %d class 1, ...); %s", images_path, ipc, ipc - 1, ipc, where)
     meta = {}
     if lr_path:
         meta["syn_lr"] = [float(load_tensor(lr_path, "--lr_path").reshape(-1)[0])]
