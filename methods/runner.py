@@ -244,7 +244,10 @@ class DistillationRun:
         results = {}
         if self.opts.save_vis:
             path = os.path.join(self.opts.run_dir, f"vis_{self.tag}_exp{exp}_iter{iteration}.png")
-            utils.save_image_grid(self.record.denormalize(syn.images.detach()), path, nrow=self.cfg.ipc)
+            utils.save_image_grid(self.record.denormalize(syn.images.detach()), path, nrow=self.cfg.ipc,
+                                  class_names=self.record.class_names,
+                                  title=f"{self.cfg.method} {self.cfg.dataset} ipc {self.cfg.ipc}, "
+                                        f"experiment {exp}, iteration {iteration}")
             self.vis_paths.append(path)
         if self.opts.num_eval <= 0:
             return results
