@@ -871,6 +871,23 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[object]], markdo
     return "\n".join(line(row) for row in [[str(h) for h in header], *cells])
 
 
+def round_significant(value: float, digits: int = 6) -> float:
+    """``value`` rounded to ``digits`` significant digits, so that a CSV shows ``0.3`` rather
+    than ``0.30000000000000004`` and a loss of ``1234.5678`` as ``1234.57`` (``digits = 6``).
+    NaN, infinities and 0 come back unchanged; ``None`` stays ``None``.
+
+    Args:
+        value: any real number (converted with ``float``), or ``None``.
+        digits: significant digits kept, at least 1.
+    """
+    if value is None:
+        return None
+    value = float(value)
+    if not math.isfinite(value) or value == 0:
+        return value
+    return float(f"{value:.{digits}g}")
+
+
 def format_acc(accs: Sequence[float]) -> str:
     """``'mean ± std'`` in percent for accuracies in [0, 1]."""
     if len(accs) == 0:

@@ -181,11 +181,13 @@ class DistillationRun:
         utils.write_text(os.path.join(self.opts.run_dir, "config.yaml"), yaml.safe_dump(record, sort_keys=False))
 
     def write_summary(self) -> None:
-        """``summary.csv``: one row per (evaluation, model)."""
+        """``summary.csv``: one row per (evaluation, model); accuracies in [0, 1] with 6 decimals, the
+        loss with 6 significant digits."""
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=self.SUMMARY_FIELDS)
         writer.writeheader()
-        writer.writerows(self.summary_rows)
+        writer.writerows({**row, "acc_mean": round(row["acc_mean"], 6), "acc_std": round(row["acc_std"], 6),
+                          "loss": utils.round_significant(row["loss"])} for row in self.summary_rows)
         utils.write_text(os.path.join(self.opts.run_dir, "summary.csv"), buffer.getvalue())
 
     def checkpoint(self, exp: int, iteration: int, method=None, syn=None, generator=None) -> None:

@@ -241,8 +241,24 @@ def format_table(rows: Sequence[Row], models: Sequence[str]) -> str:
     return utils.format_table([table.index.name or "", *table.columns], body, markdown=True) + "\n" + legend
 
 
+CSV_DECIMALS = 4  # decimals of percentages and points in a CSV (0.0001 % = 1e-6 as a fraction)
+
+
+def rounded_for_csv(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``frame`` fit for a CSV: the percentage and point columns present (``mean``,
+    ``std``, ``ior``) rounded to ``CSV_DECIMALS`` decimals, ``lr`` to 6 significant digits
+    (``utils.round_significant``), so ``23.200000000000003`` is written ``23.2``. Other columns
+    are unchanged; used by :func:`write_table` and ``scripts/make_table.py``."""
+    frame = frame.round({column: CSV_DECIMALS for column in ("mean", "std", "ior") if column in frame})
+    if "lr" in frame:
+        frame["lr"] = [utils.round_significant(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+                       for v in frame["lr"]]
+    return frame
+
+
 def write_table(path: str, rows: Sequence[Row], models: Sequence[str], protocol: dict, extra: Optional[dict] = None) -> tuple:
-    """Write the comparison as JSON (``path``) and the long table as CSV (``path`` with ``.csv``).
+    """Write the comparison as JSON (``path``) and the long table as CSV (``path`` with ``.csv``;
+    mean and std in percent, IOR in points, rounded by :func:`rounded_for_csv`).
 
     The JSON holds ``{"comparison": {"models", "protocol", "rows": [Row...], "table": [records]}}``
     plus ``extra`` at the top level (``evaluate.py`` keeps its per-model keys there).
@@ -250,7 +266,7 @@ def write_table(path: str, rows: Sequence[Row], models: Sequence[str], protocol:
     Returns:
         ``(json_path, csv_path)``.
     """
-    frame = long_table(rows, models)
+    frame = rounded_for_csv(long_table(rows, models))
     csv_path = os.path.splitext(path)[0] + ".csv"
     utils.write_text(csv_path, frame.to_csv(index=False))
     records = json.loads(frame.to_json(orient="records"))

@@ -48,3 +48,45 @@ def test_rgb_grid_keeps_colour(tmp_path):
 def test_grid_refuses_class_names_that_do_not_fit(tmp_path):
     with pytest.raises(ValueError, match="3 class names x nrow 2 != 4 images"):
         utils.save_image_grid(torch.rand(4, 3, 8, 8), str(tmp_path / "x.png"), nrow=2, class_names=["a", "b", "c"])
+
+
+def test_round_significant():
+    assert utils.round_significant(0.1 + 0.2) == 0.3
+    assert utils.round_significant(1234.5678) == 1234.57
+    assert utils.round_significant(2.5e-7 + 1e-22) == 2.5e-7
+    assert utils.round_significant(0.0) == 0.0 and utils.round_significant(None) is None
+    assert str(utils.round_significant(float("nan"))) == "nan"
+
+
+def test_summary_csv_numbers_are_rounded(tmp_path):
+    from methods.runner import DistillationRun
+
+    run = DistillationRun.__new__(DistillationRun)  # write_summary needs only opts and the rows
+    run.opts = type("Opts", (), {"run_dir": str(tmp_path)})()
+    run.summary_rows = [dict(exp=0, iteration=5, model="ConvNet", acc_mean=0.1 + 0.2, acc_std=0.232 / 3,
+                             num_eval=2, loss=1 / 3, eval_seconds=1.25, elapsed_s=2.5),
+                        dict(exp=0, iteration=0, model="ConvNet", acc_mean=0.232, acc_std=0.0, num_eval=2,
+                             loss=float("nan"), eval_seconds=1.0, elapsed_s=0.0)]
+    run.write_summary()
+    text = (tmp_path / "summary.csv").read_text()
+    assert text.splitlines()[1] == "0,5,ConvNet,0.3,0.077333,2,0.333333,1.25,2.5"
+    assert text.splitlines()[2] == "0,0,ConvNet,0.232,0.0,2,nan,1.0,0.0"
+
+
+def test_comparison_and_make_table_csv_numbers_are_rounded(tmp_path):
+    import pandas as pd
+
+    from sets import comparison
+
+    assert 100 * 0.232 == 23.200000000000003  # the number that must not reach a CSV
+    protocol = {"epochs": 3, "lr": 0.1 + 0.2, "augmentation": "none", "labels": "hard"}
+    rows = [comparison.Row(name="DM", kind="synthetic", ipc=1, method="DM", dataset="Tiny3",
+                           results={"ConvNet": {"mean": 0.232, "std": 0.0, "accs": [0.232], "protocol": protocol}}),
+            comparison.Row(name="random", kind="random", ipc=1, method="random", dataset="Tiny3",
+                           results={"ConvNet": {"mean": 0.1, "std": 0.0, "accs": [0.1], "protocol": protocol}})]
+    _, csv_path = comparison.write_table(str(tmp_path / "t.json"), rows, ["ConvNet"], {})
+    text = open(csv_path).read()
+    assert "23.2," in text and "13.2," in text and ",0.3," in text  # mean, IOR (points), lr
+    assert "00000" not in text and "99999" not in text
+    table = pd.DataFrame({"mean": [100 * 0.232], "std": [1 / 3], "ior": [float("nan")], "n": [1]})
+    assert comparison.rounded_for_csv(table).to_csv(index=False) == "mean,std,ior,n\n23.2,0.3333,,1\n"
