@@ -185,11 +185,13 @@ class DistillationRun:
         utils.write_text(os.path.join(self.opts.run_dir, "config.yaml"), yaml.safe_dump(record, sort_keys=False))
 
     def write_summary(self) -> None:
-        """``summary.csv``: one row per (evaluation, model)."""
+        """``summary.csv``: one row per (evaluation, model); accuracies in [0, 1] with 6 decimals, the
+        loss with 6 significant digits."""
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=self.SUMMARY_FIELDS)
         writer.writeheader()
-        writer.writerows(self.summary_rows)
+        writer.writerows({**row, "acc_mean": round(row["acc_mean"], 6), "acc_std": round(row["acc_std"], 6),
+                          "loss": utils.round_significant(row["loss"])} for row in self.summary_rows)
         utils.write_text(os.path.join(self.opts.run_dir, "summary.csv"), buffer.getvalue())
 
     @property
@@ -293,7 +295,10 @@ class DistillationRun:
         results = {}
         if self.opts.save_vis:
             path = os.path.join(self.opts.run_dir, f"vis_{self.tag}_exp{exp}_iter{iteration}.png")
-            utils.save_image_grid(self.record.denormalize(syn.images.detach()), path, nrow=self.cfg.ipc)
+            utils.save_image_grid(self.record.denormalize(syn.images.detach()), path, nrow=self.cfg.ipc,
+                                  class_names=self.record.class_names,
+                                  title=f"{self.cfg.method} {self.cfg.dataset} ipc {self.cfg.ipc}, "
+                                        f"experiment {exp}, iteration {iteration}")
             self.vis_paths.append(path)
         if self.opts.num_eval <= 0:
             return results

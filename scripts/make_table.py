@@ -12,8 +12,8 @@ Reads, recursively under each given directory:
 Writes ``table.md`` (rows: dataset x ipc; columns: methods, then random real images and the
 whole-dataset accuracy; cells ``mean ± std`` in %, with ``(+x)`` the improvement over random real
 images of the same ipc under the same protocol, DD-Ranking's IOR), ``table.csv`` (one record per
-dataset, ipc, method, model and protocol) and ``{dataset}_acc_vs_ipc.png`` (accuracy vs ipc per
-method, error bars = std).
+dataset, ipc, method, model and protocol; mean and std in %, ior in points, 4 decimals) and
+``{dataset}_acc_vs_ipc.png`` (accuracy vs ipc per method, error bars = std).
 
 Example:
     python scripts/make_table.py result/fmnist_cpu --model ConvNet --out_dir result/tables
@@ -256,7 +256,7 @@ def main(argv=None) -> int:
                 "over random real images of the same ipc and protocol (DD-Ranking IOR, points).\n")
     with open(os.path.join(out_dir, "table.md"), "w") as handle:
         handle.write(markdown)
-    table.to_csv(os.path.join(out_dir, "table.csv"), index=False)
+    comparison.rounded_for_csv(table).to_csv(os.path.join(out_dir, "table.csv"), index=False)
     figures = plot(table, args.model, out_dir)
     print(markdown)
     print(f"wrote {os.path.join(out_dir, 'table.md')}, {os.path.join(out_dir, 'table.csv')}"

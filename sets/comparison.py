@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -109,9 +109,14 @@ class SetToEvaluate:
 ReportFn = Callable[[str, List[float], "utils.EvalConfig", str, float], None]
 
 
-def _result(model_eval: str, accs: List[float], seconds: float, cfg: "utils.EvalConfig", labels: str) -> dict:
-    """A row's ``results[model_eval]``: mean, std, accuracies, seconds and the protocol record."""
-    return {**utils.EvalResult(model_eval, accs, seconds).as_dict(), "protocol": {**cfg.describe(), "labels": labels}}
+def _result(model_eval: str, accs: List[float], seconds: float, cfg: "utils.EvalConfig", labels: str,
+            learned_lr: Sequence[float] = ()) -> dict:
+    """A row's ``results[model_eval]``: mean, std, accuracies, seconds and the protocol record
+    (with ``learned_lr``, the step size each experiment learned, when the set learned one)."""
+    protocol = {**cfg.describe(), "labels": labels}
+    if learned_lr:
+        protocol["learned_lr"] = [float(lr) for lr in learned_lr]
+    return {**utils.EvalResult(model_eval, accs, seconds).as_dict(), "protocol": protocol}
 
 
 def evaluate_set_row(row: Row, experiments: Sequence[SetToEvaluate], models: Sequence[str],
@@ -119,7 +124,9 @@ def evaluate_set_row(row: Row, experiments: Sequence[SetToEvaluate], models: Seq
                      test_labels: torch.Tensor, num_classes: int, *, num_eval: int, device: torch.device,
                      seed: int, report: Optional[ReportFn] = None) -> Row:
     """Train ``num_eval`` networks of every model in ``models`` on every experiment of a set and
-    fill ``row.results`` (experiment ``e`` uses seeds ``seed + 1000 * e + k``).
+    fill ``row.results`` (experiment ``e`` uses seeds ``seed + 1000 * e + k``). Each result's
+    ``protocol`` is ``EvalConfig.describe()`` plus ``labels`` (``hard`` / ``soft``) and, when the
+    experiments learned a step size, ``learned_lr`` (one per experiment; ``lr`` is the last one).
 
     Args:
         row: the row to fill (its ``ipc`` and ``dataset`` are used).
@@ -135,6 +142,7 @@ def evaluate_set_row(row: Row, experiments: Sequence[SetToEvaluate], models: Seq
         FloatingPointError: a training loss became NaN or infinite.
     """
     labels_kind = "soft" if experiments[0].labels.dim() == 2 else "hard"
+    learned_lr = [experiment.learned_lr for experiment in experiments if experiment.learned_lr is not None]
     for model_eval in models:
         accs, seconds, cfg = [], 0.0, None
         for index, experiment in enumerate(experiments):
@@ -144,7 +152,7 @@ def evaluate_set_row(row: Row, experiments: Sequence[SetToEvaluate], models: Seq
                                            device=device, seed=seed + 1000 * index, term=experiment.term)
             accs += result.accs
             seconds += result.train_time_s
-        row.results[model_eval] = _result(model_eval, accs, seconds, cfg, labels_kind)
+        row.results[model_eval] = _result(model_eval, accs, seconds, cfg, labels_kind, learned_lr)
         if report is not None:
             report(model_eval, accs, cfg, row.name, seconds)
     return row
@@ -191,10 +199,51 @@ def random_row_for(rows: Sequence[Row], ipc: Optional[int]) -> Optional[Row]:
     return next((row for row in rows if row.kind == "random" and row.ipc == ipc), None)
 
 
+def training_lr(protocol: dict) -> Tuple[Optional[float], str]:
+    """The SGD learning rate a result was trained with and where it came from.
+
+    Args:
+        protocol: a result's ``protocol`` record (:func:`evaluate_set_row`, :func:`random_real_row`,
+            :func:`whole_dataset_accuracy`).
+
+    Returns:
+        ``(lr, source)``: the mean of ``learned_lr`` and ``"learned"`` when the set learned its
+        step size (trajectory matching), else ``protocol["lr"]`` (``None`` if absent) and ``"fixed"``.
+    """
+    learned = protocol.get("learned_lr")
+    if learned:
+        return float(np.mean(learned)), "learned"
+    return protocol.get("lr"), "fixed"
+
+
+def lr_text(protocol: dict) -> str:
+    """A result's training lr for a table: ``0.01``; ``learned 0.0123`` when the set learned it
+    (``learned 0.0118-0.0131``: the range over experiments that learned different values);
+    ``-`` when the record has none."""
+    lr, source = training_lr(protocol)
+    if lr is None:
+        return "-"
+    if source == "fixed":
+        return f"{float(lr):.4g}"
+    low, high = (f"{value:.3g}" for value in (min(protocol["learned_lr"]), max(protocol["learned_lr"])))
+    return f"learned {low}" if low == high else f"learned {low}-{high}"
+
+
+def labels_text(protocol: dict) -> str:
+    """A result's label type for a table: ``hard`` (the default when unrecorded) or ``soft``,
+    with `` + feature labels (lbd x)`` when it trained with DRUPI feature labels
+    (``feature_labels_lbd``, written by ``evaluate.py``)."""
+    text = str(protocol.get("labels") or "hard")
+    lbd = protocol.get("feature_labels_lbd")
+    return text if lbd is None else f"{text} + feature labels (lbd {float(lbd):g})"
+
+
 def long_table(rows: Sequence[Row], models: Sequence[str]) -> pd.DataFrame:
     """One record per (row, model): name, kind, method, dataset, ipc, model, mean and std in
     percent, n networks, IOR in points (synthetic rows with a random row of their ipc), and the
-    protocol fields epochs, lr, augmentation and labels."""
+    protocol fields epochs, lr (the mean learned step size when the set learned one,
+    :func:`training_lr`), lr_source (``learned`` / ``fixed``), augmentation and labels
+    (:func:`labels_text`)."""
     records = []
     for row in rows:
         reference = random_row_for(rows, row.ipc) if row.kind == "synthetic" else None
@@ -206,13 +255,15 @@ def long_table(rows: Sequence[Row], models: Sequence[str]) -> pd.DataFrame:
             ior = float("nan")
             if reference is not None and model in reference.results:
                 ior = improvement_over_random(result["accs"], reference.results[model]["accs"])
+            lr, lr_source = training_lr(protocol)
             records.append({"name": row.name, "kind": row.kind, "method": row.method, "dataset": row.dataset,
                             "ipc": row.ipc, "model": model, "mean": 100 * result["mean"], "std": 100 * result["std"],
                             "n": len(result.get("accs", [])), "ior": ior, "epochs": protocol.get("epochs"),
-                            "lr": protocol.get("lr"), "augmentation": protocol.get("augmentation"),
-                            "labels": protocol.get("labels"), "path": row.path})
+                            "lr": lr, "lr_source": lr_source, "augmentation": protocol.get("augmentation"),
+                            "labels": labels_text(protocol), "path": row.path})
     return pd.DataFrame.from_records(records, columns=["name", "kind", "method", "dataset", "ipc", "model", "mean", "std",
-                                                       "n", "ior", "epochs", "lr", "augmentation", "labels", "path"])
+                                                       "n", "ior", "epochs", "lr", "lr_source", "augmentation", "labels",
+                                                       "path"])
 
 
 def cell(mean: float, std: float, ior: float = float("nan")) -> str:
@@ -221,11 +272,44 @@ def cell(mean: float, std: float, ior: float = float("nan")) -> str:
     return text if np.isnan(ior) else f"{text} ({ior:+.2f})"
 
 
+PROTOCOL_COLUMNS = {"lr": lr_text, "labels": labels_text}  # shown in a wide table when rows differ
+
+
+def protocol_columns(rows: Sequence[Row], models: Sequence[str]) -> Tuple[Dict[str, List[str]], Dict[str, str]]:
+    """Which of the training lr and the label type (:data:`PROTOCOL_COLUMNS`) differ between rows.
+
+    A row's value is :func:`lr_text` / :func:`labels_text` of its results for ``models`` (distinct
+    values joined with `` / ``; ``-`` without results). The whole-dataset row is trained by
+    ``train_original.py`` under its own protocol, so it is shown but does not count as differing.
+
+    Returns:
+        ``(differing, agreed)``: ``{column: one value per row}`` for the columns whose values
+        differ between the set and random rows, and ``{column: the common value}`` for the others
+        (left out when there is no such row).
+    """
+    differing, agreed = {}, {}
+    for column, text in PROTOCOL_COLUMNS.items():
+        values = []
+        for row in rows:
+            found = [text(row.results[m].get("protocol") or {}) for m in models if m in row.results]
+            values.append(" / ".join(dict.fromkeys(found)) or "-")
+        compared = {value for row, value in zip(rows, values) if row.kind != "whole" and row.results}
+        if len(compared) > 1:
+            differing[column] = values
+        elif compared:
+            agreed[column] = compared.pop()
+    return differing, agreed
+
+
 def wide_table(rows: Sequence[Row], models: Sequence[str]) -> pd.DataFrame:
     """Rows x architectures of ``'mean ± std (+IOR)'`` cells (``-`` where not evaluated), in the
-    order of ``rows`` and ``models``."""
+    order of ``rows`` and ``models``; preceded by an ``lr`` and/or ``labels`` column when the
+    rows were trained with different lrs or label types (:func:`protocol_columns`)."""
     frame = long_table(rows, models)
     table = pd.DataFrame(index=[row.name for row in rows], columns=list(models), dtype=object).fillna("-")
+    differing, _ = protocol_columns(rows, models)
+    for position, (column, values) in enumerate(differing.items()):
+        table.insert(position, column, values)
     for record in frame.itertuples():
         table.loc[record.name, record.model] = cell(record.mean, record.std, record.ior)
     table.index.name = "set"
@@ -233,16 +317,37 @@ def wide_table(rows: Sequence[Row], models: Sequence[str]) -> pd.DataFrame:
 
 
 def format_table(rows: Sequence[Row], models: Sequence[str]) -> str:
-    """The Markdown table of :func:`wide_table` with a legend line."""
+    """The Markdown table of :func:`wide_table` with a legend line, and a line naming the lr and
+    label type every set and random row shares (those columns are then left out)."""
     legend = ("accuracy % mean ± std over networks; (+x): improvement over random real images of the same ipc "
               "under the same protocol (DD-Ranking IOR, points); whole dataset: train_original.py models")
+    _, agreed = protocol_columns(rows, models)
+    if agreed:
+        legend += "\nevery set and random row: " + ", ".join(
+            f"{column} {value}" for column, value in agreed.items())
     table = wide_table(rows, models)
     body = [[name, *values] for name, values in zip(table.index, table.values.tolist())]
     return utils.format_table([table.index.name or "", *table.columns], body, markdown=True) + "\n" + legend
 
 
+CSV_DECIMALS = 4  # decimals of percentages and points in a CSV (0.0001 % = 1e-6 as a fraction)
+
+
+def rounded_for_csv(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``frame`` fit for a CSV: the percentage and point columns present (``mean``,
+    ``std``, ``ior``) rounded to ``CSV_DECIMALS`` decimals, ``lr`` to 6 significant digits
+    (``utils.round_significant``), so ``23.200000000000003`` is written ``23.2``. Other columns
+    are unchanged; used by :func:`write_table` and ``scripts/make_table.py``."""
+    frame = frame.round({column: CSV_DECIMALS for column in ("mean", "std", "ior") if column in frame})
+    if "lr" in frame:
+        frame["lr"] = [utils.round_significant(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+                       for v in frame["lr"]]
+    return frame
+
+
 def write_table(path: str, rows: Sequence[Row], models: Sequence[str], protocol: dict, extra: Optional[dict] = None) -> tuple:
-    """Write the comparison as JSON (``path``) and the long table as CSV (``path`` with ``.csv``).
+    """Write the comparison as JSON (``path``) and the long table as CSV (``path`` with ``.csv``;
+    mean and std in percent, IOR in points, rounded by :func:`rounded_for_csv`).
 
     The JSON holds ``{"comparison": {"models", "protocol", "rows": [Row...], "table": [records]}}``
     plus ``extra`` at the top level (``evaluate.py`` keeps its per-model keys there).
@@ -250,7 +355,7 @@ def write_table(path: str, rows: Sequence[Row], models: Sequence[str], protocol:
     Returns:
         ``(json_path, csv_path)``.
     """
-    frame = long_table(rows, models)
+    frame = rounded_for_csv(long_table(rows, models))
     csv_path = os.path.splitext(path)[0] + ".csv"
     utils.write_text(csv_path, frame.to_csv(index=False))
     records = json.loads(frame.to_json(orient="records"))

@@ -196,3 +196,71 @@ def test_make_table_counts_a_copied_baseline_once(tmp_path):
     table = make_table.aggregate(make_table.gather([str(tmp_path)])).set_index("method")
     assert table.loc["random", "n"] == 3
     assert table.loc["random", "mean"] == pytest.approx(100 * (0.70 + 0.72 + 0.76) / 3)
+
+
+def _protocol_row(name, kind, ipc, accs, **protocol):
+    return comparison.Row(name=name, kind=kind, ipc=ipc, method=name, dataset="Tiny3",
+                          results={"ConvNet": {"mean": sum(accs) / len(accs), "std": 0.0, "accs": accs,
+                                               "protocol": {"epochs": 3, "lr": 0.01, "augmentation": "none",
+                                                            "labels": "hard", **protocol}}})
+
+
+def test_table_names_lr_and_labels_once_when_every_row_agrees():
+    rows = [_protocol_row("DM", "synthetic", 1, [0.6]), _protocol_row("random", "random", 1, [0.5]),
+            _protocol_row("whole dataset", "whole", None, [0.9], lr=0.05, labels=None)]
+    wide = comparison.wide_table(rows, ["ConvNet"])
+    assert list(wide.columns) == ["ConvNet"]  # narrow: the whole-dataset row's own lr does not count
+    printed = comparison.format_table(rows, ["ConvNet"])
+    assert printed.splitlines()[-1] == "every set and random row: lr 0.01, labels hard"
+
+
+def test_table_shows_lr_and_labels_columns_when_rows_differ(tmp_path):
+    rows = [_protocol_row("MTT", "synthetic", 1, [0.6, 0.7], lr=0.013, learned_lr=[0.0118, 0.013]),
+            _protocol_row("DATM", "synthetic", 1, [0.65], lr=0.02, learned_lr=[0.02], labels="soft"),
+            _protocol_row("DC+F", "synthetic", 1, [0.55], feature_labels_lbd=0.5),
+            _protocol_row("random", "random", 1, [0.5]),
+            _protocol_row("whole dataset", "whole", None, [0.9], lr=0.01, labels=None)]
+    wide = comparison.wide_table(rows, ["ConvNet"])
+    assert list(wide.columns) == ["lr", "labels", "ConvNet"]
+    assert wide["lr"].tolist() == ["learned 0.0118-0.013", "learned 0.02", "0.01", "0.01", "0.01"]
+    assert wide["labels"].tolist() == ["hard", "soft", "hard + feature labels (lbd 0.5)", "hard", "hard"]
+    assert wide.loc["MTT", "ConvNet"] == "65.00 ± 0.00 (+15.00)"
+    printed = comparison.format_table(rows, ["ConvNet"])
+    assert "| lr " in printed and "| labels " in printed and "every set and random row" not in printed
+    _, csv_path = comparison.write_table(str(tmp_path / "t.json"), rows, ["ConvNet"], {})
+    csv = pd.read_csv(csv_path).set_index("name")
+    assert csv.loc["MTT", "lr"] == pytest.approx(0.0124) and csv.loc["MTT", "lr_source"] == "learned"
+    assert csv.loc["random", "lr"] == 0.01 and csv.loc["random", "lr_source"] == "fixed"
+    assert csv.loc["DATM", "labels"] == "soft" and csv.loc["DC+F", "labels"] == "hard + feature labels (lbd 0.5)"
+
+
+def test_only_the_differing_protocol_column_is_added():
+    rows = [_protocol_row("DATM", "synthetic", 1, [0.65], labels="soft"), _protocol_row("random", "random", 1, [0.5])]
+    assert list(comparison.wide_table(rows, ["ConvNet"]).columns) == ["labels", "ConvNet"]
+    assert comparison.format_table(rows, ["ConvNet"]).splitlines()[-1] == "every set and random row: lr 0.01"
+
+
+def test_evaluate_set_row_records_the_learned_step_sizes(monkeypatch):
+    calls = []
+
+    def fake_evaluate(images, labels, model, num_classes, test_images, test_labels, cfg, **kwargs):
+        calls.append(cfg.lr)
+        return utils.EvalResult(model, [0.5], 0.1)
+
+    monkeypatch.setattr(utils, "evaluate_synset", fake_evaluate)
+    experiments = [comparison.SetToEvaluate(torch.zeros(2, 1, 8, 8), torch.arange(2), learned_lr=lr)
+                   for lr in (0.011, 0.012)]
+    row = comparison.Row(name="MTT", kind="synthetic", ipc=1, method="MTT", dataset="Tiny3")
+    comparison.evaluate_set_row(row, experiments, ["ConvNet"], utils.EvalProtocol(lr=0.01), "ConvNet",
+                                torch.zeros(2, 1, 8, 8), torch.arange(2), 2, num_eval=1, device=torch.device("cpu"),
+                                seed=0)
+    protocol = row.results["ConvNet"]["protocol"]
+    assert calls == [0.011, 0.012] and protocol["learned_lr"] == [0.011, 0.012]
+    assert comparison.lr_text(protocol) == "learned 0.011-0.012"
+    assert comparison.training_lr(protocol) == (pytest.approx(0.0115), "learned")
+    plain = comparison.Row(name="DM", kind="synthetic", ipc=1, method="DM", dataset="Tiny3")
+    comparison.evaluate_set_row(plain, [comparison.SetToEvaluate(torch.zeros(2, 1, 8, 8), torch.arange(2))], ["ConvNet"],
+                                utils.EvalProtocol(lr=0.01), "ConvNet", torch.zeros(2, 1, 8, 8), torch.arange(2), 2,
+                                num_eval=1, device=torch.device("cpu"), seed=0)
+    assert "learned_lr" not in plain.results["ConvNet"]["protocol"]
+    assert comparison.lr_text(plain.results["ConvNet"]["protocol"]) == "0.01"
