@@ -90,7 +90,8 @@ def load_record(args: argparse.Namespace, device=None):
     Raises:
         data.DatasetError: the dataset is unknown or its files are missing (one line).
     """
-    from data import load_dataset
+    from data import DatasetError, load_dataset
+    from data.torchvision_sets import FASHION_MNIST_SYSTEM_DIR
 
     if os.path.exists(args.data_path) and not os.path.isdir(args.data_path):
         raise utils.UserError(f"--data_path {args.data_path}: a file, not a directory")
@@ -99,8 +100,15 @@ def load_record(args: argparse.Namespace, device=None):
             and args.dataset.lower() == "fashionmnist"):
         raise utils.UserError(f"--data_path {args.data_path}: no such directory (leave --data_path out to use "
                               "the system Fashion-MNIST)")
-    return load_dataset(args.dataset, args.data_path, zca=args.zca, download=args.download, res=args.res,
-                        subset=args.subset, zca_device=device if device is not None else "cpu")
+    try:
+        return load_dataset(args.dataset, args.data_path, zca=args.zca, download=args.download, res=args.res,
+                            subset=args.subset, zca_device=device if device is not None else "cpu")
+    except DatasetError as error:
+        # A first command on a fresh machine: point at the dataset that is there.
+        if "not found" in str(error) and args.dataset.lower() != "fashionmnist" and os.path.isdir(FASHION_MNIST_SYSTEM_DIR):
+            raise DatasetError(f"{error}; Fashion-MNIST is installed on this machine: --dataset FashionMNIST "
+                               "runs without any file") from None
+        raise
 
 
 def setup_logging(log_file: str | None = None, quiet: bool = False) -> None:

@@ -840,3 +840,16 @@ def test_a_failed_result_write_keeps_the_sets_in_the_checkpoint(tmp_path, monkey
 
     outcome = run_distillation(_dm(record), replace(opts, resume=True), record, CPU)
     assert files.load_results(outcome.result_path)["data"][0][0].shape[0] == record.num_classes
+
+
+def test_a_missing_default_dataset_points_at_the_one_installed(tmp_path, capsys, monkeypatch):
+    import distill
+
+    monkeypatch.setattr("data.torchvision_sets.FASHION_MNIST_SYSTEM_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        distill.main(["--Iteration", "1", "--run_dir", str(tmp_path / "run")])  # --dataset CIFAR10, --data_path data
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: CIFAR10 not found under 'data/'")
+    assert err[0].endswith("Fashion-MNIST is installed on this machine: --dataset FashionMNIST runs without any file")
