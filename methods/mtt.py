@@ -20,6 +20,7 @@ with respect to the images and alpha (and DATM's soft labels). Experts come from
 from __future__ import annotations
 
 import math
+import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -104,19 +105,24 @@ class FlatModel:
 
 
 class ExpertStream:
-    """Serves expert trajectories in MTT's order: buffer files in a random order, one file in
-    memory at a time (all at once with ``load_all``), the experts of a file shuffled and used in
-    turn; when every file is used the files are reshuffled.
+    """Serves expert trajectories as MTT's ``distill.py`` (GeorgeCazenavette/mtt-distillation) does.
+
+    The buffer files are shuffled once and the first ``max_files`` kept (DATM's ``distill/DATM.py``
+    keeps the first ``max_files`` unshuffled: ``shuffle_files=False``). Without ``load_all`` one
+    file is in memory at a time, its experts shuffled and used in turn, and the kept files are
+    walked in a fresh random order on every pass; with ``load_all`` every kept expert is in memory
+    and each iteration draws one uniformly, with replacement.
 
     Args:
         directory: the buffer folder (``buffers.buffer_dir``).
         expect: manifest fields the buffer must match (dataset, model, zca, param_shapes).
-        generator: CPU generator for the orders.
+        generator: CPU generator for every draw (file choice, orders, experts).
         data_facts: this run's training data (``image_shape``, ``num_classes``, ``num_train``),
             checked against the manifest once (``buffers.load_buffer``).
-        load_all: keep every expert in memory (``--load_all``).
-        max_files: use only the first so many files (0: all).
+        load_all: keep every expert in memory and draw with replacement (``--load_all``).
+        max_files: keep only so many files (0: all), after shuffling them when ``shuffle_files``.
         max_experts: use at most so many experts per file, or in total with ``load_all`` (0: all).
+        shuffle_files: shuffle the files before keeping ``max_files`` (MTT) or keep the first (DATM).
 
     Raises:
         utils.UserError: no buffer, or one made with another dataset, model or ZCA setting
@@ -124,30 +130,34 @@ class ExpertStream:
     """
 
     def __init__(self, directory: str, expect: dict, generator: torch.Generator, *, load_all: bool = False,
-                 max_files: int = 0, max_experts: int = 0, data_facts: Optional[dict] = None):
+                 max_files: int = 0, max_experts: int = 0, data_facts: Optional[dict] = None,
+                 shuffle_files: bool = True):
+        self.directory, self.expect = directory, expect
         self.generator = generator
         self.max_experts = max_experts or None
         first = buffers.load_buffer(directory, expect=expect, max_files=1, max_experts=1, data_facts=data_facts)
         self.num_snapshots = len(first[0])
-        if load_all:
-            self.files: List[Optional[str]] = [None]
-            self._all = buffers.load_buffer(directory, expect=expect, max_files=max_files or None,
-                                                 max_experts=self.max_experts)
-        else:
-            self.files = buffers.list_buffer_files(directory)[:max_files or None]
-            self._all = None
+        names = [os.path.basename(path) for path in buffers.list_buffer_files(directory)]
+        if shuffle_files:
+            names = [names[i] for i in torch.randperm(len(names), generator=generator).tolist()]
+        self.files: List[str] = names[:max_files or None]  # file names inside ``directory``, in use order
+        self.load_all = load_all
+        self._all = self._load_everything() if load_all else None
         self.file_order: List[int] = []
         self.expert_order: List[int] = []
         self._file_position, self._expert_position = 0, 0
         self._loaded_index: Optional[int] = None
         self._experts: list = []
 
+    def _load_everything(self) -> list:
+        return buffers.load_buffer(self.directory, expect=self.expect, max_experts=self.max_experts,
+                                   files=[os.path.join(self.directory, name) for name in self.files])
+
     def _load(self, index: int) -> None:
         if self._loaded_index == index:
             return
-        path = self.files[index]
-        experts = self._all if path is None else buffers.load_chunk(path)
-        self._experts = experts[:self.max_experts] if path is not None else experts
+        experts = buffers.load_chunk(os.path.join(self.directory, self.files[index]))
+        self._experts = experts[:self.max_experts]
         self._loaded_index = index
 
     def _next_file(self) -> None:
@@ -161,6 +171,8 @@ class ExpertStream:
 
     def next(self) -> list:
         """The next trajectory: a list of snapshots, each a list of CPU tensors."""
+        if self._all is not None:
+            return self._all[int(torch.randint(len(self._all), (1,), generator=self.generator))]
         if self._expert_position >= len(self.expert_order):
             self._next_file()
         trajectory = self._experts[self.expert_order[self._expert_position]]
@@ -168,23 +180,40 @@ class ExpertStream:
         return trajectory
 
     def first_file_experts(self) -> list:
-        """The experts of the file in use (loading the first one if none is), for label initialisation."""
+        """The experts in memory (loading the first file of the walk if none is), for DATM's
+        label initialisation with ``--init real``/``noise`` (its ``buffer[0][-1]``)."""
+        if self._all is not None:
+            return self._all
         if self._loaded_index is None:
             self._next_file()
         return self._experts
 
+    def stored_files(self) -> List[str]:
+        """Paths of the files in use in stored order (``replay_buffer_0.pt`` first when kept)."""
+        return [os.path.join(self.directory, name) for name in sorted(self.files, key=_chunk_number)]
+
     def state_dict(self) -> dict:
-        """Positions and orders, so a resumed run continues with the same experts."""
-        return {"file_order": self.file_order, "expert_order": self.expert_order, "file_position": self._file_position,
-                "expert_position": self._expert_position, "loaded_index": self._loaded_index}
+        """Files, positions and orders, so a resumed run continues with the same experts."""
+        return {"files": list(self.files), "file_order": self.file_order, "expert_order": self.expert_order,
+                "file_position": self._file_position, "expert_position": self._expert_position,
+                "loaded_index": self._loaded_index}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned."""
+        if "files" in state and list(state["files"]) != self.files:
+            self.files = list(state["files"])
+            if self._all is not None:
+                self._all = self._load_everything()
         self.file_order, self.expert_order = list(state["file_order"]), list(state["expert_order"])
         self._file_position, self._expert_position = state["file_position"], state["expert_position"]
-        if state["loaded_index"] is not None:
+        if state["loaded_index"] is not None and self._all is None:
             self._loaded_index = None
             self._load(state["loaded_index"])
+
+
+def _chunk_number(name: str) -> int:
+    """``n`` of ``replay_buffer_{n}.pt``."""
+    return int(os.path.basename(name).split("_")[-1].split(".")[0])
 
 
 @register_method("MTT")
@@ -204,14 +233,17 @@ class MTT(DistillMethod):
                minimum=0.0, exclusive_minimum=True),
         Option("batch_syn", 0, "trajectory matching: synthetic images per student step (0: all)", type=int, minimum=0),
         Option("buffer_path", "./buffers", "trajectory matching: root of buffer.py's expert buffers", type=str),
-        Option("load_all", False, "trajectory matching: keep every expert file in memory", type=bool),
-        Option("max_files", 0, "trajectory matching: use only the first N buffer files (0: all)", type=int, minimum=0),
+        Option("load_all", False, "trajectory matching: keep every expert in memory, draw experts with replacement",
+               type=bool),
+        Option("max_files", 0, "trajectory matching: use only N buffer files (MTT: N shuffled ones, DATM/PAD: the "
+               "first N; 0: all)", type=int, minimum=0),
         Option("max_experts", 0, "trajectory matching: use at most N experts per file, in total with --load_all (0: all)",
                type=int, minimum=0),
         Option("no_aug", False, "trajectory matching: no DiffAugment in the student steps", type=bool),
     )
     default_eval_it = 100
     can_skip = False  # whether accept() may refuse an update (then 'skipped' is logged)
+    shuffle_expert_files = True  # --max_files keeps N shuffled files (MTT distill.py), else the first N
 
     def __init__(self, cfg, **kwargs):
         super().__init__(cfg, **kwargs)
@@ -226,14 +258,14 @@ class MTT(DistillMethod):
                  "num_train": None if labels is None else int(labels.numel())}
         self.experts = ExpertStream(self.buffer_dir, expect, self.generator, load_all=self.hparams["load_all"],
                                     max_files=self.hparams["max_files"], max_experts=self.hparams["max_experts"],
-                                    data_facts=facts)
+                                    data_facts=facts, shuffle_files=self.shuffle_expert_files)
         epochs = self.experts.num_snapshots - 1
         if self.latest_start_epoch() + self.hparams["expert_epochs"] > epochs:
             raise utils.UserError(f"the experts in {self.buffer_dir} have {epochs} epochs, but start epochs up to "
                                   f"{self.latest_start_epoch()} plus --expert_epochs {self.hparams['expert_epochs']} "
                                   f"need {self.latest_start_epoch() + self.hparams['expert_epochs']}; lower "
                                   "--max_start_epoch or train longer experts (buffer.py --train_epochs)")
-        self._order: List[int] = []
+        self._chunks: List[torch.Tensor] = []  # this iteration's unused minibatches (next_batch)
         self.optimizer_lr: Optional[torch.optim.Optimizer] = None
 
     # 1000 epochs (MTT and DATM evaluation); hosts CLoM (every accepted update) and feature labels
@@ -258,13 +290,16 @@ class MTT(DistillMethod):
         return int(torch.randint(0, self.hparams["max_start_epoch"], (1,), generator=self.generator))
 
     def next_batch(self, total: int) -> torch.Tensor:
-        """Indices of the next ``batch_syn`` synthetic images: a random permutation consumed in
-        chunks and redrawn when used up (all ``total`` images when ``batch_syn`` is 0)."""
+        """Indices (B,) of the next student step's synthetic images, as MTT's ``distill.py``
+        batches: when this iteration's chunks are used up, a fresh permutation of the ``total``
+        images is split into chunks of ``batch_syn`` (the last one short when ``batch_syn`` does
+        not divide ``total``; all images when ``batch_syn`` is 0), and chunks are taken from the
+        end, so a short chunk is used first. :meth:`unroll` drops the chunks left by the previous
+        iteration."""
         size = self.hparams["batch_syn"] or total
-        if len(self._order) < size:
-            self._order = torch.randperm(total, generator=self.generator).tolist()
-        batch, self._order = self._order[:size], self._order[size:]
-        return torch.tensor(batch, device=self.device)
+        if not self._chunks:
+            self._chunks = list(torch.randperm(total, generator=self.generator).split(size))
+        return self._chunks.pop().to(self.device)
 
     def unroll_targets(self, syn: SyntheticSet) -> torch.Tensor:
         """What the student's cross-entropy is taken against: the hard labels (N,) here."""
@@ -280,6 +315,7 @@ class MTT(DistillMethod):
         targets = self.unroll_targets(syn)
         augmenting = bool(self.dsa_strategy) and not self.hparams["no_aug"]
         params = start.clone().requires_grad_(True)
+        self._chunks = []  # a fresh permutation every iteration (MTT distill.py)
         # Terms an add-on adds to the matching loss once per unroll (AddOn.unroll_loss; DRUPI's CE of F).
         self.unroll_extra = torch.zeros((), device=self.device)
         for _ in range(self.hparams["syn_steps"]):
@@ -338,16 +374,16 @@ class MTT(DistillMethod):
 
     # ---- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Image and step-size optimisers, the expert order and the minibatch order."""
+        """Image and step-size optimisers and the expert stream (minibatch orders are drawn anew
+        every iteration)."""
         return {**super().state_dict(), "optimizer_lr": self.optimizer_lr.state_dict(),
-                "experts": self.experts.state_dict(), "order": list(self._order)}
+                "experts": self.experts.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned (after :meth:`init_synthetic`)."""
         super().load_state_dict(state)
         self.optimizer_lr.load_state_dict(state["optimizer_lr"])
         self.experts.load_state_dict(state["experts"])
-        self._order = list(state["order"])
 
 
 @register_method("DATM")
@@ -375,6 +411,7 @@ class DATM(MTT):
     )
     init_choices = ("samples_predicted_correctly", "real", "noise")
     can_skip = True
+    shuffle_expert_files = False  # DATM.py keeps the first --max_files files
 
     def __init__(self, cfg, **kwargs):
         super().__init__(cfg, **kwargs)
@@ -405,55 +442,88 @@ class DATM(MTT):
             return torch.cat([self.student(flat, chunk) for chunk in images.split(256)])
 
     def init_synthetic(self) -> SyntheticSet:
-        """Images (``samples_predicted_correctly``: per class, real images in random order that
-        the final snapshot of the first expert classifies correctly; else the base init) and
-        soft-label logits: per image, the mean final-snapshot logits of the experts of the first
-        buffer file in use that classify it correctly (the first expert's when none does).
+        """Images and soft-label logits, as NUS-HPC-AI-Lab/DATM ``distill/DATM.py`` initialises them.
+
+        ``samples_predicted_correctly``: per class, real images in random order that the final
+        snapshot of expert 0 in the first stored file (``replay_buffer_0.pt``) classifies
+        correctly (:meth:`correctly_classified`); the logits (N, K) are, per image, the mean
+        final-snapshot logits of the experts of every buffer file in use that classify it
+        correctly (:meth:`label_logits_from_experts`). ``real``/``noise``: the base images and
+        the logits of the first expert in memory.
 
         Raises:
-            utils.UserError: a class has fewer than ipc correctly classified real images.
+            utils.UserError: a class has fewer than ipc real images that any expert classifies
+                correctly.
         """
-        experts = self.experts.first_file_experts()
         if self.cfg.init != "samples_predicted_correctly":
             syn = super().init_synthetic()
-            logits = self.expert_logits(experts[0][-1], syn.images.detach())
+            logits = self.expert_logits(self.experts.first_file_experts()[0][-1], syn.images.detach())
         else:
-            judge = experts[0][-1]
-            chosen = []
-            for c in range(self.num_classes):
-                pool = self.sampler.get_images(c, self.sampler.class_counts[c], self.generator)
-                keep = []
-                for chunk in pool.split(256):
-                    correct = self.expert_logits(judge, chunk).argmax(dim=1) == c
-                    keep.append(chunk[correct])
-                    if sum(len(k) for k in keep) >= self.cfg.ipc:
-                        break
-                images = torch.cat(keep)[:self.cfg.ipc]
-                if images.shape[0] < self.cfg.ipc:
-                    raise utils.UserError(f"--init samples_predicted_correctly: the expert classifies only "
-                                          f"{images.shape[0]} real images of class {c} correctly, fewer than --ipc "
-                                          f"{self.cfg.ipc}; use --init real")
-                chosen.append(images)
+            judges = self.final_snapshots()
+            chosen = [self.correctly_classified(c, judges) for c in range(self.num_classes)]
             labels = SyntheticSet.class_major_labels(self.num_classes, self.cfg.ipc, device=self.device)
             syn = SyntheticSet(torch.cat(chosen), labels, self.num_classes, self.cfg.ipc)
             self.configure(syn)
-            logits = self.label_logits_from_experts(experts, syn.images.detach(), labels)
+            logits = self.label_logits_from_experts(judges, syn.images.detach(), labels)
         syn.learn_soft_labels(logits)
         self.optimizer_y = torch.optim.SGD([syn.label_logits], lr=self.hparams["lr_y"],
                                            momentum=self.hparams["Momentum_y"])
         return syn
 
-    def label_logits_from_experts(self, experts: list, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per image, the mean final-snapshot logits over the experts that classify it correctly
-        (the first expert's logits where none does). Returns (N, K)."""
+    def final_snapshots(self) -> List[List[torch.Tensor]]:
+        """The final snapshot of every expert of every buffer file in use, file by file in stored
+        order (``replay_buffer_0.pt`` first), experts in file order; each a list of CPU tensors."""
+        return [trajectory[-1] for path in self.experts.stored_files() for trajectory in buffers.load_chunk(path)]
+
+    def correctly_classified(self, c: int, judges: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+        """``ipc`` real images (ipc, C, H, W) of class ``c`` that an expert classifies as ``c``.
+
+        The class's images are taken in one random order and scanned in chunks of 256 with the
+        first judge; when the class is used up before ``ipc`` are found, the scan starts again
+        with the next judge, keeping the images found so far (DATM ``distill/DATM.py``).
+
+        Args:
+            c: the class.
+            judges: final expert snapshots in the order to try (:meth:`final_snapshots`).
+
+        Raises:
+            utils.UserError: fewer than ipc of the class's images are classified correctly by
+                any judge.
+        """
+        ipc = self.cfg.ipc
+        pool = self.sampler.get_images(c, self.sampler.class_counts[c], self.generator)
+        found = torch.zeros(pool.shape[0], dtype=torch.bool)
+        for judge in judges:
+            for start in range(0, pool.shape[0], 256):
+                chunk = pool[start:start + 256]
+                correct = (self.expert_logits(judge, chunk).argmax(dim=1) == c).cpu()
+                found[start:start + chunk.shape[0]] |= correct
+                if int(found.sum()) >= ipc:
+                    return pool[found.nonzero().flatten()[:ipc].to(pool.device)]
+        raise utils.UserError(f"--init samples_predicted_correctly: the experts classify only {int(found.sum())} "
+                              f"real images of class {c} correctly, fewer than --ipc {ipc}; use --init real")
+
+    def label_logits_from_experts(self, snapshots: Sequence[Sequence[torch.Tensor]], images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per image, the mean logits over the expert snapshots that classify it correctly (the
+        first snapshot's logits where none does).
+
+        Args:
+            snapshots: final expert snapshots (:meth:`final_snapshots`).
+            images: (N, C, H, W) synthetic images.
+            labels: (N,) their classes.
+
+        Returns:
+            (N, K) logits.
+        """
         total = torch.zeros(images.shape[0], self.num_classes, device=self.device)
         count = torch.zeros(images.shape[0], device=self.device)
-        for expert in experts:
-            logits = self.expert_logits(expert[-1], images)
+        fallback = None
+        for snapshot in snapshots:
+            logits = self.expert_logits(snapshot, images)
+            fallback = logits if fallback is None else fallback
             correct = (logits.argmax(dim=1) == labels).float()
             total += logits * correct[:, None]
             count += correct
-        fallback = self.expert_logits(experts[0][-1], images)
         return torch.where(count[:, None] > 0, total / count.clamp_min(1)[:, None], fallback)
 
     def unroll_targets(self, syn: SyntheticSet) -> torch.Tensor:
@@ -480,18 +550,39 @@ class DATM(MTT):
 
 @register_method("PAD")
 class PAD(DATM):
-    """DATM plus parameter selection in the matching loss: ``--loss_ratio`` drops that fraction
-    of parameter entries with the smallest matching error (released ``PAD.py``);
-    ``--depth_ratio`` drops that fraction of the flat vector's shallowest entries (the paper's
-    deep-layers-only matching, ``PAD_depth.py``). The released configs set both equal; here each
-    is applied when non-zero (depth first)."""
+    """DATM plus parameter selection in the matching loss. ``--param_selection loss`` (default,
+    the released ``distill/PAD.py`` of NUS-HPC-AI-Lab/PAD) drops the ``--loss_ratio`` fraction of
+    parameter entries with the smallest matching error; ``depth`` (the paper's deep-layers-only
+    matching, the older ``PAD_depth.py``) drops the ``--depth_ratio`` fraction of the flat
+    vector's shallowest entries; ``both`` applies the two, depth first.
 
+    Raises:
+        utils.UserError: ``--param_selection`` is none of loss, depth, both.
+    """
+
+    selections = ("loss", "depth", "both")
     options = tuple(option for option in DATM.options if option.name != "batch_syn") + (
         Option("batch_syn", 256, "trajectory matching: synthetic images per student step (0: all)", type=int, minimum=0),
+        Option("param_selection", "loss", "PAD: which parameter selection applies: loss (released PAD.py), depth "
+               "(PAD_depth.py) or both", type=str),
         Option("loss_ratio", 0.0, "PAD: fraction of parameter entries with the smallest error left out", minimum=0.0),
         Option("depth_ratio", 0.0, "PAD: fraction of shallowest parameter entries left out", minimum=0.0),
     )
 
+    def __init__(self, cfg, **kwargs):
+        super().__init__(cfg, **kwargs)
+        if self.hparams["param_selection"] not in self.selections:
+            raise utils.UserError(f"--param_selection {self.hparams['param_selection']!r}: PAD takes "
+                                  f"{', '.join(self.selections)}")
+
+    def selection_ratios(self) -> tuple:
+        """``(loss_ratio, depth_ratio)`` in effect under ``--param_selection`` (0 for the rule not used)."""
+        selection = self.hparams["param_selection"]
+        loss = self.hparams["loss_ratio"] if selection in ("loss", "both") else 0.0
+        depth = self.hparams["depth_ratio"] if selection in ("depth", "both") else 0.0
+        return loss, depth
+
     def matching_loss(self, student: torch.Tensor, start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The normalised distance over the selected parameter entries."""
-        return trajectory_matching_loss(student, start, target, self.hparams["loss_ratio"], self.hparams["depth_ratio"])
+        loss_ratio, depth_ratio = self.selection_ratios()
+        return trajectory_matching_loss(student, start, target, loss_ratio, depth_ratio)

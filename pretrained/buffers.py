@@ -22,7 +22,7 @@ import os
 import re
 import subprocess
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -407,7 +407,8 @@ def _check_data_facts(directory: str, manifest: dict, facts: dict, command: str)
 
 
 def load_buffer(source, expect: Optional[dict] = None, max_files: Optional[int] = None,
-                max_experts: Optional[int] = None, data_facts: Optional[dict] = None) -> list:
+                max_experts: Optional[int] = None, data_facts: Optional[dict] = None,
+                files: Optional[Sequence[str]] = None) -> list:
     """Load expert trajectories written by ``buffer.py`` or by the MTT/DATM/PAD reference scripts.
 
     Args:
@@ -425,6 +426,9 @@ def load_buffer(source, expect: Optional[dict] = None, max_files: Optional[int] 
             ``image_shape`` [C, H, W] and ``num_classes`` must match; ``num_train`` (the number of
             training images) may differ, with a logged warning naming both values. Facts an
             older manifest does not record are not checked.
+        files: read these chunk files of the directory, in this order, instead of all of them
+            (e.g. MTT's ``--max_files`` choice of shuffled files); ``max_files`` then applies to
+            this list.
 
     Returns:
         A list of trajectories; ``buffer[i][t][j]`` is parameter ``j`` of expert ``i`` after epoch
@@ -447,7 +451,7 @@ def load_buffer(source, expect: Optional[dict] = None, max_files: Optional[int] 
     for name, limit in (("max_files", max_files), ("max_experts", max_experts)):
         if limit is not None and limit < 1:
             raise ValueError(f"{name} must be at least 1, got {limit}")
-    files = list_buffer_files(directory)
+    files = list_buffer_files(directory) if files is None else list(files)
     manifest = read_manifest(directory)
     if not files:
         state = "holds no experts yet" if manifest is not None else "has no replay_buffer_0.pt"
