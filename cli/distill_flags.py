@@ -60,6 +60,9 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     parser.add_argument("--eval_it", type=int, default=None,
                         help="evaluate every N iterations, 0 = only at the end (default: DC 500, DM 2000 for S/SS)")
     parser.add_argument("--checkpoint_every", type=int, default=100, help="write last.pt every N iterations (0: only on stop)")
+    parser.add_argument("--save_every", type=int, default=1000,
+                        help="MTT/DATM/PAD: also write logged_files/exp{e}/images_{it}.pt, labels_{it}.pt, lr_{it}.pt "
+                             "every N iterations (0: only *_best.pt)")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
                         help="continue from run_dir/last.pt if it exists")
     parser.add_argument("--vis", action=argparse.BooleanOptionalAction, default=True, help="save PNG grids")
@@ -144,7 +147,7 @@ def resolve(args: argparse.Namespace):
         raise utils.UserError(f"--epoch_eval_train must be at least 1 (the protocol trains epochs + 1 epochs), "
                               f"got {args.epoch_eval_train}")
     for flag, value in (("Iteration", v["Iteration"]), ("num_eval", args.num_eval),
-                        ("checkpoint_every", args.checkpoint_every)):
+                        ("checkpoint_every", args.checkpoint_every), ("save_every", args.save_every)):
         if value < 0:
             raise utils.UserError(f"--{flag} must be >= 0, got {value}")
     for flag in ("lr_img", "lr_net"):
@@ -179,7 +182,7 @@ def resolve(args: argparse.Namespace):
     opts = RunOptions(num_exp=args.num_exp, num_eval=args.num_eval, eval_it=eval_it,
                       eval_models=tuple(eval_models), epoch_eval_train=args.epoch_eval_train, seed=args.seed,
                       run_dir=run_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                      save_vis=args.vis, **feature_cli.eval_option_values(args))
+                      save_vis=args.vis, save_every=args.save_every, **feature_cli.eval_option_values(args))
     return cfg, opts
 
 

@@ -276,6 +276,9 @@ class DistillMethod:
     # True for selection baselines (methods/coreset.py): init_synthetic returns the final set and
     # the runner runs no iteration, whatever --Iteration says.
     selection_only: ClassVar[bool] = False
+    # True for the trajectory-matching family (MTT, DATM, PAD): the runner also writes their
+    # reference repositories' logged files (images_best.pt, labels_best.pt, lr_best.pt, ...).
+    writes_reference_layout: ClassVar[bool] = False
     # Add-ons (``methods/addons``) this method hosts, by name; any other is refused. The base class
     # calls the hooks of CLoM (every image update) and feature labels (after every image update,
     # networks trained on the set); a method that overrides ``step`` lists what it still honours.

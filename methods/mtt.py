@@ -242,6 +242,7 @@ class MTT(DistillMethod):
         Option("no_aug", False, "trajectory matching: no DiffAugment in the student steps", type=bool),
     )
     default_eval_it = 100
+    writes_reference_layout = True  # images_best.pt, labels_best.pt, lr_best.pt, images_{it}.pt, ...
     can_skip = False  # whether accept() may refuse an update (then 'skipped' is logged)
     shuffle_expert_files = True  # --max_files keeps N shuffled files (MTT distill.py), else the first N
 

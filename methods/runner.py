@@ -5,6 +5,13 @@ Layout of a run directory (``--run_dir``):
     config.yaml                                  the resolved configuration, written before step 1
     last.pt                                      checkpoint (``--checkpoint_every``, and on a stop)
     res_{method}_{dataset}_{model}_{ipc}ipc.pt   the result, in the reference layout (DC ``main.py``)
+    best_{method}_{dataset}_{model}_{ipc}ipc.pt  per experiment, the evaluated set of highest test accuracy
+                                                 (what the references report as Max_Accuracy), same layout
+    logged_files/exp{e}/                         the MTT family only: GeorgeCazenavette/mtt-distillation and
+                                                 NUS-HPC-AI-Lab/DATM ``distill.py``'s logged files:
+                                                 images_best.pt, labels_best.pt, lr_best.pt, and every
+                                                 ``--save_every`` iterations images_{it}.pt, labels_{it}.pt,
+                                                 lr_{it}.pt (images_zca_{it}.pt: the pixels, with ``--zca``)
     vis_{method}_{dataset}_{model}_{ipc}ipc_exp{e}_iter{it}.png   pixel-space grid per evaluation
     summary.csv                                  one row per (evaluation, model)
     results.json                                 final accuracies, protocol, timings
@@ -86,6 +93,10 @@ class RunOptions:
         tta_mode: test-time augmentation of the evaluation (``--tta --tta_mode hflip``; ``""`` off).
         deterministic: deterministic evaluation (``--deterministic``; ``utils.EvalConfig``).
         command: the command line that started the run (recorded in ``results.json``).
+        save_every: for methods that write the trajectory-matching layout
+            (``DistillMethod.writes_reference_layout``), write ``images_{it}.pt`` etc. every so many
+            iterations (``--save_every``; 0: only the best). GeorgeCazenavette/mtt-distillation
+            ``distill.py`` hard-codes 1000 (at evaluation iterations divisible by 1000).
     """
 
     num_exp: int = 1
@@ -101,6 +112,7 @@ class RunOptions:
     tta_mode: str = ""
     deterministic: bool = False
     command: str = ""
+    save_every: int = 1000
 
 
 @dataclass
@@ -158,6 +170,7 @@ class DistillationRun:
         self.tag = f"{cfg.method}_{cfg.dataset}_{cfg.model}_{cfg.ipc}ipc"
         self.result_path = os.path.join(opts.run_dir, files.result_filename(cfg.method, cfg.dataset, cfg.model, cfg.ipc))
         self.checkpoint_path = os.path.join(opts.run_dir, "last.pt")
+        self.best_path = os.path.join(opts.run_dir, f"best_{self.tag}.pt")
         self.sampler = RealSampler(record.images_train, record.labels_train, record.num_classes, device)
         self.test_images, self.test_labels = record.images_test.to(device), record.labels_test.to(device)
         self.dims = dict(channel=record.channel, num_classes=record.num_classes, im_size=record.im_size)
@@ -170,6 +183,9 @@ class DistillationRun:
         # Where each finished experiment ended (set, method, RNG), so that a larger --Iteration
         # can continue it on --resume.
         self.finished: list = []
+        # Per experiment (also the one in progress), the evaluated set of highest test accuracy of
+        # the first evaluation model (:meth:`note_evaluation`); None before its first evaluation.
+        self.best: list = []
         self.summary_rows: list = []
         self.vis_paths: list = []
         self.step_seconds, self.steps_timed, self.distill_seconds = 0.0, 0, 0.0
@@ -216,7 +232,7 @@ class DistillationRun:
                               num_exp=self.opts.num_exp, seed=self.opts.seed, pending_eval=pending_eval,
                               **self.position(iteration, method, syn, generator),
                               data_save=self.data_save, learned_lr=self.learned_lr, accs_by_exp=self.accs_by_exp,
-                              finished=self.finished, summary_rows=self.summary_rows)
+                              finished=self.finished, best=self.best, summary_rows=self.summary_rows)
 
     def refuse_overwrite(self) -> None:
         """A run directory that already holds a run (its checkpoint or result file) is continued
@@ -264,6 +280,7 @@ class DistillationRun:
         self.data_save, self.learned_lr = saved["data_save"], saved.get("learned_lr", [])
         self.summary_rows = saved["summary_rows"]
         self.finished = saved.get("finished") or []
+        self.best = saved.get("best") or []  # checkpoints before best-so-far sets: none kept
         if "accs_by_exp" in saved:
             self.accs_by_exp = saved["accs_by_exp"]
         else:  # checkpoints before per-experiment accuracies: equal shares per finished experiment
@@ -338,6 +355,60 @@ class DistillationRun:
             raise RunInterrupted(f"stopped during the evaluation of experiment {exp}, iteration {iteration} "
                                  f"(it runs again on resume); checkpoint {self.checkpoint_path}") from None
 
+    def note_evaluation(self, exp: int, iteration: int, method, syn, results: Dict[str, utils.EvalResult]) -> bool:
+        """Keep experiment ``exp``'s set as its best so far when the first evaluation model's mean
+        test accuracy beats every earlier evaluation of the experiment (ties keep the earlier set,
+        as mtt-distillation ``distill.py``'s ``acc_test_mean > best_acc``). Selecting on test
+        accuracy is what the references report as Max_Accuracy; the final set stays the result.
+
+        Returns:
+            Whether the set became the best (False without an evaluation).
+        """
+        model = self.opts.eval_models[0]
+        if model not in results:
+            return False
+        while len(self.best) <= exp:
+            self.best.append(None)
+        accuracy = results[model].acc_mean
+        if self.best[exp] is not None and accuracy <= self.best[exp]["accuracy"]:
+            return False
+        self.best[exp] = {"iteration": iteration, "model": model, "accuracy": accuracy,
+                          "accs": {m: list(result.accs) for m, result in results.items()},
+                          "data": [syn.images.detach().cpu().clone(), syn.export_labels()] + method.saved_entries(syn),
+                          "syn_lr": float(syn.syn_lr.detach()) if syn.syn_lr is not None else None}
+        return True
+
+    def write_logged(self, exp: int, name: str, syn) -> None:
+        """Experiment ``exp``'s set as the trajectory-matching references log it, in
+        ``logged_files/exp{exp}/``: ``images_{name}.pt`` (N, C, H, W) float32 in the dataset's
+        normalised (or ZCA-whitened) space, ``labels_{name}.pt`` ((N,) int64 class indices, or
+        DATM's (N, K) soft-label logits), ``lr_{name}.pt`` (the learned step size, a 0-dim
+        float32 tensor), and with ZCA ``images_zca_{name}.pt``, the whitening undone (pixel space),
+        for a periodic ``name``. Sources: GeorgeCazenavette/mtt-distillation and NUS-HPC-AI-Lab/DATM
+        ``distill.py`` (MTT itself never saves the step size; DATM does)."""
+        folder = os.path.join(self.opts.run_dir, "logged_files", f"exp{exp}")
+        os.makedirs(folder, exist_ok=True)
+        images = syn.images.detach().cpu().clone()
+        utils.atomic_save(images, os.path.join(folder, f"images_{name}.pt"))
+        utils.atomic_save(syn.export_labels(), os.path.join(folder, f"labels_{name}.pt"))
+        if syn.syn_lr is not None:
+            utils.atomic_save(syn.syn_lr.detach().cpu().clone(), os.path.join(folder, f"lr_{name}.pt"))
+        zca = getattr(self.record, "zca", None)
+        if zca is not None and name != "best":
+            utils.atomic_save(zca.inverse(images).cpu(), os.path.join(folder, f"images_zca_{name}.pt"))
+
+    def after_iteration(self, exp: int, iteration: int, method, syn, results: Dict[str, utils.EvalResult]) -> None:
+        """The best-so-far set (:meth:`note_evaluation`) and, for a method that writes the
+        trajectory-matching layout, its files (:meth:`write_logged`): ``*_best.pt`` for a new
+        best; ``*_{iteration}.pt`` for a new best or every ``--save_every`` iterations (0 included)."""
+        new_best = self.note_evaluation(exp, iteration, method, syn, results)
+        if not self.method_class.writes_reference_layout:
+            return
+        if new_best:
+            self.write_logged(exp, "best", syn)
+        if new_best or (self.opts.save_every > 0 and iteration % self.opts.save_every == 0):
+            self.write_logged(exp, str(iteration), syn)
+
     def keep(self, exp: int, method, syn, generator, results: Dict[str, utils.EvalResult]) -> None:
         """Keep experiment ``exp``'s final set (images, labels, add-on entries), its accuracies and
         where it ended (replacing an earlier end when a resumed run grew ``--Iteration``)."""
@@ -384,10 +455,13 @@ class DistillationRun:
             done, pending = resumed["iteration"], resumed.get("pending_eval", False)
         run_start = time.perf_counter()
         last_acc, loss_value = "-", float("nan")
-        if pending and self.evaluates_at(done):  # the initial set, or an evaluation a stop interrupted
-            results = self.evaluate_or_stop(exp, done, method, syn, generator, loss_value, 0.0)
-            if done == iterations:  # a selected set (no iterations), or the end
-                self.keep(exp, method, syn, generator, results)
+        if pending:  # the initial set, or an evaluation a stop interrupted
+            results = {}
+            if self.evaluates_at(done):
+                results = self.evaluate_or_stop(exp, done, method, syn, generator, loss_value, 0.0)
+                if done == iterations:  # a selected set (no iterations), or the end
+                    self.keep(exp, method, syn, generator, results)
+            self.after_iteration(exp, done, method, syn, results)
         # A bar on a terminal; in batch jobs a log line every 5 % of the iterations (and every
         # utils.PROGRESS_EVERY_S seconds) with the loss and the last accuracy.
         with utils.Progress(iterations, f"{self.tag} exp {exp}", unit="it", initial=done,
@@ -407,6 +481,7 @@ class DistillationRun:
                 if self.on_iteration is not None:
                     self.on_iteration(exp, iteration, logs)
                 is_last = iteration == iterations
+                results = {}
                 if self.evaluates_at(iteration):
                     results = self.evaluate_or_stop(exp, iteration, method, syn, generator, loss_value,
                                                     time.perf_counter() - run_start)
@@ -414,6 +489,7 @@ class DistillationRun:
                         last_acc = f"{100 * next(iter(results.values())).acc_mean:.2f}%"
                     if is_last:
                         self.keep(exp, method, syn, generator, results)
+                self.after_iteration(exp, iteration, method, syn, results)
                 # Other scalars a method reports (CAFE: outer steps, inner epochs) go beside the loss.
                 extras = "".join(f", {key}={float(value):.4g}" for key, value in logs.items() if key != "loss")
                 progress.update(1, f"loss={loss_value:.4f}, acc={last_acc}{extras}")
@@ -485,20 +561,46 @@ class DistillationRun:
     def save_result(self) -> None:
         """The reference-layout result file with a ``meta`` record beside it: ``syn_lr`` (the learned
         step size of each experiment) and ``protocol`` (``utils.EvalProtocol``), which
-        ``evaluate.py`` replays."""
+        ``evaluate.py`` replays. Beside it, when every finished experiment was evaluated, the
+        best-so-far file ``best_{tag}.pt`` in the same layout: ``data`` and ``accs_all_exps`` of
+        each experiment's best evaluation, ``meta['best']`` one ``{exp, iteration, model, accuracy,
+        selected_on}`` per experiment (accuracy in [0, 1], selected on test accuracy)."""
+        meta = self.result_meta()
+        meta["syn_lr"] = list(self.learned_lr) or None
+        files.save_results(self.result_path, self.data_save, self.accs_all_exps, meta=meta)
+        best = self.best[:len(self.data_save)]
+        if best and all(entry is not None for entry in best):
+            meta["syn_lr"] = [entry["syn_lr"] for entry in best] if self.learned_lr else None
+            meta["best"] = self.best_records()
+            accs = {m: [acc for entry in best for acc in entry["accs"].get(m, [])] for m in self.opts.eval_models}
+            files.save_results(self.best_path, [entry["data"] for entry in best], accs, meta=meta)
+
+    def best_records(self) -> List[Optional[dict]]:
+        """Per finished experiment, where its best set was evaluated (``results.json`` ``best``):
+        ``{exp, iteration, model, accuracy (mean in [0, 1]), accs, selected_on: "test accuracy"}``,
+        or None when it was never evaluated."""
+        best = self.best + [None] * (len(self.data_save) - len(self.best))
+        return [None if entry is None else
+                {"exp": exp, "iteration": entry["iteration"], "model": entry["model"], "accuracy": entry["accuracy"],
+                 "accs": entry["accs"], "selected_on": "test accuracy"}
+                for exp, entry in enumerate(best[:len(self.data_save)])]
+
+    def result_meta(self) -> dict:
+        """The ``meta`` record of the result files (without ``syn_lr``)."""
         cfg, record = self.cfg, self.record
         meta = {"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model, "ipc": cfg.ipc,
                 "channel": record.channel, "im_size": list(record.im_size), "num_classes": record.num_classes,
                 "mean": list(record.mean), "std": list(record.std),
                 "zca": record.zca.state_dict() if getattr(record, "zca", None) is not None else None,
                 "dsa_strategy": self.protocol.dsa_strategy, "iterations": cfg.iterations, "seed": self.opts.seed,
-                "config": dataclasses.asdict(cfg), "syn_lr": list(self.learned_lr) or None,
-                "protocol": self.protocol.as_dict()}
-        files.save_results(self.result_path, self.data_save, self.accs_all_exps, meta=meta)
+                "config": dataclasses.asdict(cfg), "protocol": self.protocol.as_dict()}
+        return meta
 
     def write_results_json(self) -> None:
         """``results.json``: the command line, seed and full resolved configuration (method and run
-        options), final accuracies, the protocol of every evaluation model, cost."""
+        options), final accuracies (``accuracy``, the headline), the best-so-far evaluation of each
+        experiment apart (``best``, selected on test accuracy; :meth:`best_records`), the protocol
+        of every evaluation model, cost."""
         cfg, opts, syn = self.cfg, self.opts, self.syn
         labels = "soft" if syn is not None and syn.label_logits is not None else "hard"
         record = {"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model, "ipc": cfg.ipc,
@@ -513,6 +615,8 @@ class DistillationRun:
                                for m in opts.eval_models},
                   "accuracy": {m: {"mean": utils.EvalResult(m, a).acc_mean, "std": utils.EvalResult(m, a).acc_std,
                                    "accs": a} for m, a in self.accs_all_exps.items()},
+                  "best": self.best_records(),
+                  "best_file": self.best_path if os.path.isfile(self.best_path) else None,
                   "result_file": self.result_path, "clom": dict(cfg.clom) if cfg.clom else None,
                   "feature_labels": (dataclasses.asdict(cfg.feature_labels.loss_config())
                                      if cfg.feature_labels is not None else None)}

@@ -11,7 +11,9 @@ Layouts:
   and the evaluation protocol ``protocol``, ``utils.EvalProtocol``);
 * the trajectory-matching logs (GeorgeCazenavette/mtt-distillation, NUS-HPC-AI-Lab/DATM and PAD
   ``distill.py``): bare tensors ``images_*.pt``, ``labels_*.pt`` (class indices or soft-label
-  logits) and ``lr_*.pt`` (the learned step size).
+  logits) and ``lr_*.pt`` (the learned step size). A directory holding ``images_best.pt`` (their
+  run directory, or ``logged_files/exp{e}`` of ours) reads as ``images_best.pt`` with the
+  ``labels_best.pt`` and ``lr_best.pt`` beside it.
 
 Every file is read with ``data.load_plain`` (``torch.load(weights_only=True)``): loading never runs
 code from the file; one that holds more than tensors and plain values is refused in one line.
@@ -153,30 +155,73 @@ def tensor_files_as_results(images_path: str, num_classes: int, labels_path: Opt
     return {"data": [[images, labels]], "meta": meta, "accs_all_exps": {}}
 
 
+BEST_IMAGES = "images_best.pt"
+
+
+def is_logged_run(path: str) -> bool:
+    """Whether ``path`` is a directory of trajectory-matching logs: it holds ``images_best.pt``
+    (GeorgeCazenavette/mtt-distillation, NUS-HPC-AI-Lab/DATM and PAD ``distill.py``)."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, BEST_IMAGES))
+
+
+def logged_run_as_results(folder: str, num_classes: int, labels_path: Optional[str] = None,
+                          lr_path: Optional[str] = None) -> dict:
+    """A directory of trajectory-matching logs as one result entry: ``images_best.pt`` with the
+    ``labels_best.pt`` (class indices or soft-label logits) and ``lr_best.pt`` (learned step size)
+    that lie beside it, unless ``labels_path`` / ``lr_path`` name others; one INFO line says which
+    files are used. Without a labels file the labels are assumed (:func:`tensor_files_as_results`).
+
+    Raises:
+        utils.UserError: see :func:`tensor_files_as_results`.
+    """
+    images_path = os.path.join(folder, BEST_IMAGES)
+    used = []
+    for kind, given in (("labels", labels_path), ("lr", lr_path)):
+        beside = os.path.join(folder, f"{kind}_best.pt")
+        if not given and os.path.isfile(beside):
+            used.append(os.path.basename(beside))
+            if kind == "labels":
+                labels_path = beside
+            else:
+                lr_path = beside
+    if used:
+        logger.info("--syn_path %s: the MTT/DATM/PAD layout: %s with %s beside it", folder, BEST_IMAGES,
+                    " and ".join(used))
+    return tensor_files_as_results(images_path, num_classes, labels_path, lr_path)
+
+
 def read_set_file(path: str, num_classes: int, labels_path: Optional[str] = None,
                   lr_path: Optional[str] = None) -> dict:
-    """A result dict from either layout (module docstring).
+    """A result dict from either layout (module docstring), or from a directory of
+    trajectory-matching logs (:func:`logged_run_as_results`).
 
     Raises:
         utils.UserError: see :func:`load_results` and :func:`tensor_files_as_results`.
     """
+    if is_logged_run(path):
+        return logged_run_as_results(path, num_classes, labels_path, lr_path)
     if is_tensor_file(path):
         return tensor_files_as_results(path, num_classes, labels_path, lr_path)
     return load_results(path)
 
 
 def expand_syn_paths(paths: Sequence[str]) -> List[str]:
-    """``--syn_path`` values with each directory replaced by the ``res_*.pt`` files in it (sorted).
+    """``--syn_path`` values with each directory replaced by the ``res_*.pt`` files in it (sorted);
+    a directory without them that holds ``images_best.pt`` (trajectory-matching logs,
+    :func:`is_logged_run`) stays as it is, for :func:`read_set_file`.
 
     Raises:
-        utils.UserError: a directory holds no ``res_*.pt``.
+        utils.UserError: a directory holds neither ``res_*.pt`` nor ``images_best.pt``.
     """
     files = []
     for path in paths:
         if os.path.isdir(path):
             found = sorted(glob.glob(os.path.join(path, "res_*.pt")))
+            if not found and is_logged_run(path):
+                found = [path]
             if not found:
-                raise utils.UserError(f"--syn_path {path}: a directory without res_*.pt (give a distill.py run directory)")
+                raise utils.UserError(f"--syn_path {path}: a directory without res_*.pt or images_best.pt (give a "
+                                      "distill.py run directory or an MTT/DATM/PAD logged-files directory)")
             files += found
         else:
             files.append(path)
