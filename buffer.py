@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     pad.add_argument("--rm_epoch_second", type=int, default=None, help="removal stage 2 after this epoch (60)")
     pad.add_argument("--rm_easy_ratio_first", type=float, default=None, help="easiest fraction removed in stage 1 (0.1)")
     pad.add_argument("--rm_easy_ratio_second", type=float, default=None, help="easiest fraction removed in stage 2 (0.1)")
-    cli.add_data_args(parser)
+    cli.add_data_args(parser, cifar100_stats_default="cifar10")
     cli.add_runtime_args(parser)
     return parser
 
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
         cli.setup_logging(os.path.join(directory, "log.txt"))
         device = cli.setup_runtime(args)
         utils.seed_everything(args.seed)
-        record = cli.load_record(args, device)
+        record = cli.load_record(args, device, cifar100_stats_default="cifar10")
         order, sort_file = None, None
         if cfg.sort_method:
             sort_file = scores.resolve_sort_file(cfg.sort_method, args.buffer_path, args.dataset, args.subset)

@@ -13,6 +13,7 @@ import os
 import sys
 
 import cli
+import methods
 import utils
 from cli import distill_flags
 from methods.runner import RunInterrupted, StopFlag, run_distillation
@@ -28,7 +29,7 @@ def main(argv=None) -> int:
                            given=args.run_dir or args.save_path)
         cli.setup_logging(os.path.join(opts.run_dir, "log.txt"))
         device = cli.setup_runtime(args)
-        record = cli.load_record(args)
+        record = cli.load_record(args, cifar100_stats_default=methods.get_method_class(cfg.method).cifar100_stats)
         if cfg.ipc > int(record.labels_train.bincount().min()):
             raise utils.UserError(f"--ipc {cfg.ipc} exceeds the smallest class of {args.dataset}")
         stop = StopFlag().install()

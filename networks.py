@@ -44,6 +44,7 @@ from torch import Tensor, nn
 __all__ = [
     "NETWORKS",
     "EVAL_POOLS",
+    "FAMILY_POOLS",
     "CONVNET_DEFAULTS",
     "register_network",
     "list_networks",
@@ -859,7 +860,7 @@ _register_other_networks()
 
 #: Fixed cross-architecture evaluation pools of DC ``utils.get_eval_pool``.
 #: "A" follows DC's latest version, which includes ConvNetASwish (MTT's copy
-#: drops it); "M" is DC's (MTT uses ConvNet, AlexNet, VGG11, ResNet18_AP, ResNet18).
+#: drops it); "M" is DC's (the trajectory family's is in :data:`FAMILY_POOLS`).
 EVAL_POOLS: MappingProxyType[str, tuple[str, ...]] = MappingProxyType(
     {
         "M": ("MLP", "ConvNet", "LeNet", "AlexNet", "VGG11", "ResNet18"),
@@ -878,6 +879,18 @@ def _strip_bn(model: str) -> list[str]:
     return [model[: model.index("BN")]] if "BN" in model else [model]
 
 
+#: Pools a family of reference repositories defines differently from DC, by family name and
+#: mode: MTT's ``utils.get_eval_pool`` (GeorgeCazenavette/mtt-distillation, copied by
+#: NUS-HPC-AI-Lab/DATM and PAD) has "M" = ConvNet, AlexNet, VGG11, ResNet18_AP, ResNet18.
+#: Family "DC" (DatasetCondensation, DM, DataDAM, CAFE) uses :data:`EVAL_POOLS` as it is.
+FAMILY_POOLS: MappingProxyType[str, MappingProxyType[str, tuple[str, ...]]] = MappingProxyType(
+    {
+        "DC": MappingProxyType({}),
+        "MTT": MappingProxyType({"M": ("ConvNet", "AlexNet", "VGG11", "ResNet18_AP", "ResNet18")}),
+    }
+)
+
+
 # Pools that depend on the training model.
 _MODEL_POOLS: dict[str, Callable[[str], list[str]]] = {
     "S": _strip_bn,
@@ -886,7 +899,7 @@ _MODEL_POOLS: dict[str, Callable[[str], list[str]]] = {
 }
 
 
-def get_eval_pool(eval_mode: str, model: str, model_eval: str | None = None) -> list[str]:
+def get_eval_pool(eval_mode: str, model: str, model_eval: str | None = None, family: str = "DC") -> list[str]:
     """Networks to evaluate a synthetic set on (DC / MTT ``utils.get_eval_pool``).
 
     Modes: ``M`` (multi-architecture), ``B`` (BatchNorm nets, DM), ``W``/``D``/``A``/
@@ -901,14 +914,20 @@ def get_eval_pool(eval_mode: str, model: str, model_eval: str | None = None) -> 
         model: The training (distillation) model name.
         model_eval: Accepted for signature compatibility. The reference returns
             ``[model_eval]`` for any unrecognised mode; here unknown modes raise.
+        family: Whose pools: ``"DC"`` (DatasetCondensation's) or ``"MTT"`` (mtt-distillation's,
+            which differs in ``M``; see :data:`FAMILY_POOLS`).
 
     Returns:
         A new list of registered network names.
 
     Raises:
-        ValueError: If ``eval_mode`` is unknown; the message lists valid modes.
+        ValueError: If ``eval_mode`` or ``family`` is unknown; the message lists valid ones.
     """
     del model_eval  # see docstring: the reference's silent fallback is not kept
+    if family not in FAMILY_POOLS:
+        raise ValueError(f"unknown pool family {family!r}; choose from: {', '.join(FAMILY_POOLS)}")
+    if eval_mode in FAMILY_POOLS[family]:
+        return list(FAMILY_POOLS[family][eval_mode])
     if eval_mode in EVAL_POOLS:
         return list(EVAL_POOLS[eval_mode])
     if eval_mode in _MODEL_POOLS:

@@ -48,8 +48,14 @@ class TrueFalseFlag(argparse.Action):
 DEFAULT_DATA_PATH = "data"
 
 
-def add_data_args(parser: argparse.ArgumentParser) -> None:
-    """``--dataset --data_path --zca --download --res --subset`` (reference names)."""
+# --cifar100_stats: CIFAR-100's own mean/std (DC/DSA/DM, DataDAM, CLoM) or CIFAR-10's, which the
+# CIFAR-100 loaders of mtt-distillation, DATM, PAD and CAFE use (their published tables were made so).
+CIFAR100_STATS = ("cifar100", "cifar10")
+
+
+def add_data_args(parser: argparse.ArgumentParser, cifar100_stats_default: str = "cifar100") -> None:
+    """``--dataset --data_path --zca --download --res --subset --cifar100_stats`` (reference names;
+    ``cifar100_stats_default`` is what the help names as the default when the flag is left out)."""
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", default="CIFAR10", help="MNIST, FashionMNIST, SVHN, CIFAR10, CIFAR100, "
                        "TinyImageNet (or Tiny), imagenette/imagewoof/imagefruit/imagemeow/imagesquawk/imageyellow, MHIST")
@@ -61,6 +67,10 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                        help="let torchvision download missing datasets (needs internet)")
     group.add_argument("--res", type=int, default=None, help="image side for MHIST / ImageNet subsets")
     group.add_argument("--subset", default=None, help="ImageNet subset name when --dataset is ImageNet-style")
+    group.add_argument("--cifar100_stats", default=None, choices=CIFAR100_STATS,
+                       help="mean/std that normalise CIFAR100 (no effect on other datasets or with --zca): its own, "
+                            "or CIFAR10's as mtt-distillation, DATM, PAD and CAFE do "
+                            f"(default: {cifar100_stats_default})")
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
@@ -84,8 +94,18 @@ def setup_runtime(args: argparse.Namespace):
     return utils.resolve_device(args.device)
 
 
-def load_record(args: argparse.Namespace, device=None):
-    """The dataset named by the data flags (``data.load_dataset``); ZCA is fitted on ``device``.
+def normalize_like(args: argparse.Namespace, cifar100_stats_default: str = "cifar100") -> str | None:
+    """The ``data.load_dataset(normalize_like=...)`` value of the data flags: ``'CIFAR10'`` for
+    CIFAR100 with ``--cifar100_stats cifar10`` (or that default) and no ZCA, else ``None``."""
+    stats = args.cifar100_stats or cifar100_stats_default
+    if args.dataset.lower() == "cifar100" and stats == "cifar10" and not args.zca:
+        return "CIFAR10"
+    return None
+
+
+def load_record(args: argparse.Namespace, device=None, cifar100_stats_default: str = "cifar100"):
+    """The dataset named by the data flags (``data.load_dataset``); ZCA is fitted on ``device``;
+    CIFAR100 is normalised as :func:`normalize_like` says.
 
     Raises:
         data.DatasetError: the dataset is unknown or its files are missing (one line).
@@ -102,7 +122,8 @@ def load_record(args: argparse.Namespace, device=None):
                               "the system Fashion-MNIST)")
     try:
         return load_dataset(args.dataset, args.data_path, zca=args.zca, download=args.download, res=args.res,
-                            subset=args.subset, zca_device=device if device is not None else "cpu")
+                            subset=args.subset, zca_device=device if device is not None else "cpu",
+                            normalize_like=normalize_like(args, cifar100_stats_default))
     except DatasetError as error:
         # A first command on a fresh machine: point at the dataset that is there.
         if "not found" in str(error) and args.dataset.lower() != "fashionmnist" and os.path.isdir(FASHION_MNIST_SYSTEM_DIR):
@@ -123,14 +144,15 @@ def setup_logging(log_file: str | None = None, quiet: bool = False) -> None:
     utils.progress_logger.setLevel(logging.INFO)
 
 
-def resolve_eval_models(eval_mode: str, model: str) -> list:
-    """Networks of an ``--eval_mode`` pool, each checked against the network registry.
+def resolve_eval_models(eval_mode: str, model: str, family: str = "DC") -> list:
+    """Networks of an ``--eval_mode`` pool of ``family`` (``networks.FAMILY_POOLS``: ``"DC"`` or
+    ``"MTT"``), each checked against the network registry.
 
     Raises:
         utils.UserError: unknown mode or network name.
     """
     try:
-        models = networks.get_eval_pool(eval_mode, model)
+        models = networks.get_eval_pool(eval_mode, model, family=family)
     except (KeyError, ValueError) as error:
         raise utils.UserError(f"--eval_mode {eval_mode}: {error.args[0] if error.args else error}") from None
     check_models(models, "--eval_mode")

@@ -38,9 +38,13 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     parser.add_argument("--method", default="DC", help=f"one of: {', '.join(methods.list_methods())}")
     parser.add_argument("--model", default="ConvNet", help="network to distil with (networks.py names)")
     parser.add_argument("--ipc", type=int, default=None, help="images per class (DC/DSA 1, DM 50)")
-    parser.add_argument("--eval_mode", default=None, help="evaluation pool: S, SS, M, B, W, D, A, P, N, C (DC S, DM SS)")
-    parser.add_argument("--num_exp", type=int, default=5, help="independent experiments")
-    parser.add_argument("--num_eval", type=int, default=20, help="networks per evaluation (0: no evaluation)")
+    parser.add_argument("--eval_mode", default=None, help="evaluation pool: S, SS, M, B, W, D, A, P, N, C (DC S, DM SS; "
+                        "M is DC's pool, or MTT's for MTT/DATM/PAD)")
+    parser.add_argument("--num_exp", type=int, default=None,
+                        help="independent experiments (default: DC/DSA/DM 5, DataDAM/CAFE/MTT/DATM/PAD 1)")
+    parser.add_argument("--num_eval", type=int, default=None,
+                        help="networks per evaluation, 0: no evaluation (default: DC/DSA/DM/CAFE 20, DataDAM 10, "
+                             "MTT/DATM/PAD 5)")
     parser.add_argument("--epoch_eval_train", type=int, default=None,
                         help="evaluation epochs (default: DC/DSA 1000 with augmentation else 300; DM 1000)")
     parser.add_argument("--Iteration", type=int, default=None, help="outer iterations (DC/DSA 1000, DM 20000)")
@@ -66,7 +70,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
                         help="continue from run_dir/last.pt if it exists")
     parser.add_argument("--vis", action=argparse.BooleanOptionalAction, default=True, help="save PNG grids")
-    cli.add_data_args(parser)
+    cli.add_data_args(parser, cifar100_stats_default="the method's: cifar10 for MTT, DATM, PAD and CAFE, else cifar100")
     cli.add_runtime_args(parser)
     cli_clom.add_original_model_args(parser, clom=True)
     feature_cli.add_feature_label_args(parser)
@@ -141,12 +145,15 @@ def resolve(args: argparse.Namespace):
     for flag in ("ipc", "batch_real", "batch_train"):
         if v[flag] < 1:
             raise utils.UserError(f"--{flag} must be at least 1, got {v[flag]}")
-    if args.num_exp < 1:
-        raise utils.UserError(f"--num_exp must be at least 1, got {args.num_exp}")
+    num_exp, num_eval = method_class.run_counts
+    num_exp = num_exp if args.num_exp is None else args.num_exp
+    num_eval = num_eval if args.num_eval is None else args.num_eval
+    if num_exp < 1:
+        raise utils.UserError(f"--num_exp must be at least 1, got {num_exp}")
     if args.epoch_eval_train is not None and args.epoch_eval_train < 1:
         raise utils.UserError(f"--epoch_eval_train must be at least 1 (the protocol trains epochs + 1 epochs), "
                               f"got {args.epoch_eval_train}")
-    for flag, value in (("Iteration", v["Iteration"]), ("num_eval", args.num_eval),
+    for flag, value in (("Iteration", v["Iteration"]), ("num_eval", num_eval),
                         ("checkpoint_every", args.checkpoint_every), ("save_every", args.save_every)):
         if value < 0:
             raise utils.UserError(f"--{flag} must be >= 0, got {value}")
@@ -162,7 +169,7 @@ def resolve(args: argparse.Namespace):
     except ValueError as error:
         raise utils.UserError(str(error)) from None
     cli.check_models([args.model], "--model")
-    eval_models = cli.resolve_eval_models(v["eval_mode"], args.model)
+    eval_models = cli.resolve_eval_models(v["eval_mode"], args.model, method_class.pool_family)
     extra = method_extra(args, method_class)
     eval_it = args.eval_it
     if eval_it is None:
@@ -172,14 +179,16 @@ def resolve(args: argparse.Namespace):
                                 batch_real=v["batch_real"], batch_train=v["batch_train"], init=v["init"],
                                 dsa_strategy=v["dsa_strategy"] or "", dis_metric=v["dis_metric"],
                                 outer_loop=args.outer_loop, inner_loop=args.inner_loop, zca=args.zca,
-                                subset=args.subset, res=args.res, extra=extra, clom=cli_clom.clom_settings(args),
+                                subset=args.subset, res=args.res,
+                                normalize_like=cli.normalize_like(args, method_class.cifar100_stats), extra=extra,
+                                clom=cli_clom.clom_settings(args),
                                 feature_labels=feature_cli.feature_label_config(args))
     try:
         method_class.check_addons(addons.requested(cfg))
     except ValueError as error:
         raise utils.UserError(str(error)) from None
     run_dir = args.run_dir or os.path.join(args.save_path, f"{args.method}_{args.dataset}_{args.model}_{v['ipc']}ipc")
-    opts = RunOptions(num_exp=args.num_exp, num_eval=args.num_eval, eval_it=eval_it,
+    opts = RunOptions(num_exp=num_exp, num_eval=num_eval, eval_it=eval_it,
                       eval_models=tuple(eval_models), epoch_eval_train=args.epoch_eval_train, seed=args.seed,
                       run_dir=run_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
                       save_vis=args.vis, save_every=args.save_every, **feature_cli.eval_option_values(args))

@@ -15,6 +15,7 @@ import torch
 import augment
 import cli
 import methods
+import networks
 import utils
 from cli import clom as cli_clom
 from cli import features as feature_cli
@@ -37,6 +38,9 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     parser.add_argument("--ipc", type=int, default=None, help="images per class for --baseline")
     parser.add_argument("--model", default="ConvNet", help="the model the set was distilled with")
     parser.add_argument("--eval_mode", default="SS", help="evaluation pool: S, SS, M, B, W, D, A, P, N, C")
+    parser.add_argument("--pool_family", default="DC", choices=tuple(networks.FAMILY_POOLS),
+                        help="whose --eval_mode pools: DC (DatasetCondensation, DM, DataDAM, CAFE) or MTT "
+                             "(mtt-distillation, DATM, PAD; its M pool is ConvNet AlexNet VGG11 ResNet18_AP ResNet18)")
     parser.add_argument("--models", nargs="+", default=None, help="explicit evaluation networks (overrides --eval_mode)")
     parser.add_argument("--random_baseline", action=argparse.BooleanOptionalAction, default=True,
                         help="also evaluate ipc random real images per class under the same protocol (table row, IOR)")
@@ -80,7 +84,7 @@ def resolve_models(args: argparse.Namespace) -> List[str]:
     if args.models:
         cli.check_models(args.models, "--models")
         return list(dict.fromkeys(args.models))
-    return cli.resolve_eval_models(args.eval_mode, args.model)
+    return cli.resolve_eval_models(args.eval_mode, args.model, args.pool_family)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -201,11 +205,30 @@ def load_set(path: str, args: argparse.Namespace, record) -> Tuple[dict, List[co
     """:func:`read_experiments` with ``evaluate.py``'s flags, and the set's protocol after the flags.
 
     Raises:
-        utils.UserError: see :func:`read_experiments`.
+        utils.UserError: see :func:`read_experiments`; or the set records another mean/std than the
+            test set's (CIFAR100 distilled by MTT/DATM/PAD/CAFE: ``--cifar100_stats cifar10``).
     """
     blob, experiments = read_experiments(path, record, args.exp, args.labels_path, args.lr_path, args.lbd,
                                          use_learned_lr=args.lr_net is None, dataset=args.dataset)
+    check_normalization(path, blob.get("meta") or {}, record)
     return blob, experiments, apply_flags(saved_protocol(blob.get("meta") or {}), args)
+
+
+def check_normalization(path: str, meta: dict, record) -> None:
+    """Refuse a set whose saved ``meta`` mean/std (images in [0, 1] pixel units normalised per
+    channel) differ from those the test set was normalised with; ZCA sets and files without
+    them (the references' ``res_*.pt``) are not checked.
+
+    Raises:
+        utils.UserError: one line naming both and ``--cifar100_stats``.
+    """
+    if record.zca is not None or meta.get("zca") or meta.get("mean") is None or meta.get("std") is None:
+        return
+    same = all(abs(float(a) - float(b)) < 1e-6 for a, b in zip([*meta["mean"], *meta["std"]], [*record.mean, *record.std]))
+    if not same or len(meta["mean"]) != len(record.mean):
+        raise utils.UserError(f"--syn_path {path}: the set was distilled on images normalised with mean {meta['mean']} "
+                              f"std {meta['std']}, the test set here with mean {record.mean} std {record.std}; "
+                              "pass --cifar100_stats to match (CIFAR100 sets of MTT/DATM/PAD/CAFE: cifar10)")
 
 
 def baseline_protocol(args: argparse.Namespace) -> utils.EvalProtocol:

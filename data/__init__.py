@@ -13,8 +13,9 @@ Datasets: MNIST, FashionMNIST, SVHN, CIFAR10, CIFAR100 (torchvision readers), Ti
 (``tinyimagenet.pt`` or ImageFolder), ImageNet subsets (imagenette, imagewoof, imagefruit,
 imagemeow, imagesquawk, imageyellow; or ``'ImageNet'`` with ``subset``) and MHIST.
 """
-from .core import (DATASETS, DatasetError, DatasetLoader, DatasetRecord, PlainDataError, RawSplits, list_datasets,
-                   load_dataset, load_plain, one_line, register_dataset)
+from .core import (CIFAR10_MEAN, CIFAR10_STD, DATASETS, SHARED_STATS, DatasetError, DatasetLoader, DatasetRecord,
+                   PlainDataError, RawSplits, list_datasets, load_dataset, load_plain, normalization_name, one_line,
+                   register_dataset)
 from .zca import ZCA
 from .sampler import RealSampler, sample_random_real
 from . import torchvision_sets, folder_sets  # noqa: F401  (register the loaders)
@@ -22,6 +23,8 @@ from .folder_sets import IMAGENET_SUBSETS
 from .torchvision_sets import cache_dir
 
 __all__ = [
+    'CIFAR10_MEAN',
+    'CIFAR10_STD',
     'DATASETS',
     'DatasetError',
     'DatasetLoader',
@@ -30,11 +33,13 @@ __all__ = [
     'PlainDataError',
     'RawSplits',
     'RealSampler',
+    'SHARED_STATS',
     'ZCA',
     'cache_dir',
     'list_datasets',
     'load_dataset',
     'load_plain',
+    'normalization_name',
     'register_dataset',
     'sample_random_real',
 ]

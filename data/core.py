@@ -40,6 +40,10 @@ __all__ = [
     'list_datasets',
     'load_dataset',
     'load_plain',
+    'CIFAR10_MEAN',
+    'CIFAR10_STD',
+    'SHARED_STATS',
+    'normalization_name',
 ]
 
 
@@ -175,6 +179,8 @@ class DatasetRecord:
         labels_test: (M,) int64 in [0, K).
         zca: the whitening fitted on the training set, or None without ``zca``.
         source: where the images were read from (a folder or file path; ``''`` when unknown).
+        normalization: what was applied: ``'zca'``, ``'own'`` (the dataset's mean/std) or the
+            name of the dataset whose mean/std were used (``'CIFAR10'``; see :func:`load_dataset`).
     """
 
     name: str
@@ -190,6 +196,7 @@ class DatasetRecord:
     labels_test: Tensor = field(repr=False)
     zca: ZCA | None = field(default=None, repr=False)
     source: str = ''
+    normalization: str = 'own'
 
     def denormalize(self, images: Tensor) -> Tensor:
         """Map images from the record's space back to pixel space.
@@ -291,9 +298,22 @@ def _check_split(name: str, raw: RawSplits, which: str) -> None:
                            f'expected [0, {num_classes - 1}]')
 
 
+# Channel statistics another dataset may be normalised with (``load_dataset(normalize_like=...)``).
+# CIFAR-10's (VICO-UoE/DatasetCondensation ``utils.get_dataset``), which the CIFAR-100 loaders of
+# GeorgeCazenavette/mtt-distillation, NUS-HPC-AI-Lab/DATM and PAD and kaiwang960112/CAFE reuse.
+CIFAR10_MEAN, CIFAR10_STD = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]
+SHARED_STATS: dict[str, tuple[list[float], list[float]]] = {'CIFAR10': (CIFAR10_MEAN, CIFAR10_STD)}
+
+
+def normalization_name(zca: bool, normalize_like: str | None) -> str:
+    """What :func:`load_dataset` applies for these arguments (``DatasetRecord.normalization``):
+    ``'zca'``, ``'own'`` or the ``normalize_like`` dataset name."""
+    return 'zca' if zca else (normalize_like or 'own')
+
+
 def load_dataset(name: str, data_path: str | os.PathLike = 'data', *, zca: bool = False,
                  download: bool = False, res: int | None = None, subset: str | None = None,
-                 zca_device: torch.device | str = 'cpu') -> DatasetRecord:
+                 zca_device: torch.device | str = 'cpu', normalize_like: str | None = None) -> DatasetRecord:
     """Load a registered dataset, normalised or ZCA-whitened, as one :class:`DatasetRecord`.
 
     Args:
@@ -308,15 +328,21 @@ def load_dataset(name: str, data_path: str | os.PathLike = 'data', *, zca: bool 
         subset: the ImageNet subset for dataset ``'ImageNet'`` (MTT ``--subset``), e.g. ``'imagewoof'``.
         zca_device: where the ZCA is fitted and applied (a GPU makes CIFAR-size whitening take
             seconds instead of minutes); the whitened images and the ZCA are returned on the CPU.
+        normalize_like: ``None`` (the dataset's own mean/std) or a name in :data:`SHARED_STATS`
+            (``'CIFAR10'``) whose mean/std normalise the images instead; the record's ``mean``/``std``
+            are then those. Ignored with ``zca`` (no mean/std is applied).
 
     Returns:
         A :class:`DatasetRecord` with float32 (N, C, H, W) images and int64 labels on the CPU.
 
     Raises:
         DatasetError: unknown name (the message lists the valid names), missing or malformed files
-            (the message names the paths searched and the layout expected), or a bad ``res``/``subset``.
+            (the message names the paths searched and the layout expected), a bad ``res``/``subset``,
+            or a ``normalize_like`` that is unknown or has another channel count.
     """
     canonical = _resolve_name(name)
+    if normalize_like is not None and normalize_like not in SHARED_STATS:
+        raise DatasetError(f'cannot normalise like {normalize_like!r}; known: {", ".join(SHARED_STATS)}')
     if res is not None and (isinstance(res, bool) or not isinstance(res, int) or res <= 0):
         raise DatasetError(f'--res must be a positive integer number of pixels, got {res!r}')
     if subset is not None and not isinstance(subset, str):
@@ -325,6 +351,12 @@ def load_dataset(name: str, data_path: str | os.PathLike = 'data', *, zca: bool 
     raw = DATASETS[canonical](os.fspath(data_path), download=download, res=res, subset=subset)
     _check_split(canonical, raw, 'train')
     _check_split(canonical, raw, 'test')
+    mean_used, std_used = list(raw.mean), list(raw.std)
+    if normalize_like is not None and not zca:
+        mean_used, std_used = SHARED_STATS[normalize_like]
+        if len(mean_used) != raw.channel:
+            raise DatasetError(f'{canonical} has {raw.channel} channel(s); {normalize_like} statistics have '
+                               f'{len(mean_used)}')
 
     images_train = _to_unit_float(raw.images_train)
     images_test = _to_unit_float(raw.images_test)
@@ -336,8 +368,8 @@ def load_dataset(name: str, data_path: str | os.PathLike = 'data', *, zca: bool 
         images_test = whitening.transform(images_test.to(device)).cpu()
         whitening = whitening.to('cpu')
     else:
-        mean = torch.tensor(raw.mean, dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.tensor(raw.std, dtype=torch.float32).view(1, -1, 1, 1)
+        mean = torch.tensor(mean_used, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(std_used, dtype=torch.float32).view(1, -1, 1, 1)
         images_train.sub_(mean).div_(std)
         images_test.sub_(mean).div_(std)
 
@@ -347,14 +379,15 @@ def load_dataset(name: str, data_path: str | os.PathLike = 'data', *, zca: bool 
         im_size=(int(raw.im_size[0]), int(raw.im_size[1])),
         num_classes=len(raw.class_names),
         class_names=list(raw.class_names),
-        mean=[float(m) for m in raw.mean],
-        std=[float(s) for s in raw.std],
+        mean=[float(m) for m in mean_used],
+        std=[float(s) for s in std_used],
         images_train=images_train,
         labels_train=raw.labels_train.to(torch.int64),
         images_test=images_test,
         labels_test=raw.labels_test.to(torch.int64),
         zca=whitening,
         source=raw.source or os.path.abspath(os.fspath(data_path)),
+        normalization=normalization_name(zca, normalize_like),
     )
     _logger.info('loaded %s from %s: %d train / %d test images of %s, %d classes%s in %.1f s', record.name,
                  record.source, len(record.labels_train), len(record.labels_test),

@@ -3,7 +3,7 @@
 Shapes, class counts and mean/std are the DC-utils table (VICO-UoE/DatasetCondensation
 ``utils.get_dataset``; docs/reference-notes.md, *Datasets and normalisation*). CIFAR100 uses its
 own mean/std as in DC/DSA/DM and CLoM (CAFE, MTT, DATM and PAD reuse the CIFAR10 values, a
-copy-paste quirk).
+copy-paste quirk: ``load_dataset(..., normalize_like='CIFAR10')`` reproduces it).
 
 The readers' ``.data``/``.targets`` arrays are used directly (no per-image PIL loop). torchvision is
 called with ``download=False`` unless the caller asks for ``download=True``.
@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from torchvision import datasets
 
-from .core import DatasetError, RawSplits, one_line, register_dataset, reject_res, reject_subset
+from .core import CIFAR10_MEAN, CIFAR10_STD, DatasetError, RawSplits, one_line, register_dataset, reject_res, reject_subset
 
 _logger = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def load_cifar10(data_path: str, *, download: bool = False, res: int | None = No
         DatasetError: folder missing or corrupted, or ``res``/``subset`` given.
     """
     return _load_cifar('CIFAR10', datasets.CIFAR10, 'cifar-10-batches-py', data_path, download, res, subset,
-                       [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010])
+                       list(CIFAR10_MEAN), list(CIFAR10_STD))
 
 
 @register_dataset('CIFAR100')

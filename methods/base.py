@@ -68,6 +68,7 @@ class Option:
         type: ``float``, ``int`` or ``str`` (argparse converter).
         minimum: smallest allowed value (numbers), or ``None``.
         exclusive_minimum: ``True`` when ``minimum`` itself is not allowed (``> minimum``).
+        choices: the allowed values (a ``str`` option with a fixed set of values), or ``None``.
     """
 
     name: str
@@ -76,6 +77,7 @@ class Option:
     type: Callable = float
     minimum: Optional[float] = None
     exclusive_minimum: bool = False
+    choices: Optional[Tuple[Any, ...]] = None
 
     def convert(self, value: Any) -> Any:
         """``value`` converted by ``type``; a ``bool`` option also takes the strings
@@ -98,8 +100,10 @@ class Option:
         """Validate ``value`` (already converted by :meth:`convert`) and return it.
 
         Raises:
-            ValueError: below the minimum; the message names ``--{name}``.
+            ValueError: below the minimum, or not one of ``choices``; the message names ``--{name}``.
         """
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"--{self.name} {value!r}: expected one of {', '.join(map(str, self.choices))}")
         if self.minimum is not None:
             too_small = value <= self.minimum if self.exclusive_minimum else value < self.minimum
             if too_small:
@@ -156,6 +160,9 @@ class DistillConfig:
     zca: bool = False
     subset: Optional[str] = None
     res: Optional[int] = None
+    # ``data.load_dataset(normalize_like=...)``: None (the dataset's own mean/std) or "CIFAR10"
+    # (CIFAR100 normalised with CIFAR10's statistics, as MTT/DATM/PAD/CAFE; ``--cifar100_stats``).
+    normalize_like: Optional[str] = None
     # Method-specific options (``DistillMethod.options``) that differ from their defaults.
     extra: Mapping[str, Any] = field(default_factory=dict)
     # The CLoM regulariser (``methods.clom.CLoMSettings.as_dict()``), or ``None``: off.
@@ -289,6 +296,14 @@ class DistillMethod:
     # Evaluation epochs when no --epoch_eval_train is given: (with augmentation, without), where
     # augmentation is DSA or an active DC augmentation (utils.EvalProtocol).
     eval_epochs: ClassVar[Tuple[int, int]] = (1000, 1000)
+    # (--num_exp, --num_eval) when not given: the reference script's run counts (DC/DSA main.py and
+    # DM main_DM.py: 5 experiments x 20 evaluation networks).
+    run_counts: ClassVar[Tuple[int, int]] = (5, 20)
+    # Whose --eval_mode pools (networks.FAMILY_POOLS): "DC" or "MTT" (its M pool differs).
+    pool_family: ClassVar[str] = "DC"
+    # --cifar100_stats when not given: "cifar100" (its own mean/std, DC/DSA/DM) or "cifar10"
+    # (CIFAR10's, as the CIFAR100 loaders of mtt-distillation, DATM, PAD and CAFE).
+    cifar100_stats: ClassVar[str] = "cifar100"
 
     def __init__(self, cfg: DistillConfig, *, channel: int, num_classes: int, im_size, sampler,
                  device: torch.device, generator: torch.Generator):

@@ -16,14 +16,20 @@ Where this differs from the reference (README, "Where this differs"):
   ``--fourth_weight``. For a depth-3 ConvNet that is the reference's mapping.
 - The real-image cross-entropy term is left out: its gradient with respect to the images is
   zero and the network gradients it leaves are cleared before any network update.
-- The accuracy watchers are the mean per-class accuracy on fresh real images (the reference
-  carries a tenth of the previous value into each reading), and both loops are bounded by
-  ``--max_outer_steps`` / ``--max_inner_steps``.
+- Both loops are bounded by ``--max_outer_steps`` / ``--max_inner_steps``.
+
+The accuracy watchers follow the reference by default (``--watcher reference``): its accumulator
+adds each new mean per-class accuracy to 1/K of the previous accumulated value (K classes; it
+sums per-class accuracies onto the previous value, then divides by K) and is zeroed when a network
+is drawn (outer watcher) and at the start of each inner loop. With a steady accuracy m and K = 10,
+ten readings span about 0.111 m, so for m above about 0.27 each inner loop stops after 10 epochs
+and for m above about 0.36 the outer loop needs at least 11 steps. ``--watcher clean`` watches
+the plain mean per-class accuracy instead.
 """
 from __future__ import annotations
 
 from collections import deque
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -35,6 +41,37 @@ from methods.losses import class_means, discrimination_loss, feature_alignment_l
 
 # The image learning rate is halved at each of these iterations (reference ``adjust_learning_rate``).
 LR_MILESTONES = (1200, 1600, 1800)
+
+
+WATCHERS = ("reference", "clean")
+
+
+class AccuracyWatcher:
+    """The last ``window`` accuracy readings of one CAFE loop and their span.
+
+    With ``carry`` > 0 each stored value is ``reading + carry * previous stored value`` (the
+    reference's accumulator, ``carry = 1 / K``; it starts from 0); with ``carry = 0`` the readings
+    are stored as they are.
+
+    Source: ``acc_watcher`` / ``acc_inner_watcher`` of kaiwang960112/CAFE ``distill.py``.
+    """
+
+    def __init__(self, window: int, carry: float = 0.0):
+        self.values: deque = deque(maxlen=window)
+        self.carry = carry
+        self.accumulated = 0.0
+
+    def add(self, reading: float) -> float:
+        """Store ``reading`` (an accuracy in [0, 1]), carried as above; returns the stored value."""
+        self.accumulated = reading + self.carry * self.accumulated
+        self.values.append(self.accumulated)
+        return self.accumulated
+
+    def span(self) -> Optional[float]:
+        """max - min of the stored values once ``window`` are held, else ``None``."""
+        if len(self.values) < self.values.maxlen:
+            return None
+        return max(self.values) - min(self.values)
 
 
 def layer_weights(num_layers: int, first: float, second: float, third: float, fourth: float) -> List[float]:
@@ -69,7 +106,7 @@ class CAFE(DistillMethod):
        + inner_weight * sum_i CE(embedding(real_i) . P^T, y_i), P the synthetic class-mean
        embeddings (eq. 5-7); one SGD step on the images;
     2. the real accuracy of the network (``watcher_images`` fresh real images per class) joins
-       the outer watcher; once it holds ``watcher_window`` values, stop when they span less
+       the outer watcher (:class:`AccuracyWatcher`, carried as ``--watcher`` says); once it holds ``watcher_window`` values, stop when they span less
        than ``lambda_1``;
     3. train the network on the detached synthetic set one epoch at a time (at most
        ``max_inner_steps``), each epoch's real accuracy joining the inner watcher, until
@@ -90,8 +127,13 @@ class CAFE(DistillMethod):
         Option("watcher_images", 128, "CAFE: real images per class per accuracy reading", type=int, minimum=1),
         Option("max_outer_steps", 100, "CAFE: bound on image updates per iteration", type=int, minimum=1),
         Option("max_inner_steps", 100, "CAFE: bound on network epochs per inner loop", type=int, minimum=1),
+        Option("watcher", "reference", "CAFE: accuracy the watchers compare: reference (each reading plus 1/K of "
+               "the previous accumulated value, as the reference) or clean (the plain reading)", type=str,
+               choices=WATCHERS),
     )
     default_eval_it = 100
+    run_counts = (1, 20)  # reference distill.py: --num_exp 1 --num_eval 20
+    cifar100_stats = "cifar10"  # reference utils.get_dataset: CIFAR100 with CIFAR10's mean/std
 
     # 1000 epochs with DSA or an active DC augmentation, else 600 (reference ``distill.py``).
     eval_epochs = (1000, 600)
@@ -133,16 +175,24 @@ class CAFE(DistillMethod):
         counts = torch.bincount(labels, minlength=self.num_classes).clamp_min(1).float()
         return float((hits / counts).mean())
 
+    def new_watcher(self) -> AccuracyWatcher:
+        """An empty watcher of ``watcher_window`` readings, carrying 1/K of the previous value
+        with ``--watcher reference`` and nothing with ``--watcher clean``."""
+        carry = 1.0 / self.num_classes if self.hparams["watcher"] == "reference" else 0.0
+        return AccuracyWatcher(self.hparams["watcher_window"], carry)
+
     def train_network(self, net: nn.Module, optimizer: torch.optim.Optimizer, syn: SyntheticSet, augmenter) -> int:
         """The inner loop: epochs on the detached synthetic set until the real-accuracy watcher
-        spans more than ``lambda_2`` (or ``max_inner_steps`` epochs). Returns the epochs run."""
+        (a new one per inner loop) spans more than ``lambda_2`` (or ``max_inner_steps`` epochs).
+        Returns the epochs run."""
         hp = self.hparams
-        watcher: deque = deque(maxlen=hp["watcher_window"])
+        watcher = self.new_watcher()
         images, labels = syn.images.detach(), syn.labels
         for epoch in range(1, hp["max_inner_steps"] + 1):
             utils.train_epoch(net, images, labels, optimizer, self.cfg.batch_train, self.generator, augmenter)
-            watcher.append(self.real_accuracy(net))
-            if len(watcher) == watcher.maxlen and max(watcher) - min(watcher) > hp["lambda_2"]:
+            watcher.add(self.real_accuracy(net))
+            span = watcher.span()
+            if span is not None and span > hp["lambda_2"]:
                 break
         return epoch
 
@@ -161,7 +211,7 @@ class CAFE(DistillMethod):
         net.train()
         optimizer_net = torch.optim.SGD(net.parameters(), lr=self.cfg.lr_net)
         augmenter = utils.make_augmenter(self.dsa_strategy)
-        watcher: deque = deque(maxlen=hp["watcher_window"])
+        watcher = self.new_watcher()  # one per network; the inner loops do not reset it
         losses, inner_epochs = [], 0
         for _ in range(hp["max_outer_steps"]):
             net.requires_grad_(False)  # only the images learn here; skip the weight gradients
@@ -169,8 +219,9 @@ class CAFE(DistillMethod):
             self.update_images(syn, loss)
             net.requires_grad_(True)
             losses.append(loss.detach())
-            watcher.append(self.real_accuracy(net))
-            if len(watcher) == watcher.maxlen and max(watcher) - min(watcher) < hp["lambda_1"]:
+            watcher.add(self.real_accuracy(net))
+            span = watcher.span()
+            if span is not None and span < hp["lambda_1"]:
                 break
             inner_epochs += self.train_network(net, optimizer_net, syn, augmenter)
         return {"loss": torch.stack(losses).mean(), "outer_steps": torch.tensor(float(len(losses))),

@@ -28,6 +28,7 @@ class DataDAM(DM):
 
     defaults = dict(ipc=50, iterations=20000, lr_img=1.0, lr_net=0.01, batch_real=64, batch_train=64,
                     init="real", dsa_strategy="color_crop_cutout_flip_scale_rotate", eval_mode="SS")
+    run_counts = (1, 10)  # main_DataDAM.py: --num_exp 1 --num_eval 10
     options = (
         Option("task_balance", 0.01, "DataDAM: weight of the last-layer MMD term", minimum=0.0),
         Option("attention_power", 4.0, "DataDAM: p in sum_c |A|^p (paper 4; released code 1)",

@@ -243,6 +243,9 @@ class MTT(DistillMethod):
     )
     default_eval_it = 100
     writes_reference_layout = True  # images_best.pt, labels_best.pt, lr_best.pt, images_{it}.pt, ...
+    run_counts = (1, 5)  # distill.py: one distillation, --num_eval 5 (DATM and PAD alike)
+    pool_family = "MTT"  # utils.get_eval_pool's M pool: ConvNet, AlexNet, VGG11, ResNet18_AP, ResNet18
+    cifar100_stats = "cifar10"  # utils.get_dataset normalises CIFAR100 with CIFAR10's mean/std
     can_skip = False  # whether accept() may refuse an update (then 'skipped' is logged)
     shuffle_expert_files = True  # --max_files keeps N shuffled files (MTT distill.py), else the first N
 
@@ -256,7 +259,8 @@ class MTT(DistillMethod):
                   "param_shapes": [list(shape) for shape in self.student.shapes]}
         labels = getattr(self.sampler, "labels", None)
         facts = {"image_shape": [self.channel, *self.im_size], "num_classes": self.num_classes,
-                 "num_train": None if labels is None else int(labels.numel())}
+                 "num_train": None if labels is None else int(labels.numel()),
+                 "normalization": buffers.normalization_fact(cfg.zca, cfg.normalize_like)}
         self.experts = ExpertStream(self.buffer_dir, expect, self.generator, load_all=self.hparams["load_all"],
                                     max_files=self.hparams["max_files"], max_experts=self.hparams["max_experts"],
                                     data_facts=facts, shuffle_files=self.shuffle_expert_files)

@@ -28,7 +28,7 @@ import torch
 
 
 import utils
-from data import PlainDataError, load_plain, one_line
+from data import PlainDataError, load_plain, normalization_name, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -261,6 +261,11 @@ class BufferWriter:
                 if existing.get(key) != meta.get(key):
                     raise utils.UserError(f"{directory}: the saved experts have other {key} than a {config['model']} "
                                           f"network for these images; use another --buffer_path")
+            if None not in (existing.get("normalization"), meta.get("normalization")) and \
+                    existing["normalization"] != meta["normalization"]:
+                raise utils.UserError(f"{directory}: the saved experts were trained on images normalised "
+                                      f"{existing['normalization']!r}, this run's are {meta['normalization']!r} "
+                                      "(--cifar100_stats / --zca); use the same setting or another --buffer_path")
             if None not in (existing.get("num_train"), meta.get("num_train")) and existing["num_train"] != meta["num_train"]:
                 logger.warning("%s: the saved experts were trained on num_train %s images, this run's training set has "
                                "%s: the buffer will mix experts of both (its manifest keeps %s)", directory,
@@ -381,7 +386,13 @@ def _check_expectations(directory: str, saved: dict, expect: dict, command: str)
 # Facts about the training data the manifest records beside ``config`` (make_buffer's ``meta``):
 # experts on images of another shape or class count cannot serve this data and are refused; a
 # training set of another size (a subset, another split) is allowed with a warning.
-_REFUSED_FACTS = ("image_shape", "num_classes")
+_REFUSED_FACTS = ("image_shape", "num_classes", "normalization")
+
+
+def normalization_fact(zca: bool, normalize_like: Optional[str]) -> str:
+    """The ``normalization`` data fact of a run (``data.DatasetRecord.normalization``): ``'zca'``,
+    ``'own'`` (the dataset's mean/std) or ``'CIFAR10'`` (CIFAR100 normalised with CIFAR10's)."""
+    return normalization_name(zca, normalize_like)
 _WARNED_FACTS = ("num_train",)
 
 
@@ -423,7 +434,8 @@ def load_buffer(source, expect: Optional[dict] = None, max_files: Optional[int] 
         max_experts: return at most this many trajectories in total (MTT ``--max_experts`` with
             ``--load_all``; files past the limit are not read).
         data_facts: this run's training data, compared with what the manifest records:
-            ``image_shape`` [C, H, W] and ``num_classes`` must match; ``num_train`` (the number of
+            ``image_shape`` [C, H, W], ``num_classes`` and ``normalization`` (:func:`normalization_fact`:
+            experts trained on differently normalised images see other inputs) must match; ``num_train`` (the number of
             training images) may differ, with a logged warning naming both values. Facts an
             older manifest does not record are not checked.
         files: read these chunk files of the directory, in this order, instead of all of them
@@ -438,7 +450,7 @@ def load_buffer(source, expect: Optional[dict] = None, max_files: Optional[int] 
         utils.UserError: no ``replay_buffer_*.pt`` where expected (the message names the path and
             the ``buffer.py`` command that makes it); the manifest records another dataset, model,
             ZCA setting, image shape, class count or other expected value (the message names the
-            field); parameter shapes differ from ``expect['param_shapes']``; an unreadable file,
+            field), or normalisation; parameter shapes differ from ``expect['param_shapes']``; an unreadable file,
             or one holding more than plain data.
         ValueError: ``expect`` names a field the manifest does not have, or a non-positive limit.
         TypeError: ``source`` is neither a path nor such a tuple.

@@ -511,7 +511,7 @@ def make_buffer(cfg: ExpertConfig, record, directory: str, num_experts: int, *, 
         raise ValueError("make_buffer: pass order exactly when cfg.sort_method is set")
     meta = {**parameter_layout(cfg.model, record), "image_shape": [record.channel, *record.im_size],
             "num_classes": record.num_classes, "num_train": int(record.labels_train.numel()),
-            "torch_version": str(torch.__version__), "toolkit_version": toolkit_version(),
+            "normalization": getattr(record, "normalization", "own"), "torch_version": str(torch.__version__), "toolkit_version": toolkit_version(),
             "python_version": platform.python_version()}
     writer = BufferWriter(directory, cfg.describe(save_interval), save_interval, meta,
                           {"device": str(device), "command": " ".join(sys.argv), **(run_info or {})})

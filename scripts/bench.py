@@ -39,7 +39,7 @@ import utils  # noqa: E402
 from data import RealSampler, load_dataset, sample_random_real  # noqa: E402
 
 CAFE_CPU = dict(batch_real=64, init="real",
-                extra=dict(watcher_window=5, watcher_images=32, max_outer_steps=10))
+                extra=dict(watcher_window=5, watcher_images=32, max_outer_steps=10, watcher="clean"))
 CASES = {  # name: (method, ipc, overrides of the method's defaults)
     "DC": ("DC", 1, {}),
     "DSA": ("DSA", 1, {}),

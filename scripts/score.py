@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dsa", action=cli.TrueFalseFlag, default=True, help="DiffAugment while training (default True)")
     parser.add_argument("--dsa_strategy", default="color_crop_cutout_flip_scale_rotate", help="DiffAugment ops joined by _")
     parser.add_argument("--buffer_path", default="./buffers", help="scores go to {buffer_path}/scores/")
-    cli.add_data_args(parser)
+    cli.add_data_args(parser, cifar100_stats_default="cifar10")
     cli.add_runtime_args(parser)
     return parser
 
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
                            given=args.buffer_path)
         device = cli.setup_runtime(args)
         utils.seed_everything(args.seed)
-        record = cli.load_record(args, device)
+        record = cli.load_record(args, device, cifar100_stats_default="cifar10")
         computed = scores.score_dataset(record, cfg, args.num_models, device)
         meta = {"dataset": record.name, "zca": args.zca, "model": args.model, "epochs": args.epochs,
                 "num_models": args.num_models, "lr_net": args.lr_net, "mom": args.mom, "l2": args.l2,
