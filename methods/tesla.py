@@ -20,7 +20,9 @@ update is linear in ``g_t``, so a backward sweep from ``t = N-1`` down to 0 give
 Each term needs only step t's graph, rebuilt from the stored ``w_t`` and freed before step t-1:
 the graph memory of one step instead of ``N`` (the stored ``w_t`` are ``N x P`` floats, as in
 TESLA). Every step's minibatch indices and DiffAugment parameters are drawn once, in the forward
-pass, in the same order as the unrolled student, and replayed in the sweep.
+pass, in the same order as the unrolled student, and replayed in the sweep. (A BatchNorm
+student's running statistics are updated again by the recomputed steps; a train-mode forward does
+not read them, so the gradient is unchanged.)
 """
 from __future__ import annotations
 
