@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import augment
 from pretrained import buffers
 import utils
+from methods import tesla
 from methods.base import DistillMethod, Option, SyntheticSet, register_method
 
 
@@ -240,6 +241,7 @@ class MTT(DistillMethod):
         Option("max_experts", 0, "trajectory matching: use at most N experts per file, in total with --load_all (0: all)",
                type=int, minimum=0),
         Option("no_aug", False, "trajectory matching: no DiffAugment in the student steps", type=bool),
+        Option("tesla", False, "trajectory matching: TESLA's constant-memory meta-gradient (same gradient)", type=bool),
     )
     default_eval_it = 100
     writes_reference_layout = True  # images_best.pt, labels_best.pt, lr_best.pt, images_{it}.pt, ...
@@ -316,7 +318,10 @@ class MTT(DistillMethod):
 
     def unroll(self, syn: SyntheticSet, start: torch.Tensor) -> torch.Tensor:
         """``syn_steps`` differentiable SGD steps of the student from ``start`` (P,) with step size
-        ``syn.syn_lr``; returns the final flat parameters, with a graph to the images (and alpha)."""
+        ``syn.syn_lr``; returns the final flat parameters, with a graph to the images (and alpha).
+        With ``--tesla`` the graph is one node whose backward recomputes the steps (methods/tesla.py)."""
+        if self.hparams["tesla"]:
+            return tesla.unroll(self, syn, start)
         targets = self.unroll_targets(syn)
         augmenting = bool(self.dsa_strategy) and not self.hparams["no_aug"]
         params = start.clone().requires_grad_(True)

@@ -11,12 +11,18 @@ iteration are printed beside it. MTT, DATM and PAD run at ipc 1 with their defau
 batch_syn on a 1-expert, 4-epoch buffer the script makes first (start epochs below 2, 2 expert
 epochs; an iteration's cost does not depend on the experts' quality).
 
+``--cases tesla`` compares the unrolled meta-gradient with ``--tesla`` (methods/tesla.py): MTT
+and DATM at ipc 10, ``--batch_syn 20``, ``--syn_steps`` 20, 40 and 80, each with and without
+``--tesla`` (cases ``MTT10_s20``, ``MTT10_s20_tesla``, ...).
+
     python scripts/bench.py                     # default cases, 3 timed iterations each
     python scripts/bench.py --cases DC DM --iterations 5 --device cuda --json bench.json
 
-The first iteration of each case is a warm-up and is not timed. Peak memory: on CUDA the peak
+The first iteration of each case is a warm-up and is not timed (with ``--iterations 0`` it is the one timed). Peak memory: on CUDA the peak
 allocated by torch during the case; on CPU the peak resident set of the process, which runs that
 case alone (each case is its own process on CPU, so this includes the loaded dataset, ~0.3 GiB).
+Graph memory: the peak bytes of the tensors autograd saves for backward during the warm-up
+iteration (``sets.resources.SavedTensorMeter``; on CPU only, where it sees every graph).
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ import augment  # noqa: E402
 import methods  # noqa: E402
 import utils  # noqa: E402
 from data import RealSampler, load_dataset, sample_random_real  # noqa: E402
+from sets.resources import SavedTensorMeter  # noqa: E402
 
 CAFE_CPU = dict(batch_real=64, init="real",
                 extra=dict(watcher_window=5, watcher_images=32, max_outer_steps=10, watcher="clean"))
@@ -55,6 +62,13 @@ CASES = {  # name: (method, ipc, overrides of the method's defaults)
     "PAD": ("PAD", 1, dict(init="real", extra=dict(expert_epochs=2, max_start_epoch=2, current_max_start_epoch=1,
                                                     threshold=1e9, loss_ratio=0.5))),
 }
+TESLA_CASES = []  # the unrolled meta-gradient against --tesla, ipc 10
+for _name in ("MTT", "DATM"):
+    for _steps in (20, 40, 80):
+        for _tesla in (False, True):
+            _extra = dict(CASES[_name][2]["extra"], syn_steps=_steps, batch_syn=20, tesla=_tesla)
+            TESLA_CASES.append(f"{_name}10_s{_steps}" + ("_tesla" if _tesla else ""))
+            CASES[TESLA_CASES[-1]] = (_name, 10, dict(init="real", extra=_extra))
 TRAJECTORY_METHODS = ("MTT", "DATM", "PAD")
 DEFAULT_CASES = ["DC", "DSA", "DM", "DataDAM", "CAFE_cpu", "MTT", "DATM", "PAD", "eval"]
 
@@ -101,8 +115,14 @@ def time_method(name, record, sampler, device, iterations, buffer_root=None):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        logs = {key: float(value) for key, value in method.step(syn, iteration).items()}
-        if iteration > 1:
+        if iteration == 1:  # the warm-up measures the graph memory
+            with SavedTensorMeter() as meter:
+                logs = {key: float(value) for key, value in method.step(syn, iteration).items()}
+            logs["graph_peak_mb"] = meter.peak_bytes / 2**20
+            if iterations == 0:  # the warm-up is the only, timed, iteration
+                times.append(time.perf_counter() - start)
+        else:
+            logs = {key: float(value) for key, value in method.step(syn, iteration).items()}
             times.append(time.perf_counter() - start)
     return times, logs
 
@@ -143,8 +163,9 @@ def run_isolated(args) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="*", default=DEFAULT_CASES, help=f"from: {' '.join(CASES)} eval")
-    parser.add_argument("--iterations", type=int, default=3, help="timed iterations per method")
+    parser.add_argument("--cases", nargs="*", default=DEFAULT_CASES, help=f"from: {' '.join(CASES)} eval, or tesla (all the --tesla comparison cases)")
+    parser.add_argument("--iterations", type=int, default=3,
+                        help="timed iterations per method after the warm-up (0: time the warm-up alone)")
     parser.add_argument("--eval_repeats", type=int, default=1, help="timed evaluations")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data_path", default="data")
@@ -153,6 +174,7 @@ def main() -> int:
                         help="run each case in its own process so the CPU peak memory is that case's "
                              "(default: on for CPU, off for CUDA)")
     args = parser.parse_args()
+    args.cases = [name for case in args.cases for name in (TESLA_CASES if case == "tesla" else [case])]
     for case in args.cases:
         if case not in CASES and case != "eval":
             parser.error(f"unknown case {case!r}; choose from: {' '.join(CASES)} eval")

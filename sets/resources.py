@@ -117,3 +117,56 @@ def peak_memory(device: torch.device) -> dict:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 if sys.platform == "darwin" else 1024
     return {"bytes": int(rss * scale), "measure": "process peak RSS (getrusage ru_maxrss)"}
+
+
+class SavedTensorMeter:
+    """Peak bytes of the tensors autograd holds for backward, on any device (a CPU measure that,
+    unlike the process's peak RSS, can be scoped to one piece of code).
+
+    Inside ``with meter:`` every tensor an operation saves for its backward
+    (``torch.autograd.graph.saved_tensors_hooks``) is counted with ``numel * element_size`` bytes
+    while the graph holding it is alive; ``peak_bytes`` is the largest total seen. A tensor saved
+    by two operations counts twice and views count their own size, so this is the graph's memory
+    as autograd sees it, not the allocator's. Tensors kept by other means (a method's own lists,
+    optimiser state, the data) are not counted. The hooks are thread-local: on CUDA, autograd runs
+    backward functions on its device threads, where the graphs they build are not seen; use
+    :func:`peak_memory` there.
+
+    Attributes:
+        live_bytes, peak_bytes: ints (bytes).
+    """
+
+    def __init__(self):
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._hooks = None
+
+    def _pack(self, tensor: torch.Tensor):
+        size = int(tensor.numel() * tensor.element_size())
+        self.live_bytes += size
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        return _Counted(tensor, size, self)
+
+    @staticmethod
+    def _unpack(packed: "_Counted") -> torch.Tensor:
+        return packed.tensor
+
+    def __enter__(self) -> "SavedTensorMeter":
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
+class _Counted:
+    """A saved tensor that gives its bytes back to its meter when autograd frees it."""
+
+    __slots__ = ("tensor", "size", "meter")
+
+    def __init__(self, tensor: torch.Tensor, size: int, meter: SavedTensorMeter):
+        self.tensor, self.size, self.meter = tensor, size, meter
+
+    def __del__(self):
+        self.meter.live_bytes -= self.size

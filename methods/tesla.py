@@ -1,0 +1,138 @@
+"""TESLA: the trajectory-matching meta-gradient with memory independent of ``syn_steps``.
+
+Source: Cui, Wang, Si, Hsieh, "Scaling Up Dataset Distillation to ImageNet-1K with Constant
+Memory", ICML 2023 (Section 3, the gradient of the MTT loss rewritten as a sum of per-step terms);
+DATM ships the idea as ``distill/DATM_tesla.py`` of NUS-HPC-AI-Lab/DATM. The code here is our own
+derivation and computes the *exact* unrolled gradient, including the Hessian terms.
+
+The student takes ``N = syn_steps`` SGD steps from the expert's parameters ``w_0``::
+
+    w_{t+1} = w_t - alpha * g_t,    g_t = grad_w l_t(w_t; x_t, y_t)
+
+(``l_t`` the cross-entropy of step t's augmented minibatch). With ``lam_{t+1} = dL/dw_{t+1}`` the
+update is linear in ``g_t``, so a backward sweep from ``t = N-1`` down to 0 gives::
+
+    dL/dx_t    += -alpha * (d g_t / d x_t)^T lam_{t+1}     (images of step t's batch)
+    dL/dy_t    += -alpha * (d g_t / d y_t)^T lam_{t+1}     (DATM's soft labels)
+    dL/dalpha  += -lam_{t+1} . g_t
+    lam_t       = lam_{t+1} - alpha * H_t lam_{t+1}        (Hessian-vector product)
+
+Each term needs only step t's graph, rebuilt from the stored ``w_t`` and freed before step t-1:
+the graph memory of one step instead of ``N`` (the stored ``w_t`` are ``N x P`` floats, as in
+TESLA). Every step's minibatch indices and DiffAugment parameters are drawn once, in the forward
+pass, in the same order as the unrolled student, and replayed in the sweep. (A BatchNorm
+student's running statistics are updated again by the recomputed steps; a train-mode forward does
+not read them, so the gradient is unchanged.)
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+import augment
+import utils
+from methods.addons.base import AddOn
+
+
+def _contributes_to_unroll(addon) -> bool:
+    """Whether an add-on replaces the student's step loss (``AddOn.unroll_loss`` overridden)."""
+    return type(addon).unroll_loss is not AddOn.unroll_loss
+
+
+class _Sweep(torch.autograd.Function):
+    """Autograd node: the student's final parameters w_N (P,) from the images, the step size and
+    the step targets; its backward is the sweep of the module docstring."""
+
+    @staticmethod
+    def forward(ctx, method, syn, start, images, syn_lr, targets):
+        hp = method.hparams
+        augmenting = bool(method.dsa_strategy) and not hp["no_aug"]
+        lr = syn_lr.detach()
+        x_all, y_all = images.detach(), targets.detach()
+        params = start.detach()
+        stored: List[torch.Tensor] = []
+        steps: List[Tuple[torch.Tensor, Optional[augment.DiffAugParams]]] = []
+        for _ in range(hp["syn_steps"]):
+            index = method.next_batch(x_all.shape[0])
+            batch = x_all[index]
+            drawn = None
+            if augmenting:  # the draws of augment.diff_augment, kept for the replay
+                drawn = augment.sample_diffaug_params(method.dsa_strategy, batch.shape[0], tuple(batch.shape[2:]),
+                                                      method.generator, False)
+                batch = augment.apply_diffaug(batch, drawn)
+            stored.append(params)
+            steps.append((index, drawn))
+            with torch.enable_grad():
+                w = params.clone().requires_grad_(True)
+                loss = method.student_loss(w, syn, index, batch, y_all[index])
+                grad = torch.autograd.grad(loss, w)[0]
+            params = params - lr * grad
+        ctx.method, ctx.syn, ctx.stored, ctx.steps = method, syn, stored, steps
+        ctx.save_for_backward(images, syn_lr, targets)
+        return params
+
+    @staticmethod
+    def backward(ctx, lam):
+        images, syn_lr, targets = ctx.saved_tensors
+        method, syn = ctx.method, ctx.syn
+        want_x, want_lr, want_y = ctx.needs_input_grad[3:6]
+        lr = syn_lr.detach()
+        x_all = images.detach().requires_grad_(want_x)
+        y_all = targets.detach().requires_grad_(want_y)
+        grad_x = torch.zeros_like(x_all) if want_x else None
+        grad_y = torch.zeros_like(y_all) if want_y else None
+        grad_lr = torch.zeros_like(lr)
+        lam = lam.detach()
+        for t in range(len(ctx.stored) - 1, -1, -1):
+            index, drawn = ctx.steps[t]
+            with torch.enable_grad():
+                w = ctx.stored[t].clone().requires_grad_(True)
+                batch = x_all[index]
+                if drawn is not None:
+                    batch = augment.apply_diffaug(batch, drawn)
+                loss = method.student_loss(w, syn, index, batch, y_all[index])
+                grad = torch.autograd.grad(loss, w, create_graph=True)[0]
+                inputs = [w] + ([x_all] if want_x else []) + ([y_all] if want_y else [])
+                products = torch.autograd.grad(grad, inputs, grad_outputs=lam, allow_unused=True)
+            grad_lr -= (grad.detach() * lam).sum()
+            rest = list(products[1:])
+            if want_x:
+                part = rest.pop(0)
+                if part is not None:
+                    grad_x -= lr * part
+            if want_y:
+                part = rest.pop(0)
+                if part is not None:
+                    grad_y -= lr * part
+            lam = lam - lr * products[0]
+            ctx.stored[t] = None  # w_t is no longer needed
+        return None, None, None, grad_x, grad_lr if want_lr else None, grad_y
+
+
+def unroll(method, syn, start: torch.Tensor) -> torch.Tensor:
+    """The student's final parameters after ``syn_steps`` steps, as :meth:`methods.mtt.MTT.unroll`
+    returns them, but with a graph of constant size: back-propagating through the result runs the
+    backward sweep (module docstring) into ``syn.images``, ``syn.syn_lr`` and, through
+    ``method.unroll_targets(syn)``, DATM's ``syn.label_logits``. Same minibatches and DiffAugment
+    draws as the unrolled student, from the same generator.
+
+    Args:
+        method: an MTT / DATM / PAD instance (``hparams``, ``next_batch``, ``student_loss``,
+            ``unroll_targets``, ``dsa_strategy``, ``generator``, ``addons``).
+        syn: the synthetic set (images (N, C, H, W), learnable ``syn_lr``).
+        start: (P,) the expert's flat parameters at the start epoch.
+
+    Returns:
+        (P,) flat parameters w_N with a graph to the images, step size and soft labels.
+
+    Raises:
+        utils.UserError: an attached add-on changes the student's step loss (feature labels),
+            which this sweep does not differentiate.
+    """
+    for addon in method.addons:
+        if _contributes_to_unroll(addon):
+            raise utils.UserError(f"--tesla does not support the {addon.name} add-on (it changes the student's "
+                                  f"step loss); run without --tesla")
+    method.unroll_extra = torch.zeros((), device=method.device)
+    return _Sweep.apply(method, syn, start, syn.images, syn.syn_lr, method.unroll_targets(syn))
