@@ -320,14 +320,14 @@ class MTT(DistillMethod):
         """``syn_steps`` differentiable SGD steps of the student from ``start`` (P,) with step size
         ``syn.syn_lr``; returns the final flat parameters, with a graph to the images (and alpha).
         With ``--tesla`` the graph is one node whose backward recomputes the steps (methods/tesla.py)."""
+        self._chunks = []  # a fresh permutation every iteration (MTT distill.py)
+        # Terms an add-on adds to the matching loss once per unroll (AddOn.unroll_loss; DRUPI's CE of F).
+        self.unroll_extra = torch.zeros((), device=self.device)
         if self.hparams["tesla"]:
             return tesla.unroll(self, syn, start)
         targets = self.unroll_targets(syn)
         augmenting = bool(self.dsa_strategy) and not self.hparams["no_aug"]
         params = start.clone().requires_grad_(True)
-        self._chunks = []  # a fresh permutation every iteration (MTT distill.py)
-        # Terms an add-on adds to the matching loss once per unroll (AddOn.unroll_loss; DRUPI's CE of F).
-        self.unroll_extra = torch.zeros((), device=self.device)
         for _ in range(self.hparams["syn_steps"]):
             index = self.next_batch(syn.images.shape[0])
             images = syn.images[index]
