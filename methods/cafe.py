@@ -106,8 +106,8 @@ class CAFE(DistillMethod):
        + inner_weight * sum_i CE(embedding(real_i) . P^T, y_i), P the synthetic class-mean
        embeddings (eq. 5-7); one SGD step on the images;
     2. the real accuracy of the network (``watcher_images`` fresh real images per class) joins
-       the outer watcher (:class:`AccuracyWatcher`, carried as ``--watcher`` says); once it holds ``watcher_window`` values, stop when they span less
-       than ``lambda_1``;
+       the outer watcher (:class:`AccuracyWatcher`, carried as ``--watcher`` says); once it holds
+       ``watcher_window`` values, stop when they span less than ``lambda_1``;
     3. train the network on the detached synthetic set one epoch at a time (at most
        ``max_inner_steps``), each epoch's real accuracy joining the inner watcher, until
        ``watcher_window`` values span more than ``lambda_2``.

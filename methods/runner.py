@@ -355,6 +355,12 @@ class DistillationRun:
             raise RunInterrupted(f"stopped during the evaluation of experiment {exp}, iteration {iteration} "
                                  f"(it runs again on resume); checkpoint {self.checkpoint_path}") from None
 
+    @staticmethod
+    def saved_set(method, syn) -> list:
+        """A set as the result files hold it: ``[images (N, C, H, W) on the CPU, labels,
+        *add-on entries]`` (one ``data`` entry of the reference layout)."""
+        return [syn.images.detach().cpu().clone(), syn.export_labels()] + method.saved_entries(syn)
+
     def note_evaluation(self, exp: int, iteration: int, method, syn, results: Dict[str, utils.EvalResult]) -> bool:
         """Keep experiment ``exp``'s set as its best so far when the first evaluation model's mean
         test accuracy beats every earlier evaluation of the experiment (ties keep the earlier set,
@@ -374,7 +380,7 @@ class DistillationRun:
             return False
         self.best[exp] = {"iteration": iteration, "model": model, "accuracy": accuracy,
                           "accs": {m: list(result.accs) for m, result in results.items()},
-                          "data": [syn.images.detach().cpu().clone(), syn.export_labels()] + method.saved_entries(syn),
+                          "data": self.saved_set(method, syn),
                           "syn_lr": float(syn.syn_lr.detach()) if syn.syn_lr is not None else None}
         return True
 
@@ -412,7 +418,7 @@ class DistillationRun:
     def keep(self, exp: int, method, syn, generator, results: Dict[str, utils.EvalResult]) -> None:
         """Keep experiment ``exp``'s final set (images, labels, add-on entries), its accuracies and
         where it ended (replacing an earlier end when a resumed run grew ``--Iteration``)."""
-        entries = {"data_save": [syn.images.detach().cpu().clone(), syn.export_labels()] + method.saved_entries(syn),
+        entries = {"data_save": self.saved_set(method, syn),
                    "accs_by_exp": {m: list(result.accs) for m, result in results.items()},
                    "finished": self.position(self.iterations, method, syn, generator)}
         if syn.syn_lr is not None:

@@ -134,5 +134,4 @@ def unroll(method, syn, start: torch.Tensor) -> torch.Tensor:
         if _contributes_to_unroll(addon):
             raise utils.UserError(f"--tesla does not support the {addon.name} add-on (it changes the student's "
                                   f"step loss); run without --tesla")
-    method.unroll_extra = torch.zeros((), device=method.device)
     return _Sweep.apply(method, syn, start, syn.images, syn.syn_lr, method.unroll_targets(syn))

@@ -175,15 +175,10 @@ def logged_run_as_results(folder: str, num_classes: int, labels_path: Optional[s
         utils.UserError: see :func:`tensor_files_as_results`.
     """
     images_path = os.path.join(folder, BEST_IMAGES)
-    used = []
-    for kind, given in (("labels", labels_path), ("lr", lr_path)):
-        beside = os.path.join(folder, f"{kind}_best.pt")
-        if not given and os.path.isfile(beside):
-            used.append(os.path.basename(beside))
-            if kind == "labels":
-                labels_path = beside
-            else:
-                lr_path = beside
+    labels_beside, lr_beside = os.path.join(folder, "labels_best.pt"), os.path.join(folder, "lr_best.pt")
+    labels_path = labels_path or (labels_beside if os.path.isfile(labels_beside) else None)
+    lr_path = lr_path or (lr_beside if os.path.isfile(lr_beside) else None)
+    used = [os.path.basename(path) for path in (labels_path, lr_path) if path in (labels_beside, lr_beside)]
     if used:
         logger.info("--syn_path %s: the MTT/DATM/PAD layout: %s with %s beside it", folder, BEST_IMAGES,
                     " and ".join(used))
