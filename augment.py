@@ -56,9 +56,13 @@ __all__ = [
     "diff_augment",
     "siamese_augment",
     "DCAugParam",
+    "DCAugDraws",
     "DC_AUGMENT_OPS",
     "validate_dc_strategy",
     "get_daparam",
+    "sample_dc_augment",
+    "concat_dc_draws",
+    "apply_dc_augment",
     "dc_augment",
 ]
 
@@ -587,14 +591,85 @@ def get_daparam(dataset: str, model: str, model_eval: str, ipc: int) -> DCAugPar
     return DCAugParam(strategy=strategy)
 
 
-def _dc_crop(x: Tensor, channel_mean: Tensor, crop: int, gen: Optional[torch.Generator]) -> Tensor:
-    """Pad ``crop`` px with the channel means and take an H x W window at offsets in {0..2*crop-1}."""
-    n = x.shape[0]
-    span = max(2 * crop, 1)
-    rows = _randint(0, span, n, gen).to(x.device)
-    cols = _randint(0, span, n, gen).to(x.device)
-    gathered, valid = _shift_gather(x, rows - crop, cols - crop)
-    return torch.where(valid, gathered, channel_mean.view(1, -1, 1, 1).to(x.dtype))
+@dataclass(frozen=True, eq=False)
+class DCAugDraws:
+    """The random draws of one :func:`dc_augment` call on a batch of ``batch_size`` images.
+
+    Produced by :func:`sample_dc_augment`, consumed by :func:`apply_dc_augment`. Several draws
+    (e.g. of several evaluation networks, each from its own generator) can be joined with
+    :func:`concat_dc_draws` and applied to the joined batches in one call.
+
+    Attributes:
+        members: operation name -> (m,) int64 CPU indices of the images that get it.
+        values: operation name -> its per-image parameters for those m images: ``crop``: ``rows``,
+            ``cols`` (m,) int64 offsets in ``{0, ..., 2 * crop - 1}``; ``scale``: ``u_h``, ``u_w``
+            (m,) float32 uniforms; ``rotate``: ``degrees`` (m,) int64; ``noise``: ``noise`` (m, C, H, W)
+            standard normals.
+        batch_size: number of images n the draws are for.
+    """
+
+    members: dict[str, Tensor] = field(default_factory=dict)
+    values: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    batch_size: int = 0
+
+
+def sample_dc_augment(param: DCAugParam, shape: tuple[int, int, int, int],
+                      generator: Optional[torch.Generator] = None) -> DCAugDraws:
+    """Draw DC's augmentation for a batch of ``shape`` (N, C, H, W), in :func:`dc_augment`'s order:
+    first the per-image operation choices (one ``randint`` of N), then each operation's parameters for
+    its images, in the order crop (rows, cols), scale (height factor, width factor), rotate (angles),
+    noise (N(0, 1) per pixel).
+
+    Raises:
+        ValueError: for an unknown operation in ``param.strategy``.
+    """
+    ops = validate_dc_strategy(param.strategy)
+    n, c, h, w = (int(s) for s in shape)
+    if not ops or n == 0:
+        return DCAugDraws({}, {}, n)
+    choice = _randint(0, len(ops), n, generator).cpu()
+    chosen = [ops[int(k)] for k in choice]
+    members, values = {}, {}
+    for name in DC_AUGMENT_OPS:
+        index = [i for i, op in enumerate(chosen) if op == name]
+        if not index:
+            continue
+        m = len(index)
+        members[name] = torch.tensor(index, dtype=torch.long)
+        if name == "crop":
+            span = max(2 * param.crop, 1)
+            values[name] = {"rows": _randint(0, span, m, generator), "cols": _randint(0, span, m, generator)}
+        elif name == "scale":
+            values[name] = {"u_h": _uniform(m, generator), "u_w": _uniform(m, generator)}
+        elif name == "rotate":
+            degrees = (_randint(-param.rotate, param.rotate, m, generator) if param.rotate > 0
+                       else torch.zeros(m, dtype=torch.long))
+            values[name] = {"degrees": degrees}
+        else:
+            values[name] = {"noise": torch.randn((m, c, h, w), generator=generator, device=_draw_device(generator))}
+    return DCAugDraws(members, values, n)
+
+
+def concat_dc_draws(draws: list[DCAugDraws]) -> DCAugDraws:
+    """Join the draws of consecutive batches (image indices of batch j shifted by the sizes of the
+    batches before it), for one :func:`apply_dc_augment` on the concatenated images."""
+    members: dict[str, list[Tensor]] = {}
+    values: dict[str, dict[str, list[Tensor]]] = {}
+    offset = 0
+    for part in draws:
+        for name, index in part.members.items():
+            members.setdefault(name, []).append(index + offset)
+            for key, value in part.values[name].items():
+                values.setdefault(name, {}).setdefault(key, []).append(value)
+        offset += part.batch_size
+    return DCAugDraws({name: torch.cat(parts) for name, parts in members.items()},
+                      {name: {key: torch.cat(v) for key, v in kv.items()} for name, kv in values.items()}, offset)
+
+
+def _dc_crop(x: Tensor, fill: Tensor, crop: int, rows: Tensor, cols: Tensor) -> Tensor:
+    """Pad ``crop`` px with the per-image fill (m, C) and take an H x W window at the drawn offsets."""
+    gathered, valid = _shift_gather(x, rows.to(x.device) - crop, cols.to(x.device) - crop)
+    return torch.where(valid, gathered, fill.view(x.shape[0], -1, 1, 1).to(x.dtype))
 
 
 def _nearest_source(out_size: Tensor, in_size: int, length: int) -> Tensor:
@@ -616,16 +691,17 @@ def _nearest_source(out_size: Tensor, in_size: int, length: int) -> Tensor:
     return torch.floor(positions * ratio.unsqueeze(1)).long().clamp(0, in_size - 1)
 
 
-def _dc_scale(x: Tensor, scale: float, gen: Optional[torch.Generator]) -> Tensor:
-    """Nearest resize to (int(f_h H), int(f_w W)), paste centred on a zero canvas, centre-crop to H x W.
+def _dc_scale(x: Tensor, scale: float, u_h: Tensor, u_w: Tensor) -> Tensor:
+    """Nearest resize to (int(f_h H), int(f_w W)), paste centred on a zero canvas, centre-crop to H x W,
+    with ``f = u * 2 * scale + 1 - scale`` from the drawn uniforms ``u_h``, ``u_w`` (m,).
 
     Vectorised: output pixel (i, j) reads the resized image at ``(i + r_crop - r_paste, j + c_crop -
     c_paste)`` (0 outside it), whose value is the nearest-neighbour source pixel. The reference computes
     the new width from H as well (``shape[2]``); this uses W, which is identical for square images.
     """
     n, c, h, w = x.shape
-    new_h = ((_uniform(n, gen) * (2 * scale) + (1 - scale)) * h).long().clamp_min(1).to(x.device)
-    new_w = ((_uniform(n, gen) * (2 * scale) + (1 - scale)) * w).long().clamp_min(1).to(x.device)
+    new_h = ((u_h * (2 * scale) + (1 - scale)) * h).long().clamp_min(1).to(x.device)
+    new_w = ((u_w * (2 * scale) + (1 - scale)) * w).long().clamp_min(1).to(x.device)
     canvas = torch.maximum(torch.maximum(new_h, new_w), torch.tensor(max(h, w), device=x.device))
     row_shift = (canvas - h) // 2 - (canvas - new_h) // 2  # crop offset minus paste offset, rows
     col_shift = (canvas - w) // 2 - (canvas - new_w) // 2
@@ -643,26 +719,65 @@ def _dc_scale(x: Tensor, scale: float, gen: Optional[torch.Generator]) -> Tensor
     return gathered * valid.to(x.dtype)
 
 
-def _dc_rotate(x: Tensor, fill: Tensor, rotate: int, gen: Optional[torch.Generator]) -> Tensor:
-    """Rotate about the centre by an integer angle in {-rotate..rotate-1} degrees, filling with ``fill``.
+def _dc_rotate(x: Tensor, fill: Tensor, degrees: Tensor) -> Tensor:
+    """Rotate about the centre by the drawn integer angles (m,) in degrees, filling with the per-image
+    ``fill`` (m,).
 
     The reference uses ``scipy.ndimage.rotate`` (cubic spline, reshape=True, then a centre crop, which is a
     rotation about the centre up to a half-pixel shift when the enlarged size has the wrong parity). This
     uses a bilinear ``grid_sample`` rotation (same direction: positive = counter-clockwise on screen), with
     the constant fill obtained as ``rotate(x - fill) + fill``.
     """
-    n = x.shape[0]
-    degrees = _randint(-rotate, rotate, n, gen) if rotate > 0 else torch.zeros(n, dtype=torch.long)
     angle = (degrees.to(torch.float64) * (math.pi / 180.0)).to(device=x.device, dtype=x.dtype)
     theta = _rotation_theta(angle, x.shape[2], x.shape[3])
-    fill = fill.to(x.dtype)
+    fill = fill.view(-1, 1, 1, 1).to(x.dtype)
     return _affine(x - fill, theta) + fill
 
 
-def _dc_noise(x: Tensor, noise: float, gen: Optional[torch.Generator]) -> Tensor:
-    """Add ``noise * N(0, 1)`` per pixel."""
-    draw = torch.randn(tuple(x.shape), generator=gen, device=_draw_device(gen))
-    return x + noise * draw.to(device=x.device, dtype=x.dtype)
+def apply_dc_augment(images: Tensor, param: DCAugParam, draws: DCAugDraws,
+                     fill: Optional[Tensor] = None) -> Tensor:
+    """Apply drawn DC augmentation (see :func:`dc_augment` for the operations).
+
+    Args:
+        images: (N, C, H, W) with N = ``draws.batch_size``.
+        param: the augmentation parameters the draws were made with.
+        draws: from :func:`sample_dc_augment` (or :func:`concat_dc_draws`).
+        fill: (N, C) per-image padding values of ``crop`` (``rotate`` fills with their mean over C);
+            default: the per-channel means of the whole batch (the reference). Batches joined with
+            :func:`concat_dc_draws` pass each batch's means repeated over its images.
+
+    Returns:
+        (N, C, H, W) augmented images (``images`` itself when nothing was drawn).
+
+    Raises:
+        ValueError: ``images`` is not 4-D or its N differs from ``draws.batch_size``.
+    """
+    _check_images(images, "images")
+    if not draws.members:
+        return images
+    if images.shape[0] != draws.batch_size:
+        raise ValueError(f"DC augmentation was drawn for {draws.batch_size} images, got {images.shape[0]}")
+    if fill is None:
+        with torch.no_grad():
+            fill = images.mean(dim=(0, 2, 3)).expand(images.shape[0], -1)  # the reference's batch means
+    out = images
+    for name in DC_AUGMENT_OPS:
+        if name not in draws.members:
+            continue
+        index = draws.members[name].to(images.device)
+        subset = images.index_select(0, index)
+        subset_fill = fill.index_select(0, index)
+        v = draws.values[name]
+        if name == "crop":
+            result = _dc_crop(subset, subset_fill, param.crop, v["rows"], v["cols"])
+        elif name == "scale":
+            result = _dc_scale(subset, param.scale, v["u_h"], v["u_w"])
+        elif name == "rotate":
+            result = _dc_rotate(subset, subset_fill.mean(dim=1), v["degrees"])
+        else:
+            result = subset + param.noise * v["noise"].to(device=images.device, dtype=images.dtype)
+        out = out.index_copy(0, index, result)
+    return out
 
 
 def dc_augment(images: Tensor, param: DCAugParam, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -681,7 +796,7 @@ def dc_augment(images: Tensor, param: DCAugParam, generator: Optional[torch.Gene
     Unlike the reference, the input is not modified in place. The result stays differentiable with
     respect to ``images`` although callers apply it under ``torch.no_grad()``. Random draws: first the
     per-image operation choices, then each operation's parameters for its images, in the order crop,
-    scale, rotate, noise.
+    scale, rotate, noise (:func:`sample_dc_augment`, then :func:`apply_dc_augment`).
 
     Args:
         images: (N, C, H, W) images.
@@ -694,29 +809,7 @@ def dc_augment(images: Tensor, param: DCAugParam, generator: Optional[torch.Gene
     Raises:
         ValueError: for an unknown operation in ``param.strategy`` or a non-4-D input.
     """
-    ops = validate_dc_strategy(param.strategy)
+    validate_dc_strategy(param.strategy)
     _check_images(images, "images")
-    if not ops or images.shape[0] == 0:
-        return images
-    n = images.shape[0]
-    with torch.no_grad():
-        channel_mean = images.mean(dim=(0, 2, 3))  # the reference's per-channel batch means (constants)
-    choice = _randint(0, len(ops), n, generator).cpu()
-    chosen = [ops[int(k)] for k in choice]
-    out = images
-    for name in DC_AUGMENT_OPS:
-        members = [i for i, op in enumerate(chosen) if op == name]
-        if not members:
-            continue
-        index = torch.tensor(members, dtype=torch.long, device=images.device)
-        subset = images.index_select(0, index)
-        if name == "crop":
-            result = _dc_crop(subset, channel_mean, param.crop, generator)
-        elif name == "scale":
-            result = _dc_scale(subset, param.scale, generator)
-        elif name == "rotate":
-            result = _dc_rotate(subset, channel_mean.mean(), param.rotate, generator)
-        else:
-            result = _dc_noise(subset, param.noise, generator)
-        out = out.index_copy(0, index, result)
-    return out
+    draws = sample_dc_augment(param, tuple(images.shape), generator)
+    return apply_dc_augment(images, param, draws)
