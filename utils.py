@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import augment
 import networks
+import stacking
 from data import PlainDataError, load_plain
 
 logger = logging.getLogger(__name__)
@@ -524,6 +525,9 @@ class EvalConfig:
         tta_mode: ``""`` or ``hflip``: test-time augmentation (:func:`test_accuracy`; ``--tta``).
         deterministic: ``--deterministic``: deterministic kernels while training and testing
             (:func:`deterministic_algorithms`) and a test pass size independent of ``batch_test``.
+        stacked_eval: ``--stacked_eval``: ``on`` trains the networks of one evaluation together
+            (``stacking``), ``off`` one after another, ``auto`` picks the faster
+            (:func:`eval_path`). The accuracies are the same up to float rounding.
     """
 
     epochs: int = 300
@@ -536,6 +540,11 @@ class EvalConfig:
     batch_test: int = 1000
     tta_mode: str = ""
     deterministic: bool = False
+    stacked_eval: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.stacked_eval not in STACKED_EVAL_CHOICES:
+            raise ValueError(f"--stacked_eval {self.stacked_eval!r}: expected one of {', '.join(STACKED_EVAL_CHOICES)}")
 
     def describe(self) -> dict:
         """A JSON-ready record of the protocol, written beside every result (``tta`` and
@@ -573,7 +582,7 @@ class EvalProtocol:
         lr: SGD learning rate (``--lr_net``) unless the set learned a step size.
         batch_train: ``--batch_train``.
         dsa_strategy: DiffAugment strategy ("" : DC's ``get_daparam`` augmentation or none).
-        tta_mode, deterministic: see :class:`EvalConfig`.
+        tta_mode, deterministic, stacked_eval: see :class:`EvalConfig`.
     """
 
     epochs_augmented: int = 1000
@@ -583,6 +592,7 @@ class EvalProtocol:
     dsa_strategy: str = ""
     tta_mode: str = ""
     deterministic: bool = False
+    stacked_eval: str = "auto"
 
     def resolve(self, dataset: str, model: str, model_eval: str, ipc: int,
                 learned_lr: Optional[float] = None) -> EvalConfig:
@@ -600,7 +610,7 @@ class EvalProtocol:
         return EvalConfig(epochs=self.epochs_augmented if augmented else self.epochs_plain,
                           lr=float(learned_lr) if learned_lr is not None else self.lr, batch_train=self.batch_train,
                           dsa_strategy=self.dsa_strategy, dc_aug=dc_aug, tta_mode=self.tta_mode,
-                          deterministic=self.deterministic)
+                          deterministic=self.deterministic, stacked_eval=self.stacked_eval)
 
     def with_epochs(self, epochs: Optional[int]) -> "EvalProtocol":
         """This protocol with both epoch counts set to ``epochs`` (unchanged when ``None``)."""
@@ -619,11 +629,15 @@ class EvalProtocol:
 
 @dataclass
 class EvalResult:
-    """Outcome of :func:`evaluate_synset`: accuracies in [0, 1] and training seconds."""
+    """Outcome of :func:`evaluate_synset`: accuracies in [0, 1], training seconds and how the
+    networks were trained (``path``: ``stacked`` or ``sequential``; ``path_note``: why, when the
+    choice was not ``--stacked_eval on`` honoured, e.g. a fallback)."""
 
     model: str
     accs: list = field(default_factory=list)
     train_time_s: float = 0.0
+    path: str = ""
+    path_note: str = ""
 
     @property
     def acc_mean(self) -> float:
@@ -636,9 +650,15 @@ class EvalResult:
         return float(np.std(self.accs)) if self.accs else float("nan")
 
     def as_dict(self) -> dict:
-        """JSON-ready ``{"mean", "std", "accs", "train_time_s"}``."""
-        return {"mean": self.acc_mean, "std": self.acc_std, "accs": list(self.accs),
-                "train_time_s": self.train_time_s}
+        """JSON-ready ``{"mean", "std", "accs", "train_time_s"}``, with ``eval_path`` (and
+        ``eval_path_note``) when known."""
+        record = {"mean": self.acc_mean, "std": self.acc_std, "accs": list(self.accs),
+                  "train_time_s": self.train_time_s}
+        if self.path:
+            record["eval_path"] = self.path
+        if self.path_note:
+            record["eval_path_note"] = self.path_note
+        return record
 
 
 class EvaluationStopped(Exception):
@@ -669,10 +689,28 @@ def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, t
         EvaluationStopped: ``should_stop`` said so.
     """
     augmenter = make_augmenter(cfg.dsa_strategy, cfg.dc_aug)
+    loss = _train_on_schedule(
+        list(net.parameters()), cfg,
+        lambda optimizer: train_epoch(net, images, labels, optimizer, cfg.batch_train, generator, augmenter, term=term),
+        on_epoch, should_stop)
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"evaluation training loss became {loss}")
+    return test_accuracy(net, test_images, test_labels, cfg.batch_test, cfg.tta_mode, cfg.deterministic)
+
+
+def _train_on_schedule(parameters: List[torch.Tensor], cfg: EvalConfig, run_epoch: Callable[[torch.optim.Optimizer], object],
+                       on_epoch: Optional[Callable[[int], None]], should_stop: Optional[Callable[[], bool]]) -> object:
+    """The DC protocol's schedule: ``cfg.epochs + 1`` calls of ``run_epoch(optimizer)``, SGD with
+    momentum and weight decay over ``parameters``, rebuilt with lr x0.1 after epoch
+    ``cfg.epochs // 2 + 1``; returns the last epoch's loss.
+
+    Raises:
+        EvaluationStopped: ``should_stop`` said so (asked before every epoch).
+    """
     lr = cfg.lr
 
     def make_optimizer(rate: float) -> torch.optim.Optimizer:
-        return torch.optim.SGD(net.parameters(), lr=rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(parameters, lr=rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     optimizer = make_optimizer(lr)
     decay_after = cfg.epochs // 2 + 1
@@ -680,28 +718,118 @@ def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, t
     for epoch in range(cfg.epochs + 1):
         if should_stop is not None and should_stop():
             raise EvaluationStopped
-        loss = train_epoch(net, images, labels, optimizer, cfg.batch_train, generator, augmenter, term=term)
+        loss = run_epoch(optimizer)
         if epoch == decay_after:
             lr *= 0.1
             optimizer = make_optimizer(lr)
         if on_epoch is not None:
             on_epoch(epoch + 1)
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"evaluation training loss became {loss}")
-    return test_accuracy(net, test_images, test_labels, cfg.batch_test, cfg.tta_mode, cfg.deterministic)
+    return loss
+
+
+def train_and_test_stacked(nets: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor,
+                           test_images: torch.Tensor, test_labels: torch.Tensor, cfg: EvalConfig,
+                           generators: Sequence[torch.Generator], on_epoch: Optional[Callable[[int], None]] = None,
+                           should_stop: Optional[Callable[[], bool]] = None) -> List[float]:
+    """:func:`train_and_test` for N networks of one architecture at once (``stacking``).
+
+    Network k trains from its own initialisation and draws its data order and augmentation from
+    ``generators[k]`` exactly as :func:`train_and_test` would with that generator, so the
+    accuracies equal N separate calls up to float rounding (batched kernels sum in another order).
+
+    Args:
+        nets: N freshly initialised networks of one architecture on the target device.
+        images: (M, C, H, W) training images on that device; labels: (M,) int64 or (M, K).
+        test_images, test_labels: (T, C, H, W) and (T,), on any device.
+        cfg: the protocol.
+        generators: N CPU generators.
+        on_epoch: called as ``on_epoch(epochs_done)`` after each epoch (of all N networks).
+        should_stop: asked before every epoch; ``True`` abandons the training.
+
+    Returns:
+        N test accuracies in [0, 1].
+
+    Raises:
+        FloatingPointError: a network's training loss became NaN or infinite.
+        EvaluationStopped: ``should_stop`` said so.
+    """
+    stack = stacking.StackedNetworks(nets)
+    count = stack.count
+    cpu = images.device.type == "cpu"
+    chunk = max(1, CPU_CHUNK // count) if cpu else None  # per network; CPU: a cache-sized pass in all
+
+    def step(s: stacking.StackedNetworks, x: torch.Tensor, y: torch.Tensor,
+             optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        return stacking.sgd_step(s, x, y, optimizer, chunk)
+
+    def augmenter(x: torch.Tensor, gens: Sequence[torch.Generator]) -> torch.Tensor:
+        return stacking.augment_stacked(x, gens, cfg.dsa_strategy, cfg.dc_aug)
+
+    losses = _train_on_schedule(
+        stack.parameters(), cfg,
+        lambda optimizer: stacking.train_epoch(stack, images, labels, optimizer, cfg.batch_train, generators,
+                                               augmenter, step),
+        on_epoch, should_stop)
+    losses = torch.as_tensor(losses).cpu()
+    if not bool(torch.isfinite(losses).all()):
+        bad = next(float(v) for v in losses if not math.isfinite(float(v)))
+        raise FloatingPointError(f"evaluation training loss became {bad}")
+    size = chunk_size(images.device, DETERMINISTIC_TEST_PASS if cfg.deterministic else cfg.batch_test)
+    per_pass = size if cpu else max(1, size // count)  # CUDA: about one network's pass of activations
+    if cfg.tta_mode and cfg.tta_mode not in TTA_MODES:
+        raise ValueError(f"--tta_mode {cfg.tta_mode!r}: expected one of {', '.join(TTA_MODES)}")
+    return stacking.test_accuracies(stack, test_images, test_labels, per_pass, cfg.tta_mode)
+
+
+STACKED_EVAL_CHOICES = ("auto", "on", "off")
+# Networks that --stacked_eval auto trains one at a time even on CUDA: large enough that one
+# network's step fills the device (and N of them would hold N times the activations).
+SEQUENTIAL_ON_AUTO = ("VGG", "ResNet")
+
+
+def eval_path(stacked_eval: str, model: str, device: torch.device, num_networks: int,
+              term: Optional[TrainingTerm] = None) -> Tuple[bool, str]:
+    """Whether :func:`evaluate_synset` trains its networks together (``stacking``) and why not.
+
+    ``on`` stacks whenever it can; ``off`` never; ``auto`` stacks on CUDA unless ``model`` is one
+    of :data:`SEQUENTIAL_ON_AUTO`, and trains one network at a time on CPU, where stacking was
+    measured slower (docs/results.md, *Stacked evaluation*). A set's training term (feature
+    labels) and a single network always go one at a time.
+
+    Returns:
+        ``(stacked, note)``; the note is empty when the setting was followed as asked.
+    """
+    if stacked_eval == "off":
+        return False, ""
+    if term is not None:
+        return False, "sequential: the set's training term (feature labels) trains one network at a time"
+    if num_networks < 2:
+        return False, "sequential: one network" if stacked_eval == "on" else ""
+    if stacked_eval == "on":
+        return True, ""
+    if device.type == "cpu":
+        return False, "auto: sequential on CPU (measured faster)"
+    if model.startswith(SEQUENTIAL_ON_AUTO):
+        return False, f"auto: sequential for the large network {model}"
+    return True, "auto: stacked"
 
 
 def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str, num_classes: int,
                     test_images: torch.Tensor, test_labels: torch.Tensor, cfg: EvalConfig, *,
                     num_eval: int = 1, device: Optional[torch.device] = None, seed: int = 0,
                     term: Optional[TrainingTerm] = None, progress: bool = True,
-                    should_stop: Optional[Callable[[], bool]] = None) -> EvalResult:
+                    should_stop: Optional[Callable[[], bool]] = None,
+                    indices: Optional[Sequence[int]] = None) -> EvalResult:
     """Train ``num_eval`` fresh ``model`` networks on a synthetic set; report their test accuracy.
 
     The one evaluation routine of the toolkit, shared by ``distill.py`` and ``evaluate.py``.
     Network ``k`` is initialised and trained from seed ``seed + k`` inside a forked RNG, so the
     caller's global RNG stream is left where it was and the result does not depend on when the
-    evaluation runs.
+    evaluation runs. Its initialisation is drawn from the global RNG seeded with ``seed + k``, its
+    data order and augmentation from ``make_generator(seed + k)``, whichever path trains it:
+    one network after another (:func:`train_and_test`) or all together (:func:`train_and_test_stacked`,
+    ``cfg.stacked_eval``, :func:`eval_path`); an architecture ``torch.func.vmap`` cannot batch falls
+    back to the former, and the result says which path ran (``path``, ``path_note``).
 
     Args:
         image_syn: (N, C, H, W) synthetic images in the dataset's normalised (or ZCA) space.
@@ -710,7 +838,7 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
         num_classes: K.
         test_images, test_labels: the real test set, (M, C, H, W) and (M,).
         cfg: the protocol (epochs, lr, augmentation ...).
-        num_eval: number of independently initialised networks.
+        num_eval: number of independently initialised networks (indices ``0 .. num_eval - 1``).
         device: where to train (default: the device of ``image_syn``).
         seed: base seed.
         term: what the set carries beyond images and labels that changes training (an add-on's
@@ -721,6 +849,8 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
             It does not change the result.
         should_stop: asked before every epoch of every network; ``True`` abandons the evaluation
             (a stop requested by a signal).
+        indices: the network indices ``k`` to train instead of ``range(num_eval)`` (e.g. this
+            rank's share of them); the accuracies come in this order.
 
     Returns:
         An :class:`EvalResult` with one accuracy in [0, 1] per network.
@@ -735,22 +865,49 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
     images = image_syn.detach().to(device)
     labels = label_syn.detach().to(device)
     channel, im_size = images.shape[1], tuple(images.shape[2:])
+    runs = list(range(num_eval)) if indices is None else [int(k) for k in indices]
     result = EvalResult(model=model)
     start = time.perf_counter()
     fork_devices = []
     if device.type == "cuda":
         fork_devices = [device.index if device.index is not None else torch.cuda.current_device()]
     epochs = cfg.epochs + 1
-    shown = Progress(num_eval * epochs, f"evaluation {model}", unit="epoch", leave=False) if progress else None
+
+    def fresh_network(run: int) -> nn.Module:
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(seed + run)
+            return networks.get_network(model, channel, num_classes, im_size, device=device)
+
+    stacked, note = eval_path(cfg.stacked_eval, model, device, len(runs), term)
+    nets = []
+    if stacked:
+        nets = [fresh_network(run) for run in runs]
+        try:
+            with deterministic_algorithms(cfg.deterministic):
+                stacking.check_stackable(nets[0], images, labels)
+        except stacking.StackingUnsupported as error:
+            stacked, nets = False, []
+            note = f"sequential: {model} cannot be stacked ({error})"
+    result.path, result.path_note = ("stacked" if stacked else "sequential"), note
+    shown = Progress(len(runs) * epochs, f"evaluation {model}", unit="epoch", leave=False) if progress else None
     with shown or nullcontext():
-        for run in range(num_eval):
-            def on_epoch(done: int, network: int = run + 1) -> None:
-                shown.update(1, f"network {network}/{num_eval}, epoch {done}/{epochs}")
+        if stacked:
+            def on_all_epochs(done: int) -> None:
+                shown.update(len(runs), f"{len(runs)} networks together, epoch {done}/{epochs}")
+
+            with torch.random.fork_rng(devices=fork_devices), deterministic_algorithms(cfg.deterministic):
+                result.accs = train_and_test_stacked(nets, images, labels, test_images, test_labels, cfg,
+                                                     [make_generator(seed + run) for run in runs],
+                                                     on_epoch=on_all_epochs if progress else None,
+                                                     should_stop=should_stop)
+        for position, run in enumerate([] if stacked else runs):
+            def on_epoch(done: int, network: int = position + 1) -> None:
+                shown.update(1, f"network {network}/{len(runs)}, epoch {done}/{epochs}")
 
             with torch.random.fork_rng(devices=fork_devices), deterministic_algorithms(cfg.deterministic):
                 torch.manual_seed(seed + run)
                 net = networks.get_network(model, channel, num_classes, im_size, device=device)
-                if term is not None and run == 0:
+                if term is not None and position == 0:
                     term.check(net, images)
                 acc = train_and_test(net, images, labels, test_images, test_labels, cfg, make_generator(seed + run),
                                      term=term, on_epoch=on_epoch if progress else None,
