@@ -92,6 +92,8 @@ class RunOptions:
         save_vis: write a picture at each evaluation.
         tta_mode: test-time augmentation of the evaluation (``--tta --tta_mode hflip``; ``""`` off).
         deterministic: deterministic evaluation (``--deterministic``; ``utils.EvalConfig``).
+        stacked_eval: ``--stacked_eval`` auto|on|off: train each evaluation's networks together
+            (``utils.eval_path``).
         command: the command line that started the run (recorded in ``results.json``).
         save_every: for methods that write the trajectory-matching layout
             (``DistillMethod.writes_reference_layout``), write ``images_{it}.pt`` etc. every so many
@@ -111,6 +113,7 @@ class RunOptions:
     save_vis: bool = True
     tta_mode: str = ""
     deterministic: bool = False
+    stacked_eval: str = "auto"
     command: str = ""
     save_every: int = 1000
 
@@ -134,7 +137,8 @@ def eval_protocol(method_class, cfg: DistillConfig, opts: RunOptions) -> utils.E
     augmented, plain = method_class.eval_epochs
     return utils.EvalProtocol(epochs_augmented=augmented, epochs_plain=plain, lr=cfg.lr_net,
                               batch_train=cfg.batch_train, dsa_strategy=method_class.training_dsa(cfg),
-                              tta_mode=opts.tta_mode, deterministic=opts.deterministic).with_epochs(opts.epoch_eval_train)
+                              tta_mode=opts.tta_mode, deterministic=opts.deterministic,
+                              stacked_eval=opts.stacked_eval).with_epochs(opts.epoch_eval_train)
 
 
 def eval_config_for(method: DistillMethod, model_eval: str, opts: RunOptions, syn=None) -> utils.EvalConfig:
@@ -157,7 +161,7 @@ class DistillationRun:
     """
 
     SUMMARY_FIELDS = ["exp", "iteration", "model", "acc_mean", "acc_std", "num_eval", "loss", "eval_seconds",
-                      "elapsed_s"]
+                      "elapsed_s", "eval_path"]
 
     def __init__(self, cfg: DistillConfig, opts: RunOptions, record, device: torch.device,
                  stop: Optional[StopFlag] = None, on_iteration: Optional[Callable[[int, int, dict], None]] = None):
@@ -331,9 +335,11 @@ class DistillationRun:
                 results[model_eval] = result
                 self.summary_rows.append(dict(exp=exp, iteration=iteration, model=model_eval, acc_mean=result.acc_mean,
                                               acc_std=result.acc_std, num_eval=self.opts.num_eval, loss=loss_value,
-                                              eval_seconds=round(result.train_time_s, 2), elapsed_s=round(elapsed, 2)))
-                logger.info("exp %d iter %d: %s %s (%d nets, %d epochs, %.1f s)", exp, iteration, model_eval,
-                            utils.format_acc(result.accs), self.opts.num_eval, eval_cfg.epochs, result.train_time_s)
+                                              eval_seconds=round(result.train_time_s, 2), elapsed_s=round(elapsed, 2),
+                                              eval_path=result.path))
+                logger.info("exp %d iter %d: %s %s (%d nets %s, %d epochs, %.1f s)%s", exp, iteration, model_eval,
+                            utils.format_acc(result.accs), self.opts.num_eval, result.path, eval_cfg.epochs,
+                            result.train_time_s, f"; {result.path_note}" if result.path_note else "")
         except utils.EvaluationStopped:
             del self.summary_rows[rows:]
             raise

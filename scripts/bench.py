@@ -11,12 +11,18 @@ iteration are printed beside it. MTT, DATM and PAD run at ipc 1 with their defau
 batch_syn on a 1-expert, 4-epoch buffer the script makes first (start epochs below 2, 2 expert
 epochs; an iteration's cost does not depend on the experts' quality).
 
+``--cases eval_stacked`` times the evaluation of ``--eval_networks`` (20) ConvNets on an ipc-10 set
+(random real images, DSA augmentation, ``--eval_epochs`` epochs + the 10,000 test images) trained
+one after another (``--stacked_eval off``) and together (``--stacked_eval on``, ``stacking``), and
+prints both, their ratio and what ``--stacked_eval auto`` picks on the device.
+
 ``--cases tesla`` compares the unrolled meta-gradient with ``--tesla`` (methods/tesla.py): MTT
 and DATM at ipc 10, ``--batch_syn 20``, ``--syn_steps`` 20, 40 and 80, each with and without
 ``--tesla`` (cases ``MTT10_s20``, ``MTT10_s20_tesla``, ...).
 
     python scripts/bench.py                     # default cases, 3 timed iterations each
     python scripts/bench.py --cases DC DM --iterations 5 --device cuda --json bench.json
+    python scripts/bench.py --cases eval_stacked --eval_epochs 300 --device cuda
 
 The first iteration of each case is a warm-up and is not timed (with ``--iterations 0`` it is the one timed). Peak memory: on CUDA the peak
 allocated by torch during the case; on CPU the peak resident set of the process, which runs that
@@ -140,6 +146,32 @@ def time_eval(record, device, repeats):
     return times
 
 
+def time_eval_stacked(record, device, repeats, epochs, count):
+    """Seconds to evaluate ``count`` ConvNets on an ipc-10 set one after another and together,
+    (median of ``repeats`` each), the accuracies of both paths and the path ``auto`` picks."""
+    import dataclasses
+
+    images, labels = sample_random_real(record, 10, utils.make_generator(0))
+    base = utils.EvalConfig(epochs=epochs, dsa_strategy="color_crop_cutout_flip_scale_rotate")
+    test_x, test_y = record.images_test.to(device), record.labels_test.to(device)
+    seconds, accs = {}, {}
+    for mode in ("off", "on"):
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            result = utils.evaluate_synset(images.to(device), labels.to(device), "ConvNet", record.num_classes, test_x,
+                                           test_y, dataclasses.replace(base, stacked_eval=mode), num_eval=count,
+                                           device=device, seed=0, progress=False)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        seconds[mode], accs[mode] = statistics.median(times), result.accs
+    auto = utils.eval_path("auto", "ConvNet", device, count)
+    return seconds, accs, auto
+
+
 def run_isolated(args) -> int:
     """Run every case in a child ``bench.py --no-isolate`` and merge their JSON reports."""
     import subprocess
@@ -149,7 +181,8 @@ def run_isolated(args) -> int:
         for case in args.cases:
             out = os.path.join(folder, f"{case}.json")
             command = [sys.executable, os.path.abspath(__file__), "--no-isolate", "--cases", case, "--iterations",
-                       str(args.iterations), "--eval_repeats", str(args.eval_repeats), "--device", args.device,
+                       str(args.iterations), "--eval_repeats", str(args.eval_repeats), "--eval_epochs",
+                       str(args.eval_epochs), "--eval_networks", str(args.eval_networks), "--device", args.device,
                        "--data_path", args.data_path, "--json", out]
             subprocess.run(command, check=True)
             report = json.load(open(out))
@@ -163,10 +196,12 @@ def run_isolated(args) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="*", default=DEFAULT_CASES, help=f"from: {' '.join(CASES)} eval, or tesla (all the --tesla comparison cases)")
+    parser.add_argument("--cases", nargs="*", default=DEFAULT_CASES, help=f"from: {' '.join(CASES)} eval eval_stacked, or tesla (all the --tesla comparison cases)")
     parser.add_argument("--iterations", type=int, default=3,
                         help="timed iterations per method after the warm-up (0: time the warm-up alone)")
     parser.add_argument("--eval_repeats", type=int, default=1, help="timed evaluations")
+    parser.add_argument("--eval_epochs", type=int, default=300, help="eval_stacked: training epochs of each network")
+    parser.add_argument("--eval_networks", type=int, default=20, help="eval_stacked: networks evaluated")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data_path", default="data")
     parser.add_argument("--json", default=None, help="write the timings here")
@@ -176,8 +211,8 @@ def main() -> int:
     args = parser.parse_args()
     args.cases = [name for case in args.cases for name in (TESLA_CASES if case == "tesla" else [case])]
     for case in args.cases:
-        if case not in CASES and case != "eval":
-            parser.error(f"unknown case {case!r}; choose from: {' '.join(CASES)} eval")
+        if case not in CASES and case not in ("eval", "eval_stacked"):
+            parser.error(f"unknown case {case!r}; choose from: {' '.join(CASES)} eval eval_stacked")
     device = utils.resolve_device(args.device)
     if args.isolate if args.isolate is not None else (device.type != "cuda" and len(args.cases) > 1):
         return run_isolated(args)
@@ -194,6 +229,18 @@ def main() -> int:
         if case == "eval":
             times = time_eval(record, device, args.eval_repeats)
             label = "evaluate ConvNet, ipc 1 (300 epochs + 10k test)"
+        elif case == "eval_stacked":
+            seconds, accs, auto = time_eval_stacked(record, device, args.eval_repeats, args.eval_epochs,
+                                                    args.eval_networks)
+            times = [seconds["on"]]
+            logs = {"sequential_s": seconds["off"], "stacked_s": seconds["on"],
+                    "throughput_ratio": seconds["off"] / seconds["on"],
+                    "max_acc_difference": max(abs(a - b) for a, b in zip(accs["on"], accs["off"])),
+                    "auto_stacked": float(auto[0])}
+            label = f"evaluate {args.eval_networks} ConvNets together, ipc 10 ({args.eval_epochs} epochs + 10k test)"
+            print(f"sequential {seconds['off']:.2f} s, stacked {seconds['on']:.2f} s: stacked throughput "
+                  f"x{seconds['off'] / seconds['on']:.2f}; auto picks {'stacked' if auto[0] else 'sequential'}"
+                  f"{' (' + auto[1] + ')' if auto[1] else ''}", flush=True)
         else:
             times, logs = time_method(case, record, sampler, device, args.iterations, buffer_root)
             method_name, ipc, overrides = CASES[case]

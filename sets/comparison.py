@@ -110,13 +110,16 @@ ReportFn = Callable[[str, List[float], "utils.EvalConfig", str, float], None]
 
 
 def _result(model_eval: str, accs: List[float], seconds: float, cfg: "utils.EvalConfig", labels: str,
-            learned_lr: Sequence[float] = ()) -> dict:
-    """A row's ``results[model_eval]``: mean, std, accuracies, seconds and the protocol record
-    (with ``learned_lr``, the step size each experiment learned, when the set learned one)."""
+            learned_lr: Sequence[float] = (), results: Sequence["utils.EvalResult"] = ()) -> dict:
+    """A row's ``results[model_eval]``: mean, std, accuracies, seconds, the protocol record
+    (with ``learned_lr``, the step size each experiment learned, when the set learned one) and
+    how the networks were trained (``eval_path``, ``eval_path_note``, from ``results``)."""
     protocol = {**cfg.describe(), "labels": labels}
     if learned_lr:
         protocol["learned_lr"] = [float(lr) for lr in learned_lr]
-    return {**utils.EvalResult(model_eval, accs, seconds).as_dict(), "protocol": protocol}
+    path = " + ".join(dict.fromkeys(r.path for r in results if r.path))
+    note = "; ".join(dict.fromkeys(r.path_note for r in results if r.path_note))
+    return {**utils.EvalResult(model_eval, accs, seconds, path, note).as_dict(), "protocol": protocol}
 
 
 def evaluate_set_row(row: Row, experiments: Sequence[SetToEvaluate], models: Sequence[str],
@@ -144,7 +147,7 @@ def evaluate_set_row(row: Row, experiments: Sequence[SetToEvaluate], models: Seq
     labels_kind = "soft" if experiments[0].labels.dim() == 2 else "hard"
     learned_lr = [experiment.learned_lr for experiment in experiments if experiment.learned_lr is not None]
     for model_eval in models:
-        accs, seconds, cfg = [], 0.0, None
+        accs, seconds, cfg, results = [], 0.0, None, []
         for index, experiment in enumerate(experiments):
             cfg = protocol.resolve(row.dataset, distilled_with, model_eval, row.ipc, experiment.learned_lr)
             result = utils.evaluate_synset(experiment.images.to(device), experiment.labels.to(device), model_eval,
@@ -152,7 +155,8 @@ def evaluate_set_row(row: Row, experiments: Sequence[SetToEvaluate], models: Seq
                                            device=device, seed=seed + 1000 * index, term=experiment.term)
             accs += result.accs
             seconds += result.train_time_s
-        row.results[model_eval] = _result(model_eval, accs, seconds, cfg, labels_kind, learned_lr)
+            results.append(result)
+        row.results[model_eval] = _result(model_eval, accs, seconds, cfg, labels_kind, learned_lr, results)
         if report is not None:
             report(model_eval, accs, cfg, row.name, seconds)
     return row
@@ -171,14 +175,15 @@ def random_real_row(record, ipc: int, models: Sequence[str], protocol: "utils.Ev
 
     row = Row(name=f"random real ipc {ipc}", kind="random", ipc=ipc, method="random", dataset=record.name)
     for model_eval in models:
-        cfg, accs, seconds = protocol.resolve(record.name, distilled_with, model_eval, ipc), [], 0.0
-        for run in range(num_eval):
+        cfg, accs, seconds, results = protocol.resolve(record.name, distilled_with, model_eval, ipc), [], 0.0, []
+        for run in range(num_eval):  # each network its own images: one network per call
             images, labels = sample_random_real(record, ipc, utils.make_generator(seed + run))
             result = utils.evaluate_synset(images.to(device), labels.to(device), model_eval, record.num_classes,
                                            test_images, test_labels, cfg, num_eval=1, device=device, seed=seed + run)
             accs += result.accs
             seconds += result.train_time_s
-        row.results[model_eval] = _result(model_eval, accs, seconds, cfg, "hard")
+            results.append(result)
+        row.results[model_eval] = _result(model_eval, accs, seconds, cfg, "hard", results=results)
         if report is not None:
             report(model_eval, accs, cfg, row.name, seconds)
     return row

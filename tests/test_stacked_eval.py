@@ -86,16 +86,16 @@ def test_augmentation_draws_are_each_networks_own(dsa, dc_aug):
         assert torch.allclose(joined[k], augmenter(x[k], torch.Generator().manual_seed(k)), atol=1e-6)
 
 
-@pytest.mark.parametrize("tta_mode", ["", "hflip"])
-def test_test_pass_of_many_networks_at_once(one_thread, tta_mode):
+def test_test_pass_of_many_networks_at_once(one_thread):
     record = tiny_record(per_class=4)
     nets = _fresh("ConvNetW32", 0, 3, record)
     test_x = torch.randn(10_000, record.channel, *record.im_size, generator=torch.Generator().manual_seed(1))
     test_y = torch.randint(0, record.num_classes, (10_000,), generator=torch.Generator().manual_seed(2))
     stack = stacking.StackedNetworks(copy.deepcopy(nets))
-    accs = stacking.test_accuracies(stack, test_x, test_y, batch_size=2500, tta_mode=tta_mode)
-    expected = [utils.test_accuracy(net, test_x, test_y, tta_mode=tta_mode) for net in nets]
-    assert accs == expected and len(set(accs)) > 1  # each network its own accuracy
+    accs = stacking.test_accuracies(stack, test_x, test_y, batch_size=5000)
+    assert accs == [utils.test_accuracy(net, test_x, test_y) for net in nets] and len(set(accs)) > 1
+    tta = stacking.test_accuracies(stack, test_x[:1000], test_y[:1000], batch_size=1000, tta_mode="hflip")
+    assert tta == [utils.test_accuracy(net, test_x[:1000], test_y[:1000], tta_mode="hflip") for net in nets]
 
 
 def test_evaluate_synset_stacked_equals_sequential_and_records_the_path(one_thread):
@@ -154,3 +154,20 @@ def test_auto_choice():
     assert "training term" in utils.eval_path("on", "ConvNet", cuda, 5, term=object())[1]
     with pytest.raises(ValueError, match="--stacked_eval"):
         utils.EvalConfig(stacked_eval="sometimes")
+
+
+def test_flag_reaches_the_protocol_of_both_stages():
+    from cli import distill_flags, evaluate_flags
+    from methods.runner import eval_protocol
+    import methods
+
+    for given, expected in (([], "auto"), (["--stacked_eval", "off"], "off"), (["--stacked_eval", "on"], "on")):
+        cfg, opts = distill_flags.resolve(distill_flags.parse_args(["--method", "DM", "--dataset", "MNIST", *given]))
+        protocol = eval_protocol(methods.get_method_class("DM"), cfg, opts)
+        assert opts.stacked_eval == protocol.stacked_eval == expected
+        assert protocol.resolve("MNIST", "ConvNet", "ConvNet", 1).stacked_eval == expected
+        args = evaluate_flags.build_parser().parse_args(["--baseline", "random", "--ipc", "1", *given])
+        saved = utils.EvalProtocol(stacked_eval="off")  # how, not what, is trained: the flag decides
+        assert evaluate_flags.apply_flags(saved, args).stacked_eval == expected
+    with pytest.raises(SystemExit):
+        distill_flags.parse_args(["--stacked_eval", "sometimes"])
