@@ -146,14 +146,15 @@ def time_eval(record, device, repeats):
     return times
 
 
-def time_eval_stacked(record, device, repeats, epochs, count):
+def time_eval_stacked(record, device, repeats, epochs, count, test_images=None):
     """Seconds to evaluate ``count`` ConvNets on an ipc-10 set one after another and together,
-    (median of ``repeats`` each), the accuracies of both paths and the path ``auto`` picks."""
+    (median of ``repeats`` each), the accuracies of both paths and the path ``auto`` picks; with
+    ``test_images``, only that many of the test set."""
     import dataclasses
 
     images, labels = sample_random_real(record, 10, utils.make_generator(0))
     base = utils.EvalConfig(epochs=epochs, dsa_strategy="color_crop_cutout_flip_scale_rotate")
-    test_x, test_y = record.images_test.to(device), record.labels_test.to(device)
+    test_x, test_y = record.images_test[:test_images].to(device), record.labels_test[:test_images].to(device)
     seconds, accs = {}, {}
     for mode in ("off", "on"):
         times = []
@@ -183,6 +184,7 @@ def run_isolated(args) -> int:
             command = [sys.executable, os.path.abspath(__file__), "--no-isolate", "--cases", case, "--iterations",
                        str(args.iterations), "--eval_repeats", str(args.eval_repeats), "--eval_epochs",
                        str(args.eval_epochs), "--eval_networks", str(args.eval_networks), "--device", args.device,
+                       *(["--eval_test_images", str(args.eval_test_images)] if args.eval_test_images else []),
                        "--data_path", args.data_path, "--json", out]
             subprocess.run(command, check=True)
             report = json.load(open(out))
@@ -202,6 +204,8 @@ def main() -> int:
     parser.add_argument("--eval_repeats", type=int, default=1, help="timed evaluations")
     parser.add_argument("--eval_epochs", type=int, default=300, help="eval_stacked: training epochs of each network")
     parser.add_argument("--eval_networks", type=int, default=20, help="eval_stacked: networks evaluated")
+    parser.add_argument("--eval_test_images", type=int, default=None,
+                        help="eval_stacked: test on the first N test images only (default all 10,000)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data_path", default="data")
     parser.add_argument("--json", default=None, help="write the timings here")
@@ -231,13 +235,14 @@ def main() -> int:
             label = "evaluate ConvNet, ipc 1 (300 epochs + 10k test)"
         elif case == "eval_stacked":
             seconds, accs, auto = time_eval_stacked(record, device, args.eval_repeats, args.eval_epochs,
-                                                    args.eval_networks)
+                                                    args.eval_networks, args.eval_test_images)
             times = [seconds["on"]]
             logs = {"sequential_s": seconds["off"], "stacked_s": seconds["on"],
                     "throughput_ratio": seconds["off"] / seconds["on"],
                     "max_acc_difference": max(abs(a - b) for a, b in zip(accs["on"], accs["off"])),
                     "auto_stacked": float(auto[0])}
-            label = f"evaluate {args.eval_networks} ConvNets together, ipc 10 ({args.eval_epochs} epochs + 10k test)"
+            tested = f"{args.eval_test_images} test images" if args.eval_test_images else "10k test"
+            label = f"evaluate {args.eval_networks} ConvNets together, ipc 10 ({args.eval_epochs} epochs + {tested})"
             print(f"sequential {seconds['off']:.2f} s, stacked {seconds['on']:.2f} s: stacked throughput "
                   f"x{seconds['off'] / seconds['on']:.2f}; auto picks {'stacked' if auto[0] else 'sequential'}"
                   f"{' (' + auto[1] + ')' if auto[1] else ''}", flush=True)
