@@ -161,7 +161,7 @@ class DistillationRun:
     """
 
     SUMMARY_FIELDS = ["exp", "iteration", "model", "acc_mean", "acc_std", "num_eval", "loss", "eval_seconds",
-                      "elapsed_s", "eval_path"]
+                      "elapsed_s"]
 
     def __init__(self, cfg: DistillConfig, opts: RunOptions, record, device: torch.device,
                  stop: Optional[StopFlag] = None, on_iteration: Optional[Callable[[int, int, dict], None]] = None):
@@ -192,6 +192,7 @@ class DistillationRun:
         self.best: list = []
         self.summary_rows: list = []
         self.vis_paths: list = []
+        self.eval_paths: dict = {}  # model -> how its last evaluation trained ({"path", "note"}; results.json)
         self.step_seconds, self.steps_timed, self.distill_seconds = 0.0, 0, 0.0
         self.method: Optional[DistillMethod] = None
         self.syn = None
@@ -335,8 +336,9 @@ class DistillationRun:
                 results[model_eval] = result
                 self.summary_rows.append(dict(exp=exp, iteration=iteration, model=model_eval, acc_mean=result.acc_mean,
                                               acc_std=result.acc_std, num_eval=self.opts.num_eval, loss=loss_value,
-                                              eval_seconds=round(result.train_time_s, 2), elapsed_s=round(elapsed, 2),
-                                              eval_path=result.path))
+                                              eval_seconds=round(result.train_time_s, 2), elapsed_s=round(elapsed, 2)))
+                self.eval_paths[model_eval] = {"path": result.path, **({"note": result.path_note}
+                                                                        if result.path_note else {})}
                 logger.info("exp %d iter %d: %s %s (%d nets %s, %d epochs, %.1f s)%s", exp, iteration, model_eval,
                             utils.format_acc(result.accs), self.opts.num_eval, result.path, eval_cfg.epochs,
                             result.train_time_s, f"; {result.path_note}" if result.path_note else "")
@@ -627,6 +629,7 @@ class DistillationRun:
                                for m in opts.eval_models},
                   "accuracy": {m: {"mean": utils.EvalResult(m, a).acc_mean, "std": utils.EvalResult(m, a).acc_std,
                                    "accs": a} for m, a in self.accs_all_exps.items()},
+                  "eval_path": dict(self.eval_paths),
                   "best": self.best_records(),
                   "best_file": self.best_path if os.path.isfile(self.best_path) else None,
                   "result_file": self.result_path, "clom": dict(cfg.clom) if cfg.clom else None,

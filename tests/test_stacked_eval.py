@@ -171,3 +171,15 @@ def test_flag_reaches_the_protocol_of_both_stages():
         assert evaluate_flags.apply_flags(saved, args).stacked_eval == expected
     with pytest.raises(SystemExit):
         distill_flags.parse_args(["--stacked_eval", "sometimes"])
+
+
+def test_evaluate_py_rows_record_the_path(one_thread):
+    from sets import comparison
+
+    record = tiny_record(per_class=4)
+    row = comparison.Row(name="set", kind="synthetic", ipc=4, method="DM", dataset=record.name)
+    experiment = comparison.SetToEvaluate(images=record.images_train, labels=record.labels_train)
+    protocol = utils.EvalProtocol(epochs_plain=1, batch_train=8, stacked_eval="on")
+    comparison.evaluate_set_row(row, [experiment], ["ConvNetW32"], protocol, "ConvNet", record.images_test,
+                                record.labels_test, 3, num_eval=2, device=CPU, seed=0)
+    assert row.results["ConvNetW32"]["eval_path"] == "stacked" and len(row.results["ConvNetW32"]["accs"]) == 2
