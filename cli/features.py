@@ -78,7 +78,8 @@ def feature_label_config(args: argparse.Namespace):
 
 
 def add_eval_option_args(parser: argparse.ArgumentParser, saved_default: bool = False) -> None:
-    """``--tta --tta_mode --deterministic`` (DRUPI ``DCmain3.0.py``; distill.py and evaluate.py).
+    """``--tta --tta_mode --deterministic`` (DRUPI ``DCmain3.0.py``) and ``--label_loss`` (distill.py
+    and evaluate.py).
 
     With ``saved_default`` (``evaluate.py``), ``--tta`` and ``--deterministic`` default to ``None``:
     the protocol saved with the set decides unless the flag is given.
@@ -90,18 +91,27 @@ def add_eval_option_args(parser: argparse.ArgumentParser, saved_default: bool = 
     group.add_argument("--tta_mode", default="hflip", help=f"with --tta: {', '.join(utils.TTA_MODES)} (hflip)")
     group.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=off,
                        help="deterministic kernels and a test pass size independent of the batch size")
+    group.add_argument("--label_loss", default=None,
+                       help=f"how networks trained on a set fit its labels: {' or '.join(utils.LABEL_LOSSES)} "
+                            "(square loss on one-hot - 1/K, or on a set's learned real-valued labels); default: "
+                            + ("the protocol saved with the set" if saved_default else
+                               "the method's (KIP mse, every other cross_entropy)"))
 
 
 def eval_option_values(args: argparse.Namespace, given_only: bool = False) -> dict:
-    """``{'tta_mode', 'deterministic'}`` for ``utils.EvalProtocol`` / ``RunOptions``; with
-    ``given_only``, only the flags given (``None`` defaults are left out).
+    """``{'tta_mode', 'deterministic', 'label_loss'}`` for ``utils.EvalProtocol`` / ``RunOptions``;
+    with ``given_only``, only the flags given (``None`` defaults are left out; ``label_loss`` is
+    left out whenever it is not given, so the method's or the saved protocol's applies).
 
     Raises:
-        utils.UserError: unknown ``--tta_mode``.
+        utils.UserError: unknown ``--tta_mode`` or ``--label_loss``.
     """
     if args.tta and args.tta_mode not in utils.TTA_MODES:
         raise utils.UserError(f"--tta_mode {args.tta_mode!r}: expected one of {', '.join(utils.TTA_MODES)}")
-    values = {}
+    label_loss = getattr(args, "label_loss", None)
+    if label_loss is not None and label_loss not in utils.LABEL_LOSSES:
+        raise utils.UserError(f"--label_loss {label_loss!r}: expected one of {', '.join(utils.LABEL_LOSSES)}")
+    values = {} if label_loss is None else {"label_loss": label_loss}
     if not given_only or args.tta is not None:
         values["tta_mode"] = args.tta_mode if args.tta else ""
     if not given_only or args.deterministic is not None:
