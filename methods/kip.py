@@ -154,3 +154,38 @@ class KIP(DistillMethod):
         logs = super().step(syn, iteration)
         logs["krr_acc"] = self.last_accuracy
         return logs
+
+
+def krr_accuracy(image_syn: torch.Tensor, label_syn: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
+                 num_classes: int, kernel: str = "fc_ntk", depth: int = 1, reg: float = 1e-6,
+                 w_std: float = kernels.W_STD, b_std: float = kernels.B_STD, chunk: int = 2000) -> float:
+    """Accuracy of kernel ridge regression on a support set: the KIP papers' headline measure
+    (the colab's ``test acc``), without training any network.
+
+    Args:
+        image_syn: (n_s, C, H, W) support images; label_syn: (n_s,) class indices (taken as
+            one_hot - 1/K) or (n_s, K) real-valued labels.
+        images, labels: (M, C, H, W) and (M,) the images to classify (e.g. the real test set).
+        num_classes: K.
+        kernel: ``fc_ntk`` or ``fc_nngp`` (the exact kernels; ``conv_rf`` is random, so not offered).
+        depth, reg, w_std, b_std: as the KIP options.
+        chunk: test images per kernel block (does not change the result).
+
+    Returns:
+        The fraction in [0, 1] of ``images`` whose KRR prediction's argmax is their label.
+
+    Raises:
+        ValueError: ``kernel`` is not an exact kernel.
+    """
+    if kernel not in ("fc_ntk", "fc_nngp"):
+        raise ValueError(f"kernel {kernel!r}: krr_accuracy takes fc_ntk or fc_nngp")
+    which = 1 if kernel == "fc_ntk" else 0
+    x_s = image_syn.detach().double()
+    y_s = utils.regression_targets(label_syn.detach(), num_classes).to(x_s.device)
+    k_ss = kernels.fc_kernels(x_s, x_s, depth, w_std, b_std)[which]
+    correct = 0
+    for x, y in zip(images.split(chunk), labels.split(chunk)):
+        k_ts = kernels.fc_kernels(x.double().to(x_s.device), x_s, depth, w_std, b_std)[which]
+        prediction = kernels.kernel_ridge_regression(k_ts, k_ss, y_s, reg)
+        correct += int((prediction.argmax(1).cpu() == y.cpu()).sum())
+    return correct / max(labels.shape[0], 1)

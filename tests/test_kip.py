@@ -189,3 +189,14 @@ def test_bad_kip_flag_is_one_line(tmp_path, monkeypatch, capsys, argv, needle):
         distill.main(["--method", "KIP", "--dataset", "Tiny3", "--run_dir", str(tmp_path / "run"), *argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+def test_krr_accuracy_is_perfect_on_the_support_and_refuses_random_kernels():
+    from methods.kip import krr_accuracy
+
+    record = tiny_record()
+    images, labels = record.images_train, record.labels_train
+    assert krr_accuracy(images, labels, images, labels, 3, reg=0.0) == 1.0
+    assert 0.5 < krr_accuracy(images[::8], labels[::8], record.images_test, record.labels_test, 3) <= 1.0
+    with pytest.raises(ValueError, match="fc_ntk or fc_nngp"):
+        krr_accuracy(images, labels, images, labels, 3, kernel="conv_rf")
