@@ -23,6 +23,7 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Protocol, Sequence, Tuple
 
@@ -342,14 +343,77 @@ def make_augmenter(dsa_strategy: str = "", dc_aug: Optional["augment.DCAugParam"
     return None
 
 
-def accumulate_gradient(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Add the gradient of the batch-mean cross-entropy to every ``p.grad``.
+# How a network trained on a set is fitted to its labels (``EvalConfig.label_loss``, ``--label_loss``).
+LABEL_LOSSES = ("cross_entropy", "mse")
+
+
+def centred_one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Regression targets of class labels: ``one_hot(y) - 1/K`` (float32).
+
+    Source: the KIP colab's ``one_hot(..., center=True)`` and ``nn_training.ipynb`` (MSE loss) of
+    google-research/google-research ``kip/``; Nguyen, Chen, Lee, ICLR 2021, Sec. 2.
+
+    Args:
+        labels: (N,) int64 class indices in [0, K).
+        num_classes: K.
+
+    Returns:
+        (N, K) float32: 1 - 1/K at the class, -1/K elsewhere.
+    """
+    return F.one_hot(labels.long(), num_classes).float() - 1.0 / num_classes
+
+
+def regression_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """What the ``mse`` label loss fits: class indices (N,) become :func:`centred_one_hot` (N, K);
+    real-valued (N, K) labels (learned by kernel ridge regression, KIP) are used as they are.
+
+    Raises:
+        ValueError: labels neither (N,) nor (N, K).
+    """
+    if labels.dim() == 1:
+        return centred_one_hot(labels, num_classes)
+    if labels.dim() == 2 and labels.shape[1] == num_classes:
+        return labels.float()
+    raise ValueError(f"labels must be ({labels.shape[0]},) or ({labels.shape[0]}, {num_classes}), got {tuple(labels.shape)}")
+
+
+def label_loss_sum(logits: torch.Tensor, labels: torch.Tensor, label_loss: str = "cross_entropy") -> torch.Tensor:
+    """The summed (not averaged) training loss of a batch.
+
+    ``cross_entropy``: ``sum_i CE(logits_i, y_i)`` with class indices or (B, K) probabilities.
+    ``mse``: ``sum_i 0.5 * ||logits_i - y_i||^2`` against (B, K) regression targets
+    (:func:`regression_targets`): the square loss the KIP paper's finite networks were trained with
+    (google-research ``kip/nn_training.ipynb`` ``loss_type='mse'``, whose ``0.5 * mean`` also
+    averages over the K outputs; summing over them keeps the gradient's scale near the
+    cross-entropy's, so the same ``--lr_net`` fits both).
+
+    Args:
+        logits: (B, K) network outputs.
+        labels: (B,) int64, or (B, K) probabilities (cross-entropy) / regression targets (mse).
+        label_loss: one of :data:`LABEL_LOSSES`.
+
+    Raises:
+        ValueError: unknown ``label_loss``.
+    """
+    if label_loss == "cross_entropy":
+        return F.cross_entropy(logits, labels, reduction="sum")
+    if label_loss == "mse":
+        return 0.5 * ((logits - labels) ** 2).sum()
+    raise ValueError(f"label loss {label_loss!r}: expected one of {', '.join(LABEL_LOSSES)}")
+
+
+def accumulate_gradient(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                        label_loss: str = "cross_entropy") -> torch.Tensor:
+    """Add the gradient of the batch-mean loss (cross-entropy, or :func:`label_loss_sum`'s
+    ``label_loss``) to every ``p.grad``.
 
     Without batch statistics every sample is computed independently, so the gradient is
     accumulated over cache-sized chunks (:func:`pass_size`) with the same result.
 
     Args:
-        images: (B, C, H, W); labels: (B,) int64 or (B, K) probabilities.
+        images: (B, C, H, W); labels: (B,) int64 or (B, K) probabilities (or regression targets
+            with ``label_loss='mse'``).
+        label_loss: one of :data:`LABEL_LOSSES`.
 
     Returns:
         The batch's mean loss (a detached 0-d tensor on the device; no sync).
@@ -357,21 +421,22 @@ def accumulate_gradient(net: nn.Module, images: torch.Tensor, labels: torch.Tens
     size = pass_size(net, images)
     total = torch.zeros((), device=images.device)
     for x_chunk, y_chunk in zip(images.split(size), labels.split(size)):
-        loss = F.cross_entropy(net(x_chunk), y_chunk, reduction="sum") / images.shape[0]
+        loss = label_loss_sum(net(x_chunk), y_chunk, label_loss) / images.shape[0]
         loss.backward()
         total += loss.detach()
     return total
 
 
 def sgd_step(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-             optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    """One optimiser step on the batch-mean cross-entropy (gradient from :func:`accumulate_gradient`).
+             optimizer: torch.optim.Optimizer, label_loss: str = "cross_entropy") -> torch.Tensor:
+    """One optimiser step on the batch-mean loss (gradient from :func:`accumulate_gradient`;
+    cross-entropy unless ``label_loss`` says otherwise).
 
     Returns:
         The batch's mean loss before the step (a detached 0-d tensor).
     """
     optimizer.zero_grad(set_to_none=True)
-    loss = accumulate_gradient(net, images, labels)
+    loss = accumulate_gradient(net, images, labels, label_loss)
     optimizer.step()
     return loss
 
@@ -528,6 +593,8 @@ class EvalConfig:
         stacked_eval: ``--stacked_eval``: ``on`` trains the networks of one evaluation together
             (``stacking``), ``off`` one after another, ``auto`` picks the faster
             (:func:`eval_path`). The accuracies are the same up to float rounding.
+        label_loss: ``--label_loss``: ``cross_entropy`` (hard or soft labels) or ``mse`` (square
+            loss on :func:`regression_targets`: centred one-hot, or the set's real-valued labels).
     """
 
     epochs: int = 300
@@ -541,6 +608,7 @@ class EvalConfig:
     tta_mode: str = ""
     deterministic: bool = False
     stacked_eval: str = "auto"
+    label_loss: str = "cross_entropy"
 
     def __post_init__(self) -> None:
         if self.stacked_eval not in STACKED_EVAL_CHOICES:
@@ -555,6 +623,7 @@ class EvalConfig:
             "lr_schedule": f"x0.1 after epoch {self.epochs // 2 + 1}, optimiser rebuilt",
             "augmentation": (f"DSA {self.dsa_strategy}" if self.dsa_strategy else
                              f"DC {self.dc_aug.strategy}" if self.dc_aug is not None else "none"),
+            "label_loss": self.label_loss,
         }
         if self.tta_mode:
             record["tta"] = f"{self.tta_mode} (mean of softmax probabilities)"
@@ -582,7 +651,8 @@ class EvalProtocol:
         lr: SGD learning rate (``--lr_net``) unless the set learned a step size.
         batch_train: ``--batch_train``.
         dsa_strategy: DiffAugment strategy ("" : DC's ``get_daparam`` augmentation or none).
-        tta_mode, deterministic, stacked_eval: see :class:`EvalConfig`.
+        tta_mode, deterministic, stacked_eval, label_loss: see :class:`EvalConfig` (the distillation
+            layer fills ``label_loss`` from the method's default, e.g. ``mse`` for KIP, or ``--label_loss``).
     """
 
     epochs_augmented: int = 1000
@@ -593,6 +663,7 @@ class EvalProtocol:
     tta_mode: str = ""
     deterministic: bool = False
     stacked_eval: str = "auto"
+    label_loss: str = "cross_entropy"
 
     def resolve(self, dataset: str, model: str, model_eval: str, ipc: int,
                 learned_lr: Optional[float] = None) -> EvalConfig:
@@ -610,7 +681,8 @@ class EvalProtocol:
         return EvalConfig(epochs=self.epochs_augmented if augmented else self.epochs_plain,
                           lr=float(learned_lr) if learned_lr is not None else self.lr, batch_train=self.batch_train,
                           dsa_strategy=self.dsa_strategy, dc_aug=dc_aug, tta_mode=self.tta_mode,
-                          deterministic=self.deterministic, stacked_eval=self.stacked_eval)
+                          deterministic=self.deterministic, stacked_eval=self.stacked_eval,
+                          label_loss=self.label_loss)
 
     def with_epochs(self, epochs: Optional[int]) -> "EvalProtocol":
         """This protocol with both epoch counts set to ``epochs`` (unchanged when ``None``)."""
@@ -674,7 +746,8 @@ def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, t
     Args:
         net: a freshly initialised network on the target device.
         images: (N, C, H, W) training images on that device (detached).
-        labels: (N,) int64 or (N, K) soft labels.
+        labels: (N,) int64 or (N, K) soft labels; with ``cfg.label_loss='mse'`` (N, K) regression
+            targets (:func:`regression_targets`).
         test_images, test_labels: (M, C, H, W) and (M,), on any device.
         cfg: the protocol.
         generator: CPU generator for shuffling and augmentation.
@@ -689,9 +762,11 @@ def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, t
         EvaluationStopped: ``should_stop`` said so.
     """
     augmenter = make_augmenter(cfg.dsa_strategy, cfg.dc_aug)
+    step = None if cfg.label_loss == "cross_entropy" else functools.partial(sgd_step, label_loss=cfg.label_loss)
     loss = _train_on_schedule(
         list(net.parameters()), cfg,
-        lambda optimizer: train_epoch(net, images, labels, optimizer, cfg.batch_train, generator, augmenter, term=term),
+        lambda optimizer: train_epoch(net, images, labels, optimizer, cfg.batch_train, generator, augmenter, term=term,
+                                      step=step),
         on_epoch, should_stop)
     if not math.isfinite(loss):
         raise FloatingPointError(f"evaluation training loss became {loss}")
@@ -788,13 +863,14 @@ SEQUENTIAL_ON_AUTO = ("VGG", "ResNet")
 
 
 def eval_path(stacked_eval: str, model: str, device: torch.device, num_networks: int,
-              term: Optional[TrainingTerm] = None) -> Tuple[bool, str]:
+              term: Optional[TrainingTerm] = None, label_loss: str = "cross_entropy") -> Tuple[bool, str]:
     """Whether :func:`evaluate_synset` trains its networks together (``stacking``) and why not.
 
     ``on`` stacks whenever it can; ``off`` never; ``auto`` stacks on CUDA unless ``model`` is one
     of :data:`SEQUENTIAL_ON_AUTO`, and trains one network at a time on CPU, where stacking was
     measured slower (docs/results.md, *Stacked evaluation*). A set's training term (feature
-    labels) and a single network always go one at a time.
+    labels), a label loss other than cross-entropy (``mse``) and a single network always go one
+    at a time.
 
     Returns:
         ``(stacked, note)``; the note is empty when the setting was followed as asked.
@@ -803,6 +879,8 @@ def eval_path(stacked_eval: str, model: str, device: torch.device, num_networks:
         return False, ""
     if term is not None:
         return False, "sequential: the set's training term (feature labels) trains one network at a time"
+    if label_loss != "cross_entropy":
+        return False, f"sequential: --label_loss {label_loss} trains one network at a time"
     if num_networks < 2:
         return False, "sequential: one network" if stacked_eval == "on" else ""
     if stacked_eval == "on":
@@ -833,7 +911,9 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
 
     Args:
         image_syn: (N, C, H, W) synthetic images in the dataset's normalised (or ZCA) space.
-        label_syn: (N,) int64 labels or (N, K) soft labels.
+        label_syn: (N,) int64 labels or (N, K) soft labels (probabilities); with
+            ``cfg.label_loss='mse'``, class indices become centred one-hot targets and (N, K)
+            labels are real-valued regression targets (:func:`regression_targets`).
         model: a network name from ``networks.list_networks()``.
         num_classes: K.
         test_images, test_labels: the real test set, (M, C, H, W) and (M,).
@@ -857,13 +937,20 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
 
     Raises:
         KeyError: unknown ``model``.
-        ValueError: ``term`` does not fit ``model`` (:meth:`TrainingTerm.check`).
+        ValueError: ``term`` does not fit ``model`` (:meth:`TrainingTerm.check`); a ``term`` with a
+            label loss other than cross-entropy; labels that do not fit ``cfg.label_loss``.
         FloatingPointError: a training loss became NaN or infinite.
         EvaluationStopped: ``should_stop`` said so.
     """
     device = device or image_syn.device
     images = image_syn.detach().to(device)
     labels = label_syn.detach().to(device)
+    if cfg.label_loss not in LABEL_LOSSES:
+        raise ValueError(f"label loss {cfg.label_loss!r}: expected one of {', '.join(LABEL_LOSSES)}")
+    if cfg.label_loss == "mse":
+        if term is not None:
+            raise ValueError("a training term (feature labels) trains with cross-entropy; it cannot use --label_loss mse")
+        labels = regression_targets(labels, num_classes)
     channel, im_size = images.shape[1], tuple(images.shape[2:])
     runs = list(range(num_eval)) if indices is None else [int(k) for k in indices]
     result = EvalResult(model=model)
@@ -878,7 +965,7 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
             torch.manual_seed(seed + run)
             return networks.get_network(model, channel, num_classes, im_size, device=device)
 
-    stacked, note = eval_path(cfg.stacked_eval, model, device, len(runs), term)
+    stacked, note = eval_path(cfg.stacked_eval, model, device, len(runs), term, cfg.label_loss)
     nets = []
     if stacked:
         nets = [fresh_network(run) for run in runs]

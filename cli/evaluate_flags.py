@@ -121,9 +121,11 @@ def saved_protocol(meta: dict) -> utils.EvalProtocol:
     config = meta.get("config") or {}
     strategy = meta.get("dsa_strategy") or ""
     if meta.get("method") in methods.METHODS:  # an older file of ours: its method's defaults
-        augmented, plain = methods.get_method_class(meta["method"]).eval_epochs
+        method_class = methods.get_method_class(meta["method"])
+        augmented, plain = method_class.eval_epochs
         return utils.EvalProtocol(epochs_augmented=augmented, epochs_plain=plain, lr=config.get("lr_net", 0.01),
-                                  batch_train=config.get("batch_train", 256), dsa_strategy=strategy)
+                                  batch_train=config.get("batch_train", 256), dsa_strategy=strategy,
+                                  label_loss=method_class.eval_label_loss)
     return utils.EvalProtocol(dsa_strategy=strategy)
 
 
@@ -142,10 +144,13 @@ def apply_flags(protocol: utils.EvalProtocol, args: argparse.Namespace) -> utils
 
 def read_experiments(path: str, record, exp: Optional[Sequence[int]] = None, labels_path: Optional[str] = None,
                      lr_path: Optional[str] = None, lbd: Optional[float] = None,
-                     use_learned_lr: bool = True, dataset: Optional[str] = None) -> Tuple[dict, List[comparison.SetToEvaluate]]:
+                     use_learned_lr: bool = True, dataset: Optional[str] = None,
+                     label_loss: str = "cross_entropy", blob: Optional[dict] = None) -> Tuple[dict, List[comparison.SetToEvaluate]]:
     """A saved set's file and its chosen experiments, ready for the protocol.
 
-    Float (N, K) labels are soft-label logits (DATM's format and ours) and become probabilities.
+    Float (N, K) labels are soft-label logits (DATM's format and ours) and become probabilities;
+    under the ``mse`` label loss they are real-valued regression targets (KIP's learned labels)
+    and are kept as they are.
     A set saved with feature labels (a third ``data`` entry) trains with them (``lbd`` overrides
     lambda; 0 trains with CE only).
 
@@ -155,11 +160,13 @@ def read_experiments(path: str, record, exp: Optional[Sequence[int]] = None, lab
         exp: experiment indices (default all).
         use_learned_lr: train with the step size saved with the set (``False`` when ``--lr_net`` is given).
         dataset: ``--dataset`` as given (default ``record.name``), which the file's must equal.
+        label_loss: the protocol's label loss (``utils.LABEL_LOSSES``).
+        blob: the file's content when already read (``files.read_set_file``), else it is read here.
 
     Raises:
         utils.UserError: the file does not match the dataset or ``exp``, or cannot be read.
     """
-    blob = files.read_set_file(path, record.num_classes, labels_path, lr_path)
+    blob = blob if blob is not None else files.read_set_file(path, record.num_classes, labels_path, lr_path)
     meta = blob.get("meta") or {}
     dataset = dataset or record.name
     if meta.get("dataset") and meta["dataset"] not in (dataset, record.name):
@@ -185,7 +192,7 @@ def read_experiments(path: str, record, exp: Optional[Sequence[int]] = None, lab
                 raise utils.UserError(f"--syn_path {path}: data[{index}] labels run {int(labels.min())}..{int(labels.max())}; "
                                       f"{dataset} has classes 0..{record.num_classes - 1}")
         elif labels.dim() == 2 and labels.shape[1] == record.num_classes:
-            labels = torch.softmax(labels.float(), dim=1)
+            labels = labels.float() if label_loss == "mse" else torch.softmax(labels.float(), dim=1)
         else:
             raise utils.UserError(f"--syn_path labels of experiment {index} have shape {tuple(labels.shape)}; expected "
                                   f"({images.shape[0]},) class indices or ({images.shape[0]}, {record.num_classes}) logits")
@@ -208,10 +215,13 @@ def load_set(path: str, args: argparse.Namespace, record) -> Tuple[dict, List[co
         utils.UserError: see :func:`read_experiments`; or the set records another mean/std than the
             test set's (CIFAR100 distilled by MTT/DATM/PAD/CAFE: ``--cifar100_stats cifar10``).
     """
+    blob = files.read_set_file(path, record.num_classes, args.labels_path, args.lr_path)
+    protocol = apply_flags(saved_protocol(blob.get("meta") or {}), args)
     blob, experiments = read_experiments(path, record, args.exp, args.labels_path, args.lr_path, args.lbd,
-                                         use_learned_lr=args.lr_net is None, dataset=args.dataset)
+                                         use_learned_lr=args.lr_net is None, dataset=args.dataset,
+                                         label_loss=protocol.label_loss, blob=blob)
     check_normalization(path, blob.get("meta") or {}, record)
-    return blob, experiments, apply_flags(saved_protocol(blob.get("meta") or {}), args)
+    return blob, experiments, protocol
 
 
 def check_normalization(path: str, meta: dict, record) -> None:

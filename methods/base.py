@@ -191,6 +191,9 @@ class SyntheticSet(nn.Module):
         features: ``None``, or learnable privileged feature labels ``nn.Parameter``
             (n_feat, K*ipc or K, ...) (DRUPI, ``--feature_labels``); evaluation trains on
             CE + lbd * D(E(x), F).
+        label_values: ``None``, or learnable real-valued labels ``nn.Parameter`` (K*ipc, K): the
+            regression targets of kernel ridge regression (KIP ``--learn_labels``), initialised at
+            ``one_hot - 1/K``; evaluation fits them as they are (``--label_loss mse``).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, ipc: int):
@@ -204,6 +207,7 @@ class SyntheticSet(nn.Module):
         self.syn_lr: Optional[nn.Parameter] = None
         self.label_logits: Optional[nn.Parameter] = None
         self.features: Optional[nn.Parameter] = None
+        self.label_values: Optional[nn.Parameter] = None
 
     def learn_lr(self, value: float) -> nn.Parameter:
         """Add the learnable step size, initialised at ``value``; returns it."""
@@ -220,6 +224,17 @@ class SyntheticSet(nn.Module):
             raise ValueError(f"soft labels must be ({self.images.shape[0]}, {self.num_classes}), got {tuple(logits.shape)}")
         self.label_logits = nn.Parameter(logits.detach().clone().to(self.images.device))
         return self.label_logits
+
+    def learn_label_values(self, values: torch.Tensor) -> nn.Parameter:
+        """Add learnable real-valued labels (K*ipc, K) (KIP's learned KRR targets); returns them.
+
+        Raises:
+            ValueError: ``values`` is not (K*ipc, K).
+        """
+        if tuple(values.shape) != (self.images.shape[0], self.num_classes):
+            raise ValueError(f"label values must be ({self.images.shape[0]}, {self.num_classes}), got {tuple(values.shape)}")
+        self.label_values = nn.Parameter(values.detach().clone().float().to(self.images.device))
+        return self.label_values
 
     def learn_features(self, features: torch.Tensor) -> nn.Parameter:
         """Add learnable feature labels (n_feat, K*ipc or K, ...) (methods/addons/feature_labels.py); returns them.
@@ -238,17 +253,29 @@ class SyntheticSet(nn.Module):
         return self.images[c * self.ipc:(c + 1) * self.ipc]
 
     def targets(self) -> torch.Tensor:
-        """Training targets: (K*ipc,) int64 class labels, or (K*ipc, K) probabilities
-        ``softmax(label_logits)`` when soft labels are learned (detached)."""
+        """Training targets: (K*ipc,) int64 class labels, (K*ipc, K) probabilities
+        ``softmax(label_logits)`` when soft labels are learned, or the (K*ipc, K) real-valued
+        ``label_values`` when those are learned (detached)."""
         if self.label_logits is not None:
             return torch.softmax(self.label_logits.detach(), dim=1)
+        if self.label_values is not None:
+            return self.label_values.detach()
         return self.labels
 
     def export_labels(self) -> torch.Tensor:
         """The labels a result file stores: the soft-label logits (DATM's ``labels_*.pt``
-        format) when learned, else the int64 class labels; detached, on the CPU."""
-        labels = self.label_logits if self.label_logits is not None else self.labels
+        format) or the real-valued label values (KIP) when learned, else the int64 class labels;
+        detached, on the CPU."""
+        labels = self.label_logits if self.label_logits is not None else self.label_values
+        labels = labels if labels is not None else self.labels
         return labels.detach().cpu().clone()
+
+    def label_kind(self) -> str:
+        """What :meth:`export_labels` holds, for records: ``hard``, ``soft`` (logits) or
+        ``learned real-valued``."""
+        if self.label_logits is not None:
+            return "soft"
+        return "learned real-valued" if self.label_values is not None else "hard"
 
     @staticmethod
     def class_major_labels(num_classes: int, ipc: int, device=None) -> torch.Tensor:
@@ -301,6 +328,9 @@ class DistillMethod:
     run_counts: ClassVar[Tuple[int, int]] = (5, 20)
     # Whose --eval_mode pools (networks.FAMILY_POOLS): "DC" or "MTT" (its M pool differs).
     pool_family: ClassVar[str] = "DC"
+    # How networks trained on the set fit its labels when --label_loss is not given
+    # (utils.LABEL_LOSSES): cross-entropy, or mse for kernel methods whose labels are regression targets.
+    eval_label_loss: ClassVar[str] = "cross_entropy"
     # --cifar100_stats when not given: "cifar100" (its own mean/std, DC/DSA/DM) or "cifar10"
     # (CIFAR10's, as the CIFAR100 loaders of mtt-distillation, DATM, PAD and CAFE).
     cifar100_stats: ClassVar[str] = "cifar100"

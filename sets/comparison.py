@@ -128,7 +128,8 @@ def evaluate_set_row(row: Row, experiments: Sequence[SetToEvaluate], models: Seq
                      seed: int, report: Optional[ReportFn] = None) -> Row:
     """Train ``num_eval`` networks of every model in ``models`` on every experiment of a set and
     fill ``row.results`` (experiment ``e`` uses seeds ``seed + 1000 * e + k``). Each result's
-    ``protocol`` is ``EvalConfig.describe()`` plus ``labels`` (``hard`` / ``soft``) and, when the
+    ``protocol`` is ``EvalConfig.describe()`` (with its ``label_loss``) plus ``labels`` (``hard`` /
+    ``soft`` / ``learned real-valued``: (N, K) labels fitted by the ``mse`` label loss) and, when the
     experiments learned a step size, ``learned_lr`` (one per experiment; ``lr`` is the last one).
 
     Args:
@@ -144,7 +145,8 @@ def evaluate_set_row(row: Row, experiments: Sequence[SetToEvaluate], models: Seq
         ValueError: an experiment's training term does not fit an evaluation network.
         FloatingPointError: a training loss became NaN or infinite.
     """
-    labels_kind = "soft" if experiments[0].labels.dim() == 2 else "hard"
+    labels_kind = ("hard" if experiments[0].labels.dim() == 1 else
+                   "learned real-valued" if protocol.label_loss == "mse" else "soft")
     learned_lr = [experiment.learned_lr for experiment in experiments if experiment.learned_lr is not None]
     for model_eval in models:
         accs, seconds, cfg, results = [], 0.0, None, []

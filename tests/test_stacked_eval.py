@@ -152,6 +152,7 @@ def test_auto_choice():
     assert utils.eval_path("on", "ConvNet", CPU, 1)[0] is False
     assert utils.eval_path("off", "ConvNet", cuda, 5) == (False, "")
     assert "training term" in utils.eval_path("on", "ConvNet", cuda, 5, term=object())[1]
+    assert "--label_loss mse" in utils.eval_path("on", "ConvNet", cuda, 5, label_loss="mse")[1]
     with pytest.raises(ValueError, match="--stacked_eval"):
         utils.EvalConfig(stacked_eval="sometimes")
 
