@@ -15,6 +15,8 @@ from sets import comparison, files
 from sets.resources import SavedTensorMeter
 from tiny_data import CPU, build_method, tiny_record
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks; a second thread only costs here
+
 
 def _dd(record, **overrides):
     """DD on ``record`` with the whole training set as the real batch (a fixed meta-loss up to order)."""
