@@ -89,6 +89,9 @@ class DD(DistillMethod):
                type=str, choices=EVAL_CHOICES),
     )
     default_eval_it = 100
+    # CLoM adds its term to the meta-loss; feature labels are not offered (the learned schedule
+    # trains with plain cross-entropy).
+    hosted_addons = ("CLoM",)
     unused_flags = ("dsa_strategy", "dis_metric", "outer_loop", "inner_loop")
     unused_hint = "DD trains without augmentation; evaluate.py --dsa_strategy evaluates with DiffAugment"
     eval_epochs = (1000, 300)  # the shared protocol: DC's epochs (300 without augmentation)
