@@ -71,13 +71,24 @@ def main(argv=None) -> int:
                                  method=method, dataset=args.dataset, path=path)
             lbd = next((e.term.cfg.lbd for e in experiments if e.term is not None), None)
             what = os.path.basename(path) + (f"; feature labels, lbd {lbd:g}" if lbd is not None else "")
-            try:
-                rows.append(comparison.evaluate_set_row(
-                    row, experiments, models, set_protocol, args.model, test_images, test_labels, record.num_classes,
+            protocols = flags.set_protocols(blob, experiments, args, path)
+            if "shared" in protocols:
+                try:
+                    rows.append(comparison.evaluate_set_row(
+                        row, experiments, models, set_protocol, args.model, test_images, test_labels, record.num_classes,
+                        num_eval=args.num_eval, device=device, seed=args.seed,
+                        report=lambda model_eval, accs, cfg, _, seconds: report(model_eval, accs, cfg, what, seconds)))
+                except ValueError as error:
+                    raise utils.UserError(f"{path}: {error} (--lbd 0 evaluates without feature labels)") from None
+            if "schedule" in protocols:  # DD's own protocol: fresh networks trained by the learned steps
+                scheduled = comparison.Row(name=f"{method} ipc {ipc}, learned schedule ({os.path.basename(path)})",
+                                           kind="schedule", ipc=ipc, method=method, dataset=args.dataset, path=path)
+                rows.append(comparison.evaluate_schedule_row(
+                    scheduled, experiments, models, test_images, test_labels, record.num_classes,
                     num_eval=args.num_eval, device=device, seed=args.seed,
-                    report=lambda model_eval, accs, cfg, _, seconds: report(model_eval, accs, cfg, what, seconds)))
-            except ValueError as error:
-                raise utils.UserError(f"{path}: {error} (--lbd 0 evaluates without feature labels)") from None
+                    report=lambda model_eval, accs, described, _, seconds: print(
+                        f"{model_eval:<16} {utils.format_acc(accs)} %  ({len(accs)} networks, {described['steps']} "
+                        f"learned steps; {os.path.basename(path)}; {seconds:.1f} s)")))
             if lbd is not None:
                 for result in row.results.values():
                     result["protocol"]["feature_labels_lbd"] = lbd

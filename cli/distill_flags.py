@@ -185,6 +185,7 @@ def resolve(args: argparse.Namespace):
                                 feature_labels=feature_cli.feature_label_config(args))
     try:
         method_class.check_addons(addons.requested(cfg))
+        method_class.check_config(cfg)
     except ValueError as error:
         raise utils.UserError(str(error)) from None
     run_dir = args.run_dir or os.path.join(args.save_path, f"{args.method}_{args.dataset}_{args.model}_{v['ipc']}ipc")

@@ -59,6 +59,10 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     parser.add_argument("--dsa_strategy", default=None,
                         help="DiffAugment strategy for training (default: the one saved with the set, else DC augmentation; "
                              "'none' for DC augmentation)")
+    parser.add_argument("--dd_eval", default=None, choices=("shared", "schedule", "both"),
+                        help="sets with a learned step schedule (DD): train fresh networks with the shared protocol, "
+                             "by the learned schedule (DD's own), or both (default: what distill.py evaluated with; "
+                             "sets without a schedule: shared)")
     parser.add_argument("--out", default=None, help="write the accuracies as JSON here (and the table as .csv beside it)")
     parser.add_argument("--lbd", type=float, default=None,
                         help="sets saved with feature labels F (DRUPI): lambda of D(E(x), F) in training (default: the "
@@ -174,6 +178,7 @@ def read_experiments(path: str, record, exp: Optional[Sequence[int]] = None, lab
     entries = blob["data"]
     chosen = exp if exp else range(len(entries))
     learned = meta.get("syn_lr") or []
+    schedules = meta.get("step_schedule") or []
     saved_features = (meta.get("config") or {}).get("feature_labels") or {}
     experiments = []
     for index in chosen:
@@ -204,7 +209,14 @@ def read_experiments(path: str, record, exp: Optional[Sequence[int]] = None, lab
             except ValueError as error:
                 raise utils.UserError(f"--syn_path data[{index}] feature labels: {error}") from None
         lr = float(learned[index]) if index < len(learned) and use_learned_lr else None
-        experiments.append(comparison.SetToEvaluate(images, labels, lr, term))
+        schedule = None
+        if index < len(schedules) and schedules[index] is not None:
+            try:
+                schedule = utils.StepSchedule.from_dict(schedules[index])
+                schedule.check(images.shape[0])
+            except ValueError as error:
+                raise utils.UserError(f"--syn_path {path}: data[{index}] step schedule: {error}") from None
+        experiments.append(comparison.SetToEvaluate(images, labels, lr, term, schedule))
     return blob, experiments
 
 
@@ -239,6 +251,26 @@ def check_normalization(path: str, meta: dict, record) -> None:
         raise utils.UserError(f"--syn_path {path}: the set was distilled on images normalised with mean {meta['mean']} "
                               f"std {meta['std']}, the test set here with mean {record.mean} std {record.std}; "
                               "pass --cifar100_stats to match (CIFAR100 sets of MTT/DATM/PAD/CAFE: cifar10)")
+
+
+def set_protocols(blob: dict, experiments: Sequence[comparison.SetToEvaluate], args: argparse.Namespace,
+                  path: str) -> Tuple[str, ...]:
+    """Which protocols evaluate a set: ``--dd_eval`` when given, else the ones ``distill.py`` used
+    (``meta['eval_protocols']``), else ``("shared",)``.
+
+    Raises:
+        utils.UserError: the schedule protocol is asked for a set that learned no step schedule.
+    """
+    choice = getattr(args, "dd_eval", None)
+    if choice is not None:
+        protocols = ("shared", "schedule") if choice == "both" else (choice,)
+    else:
+        saved = tuple((blob.get("meta") or {}).get("eval_protocols") or ("shared",))
+        protocols = tuple(p for p in saved if p in ("shared", "schedule")) or ("shared",)
+    if "schedule" in protocols and any(e.schedule is None for e in experiments):
+        raise utils.UserError(f"--dd_eval {choice or 'schedule'}: {path} holds no learned step schedule "
+                              "(only DD sets do); use --dd_eval shared")
+    return protocols
 
 
 def baseline_protocol(args: argparse.Namespace) -> utils.EvalProtocol:

@@ -194,6 +194,9 @@ class SyntheticSet(nn.Module):
         label_values: ``None``, or learnable real-valued labels ``nn.Parameter`` (K*ipc, K): the
             regression targets of kernel ridge regression (KIP ``--learn_labels``), initialised at
             ``one_hot - 1/K``; evaluation fits them as they are (``--label_loss mse``).
+        step_lr_raw: ``None``, or a learnable ``nn.Parameter`` (T,): one unconstrained value per
+            training step of a learned step schedule (DD); the method that adds it maps it to
+            step sizes (:meth:`DistillMethod.step_schedule`).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, ipc: int):
@@ -208,6 +211,7 @@ class SyntheticSet(nn.Module):
         self.label_logits: Optional[nn.Parameter] = None
         self.features: Optional[nn.Parameter] = None
         self.label_values: Optional[nn.Parameter] = None
+        self.step_lr_raw: Optional[nn.Parameter] = None
 
     def learn_lr(self, value: float) -> nn.Parameter:
         """Add the learnable step size, initialised at ``value``; returns it."""
@@ -247,6 +251,17 @@ class SyntheticSet(nn.Module):
                              f"got {tuple(features.shape)}")
         self.features = nn.Parameter(features.detach().clone().to(self.images.device))
         return self.features
+
+    def learn_step_schedule(self, raw: torch.Tensor) -> nn.Parameter:
+        """Add the learnable per-step values (T,) of a step schedule (DD); returns them.
+
+        Raises:
+            ValueError: ``raw`` is not one-dimensional.
+        """
+        if raw.dim() != 1:
+            raise ValueError(f"a step schedule holds one value per step, got shape {tuple(raw.shape)}")
+        self.step_lr_raw = nn.Parameter(raw.detach().clone().to(self.images.device))
+        return self.step_lr_raw
 
     def class_images(self, c: int) -> torch.Tensor:
         """(ipc, C, H, W) view of class ``c``'s images (gradients flow to ``images``)."""
@@ -422,6 +437,27 @@ class DistillMethod:
         return [tensor for addon in self.addons for tensor in addon.saved_entries(syn)]
 
     # ---- evaluation defaults ------------------------------------------------------------
+    @classmethod
+    def check_config(cls, cfg: DistillConfig) -> None:
+        """Checks across flags that need the whole configuration (run by ``distill.py`` before
+        any data is loaded); none in the base class.
+
+        Raises:
+            ValueError: one line naming the flags and what was expected.
+        """
+
+    @classmethod
+    def eval_protocols(cls, cfg: DistillConfig) -> Tuple[str, ...]:
+        """Which protocols evaluate this method's sets: ``("shared",)`` (``utils.evaluate_synset``)
+        here; a method that learns a step schedule may add ``"schedule"``
+        (``utils.evaluate_schedule`` with :meth:`step_schedule`)."""
+        return ("shared",)
+
+    def step_schedule(self, syn: SyntheticSet):
+        """The learned training schedule of ``syn`` as plain data (``utils.StepSchedule``), or
+        ``None`` when the method learns none (every method but DD)."""
+        return None
+
     @classmethod
     def training_dsa(cls, cfg: DistillConfig) -> str:
         """The DiffAugment strategy this method trains networks on the set with (its inner loops and

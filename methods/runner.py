@@ -188,6 +188,12 @@ class DistillationRun:
         # What a checkpoint carries across a stop, one entry per finished experiment.
         self.data_save: list = []
         self.learned_lr: list = []  # when the method learns the step size
+        self.schedules: list = []  # when the method learns a step schedule (DD): StepSchedule.as_dict()
+        # (result key, evaluation model, protocol) of every evaluation: "shared" under the model's
+        # name, "schedule" (the learned step schedule, DD) under "{model}:schedule".
+        protocols = self.method_class.eval_protocols(cfg)
+        self.eval_keys = [(schedule_key(m) if protocol == "schedule" else m, m, protocol)
+                          for protocol in protocols for m in opts.eval_models]
         self.accs_by_exp: List[Dict[str, List[float]]] = []
         # Where each finished experiment ended (set, method, RNG), so that a larger --Iteration
         # can continue it on --resume.
@@ -222,8 +228,9 @@ class DistillationRun:
 
     @property
     def accs_all_exps(self) -> Dict[str, List[float]]:
-        """Per evaluation model, the final accuracies of every finished experiment, in order."""
-        return {m: [acc for accs in self.accs_by_exp for acc in accs.get(m, [])] for m in self.opts.eval_models}
+        """Per evaluation key (model, or ``{model}:schedule``), the final accuracies of every
+        finished experiment, in order."""
+        return {k: [acc for accs in self.accs_by_exp for acc in accs.get(k, [])] for k, _, _ in self.eval_keys}
 
     @staticmethod
     def position(iteration: int, method=None, syn=None, generator=None) -> dict:
@@ -241,7 +248,8 @@ class DistillationRun:
         utils.save_checkpoint(self.checkpoint_path, exp=exp, config=dataclasses.asdict(self.cfg),
                               num_exp=self.opts.num_exp, seed=self.opts.seed, pending_eval=pending_eval,
                               **self.position(iteration, method, syn, generator),
-                              data_save=self.data_save, learned_lr=self.learned_lr, accs_by_exp=self.accs_by_exp,
+                              data_save=self.data_save, learned_lr=self.learned_lr, schedules=self.schedules,
+                              accs_by_exp=self.accs_by_exp,
                               finished=self.finished, best=self.best, summary_rows=self.summary_rows)
 
     def refuse_overwrite(self) -> None:
@@ -288,6 +296,7 @@ class DistillationRun:
             raise utils.UserError(f"--resume: --Iteration {saved_iterations} → {self.cfg.iterations}: a run can be "
                                   "extended, not shortened; use another --run_dir")
         self.data_save, self.learned_lr = saved["data_save"], saved.get("learned_lr", [])
+        self.schedules = saved.get("schedules", [])
         self.summary_rows = saved["summary_rows"]
         self.finished = saved.get("finished") or []
         self.best = saved.get("best") or []  # checkpoints before best-so-far sets: none kept
@@ -331,21 +340,34 @@ class DistillationRun:
             return results
         term = method.training_term(syn)  # an add-on's training objective (feature labels), or None
         rows = len(self.summary_rows)
+        seed = 1_000_000 + 1000 * self.opts.seed + 100 * exp
         try:
-            for model_eval in self.opts.eval_models:
-                eval_cfg = eval_config_for(method, model_eval, self.opts, syn)
-                result = utils.evaluate_synset(syn.images, syn.targets(), model_eval, self.record.num_classes,
-                                               self.test_images, self.test_labels, eval_cfg, num_eval=self.opts.num_eval,
-                                               device=self.device, seed=1_000_000 + 1000 * self.opts.seed + 100 * exp,
-                                               term=term, should_stop=lambda: self.stop.requested)
-                results[model_eval] = result
-                self.summary_rows.append(dict(exp=exp, iteration=iteration, model=model_eval, acc_mean=result.acc_mean,
+            for key, model_eval, protocol in self.eval_keys:
+                if protocol == "schedule":  # fresh networks trained by the learned step schedule (DD)
+                    if self.stop.requested:
+                        raise utils.EvaluationStopped
+                    schedule = method.step_schedule(syn)
+                    result = utils.evaluate_schedule(syn.images, syn.targets(), model_eval, self.record.num_classes,
+                                                     self.test_images, self.test_labels, schedule,
+                                                     num_eval=self.opts.num_eval, device=self.device, seed=seed,
+                                                     tta_mode=self.opts.tta_mode,
+                                                     deterministic=self.opts.deterministic)
+                    what = f"{len(schedule.lrs)} learned steps"
+                else:
+                    eval_cfg = eval_config_for(method, model_eval, self.opts, syn)
+                    result = utils.evaluate_synset(syn.images, syn.targets(), model_eval, self.record.num_classes,
+                                                   self.test_images, self.test_labels, eval_cfg,
+                                                   num_eval=self.opts.num_eval, device=self.device, seed=seed,
+                                                   term=term, should_stop=lambda: self.stop.requested)
+                    what = f"{eval_cfg.epochs} epochs"
+                results[key] = result
+                self.summary_rows.append(dict(exp=exp, iteration=iteration, model=key, acc_mean=result.acc_mean,
                                               acc_std=result.acc_std, num_eval=self.opts.num_eval, loss=loss_value,
                                               eval_seconds=round(result.train_time_s, 2), elapsed_s=round(elapsed, 2)))
-                self.eval_paths[model_eval] = {"path": result.path, **({"note": result.path_note}
-                                                                        if result.path_note else {})}
-                logger.info("exp %d iter %d: %s %s (%d nets %s, %d epochs, %.1f s)%s", exp, iteration, model_eval,
-                            utils.format_acc(result.accs), self.opts.num_eval, result.path, eval_cfg.epochs,
+                self.eval_paths[key] = {"path": result.path or "sequential",
+                                        **({"note": result.path_note} if result.path_note else {})}
+                logger.info("exp %d iter %d: %s %s (%d nets %s, %s, %.1f s)%s", exp, iteration, key,
+                            utils.format_acc(result.accs), self.opts.num_eval, result.path or "sequential", what,
                             result.train_time_s, f"; {result.path_note}" if result.path_note else "")
         except utils.EvaluationStopped:
             del self.summary_rows[rows:]
@@ -383,7 +405,7 @@ class DistillationRun:
         Returns:
             Whether the set became the best (False without an evaluation).
         """
-        model = self.opts.eval_models[0]
+        model = self.eval_keys[0][0]
         if model not in results:
             return False
         while len(self.best) <= exp:
@@ -394,7 +416,8 @@ class DistillationRun:
         self.best[exp] = {"iteration": iteration, "model": model, "accuracy": accuracy,
                           "accs": {m: list(result.accs) for m, result in results.items()},
                           "data": self.saved_set(method, syn),
-                          "syn_lr": float(syn.syn_lr.detach()) if syn.syn_lr is not None else None}
+                          "syn_lr": float(syn.syn_lr.detach()) if syn.syn_lr is not None else None,
+                          "schedule": schedule_record(method, syn)}
         return True
 
     def write_logged(self, exp: int, name: str, syn) -> None:
@@ -436,6 +459,8 @@ class DistillationRun:
                    "finished": self.position(self.iterations, method, syn, generator)}
         if syn.syn_lr is not None:
             entries["learned_lr"] = float(syn.syn_lr.detach())
+        if schedule_record(method, syn) is not None:
+            entries["schedules"] = schedule_record(method, syn)
         for name, value in entries.items():
             kept = getattr(self, name)
             if exp < len(kept):
@@ -586,12 +611,14 @@ class DistillationRun:
         selected_on}`` per experiment (accuracy in [0, 1], selected on test accuracy)."""
         meta = self.result_meta()
         meta["syn_lr"] = list(self.learned_lr) or None
+        meta["step_schedule"] = list(self.schedules) or None
         files.save_results(self.result_path, self.data_save, self.accs_all_exps, meta=meta)
         best = self.best[:len(self.data_save)]
         if best and all(entry is not None for entry in best):
             meta["syn_lr"] = [entry["syn_lr"] for entry in best] if self.learned_lr else None
+            meta["step_schedule"] = [entry.get("schedule") for entry in best] if self.schedules else None
             meta["best"] = self.best_records()
-            accs = {m: [acc for entry in best for acc in entry["accs"].get(m, [])] for m in self.opts.eval_models}
+            accs = {k: [acc for entry in best for acc in entry["accs"].get(k, [])] for k, _, _ in self.eval_keys}
             files.save_results(self.best_path, [entry["data"] for entry in best], accs, meta=meta)
 
     def best_records(self) -> List[Optional[dict]]:
@@ -612,8 +639,13 @@ class DistillationRun:
                 "mean": list(record.mean), "std": list(record.std),
                 "zca": record.zca.state_dict() if getattr(record, "zca", None) is not None else None,
                 "dsa_strategy": self.protocol.dsa_strategy, "iterations": cfg.iterations, "seed": self.opts.seed,
-                "config": dataclasses.asdict(cfg), "protocol": self.protocol.as_dict()}
+                "config": dataclasses.asdict(cfg), "protocol": self.protocol.as_dict(),
+                "eval_protocols": list(self.method_class.eval_protocols(cfg))}
         return meta
+
+    def schedule_description(self) -> dict:
+        """``StepSchedule.describe()`` of the last finished experiment's learned schedule ({} if none)."""
+        return utils.StepSchedule.from_dict(self.schedules[-1]).describe() if self.schedules else {}
 
     def write_results_json(self) -> None:
         """``results.json``: the command line, seed and full resolved configuration (method and run
@@ -630,8 +662,10 @@ class DistillationRun:
                   "seconds_per_iteration": self.seconds_per_iteration,
                   "cost": run_cost(cfg, self.record, self.device, self.distill_seconds, self.seconds_per_iteration,
                                    syn, opts.num_exp),
-                  "protocol": {m: {**eval_config_for(self.method, m, opts, syn).describe(), "labels": labels}
-                               for m in opts.eval_models},
+                  "protocol": {key: {**(self.schedule_description() if protocol == "schedule"
+                                        else eval_config_for(self.method, m, opts, syn).describe()), "labels": labels}
+                               for key, m, protocol in self.eval_keys},
+                  "eval_protocols": list(self.method_class.eval_protocols(cfg)),
                   "accuracy": {m: {"mean": utils.EvalResult(m, a).acc_mean, "std": utils.EvalResult(m, a).acc_std,
                                    "accs": a} for m, a in self.accs_all_exps.items()},
                   "eval_path": dict(self.eval_paths),
@@ -641,6 +675,17 @@ class DistillationRun:
                   "feature_labels": (dataclasses.asdict(cfg.feature_labels.loss_config())
                                      if cfg.feature_labels is not None else None)}
         utils.write_json(os.path.join(opts.run_dir, "results.json"), record)
+
+
+def schedule_key(model: str) -> str:
+    """The result key of ``model`` trained by a set's learned step schedule: ``{model}:schedule``."""
+    return f"{model}:schedule"
+
+
+def schedule_record(method: DistillMethod, syn) -> Optional[dict]:
+    """``method.step_schedule(syn).as_dict()``, or ``None`` when the method learns no schedule."""
+    schedule = method.step_schedule(syn) if syn is not None else None
+    return schedule.as_dict() if schedule is not None else None
 
 
 def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch.device,

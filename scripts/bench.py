@@ -15,6 +15,8 @@ epochs; an iteration's cost does not depend on the experts' quality).
 (random real images, DSA augmentation, ``--eval_epochs`` epochs + the 10,000 test images) trained
 one after another (``--stacked_eval off``) and together (``--stacked_eval on``, ``stacking``), and
 prints both, their ratio and what ``--stacked_eval auto`` picks on the device.
+``--cases dd`` times DD (ipc 1; ipc 10 with its 30-step unroll, full and with ``--rat_bptt
+--truncation`` 10 and 5), batch_real 64.
 
 ``--cases tesla`` compares the unrolled meta-gradient with ``--tesla`` (methods/tesla.py): MTT
 and DATM at ipc 10, ``--batch_syn 20``, ``--syn_steps`` 20, 40 and 80, each with and without
@@ -75,6 +77,13 @@ for _name in ("MTT", "DATM"):
             _extra = dict(CASES[_name][2]["extra"], syn_steps=_steps, batch_syn=20, tesla=_tesla)
             TESLA_CASES.append(f"{_name}10_s{_steps}" + ("_tesla" if _tesla else ""))
             CASES[TESLA_CASES[-1]] = (_name, 10, dict(init="real", extra=_extra))
+# DD (Wang et al. 2018) at the CPU runs' real batch of 64: the full unroll of distill_steps x
+# distill_epochs steps against RaT-BPTT (``--rat_bptt --truncation W``, window of W steps).
+DD_CASES = ["DD1", "DD10", "DD10_rat10", "DD10_rat5"]
+CASES["DD1"] = ("DD", 1, dict(batch_real=64))
+CASES["DD10"] = ("DD", 10, dict(batch_real=64))
+CASES["DD10_rat10"] = ("DD", 10, dict(batch_real=64, extra=dict(rat_bptt=True, truncation=10)))
+CASES["DD10_rat5"] = ("DD", 10, dict(batch_real=64, extra=dict(rat_bptt=True, truncation=5)))
 TRAJECTORY_METHODS = ("MTT", "DATM", "PAD")
 DEFAULT_CASES = ["DC", "DSA", "DM", "DataDAM", "CAFE_cpu", "MTT", "DATM", "PAD", "eval"]
 
@@ -198,7 +207,8 @@ def run_isolated(args) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="*", default=DEFAULT_CASES, help=f"from: {' '.join(CASES)} eval eval_stacked, or tesla (all the --tesla comparison cases)")
+    parser.add_argument("--cases", nargs="*", default=DEFAULT_CASES, help=f"from: {' '.join(CASES)} eval eval_stacked, or tesla (all the --tesla comparison cases), or dd "
+                        "(DD's full unroll against RaT-BPTT)")
     parser.add_argument("--iterations", type=int, default=3,
                         help="timed iterations per method after the warm-up (0: time the warm-up alone)")
     parser.add_argument("--eval_repeats", type=int, default=1, help="timed evaluations")
@@ -213,7 +223,8 @@ def main() -> int:
                         help="run each case in its own process so the CPU peak memory is that case's "
                              "(default: on for CPU, off for CUDA)")
     args = parser.parse_args()
-    args.cases = [name for case in args.cases for name in (TESLA_CASES if case == "tesla" else [case])]
+    groups = {"tesla": TESLA_CASES, "dd": DD_CASES}
+    args.cases = [name for case in args.cases for name in groups.get(case, [case])]
     for case in args.cases:
         if case not in CASES and case not in ("eval", "eval_stacked"):
             parser.error(f"unknown case {case!r}; choose from: {' '.join(CASES)} eval eval_stacked")

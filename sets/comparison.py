@@ -33,7 +33,8 @@ class Row:
 
     Attributes:
         name: what the row shows (a method and file, ``random``, ``whole dataset``).
-        kind: ``synthetic``, ``random`` or ``whole``.
+        kind: ``synthetic``, ``random``, ``whole``, or ``schedule`` (a set trained by its learned step
+            schedule, DD's protocol: no IOR, as the random row is trained by the shared protocol).
         ipc: images per class (``None`` for the whole dataset).
         method: the method that made the set (``random`` / ``whole`` for the reference rows).
         dataset: the dataset.
@@ -98,12 +99,14 @@ class SetToEvaluate:
         labels: (N,) int64 class labels, or (N, K) probabilities (soft labels).
         learned_lr: the step size learned with the set (trajectory matching), or ``None``.
         term: the set's ``utils.TrainingTerm`` (an add-on's, e.g. feature labels), or ``None``.
+        schedule: the step schedule learned with the set (``utils.StepSchedule``, DD), or ``None``.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     learned_lr: Optional[float] = None
     term: Optional[object] = None
+    schedule: Optional[object] = None
 
 
 ReportFn = Callable[[str, List[float], "utils.EvalConfig", str, float], None]
@@ -161,6 +164,36 @@ def evaluate_set_row(row: Row, experiments: Sequence[SetToEvaluate], models: Seq
         row.results[model_eval] = _result(model_eval, accs, seconds, cfg, labels_kind, learned_lr, results)
         if report is not None:
             report(model_eval, accs, cfg, row.name, seconds)
+    return row
+
+
+def evaluate_schedule_row(row: Row, experiments: Sequence[SetToEvaluate], models: Sequence[str],
+                          test_images: torch.Tensor, test_labels: torch.Tensor, num_classes: int, *, num_eval: int,
+                          device: torch.device, seed: int, report: Optional[Callable[[str, List[float], dict, str, float], None]] = None) -> Row:
+    """Like :func:`evaluate_set_row`, but every network is trained by the experiment's learned step
+    schedule (``utils.evaluate_schedule``: DD's own protocol); each result's ``protocol`` is the
+    schedule's ``describe()`` plus ``labels``.
+
+    Raises:
+        ValueError: an experiment has no schedule, or its schedule does not fit its images.
+        FloatingPointError: a training loss became NaN or infinite.
+    """
+    labels_kind = "soft" if experiments[0].labels.dim() == 2 else "hard"
+    for model_eval in models:
+        accs, seconds, described = [], 0.0, {}
+        for index, experiment in enumerate(experiments):
+            if experiment.schedule is None:
+                raise ValueError(f"experiment {index} holds no learned step schedule")
+            result = utils.evaluate_schedule(experiment.images.to(device), experiment.labels.to(device), model_eval,
+                                             num_classes, test_images, test_labels, experiment.schedule,
+                                             num_eval=num_eval, device=device, seed=seed + 1000 * index)
+            accs += result.accs
+            seconds += result.train_time_s
+            described = experiment.schedule.describe()
+        row.results[model_eval] = {**utils.EvalResult(model_eval, accs, seconds).as_dict(),
+                                   "protocol": {**described, "labels": labels_kind}}
+        if report is not None:
+            report(model_eval, accs, described, row.name, seconds)
     return row
 
 

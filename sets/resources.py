@@ -94,9 +94,12 @@ def storage_bytes(tensors: Mapping[str, Optional[torch.Tensor]]) -> dict:
 
 def synthetic_storage(syn) -> dict:
     """:func:`storage_bytes` of what a result file keeps of a ``SyntheticSet``: the images, the
-    exported labels (class indices, or soft-label logits when learned) and the learned step size."""
+    exported labels (class indices, or soft-label logits when learned), the learned step size and
+    the learned step schedule (DD: one value per step)."""
+    step_lrs = getattr(syn, "step_lr_raw", None)
     return storage_bytes({"images": syn.images.detach(), "labels": syn.export_labels(),
-                          "syn_lr": syn.syn_lr.detach() if syn.syn_lr is not None else None})
+                          "syn_lr": syn.syn_lr.detach() if syn.syn_lr is not None else None,
+                          "step_lrs": step_lrs.detach() if step_lrs is not None else None})
 
 
 def reset_peak_memory(device: torch.device) -> None:
