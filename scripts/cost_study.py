@@ -38,7 +38,7 @@ exceeds the time bound; then it is the one timed):
   iteration (``sets.resources.SavedTensorMeter``).
 
 Trajectory-matching methods (those with a ``buffer_path`` option) read a 1-expert, 4-epoch buffer
-made here first on the generated images, with ``--expert_epochs 2 --max_start_epoch 2`` (DATM, PAD
+made here first on 256 generated images, with ``--expert_epochs 2 --max_start_epoch 2`` (DATM, PAD
 also ``--current_max_start_epoch 1`` and ``--threshold 1e9``, so that every update is applied); a
 method whose default ``--init`` is neither noise nor real (DATM's samples_predicted_correctly)
 starts from real images. None of these change what an iteration computes.
@@ -56,6 +56,7 @@ import functools
 import gc
 import io
 import json
+import logging
 import os
 import resource
 import shutil
@@ -212,11 +213,11 @@ def needs_buffer(method_name: str) -> bool:
 
 def make_generated_buffer(model: str, image_shape: Sequence[int], num_classes: int, device: torch.device,
                           root: str, seed: int = 0) -> str:
-    """A 1-expert, ``BUFFER_EPOCHS``-epoch buffer of ``model`` on 512 generated images, batches of
+    """A 1-expert, ``BUFFER_EPOCHS``-epoch buffer of ``model`` on 256 generated images, batches of
     32 (so consecutive snapshots differ), in ``buffer.py``'s layout under ``root``; returns ``root``."""
     from pretrained import buffers, experts
 
-    per_class = max(1, 512 // num_classes)
+    per_class = max(1, 256 // num_classes)
     record = generated_record(image_shape[0], image_shape[1:], num_classes, per_class, seed)
     cfg = experts.ExpertConfig(dataset=DATASET_NAME, model=model, train_epochs=BUFFER_EPOCHS, batch_train=32)
     experts.make_buffer(cfg, record, buffers.buffer_dir(root, DATASET_NAME, model, False), 1, device=device,
@@ -337,6 +338,8 @@ def measure_case(spec: CaseSpec, on_iteration: Optional[Callable[[int], None]] =
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     method = syn = None
+    # The generated buffer holds fewer training images than a case: expected, not worth a warning.
+    logging.getLogger("pretrained.buffers").setLevel(logging.ERROR)
     try:
         utils.seed_everything(spec.seed)
         sampler = RealSampler(record.images_train, record.labels_train, record.num_classes, device)
