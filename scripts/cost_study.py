@@ -58,6 +58,7 @@ import io
 import json
 import logging
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -153,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of torch in every case")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated data, networks and draws")
     parser.add_argument("--out", default="result/cost_study", help="folder for the table, JSON and figures")
+    parser.add_argument("--replot", action="store_true",
+                        help="measure nothing: rewrite the table and figures from --out/cost_study.json")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: SPEC.json of one case
     return parser
 
@@ -460,8 +463,8 @@ def run_isolated(spec: CaseSpec, threads: Optional[int], memory_limit_mb: Option
                 return json.load(handle)
         row = {"method": spec.method, "ipc": spec.ipc}
         if killed_after is not None:
-            return {**row, "status": KILLED, "note": f"stopped after {killed_after:.0f} s in one iteration "
-                                                     f"(over {KILL_FACTOR:g} x the time bound)"}
+            return {**row, "status": KILLED, "note": f"stopped after {killed_after:.0f} s in one iteration, "
+                                                     f"over {KILL_FACTOR:g} x the time bound"}
         with open(log_path) as handle:
             last = ([line.strip() for line in handle if line.strip()] or [""])[-1]
         if child.returncode in (-9, 137):  # the system's out-of-memory killer
@@ -498,15 +501,33 @@ def default_memory_limit_mb() -> float:
 
 # ---- outputs -----------------------------------------------------------------------------------
 def format_number(value, digits: int = 3) -> str:
-    """``value`` with ``digits`` significant digits, or ``-`` for None."""
-    return "-" if value is None else f"{value:.{digits}g}"
+    """``value`` with ``digits`` significant digits (whole numbers from 1000 on), or ``-`` for None."""
+    if value is None:
+        return "-"
+    return f"{value:.0f}" if abs(value) >= 10 ** digits else f"{value:.{digits}g}"
+
+
+def short_status(row: dict) -> str:
+    """The status cell: the status and, shortened, its note (an allocation that failed is given by
+    its size; a stopped child by the rule that stopped it)."""
+    note = row.get("note") or ""
+    if row["status"] == KILLED:
+        return f"killed: an iteration ran over {KILL_FACTOR:g} x the time bound"
+    if row["status"] == OUT_OF_MEMORY:
+        found = re.search(r"[Tt]ried to allocate ([\d.]+) ?(bytes|[KMGT]iB)", note)
+        if found:
+            scale = {"bytes": 2**-20, "KiB": 2**-10, "MiB": 1, "GiB": 2**10, "TiB": 2**20}[found.group(2)]
+            note = f"allocating {float(found.group(1)) * scale:.0f} MiB more failed"
+    if len(note) > 80:
+        note = note[:77] + "..."
+    return row["status"] + (f" ({note})" if note else "")
 
 
 def table_rows(rows: Sequence[dict]) -> List[list]:
     """The printed table's cells (:data:`COLUMNS`)."""
     cells = []
     for row in rows:
-        status = row["status"] + (f" ({row['note']})" if row.get("note") else "")
+        status = short_status(row)
         cells.append([row["method"], row["ipc"], format_number(row.get("loss_s")), format_number(row.get("iteration_s")),
                       format_number(row.get("updates")),
                       "-" if row.get("peak_mb") is None else f"{row['peak_mb']:.0f}",
@@ -534,10 +555,16 @@ def plot_study(rows: Sequence[dict], out_dir: str, cuda: bool, subtitle: str = "
         return name if last["status"] == OK else f"{name} (stopped at ipc {last['ipc']}: {last['status']})"
 
     def draw(axis, key, title, ylabel):
+        ran_out = False
         for name, series in by_method.items():
-            points = [(row["ipc"], row[key]) for row in series if row.get(key)]
-            if points:
-                axis.plot(*zip(*points), marker="o", label=label(name))
+            points = [(row["ipc"], row[key]) for row in series if row.get(key) and row["status"] in (OK, OVER_TIME)]
+            failed = [(row["ipc"], row[key]) for row in series if row.get(key) and row["status"] == OUT_OF_MEMORY]
+            line, = axis.plot(*(zip(*points) if points else ([], [])), marker="o", label=label(name))
+            if failed:  # the memory in use when an allocation failed
+                axis.plot(*zip(*failed), marker="x", markersize=9, linestyle="none", color=line.get_color())
+                ran_out = True
+        if ran_out:
+            title += "\n(x: in use when memory ran out)"
         axis.set(xscale="log", yscale="log", xlabel="images per class (ipc)", ylabel=ylabel, title=title)
         ipcs = sorted({row["ipc"] for row in rows})
         axis.set_xticks(ipcs, [str(ipc) for ipc in ipcs])
@@ -594,6 +621,25 @@ def write_outputs(report: dict, out_dir: str) -> List[str]:
     return paths
 
 
+def replot(out_dir: str) -> int:
+    """Rewrite the table, CSV and figures of ``out_dir/cost_study.json``; print the table.
+
+    Raises:
+        utils.UserError: no readable ``cost_study.json`` in ``out_dir``.
+    """
+    path = os.path.join(out_dir, "cost_study.json")
+    try:
+        with open(path) as handle:
+            report = json.load(handle)
+        rows = report["rows"]
+    except (OSError, ValueError, KeyError) as error:
+        raise utils.UserError(f"--replot: cannot read {path} ({type(error).__name__}); run the study first") from None
+    print(utils.format_table(COLUMNS, table_rows(rows)))
+    for written in write_outputs(report, out_dir):
+        print(f"wrote {written}")
+    return 0
+
+
 def machine_info(device: torch.device, threads: Optional[int]) -> dict:
     """Device, torch version, threads, CPU count and load average (the machine may be shared)."""
     info = {"device": str(device), "torch": str(torch.__version__), "threads": threads or torch.get_num_threads(),
@@ -610,6 +656,8 @@ def main(argv=None) -> int:
         return child_main(args.child)
     with cli.user_errors():
         cli.setup_logging(quiet=True)
+        if args.replot:
+            return replot(args.out)
         check_args(args)
         device = cli.setup_runtime(args)
         names, skipped = resolve_methods(args.methods)
@@ -645,9 +693,9 @@ def main(argv=None) -> int:
                             row = {"method": name, "ipc": ipc, "status": FAILED,
                                    "note": f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"}
                     report["rows"].append(row)
+                    peak = "-" if row.get("peak_mb") is None else f"{row['peak_mb']:.0f}"
                     print(f"{name} ipc {ipc}: loss {format_number(row.get('loss_s'))} s, iteration "
-                          f"{format_number(row.get('iteration_s'))} s, peak {format_number(row.get('peak_mb'))} MiB, "
-                          f"{row['status']}{' (' + row['note'] + ')' if row.get('note') else ''}", flush=True)
+                          f"{format_number(row.get('iteration_s'))} s, peak {peak} MiB, {short_status(row)}", flush=True)
                     report["machine"]["load_average_end"] = list(os.getloadavg())
                     write_outputs(report, args.out)
                     if row["status"] != OK:

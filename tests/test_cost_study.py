@@ -39,6 +39,18 @@ def test_tiny_study_writes_table_json_csv_and_figures(tmp_path, capsys, one_thre
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "DC ipc 2:" in printed and "iteration s" in printed
+    (tmp_path / "time_vs_ipc.png").unlink()
+    assert cost_study.main(["--replot", "--out", str(tmp_path)]) == 0  # the outputs again, from the JSON
+    assert (tmp_path / "cost_study.md").read_text() == markdown and (tmp_path / "time_vs_ipc.png").is_file()
+
+
+def test_status_cell_shortens_allocation_failures():
+    row = {"status": "out of memory", "note": "DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                                               "2621440000 bytes. Error code 12 (Cannot allocate memory)"}
+    assert cost_study.short_status(row) == "out of memory (allocating 2500 MiB more failed)"
+    cuda = {"status": "out of memory", "note": "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; ...)"}
+    assert cost_study.short_status(cuda) == "out of memory (allocating 2048 MiB more failed)"
+    assert cost_study.short_status({"status": "ok", "note": ""}) == "ok"
 
 
 def test_isolated_case_reports_its_own_process_peak(tmp_path):
@@ -90,6 +102,7 @@ def test_all_runs_every_registered_distillation_method(tmp_path, one_thread):
     (["--iterations", "-1"], "--iterations"),
     (["--no_such_flag"], "--no_such_flag"),
     (["--device", "tpu"], "--device"),
+    (["--replot"], "--replot"),
 ])
 def test_bad_flag_is_a_one_line_error(args, needle, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
