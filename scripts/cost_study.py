@@ -9,8 +9,9 @@ method runs at its reference defaults on generated tensors of CIFAR-10's shape (
 classes; ``--image_shape``, ``--num_classes``); no dataset is read, since the cost of an iteration
 does not depend on what the images show.
 
-    python scripts/cost_study.py --methods DC DSA DM MTT --ipc 1 10 20 50 --time_bound 60 --threads 1 --out docs/cost
+    python scripts/cost_study.py --ipc 1 10 20 50 100 200 500 1000 --time_bound 120 --iterations 0 --threads 1 --memory_limit 6144 --out docs/cost
     python scripts/cost_study.py --methods all --ipc 1 10 50 100 200 500 1000 --device cuda --out result/cost_study
+    python scripts/cost_study.py --replot --out docs/cost     # the table and figures again, from the JSON
 
 For each method the ipc values run in increasing order; the series stops at the first ipc where
 memory runs out (``--memory_limit`` on the CPU, the GPU's memory on CUDA) or where an iteration
