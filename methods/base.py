@@ -349,6 +349,13 @@ class DistillMethod:
     # --cifar100_stats when not given: "cifar100" (its own mean/std, DC/DSA/DM) or "cifar10"
     # (CIFAR10's, as the CIFAR100 loaders of mtt-distillation, DATM, PAD and CAFE).
     cifar100_stats: ClassVar[str] = "cifar100"
+    # Names of this method's own functions that compute its matching / meta loss with the graph to
+    # the set, as ``step`` calls them. A cost measurement (scripts/cost_study.py) times these calls
+    # together with :meth:`update_images` (the backward to the set and the optimiser step) as "the
+    # loss"; the rest of ``step`` (inner network training, loading experts) counts only to the whole
+    # iteration. A method that overrides ``step`` names the functions it calls (DC:
+    # ``matching_loss``; MTT: ``unroll`` and ``matching_loss``).
+    loss_functions: ClassVar[Tuple[str, ...]] = ("loss",)
 
     def __init__(self, cfg: DistillConfig, *, channel: int, num_classes: int, im_size, sampler,
                  device: torch.device, generator: torch.Generator):

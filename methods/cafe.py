@@ -141,6 +141,7 @@ class CAFE(DistillMethod):
     # but not feature labels, which it would never learn.
     hosted_addons = ("CLoM",)
     unused_flags = ("dis_metric", "outer_loop", "inner_loop")
+    loss_functions = ("matching_loss",)  # one per image update; watchers and inner epochs are not
 
     # ---- pieces -------------------------------------------------------------------------
     def matching_loss(self, net: nn.Module, syn: SyntheticSet) -> torch.Tensor:

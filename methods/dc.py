@@ -63,6 +63,7 @@ class DC(DistillMethod):
     unused_hint = "--method DSA is DC with DiffAugment"
     # 1000 epochs with an active DC augmentation (or DSA), else 300 (reference ``main.py``).
     eval_epochs = (1000, 300)
+    loss_functions = ("matching_loss",)  # one per image update; the inner loop is not part of the loss
 
     @classmethod
     def training_dsa(cls, cfg) -> str:

@@ -250,6 +250,7 @@ class MTT(DistillMethod):
     cifar100_stats = "cifar10"  # utils.get_dataset normalises CIFAR100 with CIFAR10's mean/std
     can_skip = False  # whether accept() may refuse an update (then 'skipped' is logged)
     shuffle_expert_files = True  # --max_files keeps N shuffled files (MTT distill.py), else the first N
+    loss_functions = ("unroll", "matching_loss")  # the student's unroll is part of the meta loss
 
     def __init__(self, cfg, **kwargs):
         super().__init__(cfg, **kwargs)
