@@ -377,6 +377,46 @@ def sgd_step(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 Step = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.optim.Optimizer], torch.Tensor]
 
+#: How networks trained on a set compare their outputs with its labels (``EvalConfig.label_loss``):
+#: ``ce`` cross-entropy (hard labels, or soft labels as probabilities); ``mse`` FRePo's squared error
+#: against real-valued targets (:func:`mse_step`).
+LABEL_LOSSES = ("ce", "mse")
+
+
+def regression_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Real-valued targets (B, K) for :func:`mse_step`: (B, K) float labels as they are; (B,) class
+    indices as centred one-hot vectors, ``1 - 1/K`` for the class and ``-1/K`` elsewhere
+    (yongchao97/FRePo ``script/distill.py``'s ``y_transform``)."""
+    if labels.dim() == 2:
+        return labels.float()
+    return F.one_hot(labels, num_classes).float() - 1.0 / num_classes
+
+
+def mse_step(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+             optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """One optimiser step on FRePo's regression loss, the batch mean of ``0.5 * sum_k (f_k(x) - y_k)^2``
+    (yongchao97/FRePo ``lib/training/metrics.py::mean_squared_loss``), the drop-in for
+    :func:`sgd_step` when ``EvalConfig.label_loss`` is ``mse``.
+
+    Args:
+        images: (B, C, H, W); labels: (B, K) real-valued targets or (B,) class indices
+            (:func:`regression_targets`).
+
+    Returns:
+        The batch's mean loss before the step (a detached 0-d tensor).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    size = pass_size(net, images)
+    total = torch.zeros((), device=images.device)
+    for x_chunk, y_chunk in zip(images.split(size), labels.split(size)):
+        logits = net(x_chunk)
+        target = regression_targets(y_chunk, logits.shape[1])
+        loss = 0.5 * ((logits - target) ** 2).sum() / images.shape[0]
+        loss.backward()
+        total += loss.detach()
+    optimizer.step()
+    return total
+
 
 class TrainingTerm(Protocol):
     """What a synthetic set may carry beyond images and labels that changes how networks are
@@ -524,6 +564,8 @@ class EvalConfig:
         tta_mode: ``""`` or ``hflip``: test-time augmentation (:func:`test_accuracy`; ``--tta``).
         deterministic: ``--deterministic``: deterministic kernels while training and testing
             (:func:`deterministic_algorithms`) and a test pass size independent of ``batch_test``.
+        label_loss: one of :data:`LABEL_LOSSES`: ``ce`` (cross-entropy, the DC family) or ``mse``
+            (:func:`mse_step`, FRePo's real-valued labels).
     """
 
     epochs: int = 300
@@ -536,6 +578,7 @@ class EvalConfig:
     batch_test: int = 1000
     tta_mode: str = ""
     deterministic: bool = False
+    label_loss: str = "ce"
 
     def describe(self) -> dict:
         """A JSON-ready record of the protocol, written beside every result (``tta`` and
@@ -551,6 +594,8 @@ class EvalConfig:
             record["tta"] = f"{self.tta_mode} (mean of softmax probabilities)"
         if self.deterministic:
             record["deterministic"] = True
+        if self.label_loss != "ce":
+            record["loss"] = "MSE: mean over the batch of 0.5 * sum_k (output_k - label_k)^2"
         return record
 
 
@@ -573,7 +618,10 @@ class EvalProtocol:
         lr: SGD learning rate (``--lr_net``) unless the set learned a step size.
         batch_train: ``--batch_train``.
         dsa_strategy: DiffAugment strategy ("" : DC's ``get_daparam`` augmentation or none).
-        tta_mode, deterministic: see :class:`EvalConfig`.
+        tta_mode, deterministic, label_loss: see :class:`EvalConfig`.
+
+    Raises:
+        ValueError: ``label_loss`` is not one of :data:`LABEL_LOSSES`.
     """
 
     epochs_augmented: int = 1000
@@ -583,6 +631,11 @@ class EvalProtocol:
     dsa_strategy: str = ""
     tta_mode: str = ""
     deterministic: bool = False
+    label_loss: str = "ce"
+
+    def __post_init__(self):
+        if self.label_loss not in LABEL_LOSSES:
+            raise ValueError(f"--eval_loss {self.label_loss!r}: expected one of {', '.join(LABEL_LOSSES)}")
 
     def resolve(self, dataset: str, model: str, model_eval: str, ipc: int,
                 learned_lr: Optional[float] = None) -> EvalConfig:
@@ -600,7 +653,7 @@ class EvalProtocol:
         return EvalConfig(epochs=self.epochs_augmented if augmented else self.epochs_plain,
                           lr=float(learned_lr) if learned_lr is not None else self.lr, batch_train=self.batch_train,
                           dsa_strategy=self.dsa_strategy, dc_aug=dc_aug, tta_mode=self.tta_mode,
-                          deterministic=self.deterministic)
+                          deterministic=self.deterministic, label_loss=self.label_loss)
 
     def with_epochs(self, epochs: Optional[int]) -> "EvalProtocol":
         """This protocol with both epoch counts set to ``epochs`` (unchanged when ``None``)."""
@@ -680,7 +733,8 @@ def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, t
     for epoch in range(cfg.epochs + 1):
         if should_stop is not None and should_stop():
             raise EvaluationStopped
-        loss = train_epoch(net, images, labels, optimizer, cfg.batch_train, generator, augmenter, term=term)
+        loss = train_epoch(net, images, labels, optimizer, cfg.batch_train, generator, augmenter, term=term,
+                           step=mse_step if cfg.label_loss == "mse" else None)
         if epoch == decay_after:
             lr *= 0.1
             optimizer = make_optimizer(lr)

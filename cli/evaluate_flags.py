@@ -145,7 +145,9 @@ def read_experiments(path: str, record, exp: Optional[Sequence[int]] = None, lab
                      use_learned_lr: bool = True, dataset: Optional[str] = None) -> Tuple[dict, List[comparison.SetToEvaluate]]:
     """A saved set's file and its chosen experiments, ready for the protocol.
 
-    Float (N, K) labels are soft-label logits (DATM's format and ours) and become probabilities.
+    Float (N, K) labels are soft-label logits (DATM's format and ours) and become probabilities,
+    unless the set's saved protocol fits labels by squared error (``label_loss`` ``mse``: FRePo's
+    real-valued labels, kept as they are).
     A set saved with feature labels (a third ``data`` entry) trains with them (``lbd`` overrides
     lambda; 0 trains with CE only).
 
@@ -168,6 +170,7 @@ def read_experiments(path: str, record, exp: Optional[Sequence[int]] = None, lab
     chosen = exp if exp else range(len(entries))
     learned = meta.get("syn_lr") or []
     saved_features = (meta.get("config") or {}).get("feature_labels") or {}
+    real_valued = (meta.get("protocol") or {}).get("label_loss") == "mse"  # FRePo's labels: no softmax
     experiments = []
     for index in chosen:
         if not 0 <= index < len(entries):
@@ -185,7 +188,7 @@ def read_experiments(path: str, record, exp: Optional[Sequence[int]] = None, lab
                 raise utils.UserError(f"--syn_path {path}: data[{index}] labels run {int(labels.min())}..{int(labels.max())}; "
                                       f"{dataset} has classes 0..{record.num_classes - 1}")
         elif labels.dim() == 2 and labels.shape[1] == record.num_classes:
-            labels = torch.softmax(labels.float(), dim=1)
+            labels = labels.float() if real_valued else torch.softmax(labels.float(), dim=1)
         else:
             raise utils.UserError(f"--syn_path labels of experiment {index} have shape {tuple(labels.shape)}; expected "
                                   f"({images.shape[0]},) class indices or ({images.shape[0]}, {record.num_classes}) logits")

@@ -90,18 +90,27 @@ def add_eval_option_args(parser: argparse.ArgumentParser, saved_default: bool = 
     group.add_argument("--tta_mode", default="hflip", help=f"with --tta: {', '.join(utils.TTA_MODES)} (hflip)")
     group.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=off,
                        help="deterministic kernels and a test pass size independent of the batch size")
+    group.add_argument("--eval_loss", default=None,
+                       help=f"how evaluation networks fit the labels: {', '.join(utils.LABEL_LOSSES)} (ce: cross-entropy; "
+                            "mse: FRePo's squared error on real-valued labels; default: the method's, or the set's)")
 
 
 def eval_option_values(args: argparse.Namespace, given_only: bool = False) -> dict:
-    """``{'tta_mode', 'deterministic'}`` for ``utils.EvalProtocol`` / ``RunOptions``; with
-    ``given_only``, only the flags given (``None`` defaults are left out).
+    """``{'tta_mode', 'deterministic'}`` for ``utils.EvalProtocol`` / ``RunOptions``, and
+    ``'label_loss'`` when ``--eval_loss`` is given; with ``given_only``, only the flags given
+    (``None`` defaults are left out).
 
     Raises:
-        utils.UserError: unknown ``--tta_mode``.
+        utils.UserError: unknown ``--tta_mode`` or ``--eval_loss``.
     """
     if args.tta and args.tta_mode not in utils.TTA_MODES:
         raise utils.UserError(f"--tta_mode {args.tta_mode!r}: expected one of {', '.join(utils.TTA_MODES)}")
     values = {}
+    eval_loss = getattr(args, "eval_loss", None)
+    if eval_loss is not None:
+        if eval_loss not in utils.LABEL_LOSSES:
+            raise utils.UserError(f"--eval_loss {eval_loss!r}: expected one of {', '.join(utils.LABEL_LOSSES)}")
+        values["label_loss"] = eval_loss
     if not given_only or args.tta is not None:
         values["tta_mode"] = args.tta_mode if args.tta else ""
     if not given_only or args.deterministic is not None:

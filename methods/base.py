@@ -188,6 +188,8 @@ class SyntheticSet(nn.Module):
             matching learns (MTT's alpha); evaluation trains with it.
         label_logits: ``None``, or a learnable ``nn.Parameter`` (K*ipc, K) of soft-label logits
             (DATM); evaluation trains on ``softmax(label_logits)`` with soft cross-entropy.
+        label_values: ``None``, or learnable real-valued labels ``nn.Parameter`` (K*ipc, K) (FRePo's
+            regression targets); evaluation trains on them as they are (``--eval_loss mse``).
         features: ``None``, or learnable privileged feature labels ``nn.Parameter``
             (n_feat, K*ipc or K, ...) (DRUPI, ``--feature_labels``); evaluation trains on
             CE + lbd * D(E(x), F).
@@ -203,6 +205,7 @@ class SyntheticSet(nn.Module):
         self.ipc = ipc
         self.syn_lr: Optional[nn.Parameter] = None
         self.label_logits: Optional[nn.Parameter] = None
+        self.label_values: Optional[nn.Parameter] = None
         self.features: Optional[nn.Parameter] = None
 
     def learn_lr(self, value: float) -> nn.Parameter:
@@ -221,6 +224,17 @@ class SyntheticSet(nn.Module):
         self.label_logits = nn.Parameter(logits.detach().clone().to(self.images.device))
         return self.label_logits
 
+    def learn_label_values(self, values: torch.Tensor) -> nn.Parameter:
+        """Add learnable real-valued labels (K*ipc, K) (FRePo); returns them.
+
+        Raises:
+            ValueError: ``values`` is not (K*ipc, K).
+        """
+        if tuple(values.shape) != (self.images.shape[0], self.num_classes):
+            raise ValueError(f"label values must be ({self.images.shape[0]}, {self.num_classes}), got {tuple(values.shape)}")
+        self.label_values = nn.Parameter(values.detach().clone().float().to(self.images.device))
+        return self.label_values
+
     def learn_features(self, features: torch.Tensor) -> nn.Parameter:
         """Add learnable feature labels (n_feat, K*ipc or K, ...) (methods/addons/feature_labels.py); returns them.
 
@@ -238,16 +252,24 @@ class SyntheticSet(nn.Module):
         return self.images[c * self.ipc:(c + 1) * self.ipc]
 
     def targets(self) -> torch.Tensor:
-        """Training targets: (K*ipc,) int64 class labels, or (K*ipc, K) probabilities
-        ``softmax(label_logits)`` when soft labels are learned (detached)."""
+        """Training targets: (K*ipc,) int64 class labels, (K*ipc, K) probabilities
+        ``softmax(label_logits)`` when soft labels are learned, or the real-valued ``label_values``
+        when those are learned (detached)."""
+        if self.label_values is not None:
+            return self.label_values.detach()
         if self.label_logits is not None:
             return torch.softmax(self.label_logits.detach(), dim=1)
         return self.labels
 
     def export_labels(self) -> torch.Tensor:
         """The labels a result file stores: the soft-label logits (DATM's ``labels_*.pt``
-        format) when learned, else the int64 class labels; detached, on the CPU."""
-        labels = self.label_logits if self.label_logits is not None else self.labels
+        format) or FRePo's real-valued labels when learned, else the int64 class labels; detached,
+        on the CPU."""
+        labels = self.labels
+        if self.label_values is not None:
+            labels = self.label_values
+        elif self.label_logits is not None:
+            labels = self.label_logits
         return labels.detach().cpu().clone()
 
     @staticmethod
@@ -304,6 +326,9 @@ class DistillMethod:
     # --cifar100_stats when not given: "cifar100" (its own mean/std, DC/DSA/DM) or "cifar10"
     # (CIFAR10's, as the CIFAR100 loaders of mtt-distillation, DATM, PAD and CAFE).
     cifar100_stats: ClassVar[str] = "cifar100"
+    # How evaluation networks fit the set's labels when --eval_loss is not given (utils.LABEL_LOSSES):
+    # "ce" (cross-entropy) or "mse" (FRePo's regression on real-valued labels).
+    eval_label_loss: ClassVar[str] = "ce"
 
     def __init__(self, cfg: DistillConfig, *, channel: int, num_classes: int, im_size, sampler,
                  device: torch.device, generator: torch.Generator):

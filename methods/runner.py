@@ -97,6 +97,8 @@ class RunOptions:
             (``DistillMethod.writes_reference_layout``), write ``images_{it}.pt`` etc. every so many
             iterations (``--save_every``; 0: only the best). GeorgeCazenavette/mtt-distillation
             ``distill.py`` hard-codes 1000 (at evaluation iterations divisible by 1000).
+        label_loss: how evaluation networks fit the labels (``--eval_loss``: ``ce`` or ``mse``,
+            ``utils.LABEL_LOSSES``); ``None`` takes the method's ``eval_label_loss``.
     """
 
     num_exp: int = 1
@@ -113,6 +115,7 @@ class RunOptions:
     deterministic: bool = False
     command: str = ""
     save_every: int = 1000
+    label_loss: Optional[str] = None
 
 
 @dataclass
@@ -130,11 +133,13 @@ def eval_protocol(method_class, cfg: DistillConfig, opts: RunOptions) -> utils.E
     """The evaluation protocol of a run (``utils.EvalProtocol``): the method's reference epochs
     (``DistillMethod.eval_epochs``) unless ``--epoch_eval_train`` is given, ``--lr_net``,
     ``--batch_train``, the DiffAugment strategy the method trains with (none for plain DC: DC's
-    ``get_daparam`` augmentation then applies), test-time augmentation and determinism."""
+    ``get_daparam`` augmentation then applies), test-time augmentation, determinism and the label
+    loss (``--eval_loss``, else the method's ``eval_label_loss``)."""
     augmented, plain = method_class.eval_epochs
     return utils.EvalProtocol(epochs_augmented=augmented, epochs_plain=plain, lr=cfg.lr_net,
                               batch_train=cfg.batch_train, dsa_strategy=method_class.training_dsa(cfg),
-                              tta_mode=opts.tta_mode, deterministic=opts.deterministic).with_epochs(opts.epoch_eval_train)
+                              tta_mode=opts.tta_mode, deterministic=opts.deterministic,
+                              label_loss=opts.label_loss or method_class.eval_label_loss).with_epochs(opts.epoch_eval_train)
 
 
 def eval_config_for(method: DistillMethod, model_eval: str, opts: RunOptions, syn=None) -> utils.EvalConfig:
@@ -608,7 +613,11 @@ class DistillationRun:
         experiment apart (``best``, selected on test accuracy; :meth:`best_records`), the protocol
         of every evaluation model, cost."""
         cfg, opts, syn = self.cfg, self.opts, self.syn
-        labels = "soft" if syn is not None and syn.label_logits is not None else "hard"
+        labels = "hard"
+        if syn is not None and syn.label_values is not None:
+            labels = "learned real-valued"
+        elif syn is not None and syn.label_logits is not None:
+            labels = "soft"
         record = {"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model, "ipc": cfg.ipc,
                   "iterations": self.iterations, "num_exp": opts.num_exp, "seed": opts.seed,
                   "command": opts.command, "data_source": getattr(self.record, "source", ""),
