@@ -152,6 +152,8 @@ class FRePo(DistillMethod):
         Option("online_batch", 1000, "FRePo: synthetic images per online step (all when fewer)", type=int, minimum=1),
     )
     unused_flags = ("dis_metric", "outer_loop", "inner_loop")
+    # CLoM joins the image loss; feature labels (trained by cross-entropy) do not fit regression labels.
+    hosted_addons = ("CLoM",)
     default_eval_it = 1000
     eval_label_loss = "mse"
     run_counts = (1, 5)  # script/eval.py num_eval=5

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 import distill
+import methods
 import networks
 import utils
 from cli import evaluate_flags
+from methods.runner import RunInterrupted, RunOptions, StopFlag, run_distillation
 from methods.frepo import (centred_one_hot, initial_label_values, kernel_ridge_regression, label_margin_loss,
                            regression_mse)
 from sets import files
@@ -110,6 +112,28 @@ def test_resumed_state_continues_the_pool():
     for a, b in zip(other.pool[0].net.parameters(), method.pool[0].net.parameters()):
         assert torch.equal(a, b)
     assert other.scheduler.last_epoch == 1 and other_syn.label_values is not None
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    record = tiny_record()
+    cfg = methods.DistillConfig(method="FRePo", dataset="Tiny3", model="ConvNetW32", ipc=2, iterations=6, lr_img=0.01,
+                                batch_real=16, batch_train=8, init="real", dsa_strategy="",
+                                extra={"num_nn_state": 2, "max_online_updates": 2})
+
+    def opts(name, **kw):
+        return RunOptions(num_exp=1, num_eval=0, run_dir=str(tmp_path / name), checkpoint_every=0, save_vis=False, **kw)
+
+    full = run_distillation(cfg, opts("full"), record, torch.device("cpu"))
+    stop = StopFlag()
+
+    def interrupt(exp, iteration, logs):
+        stop.requested = stop.requested or iteration == 3
+
+    with pytest.raises(RunInterrupted):
+        run_distillation(cfg, opts("cut"), record, torch.device("cpu"), stop=stop, on_iteration=interrupt)
+    resumed = run_distillation(cfg, opts("cut", resume=True), record, torch.device("cpu"))
+    a, b = (files.load_results(outcome.result_path)["data"][0] for outcome in (full, resumed))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 def test_squared_error_evaluation_learns_real_valued_labels():
