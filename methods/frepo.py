@@ -1,7 +1,7 @@
 """FRePo: dataset distillation by neural feature regression with a pool of online models.
 
 Source: Zhou, Nezhadarya & Ba, "Dataset Distillation using Neural Feature Regression", NeurIPS
-2022 (Algorithm 1; eq. 3-5); reference yongchao97/FRePo, ``script/distill.py`` (defaults) and
+2022 (Sec. 3, Algorithm 1); reference yongchao97/FRePo, ``script/distill.py`` (defaults) and
 ``lib/datadistillation/frepo.py`` (``nfr``, ``proto_train_step``, ``init_proto``, the model pool of
 ``proto_train_and_evaluate``).
 
@@ -46,7 +46,7 @@ def lamb_optimizer(params, lr: float) -> torch.optim.Optimizer:
 def kernel_ridge_regression(K_ts: torch.Tensor, K_ss: torch.Tensor, y_s: torch.Tensor, reg: float) -> torch.Tensor:
     """Kernel ridge regression predictions ``K_ts (K_ss + reg * tr(K_ss) / n_s * I)^-1 y_s``.
 
-    The ridge is scaled by the mean diagonal of ``K_ss`` (FRePo eq. 3; yongchao97/FRePo
+    The ridge is scaled by the mean diagonal of ``K_ss`` (FRePo Sec. 3; yongchao97/FRePo
     ``lib/datadistillation/frepo.py::nfr``, which uses ``|reg|``; KIP uses the same scaling).
     Differentiable in every argument.
 
@@ -207,10 +207,10 @@ class FRePo(DistillMethod):
         return self.sampler.images[index], self.sampler.labels[index]
 
     def loss(self, syn: SyntheticSet) -> torch.Tensor:
-        """FRePo eq. 4-5 with the current pool model: the kernel ridge prediction of a real batch's
-        centred one-hot labels from the synthetic set in the model's feature space, squared error,
-        plus the label-margin term when labels are learned. A scalar with a graph to the images
-        (and the labels)."""
+        """FRePo's meta-training loss (Sec. 3) under the current pool model: the kernel ridge
+        prediction of a real batch's centred one-hot labels from the synthetic set in the model's
+        feature space, squared error (``proto_train_step``), plus the label-margin term when labels
+        are learned. A scalar with a graph to the images (and the labels)."""
         net = self.pool[self.current].net
         net.eval()  # features only (no dropout or normalisation statistics in these networks)
         real, label_real = self.sample_real()

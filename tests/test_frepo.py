@@ -42,7 +42,8 @@ def test_ridge_regression_on_its_own_support_returns_the_labels():
 
 def test_ridge_regression_matches_the_explicit_formula():
     g = torch.Generator().manual_seed(1)
-    support, target = torch.randn(4, 7, generator=g, dtype=torch.float64), torch.randn(5, 7, generator=g, dtype=torch.float64)
+    support = torch.randn(4, 7, generator=g, dtype=torch.float64)
+    target = torch.randn(5, 7, generator=g, dtype=torch.float64)
     y = torch.randn(4, 2, generator=g, dtype=torch.float64)
     k_ss, k_ts = support @ support.T, target @ support.T
     expected = k_ts @ torch.inverse(k_ss + 0.3 * torch.trace(k_ss) / 4 * torch.eye(4, dtype=torch.float64)) @ y
@@ -155,7 +156,8 @@ def run_tiny(tmp_path, monkeypatch, *extra):
     run_dir = tmp_path / "run"
     return distill.main(["--method", "FRePo", "--dataset", "MNIST", "--model", "ConvNetW32", "--ipc", "2",
                          "--Iteration", "3", "--batch_real", "16", "--num_eval", "1", "--epoch_eval_train", "2",
-                         "--num_nn_state", "2", "--run_dir", str(run_dir), "--threads", "1", "--no-vis", *extra]), run_dir
+                         "--num_nn_state", "2", "--run_dir", str(run_dir), "--threads", "1", "--no-vis",
+                         *extra]), run_dir
 
 
 def test_distill_saves_real_valued_labels_and_evaluates_them_by_squared_error(tmp_path, monkeypatch):
