@@ -142,12 +142,14 @@ def apply_flags(protocol: utils.EvalProtocol, args: argparse.Namespace) -> utils
 
 def read_experiments(path: str, record, exp: Optional[Sequence[int]] = None, labels_path: Optional[str] = None,
                      lr_path: Optional[str] = None, lbd: Optional[float] = None,
-                     use_learned_lr: bool = True, dataset: Optional[str] = None) -> Tuple[dict, List[comparison.SetToEvaluate]]:
+                     use_learned_lr: bool = True, dataset: Optional[str] = None,
+                     label_loss: Optional[str] = None) -> Tuple[dict, List[comparison.SetToEvaluate]]:
     """A saved set's file and its chosen experiments, ready for the protocol.
 
     Float (N, K) labels are soft-label logits (DATM's format and ours) and become probabilities,
-    unless the set's saved protocol fits labels by squared error (``label_loss`` ``mse``: FRePo's
-    real-valued labels, kept as they are).
+    unless the labels are fitted by squared error (``label_loss`` ``mse``: FRePo's real-valued
+    labels, kept as they are; a FRePo set under ``ce`` trains on their softmax, as FRePo's
+    ``script/eval.py --loss softxent`` at temperature 1).
     A set saved with feature labels (a third ``data`` entry) trains with them (``lbd`` overrides
     lambda; 0 trains with CE only).
 
@@ -157,6 +159,8 @@ def read_experiments(path: str, record, exp: Optional[Sequence[int]] = None, lab
         exp: experiment indices (default all).
         use_learned_lr: train with the step size saved with the set (``False`` when ``--lr_net`` is given).
         dataset: ``--dataset`` as given (default ``record.name``), which the file's must equal.
+        label_loss: the loss the labels will be trained with (``utils.LABEL_LOSSES``); ``None``:
+            the one saved with the set.
 
     Raises:
         utils.UserError: the file does not match the dataset or ``exp``, or cannot be read.
@@ -170,7 +174,8 @@ def read_experiments(path: str, record, exp: Optional[Sequence[int]] = None, lab
     chosen = exp if exp else range(len(entries))
     learned = meta.get("syn_lr") or []
     saved_features = (meta.get("config") or {}).get("feature_labels") or {}
-    real_valued = (meta.get("protocol") or {}).get("label_loss") == "mse"  # FRePo's labels: no softmax
+    label_loss = label_loss or (meta.get("protocol") or {}).get("label_loss", "ce")
+    real_valued = label_loss == "mse"  # FRePo's regression targets: no softmax
     experiments = []
     for index in chosen:
         if not 0 <= index < len(entries):
@@ -212,7 +217,8 @@ def load_set(path: str, args: argparse.Namespace, record) -> Tuple[dict, List[co
             test set's (CIFAR100 distilled by MTT/DATM/PAD/CAFE: ``--cifar100_stats cifar10``).
     """
     blob, experiments = read_experiments(path, record, args.exp, args.labels_path, args.lr_path, args.lbd,
-                                         use_learned_lr=args.lr_net is None, dataset=args.dataset)
+                                         use_learned_lr=args.lr_net is None, dataset=args.dataset,
+                                         label_loss=getattr(args, "eval_loss", None))
     check_normalization(path, blob.get("meta") or {}, record)
     return blob, experiments, apply_flags(saved_protocol(blob.get("meta") or {}), args)
 

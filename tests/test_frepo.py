@@ -171,6 +171,8 @@ def test_distill_saves_real_valued_labels_and_evaluates_them_by_squared_error(tm
     assert labels.shape == (6, 3) and labels.dtype == torch.float32 and labels.min() < 0
     _, experiments = evaluate_flags.read_experiments(path, tiny_record(), dataset="MNIST")
     assert torch.equal(experiments[0].labels, labels)  # kept as values, not turned into probabilities
+    _, experiments = evaluate_flags.read_experiments(path, tiny_record(), dataset="MNIST", label_loss="ce")
+    assert torch.allclose(experiments[0].labels, torch.softmax(labels, dim=1))  # --eval_loss ce: probabilities
 
 
 @pytest.mark.parametrize("flag,value,needle", [
