@@ -125,7 +125,8 @@ def evaluate_set_row(row: Row, experiments: Sequence[SetToEvaluate], models: Seq
                      seed: int, report: Optional[ReportFn] = None) -> Row:
     """Train ``num_eval`` networks of every model in ``models`` on every experiment of a set and
     fill ``row.results`` (experiment ``e`` uses seeds ``seed + 1000 * e + k``). Each result's
-    ``protocol`` is ``EvalConfig.describe()`` plus ``labels`` (``hard`` / ``soft``) and, when the
+    ``protocol`` is ``EvalConfig.describe()`` plus ``labels`` (``hard`` / ``soft`` / ``real-valued``
+    under the squared-error loss) and, when the
     experiments learned a step size, ``learned_lr`` (one per experiment; ``lr`` is the last one).
 
     Args:
@@ -142,6 +143,8 @@ def evaluate_set_row(row: Row, experiments: Sequence[SetToEvaluate], models: Seq
         FloatingPointError: a training loss became NaN or infinite.
     """
     labels_kind = "soft" if experiments[0].labels.dim() == 2 else "hard"
+    if labels_kind == "soft" and protocol.label_loss == "mse":
+        labels_kind = "real-valued"  # FRePo's regression targets, fitted by squared error
     learned_lr = [experiment.learned_lr for experiment in experiments if experiment.learned_lr is not None]
     for model_eval in models:
         accs, seconds, cfg = [], 0.0, None
@@ -230,7 +233,7 @@ def lr_text(protocol: dict) -> str:
 
 
 def labels_text(protocol: dict) -> str:
-    """A result's label type for a table: ``hard`` (the default when unrecorded) or ``soft``,
+    """A result's label type for a table: ``hard`` (the default when unrecorded), ``soft`` or ``real-valued``,
     with `` + feature labels (lbd x)`` when it trained with DRUPI feature labels
     (``feature_labels_lbd``, written by ``evaluate.py``)."""
     text = str(protocol.get("labels") or "hard")
