@@ -443,7 +443,6 @@ def sgd_step(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 Step = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.optim.Optimizer], torch.Tensor]
 
-
 class TrainingTerm(Protocol):
     """What a synthetic set may carry beyond images and labels that changes how networks are
     trained on it (an add-on's learned state, e.g. DRUPI's feature labels): the protocol calls

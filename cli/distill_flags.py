@@ -41,10 +41,10 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     parser.add_argument("--eval_mode", default=None, help="evaluation pool: S, SS, M, B, W, D, A, P, N, C (DC S, DM SS; "
                         "M is DC's pool, or MTT's for MTT/DATM/PAD)")
     parser.add_argument("--num_exp", type=int, default=None,
-                        help="independent experiments (default: DC/DSA/DM 5, DataDAM/CAFE/MTT/DATM/PAD 1)")
+                        help="independent experiments (default: DC/DSA/DM 5, DataDAM/CAFE/MTT/DATM/PAD/FRePo 1)")
     parser.add_argument("--num_eval", type=int, default=None,
                         help="networks per evaluation, 0: no evaluation (default: DC/DSA/DM/CAFE 20, DataDAM 10, "
-                             "MTT/DATM/PAD 5)")
+                             "MTT/DATM/PAD/FRePo 5)")
     parser.add_argument("--epoch_eval_train", type=int, default=None,
                         help="evaluation epochs (default: DC/DSA 1000 with augmentation else 300; DM 1000)")
     parser.add_argument("--Iteration", type=int, default=None, help="outer iterations (DC/DSA 1000, DM 20000)")

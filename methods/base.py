@@ -192,8 +192,9 @@ class SyntheticSet(nn.Module):
             (n_feat, K*ipc or K, ...) (DRUPI, ``--feature_labels``); evaluation trains on
             CE + lbd * D(E(x), F).
         label_values: ``None``, or learnable real-valued labels ``nn.Parameter`` (K*ipc, K): the
-            regression targets of kernel ridge regression (KIP ``--learn_labels``), initialised at
-            ``one_hot - 1/K``; evaluation fits them as they are (``--label_loss mse``).
+            regression targets of kernel ridge regression (KIP ``--learn_labels``, FRePo
+            ``--learn_label``), initialised at ``one_hot - 1/K``; evaluation fits them as they are
+            (``--label_loss mse``).
         step_lr_raw: ``None``, or a learnable ``nn.Parameter`` (T,): one unconstrained value per
             training step of a learned step schedule (DD); the method that adds it maps it to
             step sizes (:meth:`DistillMethod.step_schedule`).
@@ -209,8 +210,8 @@ class SyntheticSet(nn.Module):
         self.ipc = ipc
         self.syn_lr: Optional[nn.Parameter] = None
         self.label_logits: Optional[nn.Parameter] = None
-        self.features: Optional[nn.Parameter] = None
         self.label_values: Optional[nn.Parameter] = None
+        self.features: Optional[nn.Parameter] = None
         self.step_lr_raw: Optional[nn.Parameter] = None
 
     def learn_lr(self, value: float) -> nn.Parameter:
@@ -230,7 +231,8 @@ class SyntheticSet(nn.Module):
         return self.label_logits
 
     def learn_label_values(self, values: torch.Tensor) -> nn.Parameter:
-        """Add learnable real-valued labels (K*ipc, K) (KIP's learned KRR targets); returns them.
+        """Add learnable real-valued labels (K*ipc, K) (KIP's and FRePo's learned
+        KRR targets); returns them.
 
         Raises:
             ValueError: ``values`` is not (K*ipc, K).

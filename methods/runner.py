@@ -96,7 +96,7 @@ class RunOptions:
             (``utils.eval_path``).
         command: the command line that started the run (recorded in ``results.json``).
         label_loss: how evaluation networks fit the labels (``--label_loss``, ``utils.LABEL_LOSSES``);
-            ``None`` takes the method's (``DistillMethod.eval_label_loss``: mse for KIP).
+            ``None`` takes the method's (``DistillMethod.eval_label_loss``: mse for KIP and FRePo).
         save_every: for methods that write the trajectory-matching layout
             (``DistillMethod.writes_reference_layout``), write ``images_{it}.pt`` etc. every so many
             iterations (``--save_every``; 0: only the best). GeorgeCazenavette/mtt-distillation

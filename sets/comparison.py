@@ -270,7 +270,7 @@ def lr_text(protocol: dict) -> str:
 
 
 def labels_text(protocol: dict) -> str:
-    """A result's label type for a table: ``hard`` (the default when unrecorded) or ``soft``,
+    """A result's label type for a table: ``hard`` (the default when unrecorded), ``soft`` or ``real-valued``,
     with `` + feature labels (lbd x)`` when it trained with DRUPI feature labels
     (``feature_labels_lbd``, written by ``evaluate.py``)."""
     text = str(protocol.get("labels") or "hard")
