@@ -35,6 +35,7 @@ from tqdm import tqdm
 import augment
 import networks
 from data import PlainDataError, load_plain
+from precision import FP32, Precision, optimizer_step, scaled_backward
 
 logger = logging.getLogger(__name__)
 
@@ -341,7 +342,8 @@ def make_augmenter(dsa_strategy: str = "", dc_aug: Optional["augment.DCAugParam"
     return None
 
 
-def accumulate_gradient(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def accumulate_gradient(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                        precision: Precision = FP32, scaler: Optional["torch.amp.GradScaler"] = None) -> torch.Tensor:
     """Add the gradient of the batch-mean cross-entropy to every ``p.grad``.
 
     Without batch statistics every sample is computed independently, so the gradient is
@@ -349,6 +351,8 @@ def accumulate_gradient(net: nn.Module, images: torch.Tensor, labels: torch.Tens
 
     Args:
         images: (B, C, H, W); labels: (B,) int64 or (B, K) probabilities.
+        precision: forward passes and the loss run under its autocast (``--amp``), backward outside.
+        scaler: float16's ``GradScaler`` (:meth:`Precision.grad_scaler`): each chunk's loss is scaled.
 
     Returns:
         The batch's mean loss (a detached 0-d tensor on the device; no sync).
@@ -356,22 +360,26 @@ def accumulate_gradient(net: nn.Module, images: torch.Tensor, labels: torch.Tens
     size = pass_size(net, images)
     total = torch.zeros((), device=images.device)
     for x_chunk, y_chunk in zip(images.split(size), labels.split(size)):
-        loss = F.cross_entropy(net(x_chunk), y_chunk, reduction="sum") / images.shape[0]
-        loss.backward()
+        with precision.autocast(images.device):
+            loss = F.cross_entropy(net(x_chunk), y_chunk, reduction="sum") / images.shape[0]
+        scaled_backward(loss, scaler)
         total += loss.detach()
     return total
 
 
 def sgd_step(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-             optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    """One optimiser step on the batch-mean cross-entropy (gradient from :func:`accumulate_gradient`).
+             optimizer: torch.optim.Optimizer, precision: Precision = FP32,
+             scaler: Optional["torch.amp.GradScaler"] = None) -> torch.Tensor:
+    """One optimiser step on the batch-mean cross-entropy (gradient from :func:`accumulate_gradient`,
+    with ``precision`` and ``scaler`` as there; the step unscales and may skip, see
+    :func:`precision.optimizer_step`).
 
     Returns:
         The batch's mean loss before the step (a detached 0-d tensor).
     """
     optimizer.zero_grad(set_to_none=True)
-    loss = accumulate_gradient(net, images, labels)
-    optimizer.step()
+    loss = accumulate_gradient(net, images, labels, precision, scaler)
+    optimizer_step(optimizer, scaler)
     return loss
 
 
@@ -396,7 +404,8 @@ class TrainingTerm(Protocol):
 def train_epoch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
                 batch_size: int, generator: torch.Generator, augmenter: Optional[Augmenter] = None,
                 index: Optional[torch.Tensor] = None, step: Optional[Step] = None,
-                term: Optional[TrainingTerm] = None) -> float:
+                term: Optional[TrainingTerm] = None, precision: Precision = FP32,
+                scaler: Optional["torch.amp.GradScaler"] = None) -> float:
     """Train ``net`` for one shuffled pass over an in-memory set (DC utils ``epoch('train')``).
 
     Args:
@@ -412,6 +421,8 @@ def train_epoch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, opti
         term: a :class:`TrainingTerm` of the set (e.g. feature labels); each step is then its
             ``sgd_step`` on the batch and its positions (``step`` is not used). ``None`` (the
             default) leaves the loop exactly as without it.
+        precision, scaler: ``--amp`` (see :func:`accumulate_gradient`); a custom ``step`` or a
+            ``term`` runs its forward passes under ``precision``'s autocast as a whole, unscaled.
 
     Returns:
         The mean training loss over the epoch (a Python float; one device sync per epoch).
@@ -431,9 +442,13 @@ def train_epoch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, opti
             with torch.no_grad():
                 x = augmenter(x, generator)
         if term is not None:
-            total += term.sgd_step(net, x, y, batch, optimizer, generator) * x.shape[0]
+            with precision.autocast(images.device):
+                total += term.sgd_step(net, x, y, batch, optimizer, generator) * x.shape[0]
+        elif step is sgd_step:
+            total += sgd_step(net, x, y, optimizer, precision, scaler) * x.shape[0]
         else:
-            total += step(net, x, y, optimizer) * x.shape[0]
+            with precision.autocast(images.device):
+                total += step(net, x, y, optimizer) * x.shape[0]
     return float(total) / max(count, 1)
 
 
@@ -450,7 +465,7 @@ DETERMINISTIC_TEST_PASS = 500
 
 @torch.no_grad()
 def test_accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000,
-                  tta_mode: str = "", deterministic: bool = False) -> float:
+                  tta_mode: str = "", deterministic: bool = False, precision: Precision = FP32) -> float:
     """Top-1 accuracy in [0, 1] of ``net`` (put in eval mode) on a labelled set.
 
     Args:
@@ -462,6 +477,7 @@ def test_accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, ba
             probabilities of the image and of its horizontal mirror (flip of the width axis).
         deterministic: pass ``DETERMINISTIC_TEST_PASS`` images at a time whatever ``batch_size``,
             so the accuracy does not depend on the test batch size (kernels chosen by batch shape).
+        precision: ``--amp``: the forward passes run under its autocast.
 
     Raises:
         ValueError: unknown ``tta_mode``.
@@ -475,10 +491,11 @@ def test_accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, ba
     for start in range(0, images.shape[0], batch_size):
         x = images[start:start + batch_size].to(device, non_blocking=True)
         y = labels[start:start + batch_size].to(device, non_blocking=True)
-        if tta_mode == "hflip":
-            scores = torch.softmax(net(x), dim=1) + torch.softmax(net(x.flip(-1)), dim=1)
-        else:
-            scores = net(x)
+        with precision.autocast(device):
+            if tta_mode == "hflip":
+                scores = torch.softmax(net(x), dim=1) + torch.softmax(net(x.flip(-1)), dim=1)
+            else:
+                scores = net(x)
         correct += (scores.argmax(dim=1) == y).sum()
     return int(correct) / max(images.shape[0], 1)
 
@@ -524,6 +541,9 @@ class EvalConfig:
         tta_mode: ``""`` or ``hflip``: test-time augmentation (:func:`test_accuracy`; ``--tta``).
         deterministic: ``--deterministic``: deterministic kernels while training and testing
             (:func:`deterministic_algorithms`) and a test pass size independent of ``batch_test``.
+        precision: ``--amp`` (:class:`precision.Precision`): forward passes of training and
+            testing under autocast, float16 with a ``GradScaler``. An execution choice like the
+            device: recorded with the result, not saved with the set's protocol.
     """
 
     epochs: int = 300
@@ -536,6 +556,7 @@ class EvalConfig:
     batch_test: int = 1000
     tta_mode: str = ""
     deterministic: bool = False
+    precision: Precision = FP32
 
     def describe(self) -> dict:
         """A JSON-ready record of the protocol, written beside every result (``tta`` and
@@ -551,6 +572,8 @@ class EvalConfig:
             record["tta"] = f"{self.tta_mode} (mean of softmax probabilities)"
         if self.deterministic:
             record["deterministic"] = True
+        if self.precision.enabled:
+            record["amp"] = self.precision.describe()
         return record
 
 
@@ -585,7 +608,7 @@ class EvalProtocol:
     deterministic: bool = False
 
     def resolve(self, dataset: str, model: str, model_eval: str, ipc: int,
-                learned_lr: Optional[float] = None) -> EvalConfig:
+                learned_lr: Optional[float] = None, precision: Precision = FP32) -> EvalConfig:
         """The :class:`EvalConfig` of evaluation network ``model_eval``.
 
         Args:
@@ -594,13 +617,14 @@ class EvalProtocol:
             model_eval: the network being trained.
             ipc: images per class.
             learned_lr: a step size learned with the set (trajectory matching), used instead of ``lr``.
+            precision: ``--amp`` of this run (:attr:`EvalConfig.precision`).
         """
         dc_aug = None if self.dsa_strategy else augment.get_daparam(dataset, model, model_eval, ipc)
         augmented = bool(self.dsa_strategy) or (dc_aug is not None and dc_aug.strategy not in ("", "none", "None"))
         return EvalConfig(epochs=self.epochs_augmented if augmented else self.epochs_plain,
                           lr=float(learned_lr) if learned_lr is not None else self.lr, batch_train=self.batch_train,
                           dsa_strategy=self.dsa_strategy, dc_aug=dc_aug, tta_mode=self.tta_mode,
-                          deterministic=self.deterministic)
+                          deterministic=self.deterministic, precision=precision)
 
     def with_epochs(self, epochs: Optional[int]) -> "EvalProtocol":
         """This protocol with both epoch counts set to ``epochs`` (unchanged when ``None``)."""
@@ -675,12 +699,14 @@ def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, t
         return torch.optim.SGD(net.parameters(), lr=rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     optimizer = make_optimizer(lr)
+    scaler = cfg.precision.grad_scaler(images.device)
     decay_after = cfg.epochs // 2 + 1
     loss = 0.0
     for epoch in range(cfg.epochs + 1):
         if should_stop is not None and should_stop():
             raise EvaluationStopped
-        loss = train_epoch(net, images, labels, optimizer, cfg.batch_train, generator, augmenter, term=term)
+        loss = train_epoch(net, images, labels, optimizer, cfg.batch_train, generator, augmenter, term=term,
+                           precision=cfg.precision, scaler=scaler)
         if epoch == decay_after:
             lr *= 0.1
             optimizer = make_optimizer(lr)
@@ -688,7 +714,8 @@ def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, t
             on_epoch(epoch + 1)
     if not math.isfinite(loss):
         raise FloatingPointError(f"evaluation training loss became {loss}")
-    return test_accuracy(net, test_images, test_labels, cfg.batch_test, cfg.tta_mode, cfg.deterministic)
+    return test_accuracy(net, test_images, test_labels, cfg.batch_test, cfg.tta_mode, cfg.deterministic,
+                         cfg.precision)
 
 
 def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str, num_classes: int,
