@@ -64,6 +64,12 @@ def test_bf16_differs_from_fp32_but_stays_close(one_thread):
     assert not torch.equal(fp32_images, bf16_images)  # autocast changed the arithmetic
     assert abs(bf16_loss - fp32_loss) <= 0.05 * abs(fp32_loss) + 1e-3
     assert (bf16_images - fp32_images).abs().max() < 0.05 * fp32_images.abs().max()
+    # the matching losses average bf16 features in float32 (no bf16-rounded loss)
+    for name in ("DM", "DataDAM"):
+        method = build_method(name, record, precision=BF16)
+        syn = method.init_synthetic()
+        with BF16.autocast("cpu"):
+            assert method.loss(syn).dtype == torch.float32, name
 
 
 @pytest.mark.parametrize("name", ["MTT", "DATM", "PAD"])

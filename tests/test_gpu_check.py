@@ -11,9 +11,9 @@ from conftest import ROOT
 def test_gpu_check_dry_run_covers_every_case(tmp_path):
     from scripts import gpu_check
 
-    env = {**os.environ, "DEVICE": "cpu", "OUT": str(tmp_path)}
+    env = {**os.environ, "DEVICE": "cpu", "OUT": str(tmp_path), "GPU_CHECK_TIMEOUT": "1200"}
     done = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), "--iterations", "1"],
-                          capture_output=True, text=True, env=env, timeout=600)
+                          capture_output=True, text=True, env=env, timeout=1300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.load(open(tmp_path / "gpu_check.json"))
     assert report["dry"] and report["device"] == "cpu"
