@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     pad.add_argument("--rm_easy_ratio_second", type=float, default=None, help="easiest fraction removed in stage 2 (0.1)")
     cli.add_data_args(parser, cifar100_stats_default="cifar10")
     cli.add_runtime_args(parser)
+    cli.add_amp_arg(parser)
     return parser
 
 
@@ -118,6 +119,7 @@ def main(argv=None) -> int:
         buffers.check_buffer_dir(directory, cfg.describe(args.save_interval))
         cli.setup_logging(os.path.join(directory, "log.txt"))
         device = cli.setup_runtime(args)
+        amp = cli.setup_precision(args, device)
         utils.seed_everything(args.seed)
         record = cli.load_record(args, device, cifar100_stats_default="cifar10")
         order, sort_file = None, None
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
         try:
             summary = experts.make_buffer(cfg, record, directory, args.num_experts, device=device,
                                                save_interval=args.save_interval, test_every=args.test_every,
-                                               order=order, run_info={"sort_file": sort_file})
+                                               order=order, run_info={"sort_file": sort_file}, precision=amp)
         except KeyboardInterrupt as stop:
             done = buffers.check_buffer_dir(directory, cfg.describe(args.save_interval))
             cli.fail(f"{cli.stop_word(stop)}; {done} expert(s) are saved in {directory}; run the same command again "

@@ -29,6 +29,7 @@ def main(argv=None) -> int:
                            given=args.run_dir or args.save_path)
         cli.setup_logging(os.path.join(opts.run_dir, "log.txt"))
         device = cli.setup_runtime(args)
+        opts = dataclasses.replace(opts, precision=cli.setup_precision(args, device))
         record = cli.load_record(args, cifar100_stats_default=methods.get_method_class(cfg.method).cifar100_stats)
         if cfg.ipc > int(record.labels_train.bincount().min()):
             raise utils.UserError(f"--ipc {cfg.ipc} exceeds the smallest class of {args.dataset}")
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
         finally:
             stop.restore()
     print(f"\n{cfg.method} {cfg.dataset} ipc {cfg.ipc} ({cfg.iterations} iterations, "
-          f"{outcome.seconds_per_iteration:.3f} s/iteration on {device})")
+          f"{outcome.seconds_per_iteration:.3f} s/iteration on {device}, {opts.precision.describe()})")
     for model, accs in outcome.accs_all_exps.items():
         if accs:
             print(f"  {model:<16} {utils.format_acc(accs)} %  over {len(accs)} networks")

@@ -40,6 +40,7 @@ def main(argv=None) -> int:
         if args.assess and len(paths) != 1:
             raise utils.UserError(f"--assess takes one synthetic set (--syn_path), got {len(paths)}")
         device = cli.setup_runtime(args)
+        amp = cli.setup_precision(args, device)
         record = cli.load_record(args)
         print(f"{record.name}: {len(record.labels_train)} training / {len(record.labels_test)} test images "
               f"from {record.source or args.data_path}")
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
                 try:
                     rows.append(comparison.evaluate_set_row(
                         row, experiments, models, set_protocol, args.model, test_images, test_labels, record.num_classes,
-                        num_eval=args.num_eval, device=device, seed=args.seed,
+                        num_eval=args.num_eval, device=device, seed=args.seed, precision=amp,
                         report=lambda model_eval, accs, cfg, _, seconds: report(model_eval, accs, cfg, what, seconds)))
                 except ValueError as error:
                     raise utils.UserError(f"{path}: {error} (--lbd 0 evaluates without feature labels)") from None
@@ -94,7 +95,8 @@ def main(argv=None) -> int:
                     result["protocol"]["feature_labels_lbd"] = lbd
         if args.baseline or args.random_baseline:
             rows += [comparison.random_real_row(record, ipc, models, protocol, args.model, test_images, test_labels,
-                                                num_eval=args.num_eval, device=device, seed=args.seed, report=report)
+                                                num_eval=args.num_eval, device=device, seed=args.seed, report=report,
+                                                precision=amp)
                      for ipc in ipcs]
         whole = comparison.whole_dataset_row(args.original_path, args.dataset, models, args.subset)
         rows += [whole] if whole is not None else []
@@ -104,6 +106,7 @@ def main(argv=None) -> int:
             # Per-model keys of the first row, as before (scripts read them), plus the whole table.
             report_first = {model: result for model, result in rows[0].results.items()}
             record_protocol = {"num_eval": args.num_eval, "seed": args.seed, "dataset": args.dataset,
+                               "amp": amp.describe(),
                                "evaluation": {m: rows[0].results[m]["protocol"] for m in rows[0].results},
                                "protocol": protocol.as_dict()}
             json_path, csv_path = cli.write_or_rescue(

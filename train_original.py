@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="accepted for reference commands; images are always normalised (as in the reference)")
     cli.add_data_args(parser)
     cli.add_runtime_args(parser)
+    cli.add_amp_arg(parser)
     return parser
 
 
@@ -78,11 +79,12 @@ def main(argv=None) -> int:
         originals.check_existing(args.save_path, cfg, args.num)
         cli.setup_logging(os.path.join(directory, "log.txt"))
         device = cli.setup_runtime(args)
+        amp = cli.setup_precision(args, device)
         utils.seed_everything(args.seed)
         record = cli.load_record(args, device)
         try:
             done = originals.train_originals(cfg, record, args.save_path, args.num, device=device,
-                                             save_every=args.save_every)
+                                             save_every=args.save_every, precision=amp)
         except KeyboardInterrupt as stop:
             cli.fail(f"{cli.stop_word(stop)}; finished models and the last checkpoint are kept in {directory}; run "
                      "the same command again to continue", cli.EXIT_STOPPED)

@@ -23,7 +23,6 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 import dataclasses
-import functools
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Protocol, Sequence, Tuple
 
@@ -37,6 +36,7 @@ import augment
 import networks
 import stacking
 from data import PlainDataError, load_plain
+from precision import FP32, Precision, optimizer_step, scaled_backward
 
 logger = logging.getLogger(__name__)
 
@@ -403,7 +403,8 @@ def label_loss_sum(logits: torch.Tensor, labels: torch.Tensor, label_loss: str =
 
 
 def accumulate_gradient(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                        label_loss: str = "cross_entropy") -> torch.Tensor:
+                        label_loss: str = "cross_entropy", precision: Precision = FP32,
+                        scaler: Optional["torch.amp.GradScaler"] = None) -> torch.Tensor:
     """Add the gradient of the batch-mean loss (cross-entropy, or :func:`label_loss_sum`'s
     ``label_loss``) to every ``p.grad``.
 
@@ -414,6 +415,8 @@ def accumulate_gradient(net: nn.Module, images: torch.Tensor, labels: torch.Tens
         images: (B, C, H, W); labels: (B,) int64 or (B, K) probabilities (or regression targets
             with ``label_loss='mse'``).
         label_loss: one of :data:`LABEL_LOSSES`.
+        precision: forward passes and the loss run under its autocast (``--amp``), backward outside.
+        scaler: float16's ``GradScaler`` (:meth:`Precision.grad_scaler`): each chunk's loss is scaled.
 
     Returns:
         The batch's mean loss (a detached 0-d tensor on the device; no sync).
@@ -421,23 +424,26 @@ def accumulate_gradient(net: nn.Module, images: torch.Tensor, labels: torch.Tens
     size = pass_size(net, images)
     total = torch.zeros((), device=images.device)
     for x_chunk, y_chunk in zip(images.split(size), labels.split(size)):
-        loss = label_loss_sum(net(x_chunk), y_chunk, label_loss) / images.shape[0]
-        loss.backward()
+        with precision.autocast(images.device):
+            loss = label_loss_sum(net(x_chunk), y_chunk, label_loss) / images.shape[0]
+        scaled_backward(loss, scaler)
         total += loss.detach()
     return total
 
 
 def sgd_step(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-             optimizer: torch.optim.Optimizer, label_loss: str = "cross_entropy") -> torch.Tensor:
+             optimizer: torch.optim.Optimizer, label_loss: str = "cross_entropy", precision: Precision = FP32,
+             scaler: Optional["torch.amp.GradScaler"] = None) -> torch.Tensor:
     """One optimiser step on the batch-mean loss (gradient from :func:`accumulate_gradient`;
-    cross-entropy unless ``label_loss`` says otherwise).
+    cross-entropy unless ``label_loss`` says otherwise; ``precision`` and ``scaler`` as there; the
+    step unscales and may skip, see :func:`precision.optimizer_step`).
 
     Returns:
         The batch's mean loss before the step (a detached 0-d tensor).
     """
     optimizer.zero_grad(set_to_none=True)
-    loss = accumulate_gradient(net, images, labels, label_loss)
-    optimizer.step()
+    loss = accumulate_gradient(net, images, labels, label_loss, precision, scaler)
+    optimizer_step(optimizer, scaler)
     return loss
 
 
@@ -461,7 +467,8 @@ class TrainingTerm(Protocol):
 def train_epoch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
                 batch_size: int, generator: torch.Generator, augmenter: Optional[Augmenter] = None,
                 index: Optional[torch.Tensor] = None, step: Optional[Step] = None,
-                term: Optional[TrainingTerm] = None) -> float:
+                term: Optional[TrainingTerm] = None, precision: Precision = FP32,
+                scaler: Optional["torch.amp.GradScaler"] = None, label_loss: str = "cross_entropy") -> float:
     """Train ``net`` for one shuffled pass over an in-memory set (DC utils ``epoch('train')``).
 
     Args:
@@ -477,6 +484,9 @@ def train_epoch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, opti
         term: a :class:`TrainingTerm` of the set (e.g. feature labels); each step is then its
             ``sgd_step`` on the batch and its positions (``step`` is not used). ``None`` (the
             default) leaves the loop exactly as without it.
+        precision, scaler: ``--amp`` (see :func:`accumulate_gradient`); a custom ``step`` or a
+            ``term`` runs its forward passes under ``precision``'s autocast as a whole, unscaled.
+        label_loss: the loss of the default step (:func:`sgd_step`; :data:`LABEL_LOSSES`).
 
     Returns:
         The mean training loss over the epoch (a Python float; one device sync per epoch).
@@ -496,9 +506,13 @@ def train_epoch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, opti
             with torch.no_grad():
                 x = augmenter(x, generator)
         if term is not None:
-            total += term.sgd_step(net, x, y, batch, optimizer, generator) * x.shape[0]
+            with precision.autocast(images.device):
+                total += term.sgd_step(net, x, y, batch, optimizer, generator) * x.shape[0]
+        elif step is sgd_step:
+            total += sgd_step(net, x, y, optimizer, label_loss, precision, scaler) * x.shape[0]
         else:
-            total += step(net, x, y, optimizer) * x.shape[0]
+            with precision.autocast(images.device):
+                total += step(net, x, y, optimizer) * x.shape[0]
     return float(total) / max(count, 1)
 
 
@@ -515,7 +529,7 @@ DETERMINISTIC_TEST_PASS = 500
 
 @torch.no_grad()
 def test_accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000,
-                  tta_mode: str = "", deterministic: bool = False) -> float:
+                  tta_mode: str = "", deterministic: bool = False, precision: Precision = FP32) -> float:
     """Top-1 accuracy in [0, 1] of ``net`` (put in eval mode) on a labelled set.
 
     Args:
@@ -527,6 +541,7 @@ def test_accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, ba
             probabilities of the image and of its horizontal mirror (flip of the width axis).
         deterministic: pass ``DETERMINISTIC_TEST_PASS`` images at a time whatever ``batch_size``,
             so the accuracy does not depend on the test batch size (kernels chosen by batch shape).
+        precision: ``--amp``: the forward passes run under its autocast.
 
     Raises:
         ValueError: unknown ``tta_mode``.
@@ -540,10 +555,11 @@ def test_accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, ba
     for start in range(0, images.shape[0], batch_size):
         x = images[start:start + batch_size].to(device, non_blocking=True)
         y = labels[start:start + batch_size].to(device, non_blocking=True)
-        if tta_mode == "hflip":
-            scores = torch.softmax(net(x), dim=1) + torch.softmax(net(x.flip(-1)), dim=1)
-        else:
-            scores = net(x)
+        with precision.autocast(device):
+            if tta_mode == "hflip":
+                scores = torch.softmax(net(x), dim=1) + torch.softmax(net(x.flip(-1)), dim=1)
+            else:
+                scores = net(x)
         correct += (scores.argmax(dim=1) == y).sum()
     return int(correct) / max(images.shape[0], 1)
 
@@ -594,6 +610,9 @@ class EvalConfig:
             (:func:`eval_path`). The accuracies are the same up to float rounding.
         label_loss: ``--label_loss``: ``cross_entropy`` (hard or soft labels) or ``mse`` (square
             loss on :func:`regression_targets`: centred one-hot, or the set's real-valued labels).
+        precision: ``--amp`` (:class:`precision.Precision`): forward passes of training and
+            testing under autocast, float16 with a ``GradScaler``. An execution choice like the
+            device: recorded with the result, not saved with the set's protocol.
     """
 
     epochs: int = 300
@@ -608,6 +627,7 @@ class EvalConfig:
     deterministic: bool = False
     stacked_eval: str = "auto"
     label_loss: str = "cross_entropy"
+    precision: Precision = FP32
 
     def __post_init__(self) -> None:
         if self.stacked_eval not in STACKED_EVAL_CHOICES:
@@ -628,6 +648,8 @@ class EvalConfig:
             record["tta"] = f"{self.tta_mode} (mean of softmax probabilities)"
         if self.deterministic:
             record["deterministic"] = True
+        if self.precision.enabled:
+            record["amp"] = self.precision.describe()
         return record
 
 
@@ -665,7 +687,7 @@ class EvalProtocol:
     label_loss: str = "cross_entropy"
 
     def resolve(self, dataset: str, model: str, model_eval: str, ipc: int,
-                learned_lr: Optional[float] = None) -> EvalConfig:
+                learned_lr: Optional[float] = None, precision: Precision = FP32) -> EvalConfig:
         """The :class:`EvalConfig` of evaluation network ``model_eval``.
 
         Args:
@@ -674,6 +696,7 @@ class EvalProtocol:
             model_eval: the network being trained.
             ipc: images per class.
             learned_lr: a step size learned with the set (trajectory matching), used instead of ``lr``.
+            precision: ``--amp`` of this run (:attr:`EvalConfig.precision`).
         """
         dc_aug = None if self.dsa_strategy else augment.get_daparam(dataset, model, model_eval, ipc)
         augmented = bool(self.dsa_strategy) or (dc_aug is not None and dc_aug.strategy not in ("", "none", "None"))
@@ -681,7 +704,7 @@ class EvalProtocol:
                           lr=float(learned_lr) if learned_lr is not None else self.lr, batch_train=self.batch_train,
                           dsa_strategy=self.dsa_strategy, dc_aug=dc_aug, tta_mode=self.tta_mode,
                           deterministic=self.deterministic, stacked_eval=self.stacked_eval,
-                          label_loss=self.label_loss)
+                          label_loss=self.label_loss, precision=precision)
 
     def with_epochs(self, epochs: Optional[int]) -> "EvalProtocol":
         """This protocol with both epoch counts set to ``epochs`` (unchanged when ``None``)."""
@@ -761,15 +784,16 @@ def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, t
         EvaluationStopped: ``should_stop`` said so.
     """
     augmenter = make_augmenter(cfg.dsa_strategy, cfg.dc_aug)
-    step = None if cfg.label_loss == "cross_entropy" else functools.partial(sgd_step, label_loss=cfg.label_loss)
+    scaler = cfg.precision.grad_scaler(images.device)
     loss = _train_on_schedule(
         list(net.parameters()), cfg,
         lambda optimizer: train_epoch(net, images, labels, optimizer, cfg.batch_train, generator, augmenter, term=term,
-                                      step=step),
+                                      precision=cfg.precision, scaler=scaler, label_loss=cfg.label_loss),
         on_epoch, should_stop)
     if not math.isfinite(loss):
         raise FloatingPointError(f"evaluation training loss became {loss}")
-    return test_accuracy(net, test_images, test_labels, cfg.batch_test, cfg.tta_mode, cfg.deterministic)
+    return test_accuracy(net, test_images, test_labels, cfg.batch_test, cfg.tta_mode, cfg.deterministic,
+                         cfg.precision)
 
 
 def _train_on_schedule(parameters: List[torch.Tensor], cfg: EvalConfig, run_epoch: Callable[[torch.optim.Optimizer], object],
@@ -839,11 +863,11 @@ def train_and_test_stacked(nets: Sequence[nn.Module], images: torch.Tensor, labe
     def augmenter(x: torch.Tensor, gens: Sequence[torch.Generator]) -> torch.Tensor:
         return stacking.augment_stacked(x, gens, cfg.dsa_strategy, cfg.dc_aug)
 
-    losses = _train_on_schedule(
-        stack.parameters(), cfg,
-        lambda optimizer: stacking.train_epoch(stack, images, labels, optimizer, cfg.batch_train, generators,
-                                               augmenter, step),
-        on_epoch, should_stop)
+    def run_epoch(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        with cfg.precision.autocast(images.device):  # bfloat16 only: eval_path keeps float16 sequential
+            return stacking.train_epoch(stack, images, labels, optimizer, cfg.batch_train, generators, augmenter, step)
+
+    losses = _train_on_schedule(stack.parameters(), cfg, run_epoch, on_epoch, should_stop)
     losses = torch.as_tensor(losses).cpu()
     if not bool(torch.isfinite(losses).all()):
         bad = next(float(v) for v in losses if not math.isfinite(float(v)))
@@ -852,7 +876,8 @@ def train_and_test_stacked(nets: Sequence[nn.Module], images: torch.Tensor, labe
     per_pass = size if cpu else max(1, size // count)  # CUDA: about one network's pass of activations
     if cfg.tta_mode and cfg.tta_mode not in TTA_MODES:
         raise ValueError(f"--tta_mode {cfg.tta_mode!r}: expected one of {', '.join(TTA_MODES)}")
-    return stacking.test_accuracies(stack, test_images, test_labels, per_pass, cfg.tta_mode)
+    with cfg.precision.autocast(images.device):
+        return stacking.test_accuracies(stack, test_images, test_labels, per_pass, cfg.tta_mode)
 
 
 STACKED_EVAL_CHOICES = ("auto", "on", "off")
@@ -862,14 +887,15 @@ SEQUENTIAL_ON_AUTO = ("VGG", "ResNet")
 
 
 def eval_path(stacked_eval: str, model: str, device: torch.device, num_networks: int,
-              term: Optional[TrainingTerm] = None, label_loss: str = "cross_entropy") -> Tuple[bool, str]:
+              term: Optional[TrainingTerm] = None, label_loss: str = "cross_entropy",
+              precision: Precision = FP32) -> Tuple[bool, str]:
     """Whether :func:`evaluate_synset` trains its networks together (``stacking``) and why not.
 
     ``on`` stacks whenever it can; ``off`` never; ``auto`` stacks on CUDA unless ``model`` is one
     of :data:`SEQUENTIAL_ON_AUTO`, and trains one network at a time on CPU, where stacking was
     measured slower (docs/results.md, *Stacked evaluation*). A set's training term (feature
-    labels), a label loss other than cross-entropy (``mse``) and a single network always go one
-    at a time.
+    labels), a label loss other than cross-entropy (``mse``), float16 autocast (its gradient
+    scaler is per network) and a single network always go one at a time; bfloat16 stacks.
 
     Returns:
         ``(stacked, note)``; the note is empty when the setting was followed as asked.
@@ -880,6 +906,8 @@ def eval_path(stacked_eval: str, model: str, device: torch.device, num_networks:
         return False, "sequential: the set's training term (feature labels) trains one network at a time"
     if label_loss != "cross_entropy":
         return False, f"sequential: --label_loss {label_loss} trains one network at a time"
+    if precision.amp == "fp16":
+        return False, f"sequential: --amp {precision.amp} trains one network at a time (per-network gradient scaling)"
     if num_networks < 2:
         return False, "sequential: one network" if stacked_eval == "on" else ""
     if stacked_eval == "on":
@@ -964,7 +992,7 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
             torch.manual_seed(seed + run)
             return networks.get_network(model, channel, num_classes, im_size, device=device)
 
-    stacked, note = eval_path(cfg.stacked_eval, model, device, len(runs), term, cfg.label_loss)
+    stacked, note = eval_path(cfg.stacked_eval, model, device, len(runs), term, cfg.label_loss, cfg.precision)
     nets = []
     if stacked:
         nets = [fresh_network(run) for run in runs]

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Callable, NoReturn
 
 import networks
+import precision
 import utils
 
 # Exit codes: 1 for results written elsewhere than asked, 2 for a user mistake (as argparse), 3 for
@@ -79,6 +80,28 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="base seed; experiment e uses seed + e")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     group.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+
+
+AMP_HELP = ("mixed precision of forward passes (torch.autocast; fp16 adds a GradScaler, refused on CPU); "
+            "parameters and synthetic images stay fp32. Default off (fp32). The accuracy change against fp32 is "
+            "not yet established (docs/results.md, Mixed precision)")
+
+
+def add_amp_arg(parser: argparse.ArgumentParser) -> None:
+    """``--amp off|bf16|fp16`` (``precision.Precision``) for the stage scripts that train networks."""
+    parser.add_argument("--amp", default="off", choices=precision.AMP_CHOICES, help=AMP_HELP)
+
+
+def setup_precision(args: argparse.Namespace, device) -> "precision.Precision":
+    """Resolve ``--amp`` once for ``device`` (:func:`precision.resolve_precision`).
+
+    Raises:
+        utils.UserError: a precision this device cannot run (``fp16`` on CPU).
+    """
+    try:
+        return precision.resolve_precision(getattr(args, "amp", None), device)
+    except precision.PrecisionError as error:
+        raise utils.UserError(str(error)) from None
 
 
 def setup_runtime(args: argparse.Namespace):

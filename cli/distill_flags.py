@@ -72,6 +72,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     parser.add_argument("--vis", action=argparse.BooleanOptionalAction, default=True, help="save PNG grids")
     cli.add_data_args(parser, cifar100_stats_default="the method's: cifar10 for MTT, DATM, PAD and CAFE, else cifar100")
     cli.add_runtime_args(parser)
+    cli.add_amp_arg(parser)
     cli_clom.add_original_model_args(parser, clom=True)
     feature_cli.add_feature_label_args(parser)
     feature_cli.add_eval_option_args(parser)

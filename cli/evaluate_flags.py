@@ -70,6 +70,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     feature_cli.add_eval_option_args(parser, saved_default=True)
     cli.add_data_args(parser)
     cli.add_runtime_args(parser)
+    cli.add_amp_arg(parser)
     parser.add_argument("--assess", action="store_true",
                         help="instead of training: OM accuracy / loss and synthetic-real distances on original models "
                              "(assess.py); JSON to --out or next to --syn_path")

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 import augment
 import networks
+from precision import FP32, Precision, scaled_backward
 
 METHODS: Dict[str, Type["DistillMethod"]] = {}
 
@@ -360,8 +361,11 @@ class DistillMethod:
     loss_functions: ClassVar[Tuple[str, ...]] = ("loss",)
 
     def __init__(self, cfg: DistillConfig, *, channel: int, num_classes: int, im_size, sampler,
-                 device: torch.device, generator: torch.Generator):
+                 device: torch.device, generator: torch.Generator, precision: Precision = FP32):
         self.cfg = cfg
+        # --amp: losses (their forward passes) run under its autocast; fp16 scales the image loss.
+        self.precision = precision
+        self.image_scaler = precision.grad_scaler(device)
         self.channel = channel
         self.num_classes = num_classes
         self.im_size = tuple(im_size)
@@ -553,13 +557,19 @@ class DistillMethod:
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         total = loss
-        for addon in self.addons:
-            term = addon.image_loss(syn)
-            if term is not None:
-                total = total + term
-        total.backward()
+        with self.precision.autocast(self.device):
+            for addon in self.addons:
+                term = addon.image_loss(syn)
+                if term is not None:
+                    total = total + term
+        scaled_backward(total, self.image_scaler)
         for optimizer in optimizers:
-            optimizer.step()
+            if self.image_scaler is None:
+                optimizer.step()
+            else:
+                self.image_scaler.step(optimizer)
+        if self.image_scaler is not None:
+            self.image_scaler.update()
 
     def step(self, syn: SyntheticSet, iteration: int) -> Dict[str, torch.Tensor]:
         """One outer iteration: the loss, :meth:`update_images`, then the add-ons' work after an
@@ -570,7 +580,8 @@ class DistillMethod:
             ``{'loss': scalar tensor}`` (detached; converted to float once by the runner). Add-on
             values come from :meth:`pop_addon_logs`.
         """
-        loss = self.loss(syn)
+        with self.precision.autocast(self.device):
+            loss = self.loss(syn)
         self.update_images(syn, loss)
         self.after_image_update(syn)
         return {"loss": loss.detach()}

@@ -166,7 +166,7 @@ class CAFE(DistillMethod):
         per_class = [self.sampler.get_images(c, n, self.generator) for c in range(self.num_classes)]
         batches = per_class if utils.batch_dependent(net) else [torch.cat(per_class)]
         correct = []
-        with torch.no_grad():
+        with torch.no_grad(), self.precision.autocast(self.device):
             for images in batches:
                 predictions = torch.cat([net(chunk).argmax(dim=1) for chunk in images.split(utils.pass_size(net, images))])
                 correct.append(predictions)
@@ -188,9 +188,11 @@ class CAFE(DistillMethod):
         Returns the epochs run."""
         hp = self.hparams
         watcher = self.new_watcher()
+        scaler = self.precision.grad_scaler(self.device)
         images, labels = syn.images.detach(), syn.labels
         for epoch in range(1, hp["max_inner_steps"] + 1):
-            utils.train_epoch(net, images, labels, optimizer, self.cfg.batch_train, self.generator, augmenter)
+            utils.train_epoch(net, images, labels, optimizer, self.cfg.batch_train, self.generator, augmenter,
+                              precision=self.precision, scaler=scaler)
             watcher.add(self.real_accuracy(net))
             span = watcher.span()
             if span is not None and span > hp["lambda_2"]:
@@ -216,7 +218,8 @@ class CAFE(DistillMethod):
         losses, inner_epochs = [], 0
         for _ in range(hp["max_outer_steps"]):
             net.requires_grad_(False)  # only the images learn here; skip the weight gradients
-            loss = self.matching_loss(net, syn)
+            with self.precision.autocast(self.device):
+                loss = self.matching_loss(net, syn)
             self.update_images(syn, loss)
             net.requires_grad_(True)
             losses.append(loss.detach())

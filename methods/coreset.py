@@ -167,14 +167,15 @@ class CoresetMethod(DistillMethod):
         Raises:
             utils.UserError: a class has fewer than ``ipc`` training images.
         """
-        self.prepare()
         chosen = []
-        for c in range(self.num_classes):
-            indices = self.class_indices(c)
-            if indices.numel() < self.cfg.ipc:
-                raise utils.UserError(f"--ipc {self.cfg.ipc}: class {c} has only {indices.numel()} training images")
-            picks = self.select(c, indices).to(indices.device)
-            chosen.append(indices[picks])
+        with self.precision.autocast(self.device):  # --amp: the embedding / training forward passes
+            self.prepare()
+            for c in range(self.num_classes):
+                indices = self.class_indices(c)
+                if indices.numel() < self.cfg.ipc:
+                    raise utils.UserError(f"--ipc {self.cfg.ipc}: class {c} has only {indices.numel()} training images")
+                picks = self.select(c, indices).to(indices.device)
+                chosen.append(indices[picks])
         self.selected_indices = torch.cat(chosen).cpu()
         images = self.sampler.images[torch.cat(chosen)]
         labels = SyntheticSet.class_major_labels(self.num_classes, self.cfg.ipc, device=self.device)
@@ -239,7 +240,7 @@ class EmbeddingSelection(CoresetMethod):
 
     def features(self, indices: torch.Tensor) -> torch.Tensor:
         """(n, D) embeddings of the training images ``indices``."""
-        return utils.embed_in_chunks(self.net, self.sampler.images[indices])
+        return utils.embed_in_chunks(self.net, self.sampler.images[indices]).float()
 
 
 @register_method("herding")

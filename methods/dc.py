@@ -81,7 +81,7 @@ class DC(DistillMethod):
         real = torch.cat([self.sampler.get_images(c, BN_IMAGES_PER_CLASS, self.generator)
                           for c in range(self.num_classes)])
         net.train()
-        with torch.no_grad():
+        with torch.no_grad(), self.precision.autocast(self.device):
             net(real)
         for module in net.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -118,11 +118,13 @@ class DC(DistillMethod):
         optimizer_net = torch.optim.SGD(net.parameters(), lr=self.cfg.lr_net)
         augmenter = utils.make_augmenter(self.dsa_strategy)
         use_bn = utils.has_batchnorm(net)
+        scaler_net = self.precision.grad_scaler(self.device)
         total = torch.zeros((), device=self.device)
         for outer_step in range(self.outer_loop):
             if use_bn:
                 self._freeze_batchnorm(net)
-            loss = self.matching_loss(net, syn)
+            with self.precision.autocast(self.device):
+                loss = self.matching_loss(net, syn)
             self.update_images(syn, loss)
             total += loss.detach()
             self.after_image_update(syn, net)
@@ -131,7 +133,7 @@ class DC(DistillMethod):
             images, labels, term = syn.images.detach(), syn.labels, self.training_term(syn)
             for _ in range(self.inner_loop):
                 utils.train_epoch(net, images, labels, optimizer_net, self.cfg.batch_train, self.generator, augmenter,
-                                  term=term)
+                                  term=term, precision=self.precision, scaler=scaler_net)
         return {"loss": total / (self.num_classes * self.outer_loop)}
 
 

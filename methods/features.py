@@ -36,7 +36,8 @@ def real_class_statistics(net: nn.Module, images: torch.Tensor, labels: torch.Te
 
     Returns:
         ``(layer_means, embeddings)``: a list of (K, D_l) class means, one per transformed
-        stage (flattened; a class absent from the batch gets zeros), and (N, D) embeddings.
+        stage (flattened; a class absent from the batch gets zeros), and (N, D) embeddings, both
+        float32 (features computed under ``--amp`` are accumulated in float32).
     """
     sums: Optional[List[torch.Tensor]] = None
     embeddings = []
@@ -45,12 +46,12 @@ def real_class_statistics(net: nn.Module, images: torch.Tensor, labels: torch.Te
         for chunk, chunk_labels in zip(images.split(size), labels.split(size)):
             embedding, maps = net.embed_with_feature_maps(chunk)
             layers = transform(maps) if transform is not None else maps
-            flat = [layer.reshape(layer.shape[0], -1) for layer in layers]
+            flat = [layer.reshape(layer.shape[0], -1).float() for layer in layers]  # float32 under --amp
             if sums is None:
                 sums = [f.new_zeros(num_classes, f.shape[1]) for f in flat]
             for total, f in zip(sums, flat):
                 total.index_add_(0, chunk_labels, f)
-            embeddings.append(embedding)
+            embeddings.append(embedding.float())
     counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).to(images.dtype)
     return [total / counts[:, None] for total in (sums or [])], torch.cat(embeddings)
 

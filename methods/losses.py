@@ -78,9 +78,10 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) 
         num_classes: K.
 
     Returns:
-        (K, D) means; a class absent from the batch gets a zero row.
+        (K, D) float32 means (features computed under ``--amp`` are averaged in float32); a class
+        absent from the batch gets a zero row.
     """
-    flat = features.reshape(features.shape[0], -1)
+    flat = features.reshape(features.shape[0], -1).float()
     sums = flat.new_zeros(num_classes, flat.shape[1]).index_add(0, labels, flat)
     counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).to(flat.dtype)
     return sums / counts[:, None]
@@ -110,8 +111,9 @@ def spatial_attention(feature_map: torch.Tensor, power: float = 4.0, normalize: 
         normalize: L2-normalise each sample's map (the paper's and the code's 'l2').
 
     Returns:
-        (N, H*W) attention vectors.
+        (N, H*W) float32 attention vectors (a bfloat16 map from ``--amp`` is raised to float32 first).
     """
+    feature_map = feature_map.float()
     if feature_map.dim() == 2:
         feature_map = feature_map[:, None]
     attention = feature_map.abs().pow(power).sum(dim=1).reshape(feature_map.shape[0], -1)

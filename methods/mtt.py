@@ -373,7 +373,8 @@ class MTT(DistillMethod):
         start = flatten(trajectory[epoch]).to(self.device)
         target = flatten(trajectory[epoch + self.hparams["expert_epochs"]]).to(self.device)
         self.student_net.train()
-        loss = self.matching_loss(self.unroll(syn, start), start, target)
+        with self.precision.autocast(self.device):
+            loss = self.matching_loss(self.unroll(syn, start), start, target)
         accepted = self.accept(loss)
         if accepted:
             self.update_images(syn, loss + self.unroll_extra, self.optimizers())

@@ -35,6 +35,7 @@ import yaml
 
 import utils
 from data import RealSampler
+from precision import FP32, Precision
 from methods import addons
 from methods.base import DistillConfig, DistillMethod, get_method_class
 from sets import files, resources
@@ -97,6 +98,8 @@ class RunOptions:
         command: the command line that started the run (recorded in ``results.json``).
         label_loss: how evaluation networks fit the labels (``--label_loss``, ``utils.LABEL_LOSSES``);
             ``None`` takes the method's (``DistillMethod.eval_label_loss``: mse for KIP and FRePo).
+        precision: ``--amp`` (``precision.Precision``) of distillation and evaluation, recorded
+            in ``config.yaml`` / ``results.json`` (``run.precision``) and each evaluation's protocol.
         save_every: for methods that write the trajectory-matching layout
             (``DistillMethod.writes_reference_layout``), write ``images_{it}.pt`` etc. every so many
             iterations (``--save_every``; 0: only the best). GeorgeCazenavette/mtt-distillation
@@ -119,6 +122,7 @@ class RunOptions:
     command: str = ""
     save_every: int = 1000
     label_loss: Optional[str] = None
+    precision: Precision = FP32
 
 
 @dataclass
@@ -151,7 +155,8 @@ def eval_config_for(method: DistillMethod, model_eval: str, opts: RunOptions, sy
     ``model_eval``, with the step size the set learned (``syn.syn_lr``, MTT's alpha) when it has one."""
     cfg = method.cfg
     learned = float(syn.syn_lr.detach()) if syn is not None and syn.syn_lr is not None else None
-    return eval_protocol(type(method), cfg, opts).resolve(cfg.dataset, cfg.model, model_eval, cfg.ipc, learned)
+    return eval_protocol(type(method), cfg, opts).resolve(cfg.dataset, cfg.model, model_eval, cfg.ipc, learned,
+                                                          precision=opts.precision)
 
 
 class DistillationRun:
@@ -471,7 +476,8 @@ class DistillationRun:
     # ---- the run ------------------------------------------------------------------------
     def new_method(self, exp: int, generator: torch.Generator) -> DistillMethod:
         """Experiment ``exp``'s method with its add-ons."""
-        method = self.method_class(self.cfg, sampler=self.sampler, device=self.device, generator=generator, **self.dims)
+        method = self.method_class(self.cfg, sampler=self.sampler, device=self.device, generator=generator,
+                                   precision=self.opts.precision, **self.dims)
         method.attach_addons(addons.create(self.cfg, method, self.shared))
         return method
 

@@ -37,6 +37,7 @@ import torch.nn as nn
 import augment
 import networks
 import utils
+from precision import FP32, Precision
 from pretrained.buffers import (BufferWriter, Snapshot, canonical_dataset, effective_res, list_buffer_files,
                                 toolkit_version)
 
@@ -372,7 +373,7 @@ def train_expert(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg
                  generator: torch.Generator, *, test_images: Optional[torch.Tensor] = None,
                  test_labels: Optional[torch.Tensor] = None, order: Optional[Sequence[torch.Tensor]] = None,
                  test_every: int = 1, name: str = "expert",
-                 on_epoch: Optional[Callable[[int], None]] = None) -> ExpertResult:
+                 on_epoch: Optional[Callable[[int], None]] = None, precision: Precision = FP32) -> ExpertResult:
     """Train one expert and record its trajectory (MTT ``buffer.py``; GSAM per DATM; PAD subset).
 
     Args:
@@ -386,6 +387,8 @@ def train_expert(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg
         test_every: test after every ``test_every``-th epoch and after the last (0: never).
         name: how the log names this network.
         on_epoch: called as ``on_epoch(epochs_done)`` after each epoch (progress display).
+        precision: ``--amp`` (``utils.train_epoch``; a GSAM step runs under its autocast unscaled).
+            Snapshots stay float32.
 
     Returns:
         An :class:`ExpertResult`; ``trajectory[0]`` equals the parameters ``net`` came with.
@@ -401,6 +404,7 @@ def train_expert(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg
         return torch.optim.SGD(net.parameters(), lr=rate, momentum=cfg.mom, weight_decay=cfg.l2)
 
     optimizer = make_optimizer(lr)
+    scaler = precision.grad_scaler(images.device)
     result = ExpertResult(trajectory=[snapshot(net)])
     decay_after = cfg.train_epochs // 2 + 1
     for epoch in range(cfg.train_epochs):
@@ -410,7 +414,8 @@ def train_expert(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg
             rho = rho_for_lr(cfg, lr)
             step = lambda n, x, y, o: gsam_step(n, x, y, o, rho, cfg.alpha, cfg.adaptive)  # noqa: E731
         start = time.perf_counter()
-        loss = utils.train_epoch(net, images, labels, optimizer, cfg.batch_train, generator, augmenter, index, step)
+        loss = utils.train_epoch(net, images, labels, optimizer, cfg.batch_train, generator, augmenter, index, step,
+                                 precision=precision, scaler=scaler)
         result.epoch_seconds.append(time.perf_counter() - start)
         if not math.isfinite(loss):
             raise FloatingPointError(f"{name}: training loss became {loss} in epoch {epoch + 1}")
@@ -421,7 +426,7 @@ def train_expert(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg
                    f"{result.subset_sizes[-1]} images, {result.epoch_seconds[-1]:.1f} s")
         last = epoch + 1 == cfg.train_epochs
         if test_images is not None and test_every and ((epoch + 1) % test_every == 0 or last):
-            acc = utils.test_accuracy(net, test_images, test_labels)
+            acc = utils.test_accuracy(net, test_images, test_labels, precision=precision)
             result.test_acc.append([epoch + 1, acc])
             message += f", test acc {100 * acc:.2f}%"
         logger.info(message)
@@ -481,7 +486,8 @@ class BufferSummary:
 def make_buffer(cfg: ExpertConfig, record, directory: str, num_experts: int, *, device: torch.device,
                 save_interval: int = 10, test_every: int = 1, order: Optional[Sequence[torch.Tensor]] = None,
                 run_info: Optional[dict] = None,
-                on_expert: Optional[Callable[[int, ExpertResult], None]] = None) -> BufferSummary:
+                on_expert: Optional[Callable[[int, ExpertResult], None]] = None,
+                precision: Precision = FP32) -> BufferSummary:
     """Train experts ``saved .. num_experts - 1`` into ``directory`` (resuming what is there).
 
     Args:
@@ -496,6 +502,8 @@ def make_buffer(cfg: ExpertConfig, record, directory: str, num_experts: int, *, 
             ``cfg.sort_method``.
         run_info: JSON-ready facts recorded in the manifest's ``runs`` (command line ...).
         on_expert: called as ``on_expert(index, result)`` after each expert is saved.
+        precision: ``--amp`` of the experts' training (:func:`train_expert`), recorded in the
+            manifest's ``runs`` (an execution choice like the device, not part of the configuration).
 
     Returns:
         A :class:`BufferSummary`.
@@ -514,7 +522,8 @@ def make_buffer(cfg: ExpertConfig, record, directory: str, num_experts: int, *, 
             "normalization": getattr(record, "normalization", "own"), "torch_version": str(torch.__version__), "toolkit_version": toolkit_version(),
             "python_version": platform.python_version()}
     writer = BufferWriter(directory, cfg.describe(save_interval), save_interval, meta,
-                          {"device": str(device), "command": " ".join(sys.argv), **(run_info or {})})
+                          {"device": str(device), "amp": precision.describe(), "command": " ".join(sys.argv),
+                           **(run_info or {})})
     start_index = writer.saved
     if start_index >= num_experts:
         logger.info("%s already holds %d expert(s) (>= --num_experts %d): nothing to train", directory, start_index,
@@ -536,7 +545,7 @@ def make_buffer(cfg: ExpertConfig, record, directory: str, num_experts: int, *, 
             net = new_seeded_network(cfg.model, record, device, seed)
             result = train_expert(net, images, labels, cfg, utils.make_generator(seed), test_images=test_images,
                                   test_labels=test_labels, order=order, test_every=test_every,
-                                  name=f"expert {index}", on_epoch=on_epoch)
+                                  name=f"expert {index}", on_epoch=on_epoch, precision=precision)
             path = writer.add(result.trajectory, {"seed": seed, "device": str(device), **result.info()})
             logger.info("expert %d/%d saved in %s (%.1f s)", index + 1, num_experts, path, sum(result.epoch_seconds))
             accs.append(result.info()["final_test_acc"])

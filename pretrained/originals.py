@@ -58,6 +58,7 @@ import torch.nn as nn
 
 import networks
 import utils
+from precision import FP32, Precision
 from data import PlainDataError, load_plain
 
 logger = logging.getLogger(__name__)
@@ -379,7 +380,7 @@ def _record_fields(record) -> dict:
 
 def train_original(net: nn.Module, record, cfg: OriginalConfig, path: str, *, index: int = 0,
                    seed: Optional[int] = None, save_every: int = 1, on_epoch: Optional[EpochCallback] = None,
-                   images: Optional[tuple] = None) -> OriginalResult:
+                   images: Optional[tuple] = None, precision: Precision = FP32) -> OriginalResult:
     """Train (or continue, or skip) one original model and keep its checkpoint at ``path``.
 
     SGD(``cfg.lr``, ``cfg.momentum``, ``cfg.weight_decay``) on shuffled ``cfg.batch_size``
@@ -406,6 +407,8 @@ def train_original(net: nn.Module, record, cfg: OriginalConfig, path: str, *, in
         on_epoch: ``on_epoch(index, epoch, loss)`` after each epoch and its checkpoint.
         images: ``(train_x, train_y, test_x, test_y)`` already on the device (saves copies
             when training several models); default: ``record``'s tensors moved there.
+        precision: ``--amp`` of training and testing (``utils.train_epoch``; float16 scales the
+            loss with a ``GradScaler`` that starts afresh on resume); recorded in the checkpoint.
 
     Returns:
         An :class:`OriginalResult`.
@@ -428,6 +431,7 @@ def train_original(net: nn.Module, record, cfg: OriginalConfig, path: str, *, in
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
     generator = utils.make_generator(seed)
+    scaler = precision.grad_scaler(device)
     state: dict = {}
     if os.path.isfile(path):
         state = read_checkpoint(path)
@@ -458,7 +462,7 @@ def train_original(net: nn.Module, record, cfg: OriginalConfig, path: str, *, in
     base = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": cfg.model,
             "dataset": cfg.describe()["dataset"], **_record_fields(record), "index": int(index), "seed": int(seed),
             "config": cfg.describe(), "num_params": num_params, "flops_per_image": flops, "device": str(device),
-            "torch_version": str(torch.__version__)}
+            "amp": precision.describe(), "torch_version": str(torch.__version__)}
 
     def save(epochs_done: int, test_acc: Optional[float]) -> None:
         finished = epochs_done >= cfg.epochs
@@ -472,14 +476,15 @@ def train_original(net: nn.Module, record, cfg: OriginalConfig, path: str, *, in
                 os.path.dirname(path), reference_weights_name(base["dataset"], cfg.model, epochs_done)))
 
     if done >= cfg.epochs:  # unfinished at exactly --epochs (the milestones are absolute): finish it here
-        result.test_acc, result.closed = utils.test_accuracy(net, test_x, test_y), True
+        result.test_acc, result.closed = utils.test_accuracy(net, test_x, test_y, precision=precision), True
         save(done, result.test_acc)
         logger.info("original %d: %s has %d epochs: test acc %.2f%%", index, path, done, 100 * result.test_acc)
         return result
     for epoch in range(done, cfg.epochs):
         lr = optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
-        loss = utils.train_epoch(net, train_x, train_y, optimizer, cfg.batch_size, generator)
+        loss = utils.train_epoch(net, train_x, train_y, optimizer, cfg.batch_size, generator, precision=precision,
+                                 scaler=scaler)
         seconds = time.perf_counter() - start
         if not math.isfinite(loss):
             raise FloatingPointError(f"original {index}: training loss became {loss} in epoch {epoch + 1}; "
@@ -490,7 +495,7 @@ def train_original(net: nn.Module, record, cfg: OriginalConfig, path: str, *, in
         message = f"original {index} epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f}, lr {lr:g}, {seconds:.1f} s"
         last = epoch + 1 == cfg.epochs
         if last:
-            result.test_acc = utils.test_accuracy(net, test_x, test_y)
+            result.test_acc = utils.test_accuracy(net, test_x, test_y, precision=precision)
             message += f", test acc {100 * result.test_acc:.2f}%"
         logger.info(message)
         if last or (save_every and (epoch + 1) % save_every == 0):
@@ -520,7 +525,8 @@ class OriginalsSummary:
 
 
 def train_originals(cfg: OriginalConfig, record, save_path: str, num: int, *, device: torch.device,
-                    save_every: int = 1, on_epoch: Optional[EpochCallback] = None) -> OriginalsSummary:
+                    save_every: int = 1, on_epoch: Optional[EpochCallback] = None,
+                    precision: Precision = FP32) -> OriginalsSummary:
     """Train original models ``0 .. num - 1`` of ``cfg.model`` on ``record`` (skipping finished
     ones, continuing unfinished ones) and rewrite ``summary.json`` after each.
 
@@ -532,6 +538,7 @@ def train_originals(cfg: OriginalConfig, record, save_path: str, num: int, *, de
         device: where to train.
         save_every: see :func:`train_original`.
         on_epoch: see :func:`train_original`.
+        precision: ``--amp`` (see :func:`train_original`).
 
     Returns:
         An :class:`OriginalsSummary`.
@@ -562,7 +569,7 @@ def train_originals(cfg: OriginalConfig, record, save_path: str, num: int, *, de
                                  cfg.seed + index)
             path = os.path.join(directory, f"index_{index}", CHECKPOINT_NAME)
             result = train_original(net, record, cfg, path, index=index, save_every=save_every, on_epoch=each_epoch,
-                                    images=images)
+                                    images=images, precision=precision)
             out.results.append(result)
             if (result.trained_epochs or result.closed) and index + 1 < num:
                 write_summary(directory)  # kept current while later models train

@@ -25,6 +25,12 @@ and DATM at ipc 10, ``--batch_syn 20``, ``--syn_steps`` 20, 40 and 80, each with
     python scripts/bench.py                     # default cases, 3 timed iterations each
     python scripts/bench.py --cases DC DM --iterations 5 --device cuda --json bench.json
     python scripts/bench.py --cases eval_stacked --eval_epochs 300 --device cuda
+    python scripts/bench.py --cases DC DSA DM eval --amp bf16   # each case in fp32, then in bf16
+
+With ``--amp bf16|fp16`` every case runs first in float32 and then under that autocast
+(``precision.Precision``), in the same process one after the other, and the line of the mixed
+precision run gives its time as a ratio of the float32 one (the JSON has both, the mixed precision
+case under ``CASE@bf16``; the CPU peak memory is then that of both runs together).
 
 The first iteration of each case is a warm-up and is not timed (with ``--iterations 0`` it is the one timed). Peak memory: on CUDA the peak
 allocated by torch during the case; on CPU the peak resident set of the process, which runs that
@@ -50,6 +56,7 @@ import torch
 import augment  # noqa: E402
 import methods  # noqa: E402
 import utils  # noqa: E402
+from precision import AMP_CHOICES, FP32, resolve_precision  # noqa: E402
 from data import RealSampler, load_dataset, sample_random_real  # noqa: E402
 from sets.resources import SavedTensorMeter  # noqa: E402
 
@@ -112,8 +119,8 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def time_method(name, record, sampler, device, iterations, buffer_root=None):
-    """Seconds of each timed iteration of case ``name`` and the logs of the last one."""
+def time_method(name, record, sampler, device, iterations, buffer_root=None, precision=FP32):
+    """Seconds of each timed iteration of case ``name`` (under ``precision``) and the logs of the last one."""
     method_name, ipc, overrides = CASES[name]
     cls = methods.get_method_class(method_name)
     fields = {k: v for k, v in cls.defaults.items() if k != "eval_mode"}
@@ -123,7 +130,7 @@ def time_method(name, record, sampler, device, iterations, buffer_root=None):
     cfg = methods.DistillConfig(method=method_name, dataset=record.name, model="ConvNet", **fields)
     utils.seed_everything(0)
     method = cls(cfg, channel=record.channel, num_classes=record.num_classes, im_size=record.im_size,
-                 sampler=sampler, device=device, generator=utils.make_generator(0))
+                 sampler=sampler, device=device, generator=utils.make_generator(0), precision=precision)
     syn = method.init_synthetic()
     times, logs = [], {}
     for iteration in range(1, iterations + 2):
@@ -142,9 +149,11 @@ def time_method(name, record, sampler, device, iterations, buffer_root=None):
     return times, logs
 
 
-def time_eval(record, device, repeats):
+def time_eval(record, device, repeats, precision=FP32):
+    """Seconds of each of ``repeats`` evaluations of one ConvNet on 1 random real image per class."""
     images, labels = sample_random_real(record, 1, utils.make_generator(0))
-    cfg = utils.EvalConfig(epochs=300, dc_aug=augment.get_daparam(record.name, "ConvNet", "ConvNet", 1))
+    cfg = utils.EvalConfig(epochs=300, dc_aug=augment.get_daparam(record.name, "ConvNet", "ConvNet", 1),
+                           precision=precision)
     test_x, test_y = record.images_test.to(device), record.labels_test.to(device)
     times = []
     for run in range(repeats):
@@ -194,7 +203,7 @@ def run_isolated(args) -> int:
                        str(args.iterations), "--eval_repeats", str(args.eval_repeats), "--eval_epochs",
                        str(args.eval_epochs), "--eval_networks", str(args.eval_networks), "--device", args.device,
                        *(["--eval_test_images", str(args.eval_test_images)] if args.eval_test_images else []),
-                       "--data_path", args.data_path, "--json", out]
+                       "--data_path", args.data_path, "--json", out, "--amp", args.amp]
             subprocess.run(command, check=True)
             report = json.load(open(out))
             merged.setdefault("info", {k: v for k, v in report.items() if k != "cases"})
@@ -219,6 +228,8 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data_path", default="data")
     parser.add_argument("--json", default=None, help="write the timings here")
+    parser.add_argument("--amp", default="off", choices=AMP_CHOICES,
+                        help="also time every case under this autocast, after its float32 run, and print the ratio")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                         help="run each case in its own process so the CPU peak memory is that case's "
                              "(default: on for CPU, off for CUDA)")
@@ -229,6 +240,7 @@ def main() -> int:
         if case not in CASES and case not in ("eval", "eval_stacked"):
             parser.error(f"unknown case {case!r}; choose from: {' '.join(CASES)} eval eval_stacked")
     device = utils.resolve_device(args.device)
+    amp = resolve_precision(args.amp, device)
     if args.isolate if args.isolate is not None else (device.type != "cuda" and len(args.cases) > 1):
         return run_isolated(args)
     record = load_dataset("FashionMNIST", args.data_path)
@@ -238,37 +250,43 @@ def main() -> int:
     if any(CASES.get(case, ("",))[0] in TRAJECTORY_METHODS for case in args.cases):
         buffer_root = bench_buffer(record, device, tempfile.mkdtemp(prefix="bench_buffer_"))
     for case in args.cases:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        logs = {}
-        if case == "eval":
-            times = time_eval(record, device, args.eval_repeats)
-            label = "evaluate ConvNet, ipc 1 (300 epochs + 10k test)"
-        elif case == "eval_stacked":
-            seconds, accs, auto = time_eval_stacked(record, device, args.eval_repeats, args.eval_epochs,
-                                                    args.eval_networks, args.eval_test_images)
-            times = [seconds["on"]]
-            logs = {"sequential_s": seconds["off"], "stacked_s": seconds["on"],
-                    "throughput_ratio": seconds["off"] / seconds["on"],
-                    "max_acc_difference": max(abs(a - b) for a, b in zip(accs["on"], accs["off"])),
-                    "auto_stacked": float(auto[0])}
-            tested = f"{args.eval_test_images} test images" if args.eval_test_images else "10k test"
-            label = f"evaluate {args.eval_networks} ConvNets together, ipc 10 ({args.eval_epochs} epochs + {tested})"
-            print(f"sequential {seconds['off']:.2f} s, stacked {seconds['on']:.2f} s: stacked throughput "
-                  f"x{seconds['off'] / seconds['on']:.2f}; auto picks {'stacked' if auto[0] else 'sequential'}"
-                  f"{' (' + auto[1] + ')' if auto[1] else ''}", flush=True)
-        else:
-            times, logs = time_method(case, record, sampler, device, args.iterations, buffer_root)
-            method_name, ipc, overrides = CASES[case]
-            batch_real = overrides.get("batch_real", methods.get_method_class(method_name).defaults["batch_real"])
-            label = f"{case} ipc {ipc} iteration (batch_real {batch_real})"
-        memory = peak_memory_mb(device)
-        extras = {key: value for key, value in logs.items() if key != "loss"}
-        rows[case] = {"label": label, "seconds": statistics.median(times), "all": times, "peak_memory_mb": memory,
-                      "last_iteration": extras}
-        detail = "".join(f", {key} {value:g}" for key, value in extras.items())
-        print(f"{label:<52} {statistics.median(times):8.2f} s  (median of {len(times)}{detail}), "
-              f"peak memory {memory:.0f} MiB", flush=True)
+        for precision in (FP32, amp) if amp.enabled and case != "eval_stacked" else (FP32,):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            logs = {}
+            if case == "eval":
+                times = time_eval(record, device, args.eval_repeats, precision)
+                label = "evaluate ConvNet, ipc 1 (300 epochs + 10k test)"
+            elif case == "eval_stacked":
+                seconds, accs, auto = time_eval_stacked(record, device, args.eval_repeats, args.eval_epochs,
+                                                        args.eval_networks, args.eval_test_images)
+                times = [seconds["on"]]
+                logs = {"sequential_s": seconds["off"], "stacked_s": seconds["on"],
+                        "throughput_ratio": seconds["off"] / seconds["on"],
+                        "max_acc_difference": max(abs(a - b) for a, b in zip(accs["on"], accs["off"])),
+                        "auto_stacked": float(auto[0])}
+                tested = f"{args.eval_test_images} test images" if args.eval_test_images else "10k test"
+                label = f"evaluate {args.eval_networks} ConvNets together, ipc 10 ({args.eval_epochs} epochs + {tested})"
+                print(f"sequential {seconds['off']:.2f} s, stacked {seconds['on']:.2f} s: stacked throughput "
+                      f"x{seconds['off'] / seconds['on']:.2f}; auto picks {'stacked' if auto[0] else 'sequential'}"
+                      f"{' (' + auto[1] + ')' if auto[1] else ''}", flush=True)
+            else:
+                times, logs = time_method(case, record, sampler, device, args.iterations, buffer_root, precision)
+                method_name, ipc, overrides = CASES[case]
+                batch_real = overrides.get("batch_real", methods.get_method_class(method_name).defaults["batch_real"])
+                label = f"{case} ipc {ipc} iteration (batch_real {batch_real})"
+            memory = peak_memory_mb(device)
+            extras = {key: value for key, value in logs.items() if key != "loss"}
+            key, seconds = case if not precision.enabled else f"{case}@{precision.amp}", statistics.median(times)
+            rows[key] = {"label": label, "seconds": seconds, "all": times, "peak_memory_mb": memory,
+                         "last_iteration": extras, "amp": precision.describe()}
+            ratio = ""
+            if precision.enabled:
+                rows[key]["ratio_to_fp32"] = seconds / rows[case]["seconds"]
+                ratio = f", {rows[key]['ratio_to_fp32']:.2f}x fp32"
+            detail = "".join(f", {key} {value:g}" for key, value in extras.items())
+            print(f"{label + ' ' + ('[' + precision.amp + ']' if precision.enabled else '[fp32]'):<60} {seconds:8.2f} s  "
+                  f"(median of {len(times)}{detail}{ratio}), peak memory {memory:.0f} MiB", flush=True)
     if buffer_root is not None:
         shutil.rmtree(buffer_root, ignore_errors=True)
     info = {"device": str(device), "torch": str(torch.__version__), "threads": torch.get_num_threads(),

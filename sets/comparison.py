@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 import utils
+from precision import FP32, Precision
 from pretrained import originals
 
 
@@ -128,7 +129,7 @@ def _result(model_eval: str, accs: List[float], seconds: float, cfg: "utils.Eval
 def evaluate_set_row(row: Row, experiments: Sequence[SetToEvaluate], models: Sequence[str],
                      protocol: "utils.EvalProtocol", distilled_with: str, test_images: torch.Tensor,
                      test_labels: torch.Tensor, num_classes: int, *, num_eval: int, device: torch.device,
-                     seed: int, report: Optional[ReportFn] = None) -> Row:
+                     seed: int, report: Optional[ReportFn] = None, precision: Precision = FP32) -> Row:
     """Train ``num_eval`` networks of every model in ``models`` on every experiment of a set and
     fill ``row.results`` (experiment ``e`` uses seeds ``seed + 1000 * e + k``). Each result's
     ``protocol`` is ``EvalConfig.describe()`` (with its ``label_loss``) plus ``labels`` (``hard`` /
@@ -143,6 +144,7 @@ def evaluate_set_row(row: Row, experiments: Sequence[SetToEvaluate], models: Seq
         distilled_with: the network the set was distilled with (DC's augmentation choice).
         test_images, test_labels: the real test set on ``device``.
         report: called as ``report(model, accs, cfg, what, seconds)`` after each model.
+        precision: ``--amp`` of the training and testing (``utils.EvalConfig.precision``).
 
     Raises:
         ValueError: an experiment's training term does not fit an evaluation network.
@@ -154,7 +156,8 @@ def evaluate_set_row(row: Row, experiments: Sequence[SetToEvaluate], models: Seq
     for model_eval in models:
         accs, seconds, cfg, results = [], 0.0, None, []
         for index, experiment in enumerate(experiments):
-            cfg = protocol.resolve(row.dataset, distilled_with, model_eval, row.ipc, experiment.learned_lr)
+            cfg = protocol.resolve(row.dataset, distilled_with, model_eval, row.ipc, experiment.learned_lr,
+                                   precision=precision)
             result = utils.evaluate_synset(experiment.images.to(device), experiment.labels.to(device), model_eval,
                                            num_classes, test_images, test_labels, cfg, num_eval=num_eval,
                                            device=device, seed=seed + 1000 * index, term=experiment.term)
@@ -199,9 +202,10 @@ def evaluate_schedule_row(row: Row, experiments: Sequence[SetToEvaluate], models
 
 def random_real_row(record, ipc: int, models: Sequence[str], protocol: "utils.EvalProtocol", distilled_with: str,
                     test_images: torch.Tensor, test_labels: torch.Tensor, *, num_eval: int, device: torch.device,
-                    seed: int, report: Optional[ReportFn] = None) -> Row:
+                    seed: int, report: Optional[ReportFn] = None, precision: Precision = FP32) -> Row:
     """The random-real row: for each of ``num_eval`` networks a fresh draw of ``ipc`` real training
-    images per class (generator ``seed + k``), hard labels, the same protocol as the sets.
+    images per class (generator ``seed + k``), hard labels, the same protocol (and ``precision``,
+    ``--amp``) as the sets.
 
     Raises:
         FloatingPointError: a training loss became NaN or infinite.
@@ -210,7 +214,8 @@ def random_real_row(record, ipc: int, models: Sequence[str], protocol: "utils.Ev
 
     row = Row(name=f"random real ipc {ipc}", kind="random", ipc=ipc, method="random", dataset=record.name)
     for model_eval in models:
-        cfg, accs, seconds, results = protocol.resolve(record.name, distilled_with, model_eval, ipc), [], 0.0, []
+        cfg = protocol.resolve(record.name, distilled_with, model_eval, ipc, precision=precision)
+        accs, seconds, results = [], 0.0, []
         for run in range(num_eval):  # each network its own images: one network per call
             images, labels = sample_random_real(record, ipc, utils.make_generator(seed + run))
             result = utils.evaluate_synset(images.to(device), labels.to(device), model_eval, record.num_classes,

@@ -34,10 +34,11 @@ def tiny_record(num_classes=3, per_class=24, size=8, seed=0, name="Tiny3", chann
                          images_train=train_x, labels_train=train_y, images_test=test_x, labels_test=test_y, zca=None)
 
 
-def build_method(method, record, **overrides):
+def build_method(method, record, precision=None, **overrides):
     """A distillation method on ``record`` (CPU): the method's defaults with ipc 2, batch_real 16,
     batch_train 8, 3 iterations and ConvNetW32, then ``overrides`` (keys that are not
-    ``DistillConfig`` fields go to ``extra``); torch and the method's generator seeded with 0."""
+    ``DistillConfig`` fields go to ``extra``); torch and the method's generator seeded with 0;
+    ``precision`` a ``precision.Precision`` (default float32)."""
     import methods
     import utils
     from data import RealSampler
@@ -53,8 +54,9 @@ def build_method(method, record, **overrides):
     torch.manual_seed(0)
     g = utils.make_generator(0)
     sampler = RealSampler(record.images_train, record.labels_train, record.num_classes, CPU)
+    kwargs = {} if precision is None else {"precision": precision}
     return with_addons(cls(cfg, channel=record.channel, num_classes=record.num_classes, im_size=record.im_size,
-                           sampler=sampler, device=CPU, generator=g), record)
+                           sampler=sampler, device=CPU, generator=g, **kwargs), record)
 
 
 def make_tiny_buffer(root) -> str:
@@ -70,10 +72,11 @@ def make_tiny_buffer(root) -> str:
     return str(root)
 
 
-def build_mtt(method, buffer_root, **overrides):
+def build_mtt(method, buffer_root, precision=None, **overrides):
     """A trajectory-matching method (MTT, DATM, PAD) on ``tiny_record()`` reading the buffer under
     ``buffer_root``: ipc 2, ConvNetW32, lr_img 100, 4 iterations, syn_steps 4, expert_epochs 1,
-    max_start_epoch 3, then ``overrides``; returns ``(method, record)``."""
+    max_start_epoch 3, then ``overrides``; ``precision`` as :func:`build_method`; returns
+    ``(method, record)``."""
     import methods
     import utils
     from data import RealSampler
@@ -88,8 +91,9 @@ def build_mtt(method, buffer_root, **overrides):
     cfg = methods.DistillConfig(method=method, dataset=record.name, extra=extra, **fields)
     torch.manual_seed(0)
     sampler = RealSampler(record.images_train, record.labels_train, record.num_classes, CPU)
+    kwargs = {} if precision is None else {"precision": precision}
     return with_addons(cls(cfg, channel=record.channel, num_classes=record.num_classes, im_size=record.im_size,
-                           sampler=sampler, device=CPU, generator=utils.make_generator(0)), record), record
+                           sampler=sampler, device=CPU, generator=utils.make_generator(0), **kwargs), record), record
 
 
 def with_addons(method, record):
