@@ -182,8 +182,10 @@ class FRePo(DistillMethod):
         with torch.no_grad():
             feat_real = utils.embed_in_chunks(net, real)
         feat_syn = net.embed(syn.images)
-        pred = kernel_ridge_regression(feat_real @ feat_syn.T, feat_syn @ feat_syn.T, syn.label_values,
-                                       self.hparams["reg"])
+        with torch.autocast(self.device.type, enabled=False):  # --amp: features only; kernel and solve in float32
+            feat_real, feat_syn = feat_real.float(), feat_syn.float()
+            pred = kernel_ridge_regression(feat_real @ feat_syn.T, feat_syn @ feat_syn.T, syn.label_values,
+                                           self.hparams["reg"])
         loss = regression_mse(pred, utils.centred_one_hot(label_real, self.num_classes))
         self.kernel_loss = loss.detach()
         if self.hparams["learn_label"]:
@@ -205,7 +207,7 @@ class FRePo(DistillMethod):
             index = index.to(syn.images.device)
             model.net.train()
             utils.sgd_step(model.net, syn.images.detach()[index], syn.label_values.detach()[index], model.optimizer,
-                           label_loss="mse")
+                           label_loss="mse", precision=self.precision)
             model.age += 1
         self.current = self.draw_model()
 
@@ -217,7 +219,8 @@ class FRePo(DistillMethod):
             ``{'loss', 'kernel_loss', 'resets'}`` (detached scalar tensors).
         """
         net = self.pool[self.current].net
-        loss = self.loss(syn)
+        with self.precision.autocast(self.device):
+            loss = self.loss(syn)
         self.update_images(syn, loss)
         self.after_image_update(syn, net)
         self.scheduler.step()

@@ -43,7 +43,9 @@ CAFE_SMALL = dict(init="noise", watcher_window=2, watcher_images=4, max_outer_st
 
 
 @pytest.mark.parametrize("name,overrides", [("DC", {}), ("DSA", {}), ("DM", {}), ("DataDAM", {}),
-                                            ("CAFE", CAFE_SMALL)])
+                                            ("CAFE", CAFE_SMALL), ("DD", dict(batch_real=16)),
+                                            ("KIP", dict(kernel="conv_rf", n_models=2, target_batch_size=12)),
+                                            ("FRePo", dict(num_nn_state=2, max_online_updates=2))])
 def test_matching_methods_run_under_bf16_autocast(one_thread, name, overrides):
     method = build_method(name, tiny_record(), precision=BF16, **overrides)
     syn, before, losses, dtypes = run_steps(method)
