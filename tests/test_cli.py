@@ -39,7 +39,7 @@ def assert_one_line_error(proc, *needles):
     (["--dataset", "CIFAR10", "--data_path", "/nonexistent/cifar"], ["/nonexistent/cifar", "cifar-10-batches-py"]),
     (["--dataset", "FashionMNIST", "--ipc", "0"], ["--ipc"]),
     (["--dataset", "FashionMNIST", "--model", "ConvNetXYZ"], ["ConvNetXYZ", "ConvNet"]),
-    (["--dataset", "FashionMNIST", "--method", "KIP"], ["KIP", "DM"]),
+    (["--dataset", "FashionMNIST", "--method", "RFAD"], ["RFAD", "KIP"]),
     (["--dataset", "FashionMNIST", "--dsa_strategy", "color_zoom"], ["--dsa_strategy", "zoom"]),
     (["--dataset", "FashionMNIST", "--device", "tpu"], ["--device"]),
     (["--dataset", "FashionMNIST", "--method", "CAFE", "--lambda_1", "-1"], ["--lambda_1", ">= 0"]),
