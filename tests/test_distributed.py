@@ -77,6 +77,14 @@ def scenarios(rank, out):
     found["eval"] = evaluation(record).accs
     found["buffer"] = make_buffer(record, os.path.join(out, "buffers"))
     found["originals"] = [r.test_acc for r in make_originals(record, os.path.join(out, "originals")).results]
+    # --ddp: both ranks train one model; each rank's replica, the initial and the written weights.
+    cfg = originals.OriginalConfig(dataset="Tiny3", model=MODEL, epochs=2, batch_size=8, lr_decay_step=(5,))
+    net = originals._build_network(MODEL, record.channel, record.num_classes, record.im_size, CPU, 0)
+    start = torch.nn.utils.parameters_to_vector(net.parameters()).detach().clone()
+    path = os.path.join(out, "ddp", "checkpoint.pt")
+    originals.train_original(net, record, cfg, path, save_every=0, data_parallel=True)
+    found["ddp"] = {"replicas": distributed.gather_objects(torch.nn.utils.parameters_to_vector(net.parameters()).detach()),
+                    "start": start, "written": originals.read_checkpoint(path)["state_dict"]}
     if rank == 0:
         torch.save(found, os.path.join(out, "found.pt"))
 
@@ -188,3 +196,16 @@ def test_shard_covers_every_unit_once():
     assert distributed.shard(5, "blocks", of=2, at=0) == [0, 1, 2]
     assert distributed.shard(5, of=2, at=1) == [1, 3]
     assert distributed.world_size() == 1 and distributed.is_main()  # no torchrun here
+
+
+def test_ddp_trains_one_model_together(two_ranks):
+    """--ddp: both ranks train one model (DistributedDataParallel over DistributedSampler shares):
+    the replicas stay equal although each saw other images, the model moved, rank 0 wrote it."""
+    _, found = two_ranks
+    ddp = found["ddp"]
+    first, second = ddp["replicas"]
+    assert torch.equal(first, second)
+    assert not torch.equal(first, ddp["start"])
+    written = torch.cat([t.reshape(-1) for k, t in ddp["written"].items() if "running" not in k
+                         and "num_batches" not in k])
+    assert written.numel() == first.numel() and torch.equal(written, first)
