@@ -310,6 +310,9 @@ class DistillMethod:
     # synthetic images (DC, DSA, DM, DataDAM): under torchrun each rank then computes its classes'
     # terms (:meth:`owned_classes`) and the image gradients are summed over the ranks.
     shards_classes: ClassVar[bool] = False
+    # True when BatchNorm is frozen (eval mode) wherever the sharded loss runs (DC matches gradients
+    # after setting the statistics from every class), so a BatchNorm network does not stop sharding.
+    frozen_batchnorm_in_loss: ClassVar[bool] = False
 
     def __init__(self, cfg: DistillConfig, *, channel: int, num_classes: int, im_size, sampler,
                  device: torch.device, generator: torch.Generator):
@@ -453,7 +456,8 @@ class DistillMethod:
         Not ``None`` only under torchrun (``distributed.world_size() > 1``) for a method with
         ``shards_classes`` and a network that is not batch-dependent in training mode
         (``utils.batch_dependent``: a BatchNorm network's batch statistics span every class, so
-        its per-class terms cannot be computed apart); classes go round robin
+        its per-class terms cannot be computed apart), unless the method freezes BatchNorm in its
+        loss (``frozen_batchnorm_in_loss``); classes go round robin
         (``distributed.shard``). Decided once per method, on a probe network built without
         touching the global RNG.
         """
@@ -463,7 +467,7 @@ class DistillMethod:
                 with torch.random.fork_rng(devices=[]):
                     probe = networks.get_network(self.cfg.model, self.channel, self.num_classes, self.im_size,
                                                  device=torch.device("cpu"))
-                if not utils.batch_dependent(probe.train()):
+                if self.frozen_batchnorm_in_loss or not utils.batch_dependent(probe.train()):
                     self._owned_classes = distributed.shard(self.num_classes)
         return self._owned_classes
 
@@ -510,7 +514,7 @@ class DistillMethod:
             syns.append(image_syn)
             real_labels.append(torch.full((real.shape[0],), c, dtype=torch.long, device=self.device))
         if classes is not None:
-            label_syn = torch.cat([syn.labels[c * syn.ipc:(c + 1) * syn.ipc] for c in classes]) if classes else syn.labels[:0]
+            label_syn = syn.labels[[c * syn.ipc + i for c in classes for i in range(syn.ipc)]]
             empty = syn.images[:0]
             return (torch.cat(reals) if reals else empty.detach(), torch.cat(real_labels) if reals else syn.labels[:0],
                     torch.cat(syns) if syns else empty, label_syn)

@@ -59,8 +59,10 @@ class DC(DistillMethod):
     # As in the reference (``args.dsa = method == 'DSA'``), plain DC trains without DiffAugment;
     # --dsa_strategy is refused (distill.py) rather than recorded as if it were used.
     dsa = False
-    # Under torchrun each rank matches the gradients of its classes (BatchNorm is frozen here).
+    # Under torchrun each rank matches the gradients of its classes (BatchNorm is frozen here, its
+    # statistics set from every class on every rank alike).
     shards_classes = True
+    frozen_batchnorm_in_loss = True
     unused_flags = ("dsa_strategy",)
     unused_hint = "--method DSA is DC with DiffAugment"
     # 1000 epochs with an active DC augmentation (or DSA), else 300 (reference ``main.py``).

@@ -2,10 +2,11 @@
 
 Two ranks are spawned with ``torch.multiprocessing`` (the environment torchrun would set, one
 thread each); one job runs every scenario so that the processes start once. Each test then
-compares a scenario with the same call in this (single) process: DM and DC images (classes
-sharded, image gradients summed), an evaluation of 4 networks (networks sharded), a 2-expert
-buffer and 2 original models (units sharded), and a SIGTERM to one rank during a 2-process DM run
-that resumes to the uninterrupted run's images bit for bit.
+compares a scenario with the same call in this (single) process: DM, DC and DC-with-BatchNorm
+images (classes sharded, image gradients summed), an evaluation of 4 networks (networks sharded),
+a 2-expert buffer and 2 original models (units sharded); a SIGTERM to one rank during a
+2-process DM run resumes to the uninterrupted run's images bit for bit; ``--ddp`` keeps the
+replicas of one model equal.
 """
 import os
 import signal
@@ -27,14 +28,16 @@ WORLD = 2
 MODEL = "ConvNetW32"
 JOB_TIMEOUT_S = 400  # a busy 2-core machine starts two torch processes slowly
 RECORD = dict(num_classes=4, per_class=16, size=8)
+# Distillations whose classes are sharded: DM, DC, and DC with BatchNorm (frozen while matching).
+SHARDED = {"DM": ("DM", MODEL), "DC": ("DC", MODEL), "DC_BN": ("DC", "ConvNetBN")}
 
 
-def distill_setup(method, run_dir, **run):
+def distill_setup(method, run_dir, model=MODEL, **run):
     """The distillation of a scenario: tiny data, 4 classes (2 per rank), ipc 2, 3 iterations."""
     import methods
 
     init = "real" if method == "DM" else "noise"
-    cfg = methods.DistillConfig(method=method, dataset="Tiny3", model=MODEL, ipc=2, iterations=3,
+    cfg = methods.DistillConfig(method=method, dataset="Tiny3", model=model, ipc=2, iterations=3,
                                 lr_img=1.0 if method == "DM" else 0.1, batch_real=8, batch_train=8, init=init,
                                 dsa_strategy="color_crop_cutout_flip_scale_rotate" if method == "DM" else "")
     opts = RunOptions(**{**dict(num_exp=1, num_eval=0, eval_it=0, eval_models=(MODEL,), seed=5, run_dir=run_dir,
@@ -69,11 +72,11 @@ def scenarios(rank, out):
     """Every scenario on this rank; rank 0 saves what the tests compare."""
     record = tiny_record(**RECORD)
     found = {}
-    for method in ("DM", "DC"):
-        run = DistillationRun(*distill_setup(method, os.path.join(out, method)), record, CPU)
+    for name, (method, model) in SHARDED.items():
+        run = DistillationRun(*distill_setup(method, os.path.join(out, name), model), record, CPU)
         outcome = run.run()
-        found[method] = files.load_results(outcome.result_path)["data"][0][0] if rank == 0 else None
-        found[f"{method} classes"] = distributed.gather_objects(run.method.owned_classes())
+        found[name] = files.load_results(outcome.result_path)["data"][0][0] if rank == 0 else None
+        found[f"{name} classes"] = distributed.gather_objects(run.method.owned_classes())
     found["eval"] = evaluation(record).accs
     found["buffer"] = make_buffer(record, os.path.join(out, "buffers"))
     found["originals"] = [r.test_acc for r in make_originals(record, os.path.join(out, "originals")).results]
@@ -83,8 +86,9 @@ def scenarios(rank, out):
     start = torch.nn.utils.parameters_to_vector(net.parameters()).detach().clone()
     path = os.path.join(out, "ddp", "checkpoint.pt")
     originals.train_original(net, record, cfg, path, save_every=0, data_parallel=True)
-    found["ddp"] = {"replicas": distributed.gather_objects(torch.nn.utils.parameters_to_vector(net.parameters()).detach()),
-                    "start": start, "written": originals.read_checkpoint(path)["state_dict"]}
+    replica = torch.nn.utils.parameters_to_vector(net.parameters()).detach()
+    found["ddp"] = {"replicas": distributed.gather_objects(replica), "start": start,
+                    "written": originals.read_checkpoint(path)["state_dict"]}
     if rank == 0:
         torch.save(found, os.path.join(out, "found.pt"))
 
@@ -145,13 +149,14 @@ def two_ranks(tmp_path_factory):
     return out, torch.load(out / "found.pt")
 
 
-@pytest.mark.parametrize("method", ["DM", "DC"])
-def test_sharded_classes_give_one_process_images(two_ranks, tmp_path, one_thread, method):
+@pytest.mark.parametrize("name", list(SHARDED))
+def test_sharded_classes_give_one_process_images(two_ranks, tmp_path, one_thread, name):
     out, found = two_ranks
-    outcome = run_distillation(*distill_setup(method, str(tmp_path / method)), tiny_record(**RECORD), CPU)
+    method, model = SHARDED[name]
+    outcome = run_distillation(*distill_setup(method, str(tmp_path / name), model), tiny_record(**RECORD), CPU)
     alone = files.load_results(outcome.result_path)["data"][0][0]
-    assert found[f"{method} classes"] == [[0, 2], [1, 3]]  # each rank computed its own classes
-    assert torch.allclose(found[method], alone, atol=1e-5, rtol=0)
+    assert found[f"{name} classes"] == [[0, 2], [1, 3]]  # each rank computed its own classes
+    assert torch.allclose(found[name], alone, atol=1e-5, rtol=0)
 
 
 def test_sharded_evaluation_gives_one_process_accuracies(two_ranks, one_thread):
