@@ -214,3 +214,23 @@ def test_ddp_trains_one_model_together(two_ranks):
     written = torch.cat([t.reshape(-1) for k, t in ddp["written"].items() if "running" not in k
                          and "num_batches" not in k])
     assert written.numel() == first.numel() and torch.equal(written, first)
+
+
+@pytest.mark.parametrize("method", ["DM", "DataDAM"])
+def test_class_shares_sum_to_the_whole_gradient(method, one_thread):
+    """In one process: the image gradients of the loss over classes {0, 2} and over {1, 3} (what two
+    ranks compute, each drawing the whole real-batch stream) add up to the gradient over all classes."""
+    from tiny_data import build_method
+
+    record = tiny_record(**RECORD)
+    grads = []
+    for classes in (None, [0, 2], [1, 3]):
+        m = build_method(method, record, init="real", model=MODEL)  # seeds the global RNG and the generator
+        m._owned_known, m._owned_classes = True, classes
+        syn = m.init_synthetic()
+        m.loss(syn).backward()
+        grads.append(syn.images.grad.clone())
+    whole, first, second = grads
+    assert first.abs().sum() > 0 and second.abs().sum() > 0
+    assert torch.allclose(first + second, whole, atol=1e-6, rtol=1e-5)
+    assert torch.all(first[2:4] == 0) and torch.all(second[:2] == 0)  # ipc 2: rank 0 leaves class 1 alone
