@@ -24,6 +24,7 @@ import sys
 
 
 import cli
+import distributed
 from pretrained import buffers, experts, scores
 import utils
 
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--l2", type=float, default=0.0, help="SGD weight decay")
     parser.add_argument("--save_interval", type=int, default=10, help="experts per replay_buffer_{n}.pt file")
     parser.add_argument("--test_every", type=int, default=1, help="log test accuracy every N epochs (0: never)")
+    parser.add_argument("--ddp", action="store_true",
+                        help="torchrun: all ranks train each expert together (DistributedDataParallel); "
+                             "default: the experts are spread over the ranks")
     gsam = parser.add_argument_group("flat experts (DATM buffer_FTD.py: GSAM on every batch)")
     gsam.add_argument("--gsam", action=cli.TrueFalseFlag, default=None,
                       help="GSAM updates (default: on when --rho_max, --rho_min, --alpha or --adaptive is given)")
@@ -120,6 +124,7 @@ def main(argv=None) -> int:
         cli.setup_logging(os.path.join(directory, "log.txt"))
         device = cli.setup_runtime(args)
         amp = cli.setup_precision(args, device)
+        cli.quiet_other_ranks()  # torchrun: rank 0 prints the report
         utils.seed_everything(args.seed)
         record = cli.load_record(args, device, cifar100_stats_default="cifar10")
         order, sort_file = None, None
@@ -130,7 +135,9 @@ def main(argv=None) -> int:
         try:
             summary = experts.make_buffer(cfg, record, directory, args.num_experts, device=device,
                                                save_interval=args.save_interval, test_every=args.test_every,
-                                               order=order, run_info={"sort_file": sort_file}, precision=amp)
+                                               order=order, run_info={"sort_file": sort_file, "ddp": args.ddp,
+                                                                      "world_size": distributed.world_size()},
+                                               precision=amp, data_parallel=args.ddp)
         except KeyboardInterrupt as stop:
             done = buffers.check_buffer_dir(directory, cfg.describe(args.save_interval))
             cli.fail(f"{cli.stop_word(stop)}; {done} expert(s) are saved in {directory}; run the same command again "
@@ -144,6 +151,7 @@ def main(argv=None) -> int:
         if accs:
             print(f"  final test accuracy of the new experts: {utils.format_acc(accs)} %")
         print(f"  {summary.seconds_per_epoch:.1f} s per training epoch on {device}")
+    distributed.shutdown()
     return 0
 
 

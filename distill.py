@@ -13,6 +13,7 @@ import os
 import sys
 
 import cli
+import distributed
 import methods
 import utils
 from cli import distill_flags
@@ -30,6 +31,7 @@ def main(argv=None) -> int:
         cli.setup_logging(os.path.join(opts.run_dir, "log.txt"))
         device = cli.setup_runtime(args)
         opts = dataclasses.replace(opts, precision=cli.setup_precision(args, device))
+        cli.quiet_other_ranks()  # torchrun: rank 0 prints the report
         record = cli.load_record(args, cifar100_stats_default=methods.get_method_class(cfg.method).cifar100_stats)
         if cfg.ipc > int(record.labels_train.bincount().min()):
             raise utils.UserError(f"--ipc {cfg.ipc} exceeds the smallest class of {args.dataset}")
@@ -50,6 +52,7 @@ def main(argv=None) -> int:
     print(f"  result file: {outcome.result_path}")
     if outcome.vis_paths:
         print(f"  picture:     {outcome.vis_paths[-1]}")
+    distributed.shutdown()
     return 0
 
 

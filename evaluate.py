@@ -21,6 +21,7 @@ import os
 import sys
 
 import cli
+import distributed
 import utils
 from cli import evaluate_flags as flags
 from sets import comparison, files
@@ -41,10 +42,13 @@ def main(argv=None) -> int:
             raise utils.UserError(f"--assess takes one synthetic set (--syn_path), got {len(paths)}")
         device = cli.setup_runtime(args)
         amp = cli.setup_precision(args, device)
+        cli.quiet_other_ranks()  # torchrun: rank 0 prints the table and writes --out
         record = cli.load_record(args)
         print(f"{record.name}: {len(record.labels_train)} training / {len(record.labels_test)} test images "
               f"from {record.source or args.data_path}")
         if args.assess:
+            if not distributed.is_main():  # trains nothing: rank 0 alone assesses and writes
+                return 0
             args.syn_path = paths[0]
             return flags.run_assess(args, record, flags.load_set(paths[0], args, record)[1], device)
         loaded = [(path, *flags.load_set(path, args, record)) for path in paths]
@@ -102,7 +106,7 @@ def main(argv=None) -> int:
         rows += [whole] if whole is not None else []
         print()
         print(comparison.format_table(rows, models))
-        if args.out:
+        if args.out and distributed.is_main():
             # Per-model keys of the first row, as before (scripts read them), plus the whole table.
             report_first = {model: result for model, result in rows[0].results.items()}
             record_protocol = {"num_eval": args.num_eval, "seed": args.seed, "dataset": args.dataset,
@@ -113,6 +117,7 @@ def main(argv=None) -> int:
                 lambda path: comparison.write_table(path, rows, models, record_protocol, extra=report_first),
                 args.out, "--out")
             print(f"wrote {json_path} and {csv_path}")
+    distributed.shutdown()
     return 0
 
 

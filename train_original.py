@@ -22,6 +22,7 @@ import os
 import sys
 
 import cli
+import distributed
 from pretrained import originals
 import utils
 
@@ -43,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save_path", default=originals.DEFAULT_SAVE_PATH, help="root of the saved models")
     parser.add_argument("--random_seed", type=int, dest="seed", default=argparse.SUPPRESS,
                         help="the reference's name for --seed")
+    parser.add_argument("--ddp", action="store_true",
+                        help="torchrun: all ranks train each model together (DistributedDataParallel); "
+                             "default: the --num models are spread over the ranks")
     parser.add_argument("--normalize_data", action="store_true",
                         help="accepted for reference commands; images are always normalised (as in the reference)")
     cli.add_data_args(parser)
@@ -80,11 +84,12 @@ def main(argv=None) -> int:
         cli.setup_logging(os.path.join(directory, "log.txt"))
         device = cli.setup_runtime(args)
         amp = cli.setup_precision(args, device)
+        cli.quiet_other_ranks()  # torchrun: rank 0 prints the table
         utils.seed_everything(args.seed)
         record = cli.load_record(args, device)
         try:
             done = originals.train_originals(cfg, record, args.save_path, args.num, device=device,
-                                             save_every=args.save_every, precision=amp)
+                                             save_every=args.save_every, precision=amp, data_parallel=args.ddp)
         except KeyboardInterrupt as stop:
             cli.fail(f"{cli.stop_word(stop)}; finished models and the last checkpoint are kept in {directory}; run "
                      "the same command again to continue", cli.EXIT_STOPPED)
@@ -95,6 +100,7 @@ def main(argv=None) -> int:
           f"(image {record.channel}x{record.im_size[0]}x{record.im_size[1]}, {record.num_classes} classes):")
     print(originals.format_table(done.summary, status))
     print(f"summary: {done.summary_path}")
+    distributed.shutdown()
     return 0
 
 

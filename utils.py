@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import augment
+import distributed
 import networks
 import stacking
 from data import PlainDataError, load_plain
@@ -165,7 +166,8 @@ class Progress:
     (:data:`PROGRESS_LINE`), e.g.
     ``evaluation ConvNet: 41% 2050/5005 [00:41<00:59, 49.64epoch/s, network 2/5, epoch 49/1001]``.
 
-    It only counts and prints: no random number is drawn and nothing is synchronised.
+    It only counts and prints: no random number is drawn and nothing is synchronised. Under
+    torchrun only rank 0 shows it (``distributed.is_main``); the other ranks count silently.
 
     Args:
         total: units of work in the stage (e.g. epochs of all networks).
@@ -191,8 +193,10 @@ class Progress:
         self.log_fraction = log_fraction
         self.n = self.logged_n = initial
         self.postfix = ""
+        # Under torchrun only rank 0 draws a bar or logs progress lines (``distributed.is_main``).
+        self.silent = not distributed.is_main()
         self.bar = tqdm(total=total, desc=desc, unit=unit, initial=initial, leave=leave, file=file,
-                        dynamic_ncols=True, disable=None if bar is None else not bar)
+                        dynamic_ncols=True, disable=True if self.silent else (None if bar is None else not bar))
         self.start = self.logged_at = time.monotonic()
         self._swapped = [] if self.bar.disable else _route_console_through_tqdm()
         self.closed = False
@@ -212,6 +216,8 @@ class Progress:
             if postfix is not None:
                 self.bar.set_postfix_str(postfix, refresh=False)
             self.bar.update(n)
+            return
+        if self.silent:
             return
         now = time.monotonic()
         step = self.total * self.log_fraction if self.log_fraction and self.total else 0
@@ -242,7 +248,7 @@ class Progress:
             for original, safe in self._swapped:
                 if safe in logging.root.handlers:
                     logging.root.handlers[logging.root.handlers.index(safe)] = original
-        elif self.n != self.logged_n:
+        elif self.n != self.logged_n and not self.silent:
             self.log()
 
     def __enter__(self) -> "Progress":
@@ -956,11 +962,12 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
             It does not change the result.
         should_stop: asked before every epoch of every network; ``True`` abandons the evaluation
             (a stop requested by a signal).
-        indices: the network indices ``k`` to train instead of ``range(num_eval)`` (e.g. this
-            rank's share of them); the accuracies come in this order.
+        indices: which of the ``num_eval`` networks to train (network ``k`` always from seed
+            ``seed + k``, whoever trains it); default all, ``0 .. num_eval - 1``; the accuracies
+            come in this order. :func:`evaluate_synset_sharded` spreads them over torchrun's ranks.
 
     Returns:
-        An :class:`EvalResult` with one accuracy in [0, 1] per network.
+        An :class:`EvalResult` with one accuracy in [0, 1] per network of ``indices``, in that order.
 
     Raises:
         KeyError: unknown ``model``.
@@ -1148,6 +1155,38 @@ def evaluate_schedule(image_syn: torch.Tensor, label_syn: torch.Tensor, model: s
             result.accs.append(test_accuracy(net, test_images, test_labels, batch_test, tta_mode, deterministic))
     result.train_time_s = time.perf_counter() - start
     return result
+def evaluate_synset_sharded(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str, num_classes: int,
+                            test_images: torch.Tensor, test_labels: torch.Tensor, cfg: EvalConfig, *,
+                            num_eval: int = 1, should_stop: Optional[Callable[[], bool]] = None,
+                            **kwargs) -> EvalResult:
+    """:func:`evaluate_synset` with its ``num_eval`` networks spread over torchrun's ranks
+    (``distributed.shard``, round robin); every rank returns all accuracies in network order.
+
+    Network ``k`` is trained from seed ``seed + k`` whichever rank trains it, so the accuracies
+    do not depend on the number of processes; with one process this is :func:`evaluate_synset`.
+    Every rank must call it with the same arguments. ``train_time_s`` is this rank's wall time.
+    A stop (``should_stop``) seen by any rank abandons the evaluation on every rank.
+
+    Raises:
+        EvaluationStopped: ``should_stop`` said so on some rank.
+        Otherwise as :func:`evaluate_synset`.
+    """
+    if distributed.world_size() == 1:
+        return evaluate_synset(image_syn, label_syn, model, num_classes, test_images, test_labels, cfg,
+                               num_eval=num_eval, should_stop=should_stop, **kwargs)
+    start = time.perf_counter()
+    mine = distributed.shard(num_eval)
+    stopped, accs = False, []
+    try:
+        accs = evaluate_synset(image_syn, label_syn, model, num_classes, test_images, test_labels, cfg,
+                               num_eval=num_eval, should_stop=should_stop, indices=mine, **kwargs).accs
+    except EvaluationStopped:
+        stopped = True
+    if distributed.any_flag(stopped):
+        raise EvaluationStopped
+    merged = distributed.gather_units(dict(zip(mine, accs)))
+    return EvalResult(model=model, accs=[merged[k] for k in range(num_eval)],
+                      train_time_s=time.perf_counter() - start)
 
 
 # --------------------------------------------------------------------------------------------

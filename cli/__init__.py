@@ -13,6 +13,7 @@ import time
 from contextlib import contextmanager
 from typing import Callable, NoReturn
 
+import distributed
 import networks
 import precision
 import utils
@@ -105,16 +106,29 @@ def setup_precision(args: argparse.Namespace, device) -> "precision.Precision":
 
 
 def setup_runtime(args: argparse.Namespace):
-    """Apply ``--threads`` and resolve ``--device`` once; returns the ``torch.device``.
+    """Apply ``--threads``, resolve ``--device`` once and, when torchrun started this process,
+    join its process group (``distributed.init``: NCCL on CUDA with ``cuda:LOCAL_RANK``, gloo on
+    CPU); returns this rank's ``torch.device``.
 
     Raises:
-        utils.UserError: an unusable ``--device``.
+        utils.UserError: an unusable ``--device``, or a ``LOCAL_RANK`` without its GPU.
     """
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return utils.resolve_device(args.device)
+    device = utils.resolve_device(args.device)
+    try:
+        return distributed.init(device)
+    except ValueError as error:
+        raise utils.UserError(f"--device {args.device}: {error}") from None
+
+
+def quiet_other_ranks() -> None:
+    """Under torchrun, send the standard output of every rank but 0 to ``os.devnull``, so that a
+    script's printed report appears once; nothing for one process."""
+    if not distributed.is_main():
+        sys.stdout = open(os.devnull, "w")
 
 
 def normalize_like(args: argparse.Namespace, cifar100_stats_default: str = "cifar100") -> str | None:
@@ -157,8 +171,15 @@ def load_record(args: argparse.Namespace, device=None, cifar100_stats_default: s
 
 def setup_logging(log_file: str | None = None, quiet: bool = False) -> None:
     """Console (stderr) and optional file logging for the scripts; ``quiet`` keeps warnings and the
-    progress lines of long stages (``utils.Progress``, shown when stderr is not a terminal)."""
+    progress lines of long stages (``utils.Progress``, shown when stderr is not a terminal).
+    Under torchrun only rank 0 logs at that level and writes ``log_file``; the other ranks print
+    warnings and errors only, prefixed with their rank."""
     handlers = [logging.StreamHandler(sys.stderr)]
+    if not distributed.is_main():
+        logging.basicConfig(level=logging.WARNING, handlers=handlers, force=True,
+                            format=f"%(asctime)s rank {distributed.rank()} %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
+        return
     if log_file:
         os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
         handlers.append(logging.FileHandler(log_file))

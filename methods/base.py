@@ -16,8 +16,10 @@ import torch
 import torch.nn as nn
 
 import augment
+import distributed
 import networks
 from precision import FP32, Precision, scaled_backward
+import utils
 
 METHODS: Dict[str, Type["DistillMethod"]] = {}
 
@@ -359,6 +361,13 @@ class DistillMethod:
     # iteration. A method that overrides ``step`` names the functions it calls (DC:
     # ``matching_loss``; MTT: ``unroll`` and ``matching_loss``).
     loss_functions: ClassVar[Tuple[str, ...]] = ("loss",)
+    # True when the loss is a sum of per-class terms, each depending only on its class's real and
+    # synthetic images (DC, DSA, DM, DataDAM): under torchrun each rank then computes its classes'
+    # terms (:meth:`owned_classes`) and the image gradients are summed over the ranks.
+    shards_classes: ClassVar[bool] = False
+    # True when BatchNorm is frozen (eval mode) wherever the sharded loss runs (DC matches gradients
+    # after setting the statistics from every class), so a BatchNorm network does not stop sharding.
+    frozen_batchnorm_in_loss: ClassVar[bool] = False
 
     def __init__(self, cfg: DistillConfig, *, channel: int, num_classes: int, im_size, sampler,
                  device: torch.device, generator: torch.Generator, precision: Precision = FP32):
@@ -377,6 +386,8 @@ class DistillMethod:
         self.optimizer_img: Optional[torch.optim.Optimizer] = None
         # The add-ons the run attached (``methods.addons.base.AddOn``; :meth:`attach_addons`).
         self.addons: list = []
+        self._owned_classes: Optional[list] = None
+        self._owned_known = False
 
     @classmethod
     def resolve_options(cls, extra: Mapping[str, Any]) -> Dict[str, Any]:
@@ -517,6 +528,41 @@ class DistillMethod:
         for addon in self.addons:
             addon.attach(syn)
 
+    # ---- several processes (torchrun) ---------------------------------------------------
+    def owned_classes(self) -> Optional[list]:
+        """The classes whose loss terms this rank computes, or ``None``: all of them, as one process.
+
+        Not ``None`` only under torchrun (``distributed.world_size() > 1``) for a method with
+        ``shards_classes`` and a network that is not batch-dependent in training mode
+        (``utils.batch_dependent``: a BatchNorm network's batch statistics span every class, so
+        its per-class terms cannot be computed apart), unless the method freezes BatchNorm in its
+        loss (``frozen_batchnorm_in_loss``); classes go round robin
+        (``distributed.shard``). Decided once per method, on a probe network built without
+        touching the global RNG.
+        """
+        if not self._owned_known:
+            self._owned_known = True
+            if self.shards_classes and distributed.world_size() > 1:
+                with torch.random.fork_rng(devices=[]):
+                    probe = networks.get_network(self.cfg.model, self.channel, self.num_classes, self.im_size,
+                                                 device=torch.device("cpu"))
+                if self.frozen_batchnorm_in_loss or not utils.batch_dependent(probe.train()):
+                    self._owned_classes = distributed.shard(self.num_classes)
+        return self._owned_classes
+
+    def skip_class_draws(self, c: int, num_syn: int) -> None:
+        """Draw from the generator what one class's real batch and siamese augmentation would
+        draw, without computing them: a rank skipping another rank's class keeps its generator
+        in step with one process (every rank draws the whole stream)."""
+        self.sampler.get_images(c, self.cfg.batch_real, self.generator)
+        if self.dsa_strategy:
+            augment.sample_diffaug_params(self.dsa_strategy, num_syn, self.im_size, self.generator, True)
+
+    def sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        """A loss value summed over the ranks when the classes are sharded (so that every rank logs
+        and checks the whole loss); ``value`` itself otherwise."""
+        return distributed.sum_scalar(value) if self.owned_classes() is not None else value
+
     # ---- one iteration ------------------------------------------------------------------
     def augment_pair(self, real: torch.Tensor, syn: torch.Tensor):
         """Siamese DiffAugment of a real and a synthetic batch of one class (same operation and
@@ -525,19 +571,32 @@ class DistillMethod:
             return real, syn
         return augment.siamese_augment(real, syn, self.dsa_strategy, self.generator)
 
-    def sample_batches(self, syn: SyntheticSet):
+    def sample_batches(self, syn: SyntheticSet, classes: Optional[Sequence[int]] = None):
         """Per class: ``batch_real`` real images and the synthetic images, siamese-augmented.
 
+        Args:
+            classes: keep only these classes (:meth:`owned_classes`); the others' draws are made
+                and dropped (:meth:`skip_class_draws`). ``None``: every class.
+
         Returns:
-            real (sum_c n_c, C, H, W), real labels, synthetic (K*ipc, C, H, W), synthetic labels.
+            real (sum_c n_c, C, H, W), real labels, synthetic (K'*ipc, C, H, W), synthetic labels
+            (K' = K, or the kept classes).
         """
         reals, syns, real_labels = [], [], []
         for c in range(self.num_classes):
+            if classes is not None and c not in classes:
+                self.skip_class_draws(c, syn.ipc)
+                continue
             real = self.sampler.get_images(c, self.cfg.batch_real, self.generator)
             real, image_syn = self.augment_pair(real, syn.class_images(c))
             reals.append(real)
             syns.append(image_syn)
             real_labels.append(torch.full((real.shape[0],), c, dtype=torch.long, device=self.device))
+        if classes is not None:
+            label_syn = syn.labels[[c * syn.ipc + i for c in classes for i in range(syn.ipc)]]
+            empty = syn.images[:0]
+            return (torch.cat(reals) if reals else empty.detach(), torch.cat(real_labels) if reals else syn.labels[:0],
+                    torch.cat(syns) if syns else empty, label_syn)
         return torch.cat(reals), torch.cat(real_labels), torch.cat(syns), syn.labels
 
     def loss(self, syn: SyntheticSet) -> torch.Tensor:
@@ -556,13 +615,22 @@ class DistillMethod:
         optimizers = optimizers or [self.optimizer_img]
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
-        total = loss
+        if self.owned_classes() is not None:
+            # Sharded classes: this rank's share of the loss, the image gradients summed over the
+            # ranks, then the add-ons' terms (computed alike on every rank) once on top.
+            if loss.requires_grad:
+                scaled_backward(loss, self.image_scaler)
+            distributed.all_reduce_gradients([syn.images])
+            total = None
+        else:
+            total = loss
         with self.precision.autocast(self.device):
             for addon in self.addons:
                 term = addon.image_loss(syn)
                 if term is not None:
-                    total = total + term
-        scaled_backward(total, self.image_scaler)
+                    total = term if total is None else total + term
+        if total is not None:
+            scaled_backward(total, self.image_scaler)
         for optimizer in optimizers:
             if self.image_scaler is None:
                 optimizer.step()
@@ -584,7 +652,7 @@ class DistillMethod:
             loss = self.loss(syn)
         self.update_images(syn, loss)
         self.after_image_update(syn)
-        return {"loss": loss.detach()}
+        return {"loss": self.sum_over_ranks(loss.detach())}
 
     # ---- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -45,7 +45,10 @@ class DataDAM(DM):
     def loss(self, syn: SyntheticSet) -> torch.Tensor:
         """DataDAM eq. 3 under one fresh network (see :func:`methods.losses.attention_matching_loss`)."""
         net = self.new_network()
-        real, label_real, image_syn, label_syn = self.sample_batches(syn)
+        classes = self.owned_classes()  # None: every class (one process); else this rank's (torchrun)
+        real, label_real, image_syn, label_syn = self.sample_batches(syn, classes)
+        if classes is not None and not classes:  # more ranks than classes: nothing here
+            return syn.images.new_zeros(())
         att_real, embed_real = real_class_statistics(net, real, label_real, self.num_classes, self._attention)
         att_syn, mean_syn = syn_class_statistics(net, image_syn, label_syn, self.num_classes, self._attention)
         mean_real = class_means(embed_real, label_real, self.num_classes)

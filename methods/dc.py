@@ -59,6 +59,10 @@ class DC(DistillMethod):
     # As in the reference (``args.dsa = method == 'DSA'``), plain DC trains without DiffAugment;
     # --dsa_strategy is refused (distill.py) rather than recorded as if it were used.
     dsa = False
+    # Under torchrun each rank matches the gradients of its classes (BatchNorm is frozen here, its
+    # statistics set from every class on every rank alike).
+    shards_classes = True
+    frozen_batchnorm_in_loss = True
     unused_flags = ("dsa_strategy",)
     unused_hint = "--method DSA is DC with DiffAugment"
     # 1000 epochs with an active DC augmentation (or DSA), else 300 (reference ``main.py``).
@@ -91,7 +95,11 @@ class DC(DistillMethod):
         """sum_c D(grad_theta CE(net(S_c), c), grad_theta CE(net(real_c), c)) for one network."""
         params = [p for p in net.parameters() if p.requires_grad]
         loss = torch.zeros((), device=self.device)
+        classes = self.owned_classes()  # None: every class (one process); else this rank's (torchrun)
         for c in range(self.num_classes):
+            if classes is not None and c not in classes:
+                self.skip_class_draws(c, syn.ipc)
+                continue
             real = self.sampler.get_images(c, self.cfg.batch_real, self.generator)
             image_syn = syn.class_images(c)
             real, image_syn = self.augment_pair(real, image_syn)
@@ -134,7 +142,7 @@ class DC(DistillMethod):
             for _ in range(self.inner_loop):
                 utils.train_epoch(net, images, labels, optimizer_net, self.cfg.batch_train, self.generator, augmenter,
                                   term=term, precision=self.precision, scaler=scaler_net)
-        return {"loss": total / (self.num_classes * self.outer_loop)}
+        return {"loss": self.sum_over_ranks(total) / (self.num_classes * self.outer_loop)}
 
 
 @register_method("DSA")

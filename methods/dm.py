@@ -21,11 +21,15 @@ class DM(DistillMethod):
     All classes are forwarded in one batch: for a BatchNorm network this is the reference's
     joint forward (batch statistics span every class); for the others every sample is computed
     independently, so it equals the reference's per-class loop while using larger batches.
+
+    Under torchrun each rank computes the terms of its classes (``shards_classes``; not for a
+    BatchNorm network, whose joint statistics span every class).
     """
 
     defaults = dict(ipc=50, iterations=20000, lr_img=1.0, lr_net=0.01, batch_real=256, batch_train=256,
                     init="real", dsa_strategy="color_crop_cutout_flip_scale_rotate", eval_mode="SS")
     unused_flags = ("dis_metric", "outer_loop", "inner_loop")
+    shards_classes = True
 
     def new_network(self):
         """A fresh random ``cfg.model`` in train mode with every parameter frozen (DM never trains it)."""
@@ -42,7 +46,10 @@ class DM(DistillMethod):
             A scalar tensor with a graph to ``syn.images``.
         """
         net = self.new_network()
-        real, label_real, image_syn, label_syn = self.sample_batches(syn)
+        classes = self.owned_classes()  # None: every class (one process)
+        real, label_real, image_syn, label_syn = self.sample_batches(syn, classes)
+        if classes is not None and not classes:  # more ranks than classes: nothing here
+            return syn.images.new_zeros(())
         embed_real = utils.embed_in_chunks(net, real)  # one pass for BatchNorm nets (joint statistics)
         mean_real = class_means(embed_real, label_real, self.num_classes)
         mean_syn = class_means(net.embed(image_syn), label_syn, self.num_classes)

@@ -16,6 +16,11 @@ Layout of a run directory (``--run_dir``):
     summary.csv                                  one row per (evaluation, model)
     results.json                                 final accuracies, protocol, timings
     log.txt                                      the log
+
+Under torchrun (``distributed``) every rank runs the same experiments in step: a method that
+shards its classes (``DistillMethod.shards_classes``) computes its ranks' share of the loss and
+the image gradients are summed, the evaluation networks are spread over the ranks, and rank 0
+alone writes every file above; a stop requested on any rank stops all at the same iteration.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import yaml
 
+import distributed
 import utils
 from data import RealSampler
 from precision import FP32, Precision
@@ -215,7 +221,9 @@ class DistillationRun:
 
     # ---- files --------------------------------------------------------------------------
     def write_config(self) -> None:
-        """``config.yaml``: the resolved configuration, before the first iteration."""
+        """``config.yaml``: the resolved configuration, before the first iteration (rank 0)."""
+        if not distributed.is_main():
+            return
         record = {"distill": dataclasses.asdict(self.cfg),
                   "run": {**dataclasses.asdict(self.opts), "eval_models": list(self.opts.eval_models)},
                   "protocol": self.protocol.as_dict(), "device": str(self.device), "torch": str(torch.__version__)}
@@ -223,7 +231,9 @@ class DistillationRun:
 
     def write_summary(self) -> None:
         """``summary.csv``: one row per (evaluation, model); accuracies in [0, 1] with 6 decimals, the
-        loss with 6 significant digits."""
+        loss with 6 significant digits (rank 0)."""
+        if not distributed.is_main():
+            return
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=self.SUMMARY_FIELDS)
         writer.writeheader()
@@ -249,13 +259,18 @@ class DistillationRun:
                    pending_eval: bool = False) -> None:
         """Write ``last.pt``: version, position (``exp``, ``iteration``; with ``pending_eval`` the
         evaluation of ``iteration`` was stopped and runs again on resume), configuration, the set,
-        the method's state, RNG states, and every finished experiment (set, accuracies, end state)."""
-        utils.save_checkpoint(self.checkpoint_path, exp=exp, config=dataclasses.asdict(self.cfg),
-                              num_exp=self.opts.num_exp, seed=self.opts.seed, pending_eval=pending_eval,
-                              **self.position(iteration, method, syn, generator),
-                              data_save=self.data_save, learned_lr=self.learned_lr, schedules=self.schedules,
-                              accs_by_exp=self.accs_by_exp,
-                              finished=self.finished, best=self.best, summary_rows=self.summary_rows)
+        the method's state, RNG states, and every finished experiment (set, accuracies, end state).
+
+        Under torchrun rank 0 writes it (every rank holds the same state) and the others wait until
+        it is on disk, so that none leaves before it (torchrun ends the job when one rank exits)."""
+        if distributed.is_main():
+            utils.save_checkpoint(self.checkpoint_path, exp=exp, config=dataclasses.asdict(self.cfg),
+                                  num_exp=self.opts.num_exp, seed=self.opts.seed, pending_eval=pending_eval,
+                                  **self.position(iteration, method, syn, generator),
+                                  data_save=self.data_save, learned_lr=self.learned_lr, schedules=self.schedules,
+                                  accs_by_exp=self.accs_by_exp, finished=self.finished, best=self.best,
+                                  summary_rows=self.summary_rows)
+        distributed.barrier()
 
     def refuse_overwrite(self) -> None:
         """A run directory that already holds a run (its checkpoint or result file) is continued
@@ -334,7 +349,7 @@ class DistillationRun:
             utils.EvaluationStopped: a stop was requested during the evaluation (its rows are not kept).
         """
         results = {}
-        if self.opts.save_vis:
+        if self.opts.save_vis and distributed.is_main():
             path = os.path.join(self.opts.run_dir, f"vis_{self.tag}_exp{exp}_iter{iteration}.png")
             utils.save_image_grid(self.record.denormalize(syn.images.detach()), path, nrow=self.cfg.ipc,
                                   class_names=self.record.class_names,
@@ -360,10 +375,11 @@ class DistillationRun:
                     what = f"{len(schedule.lrs)} learned steps"
                 else:
                     eval_cfg = eval_config_for(method, model_eval, self.opts, syn)
-                    result = utils.evaluate_synset(syn.images, syn.targets(), model_eval, self.record.num_classes,
-                                                   self.test_images, self.test_labels, eval_cfg,
-                                                   num_eval=self.opts.num_eval, device=self.device, seed=seed,
-                                                   term=term, should_stop=lambda: self.stop.requested)
+                    result = utils.evaluate_synset_sharded(syn.images, syn.targets(), model_eval,
+                                                           self.record.num_classes, self.test_images,
+                                                           self.test_labels, eval_cfg, num_eval=self.opts.num_eval,
+                                                           device=self.device, seed=seed, term=term,
+                                                           should_stop=lambda: self.stop.requested)
                     what = f"{eval_cfg.epochs} epochs"
                 results[key] = result
                 self.summary_rows.append(dict(exp=exp, iteration=iteration, model=key, acc_mean=result.acc_mean,
@@ -432,7 +448,9 @@ class DistillationRun:
         DATM's (N, K) soft-label logits), ``lr_{name}.pt`` (the learned step size, a 0-dim
         float32 tensor), and with ZCA ``images_zca_{name}.pt``, the whitening undone (pixel space),
         for a periodic ``name``. Sources: GeorgeCazenavette/mtt-distillation and NUS-HPC-AI-Lab/DATM
-        ``distill.py`` (MTT itself never saves the step size; DATM does)."""
+        ``distill.py`` (MTT itself never saves the step size; DATM does). Rank 0 only."""
+        if not distributed.is_main():
+            return
         folder = os.path.join(self.opts.run_dir, "logged_files", f"exp{exp}")
         os.makedirs(folder, exist_ok=True)
         images = syn.images.detach().cpu().clone()
@@ -543,7 +561,9 @@ class DistillationRun:
                 # Other scalars a method reports (CAFE: outer steps, inner epochs) go beside the loss.
                 extras = "".join(f", {key}={float(value):.4g}" for key, value in logs.items() if key != "loss")
                 progress.update(1, f"loss={loss_value:.4f}, acc={last_acc}{extras}")
-                if self.stop.requested and not is_last:
+                # Every rank asks at the same point, so a signal to any stops all at this iteration.
+                stop_now = distributed.any_flag(self.stop.requested)
+                if stop_now and not is_last:
                     self.checkpoint(exp, iteration, method, syn, generator)
                     raise RunInterrupted(f"stopped at experiment {exp}, iteration {iteration}; "
                                          f"checkpoint {self.checkpoint_path}")
@@ -564,11 +584,13 @@ class DistillationRun:
             FloatingPointError: the loss became NaN or infinite (the last checkpoint is kept).
         """
         self.refuse_overwrite()
-        os.makedirs(self.opts.run_dir, exist_ok=True)
-        for path in utils.remove_stale_temporaries(self.opts.run_dir):
-            logger.info("removed %s, left by a process stopped while writing", path)
+        if distributed.is_main():
+            os.makedirs(self.opts.run_dir, exist_ok=True)
+            for path in utils.remove_stale_temporaries(self.opts.run_dir):
+                logger.info("removed %s, left by a process stopped while writing", path)
         self.write_config()
         resumed = self.resume()
+        distributed.barrier()  # every rank has read the checkpoint before rank 0 writes the next
         todo = [exp for exp in range(self.opts.num_exp) if not self.finished_enough(exp)]
         resources.reset_peak_memory(self.device)
         for index, exp in enumerate(todo):
@@ -580,9 +602,9 @@ class DistillationRun:
             # The finished experiment is in the checkpoint's lists; a resume skips it.
             self.checkpoint(exp + 1, 0)
             self.save_result_or_say_where()
-            if self.stop.requested and index + 1 < len(todo):
+            if distributed.any_flag(self.stop.requested) and index + 1 < len(todo):
                 raise RunInterrupted(f"stopped after experiment {exp}; checkpoint {self.checkpoint_path}")
-        if not os.path.isfile(self.result_path):  # its last write failed after the checkpoint
+        if distributed.is_main() and not os.path.isfile(self.result_path):  # its last write failed after the checkpoint
             self.save_result_or_say_where()
         if self.method is None:  # every experiment was already finished in the checkpoint
             self.method = self.new_method(0, utils.make_generator(self.opts.seed))
@@ -615,6 +637,8 @@ class DistillationRun:
         best-so-far file ``best_{tag}.pt`` in the same layout: ``data`` and ``accs_all_exps`` of
         each experiment's best evaluation, ``meta['best']`` one ``{exp, iteration, model, accuracy,
         selected_on}`` per experiment (accuracy in [0, 1], selected on test accuracy)."""
+        if not distributed.is_main():
+            return
         meta = self.result_meta()
         meta["syn_lr"] = list(self.learned_lr) or None
         meta["step_schedule"] = list(self.schedules) or None
@@ -657,11 +681,14 @@ class DistillationRun:
         """``results.json``: the command line, seed and full resolved configuration (method and run
         options), final accuracies (``accuracy``, the headline), the best-so-far evaluation of each
         experiment apart (``best``, selected on test accuracy; :meth:`best_records`), the protocol
-        of every evaluation model, cost."""
+        of every evaluation model, cost (rank 0; ``world_size``: the processes that ran it)."""
+        if not distributed.is_main():
+            return
         cfg, opts, syn = self.cfg, self.opts, self.syn
         labels = syn.label_kind() if syn is not None else "hard"
         record = {"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model, "ipc": cfg.ipc,
                   "iterations": self.iterations, "num_exp": opts.num_exp, "seed": opts.seed,
+                  "world_size": distributed.world_size(),
                   "command": opts.command, "data_source": getattr(self.record, "source", ""),
                   "config": dataclasses.asdict(cfg),
                   "run": {**dataclasses.asdict(opts), "eval_models": list(opts.eval_models)},

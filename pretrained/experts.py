@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 import augment
+import distributed
 import networks
 import utils
 from precision import FP32, Precision
@@ -373,7 +374,8 @@ def train_expert(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg
                  generator: torch.Generator, *, test_images: Optional[torch.Tensor] = None,
                  test_labels: Optional[torch.Tensor] = None, order: Optional[Sequence[torch.Tensor]] = None,
                  test_every: int = 1, name: str = "expert",
-                 on_epoch: Optional[Callable[[int], None]] = None, precision: Precision = FP32) -> ExpertResult:
+                 on_epoch: Optional[Callable[[int], None]] = None, precision: Precision = FP32,
+                 data_parallel: bool = False) -> ExpertResult:
     """Train one expert and record its trajectory (MTT ``buffer.py``; GSAM per DATM; PAD subset).
 
     Args:
@@ -389,6 +391,10 @@ def train_expert(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg
         on_epoch: called as ``on_epoch(epochs_done)`` after each epoch (progress display).
         precision: ``--amp`` (``utils.train_epoch``; a GSAM step runs under its autocast unscaled).
             Snapshots stay float32.
+        data_parallel: under torchrun, all ranks train this expert together (``--ddp``):
+            ``DistributedDataParallel`` averages the gradients; each epoch every rank passes over
+            its ``DistributedSampler`` share of the (PAD-scheduled) training images in batches of
+            ``cfg.batch_train // world_size``. Not the one-process trajectory (another order).
 
     Returns:
         An :class:`ExpertResult`; ``trajectory[0]`` equals the parameters ``net`` came with.
@@ -407,15 +413,23 @@ def train_expert(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg
     scaler = precision.grad_scaler(images.device)
     result = ExpertResult(trajectory=[snapshot(net)])
     decay_after = cfg.train_epochs // 2 + 1
+    parallel = data_parallel and distributed.world_size() > 1
+    model = distributed.data_parallel(net) if parallel else net
+    batch = max(1, cfg.batch_train // distributed.world_size()) if parallel else cfg.batch_train
     for epoch in range(cfg.train_epochs):
         index = schedule.select(order, epoch) if order is not None else None
+        if parallel:  # this rank's DistributedSampler share of the epoch's images
+            pool = torch.arange(images.shape[0]) if index is None else index.cpu()
+            index = pool[distributed.distributed_indices(int(pool.numel()), epoch, int(generator.initial_seed()))]
         step = None
         if cfg.gsam:
             rho = rho_for_lr(cfg, lr)
             step = lambda n, x, y, o: gsam_step(n, x, y, o, rho, cfg.alpha, cfg.adaptive)  # noqa: E731
         start = time.perf_counter()
-        loss = utils.train_epoch(net, images, labels, optimizer, cfg.batch_train, generator, augmenter, index, step,
+        loss = utils.train_epoch(model, images, labels, optimizer, batch, generator, augmenter, index, step,
                                  precision=precision, scaler=scaler)
+        if parallel:
+            loss = float(distributed.sum_scalar(torch.tensor(loss))) / distributed.world_size()
         result.epoch_seconds.append(time.perf_counter() - start)
         if not math.isfinite(loss):
             raise FloatingPointError(f"{name}: training loss became {loss} in epoch {epoch + 1}")
@@ -487,8 +501,15 @@ def make_buffer(cfg: ExpertConfig, record, directory: str, num_experts: int, *, 
                 save_interval: int = 10, test_every: int = 1, order: Optional[Sequence[torch.Tensor]] = None,
                 run_info: Optional[dict] = None,
                 on_expert: Optional[Callable[[int, ExpertResult], None]] = None,
-                precision: Precision = FP32) -> BufferSummary:
+                precision: Precision = FP32, data_parallel: bool = False) -> BufferSummary:
     """Train experts ``saved .. num_experts - 1`` into ``directory`` (resuming what is there).
+
+    Under torchrun the experts are trained in rounds of ``world_size``: in each round rank r
+    trains the round's r-th expert (expert ``i`` is seeded ``cfg.seed + i`` whoever trains it,
+    so the buffer equals one process's), the trajectories are gathered on rank 0, which appends
+    them in index order to the chunk files and the manifest (the one writer, so the format and
+    its resume rules stay those of one process). With ``data_parallel`` (``--ddp``) all ranks
+    train each expert together instead (:func:`train_expert`). ``on_expert`` runs on rank 0.
 
     Args:
         cfg: the expert configuration (validated here).
@@ -504,6 +525,7 @@ def make_buffer(cfg: ExpertConfig, record, directory: str, num_experts: int, *, 
         on_expert: called as ``on_expert(index, result)`` after each expert is saved.
         precision: ``--amp`` of the experts' training (:func:`train_expert`), recorded in the
             manifest's ``runs`` (an execution choice like the device, not part of the configuration).
+        data_parallel: see above.
 
     Returns:
         A :class:`BufferSummary`.
@@ -521,10 +543,12 @@ def make_buffer(cfg: ExpertConfig, record, directory: str, num_experts: int, *, 
             "num_classes": record.num_classes, "num_train": int(record.labels_train.numel()),
             "normalization": getattr(record, "normalization", "own"), "torch_version": str(torch.__version__), "toolkit_version": toolkit_version(),
             "python_version": platform.python_version()}
-    writer = BufferWriter(directory, cfg.describe(save_interval), save_interval, meta,
-                          {"device": str(device), "amp": precision.describe(), "command": " ".join(sys.argv),
-                           **(run_info or {})})
-    start_index = writer.saved
+    writer = None
+    if distributed.is_main():  # the one writer of chunks and manifest
+        writer = BufferWriter(directory, cfg.describe(save_interval), save_interval, meta,
+                              {"device": str(device), "amp": precision.describe(), "command": " ".join(sys.argv),
+                               **(run_info or {})})
+    start_index = distributed.broadcast_object(writer.saved if writer is not None else None)
     if start_index >= num_experts:
         logger.info("%s already holds %d expert(s) (>= --num_experts %d): nothing to train", directory, start_index,
                     num_experts)
@@ -533,27 +557,41 @@ def make_buffer(cfg: ExpertConfig, record, directory: str, num_experts: int, *, 
     images, labels = record.images_train.to(device), record.labels_train.to(device)
     test_images, test_labels = record.images_test.to(device), record.labels_test.to(device)
     accs, epoch_seconds = [], []
-    progress = utils.Progress(max(num_experts - start_index, 0) * cfg.train_epochs, f"buffer {cfg.model}",
-                              unit="epoch")
+    todo = list(range(start_index, num_experts))
+    per_round = 1 if data_parallel else distributed.world_size()
+    mine = todo if data_parallel else distributed.shard(todo)
+    progress = utils.Progress(len(mine) * cfg.train_epochs, f"buffer {cfg.model}", unit="epoch")
     with progress:
-        for index in range(start_index, num_experts):
-            seed = cfg.seed + index
+        for first in range(0, len(todo), per_round):
+            trained = {}  # this rank's expert of the round (all ranks' with --ddp)
+            for index in todo[first:first + per_round]:
+                if index not in mine:
+                    continue
+                seed = cfg.seed + index
 
-            def on_epoch(done: int, index: int = index) -> None:
-                progress.update(1, f"expert {index + 1}/{num_experts}, epoch {done}/{cfg.train_epochs}")
+                def on_epoch(done: int, index: int = index) -> None:
+                    progress.update(1, f"expert {index + 1}/{num_experts}, epoch {done}/{cfg.train_epochs}")
 
-            net = new_seeded_network(cfg.model, record, device, seed)
-            result = train_expert(net, images, labels, cfg, utils.make_generator(seed), test_images=test_images,
-                                  test_labels=test_labels, order=order, test_every=test_every,
-                                  name=f"expert {index}", on_epoch=on_epoch, precision=precision)
-            path = writer.add(result.trajectory, {"seed": seed, "device": str(device), **result.info()})
-            logger.info("expert %d/%d saved in %s (%.1f s)", index + 1, num_experts, path, sum(result.epoch_seconds))
-            accs.append(result.info()["final_test_acc"])
-            epoch_seconds += result.epoch_seconds
-            if on_expert is not None:
-                on_expert(index, result)
+                net = new_seeded_network(cfg.model, record, device, seed)
+                trained[index] = train_expert(net, images, labels, cfg, utils.make_generator(seed),
+                                              test_images=test_images, test_labels=test_labels, order=order,
+                                              test_every=test_every, name=f"expert {index}", on_epoch=on_epoch,
+                                              precision=precision, data_parallel=data_parallel)
+            if not data_parallel:
+                trained = distributed.gather_units(trained, to_all=False)
+            if writer is None:  # not rank 0: rank 0 writes
+                continue
+            for index, result in trained.items():
+                path = writer.add(result.trajectory, {"seed": cfg.seed + index, "device": str(device), **result.info()})
+                logger.info("expert %d/%d saved in %s (%.1f s)", index + 1, num_experts, path,
+                            sum(result.epoch_seconds))
+                accs.append(result.info()["final_test_acc"])
+                epoch_seconds += result.epoch_seconds
+                if on_expert is not None:
+                    on_expert(index, result)
+    saved = distributed.broadcast_object(writer.saved if writer is not None else None)
     files = list_buffer_files(directory)
-    return BufferSummary(directory=directory, num_experts=writer.saved, trained=writer.saved - start_index,
+    return BufferSummary(directory=directory, num_experts=saved, trained=saved - start_index,
                          files=files, final_test_accs=accs,
                          seconds_per_epoch=sum(epoch_seconds) / len(epoch_seconds) if epoch_seconds else float("nan"),
                          bytes_on_disk=sum(os.path.getsize(p) for p in files))

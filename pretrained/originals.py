@@ -56,6 +56,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import distributed
 import networks
 import utils
 from precision import FP32, Precision
@@ -380,7 +381,8 @@ def _record_fields(record) -> dict:
 
 def train_original(net: nn.Module, record, cfg: OriginalConfig, path: str, *, index: int = 0,
                    seed: Optional[int] = None, save_every: int = 1, on_epoch: Optional[EpochCallback] = None,
-                   images: Optional[tuple] = None, precision: Precision = FP32) -> OriginalResult:
+                   images: Optional[tuple] = None, precision: Precision = FP32,
+                   data_parallel: bool = False) -> OriginalResult:
     """Train (or continue, or skip) one original model and keep its checkpoint at ``path``.
 
     SGD(``cfg.lr``, ``cfg.momentum``, ``cfg.weight_decay``) on shuffled ``cfg.batch_size``
@@ -409,6 +411,12 @@ def train_original(net: nn.Module, record, cfg: OriginalConfig, path: str, *, in
             when training several models); default: ``record``'s tensors moved there.
         precision: ``--amp`` of training and testing (``utils.train_epoch``; float16 scales the
             loss with a ``GradScaler`` that starts afresh on resume); recorded in the checkpoint.
+        data_parallel: under torchrun, every rank trains this one model together
+            (``--ddp``): ``DistributedDataParallel`` averages the gradients, each epoch every
+            rank passes over its ``DistributedSampler`` share (seed: the model's seed) in batches
+            of ``cfg.batch_size // world_size``, and rank 0 writes the checkpoint. The global
+            batch is then ``cfg.batch_size`` but the order of the images differs from one
+            process's, so the result is not the one-process result. No effect for one process.
 
     Returns:
         An :class:`OriginalResult`.
@@ -427,6 +435,7 @@ def train_original(net: nn.Module, record, cfg: OriginalConfig, path: str, *, in
         images = tuple(t.to(device) for t in (record.images_train, record.labels_train, record.images_test,
                                               record.labels_test))
     train_x, train_y, test_x, test_y = images
+    parallel = data_parallel and distributed.world_size() > 1
     milestones = list(parse_milestones(cfg.lr_decay_step))
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
@@ -465,6 +474,8 @@ def train_original(net: nn.Module, record, cfg: OriginalConfig, path: str, *, in
             "amp": precision.describe(), "torch_version": str(torch.__version__)}
 
     def save(epochs_done: int, test_acc: Optional[float]) -> None:
+        if parallel and not distributed.is_main():  # --ddp: every rank holds the same model; rank 0 writes
+            return
         finished = epochs_done >= cfg.epochs
         utils.atomic_save({**base, "epochs_done": epochs_done, "epochs_total": cfg.epochs, "finished": finished,
                            "test_acc": test_acc, "state_dict": _cpu(net.state_dict()),
@@ -480,11 +491,19 @@ def train_original(net: nn.Module, record, cfg: OriginalConfig, path: str, *, in
         save(done, result.test_acc)
         logger.info("original %d: %s has %d epochs: test acc %.2f%%", index, path, done, 100 * result.test_acc)
         return result
+    model = distributed.data_parallel(net) if parallel else net  # after loading: DDP wraps the resumed weights
     for epoch in range(done, cfg.epochs):
         lr = optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
-        loss = utils.train_epoch(net, train_x, train_y, optimizer, cfg.batch_size, generator, precision=precision,
-                                 scaler=scaler)
+        if parallel:
+            share = distributed.distributed_indices(train_x.shape[0], epoch, seed)
+            batch = max(1, cfg.batch_size // distributed.world_size())
+            loss = utils.train_epoch(model, train_x, train_y, optimizer, batch, generator, index=share,
+                                     precision=precision, scaler=scaler)
+            loss = float(distributed.sum_scalar(torch.tensor(loss))) / distributed.world_size()
+        else:
+            loss = utils.train_epoch(net, train_x, train_y, optimizer, cfg.batch_size, generator, precision=precision,
+                                     scaler=scaler)
         seconds = time.perf_counter() - start
         if not math.isfinite(loss):
             raise FloatingPointError(f"original {index}: training loss became {loss} in epoch {epoch + 1}; "
@@ -504,6 +523,8 @@ def train_original(net: nn.Module, record, cfg: OriginalConfig, path: str, *, in
             on_epoch(index, epoch + 1, loss)
     result.epochs_done = cfg.epochs
     result.train_seconds = float(sum(h["seconds"] for h in history))
+    if parallel:
+        distributed.barrier()  # rank 0's last checkpoint is on disk before any rank moves on
     return result
 
 
@@ -526,9 +547,14 @@ class OriginalsSummary:
 
 def train_originals(cfg: OriginalConfig, record, save_path: str, num: int, *, device: torch.device,
                     save_every: int = 1, on_epoch: Optional[EpochCallback] = None,
-                    precision: Precision = FP32) -> OriginalsSummary:
+                    precision: Precision = FP32, data_parallel: bool = False) -> OriginalsSummary:
     """Train original models ``0 .. num - 1`` of ``cfg.model`` on ``record`` (skipping finished
     ones, continuing unfinished ones) and rewrite ``summary.json`` after each.
+
+    Under torchrun the models are spread over the ranks (``distributed.shard``; model ``i`` is
+    seeded ``cfg.seed + i`` whoever trains it, each in its own ``index_{i}`` folder, so the models
+    equal one process's), or with ``data_parallel`` (``--ddp``) all ranks train each model together
+    (:func:`train_original`). Rank 0 writes ``summary.json``; every rank returns all results.
 
     Args:
         cfg: the configuration.
@@ -539,6 +565,7 @@ def train_originals(cfg: OriginalConfig, record, save_path: str, num: int, *, de
         save_every: see :func:`train_original`.
         on_epoch: see :func:`train_original`.
         precision: ``--amp`` (see :func:`train_original`).
+        data_parallel: see above.
 
     Returns:
         An :class:`OriginalsSummary`.
@@ -555,8 +582,11 @@ def train_originals(cfg: OriginalConfig, record, save_path: str, num: int, *, de
     images = tuple(t.to(device) for t in (record.images_train, record.labels_train, record.images_test,
                                           record.labels_test))
     out = OriginalsSummary(directory=directory)
-    done_before = cfg.epochs * len(plan["finished"]) + sum(min(done, cfg.epochs) for _, done in plan["resume"])
-    progress = utils.Progress(num * cfg.epochs, f"original {cfg.model} models", unit="epoch", initial=done_before)
+    mine = list(range(num)) if data_parallel else distributed.shard(num)  # all of them for one process
+    done_before = (cfg.epochs * len([i for i in plan["finished"] if i in mine])
+                   + sum(min(done, cfg.epochs) for i, done in plan["resume"] if i in mine))
+    progress = utils.Progress(len(mine) * cfg.epochs, f"original {cfg.model} models", unit="epoch",
+                              initial=done_before)
 
     def each_epoch(index: int, epoch: int, loss: float) -> None:
         progress.update(1, f"model {index + 1}/{num}, epoch {epoch}/{cfg.epochs}")
@@ -564,16 +594,22 @@ def train_originals(cfg: OriginalConfig, record, save_path: str, num: int, *, de
             on_epoch(index, epoch, loss)
 
     with progress:
-        for index in range(num):
+        for index in mine:
             net = _build_network(cfg.model, record.channel, record.num_classes, record.im_size, device,
                                  cfg.seed + index)
             path = os.path.join(directory, f"index_{index}", CHECKPOINT_NAME)
             result = train_original(net, record, cfg, path, index=index, save_every=save_every, on_epoch=each_epoch,
-                                    images=images, precision=precision)
+                                    images=images, precision=precision, data_parallel=data_parallel)
             out.results.append(result)
-            if (result.trained_epochs or result.closed) and index + 1 < num:
+            if (result.trained_epochs or result.closed) and index + 1 < num and distributed.is_main():
                 write_summary(directory)  # kept current while later models train
-    out.summary, out.summary_path = write_summary(directory)
+    if distributed.world_size() > 1:
+        if not data_parallel:
+            out.results = list(distributed.gather_units({r.index: r for r in out.results}).values())
+        distributed.barrier()  # every model's checkpoint is on disk
+    if distributed.is_main():
+        out.summary, out.summary_path = write_summary(directory)
+    out.summary, out.summary_path = distributed.broadcast_object((out.summary, out.summary_path))
     return out
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+import distributed
 import utils
 from precision import FP32, Precision
 from pretrained import originals
@@ -158,9 +159,10 @@ def evaluate_set_row(row: Row, experiments: Sequence[SetToEvaluate], models: Seq
         for index, experiment in enumerate(experiments):
             cfg = protocol.resolve(row.dataset, distilled_with, model_eval, row.ipc, experiment.learned_lr,
                                    precision=precision)
-            result = utils.evaluate_synset(experiment.images.to(device), experiment.labels.to(device), model_eval,
-                                           num_classes, test_images, test_labels, cfg, num_eval=num_eval,
-                                           device=device, seed=seed + 1000 * index, term=experiment.term)
+            result = utils.evaluate_synset_sharded(experiment.images.to(device), experiment.labels.to(device),
+                                                   model_eval, num_classes, test_images, test_labels, cfg,
+                                                   num_eval=num_eval, device=device, seed=seed + 1000 * index,
+                                                   term=experiment.term)
             accs += result.accs
             seconds += result.train_time_s
             results.append(result)
@@ -215,14 +217,15 @@ def random_real_row(record, ipc: int, models: Sequence[str], protocol: "utils.Ev
     row = Row(name=f"random real ipc {ipc}", kind="random", ipc=ipc, method="random", dataset=record.name)
     for model_eval in models:
         cfg = protocol.resolve(record.name, distilled_with, model_eval, ipc, precision=precision)
-        accs, seconds, results = [], 0.0, []
-        for run in range(num_eval):  # each network its own images: one network per call
+        mine, seconds, results = {}, 0.0, []
+        for run in distributed.shard(num_eval):  # all of them for one process; a share under torchrun
             images, labels = sample_random_real(record, ipc, utils.make_generator(seed + run))
             result = utils.evaluate_synset(images.to(device), labels.to(device), model_eval, record.num_classes,
                                            test_images, test_labels, cfg, num_eval=1, device=device, seed=seed + run)
-            accs += result.accs
+            mine[run] = result.accs[0]
             seconds += result.train_time_s
             results.append(result)
+        accs = list(distributed.gather_units(mine).values())
         row.results[model_eval] = _result(model_eval, accs, seconds, cfg, "hard", results=results)
         if report is not None:
             report(model_eval, accs, cfg, row.name, seconds)

@@ -13,7 +13,9 @@ from cli import distill_flags, evaluate_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", "docs/reproduce.md", "docs/results.md", "configs/README.md"]
-COMMAND = re.compile(r"^\s*python3? (distill|evaluate|buffer|train_original)\.py (.*)$")
+# ``python3 distill.py ...`` and ``torchrun [its options] distill.py ...`` (README, multi-GPU).
+COMMAND = re.compile(r"^\s*(?:python3? |(?:srun )?torchrun (?:--?\S+(?: (?!-)\S+)? )*?)"
+                     r"(distill|evaluate|buffer|train_original)\.py (.*)$")
 
 
 def documented_commands():
