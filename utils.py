@@ -703,7 +703,14 @@ class EvalProtocol:
             ipc: images per class.
             learned_lr: a step size learned with the set (trajectory matching), used instead of ``lr``.
             precision: ``--amp`` of this run (:attr:`EvalConfig.precision`).
+
+        Raises:
+            FloatingPointError: ``learned_lr`` is not a positive finite number (the learned step
+                size diverged; SGD cannot train with it).
         """
+        if learned_lr is not None and not (math.isfinite(float(learned_lr)) and float(learned_lr) > 0):
+            raise FloatingPointError(f"the step size learned with the set is {float(learned_lr):.4g}, not a positive "
+                                     "number, so no network can be trained with it (it diverged: lower --lr_lr)")
         dc_aug = None if self.dsa_strategy else augment.get_daparam(dataset, model, model_eval, ipc)
         augmented = bool(self.dsa_strategy) or (dc_aug is not None and dc_aug.strategy not in ("", "none", "None"))
         return EvalConfig(epochs=self.epochs_augmented if augmented else self.epochs_plain,

@@ -20,6 +20,18 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def fake_dataset(monkeypatch):
+    """``data.load_dataset`` returns a generated :func:`tiny_data.tiny_record` (the stage scripts'
+    ``main()`` then run on it); the record is the fixture's value."""
+    import data
+    from tiny_data import tiny_record
+
+    record = tiny_record()
+    monkeypatch.setattr(data, "load_dataset", lambda *args, **kwargs: record)
+    return record
+
+
 @pytest.fixture(scope="session")
 def pretrained(tmp_path_factory):
     """Root of two trained original ConvNetW32 on the 16-per-class ``Tiny3`` miniature (2 epochs),

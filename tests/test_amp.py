@@ -119,14 +119,6 @@ def test_fp16_is_refused_on_cpu_and_unknown_values():
     assert resolve_precision("bf16", torch.device("cpu")).dtype == torch.bfloat16
 
 
-@pytest.fixture
-def fake_dataset(monkeypatch):
-    import data
-    record = tiny_record()
-    monkeypatch.setattr(data, "load_dataset", lambda *args, **kwargs: record)
-    return record
-
-
 def test_stage_scripts_take_amp_and_record_it(one_thread, tmp_path, fake_dataset, capsys):
     import buffer
     import distill

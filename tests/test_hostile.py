@@ -251,13 +251,6 @@ def test_cifar_batches_are_checked_before_unpickling(tmp_path, marker):
 
 
 # ----- through the scripts --------------------------------------------------------------------------
-@pytest.fixture
-def fake_dataset(monkeypatch):
-    record = tiny_record()
-    monkeypatch.setattr(data, "load_dataset", lambda *args, **kwargs: record)
-    return record
-
-
 def exits_with_one_line(capsys, main, argv, needle):
     with pytest.raises(SystemExit) as stop:
         main(argv)

@@ -28,6 +28,9 @@ def test_protocol_resolves_epochs_by_augmentation_and_the_learned_lr():
     assert dsa.resolve("FashionMNIST", "ConvNet", "ConvNet", 1, learned_lr=0.03).lr == 0.03
     assert dsa.with_epochs(7).resolve("FashionMNIST", "ConvNet", "ConvNet", 1).epochs == 7
     assert utils.EvalProtocol.from_dict({**dsa.as_dict(), "future_key": 1}) == dsa
+    for diverged in (-0.05, 0.0, float("nan")):  # a learned lr that diverged: one clear numeric error
+        with pytest.raises(FloatingPointError, match="--lr_lr"):
+            dsa.resolve("FashionMNIST", "ConvNet", "ConvNet", 1, learned_lr=diverged)
 
 
 @pytest.mark.parametrize("name,epochs", [("DC", (1000, 300)), ("DSA", (1000, 300)), ("DM", (1000, 1000)),

@@ -225,13 +225,6 @@ def test_lr_decay_step_parsing():
 
 
 # ----- the command-line script ----------------------------------------------------------------------
-@pytest.fixture
-def fake_dataset(monkeypatch):
-    record = tiny_record()
-    monkeypatch.setattr(data, "load_dataset", lambda *args, **kwargs: record)
-    return record
-
-
 def test_cli_end_to_end(tmp_path, fake_dataset, capsys):
     argv = ["--dataset", "Tiny3", "--model", "MLP", "--num", "2", "--epochs", "3", "--batch_size", "16",
             "--lr_decay_step", "2", "--save_path", str(tmp_path), "--device", "cpu", "--seed", "5"]
