@@ -145,6 +145,9 @@ def run_case(case: str, device: torch.device, amp: str, args, work: str, log) ->
                 "--num_exp", "1", "--num_eval", "1", "--epoch_eval_train", str(args.eval_epochs), "--eval_it", "0",
                 "--batch_real", str(args.batch_real), "--batch_train", str(args.batch_real), "--run_dir", run_dir,
                 "--no-vis", "--checkpoint_every", "0"]
+        if case == "KIP":  # KIP's real batch is --target_batch_size; it refuses --batch_real
+            at = argv.index("--batch_real")
+            del argv[at:at + 2]
         if case in ("MTT", "DATM", "PAD"):
             argv += ["--buffer_path", os.path.join(work, "buffer_ref")]
         with Measure(device) as measure:
