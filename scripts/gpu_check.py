@@ -22,8 +22,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import io
 import json
+import math
 import os
 import struct
 import sys
@@ -131,7 +131,10 @@ def last_summary(run_dir: str):
     if not rows:
         return None, None
     loss = rows[-1].get("loss")
-    return (float(loss) if loss not in (None, "") else None), 100 * float(rows[-1]["acc_mean"])
+    loss = float(loss) if loss not in (None, "") else None
+    if loss is not None and not math.isfinite(loss):  # coreset selections have no loss ("nan")
+        loss = None
+    return loss, 100 * float(rows[-1]["acc_mean"])
 
 
 def run_case(case: str, device: torch.device, amp: str, args, work: str, log) -> dict:
@@ -145,6 +148,9 @@ def run_case(case: str, device: torch.device, amp: str, args, work: str, log) ->
                 "--num_exp", "1", "--num_eval", "1", "--epoch_eval_train", str(args.eval_epochs), "--eval_it", "0",
                 "--batch_real", str(args.batch_real), "--batch_train", str(args.batch_real), "--run_dir", run_dir,
                 "--no-vis", "--checkpoint_every", "0"]
+        if case in NO_ITERATIONS:  # coreset selections have no iterations; they refuse --Iteration
+            at = argv.index("--Iteration")
+            del argv[at:at + 2]
         if case == "KIP":  # KIP's real batch is --target_batch_size; it refuses --batch_real
             at = argv.index("--batch_real")
             del argv[at:at + 2]
