@@ -31,12 +31,10 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import distributed  # noqa: E402
-import methods  # noqa: E402
-import utils  # noqa: E402
-from data import RealSampler, load_dataset, sample_random_real  # noqa: E402
+import distributed
+import methods
+import utils
+from data import RealSampler, load_dataset, sample_random_real
 
 
 def timed(work) -> float:

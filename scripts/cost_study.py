@@ -437,7 +437,6 @@ def run_isolated(spec: CaseSpec, threads: Optional[int], memory_limit_mb: Option
     """Run ``spec`` in a child ``cost_study.py`` process and return its row; the child is stopped
     once one iteration has run ``KILL_FACTOR`` times the time bound (status ``killed``)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     with tempfile.TemporaryDirectory(prefix="cost_case_") as folder:
         job = {"spec": dataclasses.asdict(spec), "threads": threads, "memory_limit_mb": memory_limit_mb,
                "phase_file": os.path.join(folder, "phase.json"), "result_file": os.path.join(folder, "row.json")}
@@ -446,7 +445,7 @@ def run_isolated(spec: CaseSpec, threads: Optional[int], memory_limit_mb: Option
         log_path = os.path.join(folder, "log.txt")
         with open(log_path, "w") as log:
             child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", spec_path],
-                                     stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
+                                     stdout=log, stderr=subprocess.STDOUT, cwd=root)
             killed_after = None
             while child.poll() is None:
                 time.sleep(0.2)

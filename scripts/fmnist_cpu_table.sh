@@ -14,6 +14,7 @@
 #                                               # table of dsa_ipc1; 5-step continual learning of dm_ipc10;
 #                                               # make_table.py over everything; cost of the networks
 #   bash scripts/fmnist_cpu_table.sh core cafe datadam
+#   DRY_RUN=1 bash scripts/fmnist_cpu_table.sh mtt   # print the commands of the cells not run yet, run nothing
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,8 +32,8 @@ CAFE_CPU="--watcher_window 5 --watcher_images 32 --max_outer_steps 10 --batch_re
 # student steps (on 20 of the 100 images at ipc 10), starts in epochs 0-2, 2 expert epochs.
 EXPERTS=${EXPERTS:-2}
 EXPERT_EPOCHS=${EXPERT_EPOCHS:-5}
-MTT_ITERS=${MTT_ITERS:-100}
-MTT_LR_IMG=${MTT_LR_IMG:-100}
+MTT_ITERS=${MTT_ITERS:-60}        # docs/results.md: 60 iterations at --lr_img 1000
+MTT_LR_IMG=${MTT_LR_IMG:-1000}
 MTT_CPU="--expert_epochs 2 --max_start_epoch 3 --lr_lr 1e-5 --lr_teacher 0.01"
 DATM_CPU="--min_start_epoch 0 --current_max_start_epoch 2 --expansion_end_epoch 50"
 # Original models for CLoM and --assess: 2 ConvNets, 2 epochs each (~130 s an epoch on 2 cores).
@@ -42,11 +43,16 @@ SEED=${SEED:-0}
 DSA=color_crop_cutout_flip_scale_rotate
 mkdir -p "$OUT"
 
-cell() {  # name method ipc epochs strategy iterations extra-flags...
+run() {  # a command, or (DRY_RUN=1) the command printed
+  if [ -n "${DRY_RUN:-}" ]; then printf '+'; printf ' %q' "$@"; echo; else "$@"; fi
+}
+
+cell() {  # name method ipc epochs strategy iterations extra-flags... (iterations "-": a coreset, no --Iteration)
   local name=$1 method=$2 ipc=$3 epochs=$4 strategy=$5 iters=$6; shift 6
-  local run="$OUT/$name"
+  local run="$OUT/$name" iteration=()
+  [ "$iters" = - ] || iteration=(--Iteration "$iters")
   if [ ! -f "$run/results.json" ]; then
-    python3 distill.py --method "$method" --dataset FashionMNIST --ipc "$ipc" --Iteration "$iters" \
+    run python3 distill.py --method "$method" --dataset FashionMNIST --ipc "$ipc" "${iteration[@]}" \
       --num_exp 1 --num_eval "$NUM_EVAL" --epoch_eval_train "$epochs" --eval_it 0 --seed "$SEED" \
       --run_dir "$run" --resume "$@"
   fi
@@ -55,10 +61,10 @@ cell() {  # name method ipc epochs strategy iterations extra-flags...
     local shared="$OUT/random/ipc${ipc}_e${epochs}_${strategy}_n${NUM_EVAL}_s${SEED}.json"
     if [ ! -f "$shared" ]; then
       mkdir -p "$OUT/random"
-      python3 evaluate.py --dataset FashionMNIST --baseline random --ipc "$ipc" --num_eval "$NUM_EVAL" \
+      run python3 evaluate.py --dataset FashionMNIST --baseline random --ipc "$ipc" --num_eval "$NUM_EVAL" \
         --epoch_eval_train "$epochs" --dsa_strategy "$strategy" --seed "$SEED" --out "$shared"
     fi
-    cp "$shared" "$run/random.json"
+    run cp "$shared" "$run/random.json"
   fi
 }
 
@@ -66,11 +72,11 @@ assess_all() {  # OM accuracy and distances of every saved set of the sweep, the
   [ -d pretrained_model/FashionMNIST/original/ConvNet ] || { echo "no original models: run the originals group" >&2; return 0; }
   for res in "$OUT"/*/res_*.pt; do
     if [ -f "$res" ] && [ ! -f "${res%.pt}_assess.json" ]; then
-      python3 evaluate.py --dataset FashionMNIST --assess --model_num 2 --syn_path "$res" >/dev/null \
+      run python3 evaluate.py --dataset FashionMNIST --assess --model_num 2 --syn_path "$res" >/dev/null \
         || echo "assessment of $res failed (continuing)" >&2
     fi
   done
-  python3 scripts/assess_correlation.py "$OUT" || echo "assess_correlation.py failed (continuing)" >&2
+  run python3 scripts/assess_correlation.py "$OUT" || echo "assess_correlation.py failed (continuing)" >&2
 }
 
 CELLS=()
@@ -92,7 +98,7 @@ for group in "${@:-core}"; do
       cell datadam_ipc10 DataDAM 10 300 "$DSA" "$DAM_ITERS"
       CELLS+=(datadam_ipc1 datadam_ipc10) ;;
     mtt)  # experts: 2 x 5 epochs; evaluation 300 DSA epochs (reference: 1000) with the learned lr
-      python3 buffer.py --dataset FashionMNIST --model ConvNet --num_experts "$EXPERTS" \
+      run python3 buffer.py --dataset FashionMNIST --model ConvNet --num_experts "$EXPERTS" \
         --train_epochs "$EXPERT_EPOCHS" --save_interval 1 --test_every "$EXPERT_EPOCHS"
       cell mtt_ipc1   MTT  1  300 "$DSA" "$MTT_ITERS" $MTT_CPU --syn_steps 20 --lr_img "$MTT_LR_IMG"
       cell datm_ipc1  DATM 1  300 "$DSA" "$MTT_ITERS" $MTT_CPU $DATM_CPU --syn_steps 20 --lr_img "$MTT_LR_IMG"
@@ -104,7 +110,7 @@ for group in "${@:-core}"; do
         --lr_img "$MTT_LR_IMG" --loss_ratio 0.25 --depth_ratio 0.25
       CELLS+=(mtt_ipc1 datm_ipc1 pad_ipc1 mtt_ipc10 datm_ipc10 pad_ipc10) ;;
     originals)  # the same budgets and protocols as core's dc_ipc1 and dm_ipc10
-      python3 train_original.py --dataset FashionMNIST --model ConvNet --num 2 --epochs "$ORIGINAL_EPOCHS" \
+      run python3 train_original.py --dataset FashionMNIST --model ConvNet --num 2 --epochs "$ORIGINAL_EPOCHS" \
         --lr_decay_step 1
       assess_all  # the sets of the other groups first (cheap), then the new cells
       CLOM="--alphas $CLOM_ALPHA --models_pool ConvNet --model_num 2"
@@ -119,31 +125,30 @@ for group in "${@:-core}"; do
         # ipc 1 as dc_ipc1 (no augmentation), ipc 10 as dm_ipc10 (DSA: the set's --dsa_strategy)
         if [ "$ipc" = 1 ]; then protocol=(300 none); aug=(); else protocol=(300 "$DSA"); aug=(--dsa_strategy "$DSA"); fi
         for m in random herding kcenter; do
-          cell "${m}_ipc$ipc" "$m" "$ipc" "${protocol[@]}" 0 "${aug[@]}"
+          cell "${m}_ipc$ipc" "$m" "$ipc" "${protocol[@]}" - "${aug[@]}"
           CELLS+=("${m}_ipc$ipc")
         done
       done
       # Cross-architecture: CPU-sized 300 DSA epochs (reference: 1000), 3 networks per architecture.
-      [ -f "$OUT/crossarch_dsa_ipc1.json" ] || python3 evaluate.py --dataset FashionMNIST \
+      [ -f "$OUT/crossarch_dsa_ipc1.json" ] || run python3 evaluate.py --dataset FashionMNIST \
         --syn_path "$OUT/dsa_ipc1" --eval_mode M --num_eval "$NUM_EVAL" --epoch_eval_train 300 \
         --seed "$SEED" --out "$OUT/crossarch_dsa_ipc1.json"
       # Continual learning: 5 steps of 2 classes, 5 class orders, 1 network per order and step,
       # 100 DSA epochs (reference: 3 networks, 1000 epochs; 300 epochs took ~75 s a step here).
-      [ -f "$OUT/continual/cl5_dm_ipc10.json" ] || python3 scripts/continual.py --dataset FashionMNIST --steps 5 \
+      [ -f "$OUT/continual/cl5_dm_ipc10.json" ] || run python3 scripts/continual.py --dataset FashionMNIST --steps 5 \
         --syn_path "$OUT/dm_ipc10" --baselines random herding --num_eval 1 --epoch_eval_train 100 \
         --seed "$SEED" --out "$OUT/continual/cl5_dm_ipc10.json"
       assess_all  # the coreset sets too (needs originals' models)
-      python3 scripts/make_table.py "$OUT" --model ConvNet --out_dir "$OUT/tables"
-      python3 scripts/cost.py --dataset FashionMNIST --eval_mode M --out "$OUT/cost_M.json" ;;
+      run python3 scripts/make_table.py "$OUT" --model ConvNet --out_dir "$OUT/tables"
+      run python3 scripts/cost.py --dataset FashionMNIST --eval_mode M --out "$OUT/cost_M.json" ;;
     *) echo "unknown group $group (core, cafe, datadam, mtt, originals, baselines)" >&2; exit 2 ;;
   esac
 done
 
-[ ${#CELLS[@]} -gt 0 ] || exit 0
+[ ${#CELLS[@]} -gt 0 ] && [ -z "${DRY_RUN:-}" ] || exit 0
 python3 - "$OUT" "${CELLS[@]}" <<'PY'
 import json, os, sys
-sys.path.insert(0, os.getcwd())
-import comparison
+from sets import comparison
 out = sys.argv[1]
 print("| method | ipc | iterations | eval epochs, augmentation | distilled (%) | random real (%) | IOR (points) | s / iteration |")
 print("|---|---|---|---|---|---|---|---|")

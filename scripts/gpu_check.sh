@@ -8,8 +8,8 @@
 #   DEVICE=cpu bash scripts/gpu_check.sh            # dry run (CPU, generated miniature data)
 #   bash scripts/gpu_check.sh --data_path /data --amp fp16 --cases DC DM eval
 set -euo pipefail
+# The toolkit is imported as installed (pip install -e . in the checkout, as .ci/run does).
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-export PYTHONPATH="$(dirname "$HERE")${PYTHONPATH:+:$PYTHONPATH}"
 args=("$@")
 if [ "${DEVICE:-cuda}" = cpu ]; then
     args+=(--dry)

@@ -677,8 +677,7 @@ def csv_rows(path):
 
 
 KILL_DURING_THIRD_CHECKPOINT = """
-import os, sys, torch
-sys.path[:0] = [{root!r}, {tests!r}]
+import os, torch
 torch.set_num_threads(1)
 import methods
 from methods.runner import RunOptions, run_distillation
@@ -705,10 +704,11 @@ def test_a_kill_during_a_checkpoint_write_resumes_bit_exactly(tmp_path):
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run_dir = str(tmp_path / "killed")
-    script = KILL_DURING_THIRD_CHECKPOINT.format(root=root, tests=os.path.join(root, "tests"), run_dir=run_dir)
-    died = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    script = KILL_DURING_THIRD_CHECKPOINT.format(run_dir=run_dir)
+    # The toolkit is imported as installed; ``python -c`` finds tiny_data in its working directory.
+    died = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
     assert died.returncode == 137, died.stderr[-2000:]
     left = sorted(os.listdir(run_dir))
     assert any(name.startswith("last.pt.tmp") for name in left)
