@@ -4,7 +4,7 @@
 Flags and defaults follow the reference scripts (``main.py`` for DC/DSA and ``main_DM.py`` for DM
 of VICO-UoE/DatasetCondensation, and each later method's ``distill.py``): a flag left out takes
 the default of the chosen method's script. ``--config FILE.yaml`` supplies flag values first
-(``configs/``); flags on the command line override it. See README.md for every flag.
+(``configs/``); flags on the command line override it. Every flag: docs/flags.md.
 """
 from __future__ import annotations
 

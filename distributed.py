@@ -7,7 +7,7 @@ program; torchrun tells each its place through the environment (``RANK``, ``WORL
 and every function here is then a no-op or the identity, so one process runs exactly the program it
 ran before this module existed.
 
-Three ways of spreading work use these pieces (README, "Multi-GPU and multi-node (torchrun)"):
+Three ways of spreading work use these pieces (docs/scale-out.md):
 
 * independent units (evaluation networks, experts, original models): :func:`shard` says which
   unit indices this rank owns; each unit draws from a generator derived from the seed and the

@@ -7,7 +7,7 @@ docs/reference-notes.md, *CAFE*).
 ``--method CAFE`` is plain CAFE; adding ``--dsa_strategy ...`` gives CAFE+DSA (siamese
 DiffAugment in matching, DiffAugment in the inner loop and in evaluation).
 
-Where this differs from the reference (README, "Where this differs"):
+Where this differs from the reference (docs/distribution-matching.md, "Where this differs from the reference code"):
 - Features come from the networks' ``embed_with_feature_maps`` interface, so any number of
   classes, image size, depth and network with intermediate features works (the reference
   slices a depth-3 ConvNet and reshapes to 10 classes of 3x32x32).

@@ -1,0 +1,114 @@
+"""Every script in scripts/ is exercised: each ``scripts/*.py`` answers ``--help``; each shell or
+SLURM script passes ``bash -n``; the scripts with a dry mode (``DRY_RUN=1`` of quickstart.sh and
+fmnist_cpu_table.sh) print stage commands that parse and resolve as the stage scripts would parse
+them, and their result tables are printed from results that are already there (nothing is trained).
+``scripts/gpu_check.sh``'s dry mode (``DEVICE=cpu``) runs in test_gpu_check.py."""
+import glob
+import json
+import os
+import re
+import runpy
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, check_stage_command
+
+PY_SCRIPTS = sorted(p for p in glob.glob(os.path.join(ROOT, "scripts", "*.py")) if not p.endswith("__init__.py"))
+SHELL_SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "scripts", "*.sh")) + glob.glob(os.path.join(ROOT, "scripts", "*.sbatch")))
+STAGE = re.compile(r"^\+ python3 (distill|evaluate|buffer|train_original)\.py (.*)$")
+FMNIST_GROUPS = ("core", "cafe", "datadam", "mtt", "originals", "baselines")
+
+
+@pytest.mark.parametrize("path", PY_SCRIPTS, ids=os.path.basename)
+def test_python_script_answers_help(path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [path, "--help"])
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(path, run_name="__main__")
+    assert stopped.value.code in (0, None)
+    assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", SHELL_SCRIPTS, ids=os.path.basename)
+def test_shell_script_parses(path):
+    checked = subprocess.run(["bash", "-n", path], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_no_script_edits_the_import_path():
+    for path in PY_SCRIPTS + SHELL_SCRIPTS + glob.glob(os.path.join(ROOT, "tests", "*.py")):
+        with open(path) as handle:
+            text = handle.read()
+        if os.path.basename(path) == "test_scripts.py":
+            continue
+        assert "sys.path" not in text and "PYTHONPATH" not in text, path
+
+
+def dry_run(script, out, *args):
+    done = subprocess.run(["bash", os.path.join(ROOT, "scripts", script), *args], capture_output=True, text=True,
+                          env={**os.environ, "DRY_RUN": "1", "OUT": str(out)}, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.stdout
+
+
+def stage_commands(printed):
+    return [(m.group(1), shlex.split(m.group(2))) for m in map(STAGE.match, printed.splitlines()) if m]
+
+
+def test_quickstart_dry_run_trains_each_row_once(tmp_path, monkeypatch):
+    printed = dry_run("quickstart.sh", tmp_path)
+    commands = stage_commands(printed)
+    assert [stage for stage, _ in commands] == ["distill", "evaluate"]  # one evaluate.py run: set and random rows
+    assert "--baseline" not in commands[1][1] and "--syn_path" in commands[1][1]
+    monkeypatch.chdir(ROOT)
+    for stage, argv in commands:
+        check_stage_command(stage, argv)
+    assert not (tmp_path / "dm").exists()  # a dry run trains nothing
+
+
+def test_quickstart_prints_both_rows_from_its_one_evaluation(tmp_path):
+    def result(mean, std):
+        return {"mean": mean, "std": std, "accs": [mean - std, mean + std]}
+
+    blob = {"ConvNet": result(0.7984, 0.0001),
+            "comparison": {"rows": [{"kind": "synthetic", "results": {"ConvNet": result(0.7984, 0.0001)}},
+                                    {"kind": "random", "results": {"ConvNet": result(0.7544, 0.0005)}}]}}
+    (tmp_path / "eval_dm.json").write_text(json.dumps(blob))
+    printed = dry_run("quickstart.sh", tmp_path)
+    assert re.search(r"DM \(distilled\)\s+79\.84 ± 0\.01\s+2", printed), printed
+    assert re.search(r"random real images\s+75\.44 ± 0\.05\s+2", printed), printed
+    assert "difference: +4.40 points" in printed
+
+
+@pytest.mark.parametrize("group", FMNIST_GROUPS)
+def test_fmnist_cpu_table_dry_run_commands_parse(group, tmp_path, monkeypatch):
+    commands = stage_commands(dry_run("fmnist_cpu_table.sh", tmp_path, group))
+    assert commands
+    monkeypatch.chdir(ROOT)
+    for stage, argv in commands:
+        check_stage_command(stage, argv)
+        if stage == "distill" and argv[argv.index("--method") + 1] in ("random", "herding", "kcenter"):
+            assert "--Iteration" not in argv  # coresets refuse it
+
+
+def test_fmnist_cpu_table_mtt_runs_what_results_md_reports(tmp_path):
+    commands = stage_commands(dry_run("fmnist_cpu_table.sh", tmp_path, "mtt"))
+    for stage, argv in commands:
+        if stage == "distill":
+            assert argv[argv.index("--Iteration") + 1] == "60" and argv[argv.index("--lr_img") + 1] == "1000"
+
+
+def test_fmnist_cpu_table_prints_the_table_of_finished_cells(tmp_path):
+    for name, method, ipc in (("dc_ipc1", "DC", 1), ("dsa_ipc1", "DSA", 1), ("dm_ipc10", "DM", 10)):
+        (tmp_path / name).mkdir()
+        results = {"method": method, "ipc": ipc, "iterations": 50, "seconds_per_iteration": 1.5,
+                   "accuracy": {"ConvNet": {"mean": 0.6736, "std": 0.0042}},
+                   "protocol": {"ConvNet": {"epochs": 300, "augmentation": "none"}}}
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+        (tmp_path / name / "random.json").write_text(json.dumps({"ConvNet": {"mean": 0.5356, "std": 0.0245}}))
+    done = subprocess.run(["bash", os.path.join(ROOT, "scripts", "fmnist_cpu_table.sh"), "core"], capture_output=True,
+                          text=True, env={**os.environ, "OUT": str(tmp_path)}, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("| 67.36 ± 0.42 | 53.56 ± 2.45 | +13.80 | 1.50 |") == 3, done.stdout
