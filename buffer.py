@@ -26,6 +26,7 @@ import sys
 import cli
 import distributed
 from pretrained import buffers, experts, scores
+import tables
 import utils
 
 logger = logging.getLogger("buffer")
@@ -149,7 +150,7 @@ def main(argv=None) -> int:
     if summary.trained:
         accs = [a for a in summary.final_test_accs if a is not None]
         if accs:
-            print(f"  final test accuracy of the new experts: {utils.format_acc(accs)} %")
+            print(f"  final test accuracy of the new experts: {tables.format_acc(accs)} %")
         print(f"  {summary.seconds_per_epoch:.1f} s per training epoch on {device}")
     distributed.shutdown()
     return 0

@@ -15,6 +15,7 @@ import sys
 import cli
 import distributed
 import methods
+import tables
 import utils
 from cli import distill_flags
 from methods.runner import RunInterrupted, StopFlag, run_distillation
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
           f"{outcome.seconds_per_iteration:.3f} s/iteration on {device}, {opts.precision.describe()})")
     for model, accs in outcome.accs_all_exps.items():
         if accs:
-            print(f"  {model:<16} {utils.format_acc(accs)} %  over {len(accs)} networks")
+            print(f"  {model:<16} {tables.format_acc(accs)} %  over {len(accs)} networks")
     print(f"  result file: {outcome.result_path}")
     if outcome.vis_paths:
         print(f"  picture:     {outcome.vis_paths[-1]}")

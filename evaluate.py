@@ -22,6 +22,7 @@ import sys
 
 import cli
 import distributed
+import tables
 import utils
 from cli import evaluate_flags as flags
 from sets import comparison, files
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
         test_images, test_labels = record.images_test.to(device), record.labels_test.to(device)
 
         def report(model_eval, accs, cfg, what, seconds):
-            print(f"{model_eval:<16} {utils.format_acc(accs)} %  ({len(accs)} networks, {cfg.epochs} epochs, "
+            print(f"{model_eval:<16} {tables.format_acc(accs)} %  ({len(accs)} networks, {cfg.epochs} epochs, "
                   f"{cfg.describe()['augmentation']}; {what}; {seconds:.1f} s)")
 
         rows = []
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
                     scheduled, experiments, models, test_images, test_labels, record.num_classes,
                     num_eval=args.num_eval, device=device, seed=args.seed,
                     report=lambda model_eval, accs, described, _, seconds: print(
-                        f"{model_eval:<16} {utils.format_acc(accs)} %  ({len(accs)} networks, {described['steps']} "
+                        f"{model_eval:<16} {tables.format_acc(accs)} %  ({len(accs)} networks, {described['steps']} "
                         f"learned steps; {os.path.basename(path)}; {seconds:.1f} s)")))
             if lbd is not None:
                 for result in row.results.values():

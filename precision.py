@@ -2,7 +2,7 @@
 
 A :class:`Precision` is resolved once per script from ``--amp`` and the device
 (:func:`resolve_precision`) and passed down explicitly (distillation methods, the evaluation
-protocol's :class:`utils.EvalConfig`, expert and original-model training). It follows PyTorch's
+protocol's :class:`evaluation.EvalConfig`, expert and original-model training). It follows PyTorch's
 automatic mixed precision recipe (``torch.autocast`` around forward passes and losses, a
 ``torch.amp.GradScaler`` for float16; Micikevicius et al., "Mixed Precision Training", ICLR 2018):
 

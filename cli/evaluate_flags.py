@@ -1,6 +1,6 @@
 """The ``evaluate.py`` command line: its flags, reading the saved sets (``sets.files``) and the
 evaluation protocol each set is trained with: the protocol saved with it (``meta['protocol']``,
-``utils.EvalProtocol``) replayed exactly, each flag given overriding its field; for files of an
+``evaluation.EvalProtocol``) replayed exactly, each flag given overriding its field; for files of an
 older version of this toolkit, the protocol of the method that made them; for the references'
 files, the DC protocol (1000 epochs with augmentation, else 300; lr 0.01; batch 256).
 """
@@ -16,6 +16,8 @@ import augment
 import cli
 import methods
 import networks
+import evaluation
+import storage
 import utils
 from cli import clom as cli_clom
 from cli import features as feature_cli
@@ -119,22 +121,22 @@ def check_args(args: argparse.Namespace) -> None:
             raise utils.UserError(str(error)) from None
 
 
-def saved_protocol(meta: dict) -> utils.EvalProtocol:
+def saved_protocol(meta: dict) -> evaluation.EvalProtocol:
     """The protocol a set was evaluated with when it was made (module docstring)."""
     if meta.get("protocol"):
-        return utils.EvalProtocol.from_dict(meta["protocol"])
+        return evaluation.EvalProtocol.from_dict(meta["protocol"])
     config = meta.get("config") or {}
     strategy = meta.get("dsa_strategy") or ""
     if meta.get("method") in methods.METHODS:  # an older file of ours: its method's defaults
         method_class = methods.get_method_class(meta["method"])
         augmented, plain = method_class.eval_epochs
-        return utils.EvalProtocol(epochs_augmented=augmented, epochs_plain=plain, lr=config.get("lr_net", 0.01),
+        return evaluation.EvalProtocol(epochs_augmented=augmented, epochs_plain=plain, lr=config.get("lr_net", 0.01),
                                   batch_train=config.get("batch_train", 256), dsa_strategy=strategy,
                                   label_loss=method_class.eval_label_loss)
-    return utils.EvalProtocol(dsa_strategy=strategy)
+    return evaluation.EvalProtocol(dsa_strategy=strategy)
 
 
-def apply_flags(protocol: utils.EvalProtocol, args: argparse.Namespace) -> utils.EvalProtocol:
+def apply_flags(protocol: evaluation.EvalProtocol, args: argparse.Namespace) -> evaluation.EvalProtocol:
     """``protocol`` with every protocol flag the user gave (``None``: not given) put in."""
     changes = {}
     if args.lr_net is not None:
@@ -165,7 +167,7 @@ def read_experiments(path: str, record, exp: Optional[Sequence[int]] = None, lab
         exp: experiment indices (default all).
         use_learned_lr: train with the step size saved with the set (``False`` when ``--lr_net`` is given).
         dataset: ``--dataset`` as given (default ``record.name``), which the file's must equal.
-        label_loss: the protocol's label loss (``utils.LABEL_LOSSES``).
+        label_loss: the protocol's label loss (``evaluation.LABEL_LOSSES``).
         blob: the file's content when already read (``files.read_set_file``), else it is read here.
 
     Raises:
@@ -213,7 +215,7 @@ def read_experiments(path: str, record, exp: Optional[Sequence[int]] = None, lab
         schedule = None
         if index < len(schedules) and schedules[index] is not None:
             try:
-                schedule = utils.StepSchedule.from_dict(schedules[index])
+                schedule = evaluation.StepSchedule.from_dict(schedules[index])
                 schedule.check(images.shape[0])
             except ValueError as error:
                 raise utils.UserError(f"--syn_path {path}: data[{index}] step schedule: {error}") from None
@@ -221,7 +223,7 @@ def read_experiments(path: str, record, exp: Optional[Sequence[int]] = None, lab
     return blob, experiments
 
 
-def load_set(path: str, args: argparse.Namespace, record) -> Tuple[dict, List[comparison.SetToEvaluate], utils.EvalProtocol]:
+def load_set(path: str, args: argparse.Namespace, record) -> Tuple[dict, List[comparison.SetToEvaluate], evaluation.EvalProtocol]:
     """:func:`read_experiments` with ``evaluate.py``'s flags, and the set's protocol after the flags.
 
     Raises:
@@ -274,9 +276,9 @@ def set_protocols(blob: dict, experiments: Sequence[comparison.SetToEvaluate], a
     return protocols
 
 
-def baseline_protocol(args: argparse.Namespace) -> utils.EvalProtocol:
+def baseline_protocol(args: argparse.Namespace) -> evaluation.EvalProtocol:
     """The protocol of ``--baseline random`` alone: the DC defaults and the flags."""
-    return apply_flags(utils.EvalProtocol(), args)
+    return apply_flags(evaluation.EvalProtocol(), args)
 
 
 def run_assess(args: argparse.Namespace, record, experiments: List[comparison.SetToEvaluate], device) -> int:
@@ -309,6 +311,6 @@ def run_assess(args: argparse.Namespace, record, experiments: List[comparison.Se
           f"{len(label_real)} real images (up to {args.assess_real} per class)")
     print(assess.format_table(report))
     out = args.out or assess.default_output(args.syn_path)
-    utils.write_json(out, report)
+    storage.write_json(out, report)
     print(f"written: {out}")
     return 0

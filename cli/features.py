@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
+import evaluation
 import utils
 
 # Methods whose reference DRUPI code defaults --feat_lbd to 0.02 (DATM_FD/distill/DATM_ours.py).
@@ -79,7 +80,7 @@ def feature_label_config(args: argparse.Namespace):
 
 def add_eval_option_args(parser: argparse.ArgumentParser, saved_default: bool = False) -> None:
     """``--tta --tta_mode --deterministic`` (DRUPI ``DCmain3.0.py``), ``--label_loss`` and
-    ``--stacked_eval`` (train the networks of one evaluation together, ``utils.eval_path``);
+    ``--stacked_eval`` (train the networks of one evaluation together, ``evaluation.eval_path``);
     distill.py and evaluate.py.
 
     With ``saved_default`` (``evaluate.py``), ``--tta`` and ``--deterministic`` default to ``None``:
@@ -90,22 +91,22 @@ def add_eval_option_args(parser: argparse.ArgumentParser, saved_default: bool = 
     off = None if saved_default else False
     group.add_argument("--tta", action=argparse.BooleanOptionalAction, default=off,
                        help="test-time augmentation: average the softmax of each test image and its transform")
-    group.add_argument("--tta_mode", default="hflip", help=f"with --tta: {', '.join(utils.TTA_MODES)} (hflip)")
+    group.add_argument("--tta_mode", default="hflip", help=f"with --tta: {', '.join(evaluation.TTA_MODES)} (hflip)")
     group.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=off,
                        help="deterministic kernels and a test pass size independent of the batch size")
-    group.add_argument("--stacked_eval", default="auto", choices=utils.STACKED_EVAL_CHOICES,
+    group.add_argument("--stacked_eval", default="auto", choices=evaluation.STACKED_EVAL_CHOICES,
                        help="train the evaluation networks of one model together (torch.func.vmap): on, off "
                             "(one after another) or auto (together on CUDA except VGG/ResNet; one after another "
                             "on CPU, where it was measured faster). Same accuracies up to float rounding")
     group.add_argument("--label_loss", default=None,
-                       help=f"how networks trained on a set fit its labels: {' or '.join(utils.LABEL_LOSSES)} "
+                       help=f"how networks trained on a set fit its labels: {' or '.join(evaluation.LABEL_LOSSES)} "
                             "(square loss on one-hot - 1/K, or on a set's learned real-valued labels); default: "
                             + ("the protocol saved with the set" if saved_default else
                                "the method's (KIP mse, every other cross_entropy)"))
 
 
 def eval_option_values(args: argparse.Namespace, given_only: bool = False) -> dict:
-    """``{'tta_mode', 'deterministic', 'stacked_eval', 'label_loss'}`` for ``utils.EvalProtocol`` /
+    """``{'tta_mode', 'deterministic', 'stacked_eval', 'label_loss'}`` for ``evaluation.EvalProtocol`` /
     ``RunOptions``; with ``given_only``, only the flags given (``None`` defaults are left out;
     ``stacked_eval`` is always there; ``label_loss`` is left out whenever it is not given, so the
     method's or the saved protocol's applies).
@@ -113,11 +114,11 @@ def eval_option_values(args: argparse.Namespace, given_only: bool = False) -> di
     Raises:
         utils.UserError: unknown ``--tta_mode`` or ``--label_loss``.
     """
-    if args.tta and args.tta_mode not in utils.TTA_MODES:
-        raise utils.UserError(f"--tta_mode {args.tta_mode!r}: expected one of {', '.join(utils.TTA_MODES)}")
+    if args.tta and args.tta_mode not in evaluation.TTA_MODES:
+        raise utils.UserError(f"--tta_mode {args.tta_mode!r}: expected one of {', '.join(evaluation.TTA_MODES)}")
     label_loss = getattr(args, "label_loss", None)
-    if label_loss is not None and label_loss not in utils.LABEL_LOSSES:
-        raise utils.UserError(f"--label_loss {label_loss!r}: expected one of {', '.join(utils.LABEL_LOSSES)}")
+    if label_loss is not None and label_loss not in evaluation.LABEL_LOSSES:
+        raise utils.UserError(f"--label_loss {label_loss!r}: expected one of {', '.join(evaluation.LABEL_LOSSES)}")
     values = {} if label_loss is None else {"label_loss": label_loss}
     if not given_only or args.tta is not None:
         values["tta_mode"] = args.tta_mode if args.tta else ""

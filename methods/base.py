@@ -19,7 +19,7 @@ import augment
 import distributed
 import networks
 from precision import FP32, Precision, scaled_backward
-import utils
+import chunked
 
 METHODS: Dict[str, Type["DistillMethod"]] = {}
 
@@ -341,7 +341,7 @@ class DistillMethod:
     # is never recorded as if it had been used.
     unused_flags: ClassVar[Tuple[str, ...]] = ()
     # Evaluation epochs when no --epoch_eval_train is given: (with augmentation, without), where
-    # augmentation is DSA or an active DC augmentation (utils.EvalProtocol).
+    # augmentation is DSA or an active DC augmentation (evaluation.EvalProtocol).
     eval_epochs: ClassVar[Tuple[int, int]] = (1000, 1000)
     # (--num_exp, --num_eval) when not given: the reference script's run counts (DC/DSA main.py and
     # DM main_DM.py: 5 experiments x 20 evaluation networks).
@@ -349,7 +349,7 @@ class DistillMethod:
     # Whose --eval_mode pools (networks.FAMILY_POOLS): "DC" or "MTT" (its M pool differs).
     pool_family: ClassVar[str] = "DC"
     # How networks trained on the set fit its labels when --label_loss is not given
-    # (utils.LABEL_LOSSES): cross-entropy, or mse for kernel methods whose labels are regression targets.
+    # (evaluation.LABEL_LOSSES): cross-entropy, or mse for kernel methods whose labels are regression targets.
     eval_label_loss: ClassVar[str] = "cross_entropy"
     # --cifar100_stats when not given: "cifar100" (its own mean/std, DC/DSA/DM) or "cifar10"
     # (CIFAR10's, as the CIFAR100 loaders of mtt-distillation, DATM, PAD and CAFE).
@@ -435,7 +435,7 @@ class DistillMethod:
             addon.after_image_update(syn, net)
 
     def training_term(self, syn: SyntheticSet):
-        """The ``utils.TrainingTerm`` networks trained on ``syn`` use (inner loops, evaluation), or ``None``.
+        """The ``evaluation.TrainingTerm`` networks trained on ``syn`` use (inner loops, evaluation), or ``None``.
 
         Raises:
             ValueError: two add-ons both change network training.
@@ -472,13 +472,13 @@ class DistillMethod:
 
     @classmethod
     def eval_protocols(cls, cfg: DistillConfig) -> Tuple[str, ...]:
-        """Which protocols evaluate this method's sets: ``("shared",)`` (``utils.evaluate_synset``)
+        """Which protocols evaluate this method's sets: ``("shared",)`` (``evaluation.evaluate_synset``)
         here; a method that learns a step schedule may add ``"schedule"``
-        (``utils.evaluate_schedule`` with :meth:`step_schedule`)."""
+        (``evaluation.evaluate_schedule`` with :meth:`step_schedule`)."""
         return ("shared",)
 
     def step_schedule(self, syn: SyntheticSet):
-        """The learned training schedule of ``syn`` as plain data (``utils.StepSchedule``), or
+        """The learned training schedule of ``syn`` as plain data (``evaluation.StepSchedule``), or
         ``None`` when the method learns none (every method but DD)."""
         return None
 
@@ -534,7 +534,7 @@ class DistillMethod:
 
         Not ``None`` only under torchrun (``distributed.world_size() > 1``) for a method with
         ``shards_classes`` and a network that is not batch-dependent in training mode
-        (``utils.batch_dependent``: a BatchNorm network's batch statistics span every class, so
+        (``chunked.batch_dependent``: a BatchNorm network's batch statistics span every class, so
         its per-class terms cannot be computed apart), unless the method freezes BatchNorm in its
         loss (``frozen_batchnorm_in_loss``); classes go round robin
         (``distributed.shard``). Decided once per method, on a probe network built without
@@ -546,7 +546,7 @@ class DistillMethod:
                 with torch.random.fork_rng(devices=[]):
                     probe = networks.get_network(self.cfg.model, self.channel, self.num_classes, self.im_size,
                                                  device=torch.device("cpu"))
-                if self.frozen_batchnorm_in_loss or not utils.batch_dependent(probe.train()):
+                if self.frozen_batchnorm_in_loss or not chunked.batch_dependent(probe.train()):
                     self._owned_classes = distributed.shard(self.num_classes)
         return self._owned_classes
 

@@ -34,7 +34,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
-import utils
+import chunked
+import evaluation
 from methods.base import DistillMethod, Option, SyntheticSet, register_method
 from methods.features import real_class_statistics, syn_class_statistics
 from methods.losses import class_means, discrimination_loss, feature_alignment_loss, mean_embedding_distance
@@ -164,11 +165,11 @@ class CAFE(DistillMethod):
         as in the reference."""
         n = self.hparams["watcher_images"]
         per_class = [self.sampler.get_images(c, n, self.generator) for c in range(self.num_classes)]
-        batches = per_class if utils.batch_dependent(net) else [torch.cat(per_class)]
+        batches = per_class if chunked.batch_dependent(net) else [torch.cat(per_class)]
         correct = []
         with torch.no_grad(), self.precision.autocast(self.device):
             for images in batches:
-                predictions = torch.cat([net(chunk).argmax(dim=1) for chunk in images.split(utils.pass_size(net, images))])
+                predictions = torch.cat([net(chunk).argmax(dim=1) for chunk in images.split(chunked.pass_size(net, images))])
                 correct.append(predictions)
         predictions = torch.cat(correct)
         labels = torch.cat([torch.full((x.shape[0],), c, device=self.device) for c, x in enumerate(per_class)])
@@ -191,7 +192,7 @@ class CAFE(DistillMethod):
         scaler = self.precision.grad_scaler(self.device)
         images, labels = syn.images.detach(), syn.labels
         for epoch in range(1, hp["max_inner_steps"] + 1):
-            utils.train_epoch(net, images, labels, optimizer, self.cfg.batch_train, self.generator, augmenter,
+            evaluation.train_epoch(net, images, labels, optimizer, self.cfg.batch_train, self.generator, augmenter,
                               precision=self.precision, scaler=scaler)
             watcher.add(self.real_accuracy(net))
             span = watcher.span()
@@ -213,7 +214,7 @@ class CAFE(DistillMethod):
         net = self.new_network()
         net.train()
         optimizer_net = torch.optim.SGD(net.parameters(), lr=self.cfg.lr_net)
-        augmenter = utils.make_augmenter(self.dsa_strategy)
+        augmenter = evaluation.make_augmenter(self.dsa_strategy)
         watcher = self.new_watcher()  # one per network; the inner loops do not reset it
         losses, inner_epochs = [], 0
         for _ in range(hp["max_outer_steps"]):

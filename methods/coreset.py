@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import chunked
 import utils
 from methods.base import DistillMethod, Option, SyntheticSet, register_method
 from pretrained import originals
@@ -240,7 +241,7 @@ class EmbeddingSelection(CoresetMethod):
 
     def features(self, indices: torch.Tensor) -> torch.Tensor:
         """(n, D) embeddings of the training images ``indices``."""
-        return utils.embed_in_chunks(self.net, self.sampler.images[indices]).float()
+        return chunked.embed_in_chunks(self.net, self.sampler.images[indices]).float()
 
 
 @register_method("herding")

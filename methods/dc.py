@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import utils
+import chunked
+import evaluation
 from methods.base import DistillMethod, SyntheticSet, register_method
 from methods.losses import gradient_match_distance
 
@@ -105,7 +106,7 @@ class DC(DistillMethod):
             real, image_syn = self.augment_pair(real, image_syn)
             label_real = torch.full((real.shape[0],), c, dtype=torch.long, device=self.device)
             label_syn = torch.full((image_syn.shape[0],), c, dtype=torch.long, device=self.device)
-            grad_real = utils.param_grads(net, params, real, label_real)  # BN (if any) is frozen here
+            grad_real = chunked.param_grads(net, params, real, label_real)  # BN (if any) is frozen here
             grad_syn = torch.autograd.grad(F.cross_entropy(net(image_syn), label_syn), params, create_graph=True)
             loss = loss + gradient_match_distance(grad_syn, grad_real, self.cfg.dis_metric)
         return loss
@@ -124,8 +125,8 @@ class DC(DistillMethod):
         net = self.new_network()
         net.train()
         optimizer_net = torch.optim.SGD(net.parameters(), lr=self.cfg.lr_net)
-        augmenter = utils.make_augmenter(self.dsa_strategy)
-        use_bn = utils.has_batchnorm(net)
+        augmenter = evaluation.make_augmenter(self.dsa_strategy)
+        use_bn = evaluation.has_batchnorm(net)
         scaler_net = self.precision.grad_scaler(self.device)
         total = torch.zeros((), device=self.device)
         for outer_step in range(self.outer_loop):
@@ -140,7 +141,7 @@ class DC(DistillMethod):
                 break
             images, labels, term = syn.images.detach(), syn.labels, self.training_term(syn)
             for _ in range(self.inner_loop):
-                utils.train_epoch(net, images, labels, optimizer_net, self.cfg.batch_train, self.generator, augmenter,
+                evaluation.train_epoch(net, images, labels, optimizer_net, self.cfg.batch_train, self.generator, augmenter,
                                   term=term, precision=self.precision, scaler=scaler_net)
         return {"loss": self.sum_over_ranks(total) / (self.num_classes * self.outer_loop)}
 

@@ -25,6 +25,7 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
+import evaluation
 import utils
 from methods.base import DistillConfig, DistillMethod, Option, SyntheticSet, register_method
 from methods.mtt import FlatModel
@@ -244,12 +245,12 @@ class DD(DistillMethod):
         return logs
 
     # ---- the learned schedule -----------------------------------------------------------
-    def step_schedule(self, syn: SyntheticSet) -> utils.StepSchedule:
+    def step_schedule(self, syn: SyntheticSet) -> evaluation.StepSchedule:
         """The learned schedule as plain data: step ``t`` uses data step ``t % distill_steps`` with
         step size ``softplus(raw_t)``."""
         lrs = self.step_lrs(syn).detach().cpu().tolist()
         batches = tuple(tuple(self.batches[t % self.distill_steps]) for t in range(self.total_steps))
-        return utils.StepSchedule(lrs=tuple(lrs), batches=batches, epochs=self.hparams["distill_epochs"])
+        return evaluation.StepSchedule(lrs=tuple(lrs), batches=batches, epochs=self.hparams["distill_epochs"])
 
     # ---- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict:

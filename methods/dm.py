@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-import utils
+import chunked
 from methods.base import DistillMethod, SyntheticSet, register_method
 from methods.losses import class_means, mean_embedding_distance
 
@@ -50,7 +50,7 @@ class DM(DistillMethod):
         real, label_real, image_syn, label_syn = self.sample_batches(syn, classes)
         if classes is not None and not classes:  # more ranks than classes: nothing here
             return syn.images.new_zeros(())
-        embed_real = utils.embed_in_chunks(net, real)  # one pass for BatchNorm nets (joint statistics)
+        embed_real = chunked.embed_in_chunks(net, real)  # one pass for BatchNorm nets (joint statistics)
         mean_real = class_means(embed_real, label_real, self.num_classes)
         mean_syn = class_means(net.embed(image_syn), label_syn, self.num_classes)
         return mean_embedding_distance(mean_real, mean_syn)

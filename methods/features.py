@@ -13,7 +13,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-import utils
+import chunked
 from methods.losses import class_means
 
 MapsTransform = Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]]
@@ -23,7 +23,7 @@ def real_class_statistics(net: nn.Module, images: torch.Tensor, labels: torch.Te
                           transform: Optional[MapsTransform] = None) -> Tuple[List[torch.Tensor], torch.Tensor]:
     """Per-class means of (transformed) intermediate features of real images, and their embeddings.
 
-    Runs without gradient, in chunks of :func:`utils.pass_size` (one pass for a BatchNorm network
+    Runs without gradient, in chunks of :func:`chunked.pass_size` (one pass for a BatchNorm network
     in training mode, so its batch statistics span the whole real batch as in the references).
 
     Args:
@@ -42,7 +42,7 @@ def real_class_statistics(net: nn.Module, images: torch.Tensor, labels: torch.Te
     sums: Optional[List[torch.Tensor]] = None
     embeddings = []
     with torch.no_grad():
-        size = utils.pass_size(net, images)
+        size = chunked.pass_size(net, images)
         for chunk, chunk_labels in zip(images.split(size), labels.split(size)):
             embedding, maps = net.embed_with_feature_maps(chunk)
             layers = transform(maps) if transform is not None else maps

@@ -21,6 +21,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
+import chunked
+import evaluation
 import utils
 from methods.base import DistillMethod, Option, SyntheticSet, register_method
 from methods.kernels import kernel_ridge_regression
@@ -47,7 +49,7 @@ def lamb_optimizer(params, lr: float) -> torch.optim.Optimizer:
 def initial_label_values(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """FRePo's initial learned labels (``init_proto(scale_y=True)``): centred one-hot vectors
     divided by ``sqrt(K / 10)``; (N,) int64 -> (N, K) float."""
-    return utils.centred_one_hot(labels, num_classes) / math.sqrt(num_classes / 10)
+    return evaluation.centred_one_hot(labels, num_classes) / math.sqrt(num_classes / 10)
 
 
 def label_margin_loss(label_values: torch.Tensor) -> torch.Tensor:
@@ -180,13 +182,13 @@ class FRePo(DistillMethod):
         net.eval()  # features only (no dropout or normalisation statistics in these networks)
         real, label_real = self.sample_real()
         with torch.no_grad():
-            feat_real = utils.embed_in_chunks(net, real)
+            feat_real = chunked.embed_in_chunks(net, real)
         feat_syn = net.embed(syn.images)
         with torch.autocast(self.device.type, enabled=False):  # --amp: features only; kernel and solve in float32
             feat_real, feat_syn = feat_real.float(), feat_syn.float()
             pred = kernel_ridge_regression(feat_real @ feat_syn.T, feat_syn @ feat_syn.T, syn.label_values,
                                            self.hparams["reg"])
-        loss = regression_mse(pred, utils.centred_one_hot(label_real, self.num_classes))
+        loss = regression_mse(pred, evaluation.centred_one_hot(label_real, self.num_classes))
         self.kernel_loss = loss.detach()
         if self.hparams["learn_label"]:
             loss = loss + label_margin_loss(syn.label_values)
@@ -206,7 +208,7 @@ class FRePo(DistillMethod):
             index = torch.randperm(total, generator=self.generator)[:min(self.hparams["online_batch"], total)]
             index = index.to(syn.images.device)
             model.net.train()
-            utils.sgd_step(model.net, syn.images.detach()[index], syn.label_values.detach()[index], model.optimizer,
+            evaluation.sgd_step(model.net, syn.images.detach()[index], syn.label_values.detach()[index], model.optimizer,
                            label_loss="mse", precision=self.precision)
             model.age += 1
         self.current = self.draw_model()

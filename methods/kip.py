@@ -17,6 +17,7 @@ from typing import Dict
 
 import torch
 
+import evaluation
 import utils
 from methods import kernels
 from methods.base import DistillMethod, Option, SyntheticSet, register_method
@@ -95,7 +96,7 @@ class KIP(DistillMethod):
         one_hot - 1/K); then the add-ons attach."""
         params = [syn.images]
         if self.hparams["learn_labels"]:
-            params.append(syn.learn_label_values(utils.centred_one_hot(syn.labels, self.num_classes)))
+            params.append(syn.learn_label_values(evaluation.centred_one_hot(syn.labels, self.num_classes)))
         self.optimizer_img = torch.optim.Adam(params, lr=self.cfg.lr_img)
         for addon in self.addons:
             addon.attach(syn)
@@ -105,7 +106,7 @@ class KIP(DistillMethod):
         """y_s (n_s, K): the learned labels (with a graph), or one_hot - 1/K of the classes."""
         if syn.label_values is not None:
             return syn.label_values
-        return utils.centred_one_hot(syn.labels, self.num_classes)
+        return evaluation.centred_one_hot(syn.labels, self.num_classes)
 
     def sample_targets(self):
         """``target_batch_size // K`` real images per class (at least 1; clamped to the class
@@ -116,7 +117,7 @@ class KIP(DistillMethod):
             real = self.sampler.get_images(c, per_class, self.generator)
             images.append(real)
             labels.append(torch.full((real.shape[0],), c, dtype=torch.long, device=self.device))
-        return torch.cat(images), utils.centred_one_hot(torch.cat(labels), self.num_classes)
+        return torch.cat(images), evaluation.centred_one_hot(torch.cat(labels), self.num_classes)
 
     def kernel_matrices(self, image_syn: torch.Tensor, image_target: torch.Tensor):
         """``(K_ts (n_t, n_s), K_ss (n_s, n_s))`` in float64, with a graph to ``image_syn``."""
@@ -181,7 +182,7 @@ def krr_accuracy(image_syn: torch.Tensor, label_syn: torch.Tensor, images: torch
         raise ValueError(f"kernel {kernel!r}: krr_accuracy takes fc_ntk or fc_nngp")
     which = 1 if kernel == "fc_ntk" else 0
     x_s = image_syn.detach().double()
-    y_s = utils.regression_targets(label_syn.detach(), num_classes).to(x_s.device)
+    y_s = evaluation.regression_targets(label_syn.detach(), num_classes).to(x_s.device)
     k_ss = kernels.fc_kernels(x_s, x_s, depth, w_std, b_std)[which]
     correct = 0
     for x, y in zip(images.split(chunk), labels.split(chunk)):

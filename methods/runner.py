@@ -39,6 +39,10 @@ import torch
 import yaml
 
 import distributed
+import evaluation
+import pictures
+import storage
+import tables
 import utils
 from data import RealSampler
 from precision import FP32, Precision
@@ -98,11 +102,11 @@ class RunOptions:
         resume: continue from ``run_dir/last.pt`` if it exists.
         save_vis: write a picture at each evaluation.
         tta_mode: test-time augmentation of the evaluation (``--tta --tta_mode hflip``; ``""`` off).
-        deterministic: deterministic evaluation (``--deterministic``; ``utils.EvalConfig``).
+        deterministic: deterministic evaluation (``--deterministic``; ``evaluation.EvalConfig``).
         stacked_eval: ``--stacked_eval`` auto|on|off: train each evaluation's networks together
-            (``utils.eval_path``).
+            (``evaluation.eval_path``).
         command: the command line that started the run (recorded in ``results.json``).
-        label_loss: how evaluation networks fit the labels (``--label_loss``, ``utils.LABEL_LOSSES``);
+        label_loss: how evaluation networks fit the labels (``--label_loss``, ``evaluation.LABEL_LOSSES``);
             ``None`` takes the method's (``DistillMethod.eval_label_loss``: mse for KIP and FRePo).
         precision: ``--amp`` (``precision.Precision``) of distillation and evaluation, recorded
             in ``config.yaml`` / ``results.json`` (``run.precision``) and each evaluation's protocol.
@@ -142,22 +146,22 @@ class RunOutcome:
     vis_paths: List[str] = field(default_factory=list)
 
 
-def eval_protocol(method_class, cfg: DistillConfig, opts: RunOptions) -> utils.EvalProtocol:
-    """The evaluation protocol of a run (``utils.EvalProtocol``): the method's reference epochs
+def eval_protocol(method_class, cfg: DistillConfig, opts: RunOptions) -> evaluation.EvalProtocol:
+    """The evaluation protocol of a run (``evaluation.EvalProtocol``): the method's reference epochs
     (``DistillMethod.eval_epochs``) unless ``--epoch_eval_train`` is given, ``--lr_net``,
     ``--batch_train``, the DiffAugment strategy the method trains with (none for plain DC: DC's
     ``get_daparam`` augmentation then applies), test-time augmentation, determinism and the label
     loss (``--label_loss``, else the method's ``eval_label_loss``)."""
     augmented, plain = method_class.eval_epochs
-    return utils.EvalProtocol(epochs_augmented=augmented, epochs_plain=plain, lr=cfg.lr_net,
+    return evaluation.EvalProtocol(epochs_augmented=augmented, epochs_plain=plain, lr=cfg.lr_net,
                               batch_train=cfg.batch_train, dsa_strategy=method_class.training_dsa(cfg),
                               tta_mode=opts.tta_mode, deterministic=opts.deterministic,
                               stacked_eval=opts.stacked_eval,
                               label_loss=opts.label_loss or method_class.eval_label_loss).with_epochs(opts.epoch_eval_train)
 
 
-def eval_config_for(method: DistillMethod, model_eval: str, opts: RunOptions, syn=None) -> utils.EvalConfig:
-    """The :class:`utils.EvalConfig` of one evaluation network: :func:`eval_protocol` resolved for
+def eval_config_for(method: DistillMethod, model_eval: str, opts: RunOptions, syn=None) -> evaluation.EvalConfig:
+    """The :class:`evaluation.EvalConfig` of one evaluation network: :func:`eval_protocol` resolved for
     ``model_eval``, with the step size the set learned (``syn.syn_lr``, MTT's alpha) when it has one."""
     cfg = method.cfg
     learned = float(syn.syn_lr.detach()) if syn is not None and syn.syn_lr is not None else None
@@ -227,7 +231,7 @@ class DistillationRun:
         record = {"distill": dataclasses.asdict(self.cfg),
                   "run": {**dataclasses.asdict(self.opts), "eval_models": list(self.opts.eval_models)},
                   "protocol": self.protocol.as_dict(), "device": str(self.device), "torch": str(torch.__version__)}
-        utils.write_text(os.path.join(self.opts.run_dir, "config.yaml"), yaml.safe_dump(record, sort_keys=False))
+        storage.write_text(os.path.join(self.opts.run_dir, "config.yaml"), yaml.safe_dump(record, sort_keys=False))
 
     def write_summary(self) -> None:
         """``summary.csv``: one row per (evaluation, model); accuracies in [0, 1] with 6 decimals, the
@@ -238,8 +242,8 @@ class DistillationRun:
         writer = csv.DictWriter(buffer, fieldnames=self.SUMMARY_FIELDS)
         writer.writeheader()
         writer.writerows({**row, "acc_mean": round(row["acc_mean"], 6), "acc_std": round(row["acc_std"], 6),
-                          "loss": utils.round_significant(row["loss"])} for row in self.summary_rows)
-        utils.write_text(os.path.join(self.opts.run_dir, "summary.csv"), buffer.getvalue())
+                          "loss": tables.round_significant(row["loss"])} for row in self.summary_rows)
+        storage.write_text(os.path.join(self.opts.run_dir, "summary.csv"), buffer.getvalue())
 
     @property
     def accs_all_exps(self) -> Dict[str, List[float]]:
@@ -264,7 +268,7 @@ class DistillationRun:
         Under torchrun rank 0 writes it (every rank holds the same state) and the others wait until
         it is on disk, so that none leaves before it (torchrun ends the job when one rank exits)."""
         if distributed.is_main():
-            utils.save_checkpoint(self.checkpoint_path, exp=exp, config=dataclasses.asdict(self.cfg),
+            storage.save_checkpoint(self.checkpoint_path, exp=exp, config=dataclasses.asdict(self.cfg),
                                   num_exp=self.opts.num_exp, seed=self.opts.seed, pending_eval=pending_eval,
                                   **self.position(iteration, method, syn, generator),
                                   data_save=self.data_save, learned_lr=self.learned_lr, schedules=self.schedules,
@@ -302,7 +306,7 @@ class DistillationRun:
         if not os.path.isfile(self.checkpoint_path):
             logger.info("--resume: no checkpoint in %s yet, starting from scratch", self.opts.run_dir)
             return None
-        saved = utils.load_checkpoint(self.checkpoint_path)
+        saved = storage.load_checkpoint(self.checkpoint_path)
         before = {**saved["config"], "num_exp": saved.get("num_exp"), "seed": saved.get("seed")}
         now = {**dataclasses.asdict(self.cfg), "num_exp": self.opts.num_exp, "seed": self.opts.seed}
         saved_iterations = before.pop("iterations", None)
@@ -342,16 +346,16 @@ class DistillationRun:
         ``--eval_it`` iterations and after the last one."""
         return iteration == self.iterations or (self.opts.eval_it > 0 and iteration % self.opts.eval_it == 0)
 
-    def evaluate(self, method, syn, exp: int, iteration: int, loss_value: float, elapsed: float) -> Dict[str, utils.EvalResult]:
+    def evaluate(self, method, syn, exp: int, iteration: int, loss_value: float, elapsed: float) -> Dict[str, evaluation.EvalResult]:
         """Picture, then ``num_eval`` networks per evaluation model; rows into ``summary.csv``.
 
         Raises:
-            utils.EvaluationStopped: a stop was requested during the evaluation (its rows are not kept).
+            evaluation.EvaluationStopped: a stop was requested during the evaluation (its rows are not kept).
         """
         results = {}
         if self.opts.save_vis and distributed.is_main():
             path = os.path.join(self.opts.run_dir, f"vis_{self.tag}_exp{exp}_iter{iteration}.png")
-            utils.save_image_grid(self.record.denormalize(syn.images.detach()), path, nrow=self.cfg.ipc,
+            pictures.save_image_grid(self.record.denormalize(syn.images.detach()), path, nrow=self.cfg.ipc,
                                   class_names=self.record.class_names,
                                   title=f"{self.cfg.method} {self.cfg.dataset} ipc {self.cfg.ipc}, "
                                         f"experiment {exp}, iteration {iteration}")
@@ -365,9 +369,9 @@ class DistillationRun:
             for key, model_eval, protocol in self.eval_keys:
                 if protocol == "schedule":  # fresh networks trained by the learned step schedule (DD)
                     if self.stop.requested:
-                        raise utils.EvaluationStopped
+                        raise evaluation.EvaluationStopped
                     schedule = method.step_schedule(syn)
-                    result = utils.evaluate_schedule(syn.images, syn.targets(), model_eval, self.record.num_classes,
+                    result = evaluation.evaluate_schedule(syn.images, syn.targets(), model_eval, self.record.num_classes,
                                                      self.test_images, self.test_labels, schedule,
                                                      num_eval=self.opts.num_eval, device=self.device, seed=seed,
                                                      tta_mode=self.opts.tta_mode,
@@ -375,7 +379,7 @@ class DistillationRun:
                     what = f"{len(schedule.lrs)} learned steps"
                 else:
                     eval_cfg = eval_config_for(method, model_eval, self.opts, syn)
-                    result = utils.evaluate_synset_sharded(syn.images, syn.targets(), model_eval,
+                    result = evaluation.evaluate_synset_sharded(syn.images, syn.targets(), model_eval,
                                                            self.record.num_classes, self.test_images,
                                                            self.test_labels, eval_cfg, num_eval=self.opts.num_eval,
                                                            device=self.device, seed=seed, term=term,
@@ -388,16 +392,16 @@ class DistillationRun:
                 self.eval_paths[key] = {"path": result.path or "sequential",
                                         **({"note": result.path_note} if result.path_note else {})}
                 logger.info("exp %d iter %d: %s %s (%d nets %s, %s, %.1f s)%s", exp, iteration, key,
-                            utils.format_acc(result.accs), self.opts.num_eval, result.path or "sequential", what,
+                            tables.format_acc(result.accs), self.opts.num_eval, result.path or "sequential", what,
                             result.train_time_s, f"; {result.path_note}" if result.path_note else "")
-        except utils.EvaluationStopped:
+        except evaluation.EvaluationStopped:
             del self.summary_rows[rows:]
             raise
         self.write_summary()
         return results
 
     def evaluate_or_stop(self, exp: int, iteration: int, method, syn, generator, loss_value: float,
-                         elapsed: float) -> Dict[str, utils.EvalResult]:
+                         elapsed: float) -> Dict[str, evaluation.EvalResult]:
         """:meth:`evaluate`; a stop requested during it writes a checkpoint from which the
         evaluation runs again on resume.
 
@@ -406,7 +410,7 @@ class DistillationRun:
         """
         try:
             return self.evaluate(method, syn, exp, iteration, loss_value, elapsed)
-        except utils.EvaluationStopped:
+        except evaluation.EvaluationStopped:
             self.checkpoint(exp, iteration, method, syn, generator, pending_eval=True)
             raise RunInterrupted(f"stopped during the evaluation of experiment {exp}, iteration {iteration} "
                                  f"(it runs again on resume); checkpoint {self.checkpoint_path}") from None
@@ -417,7 +421,7 @@ class DistillationRun:
         *add-on entries]`` (one ``data`` entry of the reference layout)."""
         return [syn.images.detach().cpu().clone(), syn.export_labels()] + method.saved_entries(syn)
 
-    def note_evaluation(self, exp: int, iteration: int, method, syn, results: Dict[str, utils.EvalResult]) -> bool:
+    def note_evaluation(self, exp: int, iteration: int, method, syn, results: Dict[str, evaluation.EvalResult]) -> bool:
         """Keep experiment ``exp``'s set as its best so far when the first evaluation model's mean
         test accuracy beats every earlier evaluation of the experiment (ties keep the earlier set,
         as mtt-distillation ``distill.py``'s ``acc_test_mean > best_acc``). Selecting on test
@@ -454,15 +458,15 @@ class DistillationRun:
         folder = os.path.join(self.opts.run_dir, "logged_files", f"exp{exp}")
         os.makedirs(folder, exist_ok=True)
         images = syn.images.detach().cpu().clone()
-        utils.atomic_save(images, os.path.join(folder, f"images_{name}.pt"))
-        utils.atomic_save(syn.export_labels(), os.path.join(folder, f"labels_{name}.pt"))
+        storage.atomic_save(images, os.path.join(folder, f"images_{name}.pt"))
+        storage.atomic_save(syn.export_labels(), os.path.join(folder, f"labels_{name}.pt"))
         if syn.syn_lr is not None:
-            utils.atomic_save(syn.syn_lr.detach().cpu().clone(), os.path.join(folder, f"lr_{name}.pt"))
+            storage.atomic_save(syn.syn_lr.detach().cpu().clone(), os.path.join(folder, f"lr_{name}.pt"))
         zca = getattr(self.record, "zca", None)
         if zca is not None and name != "best":
-            utils.atomic_save(zca.inverse(images).cpu(), os.path.join(folder, f"images_zca_{name}.pt"))
+            storage.atomic_save(zca.inverse(images).cpu(), os.path.join(folder, f"images_zca_{name}.pt"))
 
-    def after_iteration(self, exp: int, iteration: int, method, syn, results: Dict[str, utils.EvalResult]) -> None:
+    def after_iteration(self, exp: int, iteration: int, method, syn, results: Dict[str, evaluation.EvalResult]) -> None:
         """The best-so-far set (:meth:`note_evaluation`) and, for a method that writes the
         trajectory-matching layout, its files (:meth:`write_logged`): ``*_best.pt`` for a new
         best; ``*_{iteration}.pt`` for a new best or every ``--save_every`` iterations (0 included)."""
@@ -474,7 +478,7 @@ class DistillationRun:
         if new_best or (self.opts.save_every > 0 and iteration % self.opts.save_every == 0):
             self.write_logged(exp, str(iteration), syn)
 
-    def keep(self, exp: int, method, syn, generator, results: Dict[str, utils.EvalResult]) -> None:
+    def keep(self, exp: int, method, syn, generator, results: Dict[str, evaluation.EvalResult]) -> None:
         """Keep experiment ``exp``'s final set (images, labels, add-on entries), its accuracies and
         where it ended (replacing an earlier end when a resumed run grew ``--Iteration``)."""
         entries = {"data_save": self.saved_set(method, syn),
@@ -586,7 +590,7 @@ class DistillationRun:
         self.refuse_overwrite()
         if distributed.is_main():
             os.makedirs(self.opts.run_dir, exist_ok=True)
-            for path in utils.remove_stale_temporaries(self.opts.run_dir):
+            for path in storage.remove_stale_temporaries(self.opts.run_dir):
                 logger.info("removed %s, left by a process stopped while writing", path)
         self.write_config()
         resumed = self.resume()
@@ -632,7 +636,7 @@ class DistillationRun:
 
     def save_result(self) -> None:
         """The reference-layout result file with a ``meta`` record beside it: ``syn_lr`` (the learned
-        step size of each experiment) and ``protocol`` (``utils.EvalProtocol``), which
+        step size of each experiment) and ``protocol`` (``evaluation.EvalProtocol``), which
         ``evaluate.py`` replays. Beside it, when every finished experiment was evaluated, the
         best-so-far file ``best_{tag}.pt`` in the same layout: ``data`` and ``accs_all_exps`` of
         each experiment's best evaluation, ``meta['best']`` one ``{exp, iteration, model, accuracy,
@@ -675,7 +679,7 @@ class DistillationRun:
 
     def schedule_description(self) -> dict:
         """``StepSchedule.describe()`` of the last finished experiment's learned schedule ({} if none)."""
-        return utils.StepSchedule.from_dict(self.schedules[-1]).describe() if self.schedules else {}
+        return evaluation.StepSchedule.from_dict(self.schedules[-1]).describe() if self.schedules else {}
 
     def write_results_json(self) -> None:
         """``results.json``: the command line, seed and full resolved configuration (method and run
@@ -699,7 +703,7 @@ class DistillationRun:
                                         else eval_config_for(self.method, m, opts, syn).describe()), "labels": labels}
                                for key, m, protocol in self.eval_keys},
                   "eval_protocols": list(self.method_class.eval_protocols(cfg)),
-                  "accuracy": {m: {"mean": utils.EvalResult(m, a).acc_mean, "std": utils.EvalResult(m, a).acc_std,
+                  "accuracy": {m: {"mean": evaluation.EvalResult(m, a).acc_mean, "std": evaluation.EvalResult(m, a).acc_std,
                                    "accs": a} for m, a in self.accs_all_exps.items()},
                   "eval_path": dict(self.eval_paths),
                   "best": self.best_records(),
@@ -707,7 +711,7 @@ class DistillationRun:
                   "result_file": self.result_path, "clom": dict(cfg.clom) if cfg.clom else None,
                   "feature_labels": (dataclasses.asdict(cfg.feature_labels.loss_config())
                                      if cfg.feature_labels is not None else None)}
-        utils.write_json(os.path.join(opts.run_dir, "results.json"), record)
+        storage.write_json(os.path.join(opts.run_dir, "results.json"), record)
 
 
 def schedule_key(model: str) -> str:

@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 import torch
 
 
+import storage
 import utils
 from data import PlainDataError, load_plain, normalization_name, one_line
 
@@ -115,7 +116,7 @@ def chunk_path(directory: str, index: int) -> str:
 
 def list_buffer_files(directory: str) -> list:
     """The ``replay_buffer_{n}.pt`` files of a buffer directory, sorted by ``n`` (empty if none)."""
-    return [path for _, path in utils.numbered_entries(directory, CHUNK_RE)]
+    return [path for _, path in storage.numbered_entries(directory, CHUNK_RE)]
 
 
 def buffer_command(dataset: str = "DATASET", model: str = "MODEL", zca: bool = False,
@@ -169,7 +170,7 @@ def read_manifest(directory: str) -> Optional[dict]:
 
 def write_manifest(directory: str, manifest: dict) -> None:
     """Write ``manifest.json`` atomically (temporary file + ``os.replace``)."""
-    utils.write_json(os.path.join(directory, MANIFEST_NAME), manifest)
+    storage.write_json(os.path.join(directory, MANIFEST_NAME), manifest)
 
 
 def load_chunk(path: str) -> list:
@@ -229,7 +230,7 @@ class BufferWriter:
 
     Opening counts the experts already saved (chunk files and manifest; a chunk written just before
     a crash, whose manifest update was lost, still counts) and reloads a partially filled last
-    chunk. :meth:`add` appends a trajectory, rewrites its chunk with ``utils.atomic_save`` and then
+    chunk. :meth:`add` appends a trajectory, rewrites its chunk with ``storage.atomic_save`` and then
     the manifest.
 
     Attributes:
@@ -327,7 +328,7 @@ class BufferWriter:
         index = self.saved
         path = chunk_path(self.directory, index // self.save_interval)
         self._chunk.append(trajectory)
-        utils.atomic_save(self._chunk, path)
+        storage.atomic_save(self._chunk, path)
         self.saved += 1
         name = os.path.basename(path)
         self.manifest["files"][name] = len(self._chunk)

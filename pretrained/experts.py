@@ -37,6 +37,7 @@ import torch.nn as nn
 import augment
 import distributed
 import networks
+import evaluation
 import utils
 from precision import FP32, Precision
 from pretrained.buffers import (BufferWriter, Snapshot, canonical_dataset, effective_res, list_buffer_files,
@@ -248,12 +249,12 @@ def snapshot(net: nn.Module) -> Snapshot:
     return [p.detach().to("cpu", copy=True) for p in net.parameters()]
 
 
-def expert_augmenter(cfg: ExpertConfig) -> Optional[utils.Augmenter]:
+def expert_augmenter(cfg: ExpertConfig) -> Optional[evaluation.Augmenter]:
     """MTT's per-batch expert augmentation: non-siamese DiffAugment ``cfg.dsa_strategy`` when
-    ``cfg.dsa``, else DC augmentation ``crop_scale_rotate`` (see ``utils.make_augmenter``)."""
+    ``cfg.dsa``, else DC augmentation ``crop_scale_rotate`` (see ``evaluation.make_augmenter``)."""
     if cfg.dsa:
-        return utils.make_augmenter(cfg.dsa_strategy)
-    return utils.make_augmenter("", dc_aug=augment.DCAugParam(strategy=EXPERT_DC_AUG))
+        return evaluation.make_augmenter(cfg.dsa_strategy)
+    return evaluation.make_augmenter("", dc_aug=augment.DCAugParam(strategy=EXPERT_DC_AUG))
 
 
 @contextmanager
@@ -292,7 +293,7 @@ def gsam_step(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimi
     5. Restore ``w`` exactly and let ``optimizer`` (SGD with its momentum and weight decay) step
        with ``g_final``.
 
-    With ``rho = 0`` and ``alpha = 0`` this is exactly :func:`utils.sgd_step`.
+    With ``rho = 0`` and ``alpha = 0`` this is exactly :func:`evaluation.sgd_step`.
 
     Args:
         net: the network (train mode).
@@ -308,7 +309,7 @@ def gsam_step(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimi
     """
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
-    loss = utils.accumulate_gradient(net, images, labels)
+    loss = evaluation.accumulate_gradient(net, images, labels)
     grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
     with torch.no_grad():
         scaled = [g * p.abs() for g, p in zip(grads, params)] if adaptive else grads
@@ -319,7 +320,7 @@ def gsam_step(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimi
             p.add_(step * p * p if adaptive else step)
     optimizer.zero_grad(set_to_none=True)
     with _running_stats_frozen(net):
-        utils.accumulate_gradient(net, images, labels)
+        evaluation.accumulate_gradient(net, images, labels)
     with torch.no_grad():
         for p, original in zip(params, originals):
             p.copy_(original)
@@ -389,7 +390,7 @@ def train_expert(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg
         test_every: test after every ``test_every``-th epoch and after the last (0: never).
         name: how the log names this network.
         on_epoch: called as ``on_epoch(epochs_done)`` after each epoch (progress display).
-        precision: ``--amp`` (``utils.train_epoch``; a GSAM step runs under its autocast unscaled).
+        precision: ``--amp`` (``evaluation.train_epoch``; a GSAM step runs under its autocast unscaled).
             Snapshots stay float32.
         data_parallel: under torchrun, all ranks train this expert together (``--ddp``):
             ``DistributedDataParallel`` averages the gradients; each epoch every rank passes over
@@ -426,7 +427,7 @@ def train_expert(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg
             rho = rho_for_lr(cfg, lr)
             step = lambda n, x, y, o: gsam_step(n, x, y, o, rho, cfg.alpha, cfg.adaptive)  # noqa: E731
         start = time.perf_counter()
-        loss = utils.train_epoch(model, images, labels, optimizer, batch, generator, augmenter, index, step,
+        loss = evaluation.train_epoch(model, images, labels, optimizer, batch, generator, augmenter, index, step,
                                  precision=precision, scaler=scaler)
         if parallel:
             loss = float(distributed.sum_scalar(torch.tensor(loss))) / distributed.world_size()
@@ -440,7 +441,7 @@ def train_expert(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg
                    f"{result.subset_sizes[-1]} images, {result.epoch_seconds[-1]:.1f} s")
         last = epoch + 1 == cfg.train_epochs
         if test_images is not None and test_every and ((epoch + 1) % test_every == 0 or last):
-            acc = utils.test_accuracy(net, test_images, test_labels, precision=precision)
+            acc = evaluation.test_accuracy(net, test_images, test_labels, precision=precision)
             result.test_acc.append([epoch + 1, acc])
             message += f", test acc {100 * acc:.2f}%"
         logger.info(message)

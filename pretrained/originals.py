@@ -58,6 +58,9 @@ import torch.nn as nn
 
 import distributed
 import networks
+import evaluation
+import storage
+import tables
 import utils
 from precision import FP32, Precision
 from data import PlainDataError, load_plain
@@ -213,7 +216,7 @@ def reference_weights_name(dataset: str, model: str, epoch: int) -> str:
 
 def list_indices(directory: str) -> list:
     """Indices ``i`` of the ``index_{i}`` folders of ``directory`` holding a ``checkpoint.pt``, sorted."""
-    return [index for index, _ in utils.numbered_entries(directory, INDEX_RE, require=CHECKPOINT_NAME)]
+    return [index for index, _ in storage.numbered_entries(directory, INDEX_RE, require=CHECKPOINT_NAME)]
 
 
 def train_command(dataset: str = "DATASET", model: str = "MODEL", num: Optional[int] = None,
@@ -386,7 +389,7 @@ def train_original(net: nn.Module, record, cfg: OriginalConfig, path: str, *, in
     """Train (or continue, or skip) one original model and keep its checkpoint at ``path``.
 
     SGD(``cfg.lr``, ``cfg.momentum``, ``cfg.weight_decay``) on shuffled ``cfg.batch_size``
-    minibatches of the whole training set (``utils.train_epoch``, no augmentation), the lr
+    minibatches of the whole training set (``evaluation.train_epoch``, no augmentation), the lr
     scheduled by ``MultiStepLR(cfg.lr_decay_step, gamma=0.1)`` stepped once per epoch. The
     checkpoint is written atomically after every ``save_every``-th epoch and after the last one
     (then with the test accuracy, and the reference-named weight file beside it).
@@ -409,7 +412,7 @@ def train_original(net: nn.Module, record, cfg: OriginalConfig, path: str, *, in
         on_epoch: ``on_epoch(index, epoch, loss)`` after each epoch and its checkpoint.
         images: ``(train_x, train_y, test_x, test_y)`` already on the device (saves copies
             when training several models); default: ``record``'s tensors moved there.
-        precision: ``--amp`` of training and testing (``utils.train_epoch``; float16 scales the
+        precision: ``--amp`` of training and testing (``evaluation.train_epoch``; float16 scales the
             loss with a ``GradScaler`` that starts afresh on resume); recorded in the checkpoint.
         data_parallel: under torchrun, every rank trains this one model together
             (``--ddp``): ``DistributedDataParallel`` averages the gradients, each epoch every
@@ -477,17 +480,17 @@ def train_original(net: nn.Module, record, cfg: OriginalConfig, path: str, *, in
         if parallel and not distributed.is_main():  # --ddp: every rank holds the same model; rank 0 writes
             return
         finished = epochs_done >= cfg.epochs
-        utils.atomic_save({**base, "epochs_done": epochs_done, "epochs_total": cfg.epochs, "finished": finished,
+        storage.atomic_save({**base, "epochs_done": epochs_done, "epochs_total": cfg.epochs, "finished": finished,
                            "test_acc": test_acc, "state_dict": _cpu(net.state_dict()),
                            "optimizer": _cpu(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
                            "rng": {"generator": generator.get_state()},
                            "history": history, "train_seconds": float(sum(h["seconds"] for h in history))}, path)
         if finished:
-            utils.atomic_save(_cpu(net.state_dict()), os.path.join(
+            storage.atomic_save(_cpu(net.state_dict()), os.path.join(
                 os.path.dirname(path), reference_weights_name(base["dataset"], cfg.model, epochs_done)))
 
     if done >= cfg.epochs:  # unfinished at exactly --epochs (the milestones are absolute): finish it here
-        result.test_acc, result.closed = utils.test_accuracy(net, test_x, test_y, precision=precision), True
+        result.test_acc, result.closed = evaluation.test_accuracy(net, test_x, test_y, precision=precision), True
         save(done, result.test_acc)
         logger.info("original %d: %s has %d epochs: test acc %.2f%%", index, path, done, 100 * result.test_acc)
         return result
@@ -498,11 +501,11 @@ def train_original(net: nn.Module, record, cfg: OriginalConfig, path: str, *, in
         if parallel:
             share = distributed.distributed_indices(train_x.shape[0], epoch, seed)
             batch = max(1, cfg.batch_size // distributed.world_size())
-            loss = utils.train_epoch(model, train_x, train_y, optimizer, batch, generator, index=share,
+            loss = evaluation.train_epoch(model, train_x, train_y, optimizer, batch, generator, index=share,
                                      precision=precision, scaler=scaler)
             loss = float(distributed.sum_scalar(torch.tensor(loss))) / distributed.world_size()
         else:
-            loss = utils.train_epoch(net, train_x, train_y, optimizer, cfg.batch_size, generator, precision=precision,
+            loss = evaluation.train_epoch(net, train_x, train_y, optimizer, cfg.batch_size, generator, precision=precision,
                                      scaler=scaler)
         seconds = time.perf_counter() - start
         if not math.isfinite(loss):
@@ -514,7 +517,7 @@ def train_original(net: nn.Module, record, cfg: OriginalConfig, path: str, *, in
         message = f"original {index} epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f}, lr {lr:g}, {seconds:.1f} s"
         last = epoch + 1 == cfg.epochs
         if last:
-            result.test_acc = utils.test_accuracy(net, test_x, test_y, precision=precision)
+            result.test_acc = evaluation.test_accuracy(net, test_x, test_y, precision=precision)
             message += f", test acc {100 * result.test_acc:.2f}%"
         logger.info(message)
         if last or (save_every and (epoch + 1) % save_every == 0):
@@ -665,7 +668,7 @@ def write_summary(directory: str) -> tuple:
     """
     summary = collect_summary(directory)
     path = os.path.join(directory, SUMMARY_NAME)
-    utils.write_json(path, summary)
+    storage.write_json(path, summary)
     return summary, path
 
 
@@ -686,7 +689,7 @@ def format_table(summary: dict, status: Optional[dict] = None) -> str:
         if status is not None:
             cells.append(status.get(row["index"], "not asked"))
         lines.append(cells)
-    text = [utils.format_table(header, lines, numeric_right=False)]
+    text = [tables.format_table(header, lines, numeric_right=False)]
     if summary.get("test_acc_mean") is not None:
         text.append(f"test accuracy {100 * summary['test_acc_mean']:.2f} ± {100 * summary['test_acc_std']:.2f} % "
                     f"over {summary['finished']} finished model(s) of {summary['model']} on {summary['dataset']}")

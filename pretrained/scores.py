@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+import chunked
+import storage
 import utils
 from data import PlainDataError, load_plain
 from pretrained.buffers import canonical_dataset, imagenet_subset
@@ -75,7 +77,7 @@ def sample_scores(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) ->
     if not hasattr(net, "embed") or not isinstance(getattr(net, "classifier", None), nn.Linear):
         raise ValueError(f"{type(net).__name__} has no embed() + nn.Linear classifier; GraNd needs them")
     net.eval()
-    size = utils.chunk_size(images.device, 1000)
+    size = chunked.chunk_size(images.device, 1000)
     out = {key: [] for key in SCORE_METHODS}
     for x, y in zip(images.split(size), labels.split(size)):
         features = net.embed(x)
@@ -152,7 +154,7 @@ def save_scores(path: str, method: str, scores: torch.Tensor, labels: torch.Tens
     """Write a score file: ``{'format', 'format_version', 'method', 'scores' (N,), 'labels' (N,),
     'order' (K easiest-first index tensors), **meta}``, atomically. Returns the order."""
     order = class_order(scores, labels, num_classes)
-    utils.atomic_save({"format": SCORE_FORMAT, "format_version": SCORE_FORMAT_VERSION,
+    storage.atomic_save({"format": SCORE_FORMAT, "format_version": SCORE_FORMAT_VERSION,
                        "method": score_method_name(method), "scores": scores.detach().cpu().float(),
                        "labels": labels.detach().cpu().long(), "order": order, **(meta or {})}, path)
     return order

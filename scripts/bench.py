@@ -55,6 +55,7 @@ import torch
 
 import augment  # noqa: E402
 import methods  # noqa: E402
+import evaluation  # noqa: E402
 import utils  # noqa: E402
 from precision import AMP_CHOICES, FP32, resolve_precision  # noqa: E402
 from data import RealSampler, load_dataset, sample_random_real  # noqa: E402
@@ -152,13 +153,13 @@ def time_method(name, record, sampler, device, iterations, buffer_root=None, pre
 def time_eval(record, device, repeats, precision=FP32):
     """Seconds of each of ``repeats`` evaluations of one ConvNet on 1 random real image per class."""
     images, labels = sample_random_real(record, 1, utils.make_generator(0))
-    cfg = utils.EvalConfig(epochs=300, dc_aug=augment.get_daparam(record.name, "ConvNet", "ConvNet", 1),
+    cfg = evaluation.EvalConfig(epochs=300, dc_aug=augment.get_daparam(record.name, "ConvNet", "ConvNet", 1),
                            precision=precision)
     test_x, test_y = record.images_test.to(device), record.labels_test.to(device)
     times = []
     for run in range(repeats):
         start = time.perf_counter()
-        utils.evaluate_synset(images.to(device), labels.to(device), "ConvNet", record.num_classes, test_x, test_y,
+        evaluation.evaluate_synset(images.to(device), labels.to(device), "ConvNet", record.num_classes, test_x, test_y,
                               cfg, num_eval=1, device=device, seed=run)
         times.append(time.perf_counter() - start)
     return times
@@ -171,7 +172,7 @@ def time_eval_stacked(record, device, repeats, epochs, count, test_images=None):
     import dataclasses
 
     images, labels = sample_random_real(record, 10, utils.make_generator(0))
-    base = utils.EvalConfig(epochs=epochs, dsa_strategy="color_crop_cutout_flip_scale_rotate")
+    base = evaluation.EvalConfig(epochs=epochs, dsa_strategy="color_crop_cutout_flip_scale_rotate")
     test_x, test_y = record.images_test[:test_images].to(device), record.labels_test[:test_images].to(device)
     seconds, accs = {}, {}
     for mode in ("off", "on"):
@@ -180,14 +181,14 @@ def time_eval_stacked(record, device, repeats, epochs, count, test_images=None):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            result = utils.evaluate_synset(images.to(device), labels.to(device), "ConvNet", record.num_classes, test_x,
+            result = evaluation.evaluate_synset(images.to(device), labels.to(device), "ConvNet", record.num_classes, test_x,
                                            test_y, dataclasses.replace(base, stacked_eval=mode), num_eval=count,
                                            device=device, seed=0, progress=False)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         seconds[mode], accs[mode] = statistics.median(times), result.accs
-    auto = utils.eval_path("auto", "ConvNet", device, count)
+    auto = evaluation.eval_path("auto", "ConvNet", device, count)
     return seconds, accs, auto
 
 

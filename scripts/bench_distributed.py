@@ -9,7 +9,7 @@ For each process count the script starts ``torchrun --standalone --nproc_per_nod
   ``--iterations`` timed ones; with 2 processes each rank computes 5 of the 10 classes and the
   image gradients are summed (``DistillMethod.owned_classes``);
 * ``--num_eval`` ConvNets trained on 10 random real images per class for ``--epochs`` epochs and
-  tested on the 10,000 test images (``utils.evaluate_synset_sharded``: the networks are spread
+  tested on the 10,000 test images (``evaluation.evaluate_synset_sharded``: the networks are spread
   over the ranks).
 
 Every timing is taken between two barriers, so it is the slowest rank's. Rank 0 checks that the
@@ -32,6 +32,7 @@ import time
 import torch
 
 import distributed
+import evaluation
 import methods
 import utils
 from data import RealSampler, load_dataset, sample_random_real
@@ -66,11 +67,11 @@ def worker(args) -> None:
         if iteration > 1:  # the first is a warm-up
             dm_times.append(seconds)
     images, labels = sample_random_real(record, 10, utils.make_generator(0))
-    eval_cfg = utils.EvalConfig(epochs=args.epochs, lr=0.01, batch_train=256)
+    eval_cfg = evaluation.EvalConfig(epochs=args.epochs, lr=0.01, batch_train=256)
     found = {}
 
     def evaluate() -> None:
-        found["accs"] = utils.evaluate_synset_sharded(images, labels, "ConvNet", record.num_classes,
+        found["accs"] = evaluation.evaluate_synset_sharded(images, labels, "ConvNet", record.num_classes,
                                                       record.images_test, record.labels_test, eval_cfg,
                                                       num_eval=args.num_eval, device=device, seed=0,
                                                       progress=False).accs

@@ -17,6 +17,9 @@ import numpy as np
 
 import augment
 import cli
+import evaluation
+import storage
+import tables
 import utils
 from cli import evaluate_flags
 from sets import files
@@ -85,7 +88,7 @@ def main(argv=None) -> int:
             memories[f"herding ipc {ipc}"] = lambda index: herding
         if not memories:
             raise utils.UserError("nothing to evaluate: give --syn_path and/or --baselines")
-        cfg = utils.EvalConfig(epochs=args.epoch_eval_train, lr=args.lr_net, batch_train=args.batch_train,
+        cfg = evaluation.EvalConfig(epochs=args.epoch_eval_train, lr=args.lr_net, batch_train=args.batch_train,
                                dsa_strategy=strategy)
         outcome = run_continual(memories, record, args.steps, args.model, cfg, num_eval=args.num_eval, device=device,
                                 seed=args.seed, num_orders=args.orders)
@@ -93,12 +96,12 @@ def main(argv=None) -> int:
         print(f"\n{args.steps}-step class-incremental {args.dataset}, {args.model}, accuracy (%) on seen classes, "
               f"mean ± std over {args.orders} orders x {args.num_eval} networks ({args.epoch_eval_train} epochs, "
               f"{cfg.describe()['augmentation']}):")
-        print(utils.format_table([""] + list(table.columns), [[i, *r] for i, r in zip(table.index, table.values.tolist())],
+        print(tables.format_table([""] + list(table.columns), [[i, *r] for i, r in zip(table.index, table.values.tolist())],
                                  markdown=True))
         plot_path = os.path.splitext(args.out)[0] + ".png"
         plot_steps(outcome["accs"], record.num_classes // args.steps, plot_path,
                    f"{args.dataset}, {args.steps} steps, {args.model}")
-        utils.write_json(args.out, {"dataset": args.dataset, "steps": args.steps, "model": args.model, "orders": outcome["orders"],
+        storage.write_json(args.out, {"dataset": args.dataset, "steps": args.steps, "model": args.model, "orders": outcome["orders"],
                        "protocol": {**cfg.describe(), "labels": "hard", "num_eval": args.num_eval,
                                     "reference": "CL_DM.py (VICO-UoE/DatasetCondensation)"},
                        "accs": outcome["accs"],

@@ -73,6 +73,8 @@ import torch
 
 import cli
 import methods
+import storage
+import tables
 import utils
 from data import DatasetRecord, RealSampler
 from sets import resources
@@ -421,7 +423,7 @@ def child_main(spec_path: str) -> int:
     spec = CaseSpec(**{**job["spec"], "image_shape": tuple(job["spec"]["image_shape"])})
 
     def phase(iteration: Optional[int]) -> None:
-        utils.write_json(job["phase_file"], {"iteration": iteration,
+        storage.write_json(job["phase_file"], {"iteration": iteration,
                                              "started": None if iteration is None else time.time()})
 
     try:
@@ -429,7 +431,7 @@ def child_main(spec_path: str) -> int:
     except Exception as error:  # reported as this case's row; the study goes on
         row = {"method": spec.method, "ipc": spec.ipc, "status": FAILED,
                "note": f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"}
-    utils.write_json(job["result_file"], row)
+    storage.write_json(job["result_file"], row)
     return 0
 
 
@@ -441,7 +443,7 @@ def run_isolated(spec: CaseSpec, threads: Optional[int], memory_limit_mb: Option
         job = {"spec": dataclasses.asdict(spec), "threads": threads, "memory_limit_mb": memory_limit_mb,
                "phase_file": os.path.join(folder, "phase.json"), "result_file": os.path.join(folder, "row.json")}
         spec_path = os.path.join(folder, "spec.json")
-        utils.write_json(spec_path, job)
+        storage.write_json(spec_path, job)
         log_path = os.path.join(folder, "log.txt")
         with open(log_path, "w") as log:
             child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", spec_path],
@@ -579,7 +581,7 @@ def plot_study(rows: Sequence[dict], out_dir: str, cuda: bool, subtitle: str = "
     figure.suptitle(subtitle, fontsize=9)
     figure.tight_layout()
     paths.append(os.path.join(out_dir, "time_vs_ipc.png"))
-    utils.atomic_write(paths[-1], lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
+    storage.atomic_write(paths[-1], lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
     plt.close(figure)
     panels = 1 if cuda else 2
     figure, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
@@ -591,7 +593,7 @@ def plot_study(rows: Sequence[dict], out_dir: str, cuda: bool, subtitle: str = "
     figure.suptitle(subtitle, fontsize=9)
     figure.tight_layout()
     paths.append(os.path.join(out_dir, "memory_vs_ipc.png"))
-    utils.atomic_write(paths[-1], lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
+    storage.atomic_write(paths[-1], lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
     plt.close(figure)
     return paths
 
@@ -600,18 +602,18 @@ def write_outputs(report: dict, out_dir: str) -> List[str]:
     """``cost_study.json``, ``.csv``, ``.md`` and the two figures in ``out_dir``; returns their paths."""
     rows = report["rows"]
     paths = [os.path.join(out_dir, name) for name in ("cost_study.json", "cost_study.csv", "cost_study.md")]
-    utils.write_json(paths[0], report)
+    storage.write_json(paths[0], report)
     fields = ["method", "ipc", "status", "loss_s", "iteration_s", "updates", "timed", "peak_mb", "memory_measure",
               "graph_mb", "base_mb", "data_mb", "note"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({key: utils.round_significant(value) if isinstance(value, float) else value
+        writer.writerow({key: tables.round_significant(value) if isinstance(value, float) else value
                          for key, value in row.items()})
-    utils.write_text(paths[1], buffer.getvalue())
+    storage.write_text(paths[1], buffer.getvalue())
     notes = "".join(f"\n- {entry['note']}" for entry in report["skipped"])
-    utils.write_text(paths[2], utils.format_table(COLUMNS, table_rows(rows), markdown=True) + "\n" + notes + "\n")
+    storage.write_text(paths[2], tables.format_table(COLUMNS, table_rows(rows), markdown=True) + "\n" + notes + "\n")
     if rows:
         settings, machine = report["settings"], report["machine"]
         where = machine.get("gpu") or f"CPU, {machine['threads']} thread(s)"
@@ -634,7 +636,7 @@ def replot(out_dir: str) -> int:
         rows = report["rows"]
     except (OSError, ValueError, KeyError) as error:
         raise utils.UserError(f"--replot: cannot read {path} ({type(error).__name__}); run the study first") from None
-    print(utils.format_table(COLUMNS, table_rows(rows)))
+    print(tables.format_table(COLUMNS, table_rows(rows)))
     for written in write_outputs(report, out_dir):
         print(f"wrote {written}")
     return 0
@@ -704,7 +706,7 @@ def main(argv=None) -> int:
             if buffer_root is not None:
                 shutil.rmtree(buffer_root, ignore_errors=True)
         print()
-        print(utils.format_table(COLUMNS, table_rows(report["rows"])))
+        print(tables.format_table(COLUMNS, table_rows(report["rows"])))
         for path in write_outputs(report, args.out):
             print(f"wrote {path}")
     return 0

@@ -3,7 +3,7 @@
 ``--amp`` (bf16 by default), the evaluation of 20 networks (with ``--stacked_eval on`` and
 ``off`` when ``evaluate.py`` has that flag), a small expert buffer and a small original model,
 each also run once on the CPU in float32 with the same tiny problem. Prints one table
-(``utils.format_table``): seconds per iteration (per evaluation, per run for buffer / original),
+(``tables.format_table``): seconds per iteration (per evaluation, per run for buffer / original),
 peak CUDA memory, the final loss and accuracy, and their difference to the CPU run; writes it as
 JSON to ``$OUT/gpu_check.json`` when ``$OUT`` is set (or to ``--json``).
 
@@ -36,6 +36,8 @@ import buffer
 import distill
 import evaluate
 import train_original
+import storage
+import tables
 import utils
 from cli import evaluate_flags
 
@@ -280,7 +282,7 @@ def main(argv=None) -> int:
                                      record["dacc"]])
                         print(f"{name:<24} {record['precision']:<5} {record['seconds']:.3f} {record['unit']}",
                               flush=True)
-        table = utils.format_table(header, rows)
+        table = tables.format_table(header, rows)
         print(table)
         print(f"CPU reference: float32 on the CPU, {args.threads} thread(s); log: {log_path if args.work else 'removed'}")
         if args.dry:
@@ -290,7 +292,7 @@ def main(argv=None) -> int:
                 "iterations": args.iterations, "rows": records, "table": table}
         target = args.json or (os.path.join(os.environ["OUT"], "gpu_check.json") if os.environ.get("OUT") else None)
         if target:
-            utils.write_json(target, info)
+            storage.write_json(target, info)
             print(f"wrote {target}")
     return 0
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import tables
 import utils
 
 logger = logging.getLogger(__name__)
@@ -299,7 +300,7 @@ def format_table(report: dict) -> str:
     header = ["assessment", *[f"exp {i}" for i in range(len(experiments))], "mean"]
     rows = [[description, *[f"{e[key]:.4g}" for e in experiments], f"{report['metrics'][key]:.4g}"]
             for key, description, _ in METRICS]
-    return utils.format_table(header, rows)
+    return tables.format_table(header, rows)
 
 
 def default_output(syn_path: str) -> str:

@@ -24,6 +24,9 @@ import pandas as pd
 import torch
 
 import distributed
+import evaluation
+import storage
+import tables
 import utils
 from precision import FP32, Precision
 from pretrained import originals
@@ -100,8 +103,8 @@ class SetToEvaluate:
         images: (N, C, H, W) float32 in the dataset's normalised (or ZCA) space.
         labels: (N,) int64 class labels, or (N, K) probabilities (soft labels).
         learned_lr: the step size learned with the set (trajectory matching), or ``None``.
-        term: the set's ``utils.TrainingTerm`` (an add-on's, e.g. feature labels), or ``None``.
-        schedule: the step schedule learned with the set (``utils.StepSchedule``, DD), or ``None``.
+        term: the set's ``evaluation.TrainingTerm`` (an add-on's, e.g. feature labels), or ``None``.
+        schedule: the step schedule learned with the set (``evaluation.StepSchedule``, DD), or ``None``.
     """
 
     images: torch.Tensor
@@ -111,11 +114,11 @@ class SetToEvaluate:
     schedule: Optional[object] = None
 
 
-ReportFn = Callable[[str, List[float], "utils.EvalConfig", str, float], None]
+ReportFn = Callable[[str, List[float], "evaluation.EvalConfig", str, float], None]
 
 
-def _result(model_eval: str, accs: List[float], seconds: float, cfg: "utils.EvalConfig", labels: str,
-            learned_lr: Sequence[float] = (), results: Sequence["utils.EvalResult"] = ()) -> dict:
+def _result(model_eval: str, accs: List[float], seconds: float, cfg: "evaluation.EvalConfig", labels: str,
+            learned_lr: Sequence[float] = (), results: Sequence["evaluation.EvalResult"] = ()) -> dict:
     """A row's ``results[model_eval]``: mean, std, accuracies, seconds, the protocol record
     (with ``learned_lr``, the step size each experiment learned, when the set learned one) and
     how the networks were trained (``eval_path``, ``eval_path_note``, from ``results``)."""
@@ -124,11 +127,11 @@ def _result(model_eval: str, accs: List[float], seconds: float, cfg: "utils.Eval
         protocol["learned_lr"] = [float(lr) for lr in learned_lr]
     path = " + ".join(dict.fromkeys(r.path for r in results if r.path))
     note = "; ".join(dict.fromkeys(r.path_note for r in results if r.path_note))
-    return {**utils.EvalResult(model_eval, accs, seconds, path, note).as_dict(), "protocol": protocol}
+    return {**evaluation.EvalResult(model_eval, accs, seconds, path, note).as_dict(), "protocol": protocol}
 
 
 def evaluate_set_row(row: Row, experiments: Sequence[SetToEvaluate], models: Sequence[str],
-                     protocol: "utils.EvalProtocol", distilled_with: str, test_images: torch.Tensor,
+                     protocol: "evaluation.EvalProtocol", distilled_with: str, test_images: torch.Tensor,
                      test_labels: torch.Tensor, num_classes: int, *, num_eval: int, device: torch.device,
                      seed: int, report: Optional[ReportFn] = None, precision: Precision = FP32) -> Row:
     """Train ``num_eval`` networks of every model in ``models`` on every experiment of a set and
@@ -141,11 +144,11 @@ def evaluate_set_row(row: Row, experiments: Sequence[SetToEvaluate], models: Seq
         row: the row to fill (its ``ipc`` and ``dataset`` are used).
         experiments: the set's experiments.
         models: evaluation networks.
-        protocol: the set's evaluation protocol (``utils.EvalProtocol``).
+        protocol: the set's evaluation protocol (``evaluation.EvalProtocol``).
         distilled_with: the network the set was distilled with (DC's augmentation choice).
         test_images, test_labels: the real test set on ``device``.
         report: called as ``report(model, accs, cfg, what, seconds)`` after each model.
-        precision: ``--amp`` of the training and testing (``utils.EvalConfig.precision``).
+        precision: ``--amp`` of the training and testing (``evaluation.EvalConfig.precision``).
 
     Raises:
         ValueError: an experiment's training term does not fit an evaluation network.
@@ -159,7 +162,7 @@ def evaluate_set_row(row: Row, experiments: Sequence[SetToEvaluate], models: Seq
         for index, experiment in enumerate(experiments):
             cfg = protocol.resolve(row.dataset, distilled_with, model_eval, row.ipc, experiment.learned_lr,
                                    precision=precision)
-            result = utils.evaluate_synset_sharded(experiment.images.to(device), experiment.labels.to(device),
+            result = evaluation.evaluate_synset_sharded(experiment.images.to(device), experiment.labels.to(device),
                                                    model_eval, num_classes, test_images, test_labels, cfg,
                                                    num_eval=num_eval, device=device, seed=seed + 1000 * index,
                                                    term=experiment.term)
@@ -176,7 +179,7 @@ def evaluate_schedule_row(row: Row, experiments: Sequence[SetToEvaluate], models
                           test_images: torch.Tensor, test_labels: torch.Tensor, num_classes: int, *, num_eval: int,
                           device: torch.device, seed: int, report: Optional[Callable[[str, List[float], dict, str, float], None]] = None) -> Row:
     """Like :func:`evaluate_set_row`, but every network is trained by the experiment's learned step
-    schedule (``utils.evaluate_schedule``: DD's own protocol); each result's ``protocol`` is the
+    schedule (``evaluation.evaluate_schedule``: DD's own protocol); each result's ``protocol`` is the
     schedule's ``describe()`` plus ``labels``.
 
     Raises:
@@ -189,20 +192,20 @@ def evaluate_schedule_row(row: Row, experiments: Sequence[SetToEvaluate], models
         for index, experiment in enumerate(experiments):
             if experiment.schedule is None:
                 raise ValueError(f"experiment {index} holds no learned step schedule")
-            result = utils.evaluate_schedule(experiment.images.to(device), experiment.labels.to(device), model_eval,
+            result = evaluation.evaluate_schedule(experiment.images.to(device), experiment.labels.to(device), model_eval,
                                              num_classes, test_images, test_labels, experiment.schedule,
                                              num_eval=num_eval, device=device, seed=seed + 1000 * index)
             accs += result.accs
             seconds += result.train_time_s
             described = experiment.schedule.describe()
-        row.results[model_eval] = {**utils.EvalResult(model_eval, accs, seconds).as_dict(),
+        row.results[model_eval] = {**evaluation.EvalResult(model_eval, accs, seconds).as_dict(),
                                    "protocol": {**described, "labels": labels_kind}}
         if report is not None:
             report(model_eval, accs, described, row.name, seconds)
     return row
 
 
-def random_real_row(record, ipc: int, models: Sequence[str], protocol: "utils.EvalProtocol", distilled_with: str,
+def random_real_row(record, ipc: int, models: Sequence[str], protocol: "evaluation.EvalProtocol", distilled_with: str,
                     test_images: torch.Tensor, test_labels: torch.Tensor, *, num_eval: int, device: torch.device,
                     seed: int, report: Optional[ReportFn] = None, precision: Precision = FP32) -> Row:
     """The random-real row: for each of ``num_eval`` networks a fresh draw of ``ipc`` real training
@@ -220,7 +223,7 @@ def random_real_row(record, ipc: int, models: Sequence[str], protocol: "utils.Ev
         mine, seconds, results = {}, 0.0, []
         for run in distributed.shard(num_eval):  # all of them for one process; a share under torchrun
             images, labels = sample_random_real(record, ipc, utils.make_generator(seed + run))
-            result = utils.evaluate_synset(images.to(device), labels.to(device), model_eval, record.num_classes,
+            result = evaluation.evaluate_synset(images.to(device), labels.to(device), model_eval, record.num_classes,
                                            test_images, test_labels, cfg, num_eval=1, device=device, seed=seed + run)
             mine[run] = result.accs[0]
             seconds += result.train_time_s
@@ -375,7 +378,7 @@ def format_table(rows: Sequence[Row], models: Sequence[str]) -> str:
             f"{column} {value}" for column, value in agreed.items())
     table = wide_table(rows, models)
     body = [[name, *values] for name, values in zip(table.index, table.values.tolist())]
-    return utils.format_table([table.index.name or "", *table.columns], body, markdown=True) + "\n" + legend
+    return tables.format_table([table.index.name or "", *table.columns], body, markdown=True) + "\n" + legend
 
 
 CSV_DECIMALS = 4  # decimals of percentages and points in a CSV (0.0001 % = 1e-6 as a fraction)
@@ -384,11 +387,11 @@ CSV_DECIMALS = 4  # decimals of percentages and points in a CSV (0.0001 % = 1e-6
 def rounded_for_csv(frame: pd.DataFrame) -> pd.DataFrame:
     """A copy of ``frame`` fit for a CSV: the percentage and point columns present (``mean``,
     ``std``, ``ior``) rounded to ``CSV_DECIMALS`` decimals, ``lr`` to 6 significant digits
-    (``utils.round_significant``), so ``23.200000000000003`` is written ``23.2``. Other columns
+    (``tables.round_significant``), so ``23.200000000000003`` is written ``23.2``. Other columns
     are unchanged; used by :func:`write_table` and ``scripts/make_table.py``."""
     frame = frame.round({column: CSV_DECIMALS for column in ("mean", "std", "ior") if column in frame})
     if "lr" in frame:
-        frame["lr"] = [utils.round_significant(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+        frame["lr"] = [tables.round_significant(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
                        for v in frame["lr"]]
     return frame
 
@@ -405,11 +408,11 @@ def write_table(path: str, rows: Sequence[Row], models: Sequence[str], protocol:
     """
     frame = rounded_for_csv(long_table(rows, models))
     csv_path = os.path.splitext(path)[0] + ".csv"
-    utils.write_text(csv_path, frame.to_csv(index=False))
+    storage.write_text(csv_path, frame.to_csv(index=False))
     records = json.loads(frame.to_json(orient="records"))
     blob = {**(extra or {}), "comparison": {"models": list(models), "protocol": protocol,
                                             "rows": [asdict(row) for row in rows], "table": records}}
-    utils.write_json(path, blob)
+    storage.write_json(path, blob)
     return path, csv_path
 
 

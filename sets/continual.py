@@ -35,6 +35,9 @@ import torch
 from tqdm import tqdm
 
 import networks
+import chunked
+import evaluation
+import tables
 import utils
 from sets.selection import herding_select
 
@@ -71,7 +74,7 @@ def restrict(images: torch.Tensor, labels: torch.Tensor, classes: Sequence[int])
 MemoryFn = Callable[[int], tuple]  # order index -> (images (N, C, H, W), labels (N,)) over all K classes
 
 
-def run_continual(memories: Dict[str, MemoryFn], record, steps: int, model: str, cfg: utils.EvalConfig, *,
+def run_continual(memories: Dict[str, MemoryFn], record, steps: int, model: str, cfg: evaluation.EvalConfig, *,
                   num_eval: int, device: torch.device, seed: int = 0, num_orders: int = NUM_ORDERS,
                   log: Callable[[str], None] = tqdm.write) -> dict:
     """Accuracy after every step for every memory source.
@@ -104,19 +107,19 @@ def run_continual(memories: Dict[str, MemoryFn], record, steps: int, model: str,
                     classes = seen_classes(order, steps, step)
                     train_x, train_y = restrict(images.to(device), labels.to(device), classes)
                     eval_x, eval_y = restrict(test_images, test_labels, classes)
-                    result = utils.evaluate_synset(train_x, train_y, model, record.num_classes, eval_x, eval_y, cfg,
+                    result = evaluation.evaluate_synset(train_x, train_y, model, record.num_classes, eval_x, eval_y, cfg,
                                                    num_eval=num_eval, device=device,
                                                    seed=seed + 1000 * index + 100 * step)
                     accs[name][step] += result.accs
                     log(f"{name} order {index} step {step + 1}/{steps}: {len(classes)} classes, {train_x.shape[0]} "
-                        f"images, test {eval_x.shape[0]}: {utils.format_acc(result.accs)} %")
+                        f"images, test {eval_x.shape[0]}: {tables.format_acc(result.accs)} %")
                     progress.update(1, f"{name}, order {index + 1}/{len(orders)}, step {step + 1}/{steps}")
     return {"orders": orders, "accs": accs}
 
 
 def step_table(accs: Dict[str, list]) -> pd.DataFrame:
     """Rows: sources; columns: steps 1..T; cells ``mean ± std`` (%) over orders x networks."""
-    return pd.DataFrame({f"step {t + 1}": {name: utils.format_acc(per_step[t]) for name, per_step in accs.items()}
+    return pd.DataFrame({f"step {t + 1}": {name: tables.format_acc(per_step[t]) for name, per_step in accs.items()}
                          for t in range(len(next(iter(accs.values()))))})
 
 
@@ -153,6 +156,6 @@ def herding_memory(record, model: str, ipc: int, seed: int, device) -> tuple:
     picked = []
     for c in range(record.num_classes):
         class_images = record.images_train[record.labels_train == c]
-        features = torch.cat([utils.embed_in_chunks(net, chunk.to(device)) for chunk in class_images.split(1024)])
+        features = torch.cat([chunked.embed_in_chunks(net, chunk.to(device)) for chunk in class_images.split(1024)])
         picked.append(class_images[herding_select(features, ipc).cpu()])
     return torch.cat(picked), torch.arange(record.num_classes).repeat_interleave(ipc)

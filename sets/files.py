@@ -8,7 +8,7 @@ Layouts:
   (images N x C x H x W float32 in the dataset's normalised space; class-major labels, int64, or
   (N, K) soft-label logits; DRUPI's feature labels as a third entry). Ours adds a ``meta`` dict
   (dataset, normalisation, ZCA, DSA strategy, the configuration, the learned step size ``syn_lr``
-  and the evaluation protocol ``protocol``, ``utils.EvalProtocol``);
+  and the evaluation protocol ``protocol``, ``evaluation.EvalProtocol``);
 * the trajectory-matching logs (GeorgeCazenavette/mtt-distillation, NUS-HPC-AI-Lab/DATM and PAD
   ``distill.py``): bare tensors ``images_*.pt``, ``labels_*.pt`` (class indices or soft-label
   logits) and ``lr_*.pt`` (the learned step size). A directory holding ``images_best.pt`` (their
@@ -27,6 +27,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+import storage
 import utils
 from data import PlainDataError, load_plain
 
@@ -48,7 +49,7 @@ def save_results(path: str, data: Sequence[Sequence[torch.Tensor]], accs_all_exp
         extra: further top-level keys (``meta``); readers of the reference layout ignore them.
     """
     data_cpu = [[t.detach().cpu() if torch.is_tensor(t) else t for t in entry] for entry in data]
-    utils.atomic_save({"data": data_cpu, "accs_all_exps": accs_all_exps, **extra}, path)
+    storage.atomic_save({"data": data_cpu, "accs_all_exps": accs_all_exps, **extra}, path)
 
 
 def _load(path: str, flag: str):

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-import utils
+import evaluation
 from precision import FP32, Precision, resolve_precision, PrecisionError
 from tiny_data import build_method, build_mtt, tiny_record
 
@@ -99,15 +99,15 @@ def test_evaluation_trains_and_tests_in_bf16(one_thread):
     images, labels = record.images_train[::8], record.labels_train[::8]
     accs = {}
     for precision in (FP32, BF16):
-        cfg = utils.EvalConfig(epochs=10, batch_train=8, precision=precision)
+        cfg = evaluation.EvalConfig(epochs=10, batch_train=8, precision=precision)
         with ConvDtypes() as seen:
-            result = utils.evaluate_synset(images, labels, "ConvNetW32", record.num_classes, record.images_test,
+            result = evaluation.evaluate_synset(images, labels, "ConvNetW32", record.num_classes, record.images_test,
                                            record.labels_test, cfg, num_eval=1, progress=False)
         accs[precision.amp] = (result.accs[0], seen.dtypes)
     assert accs["bf16"][1] == {torch.bfloat16} and accs["off"][1] == {torch.float32}
     assert abs(accs["bf16"][0] - accs["off"][0]) < 0.2
-    assert utils.EvalConfig(precision=BF16).describe()["amp"] == "autocast bf16"
-    assert "amp" not in utils.EvalConfig().describe()
+    assert evaluation.EvalConfig(precision=BF16).describe()["amp"] == "autocast bf16"
+    assert "amp" not in evaluation.EvalConfig().describe()
 
 
 def test_fp16_is_refused_on_cpu_and_unknown_values():

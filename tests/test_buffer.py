@@ -11,6 +11,7 @@ import data
 import networks
 from scripts import score
 from pretrained import buffers, experts, scores
+import evaluation
 import utils
 from tiny_data import PROTOTYPE_SEED, tiny_record
 
@@ -156,11 +157,11 @@ def test_train_epoch_on_a_subset_uses_only_those_images():
 
     def recording_step(n, x, y, o):
         seen.append(y.clone())
-        return utils.sgd_step(n, x, y, o)
+        return evaluation.sgd_step(n, x, y, o)
 
     index = torch.nonzero(record.labels_train == 1).flatten()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
-    utils.train_epoch(net, record.images_train, record.labels_train, optimizer, 4, utils.make_generator(1),
+    evaluation.train_epoch(net, record.images_train, record.labels_train, optimizer, 4, utils.make_generator(1),
                       index=index, step=recording_step)
     labels = torch.cat(seen)
     assert len(labels) == len(index) and bool((labels == 1).all())
@@ -173,7 +174,7 @@ def test_gsam_with_zero_rho_and_alpha_is_plain_sgd(model):
     nets = [experts.new_seeded_network(model, record, CPU, 5) for _ in range(2)]
     opts = [torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3) for n in nets]
     for _ in range(2):
-        loss_plain = utils.sgd_step(nets[0], x, y, opts[0])
+        loss_plain = evaluation.sgd_step(nets[0], x, y, opts[0])
         loss_gsam = experts.gsam_step(nets[1], x, y, opts[1], rho=0.0, alpha=0.0, adaptive=True)
         assert loss_plain.item() == pytest.approx(loss_gsam.item(), abs=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(nets[0].parameters(), nets[1].parameters()))

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-import utils
+import storage
 from sets import files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +75,7 @@ def test_sigterm_then_resume_finishes_the_run(tmp_path):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "--resume" in stderr.strip().splitlines()[-1]
-    saved = utils.load_checkpoint(str(run_dir / "last.pt"))
+    saved = storage.load_checkpoint(str(run_dir / "last.pt"))
     stopped_at = saved["iteration"]
     assert 0 < stopped_at < 400
     done = run(*args, "--resume")

@@ -8,7 +8,7 @@ import torch
 from scripts import continual
 from sets import continual as cl_lib
 import data
-import utils
+import evaluation
 from sets import files
 from tiny_data import tiny_record
 
@@ -44,12 +44,12 @@ def test_each_step_trains_and_tests_on_seen_classes_only(monkeypatch):
 
     def fake_evaluate(images, labels, model, num_classes, test_images, test_labels, cfg, *, num_eval, device, seed):
         calls.append((sorted(set(labels.tolist())), sorted(set(test_labels.tolist())), test_labels.numel(), num_classes))
-        return utils.EvalResult(model, [0.25 * len(set(test_labels.tolist()))] * num_eval)
+        return evaluation.EvalResult(model, [0.25 * len(set(test_labels.tolist()))] * num_eval)
 
-    monkeypatch.setattr(utils, "evaluate_synset", fake_evaluate)
+    monkeypatch.setattr(evaluation, "evaluate_synset", fake_evaluate)
     memory = (record.images_train, record.labels_train)
     outcome = cl_lib.run_continual({"all": lambda index: memory}, record, steps=2, model="ConvNet",
-                                      cfg=utils.EvalConfig(epochs=1), num_eval=2, device=torch.device("cpu"),
+                                      cfg=evaluation.EvalConfig(epochs=1), num_eval=2, device=torch.device("cpu"),
                                       num_orders=3, log=lambda line: None)
     assert len(calls) == 3 * 2
     for (train_classes, test_classes, count, k), (order_index, step) in zip(calls, [(o, t) for o in range(3) for t in range(2)]):

@@ -8,6 +8,7 @@ import torch
 from cli import distill_flags
 
 import methods
+import chunked
 import utils
 from sets import files
 from data import RealSampler
@@ -121,7 +122,7 @@ def test_herding_method_uses_the_embedding_of_the_seeded_network(one_thread):
     import networks
     net = networks.get_network("ConvNet", 1, 2, (8, 8)).eval()
     class0 = record.images_train[record.labels_train == 0]
-    expected = herding_select(utils.embed_in_chunks(net, class0), 3)
+    expected = herding_select(chunked.embed_in_chunks(net, class0), 3)
     assert torch.equal(syn.images[:3], class0[expected])
 
 

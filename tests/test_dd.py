@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import methods
+import evaluation
 import utils
 from cli import evaluate_flags
 from methods.runner import RunOptions, run_distillation, schedule_key
@@ -135,12 +136,12 @@ def test_schedule_training_follows_the_steps():
     images, labels = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 0, 1])
     net = utils.networks.get_network("ConvNetW32", 1, 2, (8, 8), device=CPU)
     before = [p.detach().clone() for p in net.parameters()]
-    utils.train_on_schedule(net, images, labels, utils.StepSchedule(lrs=(0.0,), batches=((0, 1),)))
+    evaluation.train_on_schedule(net, images, labels, evaluation.StepSchedule(lrs=(0.0,), batches=((0, 1),)))
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
-    utils.train_on_schedule(net, images, labels, utils.StepSchedule(lrs=(0.1,), batches=((0, 1),)))
+    evaluation.train_on_schedule(net, images, labels, evaluation.StepSchedule(lrs=(0.1,), batches=((0, 1),)))
     assert not all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
     with pytest.raises(ValueError, match="outside 0..3"):
-        utils.StepSchedule(lrs=(0.1,), batches=((4,),)).check(4)
+        evaluation.StepSchedule(lrs=(0.1,), batches=((4,),)).check(4)
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -17,6 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 import distributed
+import evaluation
 import utils
 from methods.runner import DistillationRun, RunInterrupted, RunOptions, StopFlag, run_distillation
 from pretrained import buffers, experts, originals
@@ -50,8 +51,8 @@ def evaluation(record):
     g = utils.make_generator(1)
     images = torch.randn(record.num_classes * 2, 1, 8, 8, generator=g)
     labels = torch.arange(record.num_classes).repeat_interleave(2)
-    cfg = utils.EvalConfig(epochs=2, lr=0.01, batch_train=8)
-    return utils.evaluate_synset_sharded(images, labels, MODEL, record.num_classes, record.images_test,
+    cfg = evaluation.EvalConfig(epochs=2, lr=0.01, batch_train=8)
+    return evaluation.evaluate_synset_sharded(images, labels, MODEL, record.num_classes, record.images_test,
                                          record.labels_test, cfg, num_eval=4, device=CPU, seed=7, progress=False)
 
 

@@ -16,6 +16,7 @@ from cli import distill_flags
 import evaluate
 import methods
 import networks
+import evaluation
 import utils
 from sets import files
 from data import RealSampler
@@ -113,8 +114,8 @@ def test_per_class_features_and_pretrained_init(one_thread):
 
 # ----- evaluation -------------------------------------------------------------------------------
 def _eval(record, images, labels, features=None, lbd=0.1, **cfg):
-    eval_cfg = utils.EvalConfig(epochs=2, batch_train=4, **cfg)
-    return utils.evaluate_synset(images, labels, MODEL, record.num_classes, record.images_test, record.labels_test,
+    eval_cfg = evaluation.EvalConfig(epochs=2, batch_train=4, **cfg)
+    return evaluation.evaluate_synset(images, labels, MODEL, record.num_classes, record.images_test, record.labels_test,
                                  eval_cfg, num_eval=2, device=CPU, seed=3,
                                  term=(FeatureTargets(features, images.shape[0], record.num_classes,
                                                       FeatureLossConfig(lbd=lbd))
@@ -133,7 +134,7 @@ def test_lambda_zero_equals_no_features_and_lambda_positive_trains_differently(o
     net_b.load_state_dict(net_a.state_dict())
     targets = FeatureTargets(features, images.shape[0], 3, FeatureLossConfig(lbd=1.0))
     for net, feats in ((net_a, None), (net_b, targets)):
-        utils.train_epoch(net, images, labels, torch.optim.SGD(net.parameters(), lr=0.1), 4, utils.make_generator(0),
+        evaluation.train_epoch(net, images, labels, torch.optim.SGD(net.parameters(), lr=0.1), 4, utils.make_generator(0),
                           term=feats)
     assert not torch.equal(net_a.classifier.weight, net_b.classifier.weight)
 
@@ -164,15 +165,15 @@ def test_tta_hflip_on_flip_invariant_images_equals_no_tta():
     images = torch.cat([half, half.flip(-1)], dim=-1)  # mirror-symmetric
     labels = torch.randint(0, 3, (20,))
     net = _Recorder()
-    plain = utils.test_accuracy(net, images, labels)
-    assert utils.test_accuracy(net, images, labels, tta_mode="hflip") == plain
+    plain = evaluation.test_accuracy(net, images, labels)
+    assert evaluation.test_accuracy(net, images, labels, tta_mode="hflip") == plain
     # on asymmetric images the flipped view is really used: the prediction is argmax(p(x) + p(flip x))
     asym = torch.randn(20, 1, 8, 8)
     with torch.no_grad():
         expected = (torch.softmax(net(asym), 1) + torch.softmax(net(asym.flip(-1)), 1)).argmax(1)
-    assert utils.test_accuracy(net, asym, expected, tta_mode="hflip") == 1.0
+    assert evaluation.test_accuracy(net, asym, expected, tta_mode="hflip") == 1.0
     with pytest.raises(ValueError, match="tta_mode"):
-        utils.test_accuracy(net, images, labels, tta_mode="fivecrop")
+        evaluation.test_accuracy(net, images, labels, tta_mode="fivecrop")
 
 
 def test_deterministic_accuracy_does_not_depend_on_the_test_batch_size(one_thread):
@@ -181,7 +182,7 @@ def test_deterministic_accuracy_does_not_depend_on_the_test_batch_size(one_threa
     passes = []
     for batch in (7, 1000):
         net.sizes.clear()
-        utils.test_accuracy(net, images, labels, batch_size=batch, deterministic=True)
+        evaluation.test_accuracy(net, images, labels, batch_size=batch, deterministic=True)
         passes.append(list(net.sizes))
     assert passes[0] == passes[1]  # the same passes whatever batch_test
     record = tiny_record(per_class=8)

@@ -9,12 +9,13 @@ import torch
 import distill
 import methods
 import networks
+import evaluation
 import utils
 from cli import evaluate_flags
 from methods.runner import RunInterrupted, RunOptions, StopFlag, run_distillation
 from methods.frepo import initial_label_values, label_margin_loss, regression_mse
 from methods.kernels import kernel_ridge_regression
-from utils import centred_one_hot
+from evaluation import centred_one_hot
 from sets import files
 from tiny_data import build_method, tiny_record
 
@@ -129,10 +130,10 @@ def test_squared_error_evaluation_learns_real_valued_labels():
     record = tiny_record()
     images, labels = record.images_train, record.labels_train
     targets = centred_one_hot(labels, record.num_classes)
-    cfg = utils.EvalConfig(epochs=15, lr=0.01, batch_train=16, label_loss="mse")
+    cfg = evaluation.EvalConfig(epochs=15, lr=0.01, batch_train=16, label_loss="mse")
     assert cfg.describe()["label_loss"] == "mse"
     net = networks.get_network("ConvNetW32", 1, 3, (8, 8))
-    acc = utils.train_and_test(net, images, targets, record.images_test, record.labels_test, cfg,
+    acc = evaluation.train_and_test(net, images, targets, record.images_test, record.labels_test, cfg,
                                utils.make_generator(0))
     assert acc > 0.8
 

@@ -27,6 +27,8 @@ import torch
 
 import data
 import methods
+import evaluation
+import storage
 import utils
 from methods.runner import RunOptions, run_distillation
 from pretrained import buffers, experts, originals, scores
@@ -144,9 +146,9 @@ def test_reference_layouts_still_load(tmp_path):
 
 # ----- checkpoints, buffers, scores, original models ---------------------------------------------
 def test_distillation_checkpoint(tmp_path, marker):
-    path = evil(tmp_path / "last.pt", marker, {"version": utils.CHECKPOINT_VERSION, "iteration": 3})
+    path = evil(tmp_path / "last.pt", marker, {"version": storage.CHECKPOINT_VERSION, "iteration": 3})
     with pytest.raises(utils.UserError) as error:
-        utils.load_checkpoint(path)
+        storage.load_checkpoint(path)
     one_line_refusal(error, path, "--resume: checkpoint ")
 
 
@@ -282,7 +284,7 @@ def test_distill_resume(tmp_path, marker, fake_dataset, capsys):
     import distill
 
     run = tmp_path / "run"
-    path = evil(run / "last.pt", marker, {"version": utils.CHECKPOINT_VERSION})
+    path = evil(run / "last.pt", marker, {"version": storage.CHECKPOINT_VERSION})
     exits_with_one_line(capsys, distill.main, ["--method", "DM", "--dataset", "Tiny3", "--model", "ConvNetW32",
                                                "--ipc", "1", "--Iteration", "1", "--num_exp", "1", "--num_eval", "1",
                                                "--batch_real", "4", "--run_dir", str(run), "--resume", "--device",
@@ -502,7 +504,7 @@ def test_unwritable_outputs_are_refused_before_any_work(script, argv, message, c
 
 def test_a_failed_write_keeps_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
-    utils.save_checkpoint(path, iteration=1)
+    storage.save_checkpoint(path, iteration=1)
     real_save = torch.save
 
     def full_disk(obj, target):
@@ -512,9 +514,9 @@ def test_a_failed_write_keeps_the_previous_file_and_no_temporary(tmp_path, monke
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(OSError, match=r"cannot write .*last.pt \(.*PytorchStreamWriter failed.*\); the previous file is intact"):
-        utils.save_checkpoint(path, iteration=2)
+        storage.save_checkpoint(path, iteration=2)
     monkeypatch.setattr(torch, "save", real_save)
-    assert utils.load_checkpoint(path)["iteration"] == 1
+    assert storage.load_checkpoint(path)["iteration"] == 1
     assert os.listdir(tmp_path) == ["last.pt"]
 
 
@@ -527,7 +529,7 @@ def test_stale_temporaries_of_killed_writers_are_removed(tmp_path):
     stale.write_bytes(b"half a checkpoint")
     mine = tmp_path / f"res.pt.tmp{os.getpid()}"
     mine.write_bytes(b"being written")
-    assert utils.remove_stale_temporaries(str(tmp_path)) == [str(stale)]
+    assert storage.remove_stale_temporaries(str(tmp_path)) == [str(stale)]
     assert not stale.exists() and mine.exists()
 
 
@@ -649,7 +651,7 @@ def test_a_stop_during_evaluation_resumes_bit_exactly(tmp_path, monkeypatch):
     record = tiny_record()
     opts = dict(eval_it=2, num_exp=2)
     full = run_distillation(_small(), _opts(tmp_path, "full", **opts), record, CPU)
-    stop, calls, real = StopFlag(), [], utils.evaluate_synset
+    stop, calls, real = StopFlag(), [], evaluation.evaluate_synset
 
     def signal_during_the_second_evaluation(*args, **kwargs):
         calls.append(1)
@@ -657,12 +659,12 @@ def test_a_stop_during_evaluation_resumes_bit_exactly(tmp_path, monkeypatch):
             stop.requested = True  # what SIGINT / SIGTERM do while a network trains
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(utils, "evaluate_synset", signal_during_the_second_evaluation)
+    monkeypatch.setattr(evaluation.runner, "evaluate_synset", signal_during_the_second_evaluation)
     with pytest.raises(RunInterrupted, match="stopped during the evaluation of experiment 0, iteration 2"):
         run_distillation(_small(), _opts(tmp_path, "cut", **opts), record, CPU, stop=stop)
-    saved = utils.load_checkpoint(str(tmp_path / "cut" / "last.pt"))
+    saved = storage.load_checkpoint(str(tmp_path / "cut" / "last.pt"))
     assert (saved["exp"], saved["iteration"], saved["pending_eval"]) == (0, 2, True)
-    monkeypatch.setattr(utils, "evaluate_synset", real)
+    monkeypatch.setattr(evaluation.runner, "evaluate_synset", real)
     resumed = run_distillation(_small(), _opts(tmp_path, "cut", resume=True, **opts), record, CPU)
     _same_result(full, resumed)
     summary = [(r["exp"], r["iteration"]) for r in csv_rows(tmp_path / "cut" / "summary.csv")]
@@ -712,7 +714,7 @@ def test_a_kill_during_a_checkpoint_write_resumes_bit_exactly(tmp_path):
     assert died.returncode == 137, died.stderr[-2000:]
     left = sorted(os.listdir(run_dir))
     assert any(name.startswith("last.pt.tmp") for name in left)
-    assert utils.load_checkpoint(os.path.join(run_dir, "last.pt"))["iteration"] == 2  # the previous one, intact
+    assert storage.load_checkpoint(os.path.join(run_dir, "last.pt"))["iteration"] == 2  # the previous one, intact
     record = tiny_record()
     full = run_distillation(_small(), _opts(tmp_path, "full", checkpoint_every=1), record, CPU)
     resumed = run_distillation(_small(), _opts(tmp_path, "killed", checkpoint_every=1, resume=True), record, CPU)

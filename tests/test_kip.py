@@ -10,7 +10,7 @@ import torch
 import data
 import distill
 import evaluate
-import utils
+import evaluation
 from methods import kernels
 from methods.runner import RunOptions, run_distillation
 from sets import files
@@ -123,7 +123,7 @@ def test_kip_loss_falls_and_changes_images_and_labels():
     method = build_method("KIP", record, learn_labels=True, target_batch_size=72, lr_img=0.05, init="noise")
     syn = method.init_synthetic()
     images, labels = syn.images.detach().clone(), syn.label_values.detach().clone()
-    assert torch.allclose(labels, utils.centred_one_hot(syn.labels, 3))
+    assert torch.allclose(labels, evaluation.centred_one_hot(syn.labels, 3))
     losses = [float(method.step(syn, iteration)["loss"]) for iteration in range(1, 16)]
     assert losses[-1] < 0.8 * losses[0], losses
     assert not torch.equal(syn.images, images) and not torch.equal(syn.label_values, labels)
@@ -143,13 +143,13 @@ def test_kip_other_kernels_and_fixed_labels_learn_images_only(kernel):
 
 def test_mse_label_loss_trains_on_centred_one_hot_or_learned_labels():
     labels = torch.tensor([0, 2])
-    assert torch.allclose(utils.regression_targets(labels, 3), torch.tensor([[2 / 3, -1 / 3, -1 / 3], [-1 / 3, -1 / 3, 2 / 3]]))
+    assert torch.allclose(evaluation.regression_targets(labels, 3), torch.tensor([[2 / 3, -1 / 3, -1 / 3], [-1 / 3, -1 / 3, 2 / 3]]))
     values = torch.randn(2, 3)
-    assert torch.equal(utils.regression_targets(values, 3), values)
+    assert torch.equal(evaluation.regression_targets(values, 3), values)
     logits = torch.zeros(2, 3, requires_grad=True)
-    assert torch.isclose(utils.label_loss_sum(logits, values, "mse"), 0.5 * (values ** 2).sum())
+    assert torch.isclose(evaluation.label_loss_sum(logits, values, "mse"), 0.5 * (values ** 2).sum())
     with pytest.raises(ValueError, match="expected one of"):
-        utils.label_loss_sum(logits, values, "hinge")
+        evaluation.label_loss_sum(logits, values, "hinge")
 
 
 def test_kip_run_saves_learned_labels_and_evaluates_them_with_the_square_loss(tmp_path, monkeypatch, capsys):
@@ -161,7 +161,7 @@ def test_kip_run_saves_learned_labels_and_evaluates_them_with_the_square_loss(tm
     blob = files.load_results(outcome.result_path)
     labels = blob["data"][0][1]
     assert labels.shape == (6, 3) and labels.dtype == torch.float32
-    assert not torch.allclose(labels, utils.centred_one_hot(torch.arange(3).repeat_interleave(2), 3))
+    assert not torch.allclose(labels, evaluation.centred_one_hot(torch.arange(3).repeat_interleave(2), 3))
     assert blob["meta"]["protocol"]["label_loss"] == "mse"
     results = json.load(open(tmp_path / "kip" / "results.json"))
     protocol = results["protocol"]["ConvNetW32"]

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 import methods
 import networks
+import chunked
+import evaluation
 import utils
 from sets import files
 from methods.dc import get_loops
@@ -159,20 +161,20 @@ def test_unknown_method_lists_choices():
 # ----- evaluation ---------------------------------------------------------------------------
 def test_evaluate_synset_learns_an_easy_problem():
     record = tiny_record(num_classes=3, per_class=30)
-    cfg = utils.EvalConfig(epochs=30, lr=0.01, batch_train=16)
-    result = utils.evaluate_synset(record.images_train, record.labels_train, "ConvNetW32", 3, record.images_test,
+    cfg = evaluation.EvalConfig(epochs=30, lr=0.01, batch_train=16)
+    result = evaluation.evaluate_synset(record.images_train, record.labels_train, "ConvNetW32", 3, record.images_test,
                                    record.labels_test, cfg, num_eval=2, device=CPU, seed=0)
     assert len(result.accs) == 2 and result.acc_mean > 0.9
 
 
 def test_evaluate_synset_is_seeded_and_leaves_global_rng_alone():
     record = tiny_record()
-    cfg = utils.EvalConfig(epochs=2, batch_train=8, dsa_strategy="color_crop_cutout_flip_scale_rotate")
+    cfg = evaluation.EvalConfig(epochs=2, batch_train=8, dsa_strategy="color_crop_cutout_flip_scale_rotate")
     state = torch.get_rng_state()
-    a = utils.evaluate_synset(record.images_train, record.labels_train, "ConvNetW32", 3, record.images_test,
+    a = evaluation.evaluate_synset(record.images_train, record.labels_train, "ConvNetW32", 3, record.images_test,
                               record.labels_test, cfg, num_eval=1, device=CPU, seed=5)
     assert torch.equal(state, torch.get_rng_state())
-    b = utils.evaluate_synset(record.images_train, record.labels_train, "ConvNetW32", 3, record.images_test,
+    b = evaluation.evaluate_synset(record.images_train, record.labels_train, "ConvNetW32", 3, record.images_test,
                               record.labels_test, cfg, num_eval=1, device=CPU, seed=5)
     assert a.accs == b.accs
 
@@ -187,8 +189,8 @@ def test_lr_schedule_decays_after_half(monkeypatch):
         return real_sgd(params, lr=lr, **kwargs)
 
     monkeypatch.setattr(torch.optim, "SGD", spy)
-    utils.train_and_test(networks.get_network("ConvNetW32", 1, 3, (8, 8)), record.images_train, record.labels_train,
-                         record.images_test, record.labels_test, utils.EvalConfig(epochs=4, lr=0.1, batch_train=64),
+    evaluation.train_and_test(networks.get_network("ConvNetW32", 1, 3, (8, 8)), record.images_train, record.labels_train,
+                         record.images_test, record.labels_test, evaluation.EvalConfig(epochs=4, lr=0.1, batch_train=64),
                          utils.make_generator(0))
     assert seen == [0.1, pytest.approx(0.01)]
 
@@ -304,13 +306,13 @@ def test_datadam_runs_on_other_norms_and_depths(model, power):
 def test_pass_size_keeps_batchnorm_statistics_whole():
     images = torch.randn(100, 1, 8, 8)
     bn = networks.get_network("ConvNetBN", 1, 3, (8, 8)).train()
-    assert utils.pass_size(bn, images) == 100           # batch statistics: one pass
-    assert utils.pass_size(bn.eval(), images) == utils.CPU_CHUNK  # frozen BN: per-sample
-    assert utils.pass_size(networks.get_network("ConvNet", 1, 3, (8, 8)), images) == utils.CPU_CHUNK
+    assert chunked.pass_size(bn, images) == 100           # batch statistics: one pass
+    assert chunked.pass_size(bn.eval(), images) == chunked.CPU_CHUNK  # frozen BN: per-sample
+    assert chunked.pass_size(networks.get_network("ConvNet", 1, 3, (8, 8)), images) == chunked.CPU_CHUNK
     net = networks.get_network("ConvNetW32", 1, 3, (8, 8))
-    chunked = utils.embed_in_chunks(net, images)
+    embedded = chunked.embed_in_chunks(net, images)
     with torch.no_grad():
-        assert torch.allclose(chunked, net.embed(images), atol=1e-5)
+        assert torch.allclose(embedded, net.embed(images), atol=1e-5)
 
 
 @pytest.mark.parametrize("method,overrides", [

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import methods
+import evaluation
 import utils
 from methods.runner import RunOptions, run_distillation
 from pretrained import experts
@@ -29,8 +30,8 @@ def progress_lines(caplog):
 
 
 def evaluate(record, progress=True, num_eval=2, epochs=2):
-    cfg = utils.EvalConfig(epochs=epochs, batch_train=8, dsa_strategy="color_crop_cutout_flip_scale_rotate")
-    return utils.evaluate_synset(record.images_train, record.labels_train, MODEL, 3, record.images_test,
+    cfg = evaluation.EvalConfig(epochs=epochs, batch_train=8, dsa_strategy="color_crop_cutout_flip_scale_rotate")
+    return evaluation.evaluate_synset(record.images_train, record.labels_train, MODEL, 3, record.images_test,
                                  record.labels_test, cfg, num_eval=num_eval, device=CPU, seed=4, progress=progress)
 
 

@@ -7,6 +7,8 @@ import torch
 
 import evaluate
 import methods
+import evaluation
+import storage
 import utils
 from cli import evaluate_flags
 from methods.runner import RunOptions, eval_protocol, run_distillation
@@ -18,16 +20,16 @@ MODEL = "ConvNetW32"
 
 
 def test_protocol_resolves_epochs_by_augmentation_and_the_learned_lr():
-    protocol = utils.EvalProtocol(epochs_augmented=1000, epochs_plain=300, lr=0.02, batch_train=64)
+    protocol = evaluation.EvalProtocol(epochs_augmented=1000, epochs_plain=300, lr=0.02, batch_train=64)
     plain = protocol.resolve("FashionMNIST", "ConvNet", "ConvNet", 1)
     assert (plain.epochs, plain.lr, plain.batch_train, plain.dsa_strategy) == (300, 0.02, 64, "")
     assert protocol.resolve("MNIST", "ConvNet", "ConvNet", 1).epochs == 1000  # DC's MNIST augmentation
     assert protocol.resolve("FashionMNIST", "ConvNet", "ConvNetBN", 1).epochs == 1000  # crop_noise for BN
-    dsa = utils.EvalProtocol(epochs_augmented=1800, epochs_plain=5, dsa_strategy="flip")
+    dsa = evaluation.EvalProtocol(epochs_augmented=1800, epochs_plain=5, dsa_strategy="flip")
     assert dsa.resolve("FashionMNIST", "ConvNet", "ConvNet", 1, learned_lr=0.03).epochs == 1800
     assert dsa.resolve("FashionMNIST", "ConvNet", "ConvNet", 1, learned_lr=0.03).lr == 0.03
     assert dsa.with_epochs(7).resolve("FashionMNIST", "ConvNet", "ConvNet", 1).epochs == 7
-    assert utils.EvalProtocol.from_dict({**dsa.as_dict(), "future_key": 1}) == dsa
+    assert evaluation.EvalProtocol.from_dict({**dsa.as_dict(), "future_key": 1}) == dsa
     for diverged in (-0.05, 0.0, float("nan")):  # a learned lr that diverged: one clear numeric error
         with pytest.raises(FloatingPointError, match="--lr_lr"):
             dsa.resolve("FashionMNIST", "ConvNet", "ConvNet", 1, learned_lr=diverged)
@@ -75,7 +77,7 @@ def test_reference_files_and_older_files_get_their_methods_protocol(tmp_path):
     reference = tmp_path / "res_DC_ref.pt"
     files.save_results(str(reference), [[images, labels]], {})
     args = evaluate_flags.build_parser().parse_args(["--syn_path", str(reference), "--dataset", record.name])
-    assert evaluate_flags.load_set(str(reference), args, record)[2] == utils.EvalProtocol()
+    assert evaluate_flags.load_set(str(reference), args, record)[2] == evaluation.EvalProtocol()
     older = tmp_path / "res_CAFE_old.pt"
     files.save_results(str(older), [[images, labels]], {}, meta={"method": "CAFE", "dataset": record.name,
                                                                    "dsa_strategy": "", "config": {"batch_train": 32}})
@@ -95,10 +97,10 @@ def test_loading_never_runs_code(tmp_path):
     torch.save({"data": [[torch.zeros(1, 1, 8, 8), torch.zeros(1, dtype=torch.long)]], "x": Evil()}, path)
     with pytest.raises(utils.UserError, match="--syn_path: .*evil.pt is not plain data"):
         files.load_results(str(path))
-    torch.save({"version": utils.CHECKPOINT_VERSION, "x": Evil()}, tmp_path / "last.pt")
+    torch.save({"version": storage.CHECKPOINT_VERSION, "x": Evil()}, tmp_path / "last.pt")
     with pytest.raises(utils.UserError, match="--resume: checkpoint .*last.pt is not plain data"):
-        utils.load_checkpoint(str(tmp_path / "last.pt"))
+        storage.load_checkpoint(str(tmp_path / "last.pt"))
     assert not marker.exists()
     # our own checkpoints, numpy's RNG state included, load as plain data
-    utils.save_checkpoint(str(tmp_path / "ok.pt"), rng=utils.rng_state(), config={"a": [1, 2.5, None]})
-    assert utils.load_checkpoint(str(tmp_path / "ok.pt"))["config"] == {"a": [1, 2.5, None]}
+    storage.save_checkpoint(str(tmp_path / "ok.pt"), rng=utils.rng_state(), config={"a": [1, 2.5, None]})
+    assert storage.load_checkpoint(str(tmp_path / "ok.pt"))["config"] == {"a": [1, 2.5, None]}

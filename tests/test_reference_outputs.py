@@ -20,6 +20,7 @@ import torch
 
 import cli
 import methods
+import storage
 import utils
 from data import ZCA
 from methods.runner import DistillationRun, RunInterrupted, RunOptions, StopFlag, run_distillation
@@ -94,13 +95,13 @@ def test_best_survives_a_stop_and_resume(tmp_path):
     with pytest.raises(RunInterrupted):
         run_distillation(_dm(record), opts, record, CPU, stop=stop, on_iteration=stop_at_2)
     checkpoint = tmp_path / "run" / "last.pt"
-    saved = utils.load_checkpoint(str(checkpoint))
+    saved = storage.load_checkpoint(str(checkpoint))
     assert saved["iteration"] == 2 and saved["best"][0]["iteration"] in (0, 1, 2)
     # A best no later evaluation can beat: the resumed run must report it, not forget it.
     saved["best"][0].update(iteration=1, accuracy=2.0)
     marker = saved["best"][0]["data"][0] = torch.full_like(saved["best"][0]["data"][0], 7.0)
     saved.pop("version")
-    utils.save_checkpoint(str(checkpoint), **saved)
+    storage.save_checkpoint(str(checkpoint), **saved)
     run_distillation(_dm(record), opts, record, CPU)
     best = files.load_results(str(tmp_path / "run" / f"best_DM_{record.name}_{MTT_MODEL}_1ipc.pt"))
     assert (best["meta"]["best"][0]["iteration"], best["meta"]["best"][0]["accuracy"]) == (1, 2.0)

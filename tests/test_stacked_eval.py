@@ -1,4 +1,4 @@
-"""Stacked evaluation (``stacking``, ``--stacked_eval``): N networks trained together give what N
+"""Stacked evaluation (``evaluation.stacked``, ``--stacked_eval``): N networks trained together give what N
 networks trained one after another give, with each network's own initialisation, data order and
 augmentation draws."""
 import copy
@@ -9,7 +9,8 @@ import torch.nn as nn
 
 import augment
 import networks
-import stacking
+import evaluation
+from evaluation import stacked as stacking
 import utils
 from tiny_data import CPU, tiny_record
 
@@ -43,21 +44,17 @@ def test_stacked_training_equals_one_network_at_a_time(one_thread, model, dsa, d
     labels = _labels(record, soft)
     nets = _fresh(model, 11, 3, record)
     copies = [copy.deepcopy(net) for net in nets]
-    augmenter = utils.make_augmenter(dsa, dc_aug)
+    augmenter = evaluation.make_augmenter(dsa, dc_aug)
     for k, net in enumerate(nets):
         generator = utils.make_generator(40 + k)
         optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         for _ in range(2):
-            utils.train_epoch(net, record.images_train, labels, optimizer, 8, generator, augmenter)
+            evaluation.train_epoch(net, record.images_train, labels, optimizer, 8, generator, augmenter)
     stack = stacking.StackedNetworks(copies)
     generators = [utils.make_generator(40 + k) for k in range(3)]
     optimizer = torch.optim.SGD(stack.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-
-    def stacked_augmenter(x, gens):
-        return stacking.augment_stacked(x, gens, dsa, dc_aug)
-
     for _ in range(2):
-        stacking.train_epoch(stack, record.images_train, labels, optimizer, 8, generators, stacked_augmenter)
+        stacking.train_epoch(stack, record.images_train, labels, optimizer, 8, generators, dsa, dc_aug)
     for k, net in enumerate(nets):
         trained = stack.network(k)
         for (name, value), (_, expected) in zip(trained.state_dict().items(), net.state_dict().items()):
@@ -68,12 +65,12 @@ def test_stacked_training_equals_one_network_at_a_time(one_thread, model, dsa, d
 
 
 def _advanced(seed, record, labels, dsa, dc_aug):
-    """A generator taken through two epochs of utils.train_epoch's draws (untrained network)."""
+    """A generator taken through two epochs of evaluation.train_epoch's draws (untrained network)."""
     generator = utils.make_generator(seed)
     net = networks.get_network("ConvNetW32", record.channel, record.num_classes, record.im_size)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
     for _ in range(2):
-        utils.train_epoch(net, record.images_train, labels, optimizer, 8, generator, utils.make_augmenter(dsa, dc_aug))
+        evaluation.train_epoch(net, record.images_train, labels, optimizer, 8, generator, evaluation.make_augmenter(dsa, dc_aug))
     return generator
 
 
@@ -81,7 +78,7 @@ def _advanced(seed, record, labels, dsa, dc_aug):
 def test_augmentation_draws_are_each_networks_own(dsa, dc_aug):
     x = torch.randn(4, 6, 2, 9, 9)
     joined = stacking.augment_stacked(x, [torch.Generator().manual_seed(k) for k in range(4)], dsa, dc_aug)
-    augmenter = utils.make_augmenter(dsa, dc_aug)
+    augmenter = evaluation.make_augmenter(dsa, dc_aug)
     for k in range(4):
         assert torch.allclose(joined[k], augmenter(x[k], torch.Generator().manual_seed(k)), atol=1e-6)
 
@@ -93,18 +90,18 @@ def test_test_pass_of_many_networks_at_once(one_thread):
     test_y = torch.randint(0, record.num_classes, (10_000,), generator=torch.Generator().manual_seed(2))
     stack = stacking.StackedNetworks(copy.deepcopy(nets))
     accs = stacking.test_accuracies(stack, test_x, test_y, batch_size=5000)
-    assert accs == [utils.test_accuracy(net, test_x, test_y) for net in nets] and len(set(accs)) > 1
+    assert accs == [evaluation.test_accuracy(net, test_x, test_y) for net in nets] and len(set(accs)) > 1
     tta = stacking.test_accuracies(stack, test_x[:1000], test_y[:1000], batch_size=1000, tta_mode="hflip")
-    assert tta == [utils.test_accuracy(net, test_x[:1000], test_y[:1000], tta_mode="hflip") for net in nets]
+    assert tta == [evaluation.test_accuracy(net, test_x[:1000], test_y[:1000], tta_mode="hflip") for net in nets]
 
 
 def test_evaluate_synset_stacked_equals_sequential_and_records_the_path(one_thread):
     record = tiny_record(per_class=8, separable=False)  # accuracies differ from network to network
-    cfg = utils.EvalConfig(epochs=3, batch_train=8, dsa_strategy=DSA)
+    cfg = evaluation.EvalConfig(epochs=3, batch_train=8, dsa_strategy=DSA)
     state = torch.get_rng_state()
-    results = {mode: utils.evaluate_synset(record.images_train, record.labels_train, "ConvNetW32", 3,
+    results = {mode: evaluation.evaluate_synset(record.images_train, record.labels_train, "ConvNetW32", 3,
                                            record.images_test, record.labels_test,
-                                           utils.EvalConfig(**{**cfg.__dict__, "stacked_eval": mode}),
+                                           evaluation.EvalConfig(**{**cfg.__dict__, "stacked_eval": mode}),
                                            num_eval=4, device=CPU, seed=7, progress=False)
                for mode in ("off", "on")}
     assert torch.equal(state, torch.get_rng_state())
@@ -112,8 +109,8 @@ def test_evaluate_synset_stacked_equals_sequential_and_records_the_path(one_thre
     assert results["on"].path == "stacked" and results["off"].path == "sequential"
     assert results["on"].as_dict()["eval_path"] == "stacked"
     # a share of the networks (another rank's, say): each index keeps its own seed
-    share = utils.evaluate_synset(record.images_train, record.labels_train, "ConvNetW32", 3, record.images_test,
-                                  record.labels_test, utils.EvalConfig(**{**cfg.__dict__, "stacked_eval": "on"}),
+    share = evaluation.evaluate_synset(record.images_train, record.labels_train, "ConvNetW32", 3, record.images_test,
+                                  record.labels_test, evaluation.EvalConfig(**{**cfg.__dict__, "stacked_eval": "on"}),
                                   device=CPU, seed=7, progress=False, indices=[3, 1])
     assert share.accs == [results["off"].accs[3], results["off"].accs[1]]
 
@@ -136,8 +133,8 @@ class _DataDependent(networks.BaseNetwork):
 def test_unsupported_architecture_falls_back_to_sequential(monkeypatch, one_thread):
     monkeypatch.setitem(networks.NETWORKS, "DataDependentNet", _DataDependent)
     record = tiny_record(per_class=4)
-    cfg = utils.EvalConfig(epochs=1, batch_train=8, stacked_eval="on")
-    result = utils.evaluate_synset(record.images_train, record.labels_train, "DataDependentNet", 3,
+    cfg = evaluation.EvalConfig(epochs=1, batch_train=8, stacked_eval="on")
+    result = evaluation.evaluate_synset(record.images_train, record.labels_train, "DataDependentNet", 3,
                                    record.images_test, record.labels_test, cfg, num_eval=2, device=CPU, progress=False)
     assert result.path == "sequential" and "cannot be stacked" in result.path_note and len(result.accs) == 2
     assert "cannot be stacked" in result.as_dict()["eval_path_note"]
@@ -145,16 +142,16 @@ def test_unsupported_architecture_falls_back_to_sequential(monkeypatch, one_thre
 
 def test_auto_choice():
     cuda = torch.device("cuda")
-    assert utils.eval_path("auto", "ConvNet", cuda, 5) == (True, "auto: stacked")
-    assert utils.eval_path("auto", "ResNet18", cuda, 5)[0] is False
-    assert utils.eval_path("auto", "ConvNet", CPU, 5)[0] is False
-    assert utils.eval_path("on", "ConvNet", CPU, 5) == (True, "")
-    assert utils.eval_path("on", "ConvNet", CPU, 1)[0] is False
-    assert utils.eval_path("off", "ConvNet", cuda, 5) == (False, "")
-    assert "training term" in utils.eval_path("on", "ConvNet", cuda, 5, term=object())[1]
-    assert "--label_loss mse" in utils.eval_path("on", "ConvNet", cuda, 5, label_loss="mse")[1]
+    assert evaluation.eval_path("auto", "ConvNet", cuda, 5) == (True, "auto: stacked")
+    assert evaluation.eval_path("auto", "ResNet18", cuda, 5)[0] is False
+    assert evaluation.eval_path("auto", "ConvNet", CPU, 5)[0] is False
+    assert evaluation.eval_path("on", "ConvNet", CPU, 5) == (True, "")
+    assert evaluation.eval_path("on", "ConvNet", CPU, 1)[0] is False
+    assert evaluation.eval_path("off", "ConvNet", cuda, 5) == (False, "")
+    assert "training term" in evaluation.eval_path("on", "ConvNet", cuda, 5, term=object())[1]
+    assert "--label_loss mse" in evaluation.eval_path("on", "ConvNet", cuda, 5, label_loss="mse")[1]
     with pytest.raises(ValueError, match="--stacked_eval"):
-        utils.EvalConfig(stacked_eval="sometimes")
+        evaluation.EvalConfig(stacked_eval="sometimes")
 
 
 def test_flag_reaches_the_protocol_of_both_stages():
@@ -168,7 +165,7 @@ def test_flag_reaches_the_protocol_of_both_stages():
         assert opts.stacked_eval == protocol.stacked_eval == expected
         assert protocol.resolve("MNIST", "ConvNet", "ConvNet", 1).stacked_eval == expected
         args = evaluate_flags.build_parser().parse_args(["--baseline", "random", "--ipc", "1", *given])
-        saved = utils.EvalProtocol(stacked_eval="off")  # how, not what, is trained: the flag decides
+        saved = evaluation.EvalProtocol(stacked_eval="off")  # how, not what, is trained: the flag decides
         assert evaluate_flags.apply_flags(saved, args).stacked_eval == expected
     with pytest.raises(SystemExit):
         distill_flags.parse_args(["--stacked_eval", "sometimes"])
@@ -180,7 +177,7 @@ def test_evaluate_py_rows_record_the_path(one_thread):
     record = tiny_record(per_class=4)
     row = comparison.Row(name="set", kind="synthetic", ipc=4, method="DM", dataset=record.name)
     experiment = comparison.SetToEvaluate(images=record.images_train, labels=record.labels_train)
-    protocol = utils.EvalProtocol(epochs_plain=1, batch_train=8, stacked_eval="on")
+    protocol = evaluation.EvalProtocol(epochs_plain=1, batch_train=8, stacked_eval="on")
     comparison.evaluate_set_row(row, [experiment], ["ConvNetW32"], protocol, "ConvNet", record.images_test,
                                 record.labels_test, 3, num_eval=2, device=CPU, seed=0)
     assert row.results["ConvNetW32"]["eval_path"] == "stacked" and len(row.results["ConvNetW32"]["accs"]) == 2

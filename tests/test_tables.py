@@ -12,6 +12,7 @@ from sets import comparison
 import data
 import evaluate
 import networks
+import evaluation
 import utils
 from sets import files
 from tiny_data import tiny_record
@@ -245,13 +246,13 @@ def test_evaluate_set_row_records_the_learned_step_sizes(monkeypatch):
 
     def fake_evaluate(images, labels, model, num_classes, test_images, test_labels, cfg, **kwargs):
         calls.append(cfg.lr)
-        return utils.EvalResult(model, [0.5], 0.1)
+        return evaluation.EvalResult(model, [0.5], 0.1)
 
-    monkeypatch.setattr(utils, "evaluate_synset", fake_evaluate)
+    monkeypatch.setattr(evaluation, "evaluate_synset", fake_evaluate)
     experiments = [comparison.SetToEvaluate(torch.zeros(2, 1, 8, 8), torch.arange(2), learned_lr=lr)
                    for lr in (0.011, 0.012)]
     row = comparison.Row(name="MTT", kind="synthetic", ipc=1, method="MTT", dataset="Tiny3")
-    comparison.evaluate_set_row(row, experiments, ["ConvNet"], utils.EvalProtocol(lr=0.01), "ConvNet",
+    comparison.evaluate_set_row(row, experiments, ["ConvNet"], evaluation.EvalProtocol(lr=0.01), "ConvNet",
                                 torch.zeros(2, 1, 8, 8), torch.arange(2), 2, num_eval=1, device=torch.device("cpu"),
                                 seed=0)
     protocol = row.results["ConvNet"]["protocol"]
@@ -260,7 +261,7 @@ def test_evaluate_set_row_records_the_learned_step_sizes(monkeypatch):
     assert comparison.training_lr(protocol) == (pytest.approx(0.0115), "learned")
     plain = comparison.Row(name="DM", kind="synthetic", ipc=1, method="DM", dataset="Tiny3")
     comparison.evaluate_set_row(plain, [comparison.SetToEvaluate(torch.zeros(2, 1, 8, 8), torch.arange(2))], ["ConvNet"],
-                                utils.EvalProtocol(lr=0.01), "ConvNet", torch.zeros(2, 1, 8, 8), torch.arange(2), 2,
+                                evaluation.EvalProtocol(lr=0.01), "ConvNet", torch.zeros(2, 1, 8, 8), torch.arange(2), 2,
                                 num_eval=1, device=torch.device("cpu"), seed=0)
     assert "learned_lr" not in plain.results["ConvNet"]["protocol"]
     assert comparison.lr_text(plain.results["ConvNet"]["protocol"]) == "0.01"

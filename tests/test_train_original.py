@@ -10,6 +10,7 @@ import data
 import networks
 from pretrained import originals as O
 import train_original
+import evaluation
 import utils
 from tiny_data import tiny_record
 
@@ -181,7 +182,7 @@ def test_loaded_models_are_frozen_and_give_the_saved_accuracy(tmp_path):
     for index, net in enumerate(models):
         assert not net.training and not any(p.requires_grad for p in net.parameters())
         saved = state_of(tmp_path, index, "ConvNetBN")["test_acc"]
-        assert utils.test_accuracy(net, record.images_test, record.labels_test) == saved
+        assert evaluation.test_accuracy(net, record.images_test, record.labels_test) == saved
     assert len(O.load_original_models(str(tmp_path), "Tiny3", "ConvNetBN", [1])) == 1
     with pytest.raises(utils.UserError, match="num_classes=3 but num_classes=10"):
         O.load_original_models(str(tmp_path), "Tiny3", "ConvNetBN", expect={"num_classes": 10})

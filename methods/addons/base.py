@@ -16,7 +16,7 @@ Hooks, each a no-op here:
 * :meth:`AddOn.after_image_update`: work after every image update (e.g. a step on the add-on's
   own learned state), on the method's network when it has one;
 * :meth:`AddOn.training_term`: how networks trained on the set (inner loops, evaluation) train,
-  a ``utils.TrainingTerm``;
+  an ``evaluation.TrainingTerm``;
 * :meth:`AddOn.unroll_loss`: the per-step loss of an unrolled student (trajectory matching);
 * :meth:`AddOn.optimizers`, :meth:`AddOn.saved_entries`, :meth:`AddOn.pop_logs`,
   :meth:`AddOn.state_dict` / :meth:`AddOn.load_state_dict`.
@@ -71,7 +71,7 @@ class AddOn:
         return None
 
     def training_term(self, syn):
-        """The ``utils.TrainingTerm`` of networks trained on ``syn`` (inner loops and evaluation),
+        """The ``evaluation.TrainingTerm`` of networks trained on ``syn`` (inner loops and evaluation),
         or ``None`` (plain cross-entropy)."""
         return None
 

@@ -33,7 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import networks
-import utils
+import chunked
+import evaluation
 from methods.addons.base import AddOn
 from methods.addons.feature_loss import (FeatureLossConfig, FeatureTargets, classify_features, feature_distance,
                                          forward_with_features, pool_features)
@@ -144,7 +145,7 @@ class FeatureLabels(AddOn):
         m = self.method
         net = self.new_network()
         optimizer = torch.optim.SGD(net.parameters(), lr=m.cfg.lr_net)
-        utils.train_epoch(net, m.sampler.images, m.sampler.labels, optimizer, m.cfg.batch_train, m.generator)
+        evaluation.train_epoch(net, m.sampler.images, m.sampler.labels, optimizer, m.cfg.batch_train, m.generator)
         return net
 
     def initial_features(self, syn) -> torch.Tensor:
@@ -232,7 +233,7 @@ class FeatureLabels(AddOn):
         for c in range(m.num_classes):
             real = m.sampler.get_images(c, m.cfg.batch_real, m.generator)
             label_real = torch.full((real.shape[0],), c, dtype=torch.long, device=m.device)
-            grad_real = utils.param_grads(net, params, real, label_real)
+            grad_real = chunked.param_grads(net, params, real, label_real)
             image_syn = syn.class_images(c).detach()
             label_syn = torch.full((image_syn.shape[0],), c, dtype=torch.long, device=m.device)
             logits, features = forward_with_features(net, image_syn, self.cfg.layer_idx)

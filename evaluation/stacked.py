@@ -18,15 +18,17 @@ is therefore the usual zero_grad / forward / loss / backward / step (:func:`sgd_
 autocast context and a ``GradScaler`` can wrap like any other step.
 
 Randomness stays per network: each network draws its data order and its augmentation from its own
-``torch.Generator``, in the order a network trained alone draws them (``utils.train_epoch``): the
+``torch.Generator``, in the order a network trained alone draws them (``evaluation.training.train_epoch``): the
 permutation at the start of an epoch, then each batch's augmentation. Only the application of the
 drawn augmentations is joined (:func:`augment_stacked`).
 
-This module knows no method and no protocol (epochs, learning-rate schedule): ``utils`` drives it.
+This module knows no method; :func:`train_and_test_stacked` runs the protocol's schedule
+(:func:`evaluation.training.sgd_schedule`) over the stacked networks.
 """
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -36,6 +38,9 @@ from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
 import augment
+from chunked import CPU_CHUNK, chunk_size
+from evaluation.protocol import TTA_MODES, EvalConfig
+from evaluation.training import DETERMINISTIC_TEST_PASS, sgd_schedule
 
 __all__ = [
     "StackingUnsupported",
@@ -46,6 +51,7 @@ __all__ = [
     "sgd_step",
     "train_epoch",
     "test_accuracies",
+    "train_and_test_stacked",
 ]
 
 
@@ -243,7 +249,7 @@ def sgd_step(stack: StackedNetworks, images: Tensor, labels: Tensor, optimizer: 
              chunk: Optional[int] = None) -> Tensor:
     """One optimiser step of every network on its batch (:func:`accumulate_gradient`).
 
-    The stacked counterpart of ``utils.sgd_step``: zero_grad, forward, loss, backward, step.
+    The stacked counterpart of ``evaluation.training.sgd_step``: zero_grad, forward, loss, backward, step.
 
     Returns:
         (N,) the mean losses before the step (detached).
@@ -254,17 +260,14 @@ def sgd_step(stack: StackedNetworks, images: Tensor, labels: Tensor, optimizer: 
     return losses
 
 
-Augmenter = Callable[[Tensor, Sequence[torch.Generator]], Tensor]
-Step = Callable[[StackedNetworks, Tensor, Tensor, torch.optim.Optimizer], Tensor]
-
-
 def train_epoch(stack: StackedNetworks, images: Tensor, labels: Tensor, optimizer: torch.optim.Optimizer,
-                batch_size: int, generators: Sequence[torch.Generator], augmenter: Optional[Augmenter] = None,
-                step: Optional[Step] = None) -> Tensor:
+                batch_size: int, generators: Sequence[torch.Generator], dsa_strategy: str = "",
+                dc_aug: Optional[augment.DCAugParam] = None, chunk: Optional[int] = None) -> Tensor:
     """One shuffled pass of every network over the same in-memory set, each in its own order.
 
-    Network k draws from ``generators[k]`` what ``utils.train_epoch`` draws for a network trained
-    alone: ``randperm`` of the set at the start, then each batch's augmentation.
+    Network k draws from ``generators[k]`` what ``evaluation.training.train_epoch`` draws for a
+    network trained alone: ``randperm`` of the set at the start, then each batch's augmentation
+    (:func:`augment_stacked` with ``dsa_strategy`` / ``dc_aug``).
 
     Args:
         stack: the networks (put in train mode).
@@ -272,25 +275,22 @@ def train_epoch(stack: StackedNetworks, images: Tensor, labels: Tensor, optimize
         optimizer: over ``stack.parameters()``.
         batch_size: images per step and network; the last batch may be smaller.
         generators: N CPU generators.
-        augmenter: ``f(x (N, B, C, H, W), generators) -> x`` under ``no_grad`` (e.g.
-            :func:`augment_stacked` with the protocol's strategy), or ``None``.
-        step: ``step(stack, x, y, optimizer) -> (N,) losses``; default :func:`sgd_step`.
+        dsa_strategy, dc_aug: the protocol's training augmentation (none when both are empty).
+        chunk: images per network per forward pass (:func:`sgd_step`).
 
     Returns:
         (N,) mean training loss of each network over the epoch (on the device; no sync).
     """
     stack.train()
-    step = step or sgd_step
     count = images.shape[0]
     orders = torch.stack([torch.randperm(count, generator=g) for g in generators]).to(images.device)  # (N, M)
     total = torch.zeros(stack.count, device=images.device)
     for start in range(0, count, batch_size):
         batch = orders[:, start:start + batch_size]  # (N, B)
         x, y = images[batch], labels[batch]
-        if augmenter is not None:
-            with torch.no_grad():
-                x = augmenter(x, generators)
-        total += step(stack, x, y, optimizer) * x.shape[1]
+        with torch.no_grad():
+            x = augment_stacked(x, generators, dsa_strategy, dc_aug)
+        total += sgd_step(stack, x, y, optimizer, chunk) * x.shape[1]
     return total / max(count, 1)
 
 
@@ -303,7 +303,7 @@ def test_accuracies(stack: StackedNetworks, images: Tensor, labels: Tensor, batc
         images: (M, C, H, W), moved pass by pass to the networks' device; labels: (M,) int64.
         batch_size: test images per pass (all N networks see them in that pass).
         tta_mode: ``""`` or ``hflip`` (mean of the softmax of the image and its mirror), as
-            ``utils.test_accuracy``.
+            ``evaluation.training.test_accuracy``.
 
     Returns:
         N accuracies.
@@ -320,3 +320,52 @@ def test_accuracies(stack: StackedNetworks, images: Tensor, labels: Tensor, batc
             scores = stack(x)
         correct += (scores.argmax(dim=2) == y).sum(dim=1)
     return [int(c) / max(images.shape[0], 1) for c in correct.tolist()]
+
+
+def train_and_test_stacked(nets: Sequence[nn.Module], images: Tensor, labels: Tensor,
+                           test_images: Tensor, test_labels: Tensor, cfg: EvalConfig,
+                           generators: Sequence[torch.Generator], on_epoch: Optional[Callable[[int], None]] = None,
+                           should_stop: Optional[Callable[[], bool]] = None) -> List[float]:
+    """``evaluation.training.train_and_test`` for N networks of one architecture at once.
+
+    Network k trains from its own initialisation and draws its data order and augmentation from
+    ``generators[k]`` exactly as ``train_and_test`` would with that generator, so the
+    accuracies equal N separate calls up to float rounding (batched kernels sum in another order).
+
+    Args:
+        nets: N freshly initialised networks of one architecture on the target device.
+        images: (M, C, H, W) training images on that device; labels: (M,) int64 or (M, K).
+        test_images, test_labels: (T, C, H, W) and (T,), on any device.
+        cfg: the protocol.
+        generators: N CPU generators.
+        on_epoch: called as ``on_epoch(epochs_done)`` after each epoch (of all N networks).
+        should_stop: asked before every epoch; ``True`` abandons the training.
+
+    Returns:
+        N test accuracies in [0, 1].
+
+    Raises:
+        FloatingPointError: a network's training loss became NaN or infinite.
+        EvaluationStopped: ``should_stop`` said so.
+    """
+    stack = StackedNetworks(nets)
+    count = stack.count
+    cpu = images.device.type == "cpu"
+    chunk = max(1, CPU_CHUNK // count) if cpu else None  # per network; CPU: a cache-sized pass in all
+
+    def run_epoch(optimizer: torch.optim.Optimizer) -> Tensor:
+        with cfg.precision.autocast(images.device):  # bfloat16 only: eval_path keeps float16 sequential
+            return train_epoch(stack, images, labels, optimizer, cfg.batch_train, generators, cfg.dsa_strategy,
+                               cfg.dc_aug, chunk)
+
+    losses = sgd_schedule(stack.parameters(), cfg, run_epoch, on_epoch, should_stop)
+    losses = torch.as_tensor(losses).cpu()
+    if not bool(torch.isfinite(losses).all()):
+        bad = next(float(v) for v in losses if not math.isfinite(float(v)))
+        raise FloatingPointError(f"evaluation training loss became {bad}")
+    size = chunk_size(images.device, DETERMINISTIC_TEST_PASS if cfg.deterministic else cfg.batch_test)
+    per_pass = size if cpu else max(1, size // count)  # CUDA: about one network's pass of activations
+    if cfg.tta_mode and cfg.tta_mode not in TTA_MODES:
+        raise ValueError(f"--tta_mode {cfg.tta_mode!r}: expected one of {', '.join(TTA_MODES)}")
+    with cfg.precision.autocast(images.device):
+        return test_accuracies(stack, test_images, test_labels, per_pass, cfg.tta_mode)

@@ -1,0 +1,26 @@
+"""Evaluating a synthetic set: the protocol and its one resolver (:mod:`evaluation.protocol`), the
+training step, epoch and test pass (:mod:`evaluation.training`), networks trained together
+(:mod:`evaluation.stacked`), the runner that picks how to train them, on one process or torchrun's
+ranks (:mod:`evaluation.runner`), and learned step schedules (:mod:`evaluation.schedule`).
+
+It knows no method and no command line: ``methods/``, ``sets/`` and ``cli/`` call it. The public
+names are importable from the package itself (``evaluation.evaluate_synset``).
+"""
+from evaluation.protocol import (LABEL_LOSSES, STACKED_EVAL_CHOICES, TTA_MODES, EvalConfig, EvalProtocol,
+                                 EvalResult)
+from evaluation.training import (DETERMINISTIC_TEST_PASS, Augmenter, EvaluationStopped, Step, TrainingTerm,
+                                 accumulate_gradient, centred_one_hot, deterministic_algorithms, has_batchnorm,
+                                 label_loss_sum, make_augmenter, regression_targets, sgd_schedule, sgd_step,
+                                 test_accuracy, train_and_test, train_epoch)
+from evaluation.stacked import StackingUnsupported, train_and_test_stacked
+from evaluation.runner import SEQUENTIAL_ON_AUTO, eval_path, evaluate_synset, evaluate_synset_sharded
+from evaluation.schedule import StepSchedule, evaluate_schedule, train_on_schedule
+
+__all__ = [
+    "LABEL_LOSSES", "STACKED_EVAL_CHOICES", "TTA_MODES", "EvalConfig", "EvalProtocol", "EvalResult",
+    "DETERMINISTIC_TEST_PASS", "Augmenter", "EvaluationStopped", "Step", "TrainingTerm", "accumulate_gradient",
+    "centred_one_hot", "deterministic_algorithms", "has_batchnorm", "label_loss_sum", "make_augmenter",
+    "regression_targets", "sgd_schedule", "sgd_step", "test_accuracy", "train_and_test", "train_epoch",
+    "StackingUnsupported", "train_and_test_stacked", "SEQUENTIAL_ON_AUTO", "eval_path", "evaluate_synset",
+    "evaluate_synset_sharded", "StepSchedule", "evaluate_schedule", "train_on_schedule",
+]

@@ -1,0 +1,200 @@
+"""The evaluation protocol: what a synthetic set is trained with (:class:`EvalProtocol`, the one
+resolver, saved with every set), its per-network form (:class:`EvalConfig`) and the outcome
+(:class:`EvalResult`). The protocol of the DC family of reference implementations (Zhao et al.,
+"Dataset Condensation with Gradient Matching", ICLR 2021; VICO-UoE/DatasetCondensation
+``utils.py`` ``evaluate_synset``): a fresh random network, SGD with momentum 0.9 and weight decay
+5e-4, learning rate x0.1 after epoch ``epochs // 2 + 1`` with a new optimiser, ``epochs + 1``
+epochs in total, augmentation on every training batch, one test at the end. Knows no method."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+import augment
+from precision import FP32, Precision
+
+# How a network trained on a set is fitted to its labels (``EvalConfig.label_loss``, ``--label_loss``).
+LABEL_LOSSES = ("cross_entropy", "mse")
+# Test-time augmentations (``--tta_mode``).
+TTA_MODES = ("hflip",)
+# ``--stacked_eval``: train the networks of one evaluation together, one at a time, or pick.
+STACKED_EVAL_CHOICES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The evaluation protocol of the DC family (VICO-UoE/DatasetCondensation ``utils.py``
+    ``evaluate_synset``; docs/reference-notes.md, *Evaluation protocol*).
+
+    Attributes:
+        epochs: ``--epoch_eval_train``; ``epochs + 1`` epochs are run, the lr drops x0.1 after
+            epoch ``epochs // 2 + 1`` and the optimiser (with its momentum) is rebuilt.
+        lr: ``--lr_net``, the SGD learning rate (MTT-style methods pass their learned lr).
+        batch_train: ``--batch_train``, synthetic images per step.
+        momentum: SGD momentum (0.9 in every reference).
+        weight_decay: SGD weight decay (5e-4 in every reference).
+        dsa_strategy: DiffAugment strategy; empty means DC augmentation (or none).
+        dc_aug: DC's ``get_daparam`` setting, used when ``dsa_strategy`` is empty.
+        batch_test: test images per forward pass (does not change the result).
+        tta_mode: ``""`` or ``hflip``: test-time augmentation (:func:`test_accuracy`; ``--tta``).
+        deterministic: ``--deterministic``: deterministic kernels while training and testing
+            (:func:`deterministic_algorithms`) and a test pass size independent of ``batch_test``.
+        stacked_eval: ``--stacked_eval``: ``on`` trains the networks of one evaluation together
+            (``stacking``), ``off`` one after another, ``auto`` picks the faster
+            (:func:`eval_path`). The accuracies are the same up to float rounding.
+        label_loss: ``--label_loss``: ``cross_entropy`` (hard or soft labels) or ``mse`` (square
+            loss on :func:`regression_targets`: centred one-hot, or the set's real-valued labels).
+        precision: ``--amp`` (:class:`precision.Precision`): forward passes of training and
+            testing under autocast, float16 with a ``GradScaler``. An execution choice like the
+            device: recorded with the result, not saved with the set's protocol.
+    """
+
+    epochs: int = 300
+    lr: float = 0.01
+    batch_train: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    dsa_strategy: str = ""
+    dc_aug: Optional["augment.DCAugParam"] = None
+    batch_test: int = 1000
+    tta_mode: str = ""
+    deterministic: bool = False
+    stacked_eval: str = "auto"
+    label_loss: str = "cross_entropy"
+    precision: Precision = FP32
+
+    def __post_init__(self) -> None:
+        if self.stacked_eval not in STACKED_EVAL_CHOICES:
+            raise ValueError(f"--stacked_eval {self.stacked_eval!r}: expected one of {', '.join(STACKED_EVAL_CHOICES)}")
+
+    def describe(self) -> dict:
+        """A JSON-ready record of the protocol, written beside every result (``tta`` and
+        ``deterministic`` only when set)."""
+        record = {
+            "epochs": self.epochs, "lr": self.lr, "batch_train": self.batch_train, "optimizer": "SGD",
+            "momentum": self.momentum, "weight_decay": self.weight_decay,
+            "lr_schedule": f"x0.1 after epoch {self.epochs // 2 + 1}, optimiser rebuilt",
+            "augmentation": (f"DSA {self.dsa_strategy}" if self.dsa_strategy else
+                             f"DC {self.dc_aug.strategy}" if self.dc_aug is not None else "none"),
+            "label_loss": self.label_loss,
+        }
+        if self.tta_mode:
+            record["tta"] = f"{self.tta_mode} (mean of softmax probabilities)"
+        if self.deterministic:
+            record["deterministic"] = True
+        if self.precision.enabled:
+            record["amp"] = self.precision.describe()
+        return record
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """The one evaluation-protocol resolver: what a synthetic set is trained with, before the
+    evaluation network is known. :meth:`resolve` turns it into the :class:`EvalConfig` of one
+    network (DC ``get_daparam`` augmentation depends on it); it is saved with every set
+    (``meta['protocol']``, :meth:`as_dict`) so that ``evaluate.py`` replays exactly the protocol
+    ``distill.py`` evaluated with, unless flags override a field.
+
+    It knows no method: the distillation layer fills ``epochs_augmented`` / ``epochs_plain`` from
+    the method's reference defaults (DC/DSA 1000 with augmentation, else 300; CAFE 1000 / 600;
+    DataDAM 1800; DM and the trajectory-matching family 1000) or from ``--epoch_eval_train``.
+
+    Attributes:
+        epochs_augmented: ``--epoch_eval_train`` when training is augmented (DSA, or an active DC
+            augmentation).
+        epochs_plain: ``--epoch_eval_train`` without augmentation.
+        lr: SGD learning rate (``--lr_net``) unless the set learned a step size.
+        batch_train: ``--batch_train``.
+        dsa_strategy: DiffAugment strategy ("" : DC's ``get_daparam`` augmentation or none).
+        tta_mode, deterministic, stacked_eval, label_loss: see :class:`EvalConfig` (the distillation
+            layer fills ``label_loss`` from the method's default, e.g. ``mse`` for KIP, or ``--label_loss``).
+    """
+
+    epochs_augmented: int = 1000
+    epochs_plain: int = 300
+    lr: float = 0.01
+    batch_train: int = 256
+    dsa_strategy: str = ""
+    tta_mode: str = ""
+    deterministic: bool = False
+    stacked_eval: str = "auto"
+    label_loss: str = "cross_entropy"
+
+    def resolve(self, dataset: str, model: str, model_eval: str, ipc: int,
+                learned_lr: Optional[float] = None, precision: Precision = FP32) -> EvalConfig:
+        """The :class:`EvalConfig` of evaluation network ``model_eval``.
+
+        Args:
+            dataset: dataset name (DC's augmentation choice depends on it).
+            model: the network the set was distilled with.
+            model_eval: the network being trained.
+            ipc: images per class.
+            learned_lr: a step size learned with the set (trajectory matching), used instead of ``lr``.
+            precision: ``--amp`` of this run (:attr:`EvalConfig.precision`).
+
+        Raises:
+            FloatingPointError: ``learned_lr`` is not a positive finite number (the learned step
+                size diverged; SGD cannot train with it).
+        """
+        if learned_lr is not None and not (math.isfinite(float(learned_lr)) and float(learned_lr) > 0):
+            raise FloatingPointError(f"the step size learned with the set is {float(learned_lr):.4g}, not a positive "
+                                     "number, so no network can be trained with it (it diverged: lower --lr_lr)")
+        dc_aug = None if self.dsa_strategy else augment.get_daparam(dataset, model, model_eval, ipc)
+        augmented = bool(self.dsa_strategy) or (dc_aug is not None and dc_aug.strategy not in ("", "none", "None"))
+        return EvalConfig(epochs=self.epochs_augmented if augmented else self.epochs_plain,
+                          lr=float(learned_lr) if learned_lr is not None else self.lr, batch_train=self.batch_train,
+                          dsa_strategy=self.dsa_strategy, dc_aug=dc_aug, tta_mode=self.tta_mode,
+                          deterministic=self.deterministic, stacked_eval=self.stacked_eval,
+                          label_loss=self.label_loss, precision=precision)
+
+    def with_epochs(self, epochs: Optional[int]) -> "EvalProtocol":
+        """This protocol with both epoch counts set to ``epochs`` (unchanged when ``None``)."""
+        return self if epochs is None else dataclasses.replace(self, epochs_augmented=epochs, epochs_plain=epochs)
+
+    def as_dict(self) -> dict:
+        """JSON-ready record (``meta['protocol']`` of a result file)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "EvalProtocol":
+        """Inverse of :meth:`as_dict`; unknown keys are ignored (a newer file), missing ones default."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in record.items() if key in known})
+
+
+@dataclass
+class EvalResult:
+    """Outcome of :func:`evaluate_synset`: accuracies in [0, 1], training seconds and how the
+    networks were trained (``path``: ``stacked`` or ``sequential``; ``path_note``: why, when the
+    choice was not ``--stacked_eval on`` honoured, e.g. a fallback)."""
+
+    model: str
+    accs: list = field(default_factory=list)
+    train_time_s: float = 0.0
+    path: str = ""
+    path_note: str = ""
+
+    @property
+    def acc_mean(self) -> float:
+        """Mean accuracy in [0, 1] (NaN when empty)."""
+        return float(np.mean(self.accs)) if self.accs else float("nan")
+
+    @property
+    def acc_std(self) -> float:
+        """Population standard deviation of the accuracies (as the references report)."""
+        return float(np.std(self.accs)) if self.accs else float("nan")
+
+    def as_dict(self) -> dict:
+        """JSON-ready ``{"mean", "std", "accs", "train_time_s"}``, with ``eval_path`` (and
+        ``eval_path_note``) when known."""
+        record = {"mean": self.acc_mean, "std": self.acc_std, "accs": list(self.accs),
+                  "train_time_s": self.train_time_s}
+        if self.path:
+            record["eval_path"] = self.path
+        if self.path_note:
+            record["eval_path_note"] = self.path_note
+        return record
