@@ -44,7 +44,7 @@ class EvalConfig:
         deterministic: ``--deterministic``: deterministic kernels while training and testing
             (:func:`deterministic_algorithms`) and a test pass size independent of ``batch_test``.
         stacked_eval: ``--stacked_eval``: ``on`` trains the networks of one evaluation together
-            (``stacking``), ``off`` one after another, ``auto`` picks the faster
+            (``evaluation.stacked``), ``off`` one after another, ``auto`` picks the faster
             (:func:`eval_path`). The accuracies are the same up to float rounding.
         label_loss: ``--label_loss``: ``cross_entropy`` (hard or soft labels) or ``mse`` (square
             loss on :func:`regression_targets`: centred one-hot, or the set's real-valued labels).

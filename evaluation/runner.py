@@ -28,7 +28,7 @@ SEQUENTIAL_ON_AUTO = ("VGG", "ResNet")
 def eval_path(stacked_eval: str, model: str, device: torch.device, num_networks: int,
               term: Optional[TrainingTerm] = None, label_loss: str = "cross_entropy",
               precision: Precision = FP32) -> Tuple[bool, str]:
-    """Whether :func:`evaluate_synset` trains its networks together (``stacking``) and why not.
+    """Whether :func:`evaluate_synset` trains its networks together (``evaluation.stacked``) and why not.
 
     ``on`` stacks whenever it can; ``off`` never; ``auto`` stacks on CUDA unless ``model`` is one
     of :data:`SEQUENTIAL_ON_AUTO`, and trains one network at a time on CPU, where stacking was

@@ -13,7 +13,7 @@ epochs; an iteration's cost does not depend on the experts' quality).
 
 ``--cases eval_stacked`` times the evaluation of ``--eval_networks`` (20) ConvNets on an ipc-10 set
 (random real images, DSA augmentation, ``--eval_epochs`` epochs + the 10,000 test images) trained
-one after another (``--stacked_eval off``) and together (``--stacked_eval on``, ``stacking``), and
+one after another (``--stacked_eval off``) and together (``--stacked_eval on``, ``evaluation.stacked``), and
 prints both, their ratio and what ``--stacked_eval auto`` picks on the device.
 ``--cases dd`` times DD (ipc 1; ipc 10 with its 30-step unroll, full and with ``--rat_bptt
 --truncation`` 10 and 5), batch_real 64.
