@@ -134,3 +134,4 @@ def evaluate_schedule(image_syn: torch.Tensor, label_syn: torch.Tensor, model: s
             train_on_schedule(net, images, labels, schedule)
             result.accs.append(test_accuracy(net, test_images, test_labels, batch_test, tta_mode, deterministic))
     result.train_time_s = time.perf_counter() - start
+    return result
