@@ -52,14 +52,13 @@ import time
 
 import torch
 
-
-import augment  # noqa: E402
-import methods  # noqa: E402
-import evaluation  # noqa: E402
-import utils  # noqa: E402
-from precision import AMP_CHOICES, FP32, resolve_precision  # noqa: E402
-from data import RealSampler, load_dataset, sample_random_real  # noqa: E402
-from sets.resources import SavedTensorMeter  # noqa: E402
+import augment
+import methods
+import evaluation
+import utils
+from precision import AMP_CHOICES, FP32, resolve_precision
+from data import RealSampler, load_dataset, sample_random_real
+from sets.resources import SavedTensorMeter
 
 CAFE_CPU = dict(batch_real=64, init="real",
                 extra=dict(watcher_window=5, watcher_images=32, max_outer_steps=10, watcher="clean"))
