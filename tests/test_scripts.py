@@ -112,3 +112,20 @@ def test_fmnist_cpu_table_prints_the_table_of_finished_cells(tmp_path):
                           text=True, env={**os.environ, "OUT": str(tmp_path)}, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("| 67.36 ± 0.42 | 53.56 ± 2.45 | +13.80 | 1.50 |") == 3, done.stdout
+
+
+MACHINE_PATH = re.compile(r"""(?:^|["' (=])/(?:tmp|home|work|root|Users|mnt|scratch)/""", re.M)
+SOURCE_DIRS = ("cli", "configs", "data", "docs", "methods", "pretrained", "scripts", "sets", "tests", "evaluation")
+
+
+def test_no_machine_paths_in_the_sources_and_docs():
+    paths = [os.path.join(ROOT, name) for name in os.listdir(ROOT) if name.endswith((".py", ".md", ".toml", ".txt"))]
+    for folder in SOURCE_DIRS:
+        for where, _, names in os.walk(os.path.join(ROOT, folder)):
+            paths += [os.path.join(where, n) for n in names if n.endswith((".py", ".md", ".json", ".yaml", ".sh",
+                                                                           ".sbatch", ".csv"))]
+    assert len(paths) > 50
+    for path in paths:
+        with open(path, errors="replace") as handle:
+            found = MACHINE_PATH.search(handle.read())
+        assert found is None, f"{os.path.relpath(path, ROOT)}: a machine path {found.group(0).strip()}..."
