@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import methods
+import networks
 import evaluation
 import utils
 from cli import evaluate_flags
@@ -134,7 +135,7 @@ def test_schedule_is_saved_recorded_and_read_back(tmp_path):
 def test_schedule_training_follows_the_steps():
     torch.manual_seed(0)
     images, labels = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 0, 1])
-    net = utils.networks.get_network("ConvNetW32", 1, 2, (8, 8), device=CPU)
+    net = networks.get_network("ConvNetW32", 1, 2, (8, 8), device=CPU)
     before = [p.detach().clone() for p in net.parameters()]
     evaluation.train_on_schedule(net, images, labels, evaluation.StepSchedule(lrs=(0.0,), batches=((0, 1),)))
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))

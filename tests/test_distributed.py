@@ -46,7 +46,7 @@ def distill_setup(method, run_dir, model=MODEL, **run):
     return cfg, opts
 
 
-def evaluation(record):
+def evaluate_tiny(record):
     """4 networks of the evaluation protocol on a fixed set (2 epochs)."""
     g = utils.make_generator(1)
     images = torch.randn(record.num_classes * 2, 1, 8, 8, generator=g)
@@ -78,7 +78,7 @@ def scenarios(rank, out):
         outcome = run.run()
         found[name] = files.load_results(outcome.result_path)["data"][0][0] if rank == 0 else None
         found[f"{name} classes"] = distributed.gather_objects(run.method.owned_classes())
-    found["eval"] = evaluation(record).accs
+    found["eval"] = evaluate_tiny(record).accs
     found["buffer"] = make_buffer(record, os.path.join(out, "buffers"))
     found["originals"] = [r.test_acc for r in make_originals(record, os.path.join(out, "originals")).results]
     # --ddp: both ranks train one model; each rank's replica, the initial and the written weights.
@@ -163,7 +163,7 @@ def test_sharded_classes_give_one_process_images(two_ranks, tmp_path, one_thread
 def test_sharded_evaluation_gives_one_process_accuracies(two_ranks, one_thread):
     _, found = two_ranks
     assert len(found["eval"]) == 4
-    assert found["eval"] == evaluation(tiny_record(**RECORD)).accs
+    assert found["eval"] == evaluate_tiny(tiny_record(**RECORD)).accs
 
 
 def test_sharded_buffer_equals_one_process(two_ranks, tmp_path, one_thread):

@@ -89,7 +89,7 @@ def scripted_cafe(monkeypatch, watcher, accuracy=0.5, max_inner_steps=15):
                      max_outer_steps=30, max_inner_steps=max_inner_steps)
     assert (m.hparams["watcher_window"], m.hparams["lambda_1"], m.hparams["lambda_2"]) == (10, 0.04, 0.03)
     epochs = []
-    monkeypatch.setattr(cafe_module.utils, "train_epoch", lambda *args, **kwargs: epochs.append(1))
+    monkeypatch.setattr(cafe_module.evaluation, "train_epoch", lambda *args, **kwargs: epochs.append(1))
     monkeypatch.setattr(m, "real_accuracy", lambda net: accuracy)
     return m, epochs
 

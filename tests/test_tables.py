@@ -248,7 +248,7 @@ def test_evaluate_set_row_records_the_learned_step_sizes(monkeypatch):
         calls.append(cfg.lr)
         return evaluation.EvalResult(model, [0.5], 0.1)
 
-    monkeypatch.setattr(evaluation, "evaluate_synset", fake_evaluate)
+    monkeypatch.setattr(evaluation.runner, "evaluate_synset", fake_evaluate)  # under evaluate_synset_sharded
     experiments = [comparison.SetToEvaluate(torch.zeros(2, 1, 8, 8), torch.arange(2), learned_lr=lr)
                    for lr in (0.011, 0.012)]
     row = comparison.Row(name="MTT", kind="synthetic", ipc=1, method="MTT", dataset="Tiny3")
