@@ -1,29 +1,35 @@
-"""The ``evaluate.py`` command line: its flags, reading the saved sets (``sets.files``) and the
-evaluation protocol each set is trained with: the protocol saved with it (``meta['protocol']``,
-``evaluation.EvalProtocol``) replayed exactly, each flag given overriding its field; for files of an
-older version of this toolkit, the protocol of the method that made them; for the references'
-files, the DC protocol (1000 epochs with augmentation, else 300; lr 0.01; batch 256).
+"""The ``evaluate.py`` command line: its flags, the saved sets (read by ``sets.saved``) made ready
+for training, and the evaluation of their rows. Each set is trained with the evaluation protocol
+saved with it (``meta['protocol']``, ``evaluation.EvalProtocol``) replayed exactly, each flag given
+overriding its field; for files of an older version of this toolkit, the protocol of the method
+that made them; for the references' files, the DC protocol (1000 epochs with augmentation, else
+300; lr 0.01; batch 256). The network a set was distilled with and its ipc come from its record;
+``--model`` only overrides the former.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from typing import List, Optional, Sequence, Tuple
-
-import torch
 
 import augment
 import cli
+import distributed
+import evaluation
 import methods
 import networks
-import evaluation
 import storage
+import tables
 import utils
 from cli import clom as cli_clom
 from cli import features as feature_cli
-from methods.addons.feature_labels import training_term_from_saved
+from methods.addons import feature_labels
 from sets import assess, comparison, files
+from sets.saved import SavedSet, read_saved_set
 from pretrained import originals
+
+DEFAULT_MODEL = "ConvNet"  # a set that records no network, and --baseline random alone
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
@@ -37,8 +43,11 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                         help="with --syn_path images_*.pt of MTT/DATM/PAD logs: their labels_*.pt (class indices or "
                              "soft-label logits; default: class-major hard labels)")
     parser.add_argument("--lr_path", default=None, help="with --syn_path images_*.pt: the learned lr_*.pt")
-    parser.add_argument("--ipc", type=int, default=None, help="images per class for --baseline")
-    parser.add_argument("--model", default="ConvNet", help="the model the set was distilled with")
+    parser.add_argument("--ipc", type=int, default=None,
+                        help="images per class for --baseline random (a set's ipc comes from its record)")
+    parser.add_argument("--model", default=None,
+                        help="the model the set was distilled with (default: the one its record names, else "
+                             "ConvNet); decides the --eval_mode pool")
     parser.add_argument("--eval_mode", default="SS", help="evaluation pool: S, SS, M, B, W, D, A, P, N, C")
     parser.add_argument("--pool_family", default="DC", choices=tuple(networks.FAMILY_POOLS),
                         help="whose --eval_mode pools: DC (DatasetCondensation, DM, DataDAM, CAFE) or MTT "
@@ -81,17 +90,19 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_models(args: argparse.Namespace) -> List[str]:
-    """The evaluation networks: ``--models`` or the ``--eval_mode`` pool.
+def resolve_models(args: argparse.Namespace, model: Optional[str] = None) -> List[str]:
+    """The evaluation networks: ``--models`` or the ``--eval_mode`` pool of ``model`` (the network
+    the sets were distilled with, :func:`distilled_with`; default ``--model``, else ConvNet).
 
     Raises:
         utils.UserError: an unknown network or mode.
     """
-    cli.check_models([args.model], "--model")
+    model = model or args.model or DEFAULT_MODEL
+    cli.check_models([model], "--model")
     if args.models:
         cli.check_models(args.models, "--models")
         return list(dict.fromkeys(args.models))
-    return cli.resolve_eval_models(args.eval_mode, args.model, args.pool_family)
+    return cli.resolve_eval_models(args.eval_mode, model, args.pool_family)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -106,6 +117,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise utils.UserError("--assess needs --syn_path (a saved synthetic set)")
     if args.baseline and (args.ipc is None or args.ipc < 1):
         raise utils.UserError("--baseline random needs --ipc N with N >= 1")
+    if args.syn_path and args.ipc is not None:
+        raise utils.UserError("--ipc is for --baseline random; a set's ipc comes from its record (leave --ipc out)")
+    if args.model is not None:
+        cli.check_models([args.model], "--model")
+    if args.models:
+        cli.check_models(args.models, "--models")
     for flag in ("epoch_eval_train", "batch_train"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -121,10 +138,11 @@ def check_args(args: argparse.Namespace) -> None:
             raise utils.UserError(str(error)) from None
 
 
-def saved_protocol(meta: dict) -> evaluation.EvalProtocol:
+def saved_protocol(saved: SavedSet) -> evaluation.EvalProtocol:
     """The protocol a set was evaluated with when it was made (module docstring)."""
-    if meta.get("protocol"):
-        return evaluation.EvalProtocol.from_dict(meta["protocol"])
+    if saved.protocol is not None:
+        return saved.protocol
+    meta = saved.meta
     config = meta.get("config") or {}
     strategy = meta.get("dsa_strategy") or ""
     if meta.get("method") in methods.METHODS:  # an older file of ours: its method's defaults
@@ -149,94 +167,71 @@ def apply_flags(protocol: evaluation.EvalProtocol, args: argparse.Namespace) -> 
     return dataclasses.replace(protocol, **changes).with_epochs(args.epoch_eval_train)
 
 
+def training_term(saved: SavedSet, index: int, lbd: Optional[float] = None):
+    """Experiment ``index``'s training term from its add-ons' raw saved entries, one loader call per
+    add-on (feature labels: ``methods.addons.feature_labels.load_term``; ``lbd``, ``--lbd``,
+    overrides its lambda), or ``None``.
+
+    Raises:
+        utils.UserError: the saved entry does not fit the set.
+    """
+    experiment, name = saved.experiments[index], feature_labels.FeatureLabels.name
+    if name not in experiment.addons:
+        return None
+    try:
+        return feature_labels.load_term(experiment.addons[name], saved.addon_settings.get(name, {}),
+                                        experiment.images.shape[0], saved.num_classes, lbd)
+    except ValueError as error:
+        raise utils.UserError(f"--syn_path data[{saved.indices[index]}] feature labels: {error}") from None
+
+
+def to_evaluate(saved: SavedSet, label_loss: str = "cross_entropy", lbd: Optional[float] = None,
+                use_learned_lr: bool = True) -> List[comparison.SetToEvaluate]:
+    """The experiments of a saved set ready for the protocol: labels as networks fit them
+    (``SavedExperiment.training_labels`` under ``label_loss``), the learned step size unless
+    ``use_learned_lr`` is off (``--lr_net`` given), the add-ons' training term (:func:`training_term`)
+    and the learned step schedule.
+
+    Raises:
+        utils.UserError: see :func:`training_term`.
+    """
+    return [comparison.SetToEvaluate(e.images, e.training_labels(label_loss), e.learned_lr if use_learned_lr else None,
+                                     training_term(saved, index, lbd), e.schedule)
+            for index, e in enumerate(saved.experiments)]
+
+
 def read_experiments(path: str, record, exp: Optional[Sequence[int]] = None, labels_path: Optional[str] = None,
-                     lr_path: Optional[str] = None, lbd: Optional[float] = None,
-                     use_learned_lr: bool = True, dataset: Optional[str] = None,
-                     label_loss: str = "cross_entropy", blob: Optional[dict] = None) -> Tuple[dict, List[comparison.SetToEvaluate]]:
-    """A saved set's file and its chosen experiments, ready for the protocol.
+                     lr_path: Optional[str] = None, lbd: Optional[float] = None, use_learned_lr: bool = True,
+                     dataset: Optional[str] = None,
+                     label_loss: str = "cross_entropy") -> Tuple[SavedSet, List[comparison.SetToEvaluate]]:
+    """``sets.saved.read_saved_set`` and :func:`to_evaluate` in one call (``scripts/continual.py``).
 
     Float (N, K) labels are soft-label logits (DATM's format and ours) and become probabilities;
     under the ``mse`` label loss they are real-valued regression targets (KIP's learned labels)
-    and are kept as they are.
-    A set saved with feature labels (a third ``data`` entry) trains with them (``lbd`` overrides
+    and are kept as they are. A set saved with feature labels trains with them (``lbd`` overrides
     lambda; 0 trains with CE only).
-
-    Args:
-        path: a result file or an ``images_*.pt`` (with ``labels_path`` / ``lr_path``).
-        record: the ``data.DatasetRecord`` the set must fit.
-        exp: experiment indices (default all).
-        use_learned_lr: train with the step size saved with the set (``False`` when ``--lr_net`` is given).
-        dataset: ``--dataset`` as given (default ``record.name``), which the file's must equal.
-        label_loss: the protocol's label loss (``evaluation.LABEL_LOSSES``).
-        blob: the file's content when already read (``files.read_set_file``), else it is read here.
 
     Raises:
         utils.UserError: the file does not match the dataset or ``exp``, or cannot be read.
     """
-    blob = blob if blob is not None else files.read_set_file(path, record.num_classes, labels_path, lr_path)
-    meta = blob.get("meta") or {}
-    dataset = dataset or record.name
-    if meta.get("dataset") and meta["dataset"] not in (dataset, record.name):
-        raise utils.UserError(f"--syn_path holds a {meta['dataset']} set but --dataset is {dataset}")
-    entries = blob["data"]
-    chosen = exp if exp else range(len(entries))
-    learned = meta.get("syn_lr") or []
-    schedules = meta.get("step_schedule") or []
-    saved_features = (meta.get("config") or {}).get("feature_labels") or {}
-    experiments = []
-    for index in chosen:
-        if not 0 <= index < len(entries):
-            raise utils.UserError(f"--exp {index}: the file holds experiments 0..{len(entries) - 1}")
-        images, labels = entries[index][0].float(), entries[index][1]
-        if tuple(images.shape[1:]) != (record.channel, *record.im_size):
-            raise utils.UserError(f"--syn_path images are {tuple(images.shape[1:])} but {dataset} images are "
-                                  f"{(record.channel, *record.im_size)}")
-        if not torch.isfinite(images).all():
-            raise utils.UserError(f"--syn_path {path}: data[{index}] images hold NaN or infinite values "
-                                  f"({int((~torch.isfinite(images)).sum())} entries); the set is not usable")
-        if labels.dim() == 1:
-            labels = labels.long()
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= record.num_classes):
-                raise utils.UserError(f"--syn_path {path}: data[{index}] labels run {int(labels.min())}..{int(labels.max())}; "
-                                      f"{dataset} has classes 0..{record.num_classes - 1}")
-        elif labels.dim() == 2 and labels.shape[1] == record.num_classes:
-            labels = labels.float() if label_loss == "mse" else torch.softmax(labels.float(), dim=1)
-        else:
-            raise utils.UserError(f"--syn_path labels of experiment {index} have shape {tuple(labels.shape)}; expected "
-                                  f"({images.shape[0]},) class indices or ({images.shape[0]}, {record.num_classes}) logits")
-        term = None
-        if len(entries[index]) > 2 and torch.is_tensor(entries[index][2]):
-            try:
-                term = training_term_from_saved(entries[index][2], saved_features, images.shape[0], record.num_classes,
-                                                lbd)
-            except ValueError as error:
-                raise utils.UserError(f"--syn_path data[{index}] feature labels: {error}") from None
-        lr = float(learned[index]) if index < len(learned) and use_learned_lr else None
-        schedule = None
-        if index < len(schedules) and schedules[index] is not None:
-            try:
-                schedule = evaluation.StepSchedule.from_dict(schedules[index])
-                schedule.check(images.shape[0])
-            except ValueError as error:
-                raise utils.UserError(f"--syn_path {path}: data[{index}] step schedule: {error}") from None
-        experiments.append(comparison.SetToEvaluate(images, labels, lr, term, schedule))
-    return blob, experiments
+    saved = read_saved_set(path, record, exp, labels_path, lr_path, dataset=dataset)
+    return saved, to_evaluate(saved, label_loss, lbd, use_learned_lr)
 
 
-def load_set(path: str, args: argparse.Namespace, record) -> Tuple[dict, List[comparison.SetToEvaluate], evaluation.EvalProtocol]:
-    """:func:`read_experiments` with ``evaluate.py``'s flags, and the set's protocol after the flags.
+def load_set(path: str, args: argparse.Namespace, record) -> Tuple[SavedSet, List[comparison.SetToEvaluate], evaluation.EvalProtocol]:
+    """A saved set with ``evaluate.py``'s flags: its record, its experiments ready for training and
+    its protocol after the flags.
 
     Raises:
-        utils.UserError: see :func:`read_experiments`; or the set records another mean/std than the
-            test set's (CIFAR100 distilled by MTT/DATM/PAD/CAFE: ``--cifar100_stats cifar10``).
+        utils.UserError: see ``sets.saved.read_saved_set`` and :func:`training_term`; or the set
+            records another mean/std than the test set's (CIFAR100 distilled by MTT/DATM/PAD/CAFE:
+            ``--cifar100_stats cifar10``).
     """
-    blob = files.read_set_file(path, record.num_classes, args.labels_path, args.lr_path)
-    protocol = apply_flags(saved_protocol(blob.get("meta") or {}), args)
-    blob, experiments = read_experiments(path, record, args.exp, args.labels_path, args.lr_path, args.lbd,
-                                         use_learned_lr=args.lr_net is None, dataset=args.dataset,
-                                         label_loss=protocol.label_loss, blob=blob)
-    check_normalization(path, blob.get("meta") or {}, record)
-    return blob, experiments, protocol
+    saved = read_saved_set(path, record, args.exp, args.labels_path, args.lr_path, dataset=args.dataset)
+    protocol = apply_flags(saved_protocol(saved), args)
+    experiments = to_evaluate(saved, protocol.label_loss, args.lbd, use_learned_lr=args.lr_net is None)
+    check_normalization(path, saved.meta, record)
+    return saved, experiments, protocol
 
 
 def check_normalization(path: str, meta: dict, record) -> None:
@@ -256,24 +251,148 @@ def check_normalization(path: str, meta: dict, record) -> None:
                               "pass --cifar100_stats to match (CIFAR100 sets of MTT/DATM/PAD/CAFE: cifar10)")
 
 
-def set_protocols(blob: dict, experiments: Sequence[comparison.SetToEvaluate], args: argparse.Namespace,
-                  path: str) -> Tuple[str, ...]:
+def set_protocols(saved: SavedSet, args: argparse.Namespace) -> Tuple[str, ...]:
     """Which protocols evaluate a set: ``--dd_eval`` when given, else the ones ``distill.py`` used
-    (``meta['eval_protocols']``), else ``("shared",)``.
+    (``SavedSet.eval_protocols``).
 
     Raises:
         utils.UserError: the schedule protocol is asked for a set that learned no step schedule.
     """
     choice = getattr(args, "dd_eval", None)
-    if choice is not None:
-        protocols = ("shared", "schedule") if choice == "both" else (choice,)
-    else:
-        saved = tuple((blob.get("meta") or {}).get("eval_protocols") or ("shared",))
-        protocols = tuple(p for p in saved if p in ("shared", "schedule")) or ("shared",)
-    if "schedule" in protocols and any(e.schedule is None for e in experiments):
-        raise utils.UserError(f"--dd_eval {choice or 'schedule'}: {path} holds no learned step schedule "
+    protocols = saved.eval_protocols if choice is None else ("shared", "schedule") if choice == "both" else (choice,)
+    if "schedule" in protocols and not saved.has_schedule:
+        raise utils.UserError(f"--dd_eval {choice or 'schedule'}: {saved.path} holds no learned step schedule "
                               "(only DD sets do); use --dd_eval shared")
     return protocols
+
+
+def distilled_with(args: argparse.Namespace, sets: Sequence[SavedSet]) -> str:
+    """The network the sets were distilled with: ``--model`` when given, else the one their records
+    name (ConvNet when none does).
+
+    Raises:
+        utils.UserError: the records name different networks and ``--model`` is not given.
+    """
+    if args.model:
+        return args.model
+    recorded = sorted({saved.model for saved in sets if saved.model})
+    if len(recorded) > 1:
+        raise utils.UserError(f"--syn_path: the sets were distilled with different models ({', '.join(recorded)}); "
+                              "pass --model to choose the one whose --eval_mode pool and protocol apply")
+    return recorded[0] if recorded else DEFAULT_MODEL
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationPlan:
+    """What ``evaluate.py`` trains: the evaluation networks, the network the sets were distilled
+    with, the protocol every row shares and the ipc of every random-real row."""
+
+    models: Tuple[str, ...]
+    model: str
+    protocol: evaluation.EvalProtocol
+    ipcs: Tuple[int, ...]
+
+
+def plan_evaluation(args: argparse.Namespace, record, loaded: Sequence[tuple]) -> EvaluationPlan:
+    """The :class:`EvaluationPlan` of the loaded sets (:func:`load_set` triples) and the flags: the
+    model from the records (:func:`distilled_with`), one protocol for every row
+    (``sets.comparison.common_protocol``), the ipcs of the sets (and ``--ipc`` with ``--baseline``).
+
+    Raises:
+        utils.UserError: the sets disagree on their protocol or model; an unknown network; an ipc
+            larger than the smallest class where random real images are drawn.
+    """
+    model = distilled_with(args, [saved for saved, _, _ in loaded])
+    try:
+        protocol = comparison.common_protocol([protocol for _, _, protocol in loaded]) or baseline_protocol(args)
+    except ValueError as error:
+        raise utils.UserError(f"--syn_path: {error}; pass --epoch_eval_train, --batch_train and --dsa_strategy to "
+                              "evaluate every row under one protocol") from None
+    ipcs = sorted({saved.ipc for saved, _, _ in loaded} | ({args.ipc} if args.baseline else set()))
+    for ipc in ipcs:
+        if ipc > int(record.labels_train.bincount().min()) and (args.baseline or args.random_baseline):
+            raise utils.UserError(f"--ipc {ipc} exceeds the smallest class of {args.dataset}")
+    return EvaluationPlan(tuple(resolve_models(args, model)), model, protocol, tuple(ipcs))
+
+
+def _report(model_eval: str, accs: List[float], cfg: evaluation.EvalConfig, what: str, seconds: float) -> None:
+    """One printed line per evaluated model of a row trained by a shared protocol."""
+    print(f"{model_eval:<16} {tables.format_acc(accs)} %  ({len(accs)} networks, {cfg.epochs} epochs, "
+          f"{cfg.describe()['augmentation']}; {what}; {seconds:.1f} s)")
+
+
+def set_rows(args: argparse.Namespace, record, plan: EvaluationPlan, saved: SavedSet,
+             experiments: List[comparison.SetToEvaluate], protocol: evaluation.EvalProtocol, test_images, test_labels,
+             device, precision) -> List[comparison.Row]:
+    """The table rows of one saved set: trained by ``protocol`` (``shared``) and/or by its learned
+    step schedule (``schedule``, DD) as :func:`set_protocols` says; a line printed per model.
+
+    Raises:
+        utils.UserError: the schedule protocol for a set without one; a training term that does not
+            fit an evaluation network.
+        FloatingPointError: a training loss became NaN or infinite.
+    """
+    name, rows = os.path.basename(saved.path), []
+    lbd = next((e.term.cfg.lbd for e in experiments if e.term is not None), None)
+    what = name + (f"; feature labels, lbd {lbd:g}" if lbd is not None else "")
+    common = dict(ipc=saved.ipc, method=saved.method, dataset=args.dataset, path=saved.path)
+    row = comparison.Row(name=f"{saved.method} ipc {saved.ipc} ({name})", kind="synthetic", **common)
+    protocols = set_protocols(saved, args)
+    if "shared" in protocols:
+        try:
+            rows.append(comparison.evaluate_set_row(
+                row, experiments, plan.models, protocol, plan.model, test_images, test_labels, record.num_classes,
+                num_eval=args.num_eval, device=device, seed=args.seed, precision=precision,
+                report=lambda model_eval, accs, cfg, _, seconds: _report(model_eval, accs, cfg, what, seconds)))
+        except ValueError as error:
+            raise utils.UserError(f"{saved.path}: {error} (--lbd 0 evaluates without feature labels)") from None
+    if "schedule" in protocols:  # DD's own protocol: fresh networks trained by the learned steps
+        scheduled = comparison.Row(name=f"{saved.method} ipc {saved.ipc}, learned schedule ({name})", kind="schedule",
+                                   **common)
+        rows.append(comparison.evaluate_schedule_row(
+            scheduled, experiments, plan.models, test_images, test_labels, record.num_classes,
+            num_eval=args.num_eval, device=device, seed=args.seed,
+            report=lambda model_eval, accs, described, _, seconds: print(
+                f"{model_eval:<16} {tables.format_acc(accs)} %  ({len(accs)} networks, {described['steps']} "
+                f"learned steps; {name}; {seconds:.1f} s)")))
+    if lbd is not None:
+        for result in row.results.values():
+            result["protocol"]["feature_labels_lbd"] = lbd
+    return rows
+
+
+def evaluate_rows(args: argparse.Namespace, record, plan: EvaluationPlan, loaded: Sequence[tuple], device,
+                  precision) -> List[comparison.Row]:
+    """Every row of ``evaluate.py``'s table: each loaded set's (:func:`set_rows`), the random-real
+    rows of :attr:`EvaluationPlan.ipcs` under the common protocol (``--baseline`` /
+    ``--random_baseline``) and the whole-dataset row when ``train_original.py`` summaries exist.
+
+    Raises:
+        utils.UserError, FloatingPointError: see :func:`set_rows`.
+    """
+    test_images, test_labels = record.images_test.to(device), record.labels_test.to(device)
+    rows = [row for saved, experiments, protocol in loaded
+            for row in set_rows(args, record, plan, saved, experiments, protocol, test_images, test_labels, device,
+                                precision)]
+    if args.baseline or args.random_baseline:
+        rows += [comparison.random_real_row(record, ipc, plan.models, plan.protocol, plan.model, test_images,
+                                            test_labels, num_eval=args.num_eval, device=device, seed=args.seed,
+                                            report=_report, precision=precision)
+                 for ipc in plan.ipcs]
+    whole = comparison.whole_dataset_row(args.original_path, args.dataset, plan.models, args.subset)
+    return rows + ([whole] if whole is not None else [])
+
+
+def write_out(args: argparse.Namespace, plan: EvaluationPlan, rows: Sequence[comparison.Row], precision) -> None:
+    """``--out``: the JSON (``sets.comparison.evaluation_record``) and the CSV beside it, rescued to
+    another path when the write fails (``cli.write_or_rescue``); rank 0 only."""
+    if not args.out or not distributed.is_main():
+        return
+    protocol, first = comparison.evaluation_record(rows, plan.protocol, num_eval=args.num_eval, seed=args.seed,
+                                                   dataset=args.dataset, amp=precision.describe())
+    json_path, csv_path = cli.write_or_rescue(
+        lambda path: comparison.write_table(path, rows, plan.models, protocol, extra=first), args.out, "--out")
+    print(f"wrote {json_path} and {csv_path}")
 
 
 def baseline_protocol(args: argparse.Namespace) -> evaluation.EvalProtocol:
@@ -281,17 +400,22 @@ def baseline_protocol(args: argparse.Namespace) -> evaluation.EvalProtocol:
     return apply_flags(evaluation.EvalProtocol(), args)
 
 
-def run_assess(args: argparse.Namespace, record, experiments: List[comparison.SetToEvaluate], device) -> int:
-    """The ``evaluate.py --assess`` branch: load the original models, assess every experiment of
-    ``--syn_path``, print the table, write the JSON (``--out`` or ``sets.assess.default_output``).
+def run_assess(args: argparse.Namespace, record, loaded: tuple, device) -> int:
+    """The ``evaluate.py --assess`` branch: load the original models (``--models_pool``, default the
+    network the set was distilled with, :func:`distilled_with`), assess every experiment of the
+    loaded set (a :func:`load_set` triple), print the table, write the JSON (``--out`` or
+    ``sets.assess.default_output``); rank 0 alone (the others return 0 at once).
 
     Raises:
         utils.UserError: missing original models (the message names the directory and the
             ``train_original.py`` command), or ``--assess_real`` < 1.
     """
+    if not distributed.is_main():  # trains nothing: rank 0 alone assesses and writes
+        return 0
+    saved, experiments, _ = loaded
     if args.assess_real < 1:
         raise utils.UserError(f"--assess_real must be at least 1, got {args.assess_real}")
-    pool_names = cli_clom.split_list(args.models_pool) or [args.model]
+    pool_names = cli_clom.split_list(args.models_pool) or [distilled_with(args, [saved])]
     cli.check_models(pool_names, "--models_pool")
     expect = {"channel": record.channel, "im_size": list(record.im_size), "num_classes": record.num_classes,
               "zca": bool(args.zca)}
@@ -302,15 +426,15 @@ def run_assess(args: argparse.Namespace, record, experiments: List[comparison.Se
                                                 args.assess_real, seed=args.seed)
     report = assess.assess_sets([(e.images, e.labels) for e in experiments], models, image_real, label_real,
                                 record.num_classes, device)
-    report.update({"syn_path": args.syn_path, "dataset": args.dataset,
+    report.update({"syn_path": saved.path, "dataset": args.dataset,
                    "models": {arch: len(pool[arch]) for arch in pool_names}, "pretrained_path": args.pretrained_path,
                    "real_per_class": args.assess_real, "seed": args.seed, "mmd_kernel": assess.BANDWIDTH_RULE,
                    "definitions": {key: text for key, text, _ in assess.METRICS}})
-    print(f"assessment of {args.syn_path} on {len(models)} original model(s) "
+    print(f"assessment of {saved.path} on {len(models)} original model(s) "
           f"({', '.join(f'{a} x{n}' for a, n in report['models'].items())}), "
           f"{len(label_real)} real images (up to {args.assess_real} per class)")
     print(assess.format_table(report))
-    out = args.out or assess.default_output(args.syn_path)
+    out = args.out or assess.default_output(saved.path)
     storage.write_json(out, report)
     print(f"written: {out}")
     return 0

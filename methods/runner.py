@@ -451,20 +451,15 @@ class DistillationRun:
         normalised (or ZCA-whitened) space, ``labels_{name}.pt`` ((N,) int64 class indices, or
         DATM's (N, K) soft-label logits), ``lr_{name}.pt`` (the learned step size, a 0-dim
         float32 tensor), and with ZCA ``images_zca_{name}.pt``, the whitening undone (pixel space),
-        for a periodic ``name``. Sources: GeorgeCazenavette/mtt-distillation and NUS-HPC-AI-Lab/DATM
-        ``distill.py`` (MTT itself never saves the step size; DATM does). Rank 0 only."""
+        for a periodic ``name`` (``sets.files.write_logged``). Rank 0 only."""
         if not distributed.is_main():
             return
-        folder = os.path.join(self.opts.run_dir, "logged_files", f"exp{exp}")
-        os.makedirs(folder, exist_ok=True)
         images = syn.images.detach().cpu().clone()
-        storage.atomic_save(images, os.path.join(folder, f"images_{name}.pt"))
-        storage.atomic_save(syn.export_labels(), os.path.join(folder, f"labels_{name}.pt"))
-        if syn.syn_lr is not None:
-            storage.atomic_save(syn.syn_lr.detach().cpu().clone(), os.path.join(folder, f"lr_{name}.pt"))
         zca = getattr(self.record, "zca", None)
-        if zca is not None and name != "best":
-            storage.atomic_save(zca.inverse(images).cpu(), os.path.join(folder, f"images_zca_{name}.pt"))
+        files.write_logged(os.path.join(self.opts.run_dir, "logged_files", f"exp{exp}"), name, images,
+                           syn.export_labels(),
+                           syn.syn_lr.detach().cpu().clone() if syn.syn_lr is not None else None,
+                           zca.inverse(images).cpu() if zca is not None and name != "best" else None)
 
     def after_iteration(self, exp: int, iteration: int, method, syn, results: Dict[str, evaluation.EvalResult]) -> None:
         """The best-so-far set (:meth:`note_evaluation`) and, for a method that writes the

@@ -21,8 +21,8 @@ import evaluation
 import storage
 import tables
 import utils
-from cli import evaluate_flags
 from sets import files
+from sets.saved import read_saved_set
 from sets.continual import NUM_ORDERS, REFERENCE_STRATEGY, MemoryFn, herding_memory, plot_steps, run_continual, step_table
 
 
@@ -71,13 +71,13 @@ def main(argv=None) -> int:
         memories: Dict[str, MemoryFn] = {}
         ipcs = []
         for path in files.expand_syn_paths(args.syn_path):
-            blob, (experiment,) = evaluate_flags.read_experiments(path, record, exp=[args.exp], dataset=args.dataset)
-            images, labels = experiment.images, experiment.labels
+            saved = read_saved_set(path, record, exp=[args.exp], dataset=args.dataset)
+            images, labels = saved.experiments[0].images, saved.experiments[0].labels
             if labels.dim() != 1:
                 raise utils.UserError(f"--syn_path {path}: soft labels are not supported by the continual protocol")
-            name = f"{files.set_method(blob, path)} ({os.path.basename(path)})"
+            name = f"{saved.method} ({os.path.basename(path)})"
             memories[name] = lambda index, images=images, labels=labels: (images, labels)
-            ipcs.append(images.shape[0] // record.num_classes)
+            ipcs.append(saved.ipc)
         ipc = args.ipc or (ipcs[0] if ipcs else None)
         if args.baselines and ipc is None:
             raise utils.UserError("--baselines need --ipc N when no --syn_path is given")

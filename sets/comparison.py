@@ -416,6 +416,38 @@ def write_table(path: str, rows: Sequence[Row], models: Sequence[str], protocol:
     return path, csv_path
 
 
+def common_protocol(protocols: Sequence["evaluation.EvalProtocol"]) -> Optional["evaluation.EvalProtocol"]:
+    """The one evaluation protocol of a comparison's sets (their random-real rows are trained by
+    it, so IOR compares like with like); ``None`` for no sets.
+
+    Raises:
+        ValueError: the sets were evaluated with different protocols (each named).
+    """
+    distinct = list(dict.fromkeys(protocols))
+    if len(distinct) > 1:
+        raise ValueError(f"the sets were evaluated with different protocols "
+                         f"({'; '.join(sorted(str(p) for p in distinct))})")
+    return distinct[0] if distinct else None
+
+
+def evaluation_record(rows: Sequence[Row], protocol: "evaluation.EvalProtocol", *, num_eval: int, seed: int, dataset: str,
+                      amp: str) -> Tuple[dict, dict]:
+    """What ``evaluate.py --out`` writes beside the table (:func:`write_table`): the comparison's
+    ``protocol`` record (``num_eval``, ``seed``, ``dataset``, ``amp``, the first row's per-model
+    protocols as ``evaluation`` and the common ``protocol``) and, as the top-level ``extra`` keys,
+    the first row's ``{model: {"mean", "std", "accs", "protocol", ...}}`` (accuracies in [0, 1];
+    scripts read them).
+
+    Returns:
+        ``(protocol record, extra)``.
+    """
+    first = {model: result for model, result in rows[0].results.items()}
+    record = {"num_eval": num_eval, "seed": seed, "dataset": dataset, "amp": amp,
+              "evaluation": {model: rows[0].results[model]["protocol"] for model in rows[0].results},
+              "protocol": protocol.as_dict()}
+    return record, first
+
+
 def rows_from_json(blob: dict) -> List[Row]:
     """The rows saved by :func:`write_table` (``[]`` if the blob has no comparison)."""
     return [Row(**row) for row in (blob.get("comparison") or {}).get("rows", [])]

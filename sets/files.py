@@ -1,4 +1,5 @@
-"""Synthetic-set files: the result file ``distill.py`` writes and every layout ``evaluate.py`` reads.
+"""Synthetic-set files: every layout ``distill.py`` writes and ``evaluate.py`` reads (as a typed
+record: ``sets.saved``).
 
 Layouts:
 
@@ -50,6 +51,28 @@ def save_results(path: str, data: Sequence[Sequence[torch.Tensor]], accs_all_exp
     """
     data_cpu = [[t.detach().cpu() if torch.is_tensor(t) else t for t in entry] for entry in data]
     storage.atomic_save({"data": data_cpu, "accs_all_exps": accs_all_exps, **extra}, path)
+
+
+def write_logged(folder: str, name: str, images: torch.Tensor, labels: torch.Tensor,
+                 lr: Optional[torch.Tensor] = None, pixels: Optional[torch.Tensor] = None) -> None:
+    """One set as the trajectory-matching references log it, in ``folder`` (atomically):
+    ``images_{name}.pt`` (N, C, H, W) float32 in the dataset's normalised (or ZCA-whitened) space,
+    ``labels_{name}.pt`` ((N,) int64 class indices, or DATM's (N, K) soft-label logits),
+    ``lr_{name}.pt`` (the learned step size, a 0-dim float32 tensor) when ``lr`` is given, and
+    ``images_zca_{name}.pt`` (the whitening undone, pixel space) when ``pixels`` is given. Sources:
+    GeorgeCazenavette/mtt-distillation and NUS-HPC-AI-Lab/DATM ``distill.py`` (MTT itself never
+    saves the step size; DATM does). :func:`read_set_file` reads them back.
+
+    Raises:
+        OSError: the folder cannot be created or a file written.
+    """
+    os.makedirs(folder, exist_ok=True)
+    storage.atomic_save(images, os.path.join(folder, f"images_{name}.pt"))
+    storage.atomic_save(labels, os.path.join(folder, f"labels_{name}.pt"))
+    if lr is not None:
+        storage.atomic_save(lr, os.path.join(folder, f"lr_{name}.pt"))
+    if pixels is not None:
+        storage.atomic_save(pixels, os.path.join(folder, f"images_zca_{name}.pt"))
 
 
 def _load(path: str, flag: str):
@@ -222,9 +245,3 @@ def expand_syn_paths(paths: Sequence[str]) -> List[str]:
         else:
             files.append(path)
     return files
-
-
-def set_method(blob: dict, path: str) -> str:
-    """The method that made a saved set (``meta['method']``), else the file's name without extension."""
-    method = (blob.get("meta") or {}).get("method") if isinstance(blob, dict) else None
-    return method or os.path.splitext(os.path.basename(path))[0]

@@ -309,16 +309,17 @@ class FeatureLabels(AddOn):
             self.optimizer.load_state_dict(state["optimizer"])
 
 
-def training_term_from_saved(features: torch.Tensor, saved: dict, num_images: int, num_classes: int,
-                             lbd: Optional[float] = None) -> Optional[FeatureTargets]:
-    """The training term of a saved set's feature labels (``evaluate.py``): F (the third entry of a
-    result file's ``data`` item, as DRUPI saves it) with the loss settings saved with the set
-    (``meta.config.feature_labels``), ``lbd`` overriding lambda. A file without them (DRUPI's own)
-    takes DRUPI's defaults, with avg pooling when F is 1x1.
+def load_term(raw: torch.Tensor, settings: dict, num_images: int, num_classes: int,
+              lbd: Optional[float] = None) -> Optional[FeatureTargets]:
+    """The training term of a saved set's feature labels (``evaluate.py``; the raw entry and
+    settings come from ``sets.saved.SavedSet``): F (the extra entry of a result file's ``data``
+    item, as DRUPI saves it) with the loss settings saved with the set (``meta.config.feature_labels``),
+    ``lbd`` overriding lambda. A file without them (DRUPI's own) takes DRUPI's defaults, with avg
+    pooling when F is 1x1.
 
     Args:
-        features: (n_feat, N or K, ...) feature labels.
-        saved: the saved ``FeatureLabelConfig`` fields (``{}`` if none).
+        raw: (n_feat, N or K, ...) feature labels.
+        settings: the saved ``FeatureLabelConfig`` fields (``{}`` if none).
         num_images, num_classes: N and K of the set.
         lbd: ``--lbd``; ``None`` takes the saved value (default 0.01).
 
@@ -330,7 +331,7 @@ def training_term_from_saved(features: torch.Tensor, saved: dict, num_images: in
     """
     if lbd is not None and lbd < 0:
         raise ValueError(f"--lbd must be >= 0, got {lbd}")
-    features = features.float()
+    features, saved = raw.float(), settings
     pooling = saved.get("pooling", "avg" if features.dim() == 5 and tuple(features.shape[3:]) == (1, 1) else None)
     cfg = FeatureLossConfig(lbd=lbd if lbd is not None else saved.get("lbd", 0.01), layer_idx=saved.get("layer_idx"),
                             pooling=pooling, metric=saved.get("feat_metric", "mse"), norm=saved.get("feat_norm", False),
