@@ -16,6 +16,7 @@ from typing import Callable, NoReturn
 import distributed
 import networks
 import precision
+import progress
 import utils
 
 # Exit codes: 1 for results written elsewhere than asked, 2 for a user mistake (as argparse), 3 for
@@ -171,7 +172,7 @@ def load_record(args: argparse.Namespace, device=None, cifar100_stats_default: s
 
 def setup_logging(log_file: str | None = None, quiet: bool = False) -> None:
     """Console (stderr) and optional file logging for the scripts; ``quiet`` keeps warnings and the
-    progress lines of long stages (``utils.Progress``, shown when stderr is not a terminal).
+    progress lines of long stages (``progress.Progress``, shown when stderr is not a terminal).
     Under torchrun only rank 0 logs at that level and writes ``log_file``; the other ranks print
     warnings and errors only, prefixed with their rank."""
     handlers = [logging.StreamHandler(sys.stderr)]
@@ -185,7 +186,7 @@ def setup_logging(log_file: str | None = None, quiet: bool = False) -> None:
         handlers.append(logging.FileHandler(log_file))
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, handlers=handlers, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    utils.progress_logger.setLevel(logging.INFO)
+    progress.progress_logger.setLevel(logging.INFO)
 
 
 def resolve_eval_models(eval_mode: str, model: str, family: str = "DC") -> list:

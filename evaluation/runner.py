@@ -18,7 +18,8 @@ from evaluation.protocol import LABEL_LOSSES, EvalConfig, EvalResult
 from evaluation.training import (EvaluationStopped, TrainingTerm, deterministic_algorithms, regression_targets,
                                  train_and_test)
 from precision import FP32, Precision
-from utils import Progress, make_generator
+from progress import Progress
+from utils import make_generator
 
 # Networks that --stacked_eval auto trains one at a time even on CUDA: large enough that one
 # network's step fills the device (and N of them would hold N times the activations).
@@ -91,7 +92,7 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
             :class:`TrainingTerm`, on ``device``), checked against the first network; ``None``
             is the plain protocol.
         progress: show progress over networks and epochs (:class:`Progress`: a bar on a
-            terminal, else a log line every :data:`PROGRESS_EVERY_S` seconds and at the end).
+            terminal, else a log line every ``progress.PROGRESS_EVERY_S`` seconds and at the end).
             It does not change the result.
         should_stop: asked before every epoch of every network; ``True`` abandons the evaluation
             (a stop requested by a signal).

@@ -38,6 +38,7 @@ from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
 import augment
+import progress
 from chunked import CPU_CHUNK, chunk_size
 from evaluation.protocol import TTA_MODES, EvalConfig
 from evaluation.training import DETERMINISTIC_TEST_PASS, sgd_schedule
@@ -286,6 +287,7 @@ def train_epoch(stack: StackedNetworks, images: Tensor, labels: Tensor, optimize
     orders = torch.stack([torch.randperm(count, generator=g) for g in generators]).to(images.device)  # (N, M)
     total = torch.zeros(stack.count, device=images.device)
     for start in range(0, count, batch_size):
+        progress.tick()  # a progress line / a stop inside long epochs
         batch = orders[:, start:start + batch_size]  # (N, B)
         x, y = images[batch], labels[batch]
         with torch.no_grad():

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import augment
+import progress
 from chunked import chunk_size, pass_size
 from precision import FP32, Precision, optimizer_step, scaled_backward
 from evaluation.protocol import EvalConfig, LABEL_LOSSES, TTA_MODES
@@ -197,6 +198,7 @@ def train_epoch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, opti
     order = order.to(images.device)
     total = torch.zeros((), device=images.device)
     for start in range(0, count, batch_size):
+        progress.tick()  # a progress line / a stop inside long epochs
         batch = order[start:start + batch_size]
         x, y = images[batch], labels[batch]
         if augmenter is not None:

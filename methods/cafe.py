@@ -36,6 +36,7 @@ import torch.nn as nn
 
 import chunked
 import evaluation
+import progress
 from methods.base import DistillMethod, Option, SyntheticSet, register_method
 from methods.features import real_class_statistics, syn_class_statistics
 from methods.losses import class_means, discrimination_loss, feature_alignment_loss, mean_embedding_distance
@@ -192,6 +193,7 @@ class CAFE(DistillMethod):
         scaler = self.precision.grad_scaler(self.device)
         images, labels = syn.images.detach(), syn.labels
         for epoch in range(1, hp["max_inner_steps"] + 1):
+            progress.tick()  # a progress line / a stop inside a long iteration
             evaluation.train_epoch(net, images, labels, optimizer, self.cfg.batch_train, self.generator, augmenter,
                               precision=self.precision, scaler=scaler)
             watcher.add(self.real_accuracy(net))
@@ -218,6 +220,7 @@ class CAFE(DistillMethod):
         watcher = self.new_watcher()  # one per network; the inner loops do not reset it
         losses, inner_epochs = [], 0
         for _ in range(hp["max_outer_steps"]):
+            progress.tick()  # a progress line / a stop inside a long iteration
             net.requires_grad_(False)  # only the images learn here; skip the weight gradients
             with self.precision.autocast(self.device):
                 loss = self.matching_loss(net, syn)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import chunked
 import evaluation
+import progress
 from methods.base import DistillMethod, SyntheticSet, register_method
 from methods.losses import gradient_match_distance
 
@@ -98,6 +99,7 @@ class DC(DistillMethod):
         loss = torch.zeros((), device=self.device)
         classes = self.owned_classes()  # None: every class (one process); else this rank's (torchrun)
         for c in range(self.num_classes):
+            progress.tick()  # a progress line / a stop inside a long iteration
             if classes is not None and c not in classes:
                 self.skip_class_draws(c, syn.ipc)
                 continue
@@ -130,6 +132,7 @@ class DC(DistillMethod):
         scaler_net = self.precision.grad_scaler(self.device)
         total = torch.zeros((), device=self.device)
         for outer_step in range(self.outer_loop):
+            progress.tick()
             if use_bn:
                 self._freeze_batchnorm(net)
             with self.precision.autocast(self.device):

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import evaluation
+import progress
 import utils
 from methods.base import DistillConfig, DistillMethod, Option, SyntheticSet, register_method
 from methods.mtt import FlatModel
@@ -197,6 +198,7 @@ class DD(DistillMethod):
         params = start.detach().clone().requires_grad_(True)
         self.student_net.train()
         for t in range(steps):
+            progress.tick()  # a progress line / a stop inside a long iteration
             index = self._batch_index[t % self.distill_steps]
             keep_graph = t >= steps - window
             images = syn.images[index] if keep_graph else syn.images.detach()[index]

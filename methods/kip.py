@@ -18,6 +18,7 @@ from typing import Dict
 import torch
 
 import evaluation
+import progress
 import utils
 from methods import kernels
 from methods.base import DistillMethod, Option, SyntheticSet, register_method
@@ -186,6 +187,7 @@ def krr_accuracy(image_syn: torch.Tensor, label_syn: torch.Tensor, images: torch
     k_ss = kernels.fc_kernels(x_s, x_s, depth, w_std, b_std)[which]
     correct = 0
     for x, y in zip(images.split(chunk), labels.split(chunk)):
+        progress.tick()
         k_ts = kernels.fc_kernels(x.double().to(x_s.device), x_s, depth, w_std, b_std)[which]
         prediction = kernels.kernel_ridge_regression(k_ts, k_ss, y_s, reg)
         correct += int((prediction.argmax(1).cpu() == y.cpu()).sum())

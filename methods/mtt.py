@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import augment
+import progress
 from pretrained import buffers
 import utils
 from methods import tesla
@@ -330,6 +331,7 @@ class MTT(DistillMethod):
         augmenting = bool(self.dsa_strategy) and not self.hparams["no_aug"]
         params = start.clone().requires_grad_(True)
         for _ in range(self.hparams["syn_steps"]):
+            progress.tick()  # a progress line / a stop inside a long iteration
             index = self.next_batch(syn.images.shape[0])
             images = syn.images[index]
             if augmenting:

@@ -41,6 +41,7 @@ import yaml
 import distributed
 import evaluation
 import pictures
+import progress
 import storage
 import tables
 import utils
@@ -54,11 +55,15 @@ logger = logging.getLogger(__name__)
 
 
 class RunInterrupted(Exception):
-    """The run was asked to stop (SIGINT / SIGTERM); a checkpoint was written first."""
+    """The run was asked to stop (SIGINT / SIGTERM): a checkpoint was written after the current
+    iteration, or, when that iteration ran past the grace period (``progress.STOP_GRACE_S``), it
+    was dropped and the last checkpoint kept (the message says which)."""
 
 
 class StopFlag:
-    """Turns SIGINT and SIGTERM into a request to stop after the current iteration.
+    """Turns SIGINT and SIGTERM into a request to stop after the current iteration; an iteration
+    still running ``progress.STOP_GRACE_S`` seconds later is abandoned where it is
+    (``progress.tick`` raises ``progress.StopRequested``) and the last checkpoint is kept.
 
     A second SIGINT while a stop is pending raises ``KeyboardInterrupt`` at once.
     """
@@ -71,7 +76,8 @@ class StopFlag:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        logger.warning("stop requested (signal %d): finishing this iteration, then writing a checkpoint", signum)
+        logger.warning("stop requested (signal %d): finishing this iteration, then writing a checkpoint (an iteration "
+                       "still running after %.0f s is dropped and the last checkpoint kept)", signum, progress.STOP_GRACE_S)
 
     def install(self) -> "StopFlag":
         """Install the handlers (remembering the previous ones); returns ``self``."""
@@ -222,6 +228,8 @@ class DistillationRun:
         self.step_seconds, self.steps_timed, self.distill_seconds = 0.0, 0, 0.0
         self.method: Optional[DistillMethod] = None
         self.syn = None
+        self.checkpointed: Optional[tuple] = None  # (exp, iteration) of last.pt, once written or resumed
+        self.running: tuple = (0, 0)  # (exp, iteration) in progress, for the message of an abandoned one
 
     # ---- files --------------------------------------------------------------------------
     def write_config(self) -> None:
@@ -274,6 +282,7 @@ class DistillationRun:
                                   data_save=self.data_save, learned_lr=self.learned_lr, schedules=self.schedules,
                                   accs_by_exp=self.accs_by_exp, finished=self.finished, best=self.best,
                                   summary_rows=self.summary_rows)
+        self.checkpointed = (exp, iteration)
         distributed.barrier()
 
     def refuse_overwrite(self) -> None:
@@ -338,6 +347,7 @@ class DistillationRun:
             logger.info("--resume: --Iteration %d → %d, continuing every experiment", saved_iterations,
                         self.cfg.iterations)
         logger.info("resuming %s from experiment %d, iteration %d", self.checkpoint_path, saved["exp"], saved["iteration"])
+        self.checkpointed = (saved["exp"], saved["iteration"])
         return saved
 
     # ---- evaluation ---------------------------------------------------------------------
@@ -394,7 +404,7 @@ class DistillationRun:
                 logger.info("exp %d iter %d: %s %s (%d nets %s, %s, %.1f s)%s", exp, iteration, key,
                             tables.format_acc(result.accs), self.opts.num_eval, result.path or "sequential", what,
                             result.train_time_s, f"; {result.path_note}" if result.path_note else "")
-        except evaluation.EvaluationStopped:
+        except (evaluation.EvaluationStopped, progress.StopRequested):
             del self.summary_rows[rows:]
             raise
         self.write_summary()
@@ -410,7 +420,7 @@ class DistillationRun:
         """
         try:
             return self.evaluate(method, syn, exp, iteration, loss_value, elapsed)
-        except evaluation.EvaluationStopped:
+        except (evaluation.EvaluationStopped, progress.StopRequested):  # the set itself is complete
             self.checkpoint(exp, iteration, method, syn, generator, pending_eval=True)
             raise RunInterrupted(f"stopped during the evaluation of experiment {exp}, iteration {iteration} "
                                  f"(it runs again on resume); checkpoint {self.checkpoint_path}") from None
@@ -530,10 +540,11 @@ class DistillationRun:
                     self.keep(exp, method, syn, generator, results)
             self.after_iteration(exp, done, method, syn, results)
         # A bar on a terminal; in batch jobs a log line every 5 % of the iterations (and every
-        # utils.PROGRESS_EVERY_S seconds) with the loss and the last accuracy.
-        with utils.Progress(iterations, f"{self.tag} exp {exp}", unit="it", initial=done,
-                            log_fraction=0.05) as progress:
+        # progress.PROGRESS_EVERY_S seconds) with the loss and the last accuracy.
+        with progress.Progress(iterations, f"{self.tag} exp {exp}", unit="it", initial=done,
+                               log_fraction=0.05) as shown:
             for iteration in range(done + 1, iterations + 1):
+                self.running = (exp, iteration)
                 tick = time.perf_counter()
                 logs = method.step(syn, iteration)
                 logs.update(method.pop_addon_logs())  # e.g. the CLoM term, the feature-label loss
@@ -559,7 +570,7 @@ class DistillationRun:
                 self.after_iteration(exp, iteration, method, syn, results)
                 # Other scalars a method reports (CAFE: outer steps, inner epochs) go beside the loss.
                 extras = "".join(f", {key}={float(value):.4g}" for key, value in logs.items() if key != "loss")
-                progress.update(1, f"loss={loss_value:.4f}, acc={last_acc}{extras}")
+                shown.update(1, f"loss={loss_value:.4f}, acc={last_acc}{extras}")
                 # Every rank asks at the same point, so a signal to any stops all at this iteration.
                 stop_now = distributed.any_flag(self.stop.requested)
                 if stop_now and not is_last:
@@ -568,6 +579,17 @@ class DistillationRun:
                                          f"checkpoint {self.checkpoint_path}")
                 if opts.checkpoint_every > 0 and iteration % opts.checkpoint_every == 0 and not is_last:
                     self.checkpoint(exp, iteration, method, syn, generator)
+
+    def abandoned(self, stop: "progress.StopRequested") -> str:
+        """What a stop that abandoned the running iteration (:class:`progress.StopRequested`) kept:
+        nothing of that iteration; ``last.pt`` as it was (it is written only between iterations,
+        so its set, method state and RNG states are those of the iteration it names)."""
+        exp, iteration = self.running
+        kept = ("no checkpoint was written yet, so --resume starts from the beginning" if self.checkpointed is None
+                else f"checkpoint {self.checkpoint_path} (experiment {self.checkpointed[0]}, iteration "
+                     f"{self.checkpointed[1]}) is kept")
+        return (f"stopped inside experiment {exp}, iteration {iteration} ({stop.waited_s:.0f} s after the stop was "
+                f"seen; the unfinished iteration is dropped); {kept}")
 
     def finished_enough(self, exp: int) -> bool:
         """Whether experiment ``exp`` has finished all of this run's iterations."""
@@ -597,7 +619,13 @@ class DistillationRun:
                 start = resumed  # the experiment the checkpoint stopped inside
             else:  # from its start, or from where it ended when --Iteration grew
                 start = self.finished[exp] if exp < len(self.finished) else None
-            self.run_experiment(exp, start)
+            self.running = (exp, start["iteration"] if start is not None else 0)
+            try:
+                # An iteration a stop cannot wait for ends at its next progress.tick (StopRequested).
+                with progress.stoppable(lambda: self.stop.requested):
+                    self.run_experiment(exp, start)
+            except progress.StopRequested as stop:
+                raise RunInterrupted(self.abandoned(stop)) from None
             # The finished experiment is in the checkpoint's lists; a resume skips it.
             self.checkpoint(exp + 1, 0)
             self.save_result_or_say_where()

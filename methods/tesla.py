@@ -31,6 +31,7 @@ from typing import List, Optional, Tuple
 import torch
 
 import augment
+import progress
 import utils
 from methods.addons.base import AddOn
 
@@ -54,6 +55,7 @@ class _Sweep(torch.autograd.Function):
         stored: List[torch.Tensor] = []
         steps: List[Tuple[torch.Tensor, Optional[augment.DiffAugParams]]] = []
         for _ in range(hp["syn_steps"]):
+            progress.tick()  # a progress line / a stop inside a long iteration (forward only)
             index = method.next_batch(x_all.shape[0])
             batch = x_all[index]
             drawn = None

@@ -39,6 +39,7 @@ import distributed
 import networks
 import evaluation
 import utils
+from progress import Progress
 from precision import FP32, Precision
 from pretrained.buffers import (BufferWriter, Snapshot, canonical_dataset, effective_res, list_buffer_files,
                                 toolkit_version)
@@ -561,7 +562,7 @@ def make_buffer(cfg: ExpertConfig, record, directory: str, num_experts: int, *, 
     todo = list(range(start_index, num_experts))
     per_round = 1 if data_parallel else distributed.world_size()
     mine = todo if data_parallel else distributed.shard(todo)
-    progress = utils.Progress(len(mine) * cfg.train_epochs, f"buffer {cfg.model}", unit="epoch")
+    progress = Progress(len(mine) * cfg.train_epochs, f"buffer {cfg.model}", unit="epoch")
     with progress:
         for first in range(0, len(todo), per_round):
             trained = {}  # this rank's expert of the round (all ranks' with --ddp)

@@ -62,6 +62,7 @@ import evaluation
 import storage
 import tables
 import utils
+from progress import Progress
 from precision import FP32, Precision
 from data import PlainDataError, load_plain
 
@@ -588,7 +589,7 @@ def train_originals(cfg: OriginalConfig, record, save_path: str, num: int, *, de
     mine = list(range(num)) if data_parallel else distributed.shard(num)  # all of them for one process
     done_before = (cfg.epochs * len([i for i in plan["finished"] if i in mine])
                    + sum(min(done, cfg.epochs) for i, done in plan["resume"] if i in mine))
-    progress = utils.Progress(len(mine) * cfg.epochs, f"original {cfg.model} models", unit="epoch",
+    progress = Progress(len(mine) * cfg.epochs, f"original {cfg.model} models", unit="epoch",
                               initial=done_before)
 
     def each_epoch(index: int, epoch: int, loss: float) -> None:

@@ -39,6 +39,7 @@ import chunked
 import evaluation
 import tables
 import utils
+from progress import Progress
 from sets.selection import herding_select
 
 NUM_ORDERS = 5
@@ -99,7 +100,7 @@ def run_continual(memories: Dict[str, MemoryFn], record, steps: int, model: str,
     test_images, test_labels = record.images_test.to(device), record.labels_test.to(device)
     accs = {name: [[] for _ in range(steps)] for name in memories}
     # One unit per (source, order, step); each evaluation shows its networks and epochs itself.
-    with utils.Progress(len(memories) * len(orders) * steps, f"continual {model}", unit="step") as progress:
+    with Progress(len(memories) * len(orders) * steps, f"continual {model}", unit="step") as progress:
         for name, memory in memories.items():
             for index, order in enumerate(orders):
                 images, labels = memory(index)
