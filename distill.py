@@ -9,7 +9,6 @@ the default of the chosen method's script. ``--config FILE.yaml`` supplies flag 
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 
 import cli
@@ -18,7 +17,8 @@ import methods
 import tables
 import utils
 from cli import distill_flags
-from methods.runner import RunInterrupted, StopFlag, run_distillation
+from cli.stage import open_stage, stop_requests
+from methods.runner import RunInterrupted, run_distillation
 
 
 def main(argv=None) -> int:
@@ -27,24 +27,19 @@ def main(argv=None) -> int:
         args = distill_flags.parse_args(argv, description=__doc__)
         cfg, opts = distill_flags.resolve(args)
         opts = dataclasses.replace(opts, command=cli.command_line(argv))
-        cli.check_writable(opts.run_dir, "--run_dir" if args.run_dir else "--save_path", directory=True,
+        stage = open_stage(args, run_dir=opts.run_dir, flag="--run_dir" if args.run_dir else "--save_path",
                            given=args.run_dir or args.save_path)
-        cli.setup_logging(os.path.join(opts.run_dir, "log.txt"))
-        device = cli.setup_runtime(args)
-        opts = dataclasses.replace(opts, precision=cli.setup_precision(args, device))
-        cli.quiet_other_ranks()  # torchrun: rank 0 prints the report
+        device, opts = stage.device, dataclasses.replace(opts, precision=stage.precision)
         record = cli.load_record(args, cifar100_stats_default=methods.get_method_class(cfg.method).cifar100_stats)
         if cfg.ipc > int(record.labels_train.bincount().min()):
             raise utils.UserError(f"--ipc {cfg.ipc} exceeds the smallest class of {args.dataset}")
-        stop = StopFlag().install()
-        try:
-            outcome = run_distillation(cfg, opts, record, device, stop=stop)
-        except RunInterrupted as error:
-            cli.fail(f"{error}; re-run the same command with --resume to continue", cli.EXIT_STOPPED)
-        except FloatingPointError as error:
-            cli.fail(f"{error}; the last checkpoint in {opts.run_dir} is kept", cli.EXIT_NUMERIC)
-        finally:
-            stop.restore()
+        with stop_requests() as stop:
+            try:
+                outcome = run_distillation(cfg, opts, record, device, stop=stop)
+            except RunInterrupted as error:
+                cli.fail(f"{error}; re-run the same command with --resume to continue", cli.EXIT_STOPPED)
+            except FloatingPointError as error:
+                cli.fail(f"{error}; the last checkpoint in {opts.run_dir} is kept", cli.EXIT_NUMERIC)
     print(f"\n{cfg.method} {cfg.dataset} ipc {cfg.ipc} ({cfg.iterations} iterations, "
           f"{outcome.seconds_per_iteration:.3f} s/iteration on {device}, {opts.precision.describe()})")
     for model, accs in outcome.accs_all_exps.items():

@@ -24,6 +24,7 @@ import cli
 import distributed
 import utils
 from cli import evaluate_flags as flags
+from cli.stage import open_stage
 from sets import comparison, files
 
 
@@ -32,16 +33,14 @@ def main(argv=None) -> int:
     write the table. Returns the exit code."""
     args = flags.build_parser(__doc__).parse_args(argv)
     with cli.user_errors():
-        cli.setup_logging(quiet=True)
         flags.check_args(args)
         if args.out:
             cli.check_writable(args.out, "--out")
         paths = files.expand_syn_paths(args.syn_path or [])
         if args.assess and len(paths) != 1:
             raise utils.UserError(f"--assess takes one synthetic set (--syn_path), got {len(paths)}")
-        device = cli.setup_runtime(args)
-        amp = cli.setup_precision(args, device)
-        cli.quiet_other_ranks()  # torchrun: rank 0 prints the table and writes --out
+        stage = open_stage(args, quiet=True)  # torchrun: rank 0 prints the table and writes --out
+        device, amp = stage.device, stage.precision
         record = cli.load_record(args)
         print(f"{record.name}: {len(record.labels_train)} training / {len(record.labels_test)} test images "
               f"from {record.source or args.data_path}")

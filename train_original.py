@@ -17,87 +17,36 @@ Examples:
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
 import cli
 import distributed
+from cli.original_flags import build_parser, resolve
+from cli.stage import open_stage
 from pretrained import originals
-import utils
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``train_original.py`` flags (reference names and defaults, DDInterpreter)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="ConvNet", help="network to train (networks.py names)")
-    parser.add_argument("--num", type=int, default=1, help="number of models (indices 0 .. num-1)")
-    parser.add_argument("--epochs", type=int, default=150, help="training epochs per model")
-    parser.add_argument("--batch_size", type=int, default=256, help="images per SGD step")
-    parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    parser.add_argument("--weight_decay", type=float, default=0.005, help="SGD weight decay")
-    parser.add_argument("--lr_decay_step", default="50,100",
-                        help="MultiStepLR milestones: lr x0.1 once that many epochs are done (none: constant lr)")
-    parser.add_argument("--save_every", type=int, default=1,
-                        help="write the resumable checkpoint every N epochs (and after the last; 0: only then)")
-    parser.add_argument("--save_path", default=originals.DEFAULT_SAVE_PATH, help="root of the saved models")
-    parser.add_argument("--random_seed", type=int, dest="seed", default=argparse.SUPPRESS,
-                        help="the reference's name for --seed")
-    parser.add_argument("--ddp", action="store_true",
-                        help="torchrun: all ranks train each model together (DistributedDataParallel); "
-                             "default: the --num models are spread over the ranks")
-    parser.add_argument("--normalize_data", action="store_true",
-                        help="accepted for reference commands; images are always normalised (as in the reference)")
-    cli.add_data_args(parser)
-    cli.add_runtime_args(parser)
-    cli.add_amp_arg(parser)
-    return parser
-
-
-def resolve(args: argparse.Namespace) -> originals.OriginalConfig:
-    """The validated configuration of the parsed flags.
-
-    Raises:
-        utils.UserError: a value is invalid (the message names the flag).
-    """
-    if args.num < 1:
-        raise utils.UserError(f"--num must be at least 1, got {args.num}")
-    if args.save_every < 0:
-        raise utils.UserError(f"--save_every must be >= 0, got {args.save_every}")
-    cfg = originals.OriginalConfig(
-        dataset=args.dataset, model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        momentum=args.momentum, weight_decay=args.weight_decay, lr_decay_step=originals.parse_milestones(
-            args.lr_decay_step), zca=args.zca, subset=args.subset, res=args.res, seed=args.seed)
-    cfg.validate()
-    return cfg
 
 
 def main(argv=None) -> int:
     """Parse, refuse a mismatching folder early, load the data, train what is missing, report."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(__doc__).parse_args(argv)
     with cli.user_errors():
-        cfg = resolve(args)
-        directory = originals.original_dir(args.save_path, cfg.dataset, cfg.model, cfg.subset)
-        cli.check_writable(directory, "--save_path", directory=True, given=args.save_path)
-        originals.check_existing(args.save_path, cfg, args.num)
-        cli.setup_logging(os.path.join(directory, "log.txt"))
-        device = cli.setup_runtime(args)
-        amp = cli.setup_precision(args, device)
-        cli.quiet_other_ranks()  # torchrun: rank 0 prints the table
-        utils.seed_everything(args.seed)
-        record = cli.load_record(args, device)
+        job = resolve(args)
+        stage = open_stage(args, run_dir=job.directory, flag="--save_path", given=job.save_path, seed=True,
+                           check=lambda: originals.check_existing(job.save_path, job.original, job.num))
+        record = cli.load_record(args, stage.device)
         try:
-            done = originals.train_originals(cfg, record, args.save_path, args.num, device=device,
-                                             save_every=args.save_every, precision=amp, data_parallel=args.ddp)
+            done = originals.train_originals(job.original, record, job.save_path, job.num, device=stage.device,
+                                             save_every=job.save_every, precision=stage.precision,
+                                             data_parallel=job.ddp)
         except KeyboardInterrupt as stop:
-            cli.fail(f"{cli.stop_word(stop)}; finished models and the last checkpoint are kept in {directory}; run "
-                     "the same command again to continue", cli.EXIT_STOPPED)
+            cli.fail(f"{cli.stop_word(stop)}; finished models and the last checkpoint are kept in {job.directory}; "
+                     "run the same command again to continue", cli.EXIT_STOPPED)
         except FloatingPointError as error:
-            cli.fail(f"{error}; finished models in {directory} are kept", cli.EXIT_NUMERIC)
+            cli.fail(f"{error}; finished models in {job.directory} are kept", cli.EXIT_NUMERIC)
     status = {result.index: result.status for result in done.results}
-    print(f"{len(done.results)} original {cfg.model} model(s) of {record.name} in {directory} on {device} "
-          f"(image {record.channel}x{record.im_size[0]}x{record.im_size[1]}, {record.num_classes} classes):")
+    print(f"{len(done.results)} original {job.original.model} model(s) of {record.name} in {job.directory} on "
+          f"{stage.device} (image {record.channel}x{record.im_size[0]}x{record.im_size[1]}, "
+          f"{record.num_classes} classes):")
     print(originals.format_table(done.summary, status))
     print(f"summary: {done.summary_path}")
     distributed.shutdown()

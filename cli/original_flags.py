@@ -1,0 +1,78 @@
+"""The ``train_original.py`` command line: its flags (yaolu-zjut/DDInterpreter
+``train_original_models.py`` names and defaults), resolved once into a frozen :class:`OriginalJob`."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import cli
+import utils
+from pretrained import originals
+
+
+@dataclass(frozen=True)
+class OriginalJob:
+    """A resolved ``train_original.py`` command.
+
+    Attributes:
+        original: how each model trains (``pretrained.originals.OriginalConfig``).
+        save_path: ``--save_path``, the root of the saved models.
+        directory: ``{save_path}/{dataset}/original/{model}``, where the models go.
+        num: models wanted, indices ``0 .. num - 1`` (``--num``).
+        save_every: the resumable checkpoint every so many epochs (``--save_every``; 0: at the end).
+        ddp: all ranks train each model together (``--ddp``).
+    """
+
+    original: originals.OriginalConfig
+    save_path: str
+    directory: str
+    num: int
+    save_every: int
+    ddp: bool
+
+
+def build_parser(description: str = "") -> argparse.ArgumentParser:
+    """The ``train_original.py`` flags (reference names and defaults, DDInterpreter)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ConvNet", help="network to train (networks.py names)")
+    parser.add_argument("--num", type=int, default=1, help="number of models (indices 0 .. num-1)")
+    parser.add_argument("--epochs", type=int, default=150, help="training epochs per model")
+    parser.add_argument("--batch_size", type=int, default=256, help="images per SGD step")
+    parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    parser.add_argument("--weight_decay", type=float, default=0.005, help="SGD weight decay")
+    parser.add_argument("--lr_decay_step", default="50,100",
+                        help="MultiStepLR milestones: lr x0.1 once that many epochs are done (none: constant lr)")
+    parser.add_argument("--save_every", type=int, default=1,
+                        help="write the resumable checkpoint every N epochs (and after the last; 0: only then)")
+    parser.add_argument("--save_path", default=originals.DEFAULT_SAVE_PATH, help="root of the saved models")
+    parser.add_argument("--random_seed", type=int, dest="seed", default=argparse.SUPPRESS,
+                        help="the reference's name for --seed")
+    parser.add_argument("--ddp", action="store_true",
+                        help="torchrun: all ranks train each model together (DistributedDataParallel); "
+                             "default: the --num models are spread over the ranks")
+    parser.add_argument("--normalize_data", action="store_true",
+                        help="accepted for reference commands; images are always normalised (as in the reference)")
+    cli.add_data_args(parser)
+    cli.add_runtime_args(parser)
+    cli.add_amp_arg(parser)
+    return parser
+
+
+def resolve(args: argparse.Namespace) -> OriginalJob:
+    """The validated configuration of the parsed flags, and where the models go.
+
+    Raises:
+        utils.UserError: a value is invalid (the message names the flag).
+    """
+    if args.num < 1:
+        raise utils.UserError(f"--num must be at least 1, got {args.num}")
+    if args.save_every < 0:
+        raise utils.UserError(f"--save_every must be >= 0, got {args.save_every}")
+    cfg = originals.OriginalConfig(
+        dataset=args.dataset, model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        momentum=args.momentum, weight_decay=args.weight_decay, lr_decay_step=originals.parse_milestones(
+            args.lr_decay_step), zca=args.zca, subset=args.subset, res=args.res, seed=args.seed)
+    cfg.validate()
+    return OriginalJob(original=cfg, save_path=args.save_path, num=args.num, save_every=args.save_every, ddp=args.ddp,
+                       directory=originals.original_dir(args.save_path, cfg.dataset, cfg.model, cfg.subset))
