@@ -33,14 +33,15 @@ STAGES = (
 
 
 def parser_builder(script: str) -> Callable[[], argparse.ArgumentParser]:
-    """The function that builds ``script``'s parser: ``build_parser`` of ``cli.<stage>_flags`` when
-    that module exists, else of the stage module itself.
+    """The function that builds ``script``'s parser: ``build_parser`` of ``cli.<stage>_flags`` (for
+    ``train_original.py`` also ``cli.original_flags``) when that module exists, else of the stage
+    module itself.
 
     Raises:
         LookupError: neither module defines ``build_parser``.
     """
     stage = os.path.splitext(script)[0]
-    for name in (f"cli.{stage}_flags", stage):
+    for name in (f"cli.{stage}_flags", f"cli.{stage.replace('train_', '')}_flags", stage):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as error:
