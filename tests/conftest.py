@@ -69,17 +69,15 @@ def check_stage_command(stage: str, argv: list) -> None:
     ``train_original`` and its arguments) as the script would, without loading data or running it:
     flags known, values in range, presets found (relative to the working directory). Raises what
     the script's own parsing raises (``SystemExit`` for an unknown flag, ``utils.UserError``)."""
-    import buffer
-    import train_original
-    from cli import distill_flags, evaluate_flags
+    from cli import buffer_flags, distill_flags, evaluate_flags, original_flags
 
     if stage == "distill":
         distill_flags.resolve(distill_flags.parse_args(argv))
     elif stage == "evaluate":
         evaluate_flags.check_args(evaluate_flags.build_parser("").parse_args(argv))
     elif stage == "buffer":
-        buffer.resolve(buffer.build_parser().parse_args(argv))
+        buffer_flags.resolve(buffer_flags.build_parser().parse_args(argv))
     elif stage == "train_original":
-        train_original.resolve(train_original.build_parser().parse_args(argv))
+        original_flags.resolve(original_flags.build_parser().parse_args(argv))
     else:
         raise ValueError(f"unknown stage {stage!r}")
