@@ -77,8 +77,10 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     feature_cli.add_feature_label_args(parser)
     feature_cli.add_eval_option_args(parser)
     group = parser.add_argument_group("method-specific (declared by each method's options)")
+    # One flag per field of the methods' options dataclasses (methods/options.py).
     for name, (option, users) in methods.method_options().items():
-        defaults = sorted({f"{m.name}: {m.resolve_options({})[name]}" for m in map(methods.get_method_class, users)})
+        defaults = sorted({f"{m.name}: {getattr(m.resolve_options({}), name)}"
+                           for m in map(methods.get_method_class, users)})
         help_text = f"{option.help} (default {'; '.join(defaults)})"
         if option.type is bool:  # --no_aug alone, and the references' --no_aug True / False
             group.add_argument(f"--{name}", action=cli.TrueFalseFlag, default=None, help=help_text)
@@ -93,7 +95,7 @@ def method_extra(args: argparse.Namespace, method_class) -> dict:
     Raises:
         utils.UserError: a value is out of range (the message names the flag).
     """
-    own = {option.name for option in method_class.options}
+    own = {option.name for option in method_class.option_specs()}
     extra = {}
     for name in methods.method_options():
         value = getattr(args, name)

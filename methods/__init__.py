@@ -2,10 +2,12 @@
 
 ``METHODS`` maps a ``--method`` name to its class; ``get_method_class(name)`` looks one up and
 ``create_method(cfg, **kwargs)`` builds it. To add a method: write ``methods/<name>.py`` with a
-:class:`DistillMethod` subclass decorated by ``@register_method('<NAME>')`` and import it here.
+:class:`DistillMethod` subclass decorated by ``@register_method('<NAME>')`` (its own flags: a frozen
+:class:`MethodOptions` dataclass, ``methods/options.py``) and import it here.
 """
-from methods.base import (METHODS, DistillConfig, DistillMethod, Option, SyntheticSet, get_method_class,
-                          list_methods, method_options, register_method)
+from methods.base import (METHODS, DistillConfig, DistillMethod, SyntheticSet, get_method_class, list_methods,
+                          method_options, register_method)
+from methods.options import MethodOptions, Option, option
 from methods import cafe, coreset, datadam, dc, dd, dm, frepo, kip, mtt  # noqa: F401  (registration)
 
 
@@ -18,5 +20,5 @@ def create_method(cfg: DistillConfig, **kwargs) -> DistillMethod:
     return get_method_class(cfg.method)(cfg, **kwargs)
 
 
-__all__ = ["METHODS", "DistillConfig", "DistillMethod", "Option", "SyntheticSet", "create_method",
-           "get_method_class", "list_methods", "method_options", "register_method"]
+__all__ = ["METHODS", "DistillConfig", "DistillMethod", "MethodOptions", "Option", "SyntheticSet", "create_method",
+           "get_method_class", "list_methods", "method_options", "option", "register_method"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Sequence, Tuple, Type
+from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,7 @@ import distributed
 import networks
 from precision import FP32, Precision, scaled_backward
 import chunked
+from methods.options import MethodOptions, Option, option_specs, resolve
 
 METHODS: Dict[str, Type["DistillMethod"]] = {}
 
@@ -57,64 +58,6 @@ def get_method_class(name: str) -> Type["DistillMethod"]:
     return METHODS[name]
 
 
-@dataclass(frozen=True)
-class Option:
-    """A method-specific hyperparameter, exposed by ``distill.py`` as the flag ``--{name}``.
-
-    A method lists its options in ``DistillMethod.options``; ``distill.py`` adds one flag per
-    name over all registered methods, so a new method gets its flags without editing the CLI.
-
-    Attributes:
-        name: flag and key name (reference spelling, e.g. ``lambda_1``).
-        default: the reference default.
-        help: one line for ``--help``.
-        type: ``float``, ``int`` or ``str`` (argparse converter).
-        minimum: smallest allowed value (numbers), or ``None``.
-        exclusive_minimum: ``True`` when ``minimum`` itself is not allowed (``> minimum``).
-        choices: the allowed values (a ``str`` option with a fixed set of values), or ``None``.
-    """
-
-    name: str
-    default: Any
-    help: str
-    type: Callable = float
-    minimum: Optional[float] = None
-    exclusive_minimum: bool = False
-    choices: Optional[Tuple[Any, ...]] = None
-
-    def convert(self, value: Any) -> Any:
-        """``value`` converted by ``type``; a ``bool`` option also takes the strings
-        true/false/yes/no/1/0 (the references spell booleans ``--dsa True``).
-
-        Raises:
-            ValueError: not convertible; the message names ``--{name}``.
-        """
-        if self.type is bool and isinstance(value, str):
-            lowered = value.strip().lower()
-            if lowered not in ("true", "false", "yes", "no", "1", "0"):
-                raise ValueError(f"--{self.name} expects true or false, got {value!r}")
-            return lowered in ("true", "yes", "1")
-        try:
-            return self.type(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"--{self.name} expects a {self.type.__name__}, got {value!r}") from None
-
-    def check(self, value: Any) -> Any:
-        """Validate ``value`` (already converted by :meth:`convert`) and return it.
-
-        Raises:
-            ValueError: below the minimum, or not one of ``choices``; the message names ``--{name}``.
-        """
-        if self.choices is not None and value not in self.choices:
-            raise ValueError(f"--{self.name} {value!r}: expected one of {', '.join(map(str, self.choices))}")
-        if self.minimum is not None:
-            too_small = value <= self.minimum if self.exclusive_minimum else value < self.minimum
-            if too_small:
-                relation = ">" if self.exclusive_minimum else ">="
-                raise ValueError(f"--{self.name} must be {relation} {self.minimum}, got {value}")
-        return value
-
-
 def method_options() -> Dict[str, Tuple[Option, Tuple[str, ...]]]:
     """Every option of every registered method: ``name -> (option, names of the methods using it)``.
 
@@ -123,7 +66,7 @@ def method_options() -> Dict[str, Tuple[Option, Tuple[str, ...]]]:
     """
     found: Dict[str, Tuple[Option, Tuple[str, ...]]] = {}
     for method_name in sorted(METHODS):
-        for option in METHODS[method_name].options:
+        for option in METHODS[method_name].option_specs():
             if option.name in found:
                 first, users = found[option.name]
                 if first.type is not option.type:
@@ -141,7 +84,8 @@ class DistillConfig:
 
     Attributes mirror the reference flags (``main.py`` / ``main_DM.py`` of
     VICO-UoE/DatasetCondensation): ``iterations`` is ``--Iteration``. Flags only one family of
-    methods uses are declared by the method (:class:`Option`) and travel in ``extra``.
+    methods uses are declared by the method (its options dataclass, ``methods/options.py``) and
+    travel in ``extra``; the method receives them typed (:meth:`DistillMethod.resolve_options`).
     """
 
     method: str
@@ -166,7 +110,7 @@ class DistillConfig:
     # ``data.load_dataset(normalize_like=...)``: None (the dataset's own mean/std) or "CIFAR10"
     # (CIFAR100 normalised with CIFAR10's statistics, as MTT/DATM/PAD/CAFE; ``--cifar100_stats``).
     normalize_like: Optional[str] = None
-    # Method-specific options (``DistillMethod.options``) that differ from their defaults.
+    # Method-specific options given (flag name -> value; ``DistillMethod.options_type``), the others default.
     extra: Mapping[str, Any] = field(default_factory=dict)
     # The CLoM regulariser (``methods.clom.CLoMSettings.as_dict()``), or ``None``: off.
     clom: Optional[Mapping[str, Any]] = None
@@ -307,8 +251,13 @@ class DistillMethod:
     """Base class of a distillation method.
 
     Subclasses set ``defaults`` (their reference script's defaults of the shared flags),
-    ``options`` (their own flags, :class:`Option`), implement :meth:`loss` (or override
-    :meth:`step`), and may extend :meth:`state_dict`. ``self.hparams`` holds the resolved options.
+    ``options_type`` (the frozen dataclass of their own flags, ``methods/options.py``), implement
+    :meth:`loss` (or override :meth:`step`), and may extend :meth:`state_dict`. ``self.options``
+    is the resolved ``options_type`` instance.
+
+    The class-level settings below are grouped by concern: the shared flags' defaults and the
+    method's own options; the algorithm's capabilities (what the runner, the add-ons and torchrun
+    may do with it); the evaluation protocol's defaults; data normalisation; output layout.
 
     Args:
         cfg: the resolved configuration.
@@ -319,41 +268,26 @@ class DistillMethod:
     """
 
     name: ClassVar[str] = ""
+
+    # ---- flags: the shared flags' defaults and the method's own options --------------------
     # Reference flag defaults of this method (override the DistillConfig field defaults).
     defaults: ClassVar[dict] = {}
-    # Flags of this method only (``distill.py --{option.name}``).
-    options: ClassVar[Tuple[Option, ...]] = ()
-    # Evaluate every so many iterations when --eval_it is not given (eval modes S and SS).
-    default_eval_it: ClassVar[int] = 2000
+    # This method's own flags (``distill.py --{field}``): a frozen MethodOptions dataclass.
+    options_type: ClassVar[Type[MethodOptions]] = MethodOptions
     # Accepted values of --init (the first is never implied: defaults name theirs).
     init_choices: ClassVar[Tuple[str, ...]] = ("noise", "real")
+    # Shared flags this method does not use: giving one is refused (``distill.py``), so a value
+    # is never recorded as if it had been used.
+    unused_flags: ClassVar[Tuple[str, ...]] = ()
+
+    # ---- algorithm capabilities ---------------------------------------------------------
     # True for selection baselines (methods/coreset.py): init_synthetic returns the final set and
     # the runner runs no iteration, whatever --Iteration says.
     selection_only: ClassVar[bool] = False
-    # True for the trajectory-matching family (MTT, DATM, PAD): the runner also writes their
-    # reference repositories' logged files (images_best.pt, labels_best.pt, lr_best.pt, ...).
-    writes_reference_layout: ClassVar[bool] = False
     # Add-ons (``methods/addons``) this method hosts, by name; any other is refused. The base class
     # calls the hooks of CLoM (every image update) and feature labels (after every image update,
     # networks trained on the set); a method that overrides ``step`` lists what it still honours.
     hosted_addons: ClassVar[Tuple[str, ...]] = ("CLoM", "feature_labels")
-    # Shared flags this method does not use: giving one is refused (``distill.py``), so a value
-    # is never recorded as if it had been used.
-    unused_flags: ClassVar[Tuple[str, ...]] = ()
-    # Evaluation epochs when no --epoch_eval_train is given: (with augmentation, without), where
-    # augmentation is DSA or an active DC augmentation (evaluation.EvalProtocol).
-    eval_epochs: ClassVar[Tuple[int, int]] = (1000, 1000)
-    # (--num_exp, --num_eval) when not given: the reference script's run counts (DC/DSA main.py and
-    # DM main_DM.py: 5 experiments x 20 evaluation networks).
-    run_counts: ClassVar[Tuple[int, int]] = (5, 20)
-    # Whose --eval_mode pools (networks.FAMILY_POOLS): "DC" or "MTT" (its M pool differs).
-    pool_family: ClassVar[str] = "DC"
-    # How networks trained on the set fit its labels when --label_loss is not given
-    # (evaluation.LABEL_LOSSES): cross-entropy, or mse for kernel methods whose labels are regression targets.
-    eval_label_loss: ClassVar[str] = "cross_entropy"
-    # --cifar100_stats when not given: "cifar100" (its own mean/std, DC/DSA/DM) or "cifar10"
-    # (CIFAR10's, as the CIFAR100 loaders of mtt-distillation, DATM, PAD and CAFE).
-    cifar100_stats: ClassVar[str] = "cifar100"
     # Names of this method's own functions that compute its matching / meta loss with the graph to
     # the set, as ``step`` calls them. A cost measurement (scripts/cost_study.py) times these calls
     # together with :meth:`update_images` (the backward to the set and the optimiser step) as "the
@@ -369,6 +303,34 @@ class DistillMethod:
     # after setting the statistics from every class), so a BatchNorm network does not stop sharding.
     frozen_batchnorm_in_loss: ClassVar[bool] = False
 
+    # ---- evaluation protocol defaults ---------------------------------------------------
+    # Evaluate every so many iterations when --eval_it is not given (eval modes S and SS).
+    default_eval_it: ClassVar[int] = 2000
+    # Evaluation epochs when no --epoch_eval_train is given: (with augmentation, without), where
+    # augmentation is DSA or an active DC augmentation (evaluation.EvalProtocol).
+    eval_epochs: ClassVar[Tuple[int, int]] = (1000, 1000)
+    # (--num_exp, --num_eval) when not given: the reference script's run counts (DC/DSA main.py and
+    # DM main_DM.py: 5 experiments x 20 evaluation networks).
+    run_counts: ClassVar[Tuple[int, int]] = (5, 20)
+    # Whose --eval_mode pools (networks.FAMILY_POOLS): "DC" or "MTT" (its M pool differs).
+    pool_family: ClassVar[str] = "DC"
+    # How networks trained on the set fit its labels when --label_loss is not given
+    # (evaluation.LABEL_LOSSES): cross-entropy, or mse for kernel methods whose labels are regression targets.
+    eval_label_loss: ClassVar[str] = "cross_entropy"
+
+    # ---- data normalisation -------------------------------------------------------------
+    # --cifar100_stats when not given: "cifar100" (its own mean/std, DC/DSA/DM) or "cifar10"
+    # (CIFAR10's, as the CIFAR100 loaders of mtt-distillation, DATM, PAD and CAFE).
+    cifar100_stats: ClassVar[str] = "cifar100"
+
+    # ---- output layout ------------------------------------------------------------------
+    # True for the trajectory-matching family (MTT, DATM, PAD): the runner also writes their
+    # reference repositories' logged files (images_best.pt, labels_best.pt, lr_best.pt, ...).
+    writes_reference_layout: ClassVar[bool] = False
+
+    # The resolved options (an ``options_type`` instance), set by ``__init__``.
+    options: MethodOptions
+
     def __init__(self, cfg: DistillConfig, *, channel: int, num_classes: int, im_size, sampler,
                  device: torch.device, generator: torch.Generator, precision: Precision = FP32):
         self.cfg = cfg
@@ -382,7 +344,7 @@ class DistillMethod:
         self.device = device
         self.generator = generator
         self.dsa_strategy = self.training_dsa(cfg)
-        self.hparams = self.resolve_options(cfg.extra)
+        self.options = self.resolve_options(cfg.extra)
         self.optimizer_img: Optional[torch.optim.Optimizer] = None
         # The add-ons the run attached (``methods.addons.base.AddOn``; :meth:`attach_addons`).
         self.addons: list = []
@@ -390,18 +352,19 @@ class DistillMethod:
         self._owned_known = False
 
     @classmethod
-    def resolve_options(cls, extra: Mapping[str, Any]) -> Dict[str, Any]:
-        """This method's options: the defaults overridden by ``extra``, each validated.
+    def option_specs(cls) -> Tuple[Option, ...]:
+        """This method's own flags, one per field of ``options_type`` (``methods.options.Option``)."""
+        return option_specs(cls.options_type)
+
+    @classmethod
+    def resolve_options(cls, extra: Mapping[str, Any]) -> MethodOptions:
+        """This method's options: an ``options_type`` instance with the defaults overridden by
+        ``extra`` (flag name -> value), each converted and validated.
 
         Raises:
             ValueError: a key of ``extra`` is not an option of this method, or a value is out of range.
         """
-        known = {option.name: option for option in cls.options}
-        unknown = sorted(set(extra) - set(known))
-        if unknown:
-            raise ValueError(f"method {cls.name} has no option {', '.join(unknown)}; "
-                             f"its options: {', '.join(known) or 'none'}")
-        return {name: option.check(option.convert(extra.get(name, option.default))) for name, option in known.items()}
+        return resolve(cls.options_type, extra, cls.name)
 
     @classmethod
     def check_addons(cls, requested: Sequence[Tuple[str, str]]) -> None:

@@ -29,6 +29,7 @@ the plain mean per-class accuracy instead.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
@@ -37,7 +38,8 @@ import torch.nn as nn
 import chunked
 import evaluation
 import progress
-from methods.base import DistillMethod, Option, SyntheticSet, register_method
+from methods.base import DistillMethod, SyntheticSet, register_method
+from methods.options import TOOLKIT, MethodOptions, option
 from methods.features import real_class_statistics, syn_class_statistics
 from methods.losses import class_means, discrimination_loss, feature_alignment_loss, mean_embedding_distance
 
@@ -98,6 +100,38 @@ def image_lr(lr_img: float, iteration: int) -> float:
     return lr_img * 0.5 ** sum(iteration - 1 >= milestone for milestone in LR_MILESTONES)
 
 
+CAFE_REFERENCE = "kaiwang960112/CAFE distill.py"
+
+
+@dataclass(frozen=True)
+class CAFEOptions(MethodOptions):
+    """CAFE's own flags: the layer and loss weights and the watcher thresholds (defaults: its
+    reference ``distill.py``), the watchers' window and reading size (the values that script uses),
+    and this toolkit's loop bounds and watcher choice."""
+
+    first_weight: float = option(1.0, "CAFE: weight of the embedding (deepest) layer", minimum=0.0,
+                                 source=CAFE_REFERENCE)
+    second_weight: float = option(1.0, "CAFE: weight of the last intermediate stage", minimum=0.0,
+                                  source=CAFE_REFERENCE)
+    third_weight: float = option(0.1, "CAFE: weight of the stage before it", minimum=0.0, source=CAFE_REFERENCE)
+    fourth_weight: float = option(0.1, "CAFE: weight of every shallower stage", minimum=0.0, source=CAFE_REFERENCE)
+    inner_weight: float = option(0.01, "CAFE: weight of the discrimination cross-entropy", minimum=0.0,
+                                 source=CAFE_REFERENCE)
+    lambda_1: float = option(0.04, "CAFE: leave the outer loop when the real-accuracy watcher spans less", minimum=0.0,
+                             source=CAFE_REFERENCE)
+    lambda_2: float = option(0.03, "CAFE: leave the inner loop when the real-accuracy watcher spans more", minimum=0.0,
+                             source=CAFE_REFERENCE)
+    watcher_window: int = option(10, "CAFE: readings a watcher compares", minimum=2,
+                                 source=CAFE_REFERENCE + " (acc_watcher length; no flag)")
+    watcher_images: int = option(128, "CAFE: real images per class per accuracy reading", minimum=1,
+                                 source=CAFE_REFERENCE + " (real batch of a reading; no flag)")
+    max_outer_steps: int = option(100, "CAFE: bound on image updates per iteration", minimum=1, source=TOOLKIT)
+    max_inner_steps: int = option(100, "CAFE: bound on network epochs per inner loop", minimum=1, source=TOOLKIT)
+    watcher: str = option("reference", "CAFE: accuracy the watchers compare: reference (each reading plus 1/K of "
+                          "the previous accumulated value, as the reference) or clean (the plain reading)",
+                          choices=WATCHERS, source=CAFE_REFERENCE + " (its accumulator; clean: this toolkit)")
+
+
 @register_method("CAFE")
 class CAFE(DistillMethod):
     """Per iteration: a fresh network and SGD(lr_net); then repeat (at most ``max_outer_steps``):
@@ -117,22 +151,8 @@ class CAFE(DistillMethod):
 
     defaults = dict(ipc=1, iterations=2000, lr_img=0.1, lr_net=0.01, batch_real=256, batch_train=256,
                     init="noise", dsa_strategy="", dis_metric="ours", eval_mode="S")
-    options = (
-        Option("first_weight", 1.0, "CAFE: weight of the embedding (deepest) layer", minimum=0.0),
-        Option("second_weight", 1.0, "CAFE: weight of the last intermediate stage", minimum=0.0),
-        Option("third_weight", 0.1, "CAFE: weight of the stage before it", minimum=0.0),
-        Option("fourth_weight", 0.1, "CAFE: weight of every shallower stage", minimum=0.0),
-        Option("inner_weight", 0.01, "CAFE: weight of the discrimination cross-entropy", minimum=0.0),
-        Option("lambda_1", 0.04, "CAFE: leave the outer loop when the real-accuracy watcher spans less", minimum=0.0),
-        Option("lambda_2", 0.03, "CAFE: leave the inner loop when the real-accuracy watcher spans more", minimum=0.0),
-        Option("watcher_window", 10, "CAFE: readings a watcher compares", type=int, minimum=2),
-        Option("watcher_images", 128, "CAFE: real images per class per accuracy reading", type=int, minimum=1),
-        Option("max_outer_steps", 100, "CAFE: bound on image updates per iteration", type=int, minimum=1),
-        Option("max_inner_steps", 100, "CAFE: bound on network epochs per inner loop", type=int, minimum=1),
-        Option("watcher", "reference", "CAFE: accuracy the watchers compare: reference (each reading plus 1/K of "
-               "the previous accumulated value, as the reference) or clean (the plain reading)", type=str,
-               choices=WATCHERS),
-    )
+    options_type = CAFEOptions
+    options: CAFEOptions
     default_eval_it = 100
     run_counts = (1, 20)  # reference distill.py: --num_exp 1 --num_eval 20
     cifar100_stats = "cifar10"  # reference utils.get_dataset: CIFAR100 with CIFAR10's mean/std
@@ -149,22 +169,22 @@ class CAFE(DistillMethod):
     def matching_loss(self, net: nn.Module, syn: SyntheticSet) -> torch.Tensor:
         """Eq. 7 without the real cross-entropy: layer-wise alignment of class means (eq. 5) plus
         the discrimination loss (eq. 6), for one network. A graph to ``syn.images``."""
-        hp = self.hparams
+        opts = self.options
         real, label_real, image_syn, label_syn = self.sample_batches(syn)
         means_real, embed_real = real_class_statistics(net, real, label_real, self.num_classes)
         means_syn, center_syn = syn_class_statistics(net, image_syn, label_syn, self.num_classes)
         center_real = class_means(embed_real, label_real, self.num_classes)
-        weights = layer_weights(len(means_syn) + 1, hp["first_weight"], hp["second_weight"], hp["third_weight"],
-                                hp["fourth_weight"])
+        weights = layer_weights(len(means_syn) + 1, opts.first_weight, opts.second_weight, opts.third_weight,
+                                opts.fourth_weight)
         aligned = feature_alignment_loss(means_real + [center_real], means_syn + [center_syn], weights)
         return (aligned + mean_embedding_distance(center_real, center_syn)
-                + hp["inner_weight"] * discrimination_loss(embed_real, label_real, center_syn))
+                + opts.inner_weight * discrimination_loss(embed_real, label_real, center_syn))
 
     def real_accuracy(self, net: nn.Module) -> float:
         """Mean per-class accuracy of ``net`` (in its current mode) on ``watcher_images`` fresh
         real images per class. A BatchNorm network in training mode sees one class per batch,
         as in the reference."""
-        n = self.hparams["watcher_images"]
+        n = self.options.watcher_images
         per_class = [self.sampler.get_images(c, n, self.generator) for c in range(self.num_classes)]
         batches = per_class if chunked.batch_dependent(net) else [torch.cat(per_class)]
         correct = []
@@ -181,24 +201,24 @@ class CAFE(DistillMethod):
     def new_watcher(self) -> AccuracyWatcher:
         """An empty watcher of ``watcher_window`` readings, carrying 1/K of the previous value
         with ``--watcher reference`` and nothing with ``--watcher clean``."""
-        carry = 1.0 / self.num_classes if self.hparams["watcher"] == "reference" else 0.0
-        return AccuracyWatcher(self.hparams["watcher_window"], carry)
+        carry = 1.0 / self.num_classes if self.options.watcher == "reference" else 0.0
+        return AccuracyWatcher(self.options.watcher_window, carry)
 
     def train_network(self, net: nn.Module, optimizer: torch.optim.Optimizer, syn: SyntheticSet, augmenter) -> int:
         """The inner loop: epochs on the detached synthetic set until the real-accuracy watcher
         (a new one per inner loop) spans more than ``lambda_2`` (or ``max_inner_steps`` epochs).
         Returns the epochs run."""
-        hp = self.hparams
+        opts = self.options
         watcher = self.new_watcher()
         scaler = self.precision.grad_scaler(self.device)
         images, labels = syn.images.detach(), syn.labels
-        for epoch in range(1, hp["max_inner_steps"] + 1):
+        for epoch in range(1, opts.max_inner_steps + 1):
             progress.tick()  # a progress line / a stop inside a long iteration
             evaluation.train_epoch(net, images, labels, optimizer, self.cfg.batch_train, self.generator, augmenter,
                               precision=self.precision, scaler=scaler)
             watcher.add(self.real_accuracy(net))
             span = watcher.span()
-            if span is not None and span > hp["lambda_2"]:
+            if span is not None and span > opts.lambda_2:
                 break
         return epoch
 
@@ -210,7 +230,7 @@ class CAFE(DistillMethod):
             ``{'loss': mean loss over the image updates, 'outer_steps': image updates,
             'inner_epochs': network epochs}`` (detached scalar tensors).
         """
-        hp = self.hparams
+        opts = self.options
         for group in self.optimizer_img.param_groups:
             group["lr"] = image_lr(self.cfg.lr_img, iteration)
         net = self.new_network()
@@ -219,7 +239,7 @@ class CAFE(DistillMethod):
         augmenter = evaluation.make_augmenter(self.dsa_strategy)
         watcher = self.new_watcher()  # one per network; the inner loops do not reset it
         losses, inner_epochs = [], 0
-        for _ in range(hp["max_outer_steps"]):
+        for _ in range(opts.max_outer_steps):
             progress.tick()  # a progress line / a stop inside a long iteration
             net.requires_grad_(False)  # only the images learn here; skip the weight gradients
             with self.precision.autocast(self.device):
@@ -229,7 +249,7 @@ class CAFE(DistillMethod):
             losses.append(loss.detach())
             watcher.add(self.real_accuracy(net))
             span = watcher.span()
-            if span is not None and span < hp["lambda_1"]:
+            if span is not None and span < opts.lambda_1:
                 break
             inner_epochs += self.train_network(net, optimizer_net, syn, augmenter)
         return {"loss": torch.stack(losses).mean(), "outer_steps": torch.tensor(float(len(losses))),

@@ -21,6 +21,7 @@ trained original model ``index`` found under ``--coreset_model_path`` (``train_o
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -28,7 +29,8 @@ import torch.nn.functional as F
 
 import chunked
 import utils
-from methods.base import DistillMethod, Option, SyntheticSet, register_method
+from methods.base import DistillMethod, SyntheticSet, register_method
+from methods.options import TOOLKIT, MethodOptions, option
 from pretrained import originals
 from sets.selection import herding_select, kcenter_select  # noqa: F401  (also re-exported)
 
@@ -206,11 +208,24 @@ class RandomSelection(CoresetMethod):
         return torch.randperm(indices.numel(), generator=self.generator)[:self.cfg.ipc]
 
 
-EMBEDDING_OPTIONS = (
-    Option("coreset_model_path", "", "herding/kcenter: train_original.py --save_path holding a trained --model "
-           "to embed with (default: a randomly initialised --model)", type=str),
-    Option("coreset_model_index", 0, "herding/kcenter: which original model index_{i} to load", type=int, minimum=0),
-)
+@dataclass(frozen=True)
+class EmbeddingOptions(MethodOptions):
+    """herding's and kcenter's flags: which network embeds (this toolkit's; the DC paper does not
+    say which network its herding and k-center baselines embed with)."""
+
+    coreset_model_path: str = option("", "herding/kcenter: train_original.py --save_path holding a trained --model "
+                                     "to embed with (default: a randomly initialised --model)", source=TOOLKIT)
+    coreset_model_index: int = option(0, "herding/kcenter: which original model index_{i} to load", minimum=0,
+                                      source=TOOLKIT)
+
+
+@dataclass(frozen=True)
+class ForgettingOptions(MethodOptions):
+    """forgetting's flag: the epochs of counting (this toolkit's CPU-sized default; Toneva et al.
+    train ~200 epochs)."""
+
+    forgetting_epochs: int = option(5, "forgetting: epochs of training on the real data to count "
+                                    "forgetting events (Toneva et al. train ~200)", minimum=1, source=TOOLKIT)
 
 
 class EmbeddingSelection(CoresetMethod):
@@ -218,7 +233,8 @@ class EmbeddingSelection(CoresetMethod):
     a fresh network from the experiment's seed, or a trained original model. The network is put in
     eval mode, so every image is embedded independently (no batch statistics)."""
 
-    options = EMBEDDING_OPTIONS
+    options_type = EmbeddingOptions
+    options: EmbeddingOptions
 
     def embedding_network(self) -> nn.Module:
         """The network to embed with (see the class docstring).
@@ -226,12 +242,12 @@ class EmbeddingSelection(CoresetMethod):
         Raises:
             utils.UserError: ``--coreset_model_path`` holds no usable original model.
         """
-        path = self.hparams["coreset_model_path"]
+        path = self.options.coreset_model_path
         if not path:
             return self.new_network().eval()
         expect = {"channel": self.channel, "num_classes": self.num_classes, "im_size": list(self.im_size),
                   "zca": self.cfg.zca}
-        net = originals.load_original_models(path, self.cfg.dataset, self.cfg.model, [self.hparams["coreset_model_index"]],
+        net = originals.load_original_models(path, self.cfg.dataset, self.cfg.model, [self.options.coreset_model_index],
                                              self.device, expect=expect)[0]
         return net.eval()
 
@@ -272,13 +288,13 @@ class Forgetting(CoresetMethod):
     (:func:`most_forgotten`). Toneva et al. train to convergence (200 epochs on CIFAR-10); the
     default here is CPU-sized, so the counts are coarse (most images are forgotten 0-2 times)."""
 
-    options = (Option("forgetting_epochs", 5, "forgetting: epochs of training on the real data to count "
-                      "forgetting events (Toneva et al. train ~200)", type=int, minimum=1),)
+    options_type = ForgettingOptions
+    options: ForgettingOptions
 
     def prepare(self) -> None:
         """Train once on every training image and count the forgetting events."""
         net = self.new_network()
-        correct = forgetting_statistics(net, self.sampler.images, self.sampler.labels, self.hparams["forgetting_epochs"],
+        correct = forgetting_statistics(net, self.sampler.images, self.sampler.labels, self.options.forgetting_epochs,
                                         self.cfg.lr_net, self.cfg.batch_train, self.generator)
         self.counts = count_forgetting_events(correct)
 

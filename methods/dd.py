@@ -20,6 +20,7 @@ steps one Adam optimiser over both (the reference's ``optim.Adam(lr, betas=(0.5,
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
 import torch
@@ -28,7 +29,8 @@ import torch.nn.functional as F
 import evaluation
 import progress
 import utils
-from methods.base import DistillConfig, DistillMethod, Option, SyntheticSet, register_method
+from methods.base import DistillConfig, DistillMethod, SyntheticSet, register_method
+from methods.options import TOOLKIT, MethodOptions, option
 from methods.mtt import FlatModel
 
 TRAIN_NETS_TYPES = ("unknown_init", "known_init")
@@ -55,6 +57,38 @@ def step_batches(num_classes: int, ipc: int, distill_steps: int, per_step: int) 
             for s in range(distill_steps)]
 
 
+DD_REFERENCE = "SsnL/dataset-distillation base_options.py"
+
+
+@dataclass(frozen=True)
+class DDOptions(MethodOptions):
+    """DD's own flags (defaults: its reference ``base_options.py``), and this toolkit's RaT-BPTT
+    switch (Feng et al. 2024 give no flag of this name), truncation window and evaluation protocol."""
+
+    distill_steps: int = option(10, "DD: data steps (batches of the set); default ipc / "
+                                "distilled_images_per_class_per_step", minimum=1, source=DD_REFERENCE)
+    distill_epochs: int = option(3, "DD: passes over the data steps per unroll", minimum=1, source=DD_REFERENCE)
+    distilled_images_per_class_per_step: int = option(1, "DD: images per class in each data step", minimum=1,
+                                                      source=DD_REFERENCE)
+    distill_lr: float = option(0.02, "DD: initial value of every learned step size", minimum=0.0,
+                               exclusive_minimum=True, source=DD_REFERENCE)
+    n_nets: int = option(1, "DD: initialisations unrolled per iteration (meta-gradient averaged)", minimum=1,
+                         source=DD_REFERENCE)
+    train_nets_type: str = option("unknown_init", "DD: unknown_init (fresh initialisations every iteration) or "
+                                  "known_init (n_nets fixed ones)", choices=TRAIN_NETS_TYPES, source=DD_REFERENCE)
+    decay_epochs: int = option(40, "DD: multiply the outer lr by --decay_factor every N passes over the real "
+                               "training set", minimum=1, source=DD_REFERENCE)
+    decay_factor: float = option(0.5, "DD: outer lr decay factor", minimum=0.0, exclusive_minimum=True,
+                                 source=DD_REFERENCE)
+    rat_bptt: bool = option(False, "DD: random truncated backpropagation (Feng et al. 2024): unroll a random "
+                            "number of steps, back-propagate through the last --truncation only", source=TOOLKIT)
+    truncation: int = option(10, "DD --rat_bptt: steps back-propagated through (the window W)", minimum=1,
+                             source=TOOLKIT)
+    dd_eval: str = option("both", "DD: evaluation protocol: shared (fresh networks, the toolkit's protocol), "
+                          "schedule (fresh networks trained by the learned step sizes, the reference's) or both",
+                          choices=EVAL_CHOICES, source=TOOLKIT)
+
+
 @register_method("DD")
 class DD(DistillMethod):
     """Dataset distillation (Wang et al. 2018); see the module docstring.
@@ -71,25 +105,8 @@ class DD(DistillMethod):
 
     defaults = dict(ipc=10, iterations=23600, lr_img=0.01, lr_net=0.01, batch_real=1024, batch_train=256,
                     init="noise", dsa_strategy="", eval_mode="S")
-    options = (
-        Option("distill_steps", 10, "DD: data steps (batches of the set); default ipc / "
-               "distilled_images_per_class_per_step", type=int, minimum=1),
-        Option("distill_epochs", 3, "DD: passes over the data steps per unroll", type=int, minimum=1),
-        Option("distilled_images_per_class_per_step", 1, "DD: images per class in each data step", type=int, minimum=1),
-        Option("distill_lr", 0.02, "DD: initial value of every learned step size", minimum=0.0, exclusive_minimum=True),
-        Option("n_nets", 1, "DD: initialisations unrolled per iteration (meta-gradient averaged)", type=int, minimum=1),
-        Option("train_nets_type", "unknown_init", "DD: unknown_init (fresh initialisations every iteration) or "
-               "known_init (n_nets fixed ones)", type=str, choices=TRAIN_NETS_TYPES),
-        Option("decay_epochs", 40, "DD: multiply the outer lr by --decay_factor every N passes over the real "
-               "training set", type=int, minimum=1),
-        Option("decay_factor", 0.5, "DD: outer lr decay factor", minimum=0.0, exclusive_minimum=True),
-        Option("rat_bptt", False, "DD: random truncated backpropagation (Feng et al. 2024): unroll a random "
-               "number of steps, back-propagate through the last --truncation only", type=bool),
-        Option("truncation", 10, "DD --rat_bptt: steps back-propagated through (the window W)", type=int, minimum=1),
-        Option("dd_eval", "both", "DD: evaluation protocol: shared (fresh networks, the toolkit's protocol), "
-               "schedule (fresh networks trained by the learned step sizes, the reference's) or both",
-               type=str, choices=EVAL_CHOICES),
-    )
+    options_type = DDOptions
+    options: DDOptions
     default_eval_it = 100
     # CLoM adds its term to the meta-loss; feature labels are not offered (the learned schedule
     # trains with plain cross-entropy).
@@ -105,17 +122,17 @@ class DD(DistillMethod):
             self.check_config(cfg)
         except ValueError as error:
             raise utils.UserError(str(error)) from None
-        hp = self.hparams
-        self.per_step = hp["distilled_images_per_class_per_step"]
+        opts = self.options
+        self.per_step = opts.distilled_images_per_class_per_step
         self.distill_steps = cfg.ipc // self.per_step
-        self.total_steps = self.distill_steps * hp["distill_epochs"]
+        self.total_steps = self.distill_steps * opts.distill_epochs
         self.batches = step_batches(self.num_classes, cfg.ipc, self.distill_steps, self.per_step)
         self._batch_index = [torch.tensor(b, dtype=torch.long, device=self.device) for b in self.batches]
         self.student_net = self.new_network()
         self.student = FlatModel(self.student_net)
         # known_init: the fixed initialisations, drawn once from the experiment's seeded RNG.
-        self.known_inits = (torch.stack([self.fresh_init() for _ in range(hp["n_nets"])])
-                            if hp["train_nets_type"] == "known_init" else None)
+        self.known_inits = (torch.stack([self.fresh_init() for _ in range(opts.n_nets)])
+                            if opts.train_nets_type == "known_init" else None)
         self.last_unroll = self.total_steps
 
     # ---- configuration ------------------------------------------------------------------
@@ -128,21 +145,21 @@ class DD(DistillMethod):
         Raises:
             ValueError: one line naming the flags.
         """
-        hp = cls.resolve_options(cfg.extra)
-        per_step = hp["distilled_images_per_class_per_step"]
+        opts = cls.resolve_options(cfg.extra)
+        per_step = opts.distilled_images_per_class_per_step
         if "distill_steps" in cfg.extra:
-            if hp["distill_steps"] * per_step != cfg.ipc:
-                raise ValueError(f"--ipc {cfg.ipc} but --distill_steps {hp['distill_steps']} x "
+            if opts.distill_steps * per_step != cfg.ipc:
+                raise ValueError(f"--ipc {cfg.ipc} but --distill_steps {opts.distill_steps} x "
                                  f"--distilled_images_per_class_per_step {per_step} = "
-                                 f"{hp['distill_steps'] * per_step} images per class; give matching values "
+                                 f"{opts.distill_steps * per_step} images per class; give matching values "
                                  "(or leave --distill_steps out: it is --ipc / --distilled_images_per_class_per_step)")
         elif cfg.ipc % per_step:
             raise ValueError(f"--ipc {cfg.ipc} is not a multiple of --distilled_images_per_class_per_step {per_step}")
-        steps = cfg.ipc // per_step * hp["distill_epochs"]
-        if "truncation" in cfg.extra and not hp["rat_bptt"]:
-            raise ValueError(f"--truncation {hp['truncation']} applies only with --rat_bptt")
-        if hp["rat_bptt"] and hp["truncation"] > steps:
-            raise ValueError(f"--truncation {hp['truncation']} exceeds the {steps} unrolled steps "
+        steps = cfg.ipc // per_step * opts.distill_epochs
+        if "truncation" in cfg.extra and not opts.rat_bptt:
+            raise ValueError(f"--truncation {opts.truncation} applies only with --rat_bptt")
+        if opts.rat_bptt and opts.truncation > steps:
+            raise ValueError(f"--truncation {opts.truncation} exceeds the {steps} unrolled steps "
                              "(distill_steps x distill_epochs)")
 
     @classmethod
@@ -154,7 +171,7 @@ class DD(DistillMethod):
     def configure(self, syn: SyntheticSet) -> None:
         """The raw step sizes (T,), ``softplus(raw) = distill_lr``, and one Adam over images and raw
         step sizes (lr ``--lr_img``, betas (0.5, 0.999), as the reference); then the add-ons."""
-        syn.learn_step_schedule(torch.full((self.total_steps,), inverse_softplus(self.hparams["distill_lr"])))
+        syn.learn_step_schedule(torch.full((self.total_steps,), inverse_softplus(self.options.distill_lr)))
         self.optimizer_img = torch.optim.Adam([syn.images, syn.step_lr_raw], lr=self.cfg.lr_img, betas=(0.5, 0.999))
         for addon in self.addons:
             addon.attach(syn)
@@ -169,7 +186,7 @@ class DD(DistillMethod):
         """This iteration's ``n_nets`` starting points (P,): fresh ones, or the known ones."""
         if self.known_inits is not None:
             return list(self.known_inits)
-        return [self.fresh_init() for _ in range(self.hparams["n_nets"])]
+        return [self.fresh_init() for _ in range(self.options.n_nets)]
 
     def step_lrs(self, syn: SyntheticSet) -> torch.Tensor:
         """The T step sizes ``softplus(raw)`` (with a graph to ``syn.step_lr_raw``)."""
@@ -184,9 +201,9 @@ class DD(DistillMethod):
     def unroll_length(self) -> Tuple[int, int]:
         """``(steps, window)``: how many steps to unroll and how many of the last ones carry a graph.
         Full unroll: ``(T, T)``. RaT-BPTT: steps uniform in ``[W, T]``, window ``W``."""
-        if not self.hparams["rat_bptt"]:
+        if not self.options.rat_bptt:
             return self.total_steps, self.total_steps
-        window = self.hparams["truncation"]
+        window = self.options.truncation
         steps = int(torch.randint(window, self.total_steps + 1, (1,), generator=self.generator))
         return steps, window
 
@@ -231,7 +248,7 @@ class DD(DistillMethod):
         ``lr * factor ** ((e + 1) // decay_epochs)``."""
         per_pass = math.ceil(len(self.sampler) / self.cfg.batch_real)
         epoch = (iteration - 1) // per_pass
-        return self.cfg.lr_img * self.hparams["decay_factor"] ** ((epoch + 1) // self.hparams["decay_epochs"])
+        return self.cfg.lr_img * self.options.decay_factor ** ((epoch + 1) // self.options.decay_epochs)
 
     def step(self, syn: SyntheticSet, iteration: int) -> Dict[str, torch.Tensor]:
         """Set the outer lr (:meth:`outer_lr`), then the base step (:meth:`loss`, one Adam step).
@@ -252,7 +269,7 @@ class DD(DistillMethod):
         step size ``softplus(raw_t)``."""
         lrs = self.step_lrs(syn).detach().cpu().tolist()
         batches = tuple(tuple(self.batches[t % self.distill_steps]) for t in range(self.total_steps))
-        return evaluation.StepSchedule(lrs=tuple(lrs), batches=batches, epochs=self.hparams["distill_epochs"])
+        return evaluation.StepSchedule(lrs=tuple(lrs), batches=batches, epochs=self.options.distill_epochs)
 
     # ---- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -16,6 +16,7 @@ fresh initialisation), and the next model is drawn at random.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
@@ -24,7 +25,8 @@ import torch.nn as nn
 import chunked
 import evaluation
 import utils
-from methods.base import DistillMethod, Option, SyntheticSet, register_method
+from methods.base import DistillMethod, SyntheticSet, register_method
+from methods.options import MethodOptions, option
 from methods.kernels import kernel_ridge_regression
 
 
@@ -92,6 +94,27 @@ class OnlineModel:
         self.age = int(state["age"])
 
 
+FREPO_DISTILL = "yongchao97/FRePo script/distill.py"
+FREPO_LIBRARY = "yongchao97/FRePo lib/datadistillation/frepo.py"
+
+
+@dataclass(frozen=True)
+class FRePoOptions(MethodOptions):
+    """FRePo's own flags (defaults: its ``script/distill.py`` and the model pool and kernel
+    regression of ``lib/datadistillation/frepo.py``)."""
+
+    num_nn_state: int = option(10, "FRePo: models in the online pool", minimum=1, source=FREPO_DISTILL)
+    max_online_updates: int = option(100, "FRePo: a model is re-initialised after this many online steps",
+                                     minimum=1, source=FREPO_DISTILL)
+    learn_label: bool = option(True, "FRePo: learn the real-valued labels with the images", source=FREPO_DISTILL)
+    reg: float = option(1e-06, "FRePo: kernel ridge coefficient, relative to the mean diagonal of K_ss", minimum=0.0,
+                        source=FREPO_LIBRARY + " (nfr)")
+    online_lr: float = option(0.0003, "FRePo: Adam learning rate of the online models", minimum=0.0,
+                              exclusive_minimum=True, source=FREPO_LIBRARY + " (proto_train_and_evaluate)")
+    online_batch: int = option(1000, "FRePo: synthetic images per online step (all when fewer)", minimum=1,
+                               source=FREPO_LIBRARY + " (proto_train_and_evaluate, eval_batch_size)")
+
+
 @register_method("FRePo")
 class FRePo(DistillMethod):
     """Neural feature regression with a model pool (see the module docstring).
@@ -108,16 +131,8 @@ class FRePo(DistillMethod):
 
     defaults = dict(ipc=10, iterations=500000, lr_img=0.0003, lr_net=0.01, batch_real=1024, batch_train=500,
                     init="real", dsa_strategy="color_crop_cutout_rotate", eval_mode="S")
-    options = (
-        Option("num_nn_state", 10, "FRePo: models in the online pool", type=int, minimum=1),
-        Option("max_online_updates", 100, "FRePo: a model is re-initialised after this many online steps",
-               type=int, minimum=1),
-        Option("learn_label", True, "FRePo: learn the real-valued labels with the images", type=bool),
-        Option("reg", 1e-06, "FRePo: kernel ridge coefficient, relative to the mean diagonal of K_ss", minimum=0.0),
-        Option("online_lr", 0.0003, "FRePo: Adam learning rate of the online models", minimum=0.0,
-               exclusive_minimum=True),
-        Option("online_batch", 1000, "FRePo: synthetic images per online step (all when fewer)", type=int, minimum=1),
-    )
+    options_type = FRePoOptions
+    options: FRePoOptions
     unused_flags = ("dis_metric", "outer_loop", "inner_loop")
     # CLoM joins the image loss; feature labels (trained by cross-entropy) do not fit regression labels.
     hosted_addons = ("CLoM",)
@@ -136,7 +151,7 @@ class FRePo(DistillMethod):
     # ---- set-up -------------------------------------------------------------------------
     def new_online_model(self, age: int = 0) -> OnlineModel:
         """A freshly initialised ``cfg.model`` with its Adam optimiser (global torch RNG)."""
-        return OnlineModel(self.new_network(), self.hparams["online_lr"], age)
+        return OnlineModel(self.new_network(), self.options.online_lr, age)
 
     def init_synthetic(self) -> SyntheticSet:
         """Random real images per class (``--init real``, FRePo's ``init_proto``) or noise, the
@@ -144,14 +159,14 @@ class FRePo(DistillMethod):
         model ``i`` starts at age ``(max_online_updates // num_nn_state) * i``."""
         syn = super().init_synthetic()
         syn.learn_label_values(initial_label_values(syn.labels, self.num_classes))
-        if not self.hparams["learn_label"]:
+        if not self.options.learn_label:
             syn.label_values.requires_grad_(False)
-        params = [syn.images] + ([syn.label_values] if self.hparams["learn_label"] else [])
+        params = [syn.images] + ([syn.label_values] if self.options.learn_label else [])
         self.optimizer_img = lamb_optimizer(params, self.cfg.lr_img)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer_img, T_max=max(self.cfg.iterations, 1), eta_min=0.1 * self.cfg.lr_img)
-        stagger = self.hparams["max_online_updates"] // self.hparams["num_nn_state"]
-        self.pool = [self.new_online_model(stagger * i) for i in range(self.hparams["num_nn_state"])]
+        stagger = self.options.max_online_updates // self.options.num_nn_state
+        self.pool = [self.new_online_model(stagger * i) for i in range(self.options.num_nn_state)]
         self.current = self.draw_model()
         return syn
 
@@ -187,10 +202,10 @@ class FRePo(DistillMethod):
         with torch.autocast(self.device.type, enabled=False):  # --amp: features only; kernel and solve in float32
             feat_real, feat_syn = feat_real.float(), feat_syn.float()
             pred = kernel_ridge_regression(feat_real @ feat_syn.T, feat_syn @ feat_syn.T, syn.label_values,
-                                           self.hparams["reg"])
+                                           self.options.reg)
         loss = regression_mse(pred, evaluation.centred_one_hot(label_real, self.num_classes))
         self.kernel_loss = loss.detach()
-        if self.hparams["learn_label"]:
+        if self.options.learn_label:
             loss = loss + label_margin_loss(syn.label_values)
         return loss
 
@@ -200,12 +215,12 @@ class FRePo(DistillMethod):
         step on the squared error of up to ``online_batch`` synthetic images against the learned
         labels; then the next model is drawn."""
         model = self.pool[self.current]
-        if model.age > self.hparams["max_online_updates"]:
+        if model.age > self.options.max_online_updates:
             self.pool[self.current] = self.new_online_model()
             self.resets += 1
         else:
             total = syn.images.shape[0]
-            index = torch.randperm(total, generator=self.generator)[:min(self.hparams["online_batch"], total)]
+            index = torch.randperm(total, generator=self.generator)[:min(self.options.online_batch, total)]
             index = index.to(syn.images.device)
             model.net.train()
             evaluation.sgd_step(model.net, syn.images.detach()[index], syn.label_values.detach()[index], model.optimizer,

@@ -13,6 +13,7 @@ with Adam over the support images (and, with ``--learn_labels``, the support lab
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict
 
 import torch
@@ -21,7 +22,8 @@ import evaluation
 import progress
 import utils
 from methods import kernels
-from methods.base import DistillMethod, Option, SyntheticSet, register_method
+from methods.base import DistillMethod, SyntheticSet, register_method
+from methods.options import MethodOptions, option
 
 KERNELS = ("fc_ntk", "fc_nngp", "conv_rf")
 
@@ -38,6 +40,35 @@ def kip_loss(prediction: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         A scalar tensor.
     """
     return 0.5 * ((prediction - targets.to(prediction.dtype)) ** 2).mean()
+
+
+KIP_REFERENCE = "google-research/google-research kip/KIP.ipynb"
+RFAD_REFERENCE = "yolky/RFAD"
+
+
+@dataclass(frozen=True)
+class KIPOptions(MethodOptions):
+    """KIP's own flags (defaults: the KIP colab, neural-tangents' ``stax`` standard deviations as
+    the colab sets them, RFAD for the random-feature kernel)."""
+
+    kernel: str = option("fc_ntk", "KIP: fc_ntk, fc_nngp (exact fully connected ReLU kernels) or conv_rf (ConvNet "
+                         "NNGP from random networks, RFAD)", choices=KERNELS, source=KIP_REFERENCE)
+    depth: int = option(1, "KIP: hidden layers of the fully connected kernel (KIP.ipynb DEPTH)", minimum=0,
+                        source=KIP_REFERENCE)
+    reg: float = option(1e-6, "KIP: ridge relative to tr(K_ss)/n_s (KIP.ipynb reg)", minimum=0.0,
+                        source=KIP_REFERENCE)
+    target_batch_size: int = option(5000, "KIP: class-balanced real target images per iteration", minimum=1,
+                                    source=KIP_REFERENCE)
+    learn_labels: bool = option(False, "KIP: also learn the support labels (KIP.ipynb LEARN_LABELS)",
+                                source=KIP_REFERENCE)
+    W_std: float = option(kernels.W_STD, "KIP: weight standard deviation of the kernel's network (neural-tangents "
+                          "W_std)", minimum=0.0, exclusive_minimum=True, source=KIP_REFERENCE)
+    b_std: float = option(kernels.B_STD, "KIP: bias standard deviation of the kernel's network (neural-tangents "
+                          "b_std)", minimum=0.0, source=KIP_REFERENCE)
+    n_models: int = option(8, "KIP conv_rf: random networks per iteration (RFAD --n_models)", minimum=1,
+                           source=RFAD_REFERENCE)
+    rf_model: str = option("ConvNetNN", "KIP conv_rf: the random network (RFAD: ConvNet without normalisation)",
+                           source=RFAD_REFERENCE)
 
 
 @register_method("KIP")
@@ -60,20 +91,8 @@ class KIP(DistillMethod):
     # initialised from a class-balanced real sample; no augmentation.
     defaults = dict(ipc=10, iterations=1000, lr_img=0.04, lr_net=0.01, batch_real=256, batch_train=256,
                     init="real", dsa_strategy="", eval_mode="S")
-    options = (
-        Option("kernel", "fc_ntk", "KIP: fc_ntk, fc_nngp (exact fully connected ReLU kernels) or conv_rf (ConvNet "
-               "NNGP from random networks, RFAD)", type=str, choices=KERNELS),
-        Option("depth", 1, "KIP: hidden layers of the fully connected kernel (KIP.ipynb DEPTH)", type=int, minimum=0),
-        Option("reg", 1e-6, "KIP: ridge relative to tr(K_ss)/n_s (KIP.ipynb reg)", minimum=0.0),
-        Option("target_batch_size", 5000, "KIP: class-balanced real target images per iteration", type=int, minimum=1),
-        Option("learn_labels", False, "KIP: also learn the support labels (KIP.ipynb LEARN_LABELS)", type=bool),
-        Option("W_std", kernels.W_STD, "KIP: weight standard deviation of the kernel's network (neural-tangents W_std)",
-               minimum=0.0, exclusive_minimum=True),
-        Option("b_std", kernels.B_STD, "KIP: bias standard deviation of the kernel's network (neural-tangents b_std)",
-               minimum=0.0),
-        Option("n_models", 8, "KIP conv_rf: random networks per iteration (RFAD --n_models)", type=int, minimum=1),
-        Option("rf_model", "ConvNetNN", "KIP conv_rf: the random network (RFAD: ConvNet without normalisation)", type=str),
-    )
+    options_type = KIPOptions
+    options: KIPOptions
     unused_flags = ("batch_real", "dis_metric", "outer_loop", "inner_loop")
     unused_hint = "KIP draws --target_batch_size real images per iteration"
     hosted_addons = ("CLoM",)
@@ -82,13 +101,13 @@ class KIP(DistillMethod):
 
     def __init__(self, cfg, **kwargs):
         super().__init__(cfg, **kwargs)
-        if self.hparams["kernel"] == "conv_rf":
+        if self.options.kernel == "conv_rf":
             try:
-                kernels.RandomConvFeatures(self.hparams["rf_model"], 1, channel=self.channel,
+                kernels.RandomConvFeatures(self.options.rf_model, 1, channel=self.channel,
                                            num_classes=self.num_classes, im_size=self.im_size,
                                            device=torch.device("cpu"), generator=torch.Generator().manual_seed(0))
             except (KeyError, ValueError) as error:
-                raise utils.UserError(f"--rf_model {self.hparams['rf_model']!r}: {error}") from None
+                raise utils.UserError(f"--rf_model {self.options.rf_model!r}: {error}") from None
         self.last_accuracy = torch.zeros(())
 
     # ---- set-up -------------------------------------------------------------------------
@@ -96,7 +115,7 @@ class KIP(DistillMethod):
         """Adam(lr_img) over the images and, with ``--learn_labels``, the labels (initialised at
         one_hot - 1/K); then the add-ons attach."""
         params = [syn.images]
-        if self.hparams["learn_labels"]:
+        if self.options.learn_labels:
             params.append(syn.learn_label_values(evaluation.centred_one_hot(syn.labels, self.num_classes)))
         self.optimizer_img = torch.optim.Adam(params, lr=self.cfg.lr_img)
         for addon in self.addons:
@@ -112,7 +131,7 @@ class KIP(DistillMethod):
     def sample_targets(self):
         """``target_batch_size // K`` real images per class (at least 1; clamped to the class
         size) and their targets one_hot - 1/K: (n_t, C, H, W), (n_t, K)."""
-        per_class = max(1, self.hparams["target_batch_size"] // self.num_classes)
+        per_class = max(1, self.options.target_batch_size // self.num_classes)
         images, labels = [], []
         for c in range(self.num_classes):
             real = self.sampler.get_images(c, per_class, self.generator)
@@ -122,19 +141,19 @@ class KIP(DistillMethod):
 
     def kernel_matrices(self, image_syn: torch.Tensor, image_target: torch.Tensor):
         """``(K_ts (n_t, n_s), K_ss (n_s, n_s))`` in float64, with a graph to ``image_syn``."""
-        hp = self.hparams
-        if hp["kernel"] == "conv_rf":
-            pool = kernels.RandomConvFeatures(hp["rf_model"], hp["n_models"], channel=self.channel,
+        opts = self.options
+        if opts.kernel == "conv_rf":
+            pool = kernels.RandomConvFeatures(opts.rf_model, opts.n_models, channel=self.channel,
                                               num_classes=self.num_classes, im_size=self.im_size, device=self.device,
-                                              generator=self.generator, w_std=hp["W_std"], b_std=hp["b_std"])
+                                              generator=self.generator, w_std=opts.W_std, b_std=opts.b_std)
             f_s = pool.features(image_syn)
             with torch.no_grad():
                 f_t = torch.cat([pool.features(chunk) for chunk in image_target.split(1024)])
             return pool.kernel_from_features(f_t, f_s), pool.kernel_from_features(f_s, f_s)
-        which = 1 if hp["kernel"] == "fc_ntk" else 0
+        which = 1 if opts.kernel == "fc_ntk" else 0
         x_s, x_t = image_syn.double(), image_target.double()
-        k_ss = kernels.fc_kernels(x_s, x_s, hp["depth"], hp["W_std"], hp["b_std"])[which]
-        k_ts = kernels.fc_kernels(x_t, x_s, hp["depth"], hp["W_std"], hp["b_std"])[which]
+        k_ss = kernels.fc_kernels(x_s, x_s, opts.depth, opts.W_std, opts.b_std)[which]
+        k_ts = kernels.fc_kernels(x_t, x_s, opts.depth, opts.W_std, opts.b_std)[which]
         return k_ts, k_ss
 
     def loss(self, syn: SyntheticSet) -> torch.Tensor:
@@ -146,7 +165,7 @@ class KIP(DistillMethod):
         """
         image_target, y_target = self.sample_targets()
         k_ts, k_ss = self.kernel_matrices(syn.images, image_target)
-        prediction = kernels.kernel_ridge_regression(k_ts, k_ss, self.support_labels(syn), self.hparams["reg"])
+        prediction = kernels.kernel_ridge_regression(k_ts, k_ss, self.support_labels(syn), self.options.reg)
         self.last_accuracy = (prediction.detach().argmax(1) == y_target.argmax(1)).float().mean()
         return kip_loss(prediction, y_target)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -32,7 +33,8 @@ import progress
 from pretrained import buffers
 import utils
 from methods import tesla
-from methods.base import DistillMethod, Option, SyntheticSet, register_method
+from methods.base import DistillMethod, SyntheticSet, register_method
+from methods.options import TOOLKIT, MethodOptions, option, redefault
 
 
 def flatten(snapshot: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -218,6 +220,76 @@ def _chunk_number(name: str) -> int:
     return int(os.path.basename(name).split("_")[-1].split(".")[0])
 
 
+MTT_REFERENCE = "GeorgeCazenavette/mtt-distillation distill.py"
+DATM_REFERENCE = "NUS-HPC-AI-Lab/DATM utils/cfg.py"
+PAD_REFERENCE = "NUS-HPC-AI-Lab/PAD utils/cfg.py"
+
+
+@dataclass(frozen=True)
+class MTTOptions(MethodOptions):
+    """MTT's own flags (defaults: its reference ``distill.py``; 0 stands for its ``None``: all).
+    ``syn_steps`` and ``expert_epochs`` come last: DATM and PAD change their defaults."""
+
+    max_start_epoch: int = option(25, "trajectory matching: start epochs are drawn below this (T+)", minimum=1,
+                                  source=MTT_REFERENCE)
+    lr_lr: float = option(1e-05, "trajectory matching: learning rate of the learnable step size", minimum=0.0,
+                          source=MTT_REFERENCE)
+    lr_teacher: float = option(0.01, "trajectory matching: initial step size (the experts' lr)", minimum=0.0,
+                               exclusive_minimum=True, source=MTT_REFERENCE)
+    batch_syn: int = option(0, "trajectory matching: synthetic images per student step (0: all)", minimum=0,
+                            source=MTT_REFERENCE)
+    buffer_path: str = option("./buffers", "trajectory matching: root of buffer.py's expert buffers",
+                              source=MTT_REFERENCE)
+    load_all: bool = option(False, "trajectory matching: keep every expert in memory, draw experts with replacement",
+                            source=MTT_REFERENCE)
+    max_files: int = option(0, "trajectory matching: use only N buffer files (MTT: N shuffled ones, DATM/PAD: the "
+                            "first N; 0: all)", minimum=0, source=MTT_REFERENCE)
+    max_experts: int = option(0, "trajectory matching: use at most N experts per file, in total with --load_all "
+                              "(0: all)", minimum=0, source=MTT_REFERENCE)
+    no_aug: bool = option(False, "trajectory matching: no DiffAugment in the student steps", source=MTT_REFERENCE)
+    tesla: bool = option(False, "trajectory matching: TESLA's constant-memory meta-gradient (same gradient)",
+                         source=TOOLKIT)
+    syn_steps: int = option(20, "trajectory matching: student steps on the synthetic set (N)", minimum=1,
+                            source=MTT_REFERENCE)
+    expert_epochs: int = option(3, "trajectory matching: expert epochs the student must cover (M)", minimum=1,
+                                source=MTT_REFERENCE)
+
+
+@dataclass(frozen=True)
+class DATMOptions(MTTOptions):
+    """DATM's flags: MTT's with DATM's ``syn_steps`` and ``expert_epochs``, plus the start-epoch
+    window, the soft-label optimiser and the skip threshold (defaults: DATM ``utils/cfg.py``)."""
+
+    syn_steps: int = redefault(MTTOptions, "syn_steps", 80, source=DATM_REFERENCE)
+    expert_epochs: int = redefault(MTTOptions, "expert_epochs", 2, source=DATM_REFERENCE)
+    min_start_epoch: int = option(0, "DATM: smallest start epoch", minimum=0, source=DATM_REFERENCE)
+    current_max_start_epoch: int = option(20, "DATM: initial upper bound of the start epoch", minimum=1,
+                                          source=DATM_REFERENCE)
+    expansion_end_epoch: int = option(3000, "DATM: iteration at which the upper bound reaches --max_start_epoch",
+                                      minimum=1, source=DATM_REFERENCE)
+    Sequential_Generation: bool = option(True, "DATM: widen the start-epoch window over the run",
+                                         source=DATM_REFERENCE)
+    lr_y: float = option(2.0, "DATM: learning rate of the soft-label logits", minimum=0.0, source=DATM_REFERENCE)
+    Momentum_y: float = option(0.9, "DATM: momentum of the soft-label optimiser", minimum=0.0, source=DATM_REFERENCE)
+    threshold: float = option(1.0, "DATM: skip an update whose matching loss exceeds this", minimum=0.0,
+                              exclusive_minimum=True, source=DATM_REFERENCE)
+
+
+@dataclass(frozen=True)
+class PADOptions(DATMOptions):
+    """PAD's flags: DATM's with PAD's ``batch_syn``, plus the parameter selection (defaults: PAD
+    ``utils/cfg.py``; ``param_selection`` is this toolkit's switch between ``distill/PAD.py`` and
+    ``PAD_depth.py``)."""
+
+    batch_syn: int = redefault(MTTOptions, "batch_syn", 256, source=PAD_REFERENCE)
+    param_selection: str = option("loss", "PAD: which parameter selection applies: loss (released PAD.py), depth "
+                                  "(PAD_depth.py) or both", source=TOOLKIT)
+    loss_ratio: float = option(0.0, "PAD: fraction of parameter entries with the smallest error left out", minimum=0.0,
+                               source=PAD_REFERENCE)
+    depth_ratio: float = option(0.0, "PAD: fraction of shallowest parameter entries left out", minimum=0.0,
+                                source=PAD_REFERENCE)
+
+
 @register_method("MTT")
 class MTT(DistillMethod):
     """Matching training trajectories (see the module docstring). The images (SGD lr_img,
@@ -226,24 +298,8 @@ class MTT(DistillMethod):
 
     defaults = dict(ipc=1, iterations=5000, lr_img=1000.0, lr_net=0.01, batch_real=256, batch_train=256,
                     init="real", dsa_strategy="color_crop_cutout_flip_scale_rotate", eval_mode="S")
-    options = (
-        Option("syn_steps", 20, "trajectory matching: student steps on the synthetic set (N)", type=int, minimum=1),
-        Option("expert_epochs", 3, "trajectory matching: expert epochs the student must cover (M)", type=int, minimum=1),
-        Option("max_start_epoch", 25, "trajectory matching: start epochs are drawn below this (T+)", type=int, minimum=1),
-        Option("lr_lr", 1e-05, "trajectory matching: learning rate of the learnable step size", minimum=0.0),
-        Option("lr_teacher", 0.01, "trajectory matching: initial step size (the experts' lr)",
-               minimum=0.0, exclusive_minimum=True),
-        Option("batch_syn", 0, "trajectory matching: synthetic images per student step (0: all)", type=int, minimum=0),
-        Option("buffer_path", "./buffers", "trajectory matching: root of buffer.py's expert buffers", type=str),
-        Option("load_all", False, "trajectory matching: keep every expert in memory, draw experts with replacement",
-               type=bool),
-        Option("max_files", 0, "trajectory matching: use only N buffer files (MTT: N shuffled ones, DATM/PAD: the "
-               "first N; 0: all)", type=int, minimum=0),
-        Option("max_experts", 0, "trajectory matching: use at most N experts per file, in total with --load_all (0: all)",
-               type=int, minimum=0),
-        Option("no_aug", False, "trajectory matching: no DiffAugment in the student steps", type=bool),
-        Option("tesla", False, "trajectory matching: TESLA's constant-memory meta-gradient (same gradient)", type=bool),
-    )
+    options_type = MTTOptions
+    options: MTTOptions
     default_eval_it = 100
     writes_reference_layout = True  # images_best.pt, labels_best.pt, lr_best.pt, images_{it}.pt, ...
     run_counts = (1, 5)  # distill.py: one distillation, --num_eval 5 (DATM and PAD alike)
@@ -257,7 +313,7 @@ class MTT(DistillMethod):
         super().__init__(cfg, **kwargs)
         self.student_net = self.new_network()
         self.student = FlatModel(self.student_net)
-        self.buffer_dir = buffers.buffer_dir(self.hparams["buffer_path"], cfg.dataset, cfg.model, cfg.zca,
+        self.buffer_dir = buffers.buffer_dir(self.options.buffer_path, cfg.dataset, cfg.model, cfg.zca,
                                                   cfg.subset, cfg.res)
         expect = {"dataset": cfg.dataset, "model": cfg.model, "zca": cfg.zca,
                   "param_shapes": [list(shape) for shape in self.student.shapes]}
@@ -265,14 +321,14 @@ class MTT(DistillMethod):
         facts = {"image_shape": [self.channel, *self.im_size], "num_classes": self.num_classes,
                  "num_train": None if labels is None else int(labels.numel()),
                  "normalization": buffers.normalization_fact(cfg.zca, cfg.normalize_like)}
-        self.experts = ExpertStream(self.buffer_dir, expect, self.generator, load_all=self.hparams["load_all"],
-                                    max_files=self.hparams["max_files"], max_experts=self.hparams["max_experts"],
+        self.experts = ExpertStream(self.buffer_dir, expect, self.generator, load_all=self.options.load_all,
+                                    max_files=self.options.max_files, max_experts=self.options.max_experts,
                                     data_facts=facts, shuffle_files=self.shuffle_expert_files)
         epochs = self.experts.num_snapshots - 1
-        if self.latest_start_epoch() + self.hparams["expert_epochs"] > epochs:
+        if self.latest_start_epoch() + self.options.expert_epochs > epochs:
             raise utils.UserError(f"the experts in {self.buffer_dir} have {epochs} epochs, but start epochs up to "
-                                  f"{self.latest_start_epoch()} plus --expert_epochs {self.hparams['expert_epochs']} "
-                                  f"need {self.latest_start_epoch() + self.hparams['expert_epochs']}; lower "
+                                  f"{self.latest_start_epoch()} plus --expert_epochs {self.options.expert_epochs} "
+                                  f"need {self.latest_start_epoch() + self.options.expert_epochs}; lower "
                                   "--max_start_epoch or train longer experts (buffer.py --train_epochs)")
         self._chunks: List[torch.Tensor] = []  # this iteration's unused minibatches (next_batch)
         self.optimizer_lr: Optional[torch.optim.Optimizer] = None
@@ -285,18 +341,18 @@ class MTT(DistillMethod):
     # ---- set-up -------------------------------------------------------------------------
     def latest_start_epoch(self) -> int:
         """The largest start epoch this run can draw (``max_start_epoch - 1``)."""
-        return self.hparams["max_start_epoch"] - 1
+        return self.options.max_start_epoch - 1
 
     def configure(self, syn: SyntheticSet) -> None:
         """Images: SGD(lr_img, momentum 0.5); the learnable step size: SGD(lr_lr, momentum 0.5)."""
         super().configure(syn)
-        syn.learn_lr(self.hparams["lr_teacher"])
-        self.optimizer_lr = torch.optim.SGD([syn.syn_lr], lr=self.hparams["lr_lr"], momentum=0.5)
+        syn.learn_lr(self.options.lr_teacher)
+        self.optimizer_lr = torch.optim.SGD([syn.syn_lr], lr=self.options.lr_lr, momentum=0.5)
 
     # ---- one iteration ------------------------------------------------------------------
     def start_epoch(self, iteration: int) -> int:
         """The expert epoch the student starts from: uniform in [0, max_start_epoch)."""
-        return int(torch.randint(0, self.hparams["max_start_epoch"], (1,), generator=self.generator))
+        return int(torch.randint(0, self.options.max_start_epoch, (1,), generator=self.generator))
 
     def next_batch(self, total: int) -> torch.Tensor:
         """Indices (B,) of the next student step's synthetic images, as MTT's ``distill.py``
@@ -305,7 +361,7 @@ class MTT(DistillMethod):
         not divide ``total``; all images when ``batch_syn`` is 0), and chunks are taken from the
         end, so a short chunk is used first. :meth:`unroll` drops the chunks left by the previous
         iteration."""
-        size = self.hparams["batch_syn"] or total
+        size = self.options.batch_syn or total
         if not self._chunks:
             self._chunks = list(torch.randperm(total, generator=self.generator).split(size))
         return self._chunks.pop().to(self.device)
@@ -325,12 +381,12 @@ class MTT(DistillMethod):
         self._chunks = []  # a fresh permutation every iteration (MTT distill.py)
         # Terms an add-on adds to the matching loss once per unroll (AddOn.unroll_loss; DRUPI's CE of F).
         self.unroll_extra = torch.zeros((), device=self.device)
-        if self.hparams["tesla"]:
+        if self.options.tesla:
             return tesla.unroll(self, syn, start)
         targets = self.unroll_targets(syn)
-        augmenting = bool(self.dsa_strategy) and not self.hparams["no_aug"]
+        augmenting = bool(self.dsa_strategy) and not self.options.no_aug
         params = start.clone().requires_grad_(True)
-        for _ in range(self.hparams["syn_steps"]):
+        for _ in range(self.options.syn_steps):
             progress.tick()  # a progress line / a stop inside a long iteration
             index = self.next_batch(syn.images.shape[0])
             images = syn.images[index]
@@ -373,7 +429,7 @@ class MTT(DistillMethod):
         trajectory = self.experts.next()
         epoch = self.start_epoch(iteration)
         start = flatten(trajectory[epoch]).to(self.device)
-        target = flatten(trajectory[epoch + self.hparams["expert_epochs"]]).to(self.device)
+        target = flatten(trajectory[epoch + self.options.expert_epochs]).to(self.device)
         self.student_net.train()
         with self.precision.autocast(self.device):
             loss = self.matching_loss(self.unroll(syn, start), start, target)
@@ -410,19 +466,8 @@ class DATM(MTT):
     ``--threshold``."""
 
     defaults = dict(MTT.defaults, init="samples_predicted_correctly")
-    options = tuple(option for option in MTT.options if option.name not in ("syn_steps", "expert_epochs")) + (
-        Option("syn_steps", 80, "trajectory matching: student steps on the synthetic set (N)", type=int, minimum=1),
-        Option("expert_epochs", 2, "trajectory matching: expert epochs the student must cover (M)", type=int, minimum=1),
-        Option("min_start_epoch", 0, "DATM: smallest start epoch", type=int, minimum=0),
-        Option("current_max_start_epoch", 20, "DATM: initial upper bound of the start epoch", type=int, minimum=1),
-        Option("expansion_end_epoch", 3000, "DATM: iteration at which the upper bound reaches --max_start_epoch",
-               type=int, minimum=1),
-        Option("Sequential_Generation", True, "DATM: widen the start-epoch window over the run", type=bool),
-        Option("lr_y", 2.0, "DATM: learning rate of the soft-label logits", minimum=0.0),
-        Option("Momentum_y", 0.9, "DATM: momentum of the soft-label optimiser", minimum=0.0),
-        Option("threshold", 1.0, "DATM: skip an update whose matching loss exceeds this", minimum=0.0,
-               exclusive_minimum=True),
-    )
+    options_type = DATMOptions
+    options: DATMOptions
     init_choices = ("samples_predicted_correctly", "real", "noise")
     can_skip = True
     shuffle_expert_files = False  # DATM.py keeps the first --max_files files
@@ -430,23 +475,23 @@ class DATM(MTT):
     def __init__(self, cfg, **kwargs):
         super().__init__(cfg, **kwargs)
         self.optimizer_y: Optional[torch.optim.Optimizer] = None
-        if self.hparams["min_start_epoch"] >= self.hparams["max_start_epoch"]:
-            raise utils.UserError(f"--min_start_epoch {self.hparams['min_start_epoch']} must be below "
-                                  f"--max_start_epoch {self.hparams['max_start_epoch']}")
+        if self.options.min_start_epoch >= self.options.max_start_epoch:
+            raise utils.UserError(f"--min_start_epoch {self.options.min_start_epoch} must be below "
+                                  f"--max_start_epoch {self.options.max_start_epoch}")
 
     def upper_start_epoch(self, iteration: int) -> int:
         """The exclusive upper bound of the start epoch at ``iteration`` (DATM's ``Sequential_Generation``
         schedule in NUS-HPC-AI-Lab/DATM ``distill/DATM.py``; docs/reference-notes.md, *DATM*)."""
-        hp = self.hparams
-        if not hp["Sequential_Generation"]:
-            return hp["max_start_epoch"]
-        grown = hp["current_max_start_epoch"] + int((hp["max_start_epoch"] - hp["current_max_start_epoch"])
-                                                    * iteration / hp["expansion_end_epoch"])
-        return max(hp["min_start_epoch"] + 1, min(grown, hp["max_start_epoch"]))
+        opts = self.options
+        if not opts.Sequential_Generation:
+            return opts.max_start_epoch
+        grown = opts.current_max_start_epoch + int((opts.max_start_epoch - opts.current_max_start_epoch)
+                                                    * iteration / opts.expansion_end_epoch)
+        return max(opts.min_start_epoch + 1, min(grown, opts.max_start_epoch))
 
     def start_epoch(self, iteration: int) -> int:
         """Uniform in [min_start_epoch, upper_start_epoch(iteration))."""
-        low, high = self.hparams["min_start_epoch"], self.upper_start_epoch(iteration)
+        low, high = self.options.min_start_epoch, self.upper_start_epoch(iteration)
         return int(torch.randint(low, high, (1,), generator=self.generator))
 
     def expert_logits(self, snapshot: Sequence[torch.Tensor], images: torch.Tensor) -> torch.Tensor:
@@ -480,8 +525,8 @@ class DATM(MTT):
             self.configure(syn)
             logits = self.label_logits_from_experts(judges, syn.images.detach(), labels)
         syn.learn_soft_labels(logits)
-        self.optimizer_y = torch.optim.SGD([syn.label_logits], lr=self.hparams["lr_y"],
-                                           momentum=self.hparams["Momentum_y"])
+        self.optimizer_y = torch.optim.SGD([syn.label_logits], lr=self.options.lr_y,
+                                           momentum=self.options.Momentum_y)
         return syn
 
     def final_snapshots(self) -> List[List[torch.Tensor]]:
@@ -550,7 +595,7 @@ class DATM(MTT):
 
     def accept(self, loss: torch.Tensor) -> bool:
         """Apply the update only when the matching loss is at most ``--threshold`` (one sync)."""
-        return float(loss.detach()) <= self.hparams["threshold"]
+        return float(loss.detach()) <= self.options.threshold
 
     def state_dict(self) -> dict:
         """MTT's state plus the soft-label optimiser."""
@@ -575,25 +620,20 @@ class PAD(DATM):
     """
 
     selections = ("loss", "depth", "both")
-    options = tuple(option for option in DATM.options if option.name != "batch_syn") + (
-        Option("batch_syn", 256, "trajectory matching: synthetic images per student step (0: all)", type=int, minimum=0),
-        Option("param_selection", "loss", "PAD: which parameter selection applies: loss (released PAD.py), depth "
-               "(PAD_depth.py) or both", type=str),
-        Option("loss_ratio", 0.0, "PAD: fraction of parameter entries with the smallest error left out", minimum=0.0),
-        Option("depth_ratio", 0.0, "PAD: fraction of shallowest parameter entries left out", minimum=0.0),
-    )
+    options_type = PADOptions
+    options: PADOptions
 
     def __init__(self, cfg, **kwargs):
         super().__init__(cfg, **kwargs)
-        if self.hparams["param_selection"] not in self.selections:
-            raise utils.UserError(f"--param_selection {self.hparams['param_selection']!r}: PAD takes "
+        if self.options.param_selection not in self.selections:
+            raise utils.UserError(f"--param_selection {self.options.param_selection!r}: PAD takes "
                                   f"{', '.join(self.selections)}")
 
     def selection_ratios(self) -> tuple:
         """``(loss_ratio, depth_ratio)`` in effect under ``--param_selection`` (0 for the rule not used)."""
-        selection = self.hparams["param_selection"]
-        loss = self.hparams["loss_ratio"] if selection in ("loss", "both") else 0.0
-        depth = self.hparams["depth_ratio"] if selection in ("depth", "both") else 0.0
+        selection = self.options.param_selection
+        loss = self.options.loss_ratio if selection in ("loss", "both") else 0.0
+        depth = self.options.depth_ratio if selection in ("depth", "both") else 0.0
         return loss, depth
 
     def matching_loss(self, student: torch.Tensor, start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

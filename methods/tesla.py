@@ -47,14 +47,14 @@ class _Sweep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, method, syn, start, images, syn_lr, targets):
-        hp = method.hparams
-        augmenting = bool(method.dsa_strategy) and not hp["no_aug"]
+        opts = method.options
+        augmenting = bool(method.dsa_strategy) and not opts.no_aug
         lr = syn_lr.detach()
         x_all, y_all = images.detach(), targets.detach()
         params = start.detach()
         stored: List[torch.Tensor] = []
         steps: List[Tuple[torch.Tensor, Optional[augment.DiffAugParams]]] = []
-        for _ in range(hp["syn_steps"]):
+        for _ in range(opts.syn_steps):
             progress.tick()  # a progress line / a stop inside a long iteration (forward only)
             index = method.next_batch(x_all.shape[0])
             batch = x_all[index]
@@ -120,7 +120,7 @@ def unroll(method, syn, start: torch.Tensor) -> torch.Tensor:
     draws as the unrolled student, from the same generator.
 
     Args:
-        method: an MTT / DATM / PAD instance (``hparams``, ``next_batch``, ``student_loss``,
+        method: an MTT / DATM / PAD instance (``options``, ``next_batch``, ``student_loss``,
             ``unroll_targets``, ``dsa_strategy``, ``generator``, ``addons``).
         syn: the synthetic set (images (N, C, H, W), learnable ``syn_lr``).
         start: (P,) the expert's flat parameters at the start epoch.

@@ -214,7 +214,7 @@ def generated_record(channel: int, size: Sequence[int], num_classes: int, per_cl
 
 def needs_buffer(method_name: str) -> bool:
     """Whether a registered method reads expert trajectories (it has a ``buffer_path`` option)."""
-    return any(option.name == "buffer_path" for option in methods.get_method_class(method_name).options)
+    return any(option.name == "buffer_path" for option in methods.get_method_class(method_name).option_specs())
 
 
 def make_generated_buffer(model: str, image_shape: Sequence[int], num_classes: int, device: torch.device,
@@ -240,7 +240,7 @@ def case_config(spec: CaseSpec) -> methods.DistillConfig:
     if fields.get("init", "noise") not in ("noise", "real") and "real" in cls.init_choices:
         fields["init"] = "real"
     extra = dict(fields.pop("extra", {}))
-    option_names = {option.name for option in cls.options}
+    option_names = {option.name for option in cls.option_specs()}
     if "buffer_path" in option_names:
         extra["buffer_path"] = spec.buffer_root
         extra.update({name: value for name, value in BUFFER_OPTIONS.items() if name in option_names})

@@ -145,7 +145,7 @@ def test_real_accuracy_is_mean_per_class_accuracy():
 def test_options_reach_the_method_and_unknown_ones_fail():
     record = tiny_record()
     m = cafe(record, lambda_1=0.5)
-    assert m.hparams["lambda_1"] == 0.5 and m.hparams["inner_weight"] == 0.01
+    assert m.options.lambda_1 == 0.5 and m.options.inner_weight == 0.01
     with pytest.raises(ValueError, match="no option"):
         build_method("DM", record, lambda_1=0.5)
 
@@ -158,7 +158,7 @@ def test_distill_cli_resolves_cafe_options_and_warns_about_foreign_ones(capsys):
     assert opts.eval_it == 100
     assert "--task_balance is not used by --method CAFE" in capsys.readouterr().err
     assert CAFE(cfg, channel=1, num_classes=10, im_size=(28, 28), sampler=None, device=torch.device("cpu"),
-                generator=torch.Generator()).hparams["lambda_2"] == 0.05
+                generator=torch.Generator()).options.lambda_2 == 0.05
 
 
 # ----- both feature methods on other networks, depths and sizes ------------------------------------

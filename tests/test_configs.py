@@ -48,13 +48,13 @@ def test_preset_resolves_and_matches_its_name(path, capsys):
     assert cfg.dataset == dataset
     assert cfg.ipc == int(ipc)
     # the method's own resolution accepts every option value given
-    hparams = methods.get_method_class(method).resolve_options(cfg.extra)
-    assert hparams["lr_teacher"] > 0
+    options = methods.get_method_class(method).resolve_options(cfg.extra)
+    assert options.lr_teacher > 0
     if method != "MTT":
         assert cfg.zca is True and cfg.iterations == 10000 and opts.num_eval == 1 and cfg.batch_train == 128
-        assert hparams["min_start_epoch"] < hparams["max_start_epoch"]
-        if hparams["Sequential_Generation"]:
-            assert hparams["current_max_start_epoch"] <= hparams["max_start_epoch"]
+        assert options.min_start_epoch < options.max_start_epoch
+        if options.Sequential_Generation:
+            assert options.current_max_start_epoch <= options.max_start_epoch
 
 
 @pytest.mark.parametrize("path", FILES, ids=IDS)

@@ -87,7 +87,7 @@ def scripted_cafe(monkeypatch, watcher, accuracy=0.5, max_inner_steps=15):
     record = tiny_record(num_classes=10, per_class=2, size=8)
     m = build_method("CAFE", record, ipc=1, batch_real=2, watcher_images=2, watcher=watcher,
                      max_outer_steps=30, max_inner_steps=max_inner_steps)
-    assert (m.hparams["watcher_window"], m.hparams["lambda_1"], m.hparams["lambda_2"]) == (10, 0.04, 0.03)
+    assert (m.options.watcher_window, m.options.lambda_1, m.options.lambda_2) == (10, 0.04, 0.03)
     epochs = []
     monkeypatch.setattr(cafe_module.evaluation, "train_epoch", lambda *args, **kwargs: epochs.append(1))
     monkeypatch.setattr(m, "real_accuracy", lambda net: accuracy)
@@ -134,9 +134,9 @@ def test_watcher_flag_defaults_to_reference_and_refuses_other_values():
     cfg, _ = resolve("--method", "CAFE")
     from methods.cafe import CAFE
 
-    assert CAFE.resolve_options(cfg.extra)["watcher"] == "reference"
+    assert CAFE.resolve_options(cfg.extra).watcher == "reference"
     cfg, _ = resolve("--method", "CAFE", "--watcher", "clean")
-    assert CAFE.resolve_options(cfg.extra)["watcher"] == "clean"
+    assert CAFE.resolve_options(cfg.extra).watcher == "clean"
     with pytest.raises(utils.UserError, match="--watcher 'tenth': expected one of reference, clean"):
         resolve("--method", "CAFE", "--watcher", "tenth")
 

@@ -294,7 +294,7 @@ def test_nan_loss_raises(tmp_path):
 def test_datadam_runs_on_other_norms_and_depths(model, power):
     record = tiny_record(size=16)
     m = build_method("DataDAM", record, init="real", attention_power=power, model=model)
-    assert m.hparams["attention_power"] == power
+    assert m.options.attention_power == power
     syn = m.init_synthetic()
     before = syn.images.detach().clone()
     logs = m.step(syn, 1)

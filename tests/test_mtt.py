@@ -1,5 +1,6 @@
 """Trajectory matching (MTT, DATM, PAD) on a tiny buffer made by experts.make_buffer: the
 loss, PAD's selection, one step of each method, soft labels, resume and evaluation of the saved set."""
+import dataclasses
 import math
 
 import pytest
@@ -95,16 +96,16 @@ def test_datm_initialises_with_correctly_classified_images_and_expert_logits(buf
 
 
 def test_datm_start_epoch_window_grows():
-    from methods.mtt import DATM
+    from methods.mtt import DATM, DATMOptions
 
     class Probe(DATM):
-        def __init__(self, **hparams):
-            self.hparams = dict(min_start_epoch=0, current_max_start_epoch=2, max_start_epoch=6,
-                                expansion_end_epoch=100, Sequential_Generation=True, **hparams)
+        def __init__(self):
+            self.options = DATMOptions(min_start_epoch=0, current_max_start_epoch=2, max_start_epoch=6,
+                                       expansion_end_epoch=100, Sequential_Generation=True)
 
     probe = Probe()
     assert [probe.upper_start_epoch(it) for it in (0, 25, 50, 100, 500)] == [2, 3, 4, 6, 6]
-    probe.hparams["Sequential_Generation"] = False
+    probe.options = dataclasses.replace(probe.options, Sequential_Generation=False)
     assert probe.upper_start_epoch(0) == 6
 
 

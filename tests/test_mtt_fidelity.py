@@ -28,7 +28,7 @@ def kept_entries(loss_ratio, depth_ratio, size=1000):
     return student.grad != 0
 
 
-def preset_hparams(path, *flags):
+def preset_options(path, *flags):
     args = distill_flags.parse_args(["--config", path, *flags])
     cfg, _ = distill_flags.resolve(args)
     return PAD.resolve_options(cfg.extra)
@@ -36,24 +36,24 @@ def preset_hparams(path, *flags):
 
 @pytest.mark.parametrize("path", PAD_PRESETS, ids=[os.path.basename(p) for p in PAD_PRESETS])
 def test_pad_preset_keeps_the_released_fraction_of_parameter_entries(path):
-    hparams = preset_hparams(path)
-    assert hparams["param_selection"] == "loss"
-    loss_ratio, depth_ratio = PAD.selection_ratios(types.SimpleNamespace(hparams=hparams))
-    assert (loss_ratio, depth_ratio) == (hparams["loss_ratio"], 0.0)
+    options = preset_options(path)
+    assert options.param_selection == "loss"
+    loss_ratio, depth_ratio = PAD.selection_ratios(types.SimpleNamespace(options=options))
+    assert (loss_ratio, depth_ratio) == (options.loss_ratio, 0.0)
     kept = kept_entries(loss_ratio, depth_ratio)
-    assert kept.float().mean().item() == pytest.approx(1.0 - hparams["loss_ratio"])
+    assert kept.float().mean().item() == pytest.approx(1.0 - options.loss_ratio)
 
 
 def test_pad_default_is_the_loss_selection_and_the_depth_variant_is_reachable():
     path = os.path.join(ROOT, "configs", "PAD", "CIFAR10_ipc10.yaml")
-    assert PAD.resolve_options({})["param_selection"] == "loss"
+    assert PAD.resolve_options({}).param_selection == "loss"
     # 0.5 / 0.5 keeps half the entries (released PAD.py), not a quarter
-    assert kept_entries(*PAD.selection_ratios(types.SimpleNamespace(hparams=preset_hparams(path)))).sum() == 500
-    depth = preset_hparams(path, "--param_selection", "depth")
-    kept = kept_entries(*PAD.selection_ratios(types.SimpleNamespace(hparams=depth)))
+    assert kept_entries(*PAD.selection_ratios(types.SimpleNamespace(options=preset_options(path)))).sum() == 500
+    depth = preset_options(path, "--param_selection", "depth")
+    kept = kept_entries(*PAD.selection_ratios(types.SimpleNamespace(options=depth)))
     assert not kept[:500].any() and kept[500:].all()  # only the deepest half (PAD_depth.py)
-    both = preset_hparams(path, "--param_selection", "both")
-    assert kept_entries(*PAD.selection_ratios(types.SimpleNamespace(hparams=both))).sum() == 250
+    both = preset_options(path, "--param_selection", "both")
+    assert kept_entries(*PAD.selection_ratios(types.SimpleNamespace(options=both))).sum() == 250
 
 
 def test_pad_method_applies_the_chosen_selection(buffer_root, one_thread):

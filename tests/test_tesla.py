@@ -1,6 +1,8 @@
 """TESLA's constant-memory meta-gradient (methods/tesla.py): the same gradient as the unrolled
 student for MTT, DATM and PAD, graph memory flat in syn_steps, the --tesla flag, and the refusal
 of an add-on that changes the student's step loss."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ from tiny_data import build_mtt
 
 def matching_gradients(m, syn, start, target, tesla):
     """The matching loss and its gradients w.r.t. images, syn_lr (and soft-label logits)."""
-    m.hparams["tesla"] = tesla
+    m.options = dataclasses.replace(m.options, tesla=tesla)
     loss = m.matching_loss(m.unroll(syn, start), start, target)
     leaves = [syn.images, syn.syn_lr] + ([syn.label_logits] if syn.label_logits is not None else [])
     return loss.detach(), torch.autograd.grad(loss, leaves)
