@@ -8,6 +8,8 @@ Public API (importing the package registers every loader):
   file that would run code refused in one line (:class:`PlainDataError`).
 * :class:`ZCA`: kornia-compatible ZCA whitening (fit / transform / inverse / state_dict).
 * :class:`RealSampler` and :func:`sample_random_real`: per-class random real images.
+* Dataset facts without loading (``data/facts.py``): :data:`DATASET_SHAPES`, :func:`dataset_shape`,
+  :data:`DEFAULT_RES` (the ``--res`` defaults), :data:`IMAGENET_SUBSETS`.
 
 Datasets: MNIST, FashionMNIST, SVHN, CIFAR10, CIFAR100 (torchvision readers), TinyImageNet / Tiny
 (``tinyimagenet.pt`` or ImageFolder), ImageNet subsets (imagenette, imagewoof, imagefruit,
@@ -19,13 +21,15 @@ from .core import (CIFAR10_MEAN, CIFAR10_STD, DATASETS, SHARED_STATS, DatasetErr
 from .zca import ZCA
 from .sampler import RealSampler, sample_random_real
 from . import torchvision_sets, folder_sets  # noqa: F401  (register the loaders)
-from .folder_sets import IMAGENET_SUBSETS
+from .facts import DATASET_SHAPES, DEFAULT_RES, IMAGENET_SUBSETS, dataset_shape
 from .torchvision_sets import cache_dir
 
 __all__ = [
     'CIFAR10_MEAN',
     'CIFAR10_STD',
     'DATASETS',
+    'DATASET_SHAPES',
+    'DEFAULT_RES',
     'DatasetError',
     'DatasetLoader',
     'DatasetRecord',
@@ -36,6 +40,7 @@ __all__ = [
     'SHARED_STATS',
     'ZCA',
     'cache_dir',
+    'dataset_shape',
     'list_datasets',
     'load_dataset',
     'load_plain',

@@ -25,6 +25,7 @@ from torchvision.datasets.imagenet import load_meta_file
 from torchvision.transforms.functional import pil_to_tensor
 
 from .core import DatasetError, PlainDataError, RawSplits, load_plain, one_line, register_dataset, reject_res, reject_subset
+from .facts import DEFAULT_RES, IMAGENET_SUBSETS
 
 _logger = logging.getLogger(__name__)
 
@@ -32,16 +33,6 @@ __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IMAGENET_SUBSETS', 'MHIST_CLASSES']
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-
-IMAGENET_SUBSETS: dict[str, tuple[int, ...]] = {
-    'imagenette': (0, 217, 482, 491, 497, 566, 569, 571, 574, 701),
-    'imagewoof': (193, 182, 258, 162, 155, 167, 159, 273, 207, 229),
-    'imagefruit': (953, 954, 949, 950, 951, 957, 952, 945, 943, 948),
-    'imagemeow': (281, 282, 283, 284, 285, 291, 292, 290, 289, 287),
-    'imagesquawk': (84, 130, 88, 144, 145, 22, 96, 9, 100, 89),
-    'imageyellow': (309, 986, 954, 951, 987, 779, 599, 291, 72, 11),
-}
-"""ImageNet-1K class indices of MTT's 10-class subsets, in label order (label i = i-th index)."""
 
 MHIST_CLASSES = ('HP', 'SSA')
 """MHIST labels: hyperplastic polyp -> 0, sessile serrated adenoma -> 1."""
@@ -231,7 +222,7 @@ def _imagenet_class_names(data_path: str, wnids: list[str]) -> list[str]:
 
 def _load_imagenet_subset(subset: str, data_path: str, res: int | None) -> RawSplits:
     """Read one 10-class subset from an ImageNet-1K ImageFolder (see :func:`load_imagenet`)."""
-    side = 128 if res is None else res
+    side = DEFAULT_RES['ImageNet'] if res is None else res
     train_dir, val_dir = Path(data_path) / 'train', Path(data_path) / 'val'
     layout = (f"an ImageNet-1K ImageFolder: {_show(train_dir)} holding all 1000 class folders "
               f"'<wnid>/' (label index i = the i-th wnid in sorted order, as ImageFolder gives) "
@@ -345,7 +336,7 @@ def load_mhist(data_path: str, *, download: bool = False, res: int | None = None
     """
     reject_subset('MHIST', subset)
     _warn_no_download('MHIST', download)
-    side = 224 if res is None else res
+    side = DEFAULT_RES['MHIST'] if res is None else res
     csv_path, image_dir = Path(data_path) / 'annotations.csv', Path(data_path) / 'images'
     layout = (f"'annotations.csv' (columns {', '.join(map(repr, _MHIST_COLUMNS))}; labels HP/SSA, "
               f"partitions train/test) and 'images/<Image Name>'")

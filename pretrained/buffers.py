@@ -29,7 +29,7 @@ import torch
 
 import storage
 import utils
-from data import PlainDataError, load_plain, normalization_name, one_line
+from data import DEFAULT_RES, PlainDataError, load_plain, normalization_name, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +43,6 @@ CHUNK_RE = re.compile(r"^replay_buffer_(\d+)\.pt$")
 
 # MTT names the TinyImageNet folder "Tiny"; both registered names map to it.
 _FOLDER_ALIASES = {"TinyImageNet": "Tiny"}
-# Default image sides of the datasets whose resolution is a flag (data/folder_sets.py).
-_DEFAULT_RES = {"ImageNet": 128, "MHIST": 224}
 
 Snapshot = list  # list[torch.Tensor], one per parameter, CPU, model.parameters() order
 Trajectory = list  # list[Snapshot], train_epochs + 1 of them
@@ -81,9 +79,9 @@ def imagenet_subset(dataset: str, subset: Optional[str]) -> Optional[str]:
 
 def effective_res(dataset: str, res: Optional[int]) -> Optional[int]:
     if imagenet_subset(dataset, None) is not None:
-        return int(res or _DEFAULT_RES["ImageNet"])
+        return int(res or DEFAULT_RES["ImageNet"])
     if canonical_dataset(dataset) == "MHIST":
-        return int(res or _DEFAULT_RES["MHIST"])
+        return int(res or DEFAULT_RES["MHIST"])
     return None if res is None else int(res)
 
 

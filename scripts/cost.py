@@ -16,6 +16,7 @@ import os
 import sys
 
 import cli
+import data
 from sets import resources
 import utils
 
@@ -23,7 +24,7 @@ import utils
 def build_parser() -> argparse.ArgumentParser:
     """The ``cost.py`` flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="CIFAR10", help=f"one of {', '.join(resources.DATASET_SHAPES)} "
+    parser.add_argument("--dataset", default="CIFAR10", help=f"one of {', '.join(data.DATASET_SHAPES)} "
                         "or an ImageNet subset (image size and classes; no data is loaded)")
     parser.add_argument("--res", type=int, default=None, help="image side for ImageNet subsets / MHIST")
     parser.add_argument("--model", default="ConvNet", help="network name")
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     with cli.user_errors():
         try:
-            channel, im_size, classes = resources.dataset_shape(args.dataset, args.res)
+            channel, im_size, classes = data.dataset_shape(args.dataset, args.res)
         except ValueError as error:
             raise utils.UserError(str(error)) from None
         models = args.models or (cli.resolve_eval_models(args.eval_mode, args.model) if args.eval_mode else [args.model])

@@ -18,42 +18,6 @@ import torch
 
 import networks
 
-# (channel, (H, W), classes) of each dataset as data/ loads it; ImageNet subsets and MHIST at
-# their default resolution (128 and 224; --res changes it).
-DATASET_SHAPES = {
-    "MNIST": (1, (28, 28), 10),
-    "FashionMNIST": (1, (28, 28), 10),
-    "SVHN": (3, (32, 32), 10),
-    "CIFAR10": (3, (32, 32), 10),
-    "CIFAR100": (3, (32, 32), 100),
-    "TinyImageNet": (3, (64, 64), 200),
-    "ImageNet": (3, (128, 128), 10),
-    "MHIST": (3, (224, 224), 2),
-}
-IMAGENET_SUBSETS = ("imagenette", "imagewoof", "imagefruit", "imagemeow", "imagesquawk", "imageyellow")
-
-
-def dataset_shape(dataset: str, res: Optional[int] = None) -> tuple:
-    """``(channel, (H, W), num_classes)`` of a dataset without loading it.
-
-    Args:
-        dataset: a name of :data:`DATASET_SHAPES`, ``Tiny``, or an ImageNet subset name.
-        res: image side for ImageNet subsets and MHIST (default 128 / 224).
-
-    Raises:
-        ValueError: unknown dataset, or ``res`` for a dataset with a fixed size.
-    """
-    name = "TinyImageNet" if dataset == "Tiny" else "ImageNet" if dataset.lower() in IMAGENET_SUBSETS else dataset
-    if name not in DATASET_SHAPES:
-        raise ValueError(f"--dataset {dataset!r}: expected one of {', '.join([*DATASET_SHAPES, *IMAGENET_SUBSETS])}")
-    channel, size, classes = DATASET_SHAPES[name]
-    if res is not None:
-        if name not in ("ImageNet", "MHIST"):
-            raise ValueError(f"--res applies to ImageNet subsets and MHIST, not {dataset}")
-        size = (int(res), int(res))
-    return channel, size, classes
-
-
 def network_cost(model: str, channel: int, im_size: Sequence[int], num_classes: int, device="cpu") -> dict:
     """Parameters and forward FLOPs per image of a fresh ``model`` for one input shape.
 

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+import data
 import networks
 import torch.nn as nn
 
@@ -29,12 +30,12 @@ def test_network_cost_of_mlp_on_fashion_mnist_matches_hand_count():
 
 
 def test_dataset_shape_and_errors():
-    assert resources.dataset_shape("FashionMNIST") == (1, (28, 28), 10)
-    assert resources.dataset_shape("imagewoof", res=64) == (3, (64, 64), 10)
+    assert data.dataset_shape("FashionMNIST") == (1, (28, 28), 10)
+    assert data.dataset_shape("imagewoof", res=64) == (3, (64, 64), 10)
     with pytest.raises(ValueError, match="--res"):
-        resources.dataset_shape("CIFAR10", res=64)
+        data.dataset_shape("CIFAR10", res=64)
     with pytest.raises(ValueError, match="--dataset 'Nope'"):
-        resources.dataset_shape("Nope")
+        data.dataset_shape("Nope")
 
 
 def test_synthetic_storage_counts_images_labels_and_learned_extras():
