@@ -165,7 +165,7 @@ class DD(DistillMethod):
     @classmethod
     def eval_protocols(cls, cfg: DistillConfig) -> Tuple[str, ...]:
         """``--dd_eval``: ``("shared",)``, ``("schedule",)`` or both."""
-        choice = cls.resolve_options(cfg.extra)["dd_eval"]
+        choice = cls.resolve_options(cfg.extra).dd_eval
         return ("shared", "schedule") if choice == "both" else (choice,)
 
     def configure(self, syn: SyntheticSet) -> None:
