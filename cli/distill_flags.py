@@ -19,8 +19,7 @@ import augment
 import cli
 import methods
 import utils
-from cli import clom as cli_clom
-from cli import features as feature_cli
+from cli import eval_options
 from methods import addons
 from methods.losses import METRICS
 from methods.runner import RunOptions
@@ -73,9 +72,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     cli.add_data_args(parser, cifar100_stats_default="the method's: cifar10 for MTT, DATM, PAD and CAFE, else cifar100")
     cli.add_runtime_args(parser)
     cli.add_amp_arg(parser)
-    cli_clom.add_original_model_args(parser, clom=True)
-    feature_cli.add_feature_label_args(parser)
-    feature_cli.add_eval_option_args(parser)
+    addons.add_args(parser)  # every registered add-on's own flags
+    eval_options.add_eval_option_args(parser)
     group = parser.add_argument_group("method-specific (declared by each method's options)")
     # One flag per field of the methods' options dataclasses (methods/options.py).
     for name, (option, users) in methods.method_options().items():
@@ -177,6 +175,10 @@ def resolve(args: argparse.Namespace):
     eval_it = args.eval_it
     if eval_it is None:
         eval_it = method_class.default_eval_it if v["eval_mode"] in ("S", "SS") else 0
+    try:
+        addon_settings = addons.settings_from_flags(vars(args))  # a plain mapping of the parsed values
+    except ValueError as error:
+        raise utils.UserError(str(error)) from None
     cfg = methods.DistillConfig(method=args.method, dataset=args.dataset, model=args.model, ipc=v["ipc"],
                                 iterations=v["Iteration"], lr_img=v["lr_img"], lr_net=v["lr_net"],
                                 batch_real=v["batch_real"], batch_train=v["batch_train"], init=v["init"],
@@ -184,10 +186,9 @@ def resolve(args: argparse.Namespace):
                                 outer_loop=args.outer_loop, inner_loop=args.inner_loop, zca=args.zca,
                                 subset=args.subset, res=args.res,
                                 normalize_like=cli.normalize_like(args, method_class.cifar100_stats), extra=extra,
-                                clom=cli_clom.clom_settings(args),
-                                feature_labels=feature_cli.feature_label_config(args))
+                                addons=addon_settings)
     try:
-        method_class.check_addons(addons.requested(cfg))
+        addons.check_hosted(method_class, cfg)
         method_class.check_config(cfg)
     except ValueError as error:
         raise utils.UserError(str(error)) from None
@@ -195,7 +196,7 @@ def resolve(args: argparse.Namespace):
     opts = RunOptions(num_exp=num_exp, num_eval=num_eval, eval_it=eval_it,
                       eval_models=tuple(eval_models), epoch_eval_train=args.epoch_eval_train, seed=args.seed,
                       run_dir=run_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                      save_vis=args.vis, save_every=args.save_every, **feature_cli.eval_option_values(args))
+                      save_vis=args.vis, save_every=args.save_every, **eval_options.eval_option_values(args))
     return cfg, opts
 
 

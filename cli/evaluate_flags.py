@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import augment
 import cli
@@ -22,9 +22,9 @@ import networks
 import storage
 import tables
 import utils
-from cli import clom as cli_clom
-from cli import features as feature_cli
-from methods.addons import feature_labels
+from cli import eval_options
+from methods import addons
+from methods.addons.clom import add_original_model_args, split_list
 from sets import assess, comparison, files
 from sets.saved import SavedSet, read_saved_set
 from pretrained import originals
@@ -75,10 +75,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                              "by the learned schedule (DD's own), or both (default: what distill.py evaluated with; "
                              "sets without a schedule: shared)")
     parser.add_argument("--out", default=None, help="write the accuracies as JSON here (and the table as .csv beside it)")
-    parser.add_argument("--lbd", type=float, default=None,
-                        help="sets saved with feature labels F (DRUPI): lambda of D(E(x), F) in training (default: the "
-                             "value the set was distilled with, else 0.01); 0 trains with CE only")
-    feature_cli.add_eval_option_args(parser, saved_default=True)
+    addons.add_eval_args(parser)  # every registered add-on's own evaluate.py flags (feature labels: --lbd)
+    eval_options.add_eval_option_args(parser, saved_default=True)
     cli.add_data_args(parser)
     cli.add_runtime_args(parser)
     cli.add_amp_arg(parser)
@@ -86,7 +84,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                         help="instead of training: OM accuracy / loss and synthetic-real distances on original models "
                              "(assess.py); JSON to --out or next to --syn_path")
     parser.add_argument("--assess_real", type=int, default=500, help="--assess: real images per class (seeded draw)")
-    cli_clom.add_original_model_args(parser, clom=False)
+    add_original_model_args(parser.add_argument_group("original models for --assess"), clom=False)
     return parser
 
 
@@ -129,8 +127,10 @@ def check_args(args: argparse.Namespace) -> None:
             raise utils.UserError(f"--{flag} must be at least 1, got {value}")
     if args.lr_net is not None and not args.lr_net > 0:
         raise utils.UserError(f"--lr_net must be positive, got {args.lr_net}")
-    if args.lbd is not None and args.lbd < 0:
-        raise utils.UserError(f"--lbd must be >= 0, got {args.lbd}")
+    try:
+        addons.check_eval_flags(vars(args))
+    except ValueError as error:
+        raise utils.UserError(str(error)) from None
     if args.dsa_strategy is not None:
         try:
             augment.validate_strategy(args.dsa_strategy)
@@ -163,29 +163,27 @@ def apply_flags(protocol: evaluation.EvalProtocol, args: argparse.Namespace) -> 
         changes["batch_train"] = args.batch_train
     if args.dsa_strategy is not None:
         changes["dsa_strategy"] = "_".join(augment.validate_strategy(args.dsa_strategy))
-    changes.update(feature_cli.eval_option_values(args, given_only=True))
+    changes.update(eval_options.eval_option_values(args, given_only=True))
     return dataclasses.replace(protocol, **changes).with_epochs(args.epoch_eval_train)
 
 
-def training_term(saved: SavedSet, index: int, lbd: Optional[float] = None):
-    """Experiment ``index``'s training term from its add-ons' raw saved entries, one loader call per
-    add-on (feature labels: ``methods.addons.feature_labels.load_term``; ``lbd``, ``--lbd``,
-    overrides its lambda), or ``None``.
+def training_term(saved: SavedSet, index: int, addon_flags: Optional[Mapping[str, Any]] = None):
+    """Experiment ``index``'s training term from its add-ons' raw saved entries, in one call into the
+    add-ons (``methods.addons.saved_term``; ``addon_flags``, the add-ons' ``evaluate.py`` flag values
+    such as ``--lbd``, override their saved settings), or ``None``.
 
     Raises:
-        utils.UserError: the saved entry does not fit the set.
+        utils.UserError: a saved entry does not fit the set, or its add-on is not installed.
     """
-    experiment, name = saved.experiments[index], feature_labels.FeatureLabels.name
-    if name not in experiment.addons:
-        return None
+    experiment = saved.experiments[index]
     try:
-        return feature_labels.load_term(experiment.addons[name], saved.addon_settings.get(name, {}),
-                                        experiment.images.shape[0], saved.num_classes, lbd)
+        return addons.saved_term(experiment.addons, saved.meta.get("config"), experiment.images.shape[0],
+                                 saved.num_classes, addon_flags or {})
     except ValueError as error:
-        raise utils.UserError(f"--syn_path data[{saved.indices[index]}] feature labels: {error}") from None
+        raise utils.UserError(f"--syn_path data[{saved.indices[index]}] {error}") from None
 
 
-def to_evaluate(saved: SavedSet, label_loss: str = "cross_entropy", lbd: Optional[float] = None,
+def to_evaluate(saved: SavedSet, label_loss: str = "cross_entropy", addon_flags: Optional[Mapping[str, Any]] = None,
                 use_learned_lr: bool = True) -> List[comparison.SetToEvaluate]:
     """The experiments of a saved set ready for the protocol: labels as networks fit them
     (``SavedExperiment.training_labels`` under ``label_loss``), the learned step size unless
@@ -196,26 +194,27 @@ def to_evaluate(saved: SavedSet, label_loss: str = "cross_entropy", lbd: Optiona
         utils.UserError: see :func:`training_term`.
     """
     return [comparison.SetToEvaluate(e.images, e.training_labels(label_loss), e.learned_lr if use_learned_lr else None,
-                                     training_term(saved, index, lbd), e.schedule)
+                                     training_term(saved, index, addon_flags), e.schedule)
             for index, e in enumerate(saved.experiments)]
 
 
 def read_experiments(path: str, record, exp: Optional[Sequence[int]] = None, labels_path: Optional[str] = None,
-                     lr_path: Optional[str] = None, lbd: Optional[float] = None, use_learned_lr: bool = True,
+                     lr_path: Optional[str] = None, addon_flags: Optional[Mapping[str, Any]] = None,
+                     use_learned_lr: bool = True,
                      dataset: Optional[str] = None,
                      label_loss: str = "cross_entropy") -> Tuple[SavedSet, List[comparison.SetToEvaluate]]:
     """``sets.saved.read_saved_set`` and :func:`to_evaluate` in one call (``scripts/continual.py``).
 
     Float (N, K) labels are soft-label logits (DATM's format and ours) and become probabilities;
     under the ``mse`` label loss they are real-valued regression targets (KIP's learned labels)
-    and are kept as they are. A set saved with feature labels trains with them (``lbd`` overrides
-    lambda; 0 trains with CE only).
+    and are kept as they are. A set saved with an add-on's entry trains with its term (:func:`training_term`;
+    e.g. feature labels, ``addon_flags={'lbd': x}`` overriding lambda; 0 trains with CE only).
 
     Raises:
         utils.UserError: the file does not match the dataset or ``exp``, or cannot be read.
     """
     saved = read_saved_set(path, record, exp, labels_path, lr_path, dataset=dataset)
-    return saved, to_evaluate(saved, label_loss, lbd, use_learned_lr)
+    return saved, to_evaluate(saved, label_loss, addon_flags, use_learned_lr)
 
 
 def load_set(path: str, args: argparse.Namespace, record) -> Tuple[SavedSet, List[comparison.SetToEvaluate], evaluation.EvalProtocol]:
@@ -229,7 +228,7 @@ def load_set(path: str, args: argparse.Namespace, record) -> Tuple[SavedSet, Lis
     """
     saved = read_saved_set(path, record, args.exp, args.labels_path, args.lr_path, dataset=args.dataset)
     protocol = apply_flags(saved_protocol(saved), args)
-    experiments = to_evaluate(saved, protocol.label_loss, args.lbd, use_learned_lr=args.lr_net is None)
+    experiments = to_evaluate(saved, protocol.label_loss, vars(args), use_learned_lr=args.lr_net is None)
     check_normalization(path, saved.meta, record)
     return saved, experiments, protocol
 
@@ -333,8 +332,9 @@ def set_rows(args: argparse.Namespace, record, plan: EvaluationPlan, saved: Save
         FloatingPointError: a training loss became NaN or infinite.
     """
     name, rows = os.path.basename(saved.path), []
-    lbd = next((e.term.cfg.lbd for e in experiments if e.term is not None), None)
-    what = name + (f"; feature labels, lbd {lbd:g}" if lbd is not None else "")
+    # An add-on's training term (e.g. feature labels): a note in the report, fields in the record.
+    term = next((e.term for e in experiments if e.term is not None), None)
+    what = name + (f"; {term.note()}" if term is not None else "")
     common = dict(ipc=saved.ipc, method=saved.method, dataset=args.dataset, path=saved.path)
     row = comparison.Row(name=f"{saved.method} ipc {saved.ipc} ({name})", kind="synthetic", **common)
     protocols = set_protocols(saved, args)
@@ -355,9 +355,9 @@ def set_rows(args: argparse.Namespace, record, plan: EvaluationPlan, saved: Save
             report=lambda model_eval, accs, described, _, seconds: print(
                 f"{model_eval:<16} {tables.format_acc(accs)} %  ({len(accs)} networks, {described['steps']} "
                 f"learned steps; {name}; {seconds:.1f} s)")))
-    if lbd is not None:
+    if term is not None:
         for result in row.results.values():
-            result["protocol"]["feature_labels_lbd"] = lbd
+            result["protocol"].update(term.describe())
     return rows
 
 
@@ -415,7 +415,7 @@ def run_assess(args: argparse.Namespace, record, loaded: tuple, device) -> int:
     saved, experiments, _ = loaded
     if args.assess_real < 1:
         raise utils.UserError(f"--assess_real must be at least 1, got {args.assess_real}")
-    pool_names = cli_clom.split_list(args.models_pool) or [distilled_with(args, [saved])]
+    pool_names = split_list(args.models_pool) or [distilled_with(args, [saved])]
     cli.check_models(pool_names, "--models_pool")
     expect = {"channel": record.channel, "im_size": list(record.im_size), "num_classes": record.num_classes,
               "zca": bool(args.zca)}

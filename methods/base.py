@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple, Type
+from typing import Any, ClassVar, Dict, FrozenSet, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -18,6 +18,7 @@ import torch.nn as nn
 import augment
 import distributed
 import networks
+from methods.addons.base import AFTER_IMAGE_UPDATE, IMAGE_LOSS, TRAINING_TERM
 from precision import FP32, Precision, scaled_backward
 import chunked
 from methods.options import MethodOptions, Option, option_specs, resolve
@@ -112,10 +113,9 @@ class DistillConfig:
     normalize_like: Optional[str] = None
     # Method-specific options given (flag name -> value; ``DistillMethod.options_type``), the others default.
     extra: Mapping[str, Any] = field(default_factory=dict)
-    # The CLoM regulariser (``methods.clom.CLoMSettings.as_dict()``), or ``None``: off.
-    clom: Optional[Mapping[str, Any]] = None
-    # ``--feature_labels``: privileged feature labels F (DRUPI), a methods.addons.feature_labels.FeatureLabelConfig.
-    feature_labels: Optional[Any] = None
+    # The add-ons turned on: ``{add-on name: its frozen settings}`` (``methods.addons``; each
+    # add-on builds its settings from its flags and records them under its own key).
+    addons: Mapping[str, Any] = field(default_factory=dict)
 
     def replace(self, **changes) -> "DistillConfig":
         """A copy with some fields changed (the config itself is frozen)."""
@@ -135,9 +135,8 @@ class SyntheticSet(nn.Module):
             matching learns (MTT's alpha); evaluation trains with it.
         label_logits: ``None``, or a learnable ``nn.Parameter`` (K*ipc, K) of soft-label logits
             (DATM); evaluation trains on ``softmax(label_logits)`` with soft cross-entropy.
-        features: ``None``, or learnable privileged feature labels ``nn.Parameter``
-            (n_feat, K*ipc or K, ...) (DRUPI, ``--feature_labels``); evaluation trains on
-            CE + lbd * D(E(x), F).
+        extras: names of the learned tensors add-ons added (:meth:`learn_extra`); each is an
+            ``nn.Parameter`` attribute of that name (so it is in ``state_dict`` under its name).
         label_values: ``None``, or learnable real-valued labels ``nn.Parameter`` (K*ipc, K): the
             regression targets of kernel ridge regression (KIP ``--learn_labels``, FRePo
             ``--learn_label``), initialised at ``one_hot - 1/K``; evaluation fits them as they are
@@ -158,7 +157,7 @@ class SyntheticSet(nn.Module):
         self.syn_lr: Optional[nn.Parameter] = None
         self.label_logits: Optional[nn.Parameter] = None
         self.label_values: Optional[nn.Parameter] = None
-        self.features: Optional[nn.Parameter] = None
+        self.extras: Dict[str, nn.Parameter] = {}
         self.step_lr_raw: Optional[nn.Parameter] = None
 
     def learn_lr(self, value: float) -> nn.Parameter:
@@ -189,17 +188,23 @@ class SyntheticSet(nn.Module):
         self.label_values = nn.Parameter(values.detach().clone().float().to(self.images.device))
         return self.label_values
 
-    def learn_features(self, features: torch.Tensor) -> nn.Parameter:
-        """Add learnable feature labels (n_feat, K*ipc or K, ...) (methods/addons/feature_labels.py); returns them.
+    def learn_extra(self, name: str, value: torch.Tensor) -> nn.Parameter:
+        """Add a learnable tensor of an add-on (any shape), initialised at ``value`` (copied to the
+        images' device), as the parameter ``name`` (:attr:`extras`); returns it.
 
         Raises:
-            ValueError: dim 1 is neither K*ipc (per image) nor K (per class).
+            ValueError: ``name`` is already an attribute of the set.
         """
-        if features.dim() < 3 or features.shape[1] not in (self.images.shape[0], self.num_classes):
-            raise ValueError(f"feature labels must be (n_feat, {self.images.shape[0]} or {self.num_classes}, ...), "
-                             f"got {tuple(features.shape)}")
-        self.features = nn.Parameter(features.detach().clone().to(self.images.device))
-        return self.features
+        if name in self.extras or hasattr(self, name):
+            raise ValueError(f"the synthetic set already has {name!r}")
+        parameter = nn.Parameter(value.detach().clone().to(self.images.device))
+        self.register_parameter(name, parameter)
+        self.extras[name] = parameter
+        return parameter
+
+    def extra(self, name: str) -> Optional[nn.Parameter]:
+        """The learned tensor ``name`` an add-on added (:meth:`learn_extra`), or ``None``."""
+        return self.extras.get(name)
 
     def learn_step_schedule(self, raw: torch.Tensor) -> nn.Parameter:
         """Add the learnable per-step values (T,) of a step schedule (DD); returns them.
@@ -284,10 +289,12 @@ class DistillMethod:
     # True for selection baselines (methods/coreset.py): init_synthetic returns the final set and
     # the runner runs no iteration, whatever --Iteration says.
     selection_only: ClassVar[bool] = False
-    # Add-ons (``methods/addons``) this method hosts, by name; any other is refused. The base class
-    # calls the hooks of CLoM (every image update) and feature labels (after every image update,
-    # networks trained on the set); a method that overrides ``step`` lists what it still honours.
-    hosted_addons: ClassVar[Tuple[str, ...]] = ("CLoM", "feature_labels")
+    # The add-on hook points (``methods.addons.base.HOOKS``) this method honours; an add-on whose
+    # ``requires`` they do not meet is refused before anything is loaded. The base class calls
+    # ``image_loss`` (every :meth:`update_images`) and ``after_image_update`` (its :meth:`step`), and
+    # the runner trains evaluation networks with :meth:`training_term`; a method that overrides
+    # ``step``, or whose networks do not train with such a term, lists what it still honours.
+    addon_hooks: ClassVar[FrozenSet[str]] = frozenset({IMAGE_LOSS, AFTER_IMAGE_UPDATE, TRAINING_TERM})
     # Names of this method's own functions that compute its matching / meta loss with the graph to
     # the set, as ``step`` calls them. A cost measurement (scripts/cost_study.py) times these calls
     # together with :meth:`update_images` (the backward to the set and the optimiser step) as "the
@@ -366,29 +373,15 @@ class DistillMethod:
         """
         return resolve(cls.options_type, extra, cls.name)
 
-    @classmethod
-    def check_addons(cls, requested: Sequence[Tuple[str, str]]) -> None:
-        """Refuse add-ons this method does not host.
-
-        Args:
-            requested: ``(add-on name, flag)`` of every add-on the configuration turns on.
-
-        Raises:
-            ValueError: one line naming the flag, the method and the add-ons it hosts.
-        """
-        for name, flag in requested:
-            if name not in cls.hosted_addons:
-                supported = ", ".join(cls.hosted_addons) or "none"
-                raise ValueError(f"{flag}: --method {cls.name} does not support the {name} add-on "
-                                 f"(add-ons it supports: {supported})")
-
     def attach_addons(self, addons: Sequence) -> None:
         """Give the method its add-ons (before :meth:`init_synthetic`, which attaches them to the set).
 
         Raises:
-            ValueError: an add-on this method does not host.
+            ValueError: an add-on whose requirements :attr:`addon_hooks` do not meet (``AddOn.hostable``).
         """
-        self.check_addons([(addon.name, addon.flag) for addon in addons])
+        for addon in addons:
+            if not addon.hostable(self.addon_hooks):
+                raise ValueError(f"{addon.flag}: --method {self.name} does not support the {addon.name} add-on")
         self.addons = list(addons)
 
     # ---- add-on hooks (methods/addons/base.py) -------------------------------------------
@@ -568,7 +561,7 @@ class DistillMethod:
 
     def update_images(self, syn: SyntheticSet, loss: torch.Tensor, optimizers: Optional[list] = None) -> None:
         """The one place a method updates the synthetic set: zero the gradients, back-propagate
-        ``loss`` plus every add-on's :meth:`AddOn.image_loss` on ``syn`` (e.g. CLoM), step.
+        ``loss`` plus every add-on's :meth:`AddOn.image_loss` on ``syn``, step.
 
         Args:
             syn: the synthetic set.
@@ -629,14 +622,11 @@ class DistillMethod:
         """Restore what :meth:`state_dict` returned (call after :meth:`init_synthetic`)."""
         if state.get("optimizer_img") is not None and self.optimizer_img is not None:
             self.optimizer_img.load_state_dict(state["optimizer_img"])
-        saved = dict(state.get("addons") or {})
-        # Checkpoints written before the add-on interface kept CLoM under "regularizers" and the
-        # feature labels' optimiser under "feature_labels".
-        if state.get("regularizers"):
-            saved.setdefault("CLoM", state["regularizers"][0])
-        if state.get("feature_labels") is not None:
-            saved.setdefault("feature_labels", state["feature_labels"])
+        saved = state.get("addons") or {}
         for addon in self.addons:
-            if saved.get(addon.name) is not None:
-                addon.load_state_dict(saved[addon.name])
+            # Checkpoints written before the add-on interface kept add-on state elsewhere (AddOn.legacy_state).
+            addon_state = saved.get(addon.name)
+            addon_state = addon_state if addon_state is not None else addon.legacy_state(state)
+            if addon_state is not None:
+                addon.load_state_dict(addon_state)
 

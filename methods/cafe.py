@@ -38,6 +38,7 @@ import torch.nn as nn
 import chunked
 import evaluation
 import progress
+from methods.addons.base import IMAGE_LOSS, TRAINING_TERM
 from methods.base import DistillMethod, SyntheticSet, register_method
 from methods.options import TOOLKIT, MethodOptions, option
 from methods.features import real_class_statistics, syn_class_statistics
@@ -159,9 +160,9 @@ class CAFE(DistillMethod):
 
     # 1000 epochs with DSA or an active DC augmentation, else 600 (reference ``distill.py``).
     eval_epochs = (1000, 600)
-    # CAFE's own step runs its networks through watcher loops: it hosts CLoM (every image update)
-    # but not feature labels, which it would never learn.
-    hosted_addons = ("CLoM",)
+    # CAFE's own step runs its networks through watcher loops: it honours image-update terms but
+    # runs no work after an image update (so a learned add-on state would never be learned).
+    addon_hooks = frozenset({IMAGE_LOSS, TRAINING_TERM})
     unused_flags = ("dis_metric", "outer_loop", "inner_loop")
     loss_functions = ("matching_loss",)  # one per image update; watchers and inner epochs are not
 

@@ -148,7 +148,7 @@ class CoresetMethod(DistillMethod):
     defaults = dict(iterations=0, init="real", eval_mode="S")
     init_choices = ("real",)
     # The images are selected, never learned: no add-on has anything to act on.
-    hosted_addons = ()
+    addon_hooks = frozenset()
     unused_flags = ("Iteration", "lr_img", "dis_metric", "outer_loop", "inner_loop")
     # Evaluated as DC evaluates its sets: 1000 epochs with augmentation, else 300.
     eval_epochs = (1000, 300)

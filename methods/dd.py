@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import evaluation
 import progress
 import utils
+from methods.addons.base import AFTER_IMAGE_UPDATE, IMAGE_LOSS
 from methods.base import DistillConfig, DistillMethod, SyntheticSet, register_method
 from methods.options import TOOLKIT, MethodOptions, option
 from methods.mtt import FlatModel
@@ -108,9 +109,9 @@ class DD(DistillMethod):
     options_type = DDOptions
     options: DDOptions
     default_eval_it = 100
-    # CLoM adds its term to the meta-loss; feature labels are not offered (the learned schedule
-    # trains with plain cross-entropy).
-    hosted_addons = ("CLoM",)
+    # Image-update terms join the meta-loss; networks trained by the learned schedule use plain
+    # cross-entropy, so no training term.
+    addon_hooks = frozenset({IMAGE_LOSS, AFTER_IMAGE_UPDATE})
     unused_flags = ("dsa_strategy", "dis_metric", "outer_loop", "inner_loop")
     unused_hint = "DD trains without augmentation; evaluate.py --dsa_strategy evaluates with DiffAugment"
     eval_epochs = (1000, 300)  # the shared protocol: DC's epochs (300 without augmentation)

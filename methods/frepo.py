@@ -25,6 +25,7 @@ import torch.nn as nn
 import chunked
 import evaluation
 import utils
+from methods.addons.base import AFTER_IMAGE_UPDATE, IMAGE_LOSS
 from methods.base import DistillMethod, SyntheticSet, register_method
 from methods.options import MethodOptions, option
 from methods.kernels import kernel_ridge_regression
@@ -134,8 +135,9 @@ class FRePo(DistillMethod):
     options_type = FRePoOptions
     options: FRePoOptions
     unused_flags = ("dis_metric", "outer_loop", "inner_loop")
-    # CLoM joins the image loss; feature labels (trained by cross-entropy) do not fit regression labels.
-    hosted_addons = ("CLoM",)
+    # Image-update terms join the image loss; networks fit its regression labels with the square
+    # loss, so no (cross-entropy) training term.
+    addon_hooks = frozenset({IMAGE_LOSS, AFTER_IMAGE_UPDATE})
     default_eval_it = 1000
     eval_label_loss = "mse"
     run_counts = (1, 5)  # script/eval.py num_eval=5

@@ -22,6 +22,7 @@ import evaluation
 import progress
 import utils
 from methods import kernels
+from methods.addons.base import AFTER_IMAGE_UPDATE, IMAGE_LOSS
 from methods.base import DistillMethod, SyntheticSet, register_method
 from methods.options import MethodOptions, option
 
@@ -95,7 +96,9 @@ class KIP(DistillMethod):
     options: KIPOptions
     unused_flags = ("batch_real", "dis_metric", "outer_loop", "inner_loop")
     unused_hint = "KIP draws --target_batch_size real images per iteration"
-    hosted_addons = ("CLoM",)
+    # Image-update terms join the KRR loss; networks fit its regression labels with the square
+    # loss, so no (cross-entropy) training term.
+    addon_hooks = frozenset({IMAGE_LOSS, AFTER_IMAGE_UPDATE})
     eval_label_loss = "mse"
     run_counts = (1, 5)  # one set, as the colab distils one; 5 evaluation networks (no reference count)
 

@@ -32,6 +32,7 @@ import progress
 from pretrained import buffers
 import utils
 from methods import tesla
+from methods.addons.base import IMAGE_LOSS, TRAINING_TERM, UNROLL_LOSS
 from methods.base import DistillMethod, SyntheticSet, register_method
 from methods.mtt_options import DATMOptions, MTTOptions, PADOptions
 
@@ -262,9 +263,11 @@ class MTT(DistillMethod):
         self._chunks: List[torch.Tensor] = []  # this iteration's unused minibatches (next_batch)
         self.optimizer_lr: Optional[torch.optim.Optimizer] = None
 
-    # 1000 epochs (MTT and DATM evaluation); hosts CLoM (every accepted update) and feature labels
-    # (learned inside the unroll, DRUPI's DATM_ours).
+    # 1000 epochs (MTT and DATM evaluation).
     eval_epochs = (1000, 1000)
+    # Image-update terms join every accepted update; an add-on's step loss replaces the student's
+    # cross-entropy in the unroll (learned inside it, DRUPI's DATM_ours); no work after an update.
+    addon_hooks = frozenset({IMAGE_LOSS, UNROLL_LOSS, TRAINING_TERM})
     unused_flags = ("dis_metric", "outer_loop", "inner_loop")
 
     # ---- set-up -------------------------------------------------------------------------

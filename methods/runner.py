@@ -183,7 +183,7 @@ class DistillationRun:
 
     Raises:
         utils.UserError: ``--resume`` found an incompatible checkpoint, or an add-on's files are
-            missing (the CLoM models).
+            missing (e.g. pre-trained models an add-on loads).
     """
 
     SUMMARY_FIELDS = ["exp", "iteration", "model", "acc_mean", "acc_std", "num_eval", "loss", "eval_seconds",
@@ -196,7 +196,7 @@ class DistillationRun:
         self.on_iteration = on_iteration
         self.method_class = get_method_class(cfg.method)
         self.protocol = eval_protocol(self.method_class, cfg, opts)
-        self.shared = addons.load_shared(cfg, record, device)  # loaded once (CLoM's original models)
+        self.shared = addons.load_shared(cfg, record, device)  # loaded once (e.g. an add-on's pre-trained models)
         self.tag = f"{cfg.method}_{cfg.dataset}_{cfg.model}_{cfg.ipc}ipc"
         self.result_path = os.path.join(opts.run_dir, files.result_filename(cfg.method, cfg.dataset, cfg.model, cfg.ipc))
         self.checkpoint_path = os.path.join(opts.run_dir, "last.pt")
@@ -236,7 +236,7 @@ class DistillationRun:
         """``config.yaml``: the resolved configuration, before the first iteration (rank 0)."""
         if not distributed.is_main():
             return
-        record = {"distill": dataclasses.asdict(self.cfg),
+        record = {"distill": addons.config_record(self.cfg),
                   "run": {**dataclasses.asdict(self.opts), "eval_models": list(self.opts.eval_models)},
                   "protocol": self.protocol.as_dict(), "device": str(self.device), "torch": str(torch.__version__)}
         storage.write_text(os.path.join(self.opts.run_dir, "config.yaml"), yaml.safe_dump(record, sort_keys=False))
@@ -276,7 +276,7 @@ class DistillationRun:
         Under torchrun rank 0 writes it (every rank holds the same state) and the others wait until
         it is on disk, so that none leaves before it (torchrun ends the job when one rank exits)."""
         if distributed.is_main():
-            storage.save_checkpoint(self.checkpoint_path, exp=exp, config=dataclasses.asdict(self.cfg),
+            storage.save_checkpoint(self.checkpoint_path, exp=exp, config=addons.config_record(self.cfg),
                                   num_exp=self.opts.num_exp, seed=self.opts.seed, pending_eval=pending_eval,
                                   **self.position(iteration, method, syn, generator),
                                   data_save=self.data_save, learned_lr=self.learned_lr, schedules=self.schedules,
@@ -317,7 +317,7 @@ class DistillationRun:
             return None
         saved = storage.load_checkpoint(self.checkpoint_path)
         before = {**saved["config"], "num_exp": saved.get("num_exp"), "seed": saved.get("seed")}
-        now = {**dataclasses.asdict(self.cfg), "num_exp": self.opts.num_exp, "seed": self.opts.seed}
+        now = {**addons.config_record(self.cfg), "num_exp": self.opts.num_exp, "seed": self.opts.seed}
         saved_iterations = before.pop("iterations", None)
         now.pop("iterations")
         differing = utils.config_differences(before, now, flag_names={"iterations": "Iteration"})
@@ -372,7 +372,7 @@ class DistillationRun:
             self.vis_paths.append(path)
         if self.opts.num_eval <= 0:
             return results
-        term = method.training_term(syn)  # an add-on's training objective (feature labels), or None
+        term = method.training_term(syn)  # an add-on's training objective, or None
         rows = len(self.summary_rows)
         seed = 1_000_000 + 1000 * self.opts.seed + 100 * exp
         try:
@@ -547,7 +547,7 @@ class DistillationRun:
                 self.running = (exp, iteration)
                 tick = time.perf_counter()
                 logs = method.step(syn, iteration)
-                logs.update(method.pop_addon_logs())  # e.g. the CLoM term, the feature-label loss
+                logs.update(method.pop_addon_logs())  # e.g. an add-on's term or its own step's loss
                 loss_value = float(logs["loss"])  # the one device sync per iteration
                 elapsed = time.perf_counter() - tick
                 self.step_seconds += elapsed
@@ -696,8 +696,11 @@ class DistillationRun:
                 "mean": list(record.mean), "std": list(record.std),
                 "zca": record.zca.state_dict() if getattr(record, "zca", None) is not None else None,
                 "dsa_strategy": self.protocol.dsa_strategy, "iterations": cfg.iterations, "seed": self.opts.seed,
-                "config": dataclasses.asdict(cfg), "protocol": self.protocol.as_dict(),
+                "config": addons.config_record(cfg), "protocol": self.protocol.as_dict(),
                 "eval_protocols": list(self.method_class.eval_protocols(cfg))}
+        entries = addons.saved_entry_names(cfg)  # the add-on of each tensor after the labels (sets.saved)
+        if entries:
+            meta["addon_entries"] = entries
         return meta
 
     def schedule_description(self) -> dict:
@@ -717,7 +720,7 @@ class DistillationRun:
                   "iterations": self.iterations, "num_exp": opts.num_exp, "seed": opts.seed,
                   "world_size": distributed.world_size(),
                   "command": opts.command, "data_source": getattr(self.record, "source", ""),
-                  "config": dataclasses.asdict(cfg),
+                  "config": addons.config_record(cfg),
                   "run": {**dataclasses.asdict(opts), "eval_models": list(opts.eval_models)},
                   "seconds_per_iteration": self.seconds_per_iteration,
                   "cost": run_cost(cfg, self.record, self.device, self.distill_seconds, self.seconds_per_iteration,
@@ -731,9 +734,7 @@ class DistillationRun:
                   "eval_path": dict(self.eval_paths),
                   "best": self.best_records(),
                   "best_file": self.best_path if os.path.isfile(self.best_path) else None,
-                  "result_file": self.result_path, "clom": dict(cfg.clom) if cfg.clom else None,
-                  "feature_labels": (dataclasses.asdict(cfg.feature_labels.loss_config())
-                                     if cfg.feature_labels is not None else None)}
+                  "result_file": self.result_path, **addons.results_records(cfg)}
         storage.write_json(os.path.join(opts.run_dir, "results.json"), record)
 
 
@@ -768,7 +769,7 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
     Raises:
         RunInterrupted: a stop was requested (a checkpoint was written).
         utils.UserError: ``--resume`` found an incompatible checkpoint, or an add-on's files are
-            missing or do not fit (CLoM's original models).
+            missing or do not fit (e.g. pre-trained models an add-on loads).
         FloatingPointError: the loss became NaN or infinite (the last checkpoint is kept).
     """
     return DistillationRun(cfg, opts, record, device, stop, on_iteration).run()

@@ -33,12 +33,7 @@ import torch
 import augment
 import progress
 import utils
-from methods.addons.base import AddOn
-
-
-def _contributes_to_unroll(addon) -> bool:
-    """Whether an add-on replaces the student's step loss (``AddOn.unroll_loss`` overridden)."""
-    return type(addon).unroll_loss is not AddOn.unroll_loss
+from methods.addons.base import UNROLL_LOSS
 
 
 class _Sweep(torch.autograd.Function):
@@ -133,7 +128,7 @@ def unroll(method, syn, start: torch.Tensor) -> torch.Tensor:
             which this sweep does not differentiate.
     """
     for addon in method.addons:
-        if _contributes_to_unroll(addon):
+        if UNROLL_LOSS in addon.hooks:  # it declares that it changes the student's step loss
             raise utils.UserError(f"--tesla does not support the {addon.name} add-on (it changes the student's "
                                   f"step loss); run without --tesla")
     return _Sweep.apply(method, syn, start, syn.images, syn.syn_lr, method.unroll_targets(syn))

@@ -9,8 +9,8 @@ import torch
 import methods
 import utils
 from cli import distill_flags
-from cli import clom as cli_clom
 from methods import addons
+from methods.addons import clom
 from methods.addons.feature_labels import FeatureLabelConfig
 from methods.runner import RunOptions, run_distillation
 from sets import files
@@ -60,20 +60,33 @@ def test_every_method_runs_two_iterations(name, buffer_root, tmp_path):
 
 
 def clom_settings(pretrained):
-    return cli_clom.settings_from_flags(["10"], None, model=MTT_MODEL, model_num=2, pretrained_path=pretrained).as_dict()
+    return clom.settings_from_flags(["10"], None, model=MTT_MODEL, model_num=2, pretrained_path=pretrained)
+
+
+# Which methods host which add-on, from the hook points each declares (DistillMethod.addon_hooks
+# against AddOn.requires): CLoM needs image-update terms; feature labels need networks trained with
+# their term and F learned after image updates or inside an unroll.
+HOSTS = {"CLoM": {"CAFE", "DATM", "DC", "DD", "DM", "DSA", "DataDAM", "FRePo", "KIP", "MTT", "PAD"},
+         "feature_labels": {"DATM", "DC", "DM", "DSA", "DataDAM", "MTT", "PAD"}}
+
+
+def test_hosting_follows_the_declared_hook_points():
+    for addon, hosts in HOSTS.items():
+        assert {name for name in methods.list_methods()
+                if addon in addons.supported_by(methods.get_method_class(name))} == hosts
 
 
 @pytest.mark.parametrize("addon", ["CLoM", "feature_labels"])
 @pytest.mark.parametrize("name", methods.list_methods())
 def test_every_method_and_addon_runs_or_is_refused(name, addon, buffer_root, pretrained):
     cls = methods.get_method_class(name)
-    on = ({"clom": clom_settings(pretrained)} if addon == "CLoM"
+    on = ({"CLoM": clom_settings(pretrained)} if addon == "CLoM"
           else {"feature_labels": FeatureLabelConfig(lbd=0.1, feat_init="random", feat_lbd=0.02)})
-    cfg = config(name, buffer_root, **on)
-    assert addons.requested(cfg) == [(addon, addons.ADDONS[addon].flag)]
-    if addon not in cls.hosted_addons:
+    cfg = config(name, buffer_root, addons=on)
+    assert addons.enabled(cfg) == [addons.ADDONS[addon]]
+    if name not in HOSTS[addon]:
         with pytest.raises(ValueError, match=f"{addons.ADDONS[addon].flag}: --method {name} does not support"):
-            cls.check_addons(addons.requested(cfg))
+            addons.check_hosted(cls, cfg)
         return
     record = tiny_record(per_class=16)
     sampler = RealSampler(record.images_train, record.labels_train, record.num_classes, CPU)
@@ -82,7 +95,7 @@ def test_every_method_and_addon_runs_or_is_refused(name, addon, buffer_root, pre
                         generator=utils.make_generator(0)), record)
     assert [a.name for a in m.addons] == [addon]
     syn = m.init_synthetic()
-    features = syn.features.detach().clone() if syn.features is not None else None
+    features = syn.extra("features").detach().clone() if syn.extra("features") is not None else None
     logs = {}
     for iteration in (1, 2):
         logs.update(m.step(syn, iteration))

@@ -1,4 +1,4 @@
-"""The CLoM add-on (methods/addons/clom.py; flags in cli/clom.py) on tiny generated data and tiny trained original models, CPU."""
+"""The CLoM add-on (methods/addons/clom.py, with its flags) on tiny generated data and tiny trained original models, CPU."""
 import math
 import os
 
@@ -12,7 +12,6 @@ import methods
 import utils
 from sets import files
 from data import RealSampler
-from cli import clom as cli_clom
 from methods.addons import clom
 from methods.runner import RunOptions, run_distillation
 from tiny_data import tiny_record as _tiny_record
@@ -32,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def settings(pretrained, alphas=("10",), models_pool=None, **kw):
     values = dict(model=MODEL, model_num=2, pretrained_path=pretrained)
     values.update(kw)
-    return cli_clom.settings_from_flags(list(alphas), models_pool, **values)
+    return clom.settings_from_flags(list(alphas), models_pool, **values)
 
 
 def build(method, record, clom_settings=None, **overrides):
@@ -41,7 +40,7 @@ def build(method, record, clom_settings=None, **overrides):
               "model": MODEL, **overrides}
     fields.pop("eval_mode", None)
     cfg = methods.DistillConfig(method=method, dataset=record.name,
-                                clom=clom_settings.as_dict() if clom_settings else None, **fields)
+                                addons={"CLoM": clom_settings} if clom_settings else {}, **fields)
     sampler = RealSampler(record.images_train, record.labels_train, record.num_classes, CPU)
     return cls(cfg, channel=record.channel, num_classes=record.num_classes, im_size=record.im_size, sampler=sampler,
                device=CPU, generator=utils.make_generator(0))
@@ -50,23 +49,23 @@ def build(method, record, clom_settings=None, **overrides):
 def with_clom(method, record, pretrained, overrides=None, **kw):
     s = settings(pretrained, **kw)
     m = build(method, record, s, **(overrides or {}))
-    pool = clom.CLoM.load_shared(m.cfg.clom, m.cfg, record, CPU)
-    addon = clom.CLoM(m.cfg.clom, m, pool)
+    pool = clom.CLoM.load_shared(m.cfg.addons["CLoM"], m.cfg, record, CPU)
+    addon = clom.CLoM(m.cfg.addons["CLoM"], m, pool)
     m.attach_addons([addon])
     return m, addon, pool
 
 
 # ----- flags ------------------------------------------------------------------------------------
 def test_alphas_one_for_all_or_one_per_architecture():
-    assert cli_clom.parse_alphas(["1000"], ["ConvNet", "LeNet", "AlexNet"]) == (1000.0, 1000.0, 1000.0)
-    assert cli_clom.parse_alphas(["1000", "2000"], ["ConvNet", "LeNet"]) == (1000.0, 2000.0)
-    assert cli_clom.parse_alphas(["1000,2000"], ["ConvNet", "LeNet"]) == (1000.0, 2000.0)
+    assert clom.parse_alphas(["1000"], ["ConvNet", "LeNet", "AlexNet"]) == (1000.0, 1000.0, 1000.0)
+    assert clom.parse_alphas(["1000", "2000"], ["ConvNet", "LeNet"]) == (1000.0, 2000.0)
+    assert clom.parse_alphas(["1000,2000"], ["ConvNet", "LeNet"]) == (1000.0, 2000.0)
     with pytest.raises(utils.UserError, match="--alphas has 2 values but --models_pool has 3"):
-        cli_clom.parse_alphas(["1", "2"], ["ConvNet", "LeNet", "AlexNet"])
+        clom.parse_alphas(["1", "2"], ["ConvNet", "LeNet", "AlexNet"])
     with pytest.raises(utils.UserError, match="--alphas"):
-        cli_clom.parse_alphas(["ten"], ["ConvNet"])
+        clom.parse_alphas(["ten"], ["ConvNet"])
     with pytest.raises(utils.UserError, match=">= 0"):
-        cli_clom.parse_alphas(["-1"], ["ConvNet"])
+        clom.parse_alphas(["-1"], ["ConvNet"])
 
 
 def test_distill_flags_reach_the_config():
@@ -74,21 +73,21 @@ def test_distill_flags_reach_the_config():
                                "--models_pool", "ConvNet,LeNet", "--model_num", "3", "--epoch", "20",
                                "--source_dataset", "FashionMNIST", "--pretrained_path", "pm"])
     cfg, _ = distill_flags.resolve(args)
-    assert cfg.clom == {"alphas": [1000.0, 2000.0], "models_pool": ["ConvNet", "LeNet"], "model_num": 3,
-                        "distance": "ce", "source_dataset": "FashionMNIST", "epoch": 20, "batch_size": None,
-                        "pretrained_path": "pm"}
+    assert clom.CLoM.config_record(cfg.addons["CLoM"]) == {
+        "alphas": [1000.0, 2000.0], "models_pool": ["ConvNet", "LeNet"], "model_num": 3, "distance": "ce",
+        "source_dataset": "FashionMNIST", "epoch": 20, "batch_size": None, "pretrained_path": "pm"}
     plain, _ = distill_flags.resolve(distill_flags.parse_args(["--method", "DM", "--dataset", "MNIST"]))
-    assert plain.clom is None
+    assert "CLoM" not in plain.addons
     # the reference spelling: space-separated pool, and a single weight for every architecture
     spaced = distill_flags.parse_args(["--dataset", "MNIST", "--alphas", "5", "--models_pool", "ConvNet", "LeNet"])
-    assert cli_clom.clom_settings(spaced)["alphas"] == [5.0, 5.0]
+    assert clom.CLoM.from_flags(vars(spaced)).alphas == (5.0, 5.0)
     for argv, message in ((["--CLoM"], "--CLoM needs --alphas"),
                           (["--alphas", "1", "2"], "--alphas has 2 values"),
                           (["--alphas", "1", "--models_pool", "NoNet"], "--models_pool: unknown model"),
                           (["--alphas", "1", "--CLoM_distance", "cos"], "--CLoM_batch_size"),
                           (["--alphas", "1", "--model_num", "0"], "--model_num")):
         with pytest.raises(utils.UserError, match=message):
-            cli_clom.clom_settings(distill_flags.parse_args(["--dataset", "MNIST", *argv]))
+            clom.CLoM.from_flags(vars(distill_flags.parse_args(["--dataset", "MNIST", *argv])))
 
 
 # ----- loading ----------------------------------------------------------------------------------
@@ -109,7 +108,7 @@ def test_missing_models_name_directory_and_command(tmp_path):
     record = tiny_record()
     m = build("DC", record, settings(str(tmp_path / "nowhere"), model_num=1))
     with pytest.raises(utils.UserError) as error:
-        clom.CLoM.load_shared(m.cfg.clom, m.cfg, record, CPU)
+        clom.CLoM.load_shared(m.cfg.addons["CLoM"], m.cfg, record, CPU)
     message = str(error.value)
     assert os.path.join(str(tmp_path / "nowhere"), "Tiny3", "original", MODEL) in message
     assert "python train_original.py --dataset Tiny3 --model ConvNetW32" in message
@@ -119,23 +118,23 @@ def test_too_many_models_asked(pretrained):
     record = tiny_record()
     m = build("DC", record, settings(pretrained, model_num=3))
     with pytest.raises(utils.UserError, match="index_2"):
-        clom.CLoM.load_shared(m.cfg.clom, m.cfg, record, CPU)
+        clom.CLoM.load_shared(m.cfg.addons["CLoM"], m.cfg, record, CPU)
 
 
 def test_epoch_maps_to_the_trained_epochs(pretrained):
     record = tiny_record()
     ok = build("DC", record, settings(pretrained, epoch=2))
-    assert len(clom.CLoM.load_shared(ok.cfg.clom, ok.cfg, record, CPU)[MODEL]) == 2
+    assert len(clom.CLoM.load_shared(ok.cfg.addons["CLoM"], ok.cfg, record, CPU)[MODEL]) == 2
     wrong = build("DC", record, settings(pretrained, epoch=150))
     with pytest.raises(utils.UserError, match="--epoch 150: .* holds 2 trained epochs"):
-        clom.CLoM.load_shared(wrong.cfg.clom, wrong.cfg, record, CPU)
+        clom.CLoM.load_shared(wrong.cfg.addons["CLoM"], wrong.cfg, record, CPU)
 
 
 def test_ce_needs_the_same_classes_and_shape(pretrained):
     other = tiny_record(num_classes=2, name="Tiny3")
     m = build("DC", other, settings(pretrained))
     with pytest.raises(utils.UserError, match="num_classes"):
-        clom.CLoM.load_shared(m.cfg.clom, m.cfg, other, CPU)
+        clom.CLoM.load_shared(m.cfg.addons["CLoM"], m.cfg, other, CPU)
 
 
 # ----- the term ---------------------------------------------------------------------------------
@@ -233,7 +232,7 @@ def test_run_logs_records_and_resumes_with_clom(pretrained, tmp_path):
     record = tiny_record()
     s = settings(pretrained, alphas=("50",))
     cfg = methods.DistillConfig(method="DM", dataset="Tiny3", model=MODEL, ipc=1, iterations=4, lr_img=1.0,
-                                batch_real=8, batch_train=8, init="real", dsa_strategy="", clom=s.as_dict())
+                                batch_real=8, batch_train=8, init="real", dsa_strategy="", addons={"CLoM": s})
 
     def opts(name, **kw):
         return RunOptions(num_exp=1, num_eval=0, eval_it=0, eval_models=(MODEL,), run_dir=str(tmp_path / name),

@@ -35,7 +35,7 @@ def build(name, record, **feature_flags):
     cfg = methods.DistillConfig(method=name, dataset=record.name, model=MODEL, ipc=2, iterations=2, batch_real=8,
                                 batch_train=4, init="real", outer_loop=2, inner_loop=1,
                                 dsa_strategy=cls.defaults.get("dsa_strategy", ""),
-                                feature_labels=FeatureLabelConfig(**{"feat_init": "random", **feature_flags}))
+                                addons={"feature_labels": FeatureLabelConfig(**{"feat_init": "random", **feature_flags})})
     sampler = RealSampler(record.images_train, record.labels_train, record.num_classes, CPU)
     torch.manual_seed(0)
     return with_addons(cls(cfg, channel=record.channel, num_classes=record.num_classes, im_size=record.im_size,
@@ -197,7 +197,7 @@ def test_run_saves_features_third_and_evaluate_reads_sets_with_and_without(one_t
     record = tiny_record(per_class=8)
     feature_cfg = FeatureLabelConfig(lbd=0.2, feat_init="random", pooling="avg")
     cfg = methods.DistillConfig(method="DM", dataset=record.name, model=MODEL, ipc=1, iterations=1, batch_real=4,
-                                init="real", dsa_strategy="", feature_labels=feature_cfg)
+                                init="real", dsa_strategy="", addons={"feature_labels": feature_cfg})
     opts = RunOptions(num_exp=1, num_eval=1, eval_models=(MODEL,), epoch_eval_train=1, run_dir=str(tmp_path / "run"),
                       save_vis=False, tta_mode="hflip", deterministic=True)
     outcome = run_distillation(cfg, opts, record, CPU)
@@ -236,13 +236,13 @@ def test_distill_flags_build_the_feature_config():
                                "--feat-lbd", "0.05", "--layer-idx", "2", "--pooling", "avg", "--feat_metric", "cos",
                                "--tta", "--deterministic"])
     cfg, opts = distill_flags.resolve(args)
-    assert cfg.feature_labels == FeatureLabelConfig(lbd=0.1, feat_lbd=0.05, layer_idx=2, pooling="avg",
+    assert cfg.addons["feature_labels"] == FeatureLabelConfig(lbd=0.1, feat_lbd=0.05, layer_idx=2, pooling="avg",
                                                     feat_metric="cos")
     assert opts.tta_mode == "hflip" and opts.deterministic
     cfg, opts = distill_flags.resolve(distill_flags.parse_args(["--method", "DATM", "--dataset", "MNIST", "--feature_labels"]))
-    assert cfg.feature_labels.feat_lbd == 0.02  # DATM_ours' default
+    assert cfg.addons["feature_labels"].feat_lbd == 0.02  # DATM_ours' default
     cfg, opts = distill_flags.resolve(distill_flags.parse_args(["--method", "DC", "--dataset", "MNIST"]))
-    assert cfg.feature_labels is None and opts.tta_mode == "" and not opts.deterministic
+    assert "feature_labels" not in cfg.addons and opts.tta_mode == "" and not opts.deterministic
     with pytest.raises(utils.UserError, match="--feat_metric"):
         distill_flags.resolve(distill_flags.parse_args(["--dataset", "MNIST", "--feature_labels", "--feat_metric", "l1"]))
 
@@ -250,7 +250,8 @@ def test_distill_flags_build_the_feature_config():
 @pytest.mark.parametrize("name", ["MTT", "DATM"])
 def test_trajectory_matching_learns_features_in_the_unroll(one_thread, buffer_root, name):
     extra = {"threshold": 100.0} if name == "DATM" else {}
-    m, _ = build_mtt(name, buffer_root, feature_labels=FeatureLabelConfig(lbd=0.1, feat_lbd=0.02, feat_init="random"),
+    m, _ = build_mtt(name, buffer_root,
+                     addons={"feature_labels": FeatureLabelConfig(lbd=0.1, feat_lbd=0.02, feat_init="random")},
                      **extra)
     syn = m.init_synthetic()
     features, images = syn.features.detach().clone(), syn.images.detach().clone()

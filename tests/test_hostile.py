@@ -223,14 +223,13 @@ def test_original_model_checkpoint(pretrained_copy):
 
 def test_clom_pool_through_the_add_on(pretrained_copy):
     import methods
-    from cli import clom as cli_clom
     from methods.addons import clom
 
     root, path = pretrained_copy
-    settings = cli_clom.settings_from_flags(["10"], None, model="ConvNetW32", model_num=2, pretrained_path=root)
-    cfg = methods.DistillConfig(method="DM", dataset="Tiny3", model="ConvNetW32", ipc=1, clom=settings.as_dict())
+    settings = clom.settings_from_flags(["10"], None, model="ConvNetW32", model_num=2, pretrained_path=root)
+    cfg = methods.DistillConfig(method="DM", dataset="Tiny3", model="ConvNetW32", ipc=1, addons={"CLoM": settings})
     with pytest.raises(utils.UserError) as error:
-        clom.CLoM.load_shared(cfg.clom, cfg, tiny_record(), CPU)
+        clom.CLoM.load_shared(cfg.addons["CLoM"], cfg, tiny_record(), CPU)
     one_line_refusal(error, path, "original-model checkpoint ")
 
 

@@ -47,7 +47,7 @@ def test_our_result_file_round_trips_with_its_record(tmp_path):
     # the add-on turns its raw entry into a training term in one call, with its saved settings
     term = evaluate_flags.training_term(saved, 0)
     assert term.cfg.lbd == 0.5 and term.cfg.layer_idx == 1
-    assert evaluate_flags.training_term(saved, 0, lbd=0.0) is None
+    assert evaluate_flags.training_term(saved, 0, {"lbd": 0.0}) is None
     assert feature_labels.load_term(features, {}, 6, 3).cfg.lbd == 0.01  # DRUPI's own files: its defaults
 
 

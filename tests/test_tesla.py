@@ -92,7 +92,7 @@ def test_tesla_step_updates_images_lr_and_labels(one_thread, buffer_root):
 
 def test_tesla_refuses_feature_labels(one_thread, buffer_root):
     m, _ = build_mtt("MTT", buffer_root, tesla=True,
-                     feature_labels=FeatureLabelConfig(lbd=0.1, feat_lbd=0.02, feat_init="random"))
+                     addons={"feature_labels": FeatureLabelConfig(lbd=0.1, feat_lbd=0.02, feat_init="random")})
     syn = m.init_synthetic()
     with pytest.raises(utils.UserError, match="--tesla does not support the feature_labels"):
         m.step(syn, 1)

@@ -28,23 +28,27 @@ whose checkpoint holds exactly ``E`` trained epochs (finished or not) and is an 
 leaving it out (the default) takes the finished models whatever their epoch count. The reference
 default 150 equals ``train_original.py``'s default ``--epochs``.
 
-A method knows no command line: ``cli/clom.py`` declares the flags and turns their values into a
-:class:`CLoMSettings`, which travels in
-``DistillConfig.clom`` (a plain dict, so it is written into ``config.yaml`` and the result file).
+The add-on declares its flags (:meth:`CLoM.add_args`, the reference's names) and turns their parsed
+values into a frozen :class:`CLoMSettings` (:meth:`CLoM.from_flags`), which travels in
+``DistillConfig.addons['CLoM']`` and is recorded under ``clom`` (:meth:`CLoMSettings.as_dict`) in
+``config.yaml``, the result file and ``results.json``.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import networks
 import utils
-from methods.addons.base import AddOn
+from methods.addons import register_addon
+from methods.addons.base import IMAGE_LOSS, AddOn
 from pretrained import originals
 
 logger = logging.getLogger(__name__)
@@ -84,7 +88,7 @@ class CLoMSettings:
     pretrained_path: str = originals.DEFAULT_SAVE_PATH
 
     def as_dict(self) -> dict:
-        """JSON/YAML-ready record (lists instead of tuples), the form ``DistillConfig.clom`` holds."""
+        """JSON/YAML-ready record (lists instead of tuples), recorded under ``clom``."""
         record = dataclasses.asdict(self)
         record["alphas"] = list(self.alphas)
         record["models_pool"] = list(self.models_pool)
@@ -109,6 +113,130 @@ class CLoMSettings:
     def weights(self) -> Dict[str, float]:
         """``{architecture: alpha}``."""
         return dict(zip(self.models_pool, self.alphas))
+
+
+# --------------------------------------------------------------------------------------------
+# Flags (DDInterpreter methods/DC_DSA_DM/main.py names)
+# --------------------------------------------------------------------------------------------
+def split_list(values: Union[None, str, float, Sequence[Any]]) -> List[str]:
+    """Flag values given space-separated (the reference: ``--alphas 1000 2000``), comma-separated
+    (``--alphas 1000,2000``) or both, as one flat list of non-empty strings; a single scalar
+    (a YAML preset's ``alphas: 1000``) counts as one value."""
+    if isinstance(values, (str, int, float)):
+        values = [values]
+    out: List[str] = []
+    for value in values or []:
+        out.extend(part.strip() for part in str(value).split(",") if part.strip())
+    return out
+
+
+def parse_alphas(values: Optional[Sequence[str]], models_pool: Sequence[str]) -> Tuple[float, ...]:
+    """``--alphas`` for ``--models_pool``: one value for all architectures or one per architecture.
+
+    Args:
+        values: the ``--alphas`` strings (space- and/or comma-separated).
+        models_pool: the architectures.
+
+    Returns:
+        One float per architecture, in pool order.
+
+    Raises:
+        utils.UserError: a value is not a number, is negative or not finite, or the count is
+            neither 1 nor ``len(models_pool)``.
+    """
+    parts = split_list(values)
+    try:
+        alphas = [float(part) for part in parts]
+    except ValueError:
+        raise utils.UserError(f"--alphas {' '.join(parts)}: expected numbers such as 1000 or 1000,2000") from None
+    if any(not (a >= 0 and a != float("inf")) for a in alphas):
+        raise utils.UserError(f"--alphas {' '.join(parts)}: weights must be finite and >= 0")
+    if len(alphas) == 1:
+        return tuple(alphas * len(models_pool))
+    if len(alphas) != len(models_pool):
+        raise utils.UserError(f"--alphas has {len(alphas)} values but --models_pool has {len(models_pool)} "
+                              f"architectures ({', '.join(models_pool)}); give one weight or one per architecture")
+    return tuple(alphas)
+
+
+def settings_from_flags(alphas: Optional[Sequence[str]], models_pool: Optional[Sequence[str]], *,
+                        model: str, model_num: int = 1, distance: str = "ce",
+                        source_dataset: Optional[str] = None, epoch: Optional[int] = None,
+                        batch_size: Optional[int] = None,
+                        pretrained_path: str = originals.DEFAULT_SAVE_PATH) -> Optional[CLoMSettings]:
+    """The CLoM settings the flags ask for, or ``None`` when ``--alphas`` is not given (CLoM off).
+
+    Args:
+        alphas: ``--alphas`` strings.
+        models_pool: ``--models_pool`` strings; default: ``[model]`` (the distillation network).
+        model: ``--model``.
+        model_num, distance, source_dataset, epoch, batch_size, pretrained_path: the flags of
+            the same names (``--CLoM_distance``, ``--CLoM_batch_size``).
+
+    Raises:
+        utils.UserError: see :func:`parse_alphas`; an unknown architecture; ``--model_num``,
+            ``--epoch`` or ``--CLoM_batch_size`` below 1; an unknown ``--CLoM_distance``; ``cos``
+            without ``--CLoM_batch_size``.
+    """
+    if not split_list(alphas):
+        return None
+    pool = split_list(models_pool) or [model]
+    known = networks.list_networks()
+    for name in pool:
+        if name not in known:
+            raise utils.UserError(f"--models_pool: unknown model {name!r}; choose from: {', '.join(known)}")
+    if len(set(pool)) != len(pool):
+        raise utils.UserError(f"--models_pool {','.join(pool)}: an architecture is listed twice")
+    if model_num < 1:
+        raise utils.UserError(f"--model_num must be at least 1, got {model_num}")
+    if distance not in DISTANCES:
+        raise utils.UserError(f"--CLoM_distance {distance!r}: expected ce or cos")
+    if epoch is not None and epoch < 1:
+        raise utils.UserError(f"--epoch must be at least 1, got {epoch}")
+    if batch_size is not None and batch_size < 1:
+        raise utils.UserError(f"--CLoM_batch_size must be at least 1, got {batch_size}")
+    if distance == "cos" and batch_size is None:
+        raise utils.UserError("--CLoM_distance cos needs --CLoM_batch_size N (real images per step; "
+                              "the reference README uses 8196)")
+    return CLoMSettings(alphas=parse_alphas(alphas, pool), models_pool=tuple(pool), model_num=int(model_num),
+                        distance=distance, source_dataset=source_dataset, epoch=epoch, batch_size=batch_size,
+                        pretrained_path=str(pretrained_path))
+
+
+def add_original_model_args(group, clom: bool = True) -> None:
+    """Flags choosing original models (``train_original.py`` outputs; the reference's names,
+    DDInterpreter ``main.py``) on an ``argparse`` parser or group.
+
+    With ``clom`` (``distill.py``): the CLoM regulariser flags ``--alphas --models_pool --model_num
+    --CLoM_distance --source_dataset --epoch --CLoM_batch_size --pretrained_path`` (and the
+    reference's ``--CLoM`` switch, which ``--alphas`` implies). Without (``evaluate.py --assess``):
+    ``--models_pool --model_num --epoch --pretrained_path``. ``--alphas`` and ``--models_pool``
+    take values space- or comma-separated (``--alphas 1000 2000`` or ``--alphas 1000,2000``).
+    The root of the models is ``--pretrained_path`` (``train_original.py --save_path``), because
+    ``distill.py --save_path`` names the root of run directories.
+    """
+    if clom:
+        group.add_argument("--CLoM", action="store_true",
+                           help="reference switch; CLoM is on exactly when --alphas is given")
+        group.add_argument("--alphas", nargs="+", default=None,
+                           help="CLoM weight: one for every architecture or one per --models_pool entry (off if absent)")
+    group.add_argument("--models_pool", nargs="+", default=None,
+                       help="architectures of the original models, e.g. ConvNet or ConvNet,LeNet (default: --model)")
+    group.add_argument("--model_num", type=int, default=1 if clom else None,
+                       help="original models per architecture, indices 0..N-1 "
+                            f"(default {'1' if clom else 'every index_* folder found'})")
+    group.add_argument("--epoch", type=int, default=None,
+                       help="use models whose checkpoint holds exactly this many trained epochs "
+                            "(default: the finished models)")
+    group.add_argument("--pretrained_path", default="pretrained_model",
+                       help="root of the original models (train_original.py --save_path)")
+    if clom:
+        group.add_argument("--CLoM_distance", default="ce", choices=["ce", "cos"],
+                           help="ce: alpha*CE(model(image_syn), label_syn); cos: the contrastive variant")
+        group.add_argument("--source_dataset", default=None,
+                           help="dataset the original models were trained on (default: --dataset)")
+        group.add_argument("--CLoM_batch_size", type=int, default=None,
+                           help="real images per step for --CLoM_distance cos (required there)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,6 +306,7 @@ def clom_cos(feat_syn: torch.Tensor, label_syn: torch.Tensor, feat_real: torch.T
 # --------------------------------------------------------------------------------------------
 # The add-on
 # --------------------------------------------------------------------------------------------
+@register_addon
 class CLoM(AddOn):
     """The CLoM add-on: ``image_loss(syn) = alpha * L_CLoM(syn)`` at every image update (module docstring).
 
@@ -189,7 +318,7 @@ class CLoM(AddOn):
     uninterrupted one. The values of the calls are kept for the run's log (:meth:`pop_logs`).
 
     Args:
-        settings: ``DistillConfig.clom`` (:meth:`CLoMSettings.as_dict`) or a :class:`CLoMSettings`.
+        settings: ``DistillConfig.addons['CLoM']``, a :class:`CLoMSettings` (or its :meth:`CLoMSettings.as_dict`).
         method: the ``DistillMethod`` whose update uses the term (its ``generator``,
             ``sampler``, ``num_classes`` and ``device``).
         shared: ``{architecture: [frozen models]}`` from :meth:`load_shared` (shared by the
@@ -200,12 +329,15 @@ class CLoM(AddOn):
     """
 
     name = "CLoM"
-    config_field = "clom"
+    title = "CLoM"
     flag = "--alphas"
+    record_key = "clom"
+    hooks = frozenset({IMAGE_LOSS})
+    requires = (frozenset({IMAGE_LOSS}),)
     log_name = "clom"
 
     def __init__(self, settings, method, shared: Mapping[str, Sequence[nn.Module]]):
-        settings = settings if isinstance(settings, CLoMSettings) else CLoMSettings.from_dict(settings)
+        settings = _settings(settings)
         super().__init__(settings, method, shared)
         for arch in settings.models_pool:
             if not shared.get(arch):
@@ -214,6 +346,39 @@ class CLoM(AddOn):
         self.generator = utils.make_generator(method.generator.initial_seed() + SEED_OFFSET)
         self._values: List[torch.Tensor] = []
 
+    # ---- settings ----------------------------------------------------------------------
+    @classmethod
+    def add_args(cls, parser: argparse.ArgumentParser) -> None:
+        """The CLoM flags of ``distill.py`` (:func:`add_original_model_args` with ``clom``)."""
+        add_original_model_args(parser.add_argument_group("CLoM regulariser (original models' classification loss)"))
+
+    @classmethod
+    def from_flags(cls, values: Mapping[str, Any]) -> Optional[CLoMSettings]:
+        """The :class:`CLoMSettings` of the parsed flags (:func:`settings_from_flags`; ``--models_pool``
+        defaults to ``--model``), or ``None`` when ``--alphas`` is absent.
+
+        Raises:
+            utils.UserError: an invalid CLoM flag, or ``--CLoM`` without ``--alphas``.
+        """
+        settings = settings_from_flags(values["alphas"], values["models_pool"], model=values["model"],
+                                       model_num=values["model_num"], distance=values["CLoM_distance"],
+                                       source_dataset=values["source_dataset"], epoch=values["epoch"],
+                                       batch_size=values["CLoM_batch_size"], pretrained_path=values["pretrained_path"])
+        if settings is None and values["CLoM"]:
+            raise utils.UserError("--CLoM needs --alphas (the weight of the term)")
+        return settings
+
+    @classmethod
+    def config_record(cls, settings) -> dict:
+        """:meth:`CLoMSettings.as_dict` (``settings`` a :class:`CLoMSettings` or that dict)."""
+        return _settings(settings).as_dict()
+
+    @classmethod
+    def legacy_state(cls, state: Mapping[str, Any]) -> Optional[dict]:
+        """Checkpoints written before the add-on interface kept CLoM's state as
+        ``state['regularizers'][0]``."""
+        return state["regularizers"][0] if state.get("regularizers") else None
+
     @classmethod
     def load_shared(cls, settings, cfg, record, device) -> Dict[str, List[nn.Module]]:
         """The run's original models, loaded once (:func:`load_for_method`).
@@ -221,7 +386,7 @@ class CLoM(AddOn):
         Raises:
             utils.UserError: see ``originals.load_pool``.
         """
-        settings = settings if isinstance(settings, CLoMSettings) else CLoMSettings.from_dict(settings)
+        settings = _settings(settings)
         pool = load_for_method(settings, dataset=cfg.dataset, channel=record.channel, num_classes=record.num_classes,
                                im_size=record.im_size, zca=cfg.zca, subset=cfg.subset, device=device)
         logger.info("CLoM %s: %s", settings.distance, ", ".join(
@@ -274,3 +439,8 @@ class CLoM(AddOn):
         value = torch.stack(self._values).mean()
         self._values = []
         return {self.log_name: value}
+
+
+def _settings(settings: Union[CLoMSettings, Mapping[str, Any]]) -> CLoMSettings:
+    """``settings`` as a :class:`CLoMSettings` (it may be its :meth:`CLoMSettings.as_dict` record)."""
+    return settings if isinstance(settings, CLoMSettings) else CLoMSettings.from_dict(settings)

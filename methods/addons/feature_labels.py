@@ -21,12 +21,21 @@ step) and train that network on CE + lbd * D(E(x), F) (``training_term``); metho
 network of their own (DM and the other feature-statistics methods, through
 ``DistillMethod.step``) call it with a fresh random network each iteration. The
 trajectory-matching methods learn F inside their unroll instead (``unroll_loss``; DRUPI
-``DATM_FD/distill/DATM_ours.py``). CAFE and the coreset baselines do not host it.
+``DATM_FD/distill/DATM_ours.py``). It needs a method that trains networks on the set with its
+term and learns F after image updates or in an unroll (:attr:`FeatureLabels.requires`): CAFE, DD,
+KIP, FRePo and the coreset baselines do not host it.
+
+The add-on declares its flags (:meth:`FeatureLabels.add_args`; DRUPI ``DC/main.py`` names and
+defaults, the reference's dashed spellings as aliases) and ``evaluate.py``'s ``--lbd``; its
+settings (:class:`FeatureLabelConfig`) are recorded under ``feature_labels``; F is the third
+entry of each saved ``data`` item, as DRUPI saves it (:meth:`FeatureLabels.saved_term` reads it back).
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -35,7 +44,8 @@ import torch.nn.functional as F
 import networks
 import chunked
 import evaluation
-from methods.addons.base import AddOn
+from methods.addons import register_addon
+from methods.addons.base import AFTER_IMAGE_UPDATE, TRAINING_TERM, UNROLL_LOSS, AddOn
 from methods.addons.feature_loss import (FeatureLossConfig, FeatureTargets, classify_features, feature_distance,
                                          forward_with_features, pool_features)
 from methods.addons.feature_loss import select_feature_set as select_feature_set_train
@@ -43,6 +53,8 @@ from methods.losses import gradient_match_distance
 
 FEATURE_INITS = ("pretrained", "random", "noise")
 FEATURE_PER = ("image", "class")
+# Methods whose reference DRUPI code defaults --feat_lbd to 0.02 (DATM_FD/distill/DATM_ours.py).
+FEAT_LBD_002 = ("MTT", "DATM", "PAD")
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,17 @@ class _Tap(nn.Module):
         return classify_features(self.net, x, self.cfg.layer_idx, tap_size, self.cfg.pooling)
 
 
+def _optional_int(value: str) -> Optional[int]:
+    """``None`` for none/None, else an int (``--layer_idx``)."""
+    return None if value.strip().lower() == "none" else int(value)
+
+
+def _optional_str(value: str) -> Optional[str]:
+    """``None`` for none/None, else the lower-cased string (``--pooling``)."""
+    return None if value.strip().lower() == "none" else value.strip().lower()
+
+
+@register_addon
 class FeatureLabels(AddOn):
     """The feature-label add-on: initialises, optimises and serves the feature labels of one
     synthetic set (module docstring).
@@ -122,8 +145,94 @@ class FeatureLabels(AddOn):
     """
 
     name = "feature_labels"
-    config_field = "feature_labels"
+    title = "feature labels"
     flag = "--feature_labels"
+    record_key = "feature_labels"
+    hooks = frozenset({AFTER_IMAGE_UPDATE, TRAINING_TERM, UNROLL_LOSS})
+    # Networks trained on the set must use its term, and F must be learned: after every image
+    # update (DC's feature step) or inside a trajectory-matching unroll (DATM_ours).
+    requires = (frozenset({AFTER_IMAGE_UPDATE, TRAINING_TERM}), frozenset({UNROLL_LOSS, TRAINING_TERM}))
+    saved_name = "features"
+
+    # ---- settings ----------------------------------------------------------------------
+    @classmethod
+    def add_args(cls, parser: argparse.ArgumentParser) -> None:
+        """``--feature_labels`` and its settings (``distill.py``; DRUPI ``DC/main.py`` names and defaults)."""
+        group = parser.add_argument_group("privileged feature labels (DRUPI)")
+        group.add_argument("--feature_labels", action=argparse.BooleanOptionalAction, default=False,
+                           help="learn a feature label F per image (or class) beside the images; networks trained on "
+                                "the set minimise CE + lbd * D(E(x), F)")
+        group.add_argument("--lbd", type=float, default=0.01, help="lambda of D(E(x), F) in network training (0.01)")
+        group.add_argument("--lr_feat", "--lr-feat", dest="lr_feat", type=float, default=0.1,
+                           help="learning rate of F (0.1)")
+        group.add_argument("--feat_opt", "--feat-opt", dest="feat_opt", default="SGD",
+                           help="optimiser of F: SGD (momentum 0.5) or anything else for Adam (SGD)")
+        group.add_argument("--layer_idx", "--layer-idx", dest="layer_idx", type=_optional_int, default=None,
+                           help="feature tap: omitted/none = last feature map, k = after ConvNet block k's pool")
+        group.add_argument("--pooling", type=_optional_str, default=None,
+                           help="avg, max or sum: pool E(x) and F to 1x1 (default none)")
+        group.add_argument("--feat_lbd", "--feat-lbd", dest="feat_lbd", type=float, default=None,
+                           help="weight of CE(h(F), y) in the feature step (0; MTT/DATM/PAD 0.02)")
+        group.add_argument("--n_feat", "--n-feat", dest="n_feat", type=int, default=1,
+                           help="number of sets of feature labels (1)")
+        group.add_argument("--use_feature", "--use-feature", dest="use_feature", default="mean",
+                           help="with --n_feat > 1: mean (average the sets) or random (one set per batch)")
+        group.add_argument("--feat_metric", "--feat-metric", dest="feat_metric", type=str.lower, default="mse",
+                           help="D: mse, cos (1 - cosine) or mmd (Gaussian kernel)")
+        group.add_argument("--feat_norm", "--feat-norm", dest="feat_norm", action=argparse.BooleanOptionalAction,
+                           default=False, help="L2-normalise E(x) and F along the channel axis")
+        group.add_argument("--feat_per", default="image",
+                           help="image (one F per synthetic image) or class (one per class)")
+        group.add_argument("--feat_init", default="pretrained",
+                           help="pretrained (E(S) under a network trained one epoch on the real set, as the "
+                                "reference), random (a fresh network) or noise (N(0, 1))")
+
+    @classmethod
+    def from_flags(cls, values: Mapping[str, Any]) -> Optional[FeatureLabelConfig]:
+        """The :class:`FeatureLabelConfig` of the parsed flags, or ``None`` without ``--feature_labels``;
+        ``--feat_lbd`` left out is 0.02 for MTT/DATM/PAD (DRUPI ``DATM_ours.py``), else 0.
+
+        Raises:
+            ValueError: a value out of range (the message names the flag).
+        """
+        if not values["feature_labels"]:
+            return None
+        feat_lbd = values["feat_lbd"]
+        if feat_lbd is None:
+            feat_lbd = 0.02 if values["method"] in FEAT_LBD_002 else 0.0
+        names = [f.name for f in dataclasses.fields(FeatureLabelConfig) if f.name != "feat_lbd"]
+        return FeatureLabelConfig(feat_lbd=feat_lbd, **{name: values[name] for name in names})
+
+    @classmethod
+    def results_record(cls, settings: FeatureLabelConfig) -> dict:
+        """The loss settings networks trained on the set use (``feature_loss.FeatureLossConfig``)."""
+        return dataclasses.asdict(settings.loss_config())
+
+    @classmethod
+    def legacy_state(cls, state: Mapping[str, Any]) -> Optional[dict]:
+        """Checkpoints written before the add-on interface kept F's optimiser as ``state['feature_labels']``."""
+        return state.get("feature_labels")
+
+    # ---- evaluating a saved set --------------------------------------------------------
+    @classmethod
+    def add_eval_args(cls, parser: argparse.ArgumentParser) -> None:
+        """``evaluate.py --lbd``."""
+        parser.add_argument("--lbd", type=float, default=None,
+                            help="sets saved with feature labels F (DRUPI): lambda of D(E(x), F) in training (default: "
+                                 "the value the set was distilled with, else 0.01); 0 trains with CE only")
+
+    @classmethod
+    def check_eval_flags(cls, values: Mapping[str, Any]) -> None:
+        """Raises ``ValueError`` for a negative ``--lbd``."""
+        if values.get("lbd") is not None and values["lbd"] < 0:
+            raise ValueError(f"--lbd must be >= 0, got {values['lbd']}")
+
+    @classmethod
+    def saved_term(cls, entry, record, num_images: int, num_classes: int, values: Mapping[str, Any]):
+        """:func:`load_term` of the saved F (the extra entry of a ``data`` item, as DRUPI saves it;
+        ``sets.saved`` reads DRUPI's files and this toolkit's older ones so) with the saved
+        settings and ``--lbd``."""
+        return load_term(entry, record or {}, num_images, num_classes, values.get("lbd"))
 
     def __init__(self, settings: FeatureLabelConfig, method, shared=None):
         super().__init__(settings, method, shared)
@@ -168,7 +277,11 @@ class FeatureLabels(AddOn):
 
     def attach(self, syn) -> None:
         """Give ``syn`` learnable feature labels and create their optimiser."""
-        features = syn.learn_features(self.initial_features(syn))
+        features = self.initial_features(syn)
+        if features.dim() < 3 or features.shape[1] not in (syn.images.shape[0], syn.num_classes):
+            raise ValueError(f"feature labels must be (n_feat, {syn.images.shape[0]} or {syn.num_classes}, ...), "
+                             f"got {tuple(features.shape)}")
+        features = syn.learn_extra("features", features)
         if self.cfg.feat_opt.upper() == "SGD":
             self.optimizer = torch.optim.SGD([features], lr=self.cfg.lr_feat, momentum=0.5)
         else:
@@ -196,10 +309,6 @@ class FeatureLabels(AddOn):
     def optimizers(self) -> list:
         """F's optimiser."""
         return [self.optimizer] if self.optimizer is not None else []
-
-    def saved_entries(self, syn) -> list:
-        """F, the third entry of each ``data`` item of the result file (as DRUPI saves it)."""
-        return [syn.features.detach().cpu().clone()] if syn.features is not None else []
 
     def pop_logs(self) -> dict:
         """``feat_loss`` (mean feature-step loss) and ``feat_ce`` (summed CE(h(F_b), y_b) of the

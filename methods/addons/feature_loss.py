@@ -269,6 +269,14 @@ class FeatureTargets:
         index = torch.arange(num_images, device=features.device)
         self.rows = index if features.shape[1] == num_images else index // ipc
 
+    def note(self) -> str:
+        """A few words for the printed evaluation table: ``feature labels, lbd x``."""
+        return f"feature labels, lbd {self.cfg.lbd:g}"
+
+    def describe(self) -> dict:
+        """Fields added to an evaluation's protocol record: ``{'feature_labels_lbd': lbd}``."""
+        return {"feature_labels_lbd": self.cfg.lbd}
+
     def to(self, device: torch.device) -> "FeatureTargets":
         """These targets on ``device``."""
         self.features, self.rows = self.features.to(device), self.rows.to(device)
