@@ -263,10 +263,8 @@ class MTT(DistillMethod):
         self._chunks: List[torch.Tensor] = []  # this iteration's unused minibatches (next_batch)
         self.optimizer_lr: Optional[torch.optim.Optimizer] = None
 
-    # 1000 epochs (MTT and DATM evaluation).
-    eval_epochs = (1000, 1000)
-    # Image-update terms join every accepted update; an add-on's step loss replaces the student's
-    # cross-entropy in the unroll (learned inside it, DRUPI's DATM_ours); no work after an update.
+    eval_epochs = (1000, 1000)  # MTT and DATM evaluation
+    # Image-update terms join accepted updates; an add-on's step loss replaces the unroll's CE (DATM_ours).
     addon_hooks = frozenset({IMAGE_LOSS, UNROLL_LOSS, TRAINING_TERM})
     unused_flags = ("dis_metric", "outer_loop", "inner_loop")
 
