@@ -65,7 +65,7 @@ class Shrink(AddOn):
     record_key = "shrink"
     hooks = frozenset({IMAGE_LOSS, AFTER_IMAGE_UPDATE, TRAINING_TERM})
     requires = (frozenset({IMAGE_LOSS, AFTER_IMAGE_UPDATE, TRAINING_TERM}),)
-    saved_names = ("shrink_scale",)
+    saved_name = "shrink_scale"
 
     @classmethod
     def add_args(cls, parser):
@@ -84,10 +84,10 @@ class Shrink(AddOn):
         parser.add_argument("--no_shrink_term", action="store_true", help="train without the saved scales")
 
     @classmethod
-    def saved_term(cls, tensors, record, num_images, num_classes, values):
+    def saved_term(cls, entry, record, num_images, num_classes, values):
         if values.get("no_shrink_term"):
             return None
-        return ShrinkTerm(tensors["shrink_scale"], record["weight"])
+        return ShrinkTerm(entry, record["weight"])
 
     def __init__(self, settings, method, shared=None):
         super().__init__(settings, method, shared)
@@ -146,9 +146,9 @@ def test_a_new_addon_runs_through_distill_and_evaluate(shrink_addon, fake_datase
     assert "shrink=" in open(tmp_path / "shrink" / "log.txt").read()
     # its training term trained the evaluation networks: two halvings of the scale by the end
     assert ShrinkTerm.steps and torch.equal(ShrinkTerm.steps[-1], torch.full((3,), 0.25))
-    # its records: the saved tensor where meta['addons'] says, its settings under its own key
-    assert len(plain["data"][0]) == 2 and "addons" not in plain["meta"]
-    assert shrunk["meta"]["addons"] == {"shrink": {"shrink_scale": 2}}
+    # its records: the saved tensor after the labels (meta['addon_entries'] names it), its settings under its own key
+    assert len(plain["data"][0]) == 2 and "addon_entries" not in plain["meta"]
+    assert shrunk["meta"]["addon_entries"] == ["shrink"]
     assert torch.equal(shrunk["data"][0][2], torch.full((3,), 0.25))
     assert shrunk["meta"]["config"]["shrink"] == {"weight": 0.5} and plain["meta"]["config"]["shrink"] is None
     assert json.load(open(tmp_path / "shrink" / "results.json"))["shrink"] == {"weight": 0.5}

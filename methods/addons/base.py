@@ -58,7 +58,7 @@ class AddOn:
 
     Class attributes:
         name: registry key, the key of ``DistillConfig.addons``, of its checkpoint state and of
-            ``meta['addons']`` in a result file.
+            its entry in a result file's ``meta['addon_entries']``.
         title: what messages call it (e.g. ``feature labels``).
         flag: the command-line flag that turns it on, for messages.
         record_key: the key of its settings in ``config.yaml``, ``meta['config']`` and ``results.json``.
