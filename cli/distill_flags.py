@@ -1,6 +1,6 @@
 """The ``distill.py`` command line: its flags (the reference scripts' names and defaults), the
 ``--config`` YAML presets, and resolving them once into a frozen ``methods.DistillConfig`` and
-``methods.runner.RunOptions``.
+``methods.run_config.RunOptions``.
 
 A flag left out takes the chosen method's reference default (``DistillMethod.defaults``: DC/DSA
 ``main.py`` and DM ``main_DM.py`` of VICO-UoE/DatasetCondensation, ``main_DataDAM.py``, CAFE's
@@ -22,7 +22,7 @@ import utils
 from cli import eval_options
 from methods import addons
 from methods.losses import METRICS
-from methods.runner import RunOptions
+from methods.run_config import RunOptions
 
 # Flags whose default depends on the method (``None`` here, resolved from Method.defaults).
 METHOD_DEFAULTED = ("ipc", "Iteration", "lr_img", "lr_net", "batch_real", "batch_train", "init", "dsa_strategy",

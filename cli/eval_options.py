@@ -1,6 +1,6 @@
 """The evaluation options shared by ``distill.py`` and ``evaluate.py``: ``--tta --tta_mode`` (DRUPI
 ``DCmain3.0.py``), ``--deterministic``, ``--stacked_eval`` and ``--label_loss``, turned into the
-fields of ``evaluation.EvalProtocol`` / ``methods.runner.RunOptions``."""
+fields of ``evaluation.EvalProtocol`` / ``methods.run_config.RunOptions``."""
 from __future__ import annotations
 
 import argparse

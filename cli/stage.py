@@ -21,7 +21,7 @@ import torch
 
 import cli
 import utils
-from methods.runner import StopFlag
+from methods.run_config import StopFlag
 from precision import Precision
 
 
@@ -69,7 +69,7 @@ def open_stage(args: argparse.Namespace, *, run_dir: Optional[str] = None, flag:
 
 @contextmanager
 def stop_requests() -> Iterator[StopFlag]:
-    """While the block runs, SIGINT and SIGTERM set the yielded ``methods.runner.StopFlag``
+    """While the block runs, SIGINT and SIGTERM set the yielded ``methods.run_config.StopFlag``
     instead of raising (a second SIGINT still raises); the previous handlers come back after."""
     stop = StopFlag().install()
     try:

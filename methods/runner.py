@@ -30,9 +30,7 @@ import io
 import logging
 import math
 import os
-import signal
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -46,133 +44,15 @@ import storage
 import tables
 import utils
 from data import RealSampler
-from precision import FP32, Precision
 from methods import addons
 from methods.base import DistillConfig, DistillMethod, get_method_class
+# The run's options, outcome, protocol and stop types live in methods/run_config.py; importing them from here
+# (the run's entry point) keeps working.
+from methods.run_config import (RunInterrupted, RunOptions, RunOutcome, StopFlag, eval_config_for,  # noqa: F401
+                                 eval_protocol)
 from sets import files, resources
 
 logger = logging.getLogger(__name__)
-
-
-class RunInterrupted(Exception):
-    """The run was asked to stop (SIGINT / SIGTERM): a checkpoint was written after the current
-    iteration, or, when that iteration ran past the grace period (``progress.STOP_GRACE_S``), it
-    was dropped and the last checkpoint kept (the message says which)."""
-
-
-class StopFlag:
-    """Turns SIGINT and SIGTERM into a request to stop after the current iteration; an iteration
-    still running ``progress.STOP_GRACE_S`` seconds later is abandoned where it is
-    (``progress.tick`` raises ``progress.StopRequested``) and the last checkpoint is kept.
-
-    A second SIGINT while a stop is pending raises ``KeyboardInterrupt`` at once.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        logger.warning("stop requested (signal %d): finishing this iteration, then writing a checkpoint (an iteration "
-                       "still running after %.0f s is dropped and the last checkpoint kept)", signum, progress.STOP_GRACE_S)
-
-    def install(self) -> "StopFlag":
-        """Install the handlers (remembering the previous ones); returns ``self``."""
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def restore(self) -> None:
-        """Put the previous SIGINT / SIGTERM handlers back."""
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """How to run and evaluate, independent of the method.
-
-    Attributes:
-        num_exp: independent experiments (``--num_exp``), seeds ``seed + exp``.
-        num_eval: networks per evaluation (``--num_eval``; 0 skips evaluation).
-        eval_it: evaluate every ``eval_it`` iterations (and at iteration 0 and the end); 0 only
-            at the end.
-        eval_models: networks to evaluate with (from ``--eval_mode``).
-        epoch_eval_train: evaluation epochs; ``None`` takes the method's default.
-        seed: base seed.
-        run_dir: where everything is written.
-        checkpoint_every: write ``last.pt`` every so many iterations (0: only when stopped).
-        resume: continue from ``run_dir/last.pt`` if it exists.
-        save_vis: write a picture at each evaluation.
-        tta_mode: test-time augmentation of the evaluation (``--tta --tta_mode hflip``; ``""`` off).
-        deterministic: deterministic evaluation (``--deterministic``; ``evaluation.EvalConfig``).
-        stacked_eval: ``--stacked_eval`` auto|on|off: train each evaluation's networks together
-            (``evaluation.eval_path``).
-        command: the command line that started the run (recorded in ``results.json``).
-        label_loss: how evaluation networks fit the labels (``--label_loss``, ``evaluation.LABEL_LOSSES``);
-            ``None`` takes the method's (``DistillMethod.eval_label_loss``: mse for KIP and FRePo).
-        precision: ``--amp`` (``precision.Precision``) of distillation and evaluation, recorded
-            in ``config.yaml`` / ``results.json`` (``run.precision``) and each evaluation's protocol.
-        save_every: for methods that write the trajectory-matching layout
-            (``DistillMethod.writes_reference_layout``), write ``images_{it}.pt`` etc. every so many
-            iterations (``--save_every``; 0: only the best). GeorgeCazenavette/mtt-distillation
-            ``distill.py`` hard-codes 1000 (at evaluation iterations divisible by 1000).
-    """
-
-    num_exp: int = 1
-    num_eval: int = 5
-    eval_it: int = 0
-    eval_models: tuple = ("ConvNet",)
-    epoch_eval_train: Optional[int] = None
-    seed: int = 0
-    run_dir: str = "runs/default"
-    checkpoint_every: int = 0
-    resume: bool = False
-    save_vis: bool = True
-    tta_mode: str = ""
-    deterministic: bool = False
-    stacked_eval: str = "auto"
-    command: str = ""
-    save_every: int = 1000
-    label_loss: Optional[str] = None
-    precision: Precision = FP32
-
-
-@dataclass
-class RunOutcome:
-    """What a finished run produced: per-model final accuracies and the files written."""
-
-    accs_all_exps: Dict[str, List[float]]
-    result_path: str
-    run_dir: str
-    seconds_per_iteration: float
-    vis_paths: List[str] = field(default_factory=list)
-
-
-def eval_protocol(method_class, cfg: DistillConfig, opts: RunOptions) -> evaluation.EvalProtocol:
-    """The evaluation protocol of a run (``evaluation.EvalProtocol``): the method's reference epochs
-    (``DistillMethod.eval_epochs``) unless ``--epoch_eval_train`` is given, ``--lr_net``,
-    ``--batch_train``, the DiffAugment strategy the method trains with (none for plain DC: DC's
-    ``get_daparam`` augmentation then applies), test-time augmentation, determinism and the label
-    loss (``--label_loss``, else the method's ``eval_label_loss``)."""
-    augmented, plain = method_class.eval_epochs
-    return evaluation.EvalProtocol(epochs_augmented=augmented, epochs_plain=plain, lr=cfg.lr_net,
-                              batch_train=cfg.batch_train, dsa_strategy=method_class.training_dsa(cfg),
-                              tta_mode=opts.tta_mode, deterministic=opts.deterministic,
-                              stacked_eval=opts.stacked_eval,
-                              label_loss=opts.label_loss or method_class.eval_label_loss).with_epochs(opts.epoch_eval_train)
-
-
-def eval_config_for(method: DistillMethod, model_eval: str, opts: RunOptions, syn=None) -> evaluation.EvalConfig:
-    """The :class:`evaluation.EvalConfig` of one evaluation network: :func:`eval_protocol` resolved for
-    ``model_eval``, with the step size the set learned (``syn.syn_lr``, MTT's alpha) when it has one."""
-    cfg = method.cfg
-    learned = float(syn.syn_lr.detach()) if syn is not None and syn.syn_lr is not None else None
-    return eval_protocol(type(method), cfg, opts).resolve(cfg.dataset, cfg.model, model_eval, cfg.ipc, learned,
-                                                          precision=opts.precision)
 
 
 class DistillationRun:
