@@ -5,7 +5,7 @@
 # images per class under the same protocol (one evaluate.py run trains each row once) and prints
 # both side by side.
 #
-#   bash scripts/quickstart.sh                 # about 11 minutes on 2 CPU cores
+#   bash scripts/quickstart.sh                 # about 7 minutes on 2 CPU cores (docs/results.md)
 #   ITERATIONS=2000 NUM_EVAL=5 EPOCHS=1000 bash scripts/quickstart.sh   # closer to the paper, on a GPU
 #   DRY_RUN=1 bash scripts/quickstart.sh       # print the commands (and the table of an earlier run in $OUT)
 set -euo pipefail
