@@ -23,6 +23,7 @@ import cli
 import distributed
 from cli.original_flags import build_parser, resolve
 from cli.stage import open_stage
+from pretrained import original_files
 from pretrained import originals
 
 
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
     print(f"{len(done.results)} original {job.original.model} model(s) of {record.name} in {job.directory} on "
           f"{stage.device} (image {record.channel}x{record.im_size[0]}x{record.im_size[1]}, "
           f"{record.num_classes} classes):")
-    print(originals.format_table(done.summary, status))
+    print(original_files.format_table(done.summary, status))
     print(f"summary: {done.summary_path}")
     distributed.shutdown()
     return 0

@@ -27,7 +27,7 @@ from methods import addons
 from methods.addons.clom import add_original_model_args, split_list
 from sets import assess, comparison, files
 from sets.saved import SavedSet, read_saved_set
-from pretrained import originals
+from pretrained import original_files
 
 DEFAULT_MODEL = "ConvNet"  # a set that records no network, and --baseline random alone
 
@@ -419,7 +419,7 @@ def run_assess(args: argparse.Namespace, record, loaded: tuple, device) -> int:
     cli.check_models(pool_names, "--models_pool")
     expect = {"channel": record.channel, "im_size": list(record.im_size), "num_classes": record.num_classes,
               "zca": bool(args.zca)}
-    pool = originals.load_pool(args.pretrained_path, args.dataset, pool_names, args.model_num, device,
+    pool = original_files.load_pool(args.pretrained_path, args.dataset, pool_names, args.model_num, device,
                                epoch=args.epoch, subset=args.subset, expect=expect)
     models = [model for arch in pool_names for model in pool[arch]]
     image_real, label_real = assess.sample_real(record.images_train, record.labels_train, record.num_classes,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import cli
 import utils
+from pretrained import original_files
 from pretrained import originals
 
 
@@ -45,7 +46,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                         help="MultiStepLR milestones: lr x0.1 once that many epochs are done (none: constant lr)")
     parser.add_argument("--save_every", type=int, default=1,
                         help="write the resumable checkpoint every N epochs (and after the last; 0: only then)")
-    parser.add_argument("--save_path", default=originals.DEFAULT_SAVE_PATH, help="root of the saved models")
+    parser.add_argument("--save_path", default=original_files.DEFAULT_SAVE_PATH, help="root of the saved models")
     parser.add_argument("--random_seed", type=int, dest="seed", default=argparse.SUPPRESS,
                         help="the reference's name for --seed")
     parser.add_argument("--ddp", action="store_true",
@@ -75,4 +76,4 @@ def resolve(args: argparse.Namespace) -> OriginalJob:
             args.lr_decay_step), zca=args.zca, subset=args.subset, res=args.res, seed=args.seed)
     cfg.validate()
     return OriginalJob(original=cfg, save_path=args.save_path, num=args.num, save_every=args.save_every, ddp=args.ddp,
-                       directory=originals.original_dir(args.save_path, cfg.dataset, cfg.model, cfg.subset))
+                       directory=original_files.original_dir(args.save_path, cfg.dataset, cfg.model, cfg.subset))

@@ -16,7 +16,7 @@ any distilled set (same ``res_*.pt`` layout, same protocol).
 
 The embedding network is ``--model``, randomly initialised from the experiment's seed, or the
 trained original model ``index`` found under ``--coreset_model_path`` (``train_original.py``'s
-``--save_path``; :func:`originals.load_original_models`).
+``--save_path``; :func:`original_files.load_original_models`).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import chunked
 import utils
 from methods.base import DistillMethod, SyntheticSet, register_method
 from methods.options import TOOLKIT, MethodOptions, option
-from pretrained import originals
+from pretrained import original_files
 from sets.selection import herding_select, kcenter_select  # noqa: F401  (also re-exported)
 
 logger = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ class EmbeddingSelection(CoresetMethod):
             return self.new_network().eval()
         expect = {"channel": self.channel, "num_classes": self.num_classes, "im_size": list(self.im_size),
                   "zca": self.cfg.zca}
-        net = originals.load_original_models(path, self.cfg.dataset, self.cfg.model, [self.options.coreset_model_index],
+        net = original_files.load_original_models(path, self.cfg.dataset, self.cfg.model, [self.options.coreset_model_index],
                                              self.device, expect=expect)[0]
         return net.eval()
 

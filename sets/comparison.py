@@ -29,7 +29,7 @@ import storage
 import tables
 import utils
 from precision import FP32, Precision
-from pretrained import originals
+from pretrained import original_files
 
 
 @dataclass
@@ -83,7 +83,7 @@ def whole_dataset_accuracy(original_path: str, dataset: str, model: str, subset:
         ``{"mean", "std", "accs", "protocol"}`` over the finished original models, or ``None``
         when there is no summary or no finished model.
     """
-    path = os.path.join(originals.original_dir(original_path, dataset, model, subset), originals.SUMMARY_NAME)
+    path = os.path.join(original_files.original_dir(original_path, dataset, model, subset), original_files.SUMMARY_NAME)
     if not os.path.isfile(path):
         return None
     with open(path) as handle:

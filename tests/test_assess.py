@@ -9,7 +9,7 @@ import torch
 from sets import assess
 import data
 import evaluate
-from pretrained import originals
+from pretrained import original_files
 from sets import files
 from tiny_data import tiny_record as _tiny_record
 
@@ -83,7 +83,7 @@ def test_sample_real_draws_per_class():
 # ----- with original models ---------------------------------------------------------------------
 def test_om_accuracy_one_on_correctly_classified_images(pretrained):
     record = tiny_record()
-    models = originals.load_original_models(pretrained, "Tiny3", MODEL, 2, CPU)
+    models = original_files.load_original_models(pretrained, "Tiny3", MODEL, 2, CPU)
     images = record.images_test
     with torch.no_grad():
         predictions = [net(images).argmax(1) for net in models]
@@ -98,7 +98,7 @@ def test_om_accuracy_one_on_correctly_classified_images(pretrained):
 
 def test_distances_zero_when_syn_equals_real(pretrained):
     record = tiny_record()
-    models = originals.load_original_models(pretrained, "Tiny3", MODEL, 2, CPU)
+    models = original_files.load_original_models(pretrained, "Tiny3", MODEL, 2, CPU)
     real, labels = assess.sample_real(record.images_train, record.labels_train, 3, 4)
     out = assess.assess_set(real, labels, models, real, labels, 3, CPU)
     for key in ("feat_mean_dist", "feat_mmd", "pixel_mean_dist", "pixel_std_dist"):

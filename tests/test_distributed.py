@@ -20,7 +20,7 @@ import distributed
 import evaluation
 import utils
 from methods.runner import DistillationRun, RunInterrupted, RunOptions, StopFlag, run_distillation
-from pretrained import buffers, experts, originals
+from pretrained import buffers, experts, original_files, originals
 from sets import files
 from tiny_data import tiny_record
 
@@ -83,13 +83,13 @@ def scenarios(rank, out):
     found["originals"] = [r.test_acc for r in make_originals(record, os.path.join(out, "originals")).results]
     # --ddp: both ranks train one model; each rank's replica, the initial and the written weights.
     cfg = originals.OriginalConfig(dataset="Tiny3", model=MODEL, epochs=2, batch_size=8, lr_decay_step=(5,))
-    net = originals._build_network(MODEL, record.channel, record.num_classes, record.im_size, CPU, 0)
+    net = original_files.build_network(MODEL, record.channel, record.num_classes, record.im_size, CPU, 0)
     start = torch.nn.utils.parameters_to_vector(net.parameters()).detach().clone()
     path = os.path.join(out, "ddp", "checkpoint.pt")
     originals.train_original(net, record, cfg, path, save_every=0, data_parallel=True)
     replica = torch.nn.utils.parameters_to_vector(net.parameters()).detach()
     found["ddp"] = {"replicas": distributed.gather_objects(replica), "start": start,
-                    "written": originals.read_checkpoint(path)["state_dict"]}
+                    "written": original_files.read_checkpoint(path)["state_dict"]}
     if rank == 0:
         torch.save(found, os.path.join(out, "found.pt"))
 
@@ -183,8 +183,8 @@ def test_sharded_originals_equal_one_process(two_ranks, tmp_path, one_thread):
     alone = make_originals(tiny_record(**RECORD), tmp_path)
     assert found["originals"] == [r.test_acc for r in alone.results]
     for index in range(2):
-        split = originals.read_checkpoint(originals.checkpoint_path(str(out / "originals"), "Tiny3", MODEL, index))
-        single = originals.read_checkpoint(originals.checkpoint_path(str(tmp_path), "Tiny3", MODEL, index))
+        split = original_files.read_checkpoint(original_files.checkpoint_path(str(out / "originals"), "Tiny3", MODEL, index))
+        single = original_files.read_checkpoint(original_files.checkpoint_path(str(tmp_path), "Tiny3", MODEL, index))
         assert all(torch.equal(split["state_dict"][k], single["state_dict"][k]) for k in single["state_dict"])
 
 

@@ -31,7 +31,7 @@ import evaluation
 import storage
 import utils
 from methods.runner import RunOptions, run_distillation
-from pretrained import buffers, experts, originals, scores
+from pretrained import buffers, experts, original_files, originals, scores
 from sets import files
 from tiny_data import CPU, MTT_MODEL, build_mtt, tiny_record
 
@@ -205,16 +205,16 @@ def pretrained_copy(pretrained, tmp_path, marker):
     root = tmp_path / "pretrained_model"
     shutil.copytree(pretrained, root)
     path = root / "Tiny3" / "original" / "ConvNetW32" / "index_0" / "checkpoint.pt"
-    return str(root), evil(path, marker, originals.read_checkpoint(str(path)))
+    return str(root), evil(path, marker, original_files.read_checkpoint(str(path)))
 
 
 def test_original_model_checkpoint(pretrained_copy):
     root, path = pretrained_copy
-    loaders = [lambda: originals.read_checkpoint(path),
-               lambda: originals.load_original_models(root, "Tiny3", "ConvNetW32", 2),
-               lambda: originals.load_pool(root, "Tiny3", ["ConvNetW32"], 2, CPU),  # CLoM, evaluate --assess
-               lambda: originals.load_pool(root, "Tiny3", ["ConvNetW32"], None, CPU, epoch=2),
-               lambda: originals.collect_summary(os.path.dirname(os.path.dirname(path)))]
+    loaders = [lambda: original_files.read_checkpoint(path),
+               lambda: original_files.load_original_models(root, "Tiny3", "ConvNetW32", 2),
+               lambda: original_files.load_pool(root, "Tiny3", ["ConvNetW32"], 2, CPU),  # CLoM, evaluate --assess
+               lambda: original_files.load_pool(root, "Tiny3", ["ConvNetW32"], None, CPU, epoch=2),
+               lambda: original_files.collect_summary(os.path.dirname(os.path.dirname(path)))]
     for load in loaders:
         with pytest.raises(utils.UserError) as error:
             load()

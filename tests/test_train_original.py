@@ -8,6 +8,7 @@ import torch.nn as nn
 
 import data
 import networks
+from pretrained import original_files
 from pretrained import originals as O
 import train_original
 import evaluation
@@ -32,7 +33,7 @@ def train(save_path, num, cfg=None, record=None, **kwargs):
 
 
 def state_of(save_path, index, model=MODEL):
-    return O.read_checkpoint(O.checkpoint_path(str(save_path), "Tiny3", model, index))
+    return original_files.read_checkpoint(original_files.checkpoint_path(str(save_path), "Tiny3", model, index))
 
 
 def same_weights(a: dict, b: dict) -> bool:
@@ -70,7 +71,7 @@ def test_two_models_write_the_layout_and_learn(tmp_path):
         assert row["flops_per_image"] == networks.flops_per_image(net, 1, (8, 8)) == 2 * row["macs_per_image"]
         assert row["train_seconds"] > 0 and result.status == "trained"
     assert summary["test_acc_mean"] == pytest.approx(sum(r.test_acc for r in done.results) / 2)
-    table = O.format_table(summary)
+    table = original_files.format_table(summary)
     assert "MFLOPs/img" in table and f"{networks.count_parameters(net):,}" in table and "multiply-adds" in table
 
 
@@ -92,15 +93,15 @@ def test_interrupted_model_resumes_like_an_uninterrupted_run(tmp_path):
     assert (partial["epochs_done"], partial["finished"], partial["test_acc"]) == (2, False, None)
     assert O.check_existing(str(tmp_path / "a"), cfg, 3) == {"finished": [0], "resume": [(1, 2)], "new": [2]}
     with pytest.raises(utils.UserError, match=r"unfinished: 2 of 5 epochs.*train_original.py"):
-        O.load_original_models(str(tmp_path / "a"), "Tiny3", MODEL, 2)
-    assert len(O.load_original_models(str(tmp_path / "a"), "Tiny3", MODEL, 2, allow_unfinished=True)) == 2
+        original_files.load_original_models(str(tmp_path / "a"), "Tiny3", MODEL, 2)
+    assert len(original_files.load_original_models(str(tmp_path / "a"), "Tiny3", MODEL, 2, allow_unfinished=True)) == 2
 
-    finished_before = os.path.getmtime(O.checkpoint_path(str(tmp_path / "a"), "Tiny3", MODEL, 0))
+    finished_before = os.path.getmtime(original_files.checkpoint_path(str(tmp_path / "a"), "Tiny3", MODEL, 0))
     calls = []
     resumed = train(tmp_path / "a", 2, cfg, save_every=2, on_epoch=lambda i, e, l: calls.append((i, e)))
     assert calls == [(1, 3), (1, 4), (1, 5)]  # model 0 skipped, model 1 continued after epoch 2
     assert [r.status for r in resumed.results] == ["skipped (finished)", "resumed from epoch 2"]
-    assert os.path.getmtime(O.checkpoint_path(str(tmp_path / "a"), "Tiny3", MODEL, 0)) == finished_before
+    assert os.path.getmtime(original_files.checkpoint_path(str(tmp_path / "a"), "Tiny3", MODEL, 0)) == finished_before
 
     straight = train(tmp_path / "b", 2, cfg, save_every=2)
     for index in (0, 1):
@@ -141,7 +142,7 @@ def test_fewer_epochs_than_an_unfinished_run(tmp_path):
     assert closed.status == "finished at epoch 4" and closed.trained_epochs == 0
     state = state_of(tmp_path, 0)
     assert (state["finished"], state["epochs_total"], state["test_acc"]) == (True, 4, closed.test_acc)
-    assert closed.test_acc is not None and len(O.load_original_models(str(tmp_path), "Tiny3", MODEL)) == 1
+    assert closed.test_acc is not None and len(original_files.load_original_models(str(tmp_path), "Tiny3", MODEL)) == 1
     train(tmp_path / "straight", 1, config(epochs=4))
     assert same_weights(state["state_dict"], state_of(tmp_path / "straight", 0)["state_dict"])
 
@@ -176,27 +177,27 @@ def test_loaded_models_are_frozen_and_give_the_saved_accuracy(tmp_path):
     record = tiny_record()
     train(tmp_path, 2, config(model="ConvNetBN"), record)
     state = torch.get_rng_state()
-    models = O.load_original_models(str(tmp_path), "Tiny3", "ConvNetBN", device="cpu")
+    models = original_files.load_original_models(str(tmp_path), "Tiny3", "ConvNetBN", device="cpu")
     assert torch.equal(state, torch.get_rng_state())  # building them did not move the caller's RNG
     assert len(models) == 2
     for index, net in enumerate(models):
         assert not net.training and not any(p.requires_grad for p in net.parameters())
         saved = state_of(tmp_path, index, "ConvNetBN")["test_acc"]
         assert evaluation.test_accuracy(net, record.images_test, record.labels_test) == saved
-    assert len(O.load_original_models(str(tmp_path), "Tiny3", "ConvNetBN", [1])) == 1
+    assert len(original_files.load_original_models(str(tmp_path), "Tiny3", "ConvNetBN", [1])) == 1
     with pytest.raises(utils.UserError, match="num_classes=3 but num_classes=10"):
-        O.load_original_models(str(tmp_path), "Tiny3", "ConvNetBN", expect={"num_classes": 10})
+        original_files.load_original_models(str(tmp_path), "Tiny3", "ConvNetBN", expect={"num_classes": 10})
 
 
 def test_missing_models_name_the_path_and_the_command(tmp_path):
     with pytest.raises(utils.UserError) as error:
-        O.load_original_models(str(tmp_path), "fashionmnist", "ConvNet", 3)
+        original_files.load_original_models(str(tmp_path), "fashionmnist", "ConvNet", 3)
     message = str(error.value)
     assert os.path.join(str(tmp_path), "FashionMNIST", "original", "ConvNet", "index_0", "checkpoint.pt") in message
     assert f"python train_original.py --dataset FashionMNIST --model ConvNet --num 3 --save_path {tmp_path}" in message
     assert "\n" not in message
     with pytest.raises(utils.UserError, match="no original models in .*--num 1"):
-        O.load_original_models(str(tmp_path), "FashionMNIST", "ConvNet")
+        original_files.load_original_models(str(tmp_path), "FashionMNIST", "ConvNet")
 
 
 def test_dataset_or_model_mismatch_is_refused(tmp_path):
@@ -205,15 +206,15 @@ def test_dataset_or_model_mismatch_is_refused(tmp_path):
     (tmp_path / "Other" / "original").mkdir(parents=True)
     os.rename(source, tmp_path / "Other" / "original" / "MLP")
     with pytest.raises(utils.UserError, match="holds a MLP trained on Tiny3, not a MLP on Other"):
-        O.load_original_models(str(tmp_path), "Other", "MLP")
+        original_files.load_original_models(str(tmp_path), "Other", "MLP")
     os.rename(tmp_path / "Other" / "original" / "MLP", tmp_path / "Other" / "original" / "LeNet")
     with pytest.raises(utils.UserError, match="holds a MLP trained on Tiny3, not a LeNet"):
-        O.load_original_models(str(tmp_path), "Other", "LeNet")
+        original_files.load_original_models(str(tmp_path), "Other", "LeNet")
     foreign = tmp_path / "Tiny3" / "original" / "MLP" / "index_0"
     foreign.mkdir(parents=True)
     torch.save(networks.get_network("MLP", 1, 3, (8, 8)).state_dict(), foreign / "checkpoint.pt")
     with pytest.raises(utils.UserError, match="not an original-model checkpoint"):
-        O.load_original_models(str(tmp_path), "Tiny3", "MLP")
+        original_files.load_original_models(str(tmp_path), "Tiny3", "MLP")
 
 
 def test_lr_decay_step_parsing():

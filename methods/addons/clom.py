@@ -49,7 +49,7 @@ import networks
 import utils
 from methods.addons import register_addon
 from methods.addons.base import IMAGE_LOSS, AddOn
-from pretrained import originals
+from pretrained import original_files
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class CLoMSettings:
     source_dataset: Optional[str] = None
     epoch: Optional[int] = None
     batch_size: Optional[int] = None
-    pretrained_path: str = originals.DEFAULT_SAVE_PATH
+    pretrained_path: str = original_files.DEFAULT_SAVE_PATH
 
     def as_dict(self) -> dict:
         """JSON/YAML-ready record (lists instead of tuples), recorded under ``clom``."""
@@ -163,7 +163,7 @@ def settings_from_flags(alphas: Optional[Sequence[str]], models_pool: Optional[S
                         model: str, model_num: int = 1, distance: str = "ce",
                         source_dataset: Optional[str] = None, epoch: Optional[int] = None,
                         batch_size: Optional[int] = None,
-                        pretrained_path: str = originals.DEFAULT_SAVE_PATH) -> Optional[CLoMSettings]:
+                        pretrained_path: str = original_files.DEFAULT_SAVE_PATH) -> Optional[CLoMSettings]:
     """The CLoM settings the flags ask for, or ``None`` when ``--alphas`` is not given (CLoM off).
 
     Args:
@@ -255,8 +255,8 @@ def load_for_method(settings: CLoMSettings, *, dataset: str, channel: int, num_c
     expect: Dict[str, Any] = {"channel": int(channel), "im_size": [int(s) for s in im_size], "zca": bool(zca)}
     if settings.distance == "ce":
         expect["num_classes"] = int(num_classes)
-    same = originals.dataset_name(source) == originals.dataset_name(dataset)
-    return originals.load_pool(settings.pretrained_path, source, settings.models_pool, settings.model_num, device,
+    same = original_files.dataset_name(source) == original_files.dataset_name(dataset)
+    return original_files.load_pool(settings.pretrained_path, source, settings.models_pool, settings.model_num, device,
                      epoch=settings.epoch, subset=subset if same else None, expect=expect)
 
 
@@ -384,7 +384,7 @@ class CLoM(AddOn):
         """The run's original models, loaded once (:func:`load_for_method`).
 
         Raises:
-            utils.UserError: see ``originals.load_pool``.
+            utils.UserError: see ``original_files.load_pool``.
         """
         settings = _settings(settings)
         pool = load_for_method(settings, dataset=cfg.dataset, channel=record.channel, num_classes=record.num_classes,
