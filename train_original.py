@@ -6,7 +6,8 @@ Flags and defaults are those of yaolu-zjut/DDInterpreter ``train_original_models
 SGD lr 0.01, momentum 0.9, weight decay 0.005, batch 256, 150 epochs, lr x0.1 at epochs 50 and 100
 (``MultiStepLR``), no augmentation. Model ``i`` goes to
 ``{save_path}/{dataset}/original/{model}/index_{i}/`` (``checkpoint.pt`` every ``--save_every``
-epochs and at the end, plus ``{dataset}_{model}_original_epoch{E}.pth``); ``summary.json`` and
+epochs and at the end, plus ``{dataset}_{model}_original_epoch{E}.pth``, and with ``--save_epochs``
+the weights after those epochs in ``epoch_{E}.pt``, for an early-stopped teacher); ``summary.json`` and
 ``log.txt`` sit beside the index folders. The same command run again skips finished models and
 continues an unfinished one. At the end a table gives each model's test accuracy, parameter count
 and FLOPs per image (2 x multiply-adds of conv/linear layers, ``torch.utils.flop_counter``).
@@ -14,6 +15,7 @@ and FLOPs per image (2 x multiply-adds of conv/linear layers, ``torch.utils.flop
 Examples:
     python train_original.py --dataset CIFAR10 --model ConvNet --num 10
     python train_original.py --dataset FashionMNIST --model ConvNet --num 2 --epochs 1 --threads 1
+    python train_original.py --dataset FashionMNIST --model ConvNetBN --epochs 50 --save_epochs 5,10,20
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def main(argv=None) -> int:
         try:
             done = originals.train_originals(job.original, record, job.save_path, job.num, device=stage.device,
                                              save_every=job.save_every, precision=stage.precision,
-                                             data_parallel=job.ddp)
+                                             data_parallel=job.ddp, save_epochs=job.save_epochs)
         except KeyboardInterrupt as stop:
             cli.fail(f"{cli.stop_word(stop)}; finished models and the last checkpoint are kept in {job.directory}; "
                      "run the same command again to continue", cli.EXIT_STOPPED)

@@ -21,6 +21,8 @@ class OriginalJob:
         directory: ``{save_path}/{dataset}/original/{model}``, where the models go.
         num: models wanted, indices ``0 .. num - 1`` (``--num``).
         save_every: the resumable checkpoint every so many epochs (``--save_every``; 0: at the end).
+        save_epochs: epochs whose weights are kept in ``index_{i}/epoch_{E}.pt`` (``--save_epochs``;
+            ``None``, ``'all'`` or a tuple, ``pretrained.originals.parse_save_epochs``).
         ddp: all ranks train each model together (``--ddp``).
     """
 
@@ -30,6 +32,7 @@ class OriginalJob:
     num: int
     save_every: int
     ddp: bool
+    save_epochs: originals.SaveEpochs = None
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
@@ -46,6 +49,9 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                         help="MultiStepLR milestones: lr x0.1 once that many epochs are done (none: constant lr)")
     parser.add_argument("--save_every", type=int, default=1,
                         help="write the resumable checkpoint every N epochs (and after the last; 0: only then)")
+    parser.add_argument("--save_epochs", default=None,
+                        help="also keep the weights after these epochs in index_{i}/epoch_{E}.pt, e.g. 5,10 or "
+                             "all (default: none), so an early-stopped model can be a teacher (--teacher_epoch)")
     parser.add_argument("--save_path", default=original_files.DEFAULT_SAVE_PATH, help="root of the saved models")
     parser.add_argument("--random_seed", type=int, dest="seed", default=argparse.SUPPRESS,
                         help="the reference's name for --seed")
@@ -75,5 +81,7 @@ def resolve(args: argparse.Namespace) -> OriginalJob:
         momentum=args.momentum, weight_decay=args.weight_decay, lr_decay_step=originals.parse_milestones(
             args.lr_decay_step), zca=args.zca, subset=args.subset, res=args.res, seed=args.seed)
     cfg.validate()
+    save_epochs = originals.parse_save_epochs(args.save_epochs)
     return OriginalJob(original=cfg, save_path=args.save_path, num=args.num, save_every=args.save_every, ddp=args.ddp,
+                       save_epochs=save_epochs,
                        directory=original_files.original_dir(args.save_path, cfg.dataset, cfg.model, cfg.subset))

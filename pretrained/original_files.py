@@ -27,7 +27,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 SUMMARY_NAME = "summary.json"
 DEFAULT_SAVE_PATH = "pretrained_model"
 INDEX_RE = re.compile(r"^index_(\d+)$")
-INDEX_RE = re.compile(r"^index_(\d+)$")
+EPOCH_RE = re.compile(r"^epoch_(\d+)\.pt$")
 FLOPS_DEFINITION = networks.FLOPS_DEFINITION
 
 
@@ -64,6 +64,21 @@ def checkpoint_path(save_path: str, dataset: str, model: str, index: int, subset
     return os.path.join(index_dir(save_path, dataset, model, index, subset), CHECKPOINT_NAME)
 
 
+def epoch_checkpoint_path(save_path: str, dataset: str, model: str, index: int, epoch: int,
+                          subset: Optional[str] = None) -> str:
+    """``{index_dir}/epoch_{epoch}.pt``: the weights of model ``index`` after ``epoch`` epochs, kept
+    by ``train_original.py --save_epochs`` (the checkpoint layout without optimizer, scheduler and
+    generator state; ``read_checkpoint`` reads it)."""
+    return os.path.join(index_dir(save_path, dataset, model, index, subset), f"epoch_{int(epoch)}.pt")
+
+
+def list_epochs(directory: str) -> list:
+    """The epochs ``E`` of the ``epoch_{E}.pt`` files in the ``index_{i}`` folder ``directory``, sorted."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(m.group(1)) for m in map(EPOCH_RE.match, os.listdir(directory)) if m)
+
+
 def reference_weights_name(dataset: str, model: str, epoch: int) -> str:
     """``{dataset}_{model}_original_epoch{epoch}.pth``: the reference's per-epoch weight file name."""
     return f"{dataset}_{model}_original_epoch{int(epoch)}.pth"
@@ -76,8 +91,9 @@ def list_indices(directory: str) -> list:
 
 def train_command(dataset: str = "DATASET", model: str = "MODEL", num: Optional[int] = None,
                   save_path: Optional[str] = None, subset: Optional[str] = None,
-                  epochs: Optional[int] = None) -> str:
-    """The ``train_original.py`` command line that makes such models (for error messages)."""
+                  epochs: Optional[int] = None, save_epochs: Optional[str] = None) -> str:
+    """The ``train_original.py`` command line that makes such models (for error messages);
+    ``save_epochs`` adds ``--save_epochs`` with that value."""
     parts = ["python train_original.py", f"--dataset {dataset}", f"--model {model}"]
     if subset:
         parts.append(f"--subset {subset}")
@@ -85,6 +101,8 @@ def train_command(dataset: str = "DATASET", model: str = "MODEL", num: Optional[
         parts.append(f"--num {int(num)}")
     if epochs is not None:
         parts.append(f"--epochs {int(epochs)}")
+    if save_epochs is not None:
+        parts.append(f"--save_epochs {save_epochs}")
     if save_path is not None and os.path.normpath(os.fspath(save_path)) != DEFAULT_SAVE_PATH:
         parts.append(f"--save_path {save_path}")
     return " ".join(parts)

@@ -14,6 +14,8 @@ On-disk layout (:func:`original_dir`)::
     {save_path}/{dataset}/original/{model}/index_{i}/checkpoint.pt          resumable state (below)
     {save_path}/{dataset}/original/{model}/index_{i}/{dataset}_{model}_original_epoch{E}.pth
                                               the finished weights (a plain state_dict, reference name)
+    {save_path}/{dataset}/original/{model}/index_{i}/epoch_{E}.pt           the weights after epoch E
+                                              (only with --save_epochs; layout below)
     {save_path}/{dataset}/original/{model}/summary.json                     one row per index folder
     {save_path}/{dataset}/original/{model}/log.txt                          (written by train_original.py)
 
@@ -26,12 +28,19 @@ On-disk layout (:func:`original_dir`)::
 there is no augmentation and no dropout), ``history`` (one
 ``{epoch, loss, lr, seconds}`` per epoch), ``train_seconds``, ``device`` and ``torch_version``.
 
+``epoch_{E}.pt`` (``--save_epochs``, :func:`parse_save_epochs`) holds the same keys except
+``optimizer``, ``scheduler`` and ``rng``, with ``epochs_done`` = E and ``test_acc`` measured
+after epoch E, so an early-stopped model can serve as a teacher ("A Label is Worth a Thousand
+Images", Qin et al. 2024, Table 7: an early-epoch expert can be the better teacher). Keeping them
+changes nothing in the training (the test pass draws no random numbers; ``evaluation.train_epoch``
+puts the network back in training mode).
+
 Model ``i`` is initialised from ``torch.manual_seed(seed + i)`` (in a forked RNG) and shuffled from
 ``utils.make_generator(seed + i)``, so a resumed model equals an uninterrupted one on the same
 device. Because the lr milestones are absolute epochs, a model finished with ``--epochs 1`` is
 exactly epoch 1 of a longer run: asking for more epochs later continues it.
 
-Public API here: :class:`OriginalConfig`, :func:`parse_milestones`,
+Public API here: :class:`OriginalConfig`, :func:`parse_milestones`, :func:`parse_save_epochs`,
 :func:`train_original`, :func:`train_originals`, :func:`check_existing`,
 :class:`OriginalResult`, :class:`OriginalsSummary`. The folder layout, reading checkpoints, the
 summary and loading finished models are ``pretrained/original_files.py``.
@@ -95,6 +104,46 @@ def parse_milestones(text: Union[str, Sequence[int], None]) -> tuple:
     if any(value < 1 for value in values) or any(b <= a for a, b in zip(values, values[1:])):
         raise utils.UserError(f"--lr_decay_step {text!r}: epochs must be positive and increasing, e.g. 50,100")
     return values
+
+
+SaveEpochs = Union[None, str, tuple]
+
+
+def parse_save_epochs(text: Union[str, Sequence[int], None]) -> SaveEpochs:
+    """Parse ``--save_epochs``: which epochs keep their weights in ``index_{i}/epoch_{E}.pt``.
+
+    ``None``, ``''`` or ``'none'``: none (the default; the layout of before). ``'all'``: every
+    epoch. ``'5,10,20'`` (commas or spaces): those epochs (1-based, after the epoch's update).
+
+    Returns:
+        ``None``, ``'all'`` or a sorted tuple of distinct positive epochs.
+
+    Raises:
+        utils.UserError: an entry is not a positive integer.
+    """
+    if text is None:
+        return None
+    if isinstance(text, str):
+        word = text.strip().lower()
+        if word in ("", "none"):
+            return None
+        if word == "all":
+            return "all"
+        parts = [part for part in text.replace(" ", ",").split(",") if part.strip()]
+    else:
+        parts = list(text)
+    try:
+        values = tuple(sorted({int(part) for part in parts}))
+    except (TypeError, ValueError):
+        values = ()
+    if not values or any(value < 1 for value in values) or any(isinstance(p, bool) for p in parts):
+        raise utils.UserError(f"--save_epochs {text!r}: expected all, none or comma-separated epochs such as 5,10")
+    return values
+
+
+def keeps_epoch(save_epochs: SaveEpochs, epoch: int) -> bool:
+    """Whether :func:`parse_save_epochs`'s value ``save_epochs`` keeps the weights after ``epoch``."""
+    return save_epochs == "all" or (isinstance(save_epochs, tuple) and epoch in save_epochs)
 
 
 @dataclass(frozen=True)
@@ -264,7 +313,7 @@ def _record_fields(record) -> dict:
 def train_original(net: nn.Module, record, cfg: OriginalConfig, path: str, *, index: int = 0,
                    seed: Optional[int] = None, save_every: int = 1, on_epoch: Optional[EpochCallback] = None,
                    images: Optional[tuple] = None, precision: Precision = FP32,
-                   data_parallel: bool = False) -> OriginalResult:
+                   data_parallel: bool = False, save_epochs: SaveEpochs = None) -> OriginalResult:
     """Train (or continue, or skip) one original model and keep its checkpoint at ``path``.
 
     SGD(``cfg.lr``, ``cfg.momentum``, ``cfg.weight_decay``) on shuffled ``cfg.batch_size``
@@ -299,6 +348,9 @@ def train_original(net: nn.Module, record, cfg: OriginalConfig, path: str, *, in
             of ``cfg.batch_size // world_size``, and rank 0 writes the checkpoint. The global
             batch is then ``cfg.batch_size`` but the order of the images differs from one
             process's, so the result is not the one-process result. No effect for one process.
+        save_epochs: :func:`parse_save_epochs`'s value: after each such epoch the weights and the
+            test accuracy go to ``index_{i}/epoch_{E}.pt`` beside ``path`` (rank 0 writes them).
+            Epochs trained by an earlier call keep the files that call wrote.
 
     Returns:
         An :class:`OriginalResult`.
@@ -368,9 +420,23 @@ def train_original(net: nn.Module, record, cfg: OriginalConfig, path: str, *, in
             storage.atomic_save(original_files.cpu_copy(net.state_dict()), os.path.join(
                 os.path.dirname(path), original_files.reference_weights_name(base["dataset"], cfg.model, epochs_done)))
 
+    def save_epoch(epochs_done: int, test_acc: Optional[float]) -> Optional[float]:
+        """Keep ``epoch_{E}.pt`` when ``save_epochs`` asks for it; return the test accuracy used."""
+        if not keeps_epoch(save_epochs, epochs_done) or (parallel and not distributed.is_main()):
+            return test_acc
+        if test_acc is None:
+            test_acc = evaluation.test_accuracy(net, test_x, test_y, precision=precision)
+        storage.atomic_save({**base, "epochs_done": epochs_done, "epochs_total": cfg.epochs,
+                             "finished": epochs_done >= cfg.epochs, "test_acc": test_acc,
+                             "state_dict": original_files.cpu_copy(net.state_dict()), "history": list(history),
+                             "train_seconds": float(sum(h["seconds"] for h in history))},
+                            os.path.join(os.path.dirname(path), f"epoch_{int(epochs_done)}.pt"))
+        return test_acc
+
     if done >= cfg.epochs:  # unfinished at exactly --epochs (the milestones are absolute): finish it here
         result.test_acc, result.closed = evaluation.test_accuracy(net, test_x, test_y, precision=precision), True
         save(done, result.test_acc)
+        save_epoch(done, result.test_acc)
         logger.info("original %d: %s has %d epochs: test acc %.2f%%", index, path, done, 100 * result.test_acc)
         return result
     model = distributed.data_parallel(net) if parallel else net  # after loading: DDP wraps the resumed weights
@@ -398,6 +464,9 @@ def train_original(net: nn.Module, record, cfg: OriginalConfig, path: str, *, in
         if last:
             result.test_acc = evaluation.test_accuracy(net, test_x, test_y, precision=precision)
             message += f", test acc {100 * result.test_acc:.2f}%"
+        kept_acc = save_epoch(epoch + 1, result.test_acc if last else None)
+        if kept_acc is not None and not last:
+            message += f", kept epoch_{epoch + 1}.pt (test acc {100 * kept_acc:.2f}%)"
         logger.info(message)
         if last or (save_every and (epoch + 1) % save_every == 0):
             save(epoch + 1, result.test_acc if last else None)
@@ -429,7 +498,8 @@ class OriginalsSummary:
 
 def train_originals(cfg: OriginalConfig, record, save_path: str, num: int, *, device: torch.device,
                     save_every: int = 1, on_epoch: Optional[EpochCallback] = None,
-                    precision: Precision = FP32, data_parallel: bool = False) -> OriginalsSummary:
+                    precision: Precision = FP32, data_parallel: bool = False,
+                    save_epochs: SaveEpochs = None) -> OriginalsSummary:
     """Train original models ``0 .. num - 1`` of ``cfg.model`` on ``record`` (skipping finished
     ones, continuing unfinished ones) and rewrite ``summary.json`` after each.
 
@@ -448,6 +518,7 @@ def train_originals(cfg: OriginalConfig, record, save_path: str, num: int, *, de
         on_epoch: see :func:`train_original`.
         precision: ``--amp`` (see :func:`train_original`).
         data_parallel: see above.
+        save_epochs: per-epoch weights to keep (see :func:`train_original`).
 
     Returns:
         An :class:`OriginalsSummary`.
@@ -481,7 +552,8 @@ def train_originals(cfg: OriginalConfig, record, save_path: str, num: int, *, de
                                  cfg.seed + index)
             path = os.path.join(directory, f"index_{index}", original_files.CHECKPOINT_NAME)
             result = train_original(net, record, cfg, path, index=index, save_every=save_every, on_epoch=each_epoch,
-                                    images=images, precision=precision, data_parallel=data_parallel)
+                                    images=images, precision=precision, data_parallel=data_parallel,
+                                    save_epochs=save_epochs)
             out.results.append(result)
             if (result.trained_epochs or result.closed) and index + 1 < num and distributed.is_main():
                 original_files.write_summary(directory)  # kept current while later models train
