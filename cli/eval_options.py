@@ -1,6 +1,10 @@
 """The evaluation options shared by ``distill.py`` and ``evaluate.py``: ``--tta --tta_mode`` (DRUPI
-``DCmain3.0.py``), ``--deterministic``, ``--stacked_eval`` and ``--label_loss``, turned into the
-fields of ``evaluation.EvalProtocol`` / ``methods.run_config.RunOptions``."""
+``DCmain3.0.py``), ``--deterministic``, ``--stacked_eval`` and ``--label_loss``, and the student
+settings of the decoupled family (``--labels --soft_loss --temperature --soft_t2 --mse_gt_weight
+--optimizer --adamw_lr --adamw_weight_decay --student_aug --min_scale_crops --max_scale_crops
+--mix_type --cutmix --mixup``; VILA-Lab/SRe2L ``relabel/generate_soft_label.py`` and
+``validate/train_FKD.py``, with underscores), turned into the fields of ``evaluation.EvalProtocol`` /
+``methods.run_config.RunOptions``."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +38,61 @@ def add_eval_option_args(parser: argparse.ArgumentParser, saved_default: bool = 
                             "(square loss on one-hot - 1/K, or on a set's learned real-valued labels); default: "
                             + ("the protocol saved with the set" if saved_default else
                                "the method's (KIP mse, every other cross_entropy)"))
+    add_student_args(parser, saved_default)
+
+
+# The student flags: (name, type, choices, today's default, help). Their defaults are None (not
+# given): the method's protocol (distill.py) or the saved one (evaluate.py) applies.
+STUDENT_FLAGS = (
+    ("labels", str, evaluation.LABEL_REGIMES, "hard",
+     "what the student fits: hard (the set's own labels: today's protocol), soft (teacher logits stored with the "
+     "set, per image or per crop and epoch by a relabel store) or teacher (a teacher queried on every augmented batch)"),
+    ("soft_loss", str, evaluation.SOFT_LOSSES, "kl",
+     "loss under soft/teacher labels: kl (SRe2L, batchmean, no T^2), sce (DD-Ranking, x T^2 with --soft_t2) or "
+     "mse_gt (MSE to the teacher's logits + --mse_gt_weight x CE, G-VBSM/EDC)"),
+    ("temperature", float, None, 20.0, "temperature T of kl and sce (SRe2L 20)"),
+    ("mse_gt_weight", float, None, 0.1, "weight of the cross-entropy term of mse_gt (G-VBSM 0.1, EDC 0.025)"),
+    ("optimizer", str, evaluation.STUDENT_OPTIMIZERS, "sgd",
+     "student optimiser: sgd (DC's schedule: --lr_net, x0.1 at half-time) or adamw (SRe2L: --adamw_lr, "
+     "--adamw_weight_decay, cosine per epoch)"),
+    ("adamw_lr", float, None, 1e-3, "AdamW learning rate (SRe2L 0.001)"),
+    ("adamw_weight_decay", float, None, 0.01, "AdamW weight decay (SRe2L 0.01)"),
+    ("student_aug", str, evaluation.STUDENT_AUGS, "dc",
+     "student augmentation: dc (DSA strategy or DC's get_daparam: today), rrc (RandomResizedCrop "
+     "--min_scale_crops..--max_scale_crops + flip per image, SRe2L/RDED) or none"),
+    ("min_scale_crops", float, None, 0.08, "smallest RandomResizedCrop area fraction of rrc views (SRe2L 0.08)"),
+    ("max_scale_crops", float, None, 1.0, "largest RandomResizedCrop area fraction of rrc views (SRe2L 1)"),
+    ("mix_type", str, evaluation.MIX_TYPES, "none", "batch mixing of the student's views: none, cutmix or mixup"),
+    ("cutmix", float, None, 1.0, "Beta(alpha, alpha) of CutMix (SRe2L 1.0)"),
+    ("mixup", float, None, 0.8, "Beta(alpha, alpha) of Mixup (SRe2L 0.8)"),
+)
+
+
+def add_student_args(parser: argparse.ArgumentParser, saved_default: bool = False) -> None:
+    """The student flags (:data:`STUDENT_FLAGS` and ``--soft_t2``), all defaulting to ``None`` (not
+    given); their defaults as resolved are today's protocol (``evaluation.StudentProtocol``)."""
+    group = parser.add_argument_group("student protocol (soft labels and teachers)")
+    origin = "the protocol saved with the set" if saved_default else "the method's"
+    for name, kind, choices, default, text in STUDENT_FLAGS:
+        group.add_argument(f"--{name}", type=kind, default=None, choices=choices,
+                           help=f"{text}; default: {origin} ({default} unless the method says otherwise)")
+    group.add_argument("--soft_t2", action=argparse.BooleanOptionalAction, default=None,
+                       help=f"multiply the sce loss by T^2 (DD-Ranking); default: {origin} (off)")
+
+
+def student_option_values(args: argparse.Namespace) -> dict:
+    """The student settings given on the command line (``None``: not given, left out), checked.
+
+    Raises:
+        utils.UserError: a value outside its range (one line naming the flag).
+    """
+    names = [flag[0] for flag in STUDENT_FLAGS] + ["soft_t2"]
+    values = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    try:
+        evaluation.StudentProtocol(**values).check_student()
+    except ValueError as error:
+        raise utils.UserError(str(error)) from None
+    return values
 
 
 def eval_option_values(args: argparse.Namespace, given_only: bool = False) -> dict:
@@ -42,8 +101,12 @@ def eval_option_values(args: argparse.Namespace, given_only: bool = False) -> di
     ``stacked_eval`` is always there; ``label_loss`` is left out whenever it is not given, so the
     method's or the saved protocol's applies).
 
+    The student flags given (:func:`student_option_values`) come as protocol fields with
+    ``given_only`` (``evaluate.py``: ``dataclasses.replace(protocol, **values)``), and otherwise as one
+    entry ``eval_student`` (``distill.py``: ``RunOptions.eval_student``, laid over the method's defaults).
+
     Raises:
-        utils.UserError: unknown ``--tta_mode`` or ``--label_loss``.
+        utils.UserError: unknown ``--tta_mode`` or ``--label_loss``; a student flag out of range.
     """
     if args.tta and args.tta_mode not in evaluation.TTA_MODES:
         raise utils.UserError(f"--tta_mode {args.tta_mode!r}: expected one of {', '.join(evaluation.TTA_MODES)}")
@@ -56,4 +119,9 @@ def eval_option_values(args: argparse.Namespace, given_only: bool = False) -> di
     if not given_only or args.deterministic is not None:
         values["deterministic"] = bool(args.deterministic)
     values["stacked_eval"] = getattr(args, "stacked_eval", "auto")
+    student = student_option_values(args)
+    if given_only:
+        values.update(student)
+    else:
+        values["eval_student"] = student
     return values

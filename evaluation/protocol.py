@@ -23,10 +23,86 @@ LABEL_LOSSES = ("cross_entropy", "mse")
 TTA_MODES = ("hflip",)
 # ``--stacked_eval``: train the networks of one evaluation together, one at a time, or pick.
 STACKED_EVAL_CHOICES = ("auto", "on", "off")
+# ``--labels``: what the student fits (``hard``: the set's own labels, today's protocol; ``soft``: teacher
+# logits stored with the set, per image or per crop and epoch; ``teacher``: a teacher queried online).
+LABEL_REGIMES = ("hard", "soft", "teacher")
+# ``--soft_loss`` under ``soft`` / ``teacher`` labels (:mod:`evaluation.soft_labels`).
+SOFT_LOSSES = ("kl", "sce", "mse_gt")
+# ``--optimizer`` of the student: DC's SGD schedule or SRe2L's AdamW with a per-epoch cosine.
+STUDENT_OPTIMIZERS = ("sgd", "adamw")
+# ``--student_aug``: DC/DSA augmentation (today), RandomResizedCrop + flip views, or none.
+STUDENT_AUGS = ("dc", "rrc", "none")
+# ``--mix_type``: batch mixing of the student's views (SRe2L ``relabel``).
+MIX_TYPES = ("none", "cutmix", "mixup")
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class StudentProtocol:
+    """The student-side settings added for the decoupled (soft-label) family, shared by
+    :class:`EvalProtocol` and :class:`EvalConfig` (a mixin of fields; every default is today's
+    protocol, so a protocol that leaves them alone trains and records exactly as before).
+
+    Sources: VILA-Lab/SRe2L ``relabel/generate_soft_label.py`` (views, mixing, temperature) and
+    ``validate/train_FKD.py`` (KL loss, AdamW + cosine); LINs-lab/RDED ``validation/main.py`` (teacher
+    queried online); NUS-HPC-AI-Lab/DD-Ranking (``sce``, ``mse_gt``); G-VBSM (``mse_gt`` weight 0.1).
+
+    Attributes:
+        labels: ``--labels`` (:data:`LABEL_REGIMES`).
+        soft_loss: ``--soft_loss`` (:data:`SOFT_LOSSES`), used under ``soft`` and ``teacher`` labels.
+        temperature: ``--temperature`` T of ``kl`` and ``sce`` (SRe2L: 20).
+        soft_t2: ``--soft_t2``: multiply ``sce`` by T² (DD-Ranking's option; SRe2L's KL has no T²).
+        mse_gt_weight: ``--mse_gt_weight`` w of ``mse_gt`` = MSE(s, t) + w·CE(s, y) (G-VBSM 0.1, EDC 0.025).
+        optimizer: ``--optimizer`` (:data:`STUDENT_OPTIMIZERS`): ``sgd`` = the DC schedule with ``lr``;
+            ``adamw`` = SRe2L's AdamW(``adamw_lr``, ``adamw_weight_decay``) with a per-epoch cosine.
+        adamw_lr, adamw_weight_decay: ``--adamw_lr`` (1e-3), ``--adamw_weight_decay`` (0.01).
+        student_aug: ``--student_aug`` (:data:`STUDENT_AUGS`).
+        min_scale_crops, max_scale_crops: ``--min_scale_crops`` (0.08) / ``--max_scale_crops`` (1):
+            the RandomResizedCrop area range of ``rrc`` views.
+        mix_type: ``--mix_type`` (:data:`MIX_TYPES`).
+        cutmix, mixup: ``--cutmix`` (1.0) / ``--mixup`` (0.8): the Beta(α, α) parameter of each mix.
+    """
+
+    labels: str = "hard"
+    soft_loss: str = "kl"
+    temperature: float = 20.0
+    soft_t2: bool = False
+    mse_gt_weight: float = 0.1
+    optimizer: str = "sgd"
+    adamw_lr: float = 1e-3
+    adamw_weight_decay: float = 0.01
+    student_aug: str = "dc"
+    min_scale_crops: float = 0.08
+    max_scale_crops: float = 1.0
+    mix_type: str = "none"
+    cutmix: float = 1.0
+    mixup: float = 0.8
+
+    def check_student(self) -> None:
+        """Raise ``ValueError`` (naming the flag) for a value outside its choices or range."""
+        for name, choices in (("labels", LABEL_REGIMES), ("soft_loss", SOFT_LOSSES), ("optimizer", STUDENT_OPTIMIZERS),
+                              ("student_aug", STUDENT_AUGS), ("mix_type", MIX_TYPES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"--{name} {getattr(self, name)!r}: expected one of {', '.join(choices)}")
+        if not 0 < self.min_scale_crops <= self.max_scale_crops <= 1:
+            raise ValueError(f"--min_scale_crops {self.min_scale_crops} / --max_scale_crops {self.max_scale_crops}: "
+                             "expected 0 < min <= max <= 1")
+        for name in ("temperature", "cutmix", "mixup", "adamw_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name} {getattr(self, name)}: expected a positive number")
+
+    def student_fields(self) -> dict:
+        """The student settings that differ from their defaults (``{}`` for today's protocol)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(StudentProtocol)
+                if getattr(self, f.name) != f.default}
+
+    @property
+    def is_default_student(self) -> bool:
+        """Whether every student setting is today's (hard labels, SGD, DC augmentation, no mixing)."""
+        return not self.student_fields()
+
+
+@dataclass(frozen=True)
+class EvalConfig(StudentProtocol):
     """The evaluation protocol of the DC family (VICO-UoE/DatasetCondensation ``utils.py``
     ``evaluate_synset``; docs/reference-notes.md, *Evaluation protocol*).
 
@@ -51,6 +127,7 @@ class EvalConfig:
         precision: ``--amp`` (:class:`precision.Precision`): forward passes of training and
             testing under autocast, float16 with a ``GradScaler``. An execution choice like the
             device: recorded with the result, not saved with the set's protocol.
+        labels ... mixup: the student settings of :class:`StudentProtocol` (defaults: today's protocol).
     """
 
     epochs: int = 300
@@ -70,10 +147,12 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.stacked_eval not in STACKED_EVAL_CHOICES:
             raise ValueError(f"--stacked_eval {self.stacked_eval!r}: expected one of {', '.join(STACKED_EVAL_CHOICES)}")
+        self.check_student()
 
     def describe(self) -> dict:
         """A JSON-ready record of the protocol, written beside every result (``tta`` and
-        ``deterministic`` only when set)."""
+        ``deterministic`` only when set; the student settings only when not today's, so a default
+        protocol's record is unchanged)."""
         record = {
             "epochs": self.epochs, "lr": self.lr, "batch_train": self.batch_train, "optimizer": "SGD",
             "momentum": self.momentum, "weight_decay": self.weight_decay,
@@ -88,11 +167,22 @@ class EvalConfig:
             record["deterministic"] = True
         if self.precision.enabled:
             record["amp"] = self.precision.describe()
+        # "labels" in a result's protocol record is the set's label kind (methods, sets): the regime is "label_regime"
+        record.update({("label_regime" if key == "labels" else key): value for key, value in self.student_fields().items()})
+        if self.optimizer == "adamw":
+            record.update(optimizer="AdamW", lr=self.adamw_lr, weight_decay=self.adamw_weight_decay,
+                          lr_schedule="cosine per epoch, 0.5 (1 + cos(pi e / epochs))")
+            record.pop("momentum")
+        if self.student_aug == "rrc":
+            record["augmentation"] = (f"RandomResizedCrop scale ({self.min_scale_crops}, {self.max_scale_crops}) "
+                                      "+ horizontal flip")
+        elif self.student_aug == "none":
+            record["augmentation"] = "none"
         return record
 
 
 @dataclass(frozen=True)
-class EvalProtocol:
+class EvalProtocol(StudentProtocol):
     """The one evaluation-protocol resolver: what a synthetic set is trained with, before the
     evaluation network is known. :meth:`resolve` turns it into the :class:`EvalConfig` of one
     network (DC ``get_daparam`` augmentation depends on it); it is saved with every set
@@ -112,6 +202,11 @@ class EvalProtocol:
         dsa_strategy: DiffAugment strategy ("" : DC's ``get_daparam`` augmentation or none).
         tta_mode, deterministic, stacked_eval, label_loss: see :class:`EvalConfig` (the distillation
             layer fills ``label_loss`` from the method's default, e.g. ``mse`` for KIP, or ``--label_loss``).
+        labels ... mixup: the student settings (:class:`StudentProtocol`); saved only when they differ
+            from their defaults (:meth:`as_dict`), so older files and records stay as they were.
+
+    Raises:
+        ValueError: a student setting outside its choices (:meth:`StudentProtocol.check_student`).
     """
 
     epochs_augmented: int = 1000
@@ -123,6 +218,9 @@ class EvalProtocol:
     deterministic: bool = False
     stacked_eval: str = "auto"
     label_loss: str = "cross_entropy"
+
+    def __post_init__(self) -> None:
+        self.check_student()
 
     def resolve(self, dataset: str, model: str, model_eval: str, ipc: int,
                 learned_lr: Optional[float] = None, precision: Precision = FP32) -> EvalConfig:
@@ -143,21 +241,29 @@ class EvalProtocol:
         if learned_lr is not None and not (math.isfinite(float(learned_lr)) and float(learned_lr) > 0):
             raise FloatingPointError(f"the step size learned with the set is {float(learned_lr):.4g}, not a positive "
                                      "number, so no network can be trained with it (it diverged: lower --lr_lr)")
-        dc_aug = None if self.dsa_strategy else augment.get_daparam(dataset, model, model_eval, ipc)
-        augmented = bool(self.dsa_strategy) or (dc_aug is not None and dc_aug.strategy not in ("", "none", "None"))
+        if self.student_aug == "dc":
+            dc_aug = None if self.dsa_strategy else augment.get_daparam(dataset, model, model_eval, ipc)
+            augmented = bool(self.dsa_strategy) or (dc_aug is not None and dc_aug.strategy not in ("", "none", "None"))
+            dsa_strategy = self.dsa_strategy
+        else:  # rrc views replace DC/DSA augmentation; none trains on the images as they are
+            dc_aug, augmented, dsa_strategy = None, self.student_aug == "rrc", ""
         return EvalConfig(epochs=self.epochs_augmented if augmented else self.epochs_plain,
                           lr=float(learned_lr) if learned_lr is not None else self.lr, batch_train=self.batch_train,
-                          dsa_strategy=self.dsa_strategy, dc_aug=dc_aug, tta_mode=self.tta_mode,
+                          dsa_strategy=dsa_strategy, dc_aug=dc_aug, tta_mode=self.tta_mode,
                           deterministic=self.deterministic, stacked_eval=self.stacked_eval,
-                          label_loss=self.label_loss, precision=precision)
+                          label_loss=self.label_loss, precision=precision, **self.student_fields())
 
     def with_epochs(self, epochs: Optional[int]) -> "EvalProtocol":
         """This protocol with both epoch counts set to ``epochs`` (unchanged when ``None``)."""
         return self if epochs is None else dataclasses.replace(self, epochs_augmented=epochs, epochs_plain=epochs)
 
     def as_dict(self) -> dict:
-        """JSON-ready record (``meta['protocol']`` of a result file)."""
-        return dataclasses.asdict(self)
+        """JSON-ready record (``meta['protocol']`` of a result file); the student settings only
+        where they differ from their defaults, so a default protocol's record is what it was."""
+        student = {f.name for f in dataclasses.fields(StudentProtocol)}
+        record = {key: value for key, value in dataclasses.asdict(self).items() if key not in student}
+        record.update(self.student_fields())
+        return record
 
     @classmethod
     def from_dict(cls, record: dict) -> "EvalProtocol":

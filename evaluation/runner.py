@@ -15,6 +15,7 @@ import distributed
 import networks
 from evaluation.stacked import StackingUnsupported, check_stackable, train_and_test_stacked
 from evaluation.protocol import LABEL_LOSSES, EvalConfig, EvalResult
+from evaluation.student import student_epochs
 from evaluation.training import (EvaluationStopped, TrainingTerm, deterministic_algorithms, regression_targets,
                                  train_and_test)
 from precision import FP32, Precision
@@ -64,7 +65,8 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
                     num_eval: int = 1, device: Optional[torch.device] = None, seed: int = 0,
                     term: Optional[TrainingTerm] = None, progress: bool = True,
                     should_stop: Optional[Callable[[], bool]] = None,
-                    indices: Optional[Sequence[int]] = None) -> EvalResult:
+                    indices: Optional[Sequence[int]] = None, teacher: Optional[Callable] = None,
+                    soft_store=None) -> EvalResult:
     """Train ``num_eval`` fresh ``model`` networks on a synthetic set; report their test accuracy.
 
     The one evaluation routine of the toolkit, shared by ``distill.py`` and ``evaluate.py``.
@@ -99,6 +101,16 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
         indices: which of the ``num_eval`` networks to train (network ``k`` always from seed
             ``seed + k``, whoever trains it); default all, ``0 .. num_eval - 1``; the accuracies
             come in this order. :func:`evaluate_synset_sharded` spreads them over torchrun's ranks.
+        teacher: under ``cfg.labels='teacher'``, the teacher queried on every augmented batch:
+            ``teacher(x (B, C, H, W)) -> (B, K)`` logits, an ``nn.Module`` (put in eval mode, never
+            trained) or any callable, on ``device``; ignored otherwise.
+        soft_store: under ``cfg.labels='soft'``, an :class:`evaluation.relabel.SoftLabelStore` of
+            ``image_syn`` (``label_syn`` then the (N,) classes); without one, ``label_syn`` must be
+            (N, K) per-image teacher logits. Ignored otherwise.
+
+    With student settings other than today's (``cfg.is_default_student`` false) every network is
+    trained by :func:`evaluation.student.train_and_test_student`, one at a time (the result's
+    ``path_note`` says so).
 
     Returns:
         An :class:`EvalResult` with one accuracy in [0, 1] per network of ``indices``, in that order.
@@ -106,7 +118,10 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
     Raises:
         KeyError: unknown ``model``.
         ValueError: ``term`` does not fit ``model`` (:meth:`TrainingTerm.check`); a ``term`` with a
-            label loss other than cross-entropy; labels that do not fit ``cfg.label_loss``.
+            label loss other than cross-entropy or a student protocol; labels that do not fit
+            ``cfg.label_loss``; ``teacher`` labels without a teacher, ``soft`` labels with neither a
+            store nor (N, K) logits, a store that does not fit (:meth:`SoftLabelStore.check_replay`);
+            a label loss other than cross-entropy under soft or teacher labels.
         FloatingPointError: a training loss became NaN or infinite.
         EvaluationStopped: ``should_stop`` said so.
     """
@@ -115,7 +130,18 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
     labels = label_syn.detach().to(device)
     if cfg.label_loss not in LABEL_LOSSES:
         raise ValueError(f"label loss {cfg.label_loss!r}: expected one of {', '.join(LABEL_LOSSES)}")
-    if cfg.label_loss == "mse":
+    if cfg.labels != "hard" and cfg.label_loss != "cross_entropy":
+        raise ValueError(f"--label_loss {cfg.label_loss} applies to hard labels; --labels {cfg.labels} uses --soft_loss")
+    if cfg.labels == "teacher":
+        if teacher is None:
+            raise ValueError("--labels teacher needs a teacher (none was given)")
+        if isinstance(teacher, nn.Module):
+            teacher.eval()
+            teacher.requires_grad_(False)
+    if cfg.labels == "soft" and soft_store is None and not (label_syn.dim() == 2 and label_syn.is_floating_point()):
+        raise ValueError(f"--labels soft needs a relabel store or (N, K) per-image teacher logits; got labels of shape "
+                         f"{tuple(label_syn.shape)}")
+    if cfg.label_loss == "mse" and cfg.labels == "hard":
         if term is not None:
             raise ValueError("a training term (feature labels) trains with cross-entropy; it cannot use --label_loss mse")
         labels = regression_targets(labels, num_classes)
@@ -126,7 +152,7 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
     fork_devices = []
     if device.type == "cuda":
         fork_devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    epochs = cfg.epochs + 1
+    epochs = student_epochs(cfg)
 
     def fresh_network(run: int) -> nn.Module:
         with torch.random.fork_rng(devices=fork_devices):
@@ -134,6 +160,9 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
             return networks.get_network(model, channel, num_classes, im_size, device=device)
 
     stacked, note = eval_path(cfg.stacked_eval, model, device, len(runs), term, cfg.label_loss, cfg.precision)
+    if stacked and not cfg.is_default_student:
+        stacked, note = False, "sequential: the student protocol (" + ", ".join(
+            f"{key} {value}" for key, value in cfg.student_fields().items()) + ") trains one network at a time"
     nets = []
     if stacked:
         nets = [fresh_network(run) for run in runs]
@@ -166,7 +195,7 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
                     term.check(net, images)
                 acc = train_and_test(net, images, labels, test_images, test_labels, cfg, make_generator(seed + run),
                                      term=term, on_epoch=on_epoch if progress else None,
-                                     should_stop=should_stop)
+                                     should_stop=should_stop, teacher=teacher, soft_store=soft_store)
             result.accs.append(acc)
     result.train_time_s = time.perf_counter() - start
     return result

@@ -290,8 +290,13 @@ class EvaluationStopped(Exception):
 def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, test_images: torch.Tensor,
                    test_labels: torch.Tensor, cfg: EvalConfig, generator: torch.Generator,
                    term: Optional[TrainingTerm] = None, on_epoch: Optional[Callable[[int], None]] = None,
-                   should_stop: Optional[Callable[[], bool]] = None) -> float:
+                   should_stop: Optional[Callable[[], bool]] = None, *, teacher: Optional[Callable] = None,
+                   soft_store=None) -> float:
     """Train one network on a (synthetic) set with the DC protocol and return its test accuracy.
+
+    When a student setting of ``cfg`` is not today's (``cfg.is_default_student`` false: soft or
+    teacher labels, AdamW, crop views, a mix), the network is trained by
+    :func:`evaluation.student.train_and_test_student` instead, with ``teacher`` / ``soft_store``.
 
     Args:
         net: a freshly initialised network on the target device.
@@ -306,11 +311,20 @@ def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, t
         on_epoch: called as ``on_epoch(epochs_done)`` after each of the ``cfg.epochs + 1``
             epochs (progress display; it must not draw random numbers).
         should_stop: asked before every epoch; ``True`` abandons the training.
+        teacher, soft_store: what ``teacher`` / ``soft`` labels need (see :func:`evaluation.student.train_student`).
 
     Raises:
         FloatingPointError: the training loss became NaN or infinite.
         EvaluationStopped: ``should_stop`` said so.
+        ValueError: a student protocol with a training term, or without what its labels need.
     """
+    if not cfg.is_default_student:
+        if term is not None:
+            raise ValueError("a training term (feature labels) trains with today's protocol; it cannot be combined "
+                             "with --labels soft/teacher, --optimizer adamw, --student_aug rrc/none or --mix_type")
+        from evaluation.student import train_and_test_student  # the student module builds on this one
+        return train_and_test_student(net, images, labels, test_images, test_labels, cfg, generator, teacher=teacher,
+                                      soft_store=soft_store, on_epoch=on_epoch, should_stop=should_stop)
     augmenter = make_augmenter(cfg.dsa_strategy, cfg.dc_aug)
     scaler = cfg.precision.grad_scaler(images.device)
     loss = sgd_schedule(

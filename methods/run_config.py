@@ -103,6 +103,7 @@ class RunOptions:
     save_every: int = 1000
     label_loss: Optional[str] = None
     precision: Precision = FP32
+    eval_student: Dict[str, object] = field(default_factory=dict)
 
 
 @dataclass
@@ -121,13 +122,17 @@ def eval_protocol(method_class, cfg: DistillConfig, opts: RunOptions) -> evaluat
     (``DistillMethod.eval_epochs``) unless ``--epoch_eval_train`` is given, ``--lr_net``,
     ``--batch_train``, the DiffAugment strategy the method trains with (none for plain DC: DC's
     ``get_daparam`` augmentation then applies), test-time augmentation, determinism and the label
-    loss (``--label_loss``, else the method's ``eval_label_loss``)."""
+    loss (``--label_loss``, else the method's ``eval_label_loss``), and the student settings: the
+    method's ``eval_student_defaults`` (a class attribute, e.g. ``{'labels': 'soft', 'optimizer':
+    'adamw', ...}``; none: today's protocol) with ``opts.eval_student`` (the flags given) over them."""
     augmented, plain = method_class.eval_epochs
+    student = {**dict(getattr(method_class, "eval_student_defaults", None) or {}), **dict(opts.eval_student)}
     return evaluation.EvalProtocol(epochs_augmented=augmented, epochs_plain=plain, lr=cfg.lr_net,
                               batch_train=cfg.batch_train, dsa_strategy=method_class.training_dsa(cfg),
                               tta_mode=opts.tta_mode, deterministic=opts.deterministic,
                               stacked_eval=opts.stacked_eval,
-                              label_loss=opts.label_loss or method_class.eval_label_loss).with_epochs(opts.epoch_eval_train)
+                              label_loss=opts.label_loss or method_class.eval_label_loss,
+                              **student).with_epochs(opts.epoch_eval_train)
 
 
 def eval_config_for(method: DistillMethod, model_eval: str, opts: RunOptions, syn=None) -> evaluation.EvalConfig:
