@@ -60,7 +60,7 @@ def train_student(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
     Each epoch is a shuffle of the set in batches of ``cfg.batch_train`` with each batch's views
     (:func:`epoch_views`), or, with a relabel store, the store's batches, views and logits of that
     epoch. A batch is put through its views (:func:`evaluation.views.apply_views`; DC/DSA
-    augmentation instead under ``student_aug='dc'``) and the loss is :func:`batch_loss` against:
+    augmentation instead under ``student_aug='dc'``) and the loss is :func:`student_loss` against:
 
     * ``hard``: ``labels`` (N,) classes or (N, K) probabilities (or ``mse`` targets);
     * ``soft``: the store's fp16 logits of the batch, or ``labels`` as (N, K) per-image teacher logits
