@@ -51,6 +51,10 @@ def main(argv=None) -> int:
         rows = flags.evaluate_rows(args, record, plan, loaded, device, amp)
         print()
         print(comparison.format_table(rows, plan.models))
+        scores = comparison.format_scores(rows, plan.models, flags.score_settings(args))
+        if scores:
+            print()
+            print(scores)
         flags.write_out(args, plan, rows, amp)
     distributed.shutdown()
     return 0

@@ -25,7 +25,7 @@ import utils
 from cli import eval_options
 from methods import addons
 from methods.addons.clom import add_original_model_args, split_list
-from sets import assess, comparison, files
+from sets import assess, comparison, files, ranking
 from sets.saved import SavedSet, read_saved_set
 from pretrained import original_files
 
@@ -75,6 +75,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                              "by the learned schedule (DD's own), or both (default: what distill.py evaluated with; "
                              "sets without a schedule: shared)")
     parser.add_argument("--out", default=None, help="write the accuracies as JSON here (and the table as .csv beside it)")
+    add_score_args(parser)
     addons.add_eval_args(parser)  # every registered add-on's own evaluate.py flags (feature labels: --lbd)
     eval_options.add_eval_option_args(parser, saved_default=True)
     cli.add_data_args(parser)
@@ -86,6 +87,34 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     parser.add_argument("--assess_real", type=int, default=500, help="--assess: real images per class (seeded draw)")
     add_original_model_args(parser.add_argument_group("original models for --assess"), clom=False)
     return parser
+
+
+def add_score_args(parser: argparse.ArgumentParser) -> None:
+    """DD-Ranking's score flags (``sets.ranking``; names as its ``compute_metrics`` arguments)."""
+    group = parser.add_argument_group("DD-Ranking scores (HLR, IOR, LRS, ARS; docs/evaluation.md)")
+    group.add_argument("--lrs_lambda", type=float, default=ranking.LRS_LAMBDA,
+                       help="LRS weight: alpha = lrs_lambda*IOR - (1-lrs_lambda)*HLR (DD-Ranking default 0.5)")
+    group.add_argument("--ars_lambda", type=float, default=ranking.ARS_LAMBDA,
+                       help="ARS weight of the augmented gain over random against the gain without augmentation "
+                            "(DD-Ranking default 0.5)")
+    group.add_argument("--score_units", default="points", choices=tuple(ranking.SCORE_UNITS),
+                       help="accuracies entering alpha and beta: points (percentage points, DD-Ranking's code) or "
+                            "fraction (in [0, 1], the [-1, 1] range its documentation's normalisation assumes)")
+    group.add_argument("--ars", action="store_true",
+                       help="also train every set and random row without any training augmentation (same epochs) "
+                            "and report DD-Ranking's augmentation-robust score ARS")
+
+
+def score_settings(args: argparse.Namespace) -> ranking.ScoreSettings:
+    """The :class:`sets.ranking.ScoreSettings` of the flags.
+
+    Raises:
+        utils.UserError: a lambda outside [0, 1] (one line naming the flag).
+    """
+    try:
+        return ranking.ScoreSettings(lrs_lambda=args.lrs_lambda, ars_lambda=args.ars_lambda, units=args.score_units)
+    except ValueError as error:
+        raise utils.UserError(str(error)) from None
 
 
 def resolve_models(args: argparse.Namespace, model: Optional[str] = None) -> List[str]:
@@ -127,6 +156,7 @@ def check_args(args: argparse.Namespace) -> None:
             raise utils.UserError(f"--{flag} must be at least 1, got {value}")
     if args.lr_net is not None and not args.lr_net > 0:
         raise utils.UserError(f"--lr_net must be positive, got {args.lr_net}")
+    score_settings(args)
     try:
         addons.check_eval_flags(vars(args))
     except ValueError as error:
@@ -284,12 +314,15 @@ def distilled_with(args: argparse.Namespace, sets: Sequence[SavedSet]) -> str:
 @dataclasses.dataclass(frozen=True)
 class EvaluationPlan:
     """What ``evaluate.py`` trains: the evaluation networks, the network the sets were distilled
-    with, the protocol every row shares and the ipc of every random-real row."""
+    with, the protocol every row shares, the ipc of every random-real row and the variants every
+    set and random row is trained under: ``(label regime, augmented)`` pairs (``("hard", False)``
+    with ``--ars``: without training augmentation)."""
 
     models: Tuple[str, ...]
     model: str
     protocol: evaluation.EvalProtocol
     ipcs: Tuple[int, ...]
+    variants: Tuple[Tuple[str, bool], ...] = (("hard", True),)
 
 
 def plan_evaluation(args: argparse.Namespace, record, loaded: Sequence[tuple]) -> EvaluationPlan:
@@ -311,7 +344,8 @@ def plan_evaluation(args: argparse.Namespace, record, loaded: Sequence[tuple]) -
     for ipc in ipcs:
         if ipc > int(record.labels_train.bincount().min()) and (args.baseline or args.random_baseline):
             raise utils.UserError(f"--ipc {ipc} exceeds the smallest class of {args.dataset}")
-    return EvaluationPlan(tuple(resolve_models(args, model)), model, protocol, tuple(ipcs))
+    variants = (("hard", True),) + ((("hard", False),) if args.ars else ())
+    return EvaluationPlan(tuple(resolve_models(args, model)), model, protocol, tuple(ipcs), variants)
 
 
 def _report(model_eval: str, accs: List[float], cfg: evaluation.EvalConfig, what: str, seconds: float) -> None:
@@ -336,9 +370,11 @@ def set_rows(args: argparse.Namespace, record, plan: EvaluationPlan, saved: Save
     term = next((e.term for e in experiments if e.term is not None), None)
     what = name + (f"; {term.note()}" if term is not None else "")
     common = dict(ipc=saved.ipc, method=saved.method, dataset=args.dataset, path=saved.path)
-    row = comparison.Row(name=f"{saved.method} ipc {saved.ipc} ({name})", kind="synthetic", **common)
     protocols = set_protocols(saved, args)
-    if "shared" in protocols:
+    shared = []
+    for labels, augmented in (plan.variants if "shared" in protocols else ()):
+        row = comparison.Row(name=f"{saved.method} ipc {saved.ipc} ({name}){comparison.row_suffix(labels, augmented)}",
+                             kind="synthetic", labels=labels, augmented=augmented, **common)
         try:
             rows.append(comparison.evaluate_set_row(
                 row, experiments, plan.models, protocol, plan.model, test_images, test_labels, record.num_classes,
@@ -346,6 +382,7 @@ def set_rows(args: argparse.Namespace, record, plan: EvaluationPlan, saved: Save
                 report=lambda model_eval, accs, cfg, _, seconds: _report(model_eval, accs, cfg, what, seconds)))
         except ValueError as error:
             raise utils.UserError(f"{saved.path}: {error} (--lbd 0 evaluates without feature labels)") from None
+        shared.append(row)
     if "schedule" in protocols:  # DD's own protocol: fresh networks trained by the learned steps
         scheduled = comparison.Row(name=f"{saved.method} ipc {saved.ipc}, learned schedule ({name})", kind="schedule",
                                    **common)
@@ -356,8 +393,9 @@ def set_rows(args: argparse.Namespace, record, plan: EvaluationPlan, saved: Save
                 f"{model_eval:<16} {tables.format_acc(accs)} %  ({len(accs)} networks, {described['steps']} "
                 f"learned steps; {name}; {seconds:.1f} s)")))
     if term is not None:
-        for result in row.results.values():
-            result["protocol"].update(term.describe())
+        for row in shared:
+            for result in row.results.values():
+                result["protocol"].update(term.describe())
     return rows
 
 
@@ -377,8 +415,8 @@ def evaluate_rows(args: argparse.Namespace, record, plan: EvaluationPlan, loaded
     if args.baseline or args.random_baseline:
         rows += [comparison.random_real_row(record, ipc, plan.models, plan.protocol, plan.model, test_images,
                                             test_labels, num_eval=args.num_eval, device=device, seed=args.seed,
-                                            report=_report, precision=precision)
-                 for ipc in plan.ipcs]
+                                            report=_report, precision=precision, augmented=augmented)
+                 for ipc in plan.ipcs for labels, augmented in plan.variants]
     whole = comparison.whole_dataset_row(args.original_path, args.dataset, plan.models, args.subset)
     return rows + ([whole] if whole is not None else [])
 
@@ -388,10 +426,12 @@ def write_out(args: argparse.Namespace, plan: EvaluationPlan, rows: Sequence[com
     another path when the write fails (``cli.write_or_rescue``); rank 0 only."""
     if not args.out or not distributed.is_main():
         return
+    scores = score_settings(args)
     protocol, first = comparison.evaluation_record(rows, plan.protocol, num_eval=args.num_eval, seed=args.seed,
-                                                   dataset=args.dataset, amp=precision.describe())
+                                                   dataset=args.dataset, amp=precision.describe(), scores=scores)
     json_path, csv_path = cli.write_or_rescue(
-        lambda path: comparison.write_table(path, rows, plan.models, protocol, extra=first), args.out, "--out")
+        lambda path: comparison.write_table(path, rows, plan.models, protocol, extra=first, scores=scores),
+        args.out, "--out")
     print(f"wrote {json_path} and {csv_path}")
 
 

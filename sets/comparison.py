@@ -1,5 +1,6 @@
-"""Fair comparison tables: synthetic sets next to ipc random real images per class (same protocol)
-and the whole-dataset accuracy, with the improvement over random of each set.
+"""Fair comparison tables: synthetic sets next to ipc random real images per class (same protocol,
+same label regime, same augmentation) and the whole-dataset accuracy, with the improvement over
+random of each set and DD-Ranking's HLR, LRS and ARS (``sets.ranking``).
 
 Used by ``evaluate.py`` (cross-architecture tables), ``scripts/continual.py`` and ``scripts/make_table.py``.
 
@@ -30,6 +31,7 @@ import tables
 import utils
 from precision import FP32, Precision
 from pretrained import original_files
+from sets import ranking
 
 
 @dataclass
@@ -45,6 +47,9 @@ class Row:
         dataset: the dataset.
         results: ``{model: {"mean", "std", "accs", "protocol"}}``, accuracies in [0, 1].
         path: the file the set came from, if any.
+        labels: the label regime the row was trained under (``hard``, ``soft``, ``teacher``:
+            ``evaluation.EvalProtocol.labels``); rows of one set or ipc differ by it.
+        augmented: ``False`` for a row trained without any training augmentation (ARS).
     """
 
     name: str
@@ -54,6 +59,28 @@ class Row:
     dataset: str
     results: Dict[str, dict] = field(default_factory=dict)
     path: Optional[str] = None
+    labels: str = "hard"
+    augmented: bool = True
+
+
+REGIME_NAMES = {"hard": "", "soft": " + soft labels", "teacher": " + teacher labels"}
+
+
+def row_suffix(labels: str = "hard", augmented: bool = True) -> str:
+    """What a row's name adds for its label regime and augmentation: ``''`` for hard labels with
+    the protocol's augmentation, `` + teacher labels``, `` + soft labels``, `` (no aug)``."""
+    return REGIME_NAMES.get(labels, f" + {labels} labels") + ("" if augmented else " (no aug)")
+
+
+def without_augmentation(cfg: "evaluation.EvalConfig") -> "evaluation.EvalConfig":
+    """``cfg`` with every training augmentation switched off (DSA / DC augmentation and, where the
+    protocol has them, the student views and batch mixing) and everything else, epochs included,
+    kept: the "without augmentation" run of DD-Ranking's ARS (``aug_robust.py``, ``use_aug=False``)."""
+    import dataclasses
+
+    off = {"dsa_strategy": "", "dc_aug": None, "student_aug": "none", "mix_type": "none"}
+    known = {f.name for f in dataclasses.fields(cfg)}
+    return dataclasses.replace(cfg, **{key: value for key, value in off.items() if key in known})
 
 
 def improvement_over_random(accs: Sequence[float], random_accs: Sequence[float]) -> float:
@@ -149,6 +176,7 @@ def evaluate_set_row(row: Row, experiments: Sequence[SetToEvaluate], models: Seq
         test_images, test_labels: the real test set on ``device``.
         report: called as ``report(model, accs, cfg, what, seconds)`` after each model.
         precision: ``--amp`` of the training and testing (``evaluation.EvalConfig.precision``).
+            ``row.augmented`` off trains without augmentation (:func:`without_augmentation`).
 
     Raises:
         ValueError: an experiment's training term does not fit an evaluation network.
@@ -162,6 +190,7 @@ def evaluate_set_row(row: Row, experiments: Sequence[SetToEvaluate], models: Seq
         for index, experiment in enumerate(experiments):
             cfg = protocol.resolve(row.dataset, distilled_with, model_eval, row.ipc, experiment.learned_lr,
                                    precision=precision)
+            cfg = cfg if row.augmented else without_augmentation(cfg)
             result = evaluation.evaluate_synset_sharded(experiment.images.to(device), experiment.labels.to(device),
                                                    model_eval, num_classes, test_images, test_labels, cfg,
                                                    num_eval=num_eval, device=device, seed=seed + 1000 * index,
@@ -207,19 +236,22 @@ def evaluate_schedule_row(row: Row, experiments: Sequence[SetToEvaluate], models
 
 def random_real_row(record, ipc: int, models: Sequence[str], protocol: "evaluation.EvalProtocol", distilled_with: str,
                     test_images: torch.Tensor, test_labels: torch.Tensor, *, num_eval: int, device: torch.device,
-                    seed: int, report: Optional[ReportFn] = None, precision: Precision = FP32) -> Row:
+                    seed: int, report: Optional[ReportFn] = None, precision: Precision = FP32,
+                    augmented: bool = True) -> Row:
     """The random-real row: for each of ``num_eval`` networks a fresh draw of ``ipc`` real training
     images per class (generator ``seed + k``), hard labels, the same protocol (and ``precision``,
-    ``--amp``) as the sets.
+    ``--amp``) as the sets; without any training augmentation when ``augmented`` is off (ARS).
 
     Raises:
         FloatingPointError: a training loss became NaN or infinite.
     """
     from data import sample_random_real
 
-    row = Row(name=f"random real ipc {ipc}", kind="random", ipc=ipc, method="random", dataset=record.name)
+    row = Row(name=f"random real ipc {ipc}{row_suffix('hard', augmented)}", kind="random", ipc=ipc, method="random",
+              dataset=record.name, augmented=augmented)
     for model_eval in models:
         cfg = protocol.resolve(record.name, distilled_with, model_eval, ipc, precision=precision)
+        cfg = cfg if augmented else without_augmentation(cfg)
         mine, seconds, results = {}, 0.0, []
         for run in distributed.shard(num_eval):  # all of them for one process; a share under torchrun
             images, labels = sample_random_real(record, ipc, utils.make_generator(seed + run))
@@ -245,9 +277,12 @@ def whole_dataset_row(original_path: str, dataset: str, models: Sequence[str], s
     return row if row.results else None
 
 
-def random_row_for(rows: Sequence[Row], ipc: Optional[int]) -> Optional[Row]:
-    """The random-real row of the given ipc among ``rows`` (``None`` if absent)."""
-    return next((row for row in rows if row.kind == "random" and row.ipc == ipc), None)
+def random_row_for(rows: Sequence[Row], ipc: Optional[int], labels: str = "hard",
+                   augmented: bool = True) -> Optional[Row]:
+    """The random-real row of the given ipc, label regime and augmentation among ``rows`` (``None``
+    if absent)."""
+    return next((row for row in rows if row.kind == "random" and row.ipc == ipc and row.labels == labels
+                 and row.augmented == augmented), None)
 
 
 def training_lr(protocol: dict) -> Tuple[Optional[float], str]:
@@ -289,32 +324,37 @@ def labels_text(protocol: dict) -> str:
     return text if lbd is None else f"{text} + feature labels (lbd {float(lbd):g})"
 
 
-def long_table(rows: Sequence[Row], models: Sequence[str]) -> pd.DataFrame:
+SCORE_COLUMNS = ("hlr", "lrs", "lrs_std", "ars", "ars_std")  # DD-Ranking's scores beside IOR (sets.ranking)
+LONG_COLUMNS = ["name", "kind", "method", "dataset", "ipc", "model", "mean", "std", "n", "ior", *SCORE_COLUMNS,
+                "regime", "augmented", "epochs", "lr", "lr_source", "augmentation", "labels", "path"]
+
+
+def long_table(rows: Sequence[Row], models: Sequence[str],
+               scores: ranking.ScoreSettings = ranking.ScoreSettings()) -> pd.DataFrame:
     """One record per (row, model): name, kind, method, dataset, ipc, model, mean and std in
-    percent, n networks, IOR in points (synthetic rows with a random row of their ipc), and the
-    protocol fields epochs, lr (the mean learned step size when the set learned one,
-    :func:`training_lr`), lr_source (``learned`` / ``fixed``), augmentation and labels
-    (:func:`labels_text`)."""
+    percent, n networks, IOR in points (synthetic rows with a random row of their ipc, label regime
+    and augmentation), DD-Ranking's HLR (points), LRS and ARS with their standard deviations over
+    runs (``sets.ranking.row_scores`` under ``scores``; NaN where the rows they need are absent),
+    the row's label ``regime`` and ``augmented``, and the protocol fields epochs, lr (the mean
+    learned step size when the set learned one, :func:`training_lr`), lr_source (``learned`` /
+    ``fixed``), augmentation and labels (:func:`labels_text`)."""
     records = []
     for row in rows:
-        reference = random_row_for(rows, row.ipc) if row.kind == "synthetic" else None
         for model in models:
             result = row.results.get(model)
             if result is None:
                 continue
             protocol = result.get("protocol") or {}
-            ior = float("nan")
-            if reference is not None and model in reference.results:
-                ior = improvement_over_random(result["accs"], reference.results[model]["accs"])
+            found = ranking.row_scores(rows, row, model, scores)
             lr, lr_source = training_lr(protocol)
             records.append({"name": row.name, "kind": row.kind, "method": row.method, "dataset": row.dataset,
                             "ipc": row.ipc, "model": model, "mean": 100 * result["mean"], "std": 100 * result["std"],
-                            "n": len(result.get("accs", [])), "ior": ior, "epochs": protocol.get("epochs"),
+                            "n": len(result.get("accs", [])), "ior": found["ior"],
+                            **{column: found[column] for column in SCORE_COLUMNS},
+                            "regime": row.labels, "augmented": row.augmented, "epochs": protocol.get("epochs"),
                             "lr": lr, "lr_source": lr_source, "augmentation": protocol.get("augmentation"),
                             "labels": labels_text(protocol), "path": row.path})
-    return pd.DataFrame.from_records(records, columns=["name", "kind", "method", "dataset", "ipc", "model", "mean", "std",
-                                                       "n", "ior", "epochs", "lr", "lr_source", "augmentation", "labels",
-                                                       "path"])
+    return pd.DataFrame.from_records(records, columns=LONG_COLUMNS)
 
 
 def cell(mean: float, std: float, ior: float = float("nan")) -> str:
@@ -371,7 +411,7 @@ def format_table(rows: Sequence[Row], models: Sequence[str]) -> str:
     """The Markdown table of :func:`wide_table` with a legend line, and a line naming the lr and
     label type every set and random row shares (those columns are then left out)."""
     legend = ("accuracy % mean ± std over networks; (+x): improvement over random real images of the same ipc "
-              "under the same protocol (DD-Ranking IOR, points); whole dataset: train_original.py models")
+              "under the same protocol and labels (DD-Ranking IOR, points); whole dataset: train_original.py models")
     _, agreed = protocol_columns(rows, models)
     if agreed:
         legend += "\nevery set and random row: " + ", ".join(
@@ -384,21 +424,28 @@ def format_table(rows: Sequence[Row], models: Sequence[str]) -> str:
 CSV_DECIMALS = 4  # decimals of percentages and points in a CSV (0.0001 % = 1e-6 as a fraction)
 
 
+SCORE_DECIMALS = 6  # decimals of LRS and ARS in a CSV (unitless, about -0.16 to 1)
+
+
 def rounded_for_csv(frame: pd.DataFrame) -> pd.DataFrame:
     """A copy of ``frame`` fit for a CSV: the percentage and point columns present (``mean``,
-    ``std``, ``ior``) rounded to ``CSV_DECIMALS`` decimals, ``lr`` to 6 significant digits
-    (``tables.round_significant``), so ``23.200000000000003`` is written ``23.2``. Other columns
-    are unchanged; used by :func:`write_table` and ``scripts/make_table.py``."""
-    frame = frame.round({column: CSV_DECIMALS for column in ("mean", "std", "ior") if column in frame})
+    ``std``, ``ior``, ``hlr``) rounded to ``CSV_DECIMALS`` decimals, LRS and ARS (and their stds)
+    to ``SCORE_DECIMALS``, ``lr`` to 6 significant digits (``tables.round_significant``), so
+    ``23.200000000000003`` is written ``23.2``. Other columns are unchanged; used by
+    :func:`write_table` and ``scripts/make_table.py``."""
+    frame = frame.round({column: CSV_DECIMALS for column in ("mean", "std", "ior", "hlr") if column in frame})
+    frame = frame.round({column: SCORE_DECIMALS for column in SCORE_COLUMNS[1:] if column in frame})
     if "lr" in frame:
         frame["lr"] = [tables.round_significant(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
                        for v in frame["lr"]]
     return frame
 
 
-def write_table(path: str, rows: Sequence[Row], models: Sequence[str], protocol: dict, extra: Optional[dict] = None) -> tuple:
+def write_table(path: str, rows: Sequence[Row], models: Sequence[str], protocol: dict, extra: Optional[dict] = None,
+                scores: ranking.ScoreSettings = ranking.ScoreSettings()) -> tuple:
     """Write the comparison as JSON (``path``) and the long table as CSV (``path`` with ``.csv``;
-    mean and std in percent, IOR in points, rounded by :func:`rounded_for_csv`).
+    mean and std in percent, IOR and HLR in points, LRS and ARS under ``scores``
+    (:func:`long_table`), rounded by :func:`rounded_for_csv`).
 
     The JSON holds ``{"comparison": {"models", "protocol", "rows": [Row...], "table": [records]}}``
     plus ``extra`` at the top level (``evaluate.py`` keeps its per-model keys there).
@@ -406,7 +453,7 @@ def write_table(path: str, rows: Sequence[Row], models: Sequence[str], protocol:
     Returns:
         ``(json_path, csv_path)``.
     """
-    frame = rounded_for_csv(long_table(rows, models))
+    frame = rounded_for_csv(long_table(rows, models, scores))
     csv_path = os.path.splitext(path)[0] + ".csv"
     storage.write_text(csv_path, frame.to_csv(index=False))
     records = json.loads(frame.to_json(orient="records"))
@@ -431,10 +478,11 @@ def common_protocol(protocols: Sequence["evaluation.EvalProtocol"]) -> Optional[
 
 
 def evaluation_record(rows: Sequence[Row], protocol: "evaluation.EvalProtocol", *, num_eval: int, seed: int, dataset: str,
-                      amp: str) -> Tuple[dict, dict]:
+                      amp: str, scores: ranking.ScoreSettings = ranking.ScoreSettings()) -> Tuple[dict, dict]:
     """What ``evaluate.py --out`` writes beside the table (:func:`write_table`): the comparison's
     ``protocol`` record (``num_eval``, ``seed``, ``dataset``, ``amp``, the first row's per-model
-    protocols as ``evaluation`` and the common ``protocol``) and, as the top-level ``extra`` keys,
+    protocols as ``evaluation``, the common ``protocol`` and the score settings ``scores``,
+    ``sets.ranking.ScoreSettings.as_dict``) and, as the top-level ``extra`` keys,
     the first row's ``{model: {"mean", "std", "accs", "protocol", ...}}`` (accuracies in [0, 1];
     scripts read them).
 
@@ -444,8 +492,14 @@ def evaluation_record(rows: Sequence[Row], protocol: "evaluation.EvalProtocol", 
     first = {model: result for model, result in rows[0].results.items()}
     record = {"num_eval": num_eval, "seed": seed, "dataset": dataset, "amp": amp,
               "evaluation": {model: rows[0].results[model]["protocol"] for model in rows[0].results},
-              "protocol": protocol.as_dict()}
+              "protocol": protocol.as_dict(), "scores": scores.as_dict()}
     return record, first
+
+
+def format_scores(rows: Sequence[Row], models: Sequence[str], scores: ranking.ScoreSettings = ranking.ScoreSettings()) -> str:
+    """DD-Ranking's scores of the synthetic rows as a Markdown table (``sets.ranking.format_scores``
+    of :func:`long_table`); ``''`` when no HLR, LRS or ARS could be computed."""
+    return ranking.format_scores(long_table(rows, models, scores), scores)
 
 
 def rows_from_json(blob: dict) -> List[Row]:
