@@ -22,6 +22,8 @@ from methods.addons.base import AFTER_IMAGE_UPDATE, IMAGE_LOSS, TRAINING_TERM
 from precision import FP32, Precision, scaled_backward
 import chunked
 from methods.options import MethodOptions, Option, option_specs, resolve
+from methods.synthetic import SyntheticSet  # noqa: F401  (re-exported: the set lives in methods/synthetic.py)
+import utils
 
 METHODS: Dict[str, Type["DistillMethod"]] = {}
 
@@ -116,140 +118,14 @@ class DistillConfig:
     # The add-ons turned on: ``{add-on name: its frozen settings}`` (``methods.addons``; each
     # add-on builds its settings from its flags and records them under its own key).
     addons: Mapping[str, Any] = field(default_factory=dict)
+    # The teacher of the decoupled family (``--teacher_model`` / ``--teacher_arch``): a
+    # ``pretrained.teachers.TeacherSpec.as_dict()``, or None. A method with ``needs_teacher``
+    # loads it (:attr:`DistillMethod.teacher`); the others never look at it.
+    teacher: Optional[Mapping[str, Any]] = None
 
     def replace(self, **changes) -> "DistillConfig":
         """A copy with some fields changed (the config itself is frozen)."""
         return dataclasses.replace(self, **changes)
-
-
-class SyntheticSet(nn.Module):
-    """The learned artefact: synthetic images and their labels (class-major), and any learned
-    extras a method adds. Its ``state_dict`` is what a checkpoint stores.
-
-    Attributes:
-        images: ``nn.Parameter`` (K*ipc, C, H, W) in the dataset's normalised (or ZCA) space.
-        labels: buffer (K*ipc,) int64: ``ipc`` copies of class 0, then of class 1, ...
-        num_classes: K.
-        ipc: images per class.
-        syn_lr: ``None``, or a learnable scalar ``nn.Parameter``: the step size trajectory
-            matching learns (MTT's alpha); evaluation trains with it.
-        label_logits: ``None``, or a learnable ``nn.Parameter`` (K*ipc, K) of soft-label logits
-            (DATM); evaluation trains on ``softmax(label_logits)`` with soft cross-entropy.
-        extras: names of the learned tensors add-ons added (:meth:`learn_extra`); each is an
-            ``nn.Parameter`` attribute of that name (so it is in ``state_dict`` under its name).
-        label_values: ``None``, or learnable real-valued labels ``nn.Parameter`` (K*ipc, K): the
-            regression targets of kernel ridge regression (KIP ``--learn_labels``, FRePo
-            ``--learn_label``), initialised at ``one_hot - 1/K``; evaluation fits them as they are
-            (``--label_loss mse``).
-        step_lr_raw: ``None``, or a learnable ``nn.Parameter`` (T,): one unconstrained value per
-            training step of a learned step schedule (DD); the method that adds it maps it to
-            step sizes (:meth:`DistillMethod.step_schedule`).
-    """
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, ipc: int):
-        super().__init__()
-        if images.shape[0] != num_classes * ipc or labels.shape[0] != images.shape[0]:
-            raise ValueError(f"expected {num_classes}*{ipc} images and labels, got {images.shape[0]} and {labels.shape[0]}")
-        self.images = nn.Parameter(images.detach().clone())
-        self.register_buffer("labels", labels.detach().clone())
-        self.num_classes = num_classes
-        self.ipc = ipc
-        self.syn_lr: Optional[nn.Parameter] = None
-        self.label_logits: Optional[nn.Parameter] = None
-        self.label_values: Optional[nn.Parameter] = None
-        self.extras: Dict[str, nn.Parameter] = {}
-        self.step_lr_raw: Optional[nn.Parameter] = None
-
-    def learn_lr(self, value: float) -> nn.Parameter:
-        """Add the learnable step size, initialised at ``value``; returns it."""
-        self.syn_lr = nn.Parameter(torch.tensor(float(value), device=self.images.device))
-        return self.syn_lr
-
-    def learn_soft_labels(self, logits: torch.Tensor) -> nn.Parameter:
-        """Add learnable soft-label logits (K*ipc, K); returns them.
-
-        Raises:
-            ValueError: ``logits`` is not (K*ipc, K).
-        """
-        if tuple(logits.shape) != (self.images.shape[0], self.num_classes):
-            raise ValueError(f"soft labels must be ({self.images.shape[0]}, {self.num_classes}), got {tuple(logits.shape)}")
-        self.label_logits = nn.Parameter(logits.detach().clone().to(self.images.device))
-        return self.label_logits
-
-    def learn_label_values(self, values: torch.Tensor) -> nn.Parameter:
-        """Add learnable real-valued labels (K*ipc, K) (KIP's and FRePo's learned
-        KRR targets); returns them.
-
-        Raises:
-            ValueError: ``values`` is not (K*ipc, K).
-        """
-        if tuple(values.shape) != (self.images.shape[0], self.num_classes):
-            raise ValueError(f"label values must be ({self.images.shape[0]}, {self.num_classes}), got {tuple(values.shape)}")
-        self.label_values = nn.Parameter(values.detach().clone().float().to(self.images.device))
-        return self.label_values
-
-    def learn_extra(self, name: str, value: torch.Tensor) -> nn.Parameter:
-        """Add a learnable tensor of an add-on (any shape), initialised at ``value`` (copied to the
-        images' device), as the parameter ``name`` (:attr:`extras`); returns it.
-
-        Raises:
-            ValueError: ``name`` is already an attribute of the set.
-        """
-        if name in self.extras or hasattr(self, name):
-            raise ValueError(f"the synthetic set already has {name!r}")
-        parameter = nn.Parameter(value.detach().clone().to(self.images.device))
-        self.register_parameter(name, parameter)
-        self.extras[name] = parameter
-        return parameter
-
-    def extra(self, name: str) -> Optional[nn.Parameter]:
-        """The learned tensor ``name`` an add-on added (:meth:`learn_extra`), or ``None``."""
-        return self.extras.get(name)
-
-    def learn_step_schedule(self, raw: torch.Tensor) -> nn.Parameter:
-        """Add the learnable per-step values (T,) of a step schedule (DD); returns them.
-
-        Raises:
-            ValueError: ``raw`` is not one-dimensional.
-        """
-        if raw.dim() != 1:
-            raise ValueError(f"a step schedule holds one value per step, got shape {tuple(raw.shape)}")
-        self.step_lr_raw = nn.Parameter(raw.detach().clone().to(self.images.device))
-        return self.step_lr_raw
-
-    def class_images(self, c: int) -> torch.Tensor:
-        """(ipc, C, H, W) view of class ``c``'s images (gradients flow to ``images``)."""
-        return self.images[c * self.ipc:(c + 1) * self.ipc]
-
-    def targets(self) -> torch.Tensor:
-        """Training targets: (K*ipc,) int64 class labels, (K*ipc, K) probabilities
-        ``softmax(label_logits)`` when soft labels are learned, or the (K*ipc, K) real-valued
-        ``label_values`` when those are learned (detached)."""
-        if self.label_logits is not None:
-            return torch.softmax(self.label_logits.detach(), dim=1)
-        if self.label_values is not None:
-            return self.label_values.detach()
-        return self.labels
-
-    def export_labels(self) -> torch.Tensor:
-        """The labels a result file stores: the soft-label logits (DATM's ``labels_*.pt``
-        format) or the real-valued label values (KIP) when learned, else the int64 class labels;
-        detached, on the CPU."""
-        labels = self.label_logits if self.label_logits is not None else self.label_values
-        labels = labels if labels is not None else self.labels
-        return labels.detach().cpu().clone()
-
-    def label_kind(self) -> str:
-        """What :meth:`export_labels` holds, for records: ``hard``, ``soft`` (logits) or
-        ``learned real-valued``."""
-        if self.label_logits is not None:
-            return "soft"
-        return "learned real-valued" if self.label_values is not None else "hard"
-
-    @staticmethod
-    def class_major_labels(num_classes: int, ipc: int, device=None) -> torch.Tensor:
-        """(K*ipc,) int64 labels ``[0]*ipc + [1]*ipc + ...``."""
-        return torch.arange(num_classes, device=device).repeat_interleave(ipc)
 
 
 class DistillMethod:
@@ -324,6 +200,16 @@ class DistillMethod:
     # How networks trained on the set fit its labels when --label_loss is not given
     # (evaluation.LABEL_LOSSES): cross-entropy, or mse for kernel methods whose labels are regression targets.
     eval_label_loss: ClassVar[str] = "cross_entropy"
+    # The evaluation protocol's fields this method sets beside the ones above (``evaluation.EvalProtocol``
+    # field -> value; the decoupled family's label regime, student optimiser, views and mixing);
+    # flags given override them. Empty: today's protocol.
+    eval_protocol_defaults: ClassVar[Mapping[str, Any]] = {}
+
+    # ---- teacher (the decoupled family: methods/sre2l.py, methods/rded.py) ----------------
+    # True when the method needs a trained teacher (``DistillConfig.teacher``): it is refused
+    # before any data is loaded when none is given (:meth:`check_config`) and reads it as
+    # :attr:`teacher`.
+    needs_teacher: ClassVar[bool] = False
 
     # ---- data normalisation -------------------------------------------------------------
     # --cifar100_stats when not given: "cifar100" (its own mean/std, DC/DSA/DM) or "cifar10"
@@ -357,6 +243,7 @@ class DistillMethod:
         self.addons: list = []
         self._owned_classes: Optional[list] = None
         self._owned_known = False
+        self._teacher: Optional[nn.Module] = None
 
     @classmethod
     def option_specs(cls) -> Tuple[Option, ...]:
@@ -420,11 +307,51 @@ class DistillMethod:
     @classmethod
     def check_config(cls, cfg: DistillConfig) -> None:
         """Checks across flags that need the whole configuration (run by ``distill.py`` before
-        any data is loaded); none in the base class.
+        any data is loaded): in the base class, that a method with ``needs_teacher`` is given one.
 
         Raises:
             ValueError: one line naming the flags and what was expected.
         """
+        if cls.needs_teacher and cfg.teacher is None:
+            raise ValueError(cls.missing_teacher())
+
+    @classmethod
+    def missing_teacher(cls) -> str:
+        """The one line saying that this method needs a teacher and which flags give one."""
+        return (f"--method {cls.name} needs a teacher: give --teacher_model MODEL (a train_original.py model "
+                "under --teacher_dir) or --teacher_arch ARCH --teacher_path FILE")
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The frozen teacher (``pretrained.teachers.Teacher``: eval mode, ``forward(x (B, C, H, W))
+        -> (B, K)`` logits), loaded from ``cfg.teacher`` on first use for this run's dataset, class
+        count, image shape and ZCA setting; tests may assign one (``method.teacher = Teacher(networks=[net])``).
+
+        Raises:
+            utils.UserError: no teacher was given, or its files are missing or do not fit the data
+                (one line, ``pretrained.teachers.load_teacher``).
+        """
+        if self._teacher is None:
+            self._teacher = self.load_teacher()
+        return self._teacher
+
+    @teacher.setter
+    def teacher(self, value: nn.Module) -> None:
+        self._teacher = value
+
+    def load_teacher(self) -> nn.Module:
+        """``pretrained.teachers.load_teacher`` of ``cfg.teacher`` for this run's data (what
+        :attr:`teacher` calls once).
+
+        Raises:
+            utils.UserError: see :attr:`teacher`.
+        """
+        if self.cfg.teacher is None:
+            raise utils.UserError(self.missing_teacher())
+        from pretrained import teachers  # noqa: PLC0415  (the decoupled family only)
+        spec = teachers.TeacherSpec.from_dict(self.cfg.teacher)
+        return teachers.load_teacher(spec, device=self.device, dataset=self.cfg.dataset, num_classes=self.num_classes,
+                                     channel=self.channel, im_size=self.im_size, zca=self.cfg.zca, subset=self.cfg.subset)
 
     @classmethod
     def eval_protocols(cls, cfg: DistillConfig) -> Tuple[str, ...]:
@@ -432,6 +359,11 @@ class DistillMethod:
         here; a method that learns a step schedule may add ``"schedule"``
         (``evaluation.evaluate_schedule`` with :meth:`step_schedule`)."""
         return ("shared",)
+
+    def run_records(self) -> dict:
+        """What ``results.json`` records of this run beside the configuration (e.g. SRe2L's
+        BatchNorm-loss report); none in the base class."""
+        return {}
 
     def step_schedule(self, syn: SyntheticSet):
         """The learned training schedule of ``syn`` as plain data (``evaluation.StepSchedule``), or
