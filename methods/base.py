@@ -339,6 +339,15 @@ class DistillMethod:
     def teacher(self, value: nn.Module) -> None:
         self._teacher = value
 
+    def teacher_record(self) -> Optional[dict]:
+        """What the result files record of the teacher: the loaded teacher's ``record`` (its spec,
+        and per network the file, sha256, epoch and accuracy), or ``{"spec": cfg.teacher}`` before it
+        is loaded; ``None`` for a method without ``needs_teacher``."""
+        if not self.needs_teacher:
+            return None
+        record = getattr(self._teacher, "record", None)
+        return dict(record) if record is not None else {"spec": dict(self.cfg.teacher or {})}
+
     def load_teacher(self) -> nn.Module:
         """``pretrained.teachers.load_teacher`` of ``cfg.teacher`` for this run's data (what
         :attr:`teacher` calls once).

@@ -3,6 +3,7 @@ hand computation from a teacher's running statistics, CDA's curriculum, one SRe2
 the cosine rate, pixels clipped, the first step's BN loss recorded), RDED keeping the lowest-CE
 patches on a crafted teacher and stitching them in order, a missing teacher refused in one line,
 and every new method resuming bit-exactly."""
+import json
 import math
 
 import pytest
@@ -13,7 +14,7 @@ import methods
 import utils
 from cli import distill_flags
 from methods.base import DistillMethod
-from methods.rded import RDED, auto_factor, select_patches, stitch
+from methods.rded import auto_factor, select_patches, stitch
 from methods.run_config import RunInterrupted, RunOptions, StopFlag
 from methods.runner import run_distillation
 from methods.sre2l import BNStatistics, bn_feature_distance, cosine_lr, curriculum_min_scale
@@ -247,3 +248,9 @@ def test_every_new_method_resumes_bit_exactly(name, teacher_for_runs, tmp_path, 
     assert len(a) == len(b) == num_exp
     for entry_a, entry_b in zip(a, b):
         assert torch.equal(entry_a[0], entry_b[0]) and torch.equal(entry_a[1], entry_b[1])
+    # the teacher is recorded with the set and in results.json; SRe2L/CDA also the BN-loss report
+    assert files.load_results(full.result_path)["meta"]["teacher"] == {"spec": {}}  # a test teacher: no spec
+    results = json.loads((tmp_path / "full" / "results.json").read_text())
+    assert results["teacher"] == {"spec": {}}
+    if name != "RDED":
+        assert results["bn_report"]["bn_loss_first_step"] > 0 and results["bn_report"]["bn_layers"] == 3
