@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     with cli.user_errors():
         args = distill_flags.parse_args(argv, description=__doc__)
         cfg, opts = distill_flags.resolve(args)
+        methods.get_method_class(cfg.method).check_teacher(cfg)  # SRe2L, CDA, RDED: before any data is loaded
         opts = dataclasses.replace(opts, command=cli.command_line(argv))
         stage = open_stage(args, run_dir=opts.run_dir, flag="--run_dir" if args.run_dir else "--save_path",
                            given=args.run_dir or args.save_path)

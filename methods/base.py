@@ -307,13 +307,22 @@ class DistillMethod:
     @classmethod
     def check_config(cls, cfg: DistillConfig) -> None:
         """Checks across flags that need the whole configuration (run by ``distill.py`` before
-        any data is loaded): in the base class, that a method with ``needs_teacher`` is given one.
+        any data is loaded); none in the base class (a missing teacher: :meth:`check_teacher`).
 
         Raises:
             ValueError: one line naming the flags and what was expected.
         """
+
+    @classmethod
+    def check_teacher(cls, cfg: DistillConfig) -> None:
+        """That a method with ``needs_teacher`` is given one (``distill.py`` runs it before any data
+        is loaded; resolving flags alone, e.g. for ``docs/flags.md``, does not).
+
+        Raises:
+            utils.UserError: :meth:`missing_teacher`.
+        """
         if cls.needs_teacher and cfg.teacher is None:
-            raise ValueError(cls.missing_teacher())
+            raise utils.UserError(cls.missing_teacher())
 
     @classmethod
     def missing_teacher(cls) -> str:

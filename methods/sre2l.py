@@ -376,7 +376,7 @@ class CDA(SRe2L):
 
     @classmethod
     def check_config(cls, cfg: DistillConfig) -> None:
-        """The teacher (base class) and ``--milestone`` at most 1 (the reference asserts 0 <= milestone <= 1).
+        """``--milestone`` at most 1 (the reference asserts 0 <= milestone <= 1).
 
         Raises:
             ValueError: one line naming the flag.

@@ -476,12 +476,14 @@ def run_isolated(spec: CaseSpec, threads: Optional[int], memory_limit_mb: Option
 
 def resolve_methods(requested: Sequence[str]) -> tuple:
     """``(names to measure, skipped notes)``: ``all`` expands to every registered distillation
-    method (selection baselines have no iterations); unregistered names are skipped."""
+    method (selection baselines have no iterations; methods that need a teacher are skipped with a
+    note); unregistered names are skipped."""
     registered = methods.list_methods()
     names = []
     for name in requested:
         if name.lower() == "all":
-            names += [known for known in registered if not methods.get_method_class(known).selection_only]
+            names += [known for known in registered if not methods.get_method_class(known).selection_only
+                      and not methods.get_method_class(known).needs_teacher]
         else:
             names.append(name)
     chosen, skipped = [], []
@@ -491,6 +493,9 @@ def resolve_methods(requested: Sequence[str]) -> tuple:
                                                     f"{', '.join(registered)}); skipped"})
         elif methods.get_method_class(name).selection_only:
             skipped.append({"method": name, "note": f"{name}: a selection baseline, no iterations to time; skipped"})
+        elif methods.get_method_class(name).needs_teacher:
+            skipped.append({"method": name, "note": f"{name}: needs a trained teacher (--teacher_model ...), which "
+                                                    "this study does not train; skipped"})
         else:
             chosen.append(name)
     return chosen, skipped

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import methods
+import networks
 import utils
 from cli import distill_flags
 from methods import addons
@@ -44,9 +45,13 @@ def config(name, buffer_root, **fields):
 
 
 @pytest.mark.parametrize("name", methods.list_methods())
-def test_every_method_runs_two_iterations(name, buffer_root, tmp_path):
+def test_every_method_runs_two_iterations(name, buffer_root, tmp_path, monkeypatch):
     record = tiny_record()
     cfg = config(name, buffer_root)
+    if methods.get_method_class(name).needs_teacher:  # SRe2L, CDA, RDED: a frozen BatchNorm teacher
+        torch.manual_seed(0)
+        teacher = networks.get_network("ConvNetBN", 1, 3, (8, 8)).eval().requires_grad_(False)
+        monkeypatch.setattr(methods.DistillMethod, "load_teacher", lambda self: teacher)
     opts = RunOptions(num_exp=1, num_eval=1, eval_models=(MTT_MODEL,), epoch_eval_train=2,
                       run_dir=str(tmp_path / name), save_vis=False)
     outcome = run_distillation(cfg, opts, record, CPU)

@@ -198,10 +198,20 @@ def test_rded_refuses_too_few_candidates_in_one_line():
 
 # ---- no teacher -----------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["SRe2L", "CDA", "RDED"])
-def test_no_teacher_is_one_clear_line(name):
-    with pytest.raises(utils.UserError, match=f"--method {name} needs a teacher: give --teacher_model") as error:
-        distill_flags.resolve(distill_flags.parse_args(["--method", name, "--dataset", "FashionMNIST"]))
-    assert "\n" not in str(error.value)
+def test_no_teacher_is_one_clear_line(name, monkeypatch, capsys):
+    import data
+    import distill
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the data was loaded before the teacher was checked")
+
+    monkeypatch.setattr(data, "load_dataset", no_loading)
+    with pytest.raises(SystemExit) as stopped:
+        distill.main(["--method", name, "--dataset", "FashionMNIST", "--run_dir", "unused", "--device", "cpu"])
+    assert stopped.value.code not in (0, None)
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert f"--method {name} needs a teacher: give --teacher_model" in err
     method = build_method(name, tiny_record())
     with pytest.raises(utils.UserError, match="needs a teacher"):
         method.init_synthetic()
