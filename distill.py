@@ -18,7 +18,7 @@ import tables
 import utils
 from cli import distill_flags
 from cli.stage import open_stage, stop_requests
-from methods.runner import RunInterrupted, run_distillation
+from methods.runner import RunInterrupted, eval_protocol, run_distillation
 
 
 def main(argv=None) -> int:
@@ -26,7 +26,8 @@ def main(argv=None) -> int:
     with cli.user_errors():
         args = distill_flags.parse_args(argv, description=__doc__)
         cfg, opts = distill_flags.resolve(args)
-        methods.get_method_class(cfg.method).check_teacher(cfg)  # SRe2L, CDA, RDED: before any data is loaded
+        method_class = methods.get_method_class(cfg.method)  # SRe2L, CDA, RDED, --labels soft|teacher: a teacher
+        method_class.check_teacher(cfg, eval_protocol(method_class, cfg, opts).labels)  # before any data is loaded
         opts = dataclasses.replace(opts, command=cli.command_line(argv))
         stage = open_stage(args, run_dir=opts.run_dir, flag="--run_dir" if args.run_dir else "--save_path",
                            given=args.run_dir or args.save_path)

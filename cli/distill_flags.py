@@ -19,7 +19,7 @@ import augment
 import cli
 import methods
 import utils
-from cli import eval_options
+from cli import eval_options, teacher_flags
 from methods import addons
 from methods.losses import METRICS
 from methods.run_config import RunOptions
@@ -74,6 +74,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     cli.add_amp_arg(parser)
     addons.add_args(parser)  # every registered add-on's own flags
     eval_options.add_eval_option_args(parser)
+    teacher_flags.add_teacher_args(parser)  # SRe2L, CDA, RDED; any method under --labels soft|teacher
     group = parser.add_argument_group("method-specific (declared by each method's options)")
     # One flag per field of the methods' options dataclasses (methods/options.py).
     for name, (option, users) in methods.method_options().items():
@@ -179,6 +180,7 @@ def resolve(args: argparse.Namespace):
         addon_settings = addons.settings_from_flags(vars(args))  # a plain mapping of the parsed values
     except ValueError as error:
         raise utils.UserError(str(error)) from None
+    teacher = teacher_flags.teacher_spec(args)
     cfg = methods.DistillConfig(method=args.method, dataset=args.dataset, model=args.model, ipc=v["ipc"],
                                 iterations=v["Iteration"], lr_img=v["lr_img"], lr_net=v["lr_net"],
                                 batch_real=v["batch_real"], batch_train=v["batch_train"], init=v["init"],
@@ -186,7 +188,7 @@ def resolve(args: argparse.Namespace):
                                 outer_loop=args.outer_loop, inner_loop=args.inner_loop, zca=args.zca,
                                 subset=args.subset, res=args.res,
                                 normalize_like=cli.normalize_like(args, method_class.cifar100_stats), extra=extra,
-                                addons=addon_settings)
+                                addons=addon_settings, teacher=teacher.as_dict() if teacher is not None else None)
     try:
         addons.check_hosted(method_class, cfg)
         method_class.check_config(cfg)

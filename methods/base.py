@@ -24,6 +24,7 @@ import chunked
 from methods.options import MethodOptions, Option, option_specs, resolve
 from methods.synthetic import SyntheticSet  # noqa: F401  (re-exported: the set lives in methods/synthetic.py)
 import utils
+from pretrained import teachers
 
 METHODS: Dict[str, Type["DistillMethod"]] = {}
 
@@ -203,7 +204,7 @@ class DistillMethod:
     # The evaluation protocol's fields this method sets beside the ones above (``evaluation.EvalProtocol``
     # field -> value; the decoupled family's label regime, student optimiser, views and mixing);
     # flags given override them. Empty: today's protocol.
-    eval_protocol_defaults: ClassVar[Mapping[str, Any]] = {}
+    eval_student_defaults: ClassVar[Mapping[str, Any]] = {}
 
     # ---- teacher (the decoupled family: methods/sre2l.py, methods/rded.py) ----------------
     # True when the method needs a trained teacher (``DistillConfig.teacher``): it is refused
@@ -314,21 +315,23 @@ class DistillMethod:
         """
 
     @classmethod
-    def check_teacher(cls, cfg: DistillConfig) -> None:
-        """That a method with ``needs_teacher`` is given one (``distill.py`` runs it before any data
-        is loaded; resolving flags alone, e.g. for ``docs/flags.md``, does not).
+    def check_teacher(cls, cfg: DistillConfig, labels: str = "hard") -> None:
+        """That a teacher is given when the method (``needs_teacher``) or the evaluation's label
+        regime (``labels`` soft or teacher) needs one; ``distill.py`` runs it before any data is
+        loaded (resolving flags alone, e.g. for ``docs/flags.md``, does not).
 
         Raises:
             utils.UserError: :meth:`missing_teacher`.
         """
-        if cls.needs_teacher and cfg.teacher is None:
-            raise utils.UserError(cls.missing_teacher())
+        if cfg.teacher is None and (cls.needs_teacher or labels != "hard"):
+            raise utils.UserError(cls.missing_teacher(labels))
 
     @classmethod
-    def missing_teacher(cls) -> str:
-        """The one line saying that this method needs a teacher and which flags give one."""
-        return (f"--method {cls.name} needs a teacher: give --teacher_model MODEL (a train_original.py model "
-                "under --teacher_dir) or --teacher_arch ARCH --teacher_path FILE")
+    def missing_teacher(cls, labels: str = "hard") -> str:
+        """The one line saying what needs a teacher (this method, or ``--labels``) and which flags give one."""
+        who = f"--method {cls.name}" if cls.needs_teacher else f"--labels {labels}"
+        return (f"{who} needs a teacher: give --teacher_model MODEL (a train_original.py model under "
+                "--teacher_dir) or --teacher_arch ARCH --teacher_path FILE")
 
     @property
     def teacher(self) -> nn.Module:
@@ -365,8 +368,7 @@ class DistillMethod:
             utils.UserError: see :attr:`teacher`.
         """
         if self.cfg.teacher is None:
-            raise utils.UserError(self.missing_teacher())
-        from pretrained import teachers  # noqa: PLC0415  (the decoupled family only)
+            raise utils.UserError(self.missing_teacher("teacher"))
         spec = teachers.TeacherSpec.from_dict(self.cfg.teacher)
         return teachers.load_teacher(spec, device=self.device, dataset=self.cfg.dataset, num_classes=self.num_classes,
                                      channel=self.channel, im_size=self.im_size, zca=self.cfg.zca, subset=self.cfg.subset)

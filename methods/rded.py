@@ -151,7 +151,7 @@ class RDED(CoresetMethod):
     run_counts = (1, 5)
     # RDED validation/main.py --re-epochs 300.
     eval_epochs = (300, 300)
-    eval_protocol_defaults = TEACHER_LABEL_PROTOCOL
+    eval_student_defaults = TEACHER_LABEL_PROTOCOL
 
     @property
     def factor(self) -> int:

@@ -148,6 +148,8 @@ class RunFiles:
         if teacher is not None:  # the decoupled family: the teacher, and e.g. SRe2L's BatchNorm-loss report
             record["teacher"] = teacher
         record.update(self.method.run_records() if self.method is not None else {})
+        if self.soft_labels:  # --labels soft: the relabelled soft labels' storage beside the images'
+            record["soft_labels"] = dict(self.soft_labels)
         storage.write_json(os.path.join(opts.run_dir, "results.json"), record)
 
 

@@ -99,6 +99,7 @@ class DistillationRun(RunFiles):
         self.best: list = []
         self.summary_rows: list = []
         self.vis_paths: list = []
+        self.soft_labels: dict = {}  # model -> size of its last relabel store ({"mb_per_epoch", "epochs"})
         self.eval_paths: dict = {}  # model -> how its last evaluation trained ({"path", "note"}; results.json)
         self.step_seconds, self.steps_timed, self.distill_seconds = 0.0, 0, 0.0
         self.method: Optional[DistillMethod] = None
@@ -247,7 +248,8 @@ class DistillationRun(RunFiles):
                                                            self.record.num_classes, self.test_images,
                                                            self.test_labels, eval_cfg, num_eval=self.opts.num_eval,
                                                            device=self.device, seed=seed, term=term,
-                                                           should_stop=lambda: self.stop.requested)
+                                                           should_stop=lambda: self.stop.requested,
+                                                           **self.label_sources(method, syn, eval_cfg, seed, key))
                     what = f"{eval_cfg.epochs} epochs"
                 results[key] = result
                 self.summary_rows.append(dict(exp=exp, iteration=iteration, model=key, acc_mean=result.acc_mean,
@@ -263,6 +265,25 @@ class DistillationRun(RunFiles):
             raise
         self.write_summary()
         return results
+
+    def label_sources(self, method, syn, eval_cfg: evaluation.EvalConfig, seed: int, key: str) -> dict:
+        """What an evaluation under the protocol's label regime needs beside the set: nothing (hard),
+        the method's teacher queried online (``teacher``), or a relabel store of ``syn``'s images by
+        that teacher, drawn from the evaluation's ``seed`` (``soft``; ``evaluation.relabel``), whose
+        size goes to ``results.json`` (``soft_labels``: MB per epoch, epochs).
+
+        Raises:
+            utils.UserError: no teacher was given (``DistillMethod.teacher``).
+        """
+        if eval_cfg.labels == "hard":
+            return {}
+        if eval_cfg.labels == "teacher":
+            return {"teacher": method.teacher}
+        epochs = evaluation.student_epochs(eval_cfg)
+        store = evaluation.relabel(syn.images.detach(), method.teacher, epochs=epochs,
+                                   batch_size=eval_cfg.batch_train, cfg=eval_cfg, seed=seed)
+        self.soft_labels[key] = {"mb_per_epoch": store.mb_per_epoch, "epochs": epochs}
+        return {"soft_store": store}
 
     def evaluate_or_stop(self, exp: int, iteration: int, method, syn, generator, loss_value: float,
                          elapsed: float) -> Dict[str, evaluation.EvalResult]:

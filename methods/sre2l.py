@@ -259,7 +259,7 @@ class SRe2L(DistillMethod):
     run_counts = (1, 5)
     # SRe2L validate/train_FKD.py trains the student 300 epochs (ImageNet-1K).
     eval_epochs = (300, 300)
-    eval_protocol_defaults = SOFT_LABEL_PROTOCOL
+    eval_student_defaults = SOFT_LABEL_PROTOCOL
 
     def __init__(self, cfg: DistillConfig, **kwargs):
         super().__init__(cfg, **kwargs)

@@ -264,3 +264,53 @@ def test_every_new_method_resumes_bit_exactly(name, teacher_for_runs, tmp_path, 
     assert results["teacher"] == {"spec": {}}
     if name != "RDED":
         assert results["bn_report"]["bn_loss_first_step"] > 0 and results["bn_report"]["bn_layers"] == 3
+
+
+# ---- end to end through distill.py with a train_original.py teacher ---------------------------
+@pytest.fixture(scope="module")
+def bn_teacher_root(tmp_path_factory):
+    """A ConvNetBN trained 2 epochs on ``tiny_record()`` (named Tiny3), in train_original.py's layout."""
+    from pretrained import originals
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("bn_teacher")
+    cfg = originals.OriginalConfig(dataset="Tiny3", model="ConvNetBN", epochs=2, batch_size=16, lr_decay_step=(5,))
+    originals.train_originals(cfg, tiny_record(), str(root), 1, device=CPU, save_every=0)
+    torch.set_num_threads(before)
+    return str(root)
+
+
+@pytest.mark.parametrize("name,extra,labels", [("SRe2L", ["--Iteration", "3", "--jitter", "2"], "soft"),
+                                               ("RDED", ["--mipc", "8", "--num_crop", "2"], "teacher")])
+def test_distill_with_a_teacher_records_it_and_evaluates_under_its_labels(name, extra, labels, bn_teacher_root,
+                                                                          fake_dataset, tmp_path, one_thread):
+    import distill
+
+    run_dir = tmp_path / name
+    code = distill.main(["--method", name, "--dataset", "Tiny3", "--model", "ConvNetW32", "--ipc", "1", *extra,
+                         "--num_eval", "1", "--epoch_eval_train", "2", "--teacher_model", "ConvNetBN",
+                         "--teacher_dir", bn_teacher_root, "--run_dir", str(run_dir), "--device", "cpu", "--no-vis",
+                         "--threads", "1"])
+    assert code == 0
+    results = json.loads((run_dir / "results.json").read_text())
+    protocol = results["protocol"]["ConvNetW32"]
+    assert protocol["label_regime"] == labels and protocol["optimizer"] == "AdamW" and protocol["labels"] == "hard"
+    network = results["teacher"]["networks"][0]
+    assert network["arch"] == "ConvNetBN" and len(network["sha256"]) == 64
+    meta = files.load_results(str(run_dir / f"res_{name}_Tiny3_ConvNetW32_1ipc.pt"))["meta"]
+    assert meta["teacher"]["spec"]["models"] == ["ConvNetBN"] and meta["protocol"]["labels"] == labels
+    assert meta["protocol"]["optimizer"] == "adamw" and meta["protocol"]["mix_type"] == "cutmix"
+    if name == "SRe2L":  # the relabelled soft labels' size and the BN-loss report
+        assert results["soft_labels"]["ConvNetW32"]["mb_per_epoch"] > 0
+        assert results["bn_report"]["bn_layers"] == 3 and results["bn_report"]["bn_loss_first_step"] > 0
+
+
+def test_teacher_labels_without_a_teacher_are_one_line(fake_dataset, capsys):
+    import distill
+
+    with pytest.raises(SystemExit) as stopped:
+        distill.main(["--method", "DM", "--dataset", "Tiny3", "--labels", "teacher", "--device", "cpu"])
+    assert stopped.value.code not in (0, None)
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--labels teacher needs a teacher: give --teacher_model" in err
