@@ -22,7 +22,7 @@ import networks
 import storage
 import tables
 import utils
-from cli import eval_options
+from cli import eval_options, evaluate_regimes
 from methods import addons
 from methods.addons.clom import add_original_model_args, split_list
 from sets import assess, comparison, files, ranking
@@ -76,6 +76,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                              "sets without a schedule: shared)")
     parser.add_argument("--out", default=None, help="write the accuracies as JSON here (and the table as .csv beside it)")
     add_score_args(parser)
+    evaluate_regimes.add_regime_args(parser)
     addons.add_eval_args(parser)  # every registered add-on's own evaluate.py flags (feature labels: --lbd)
     eval_options.add_eval_option_args(parser, saved_default=True)
     cli.add_data_args(parser)
@@ -314,15 +315,20 @@ def distilled_with(args: argparse.Namespace, sets: Sequence[SavedSet]) -> str:
 @dataclasses.dataclass(frozen=True)
 class EvaluationPlan:
     """What ``evaluate.py`` trains: the evaluation networks, the network the sets were distilled
-    with, the protocol every row shares, the ipc of every random-real row and the variants every
-    set and random row is trained under: ``(label regime, augmented)`` pairs (``("hard", False)``
-    with ``--ars``: without training augmentation)."""
+    with, the protocol every row shares (its ``labels`` replaced per row), the ipc of every
+    random-real row, the variants every set and random row is trained under: ``(label regime,
+    augmented)`` pairs (``cli.evaluate_regimes.label_regimes``; with ``--ars`` each again without
+    training augmentation), and the teacher that labels the ``soft`` / ``teacher`` rows (its spec,
+    and the record it replays when it comes from the sets)."""
 
     models: Tuple[str, ...]
     model: str
     protocol: evaluation.EvalProtocol
     ipcs: Tuple[int, ...]
     variants: Tuple[Tuple[str, bool], ...] = (("hard", True),)
+    teacher: Optional[Any] = None  # pretrained.teachers.TeacherSpec
+    teacher_record: Optional[dict] = None
+    teacher_from_flags: bool = False
 
 
 def plan_evaluation(args: argparse.Namespace, record, loaded: Sequence[tuple]) -> EvaluationPlan:
@@ -335,8 +341,12 @@ def plan_evaluation(args: argparse.Namespace, record, loaded: Sequence[tuple]) -
             larger than the smallest class where random real images are drawn.
     """
     model = distilled_with(args, [saved for saved, _, _ in loaded])
-    try:
-        protocol = comparison.common_protocol([protocol for _, _, protocol in loaded]) or baseline_protocol(args)
+    spec, recorded = evaluate_regimes.resolve_teacher(args, [saved for saved, _, _ in loaded])
+    own = [protocol for _, _, protocol in loaded] or [baseline_protocol(args)]
+    regimes = evaluate_regimes.label_regimes(args, own, spec is not None)
+    try:  # the label regime is varied per row, so the sets need only agree on the rest
+        protocol = (comparison.common_protocol([dataclasses.replace(p, labels="hard") for _, _, p in loaded])
+                    or dataclasses.replace(baseline_protocol(args), labels="hard"))
     except ValueError as error:
         raise utils.UserError(f"--syn_path: {error}; pass --epoch_eval_train, --batch_train and --dsa_strategy to "
                               "evaluate every row under one protocol") from None
@@ -344,8 +354,20 @@ def plan_evaluation(args: argparse.Namespace, record, loaded: Sequence[tuple]) -
     for ipc in ipcs:
         if ipc > int(record.labels_train.bincount().min()) and (args.baseline or args.random_baseline):
             raise utils.UserError(f"--ipc {ipc} exceeds the smallest class of {args.dataset}")
-    variants = (("hard", True),) + ((("hard", False),) if args.ars else ())
-    return EvaluationPlan(tuple(resolve_models(args, model)), model, protocol, tuple(ipcs), variants)
+    variants = tuple((regime, True) for regime in regimes) + tuple((regime, False) for regime in regimes if args.ars)
+    needed = any(regime != "hard" for regime in regimes)
+    return EvaluationPlan(tuple(resolve_models(args, model)), model, protocol, tuple(ipcs), variants,
+                          spec if needed else None, recorded, teacher_flags_given(args))
+
+
+def teacher_flags_given(args: argparse.Namespace) -> bool:
+    """Whether the teacher flags name a teacher (else a teacher comes from the sets' record)."""
+    return bool(getattr(args, "teacher_model", None) or getattr(args, "teacher_path", None))
+
+
+def row_suffix_of(row: comparison.Row) -> str:
+    """The regime / augmentation part of a row's name, for its report lines."""
+    return comparison.row_suffix(row.labels, row.augmented)
 
 
 def _report(model_eval: str, accs: List[float], cfg: evaluation.EvalConfig, what: str, seconds: float) -> None:
@@ -356,9 +378,11 @@ def _report(model_eval: str, accs: List[float], cfg: evaluation.EvalConfig, what
 
 def set_rows(args: argparse.Namespace, record, plan: EvaluationPlan, saved: SavedSet,
              experiments: List[comparison.SetToEvaluate], protocol: evaluation.EvalProtocol, test_images, test_labels,
-             device, precision) -> List[comparison.Row]:
-    """The table rows of one saved set: trained by ``protocol`` (``shared``) and/or by its learned
-    step schedule (``schedule``, DD) as :func:`set_protocols` says; a line printed per model.
+             device, precision, teacher=None) -> List[comparison.Row]:
+    """The table rows of one saved set: trained by ``protocol`` (``shared``: one row per variant of
+    the plan, label regime and augmentation, with ``teacher`` for the soft and teacher regimes)
+    and/or by its learned step schedule (``schedule``, DD) as :func:`set_protocols` says; a line
+    printed per model.
 
     Raises:
         utils.UserError: the schedule protocol for a set without one; a training term that does not
@@ -378,8 +402,9 @@ def set_rows(args: argparse.Namespace, record, plan: EvaluationPlan, saved: Save
         try:
             rows.append(comparison.evaluate_set_row(
                 row, experiments, plan.models, protocol, plan.model, test_images, test_labels, record.num_classes,
-                num_eval=args.num_eval, device=device, seed=args.seed, precision=precision,
-                report=lambda model_eval, accs, cfg, _, seconds: _report(model_eval, accs, cfg, what, seconds)))
+                num_eval=args.num_eval, device=device, seed=args.seed, precision=precision, teacher=teacher,
+                report=lambda model_eval, accs, cfg, _, seconds, row=row: _report(model_eval, accs, cfg,
+                                                                                 what + row_suffix_of(row), seconds)))
         except ValueError as error:
             raise utils.UserError(f"{saved.path}: {error} (--lbd 0 evaluates without feature labels)") from None
         shared.append(row)
@@ -409,13 +434,19 @@ def evaluate_rows(args: argparse.Namespace, record, plan: EvaluationPlan, loaded
         utils.UserError, FloatingPointError: see :func:`set_rows`.
     """
     test_images, test_labels = record.images_test.to(device), record.labels_test.to(device)
+    teacher = None
+    if plan.teacher is not None:
+        teacher = evaluate_regimes.load_evaluation_teacher(plan.teacher, plan.teacher_record, plan.teacher_from_flags,
+                                                           record, args, device)
+        print(f"teacher: {teacher.describe()} (labels {', '.join(r for r, a in plan.variants if a and r != 'hard')})")
     rows = [row for saved, experiments, protocol in loaded
             for row in set_rows(args, record, plan, saved, experiments, protocol, test_images, test_labels, device,
-                                precision)]
+                                precision, teacher)]
     if args.baseline or args.random_baseline:
         rows += [comparison.random_real_row(record, ipc, plan.models, plan.protocol, plan.model, test_images,
                                             test_labels, num_eval=args.num_eval, device=device, seed=args.seed,
-                                            report=_report, precision=precision, augmented=augmented)
+                                            report=_report, precision=precision, augmented=augmented, labels=labels,
+                                            teacher=teacher)
                  for ipc in plan.ipcs for labels, augmented in plan.variants]
     whole = comparison.whole_dataset_row(args.original_path, args.dataset, plan.models, args.subset)
     return rows + ([whole] if whole is not None else [])

@@ -15,6 +15,7 @@ own protocol (full training set, 150 epochs, no augmentation by default) is reco
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,7 @@ import tables
 import utils
 from precision import FP32, Precision
 from pretrained import original_files
-from sets import ranking
+from sets import label_regimes, ranking
 
 
 @dataclass
@@ -76,11 +77,10 @@ def without_augmentation(cfg: "evaluation.EvalConfig") -> "evaluation.EvalConfig
     """``cfg`` with every training augmentation switched off (DSA / DC augmentation and, where the
     protocol has them, the student views and batch mixing) and everything else, epochs included,
     kept: the "without augmentation" run of DD-Ranking's ARS (``aug_robust.py``, ``use_aug=False``)."""
-    import dataclasses
-
-    off = {"dsa_strategy": "", "dc_aug": None, "student_aug": "none", "mix_type": "none"}
-    known = {f.name for f in dataclasses.fields(cfg)}
-    return dataclasses.replace(cfg, **{key: value for key, value in off.items() if key in known})
+    off = {"dsa_strategy": "", "dc_aug": None, "mix_type": "none"}
+    if cfg.student_aug == "rrc":  # "dc" with no DSA strategy and no DC setting is already no augmentation
+        off["student_aug"] = "none"
+    return dataclasses.replace(cfg, **off)
 
 
 def improvement_over_random(accs: Sequence[float], random_accs: Sequence[float]) -> float:
@@ -145,13 +145,17 @@ ReportFn = Callable[[str, List[float], "evaluation.EvalConfig", str, float], Non
 
 
 def _result(model_eval: str, accs: List[float], seconds: float, cfg: "evaluation.EvalConfig", labels: str,
-            learned_lr: Sequence[float] = (), results: Sequence["evaluation.EvalResult"] = ()) -> dict:
+            learned_lr: Sequence[float] = (), results: Sequence["evaluation.EvalResult"] = (),
+            store_mb: Sequence[float] = ()) -> dict:
     """A row's ``results[model_eval]``: mean, std, accuracies, seconds, the protocol record
-    (with ``learned_lr``, the step size each experiment learned, when the set learned one) and
-    how the networks were trained (``eval_path``, ``eval_path_note``, from ``results``)."""
+    (with ``learned_lr``, the step size each experiment learned, when the set learned one, and
+    ``soft_labels_mb_per_epoch``, the storage of one epoch of its relabel stores, when it had some)
+    and how the networks were trained (``eval_path``, ``eval_path_note``, from ``results``)."""
     protocol = {**cfg.describe(), "labels": labels}
     if learned_lr:
         protocol["learned_lr"] = [float(lr) for lr in learned_lr]
+    if store_mb:
+        protocol["soft_labels_mb_per_epoch"] = float(np.mean(store_mb))
     path = " + ".join(dict.fromkeys(r.path for r in results if r.path))
     note = "; ".join(dict.fromkeys(r.path_note for r in results if r.path_note))
     return {**evaluation.EvalResult(model_eval, accs, seconds, path, note).as_dict(), "protocol": protocol}
@@ -160,7 +164,8 @@ def _result(model_eval: str, accs: List[float], seconds: float, cfg: "evaluation
 def evaluate_set_row(row: Row, experiments: Sequence[SetToEvaluate], models: Sequence[str],
                      protocol: "evaluation.EvalProtocol", distilled_with: str, test_images: torch.Tensor,
                      test_labels: torch.Tensor, num_classes: int, *, num_eval: int, device: torch.device,
-                     seed: int, report: Optional[ReportFn] = None, precision: Precision = FP32) -> Row:
+                     seed: int, report: Optional[ReportFn] = None, precision: Precision = FP32,
+                     teacher: Optional[Callable] = None) -> Row:
     """Train ``num_eval`` networks of every model in ``models`` on every experiment of a set and
     fill ``row.results`` (experiment ``e`` uses seeds ``seed + 1000 * e + k``). Each result's
     ``protocol`` is ``EvalConfig.describe()`` (with its ``label_loss``) plus ``labels`` (``hard`` /
@@ -177,28 +182,36 @@ def evaluate_set_row(row: Row, experiments: Sequence[SetToEvaluate], models: Seq
         report: called as ``report(model, accs, cfg, what, seconds)`` after each model.
         precision: ``--amp`` of the training and testing (``evaluation.EvalConfig.precision``).
             ``row.augmented`` off trains without augmentation (:func:`without_augmentation`).
+        teacher: ``teacher(x) -> (B, K)`` logits for the ``soft`` and ``teacher`` regimes
+            (``row.labels``, which replaces ``protocol.labels``; ``sets.label_regimes``).
 
     Raises:
-        ValueError: an experiment's training term does not fit an evaluation network.
+        ValueError: an experiment's training term does not fit an evaluation network; a regime
+            that needs a teacher without one.
         FloatingPointError: a training loss became NaN or infinite.
     """
+    protocol = dataclasses.replace(protocol, labels=row.labels)
     labels_kind = ("hard" if experiments[0].labels.dim() == 1 else
                    "learned real-valued" if protocol.label_loss == "mse" else "soft")
     learned_lr = [experiment.learned_lr for experiment in experiments if experiment.learned_lr is not None]
     for model_eval in models:
-        accs, seconds, cfg, results = [], 0.0, None, []
+        accs, seconds, cfg, results, store_mb = [], 0.0, None, [], []
         for index, experiment in enumerate(experiments):
             cfg = protocol.resolve(row.dataset, distilled_with, model_eval, row.ipc, experiment.learned_lr,
                                    precision=precision)
             cfg = cfg if row.augmented else without_augmentation(cfg)
-            result = evaluation.evaluate_synset_sharded(experiment.images.to(device), experiment.labels.to(device),
+            inputs = label_regimes.label_inputs(cfg, experiment.images.to(device), experiment.labels.to(device),
+                                                teacher, seed=seed + 1000 * index)
+            result = evaluation.evaluate_synset_sharded(experiment.images.to(device), inputs.labels.to(device),
                                                    model_eval, num_classes, test_images, test_labels, cfg,
                                                    num_eval=num_eval, device=device, seed=seed + 1000 * index,
-                                                   term=experiment.term)
+                                                   term=experiment.term, **inputs.extra)
             accs += result.accs
             seconds += result.train_time_s
             results.append(result)
-        row.results[model_eval] = _result(model_eval, accs, seconds, cfg, labels_kind, learned_lr, results)
+            store_mb += [inputs.mb_per_epoch] if inputs.mb_per_epoch is not None else []
+        row.results[model_eval] = _result(model_eval, accs, seconds, cfg, inputs.kind or labels_kind, learned_lr,
+                                          results, store_mb)
         if report is not None:
             report(model_eval, accs, cfg, row.name, seconds)
     return row
@@ -237,31 +250,40 @@ def evaluate_schedule_row(row: Row, experiments: Sequence[SetToEvaluate], models
 def random_real_row(record, ipc: int, models: Sequence[str], protocol: "evaluation.EvalProtocol", distilled_with: str,
                     test_images: torch.Tensor, test_labels: torch.Tensor, *, num_eval: int, device: torch.device,
                     seed: int, report: Optional[ReportFn] = None, precision: Precision = FP32,
-                    augmented: bool = True) -> Row:
+                    augmented: bool = True, labels: str = "hard", teacher: Optional[Callable] = None) -> Row:
     """The random-real row: for each of ``num_eval`` networks a fresh draw of ``ipc`` real training
-    images per class (generator ``seed + k``), hard labels, the same protocol (and ``precision``,
-    ``--amp``) as the sets; without any training augmentation when ``augmented`` is off (ARS).
+    images per class (generator ``seed + k``), the same protocol (and ``precision``, ``--amp``) as
+    the sets, under the label regime ``labels`` (hard class labels; ``soft``: the teacher's labels
+    of the drawn images made as for the sets, ``teacher``: the teacher online;
+    ``sets.label_regimes``); without any training augmentation when ``augmented`` is off (ARS).
 
     Raises:
+        ValueError: ``soft`` / ``teacher`` labels without a teacher.
         FloatingPointError: a training loss became NaN or infinite.
     """
     from data import sample_random_real
 
-    row = Row(name=f"random real ipc {ipc}{row_suffix('hard', augmented)}", kind="random", ipc=ipc, method="random",
-              dataset=record.name, augmented=augmented)
+    row = Row(name=f"random real ipc {ipc}{row_suffix(labels, augmented)}", kind="random", ipc=ipc, method="random",
+              dataset=record.name, augmented=augmented, labels=labels)
+    protocol = dataclasses.replace(protocol, labels=labels)
     for model_eval in models:
         cfg = protocol.resolve(record.name, distilled_with, model_eval, ipc, precision=precision)
         cfg = cfg if augmented else without_augmentation(cfg)
-        mine, seconds, results = {}, 0.0, []
+        mine, seconds, results, kind, store_mb = {}, 0.0, [], None, []
         for run in distributed.shard(num_eval):  # all of them for one process; a share under torchrun
-            images, labels = sample_random_real(record, ipc, utils.make_generator(seed + run))
-            result = evaluation.evaluate_synset(images.to(device), labels.to(device), model_eval, record.num_classes,
-                                           test_images, test_labels, cfg, num_eval=1, device=device, seed=seed + run)
+            images, hard = sample_random_real(record, ipc, utils.make_generator(seed + run))
+            inputs = label_regimes.label_inputs(cfg, images.to(device), hard.to(device), teacher, seed=seed + run)
+            result = evaluation.evaluate_synset(images.to(device), inputs.labels.to(device), model_eval,
+                                           record.num_classes, test_images, test_labels, cfg, num_eval=1,
+                                           device=device, seed=seed + run, **inputs.extra)
             mine[run] = result.accs[0]
             seconds += result.train_time_s
             results.append(result)
+            kind = inputs.kind
+            store_mb += [inputs.mb_per_epoch] if inputs.mb_per_epoch is not None else []
         accs = list(distributed.gather_units(mine).values())
-        row.results[model_eval] = _result(model_eval, accs, seconds, cfg, "hard", results=results)
+        row.results[model_eval] = _result(model_eval, accs, seconds, cfg, kind or "hard", results=results,
+                                          store_mb=store_mb)
         if report is not None:
             report(model_eval, accs, cfg, row.name, seconds)
     return row

@@ -113,6 +113,13 @@ class SavedSet:
         return "hard" if self.experiments[0].labels.dim() == 1 else "soft"
 
     @property
+    def teacher(self) -> Optional[dict]:
+        """The teacher the set was made with (``meta['teacher']``: a ``pretrained.teachers.Teacher.record``,
+        ``{'spec': TeacherSpec.as_dict(), 'networks': [...]}``, or ``{'spec': ...}`` alone), or ``None``."""
+        found = self.meta.get("teacher") if isinstance(self.meta, Mapping) else None
+        return dict(found) if isinstance(found, Mapping) and (found.get("spec") or found.get("networks")) else None
+
+    @property
     def has_schedule(self) -> bool:
         """Whether every experiment learned a step schedule (DD)."""
         return all(experiment.schedule is not None for experiment in self.experiments)

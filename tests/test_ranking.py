@@ -195,3 +195,115 @@ def test_evaluate_refuses_a_lambda_outside_the_unit_interval(capsys):
         evaluate.main(["--baseline", "random", "--ipc", "1", "--dataset", "MNIST", "--lrs_lambda", "2"])
     assert stop.value.code == 2
     assert "--lrs_lambda must lie in [0, 1], got 2.0" in capsys.readouterr().err
+
+
+# ----- label regimes and the teacher (sets/label_regimes.py, cli/evaluate_regimes.py) -------------
+
+def _linear_teacher(num_classes=3, pixels=64):
+    from pretrained.teachers import Teacher
+
+    torch.manual_seed(0)
+    return Teacher(networks=[torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(pixels, num_classes))])
+
+
+def test_label_inputs_of_each_regime():
+    import dataclasses
+
+    import evaluation
+    from sets import label_regimes
+
+    teacher, images = _linear_teacher(), torch.randn(6, 1, 8, 8)
+    soft_labels = torch.randn(6, 3)
+    cfg = evaluation.EvalConfig(epochs=2, batch_train=4)
+    hard = label_regimes.label_inputs(cfg, images, soft_labels, teacher)
+    assert hard.labels is soft_labels and hard.extra == {} and hard.kind is None
+    online = label_regimes.label_inputs(dataclasses.replace(cfg, labels="teacher"), images, soft_labels, teacher)
+    assert torch.equal(online.labels, soft_labels.argmax(1)) and online.extra["teacher"] is teacher
+    per_image = label_regimes.label_inputs(dataclasses.replace(cfg, labels="soft"), images, torch.arange(6) % 3, teacher)
+    assert torch.allclose(per_image.labels, teacher(images)) and per_image.extra == {}
+    crops = label_regimes.label_inputs(dataclasses.replace(cfg, labels="soft", student_aug="rrc"), images,
+                                       torch.arange(6) % 3, teacher, seed=3)
+    store = crops.extra["soft_store"]
+    assert len(store.epochs) == evaluation.student_epochs(cfg) and crops.mb_per_epoch == store.mb_per_epoch > 0
+    with pytest.raises(ValueError, match="--labels teacher needs a teacher"):
+        label_regimes.label_inputs(dataclasses.replace(cfg, labels="teacher"), images, soft_labels)
+
+
+def _teacher_set(path, record, teacher_record, ipc=2):
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(record.num_classes * ipc, record.channel, *record.im_size, generator=g)
+    labels = torch.arange(record.num_classes).repeat_interleave(ipc)
+    files.save_results(str(path), [[images, labels]], {}, meta={"method": "RDED", "dataset": record.name, "ipc": ipc,
+                                                               "dsa_strategy": "", "teacher": teacher_record})
+
+
+def _recorded_teacher(pretrained, record):
+    from pretrained import teachers
+
+    spec = teachers.TeacherSpec(models=("ConvNetW32",), directory=pretrained)
+    return teachers.load_teacher(spec, device="cpu", dataset=record.name, num_classes=record.num_classes,
+                                 channel=record.channel, im_size=record.im_size)
+
+
+def test_evaluate_replays_the_recorded_teacher_under_every_regime(pretrained, tmp_path, monkeypatch, capsys,
+                                                                  one_thread):
+    record = tiny_record(per_class=6)
+    monkeypatch.setattr(data, "load_dataset", lambda *args, **kwargs: record)
+    _teacher_set(tmp_path / "a.pt", record, _recorded_teacher(pretrained, record).record)
+    out = tmp_path / "t.json"
+    common = ["--dataset", "Tiny3", "--syn_path", str(tmp_path / "a.pt"), "--models", "ConvNetW32", "--num_eval", "1",
+              "--epoch_eval_train", "1", "--device", "cpu", "--original_path", str(tmp_path / "none")]
+    assert evaluate.main([*common, "--out", str(out)]) == 0  # no teacher flag: the recorded one
+    printed = capsys.readouterr().out
+    assert "teacher: ConvNetW32" in printed and "random real ipc 2 + teacher labels" in printed
+    rows = comparison.rows_from_json(json.loads(out.read_text()))
+    assert [(row.kind, row.labels) for row in rows] == [
+        ("synthetic", "hard"), ("synthetic", "soft"), ("synthetic", "teacher"),
+        ("random", "hard"), ("random", "soft"), ("random", "teacher")]
+    protocols = [row.results["ConvNetW32"]["protocol"] for row in rows]
+    assert [p["labels"] for p in protocols[3:]] == ["hard", "soft (teacher logits per image)", "teacher (online)"]
+    assert protocols[2]["label_regime"] == "teacher" and "label_regime" not in protocols[0]
+    csv = pd.read_csv(tmp_path / "t.csv").set_index("name")
+    teacher_row = next(name for name in csv.index if name.startswith("RDED") and name.endswith("+ teacher labels"))
+    expected = 100 * (rows[2].results["ConvNetW32"]["mean"] - rows[5].results["ConvNetW32"]["mean"])
+    assert csv.loc[teacher_row, "ior"] == pytest.approx(expected, abs=1e-4)
+    # relabel stores under crop views: the storage per epoch is recorded beside the accuracies
+    assert evaluate.main([*common, "--label_regimes", "soft", "--student_aug", "rrc", "--out", str(out)]) == 0
+    rows = comparison.rows_from_json(json.loads(out.read_text()))
+    assert [row.labels for row in rows] == ["soft", "soft"]
+    for row in rows:
+        protocol = row.results["ConvNetW32"]["protocol"]
+        assert protocol["labels"] == "soft (teacher, per crop and epoch)" and protocol["soft_labels_mb_per_epoch"] > 0
+
+
+def _refused(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    return err[0]
+
+
+def test_a_missing_or_mismatched_teacher_is_one_line(pretrained, tmp_path, monkeypatch, capsys):
+    record = tiny_record(per_class=6)
+    monkeypatch.setattr(data, "load_dataset", lambda *args, **kwargs: record)
+    common = ["--dataset", "Tiny3", "--models", "ConvNetW32", "--num_eval", "1", "--epoch_eval_train", "1",
+              "--device", "cpu"]
+    teacher_record = _recorded_teacher(pretrained, record).record
+    changed = json.loads(json.dumps(teacher_record))
+    changed["networks"][0]["sha256"] = "0" * 64
+    _teacher_set(tmp_path / "changed.pt", record, changed)
+    assert "differs from the recorded one" in _refused([*common, "--syn_path", str(tmp_path / "changed.pt")], capsys)
+    moved = json.loads(json.dumps(teacher_record))
+    moved["spec"]["directory"] = str(tmp_path / "elsewhere")
+    _teacher_set(tmp_path / "moved.pt", record, moved)
+    line = _refused([*common, "--syn_path", str(tmp_path / "moved.pt")], capsys)
+    assert line.startswith("error: the teacher recorded with the set") and "train_original.py" in line
+    assert "needs a teacher" in _refused([*common, "--baseline", "random", "--ipc", "1", "--label_regimes",
+                                          "teacher"], capsys)
+    two = tiny_record(num_classes=2, per_class=6)
+    monkeypatch.setattr(data, "load_dataset", lambda *args, **kwargs: two)
+    line = _refused([*common, "--baseline", "random", "--ipc", "1", "--teacher_model", "ConvNetW32",
+                     "--teacher_dir", pretrained], capsys)
+    assert "has 3 classes but Tiny3 has 2" in line
