@@ -242,7 +242,7 @@ def format_table(summary: dict, status: Optional[dict] = None) -> str:
 def load_original_models(save_path: str, dataset: str, model: str,
                          indices: Union[None, int, Sequence[int]] = None, device="cpu", *,
                          allow_unfinished: bool = False, subset: Optional[str] = None,
-                         expect: Optional[dict] = None) -> list:
+                         expect: Optional[dict] = None, epoch: Optional[int] = None) -> list:
     """Load trained original models, frozen, for the CLoM regulariser and for assessments.
 
     Each network is rebuilt with ``networks.get_network`` from the checkpoint's model name,
@@ -261,6 +261,8 @@ def load_original_models(save_path: str, dataset: str, model: str,
         subset: the ImageNet subset when ``dataset`` is ``'ImageNet'``.
         expect: further values the checkpoint must have: ``channel``, ``num_classes``,
             ``im_size`` or any key of its ``config`` (``zca``, ``epochs``, ``lr`` ...).
+        epoch: read ``index_{i}/epoch_{epoch}.pt`` (``train_original.py --save_epochs``) where it
+            exists instead of ``checkpoint.pt`` (then finished or not).
 
     Returns:
         A list of ``nn.Module``, one per index, in the order asked.
@@ -291,6 +293,9 @@ def load_original_models(save_path: str, dataset: str, model: str,
     models = []
     for index in chosen:
         path = os.path.join(directory, f"index_{index}", CHECKPOINT_NAME)
+        kept = os.path.join(directory, f"index_{index}", f"epoch_{int(epoch)}.pt") if epoch is not None else ""
+        if kept and os.path.isfile(kept):
+            path = kept
         if not os.path.isfile(path):
             raise utils.UserError(f"no original model {index}: {path} is missing; make it with: "
                                   f"{train_command(name, model, max(chosen) + 1, save_path, subset)}")
@@ -311,7 +316,7 @@ def load_original_models(save_path: str, dataset: str, model: str,
             if have != wanted:
                 raise utils.UserError(f"{path} was made with {key}={have!r} but {key}={wanted!r} is needed")
         done, total = int(state["epochs_done"]), int(state["epochs_total"])
-        if done < total and not allow_unfinished:
+        if done < total and not allow_unfinished and path != kept:
             raise utils.UserError(f"{path} is unfinished: {done} of {total} epochs; finish it by running "
                                   f"{train_command(name, model, max(chosen) + 1, save_path, subset, total)} "
                                   "with its other flags again, or pass allow_unfinished=True")
@@ -340,8 +345,9 @@ def load_pool(pretrained_path: str, dataset: str, models_pool: Sequence[str], mo
         model_num: models per architecture (indices ``0 .. model_num - 1``); ``None``: every
             ``index_*`` folder found.
         device: where to put them.
-        epoch: ``None`` for finished models; else every checkpoint must hold exactly ``epoch``
-            trained epochs (finished or not; see the module docstring).
+        epoch: ``None`` for finished models; else the weights after ``epoch`` epochs: each
+            index's ``epoch_{epoch}.pt`` (``train_original.py --save_epochs``) where it exists,
+            else a ``checkpoint.pt`` holding exactly ``epoch`` trained epochs (finished or not).
         subset: the ImageNet subset, if any.
         expect: checkpoint values that must match (``channel``, ``im_size``, ``num_classes``,
             ``zca`` ...), passed to ``load_original_models``.
@@ -361,15 +367,17 @@ def load_pool(pretrained_path: str, dataset: str, models_pool: Sequence[str], mo
             indices = range(model_num) if model_num is not None else list_indices(directory)
             for index in indices:
                 path = checkpoint_path(pretrained_path, dataset, arch, index, subset)
+                if os.path.isfile(epoch_checkpoint_path(pretrained_path, dataset, arch, index, epoch, subset)):
+                    continue
                 if not os.path.isfile(path):
                     break  # load_original_models below reports the missing file with its command
                 done = int(read_checkpoint(path)["epochs_done"])
                 if done != epoch:
                     raise utils.UserError(
-                        f"--epoch {epoch}: {path} holds {done} trained epochs (train_original.py keeps only the "
-                        f"latest epoch of a model); train models with --epochs {epoch} under another "
-                        f"--save_path, or leave --epoch out")
+                        f"--epoch {epoch}: {path} holds {done} trained epochs and there is no epoch_{epoch}.pt "
+                        f"beside it; train models with --save_epochs {epoch} (or --epochs {epoch}) under "
+                        f"another --save_path, or leave --epoch out")
         pool[arch] = load_original_models(pretrained_path, dataset, arch, model_num, device,
                                                     allow_unfinished=epoch is not None, subset=subset,
-                                                    expect=expect)
+                                                    expect=expect, epoch=epoch)
     return pool

@@ -347,3 +347,13 @@ def test_imagenet_folder_with_a_torchvision_resnet18_teacher_at_224(tmp_path):
         T.load_teacher(T.TeacherSpec(archs=("resnet18",), paths=(str(tmp_path / "resnet18_module.pth"),)),
                        device=CPU, dataset=record.name, num_classes=10, channel=3, im_size=(224, 224))
     assert "not plain data" in one_line(err) and "a reference to torchvision" in one_line(err)
+
+
+def test_clom_pool_reads_kept_epochs(root):
+    pool = original_files.load_pool(root, "Tiny3", [MODEL], 2, CPU, epoch=1)
+    x = tiny_record().images_test[:3]
+    for index, net in enumerate(pool[MODEL]):
+        state = original_files.read_checkpoint(original_files.epoch_checkpoint_path(root, "Tiny3", MODEL, index, 1))
+        assert all(torch.equal(net.state_dict()[k], state["state_dict"][k]) for k in state["state_dict"])
+    teacher = load(T.TeacherSpec(models=(MODEL,), directory=root, indices=(0, 1), epoch=1))
+    torch.testing.assert_close(teacher(x), (pool[MODEL][0](x) + pool[MODEL][1](x)) / 2)
