@@ -348,8 +348,8 @@ def plan_evaluation(args: argparse.Namespace, record, loaded: Sequence[tuple]) -
         protocol = (comparison.common_protocol([dataclasses.replace(p, labels="hard") for _, _, p in loaded])
                     or dataclasses.replace(baseline_protocol(args), labels="hard"))
     except ValueError as error:
-        raise utils.UserError(f"--syn_path: {error}; pass --epoch_eval_train, --batch_train and --dsa_strategy to "
-                              "evaluate every row under one protocol") from None
+        raise utils.UserError(f"--syn_path: {error}; pass the protocol's flags (--epoch_eval_train, --batch_train, "
+                              "--dsa_strategy, --optimizer, --student_aug, --mix_type) to evaluate every row under one") from None
     ipcs = sorted({saved.ipc for saved, _, _ in loaded} | ({args.ipc} if args.baseline else set()))
     for ipc in ipcs:
         if ipc > int(record.labels_train.bincount().min()) and (args.baseline or args.random_baseline):

@@ -494,8 +494,11 @@ def common_protocol(protocols: Sequence["evaluation.EvalProtocol"]) -> Optional[
     """
     distinct = list(dict.fromkeys(protocols))
     if len(distinct) > 1:
-        raise ValueError(f"the sets were evaluated with different protocols "
-                         f"({'; '.join(sorted(str(p) for p in distinct))})")
+        fields = [f.name for f in dataclasses.fields(distinct[0])
+                  if len({repr(getattr(p, f.name)) for p in distinct}) > 1]
+        differ = "; ".join(f"{name}: {' vs '.join(dict.fromkeys(repr(getattr(p, name)) for p in distinct))}"
+                           for name in fields)
+        raise ValueError(f"the sets were evaluated with different protocols ({differ})")
     return distinct[0] if distinct else None
 
 

@@ -307,3 +307,16 @@ def test_a_missing_or_mismatched_teacher_is_one_line(pretrained, tmp_path, monke
     line = _refused([*common, "--baseline", "random", "--ipc", "1", "--teacher_model", "ConvNetW32",
                      "--teacher_dir", pretrained], capsys)
     assert "has 3 classes but Tiny3 has 2" in line
+
+
+def test_sets_under_different_protocols_are_refused_naming_only_the_fields_that_differ():
+    import evaluation
+
+    dm = evaluation.EvalProtocol(dsa_strategy="color_crop", optimizer="adamw")
+    sre2l = evaluation.EvalProtocol(dsa_strategy="", optimizer="adamw")
+    assert comparison.common_protocol([dm, dm]) == dm
+    with pytest.raises(ValueError) as refused:
+        comparison.common_protocol([dm, sre2l, dm])
+    message = str(refused.value)
+    assert "dsa_strategy: 'color_crop' vs ''" in message
+    assert "optimizer" not in message and "epochs_plain" not in message

@@ -129,3 +129,20 @@ def test_no_machine_paths_in_the_sources_and_docs():
         with open(path, errors="replace") as handle:
             found = MACHINE_PATH.search(handle.read())
         assert found is None, f"{os.path.relpath(path, ROOT)}: a machine path {found.group(0).strip()}..."
+
+
+def test_soft_label_table_dry_run_evaluates_every_set_under_three_regimes(tmp_path, monkeypatch):
+    commands = stage_commands(dry_run("soft_label_table.sh", tmp_path))
+    monkeypatch.chdir(ROOT)
+    for stage, argv in commands:
+        check_stage_command(stage, argv)
+    stages = [stage for stage, _ in commands]
+    assert stages.count("train_original") == 2 and stages.count("evaluate") == 2  # teacher + HLR row; ipc 1 and 10
+    methods = [argv[argv.index("--method") + 1] for stage, argv in commands if stage == "distill"]
+    assert sorted(set(methods)) == ["CDA", "DM", "RDED", "SRe2L"] and len(methods) == 8
+    for stage, argv in commands:
+        if stage == "evaluate":
+            regimes = argv[argv.index("--label_regimes") + 1:argv.index("--label_regimes") + 4]
+            assert regimes == ["hard", "soft", "teacher"] and "--random_baseline" in argv
+            assert argv[argv.index("--optimizer") + 1] == "adamw" and "--teacher_model" in argv
+    assert not list(tmp_path.glob("*/results.json"))  # a dry run trains nothing
