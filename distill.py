@@ -28,6 +28,7 @@ def main(argv=None) -> int:
         cfg, opts = distill_flags.resolve(args)
         method_class = methods.get_method_class(cfg.method)  # SRe2L, CDA, RDED, --labels soft|teacher: a teacher
         method_class.check_teacher(cfg, eval_protocol(method_class, cfg, opts).labels)  # before any data is loaded
+        method_class.check_files(cfg)  # NCFM: its pool of train_original.py models
         opts = dataclasses.replace(opts, command=cli.command_line(argv))
         stage = open_stage(args, run_dir=opts.run_dir, flag="--run_dir" if args.run_dir else "--save_path",
                            given=args.run_dir or args.save_path)

@@ -3,7 +3,8 @@
 settings of the decoupled family (``--labels --soft_loss --temperature --soft_t2 --mse_gt_weight
 --optimizer --adamw_lr --adamw_weight_decay --student_aug --min_scale_crops --max_scale_crops
 --mix_type --cutmix --mixup``; VILA-Lab/SRe2L ``relabel/generate_soft_label.py`` and
-``validate/train_FKD.py``, with underscores), turned into the fields of ``evaluation.EvalProtocol`` /
+``validate/train_FKD.py``, with underscores; ``--mix_p --adamw_schedule --decode_factor`` of
+gszfwsb/NCFM), turned into the fields of ``evaluation.EvalProtocol`` /
 ``methods.run_config.RunOptions``."""
 from __future__ import annotations
 
@@ -65,6 +66,12 @@ STUDENT_FLAGS = (
     ("mix_type", str, evaluation.MIX_TYPES, "none", "batch mixing of the student's views: none, cutmix or mixup"),
     ("cutmix", float, None, 1.0, "Beta(alpha, alpha) of CutMix (SRe2L 1.0)"),
     ("mixup", float, None, 0.8, "Beta(alpha, alpha) of Mixup (SRe2L 0.8)"),
+    ("mix_p", float, None, 1.0, "probability that a batch is mixed under --mix_type (NCFM 0.5)"),
+    ("adamw_schedule", str, evaluation.ADAMW_SCHEDULES, "cosine",
+     "AdamW student's lr schedule: cosine per epoch (SRe2L) or multistep, x0.5 at each fifth of the epochs (NCFM)"),
+    ("decode_factor", int, None, 1,
+     "multi-formation: decode every stored image into decode_factor^2 upsampled grid cells before training "
+     "(IDC/NCFM factor)"),
 )
 
 

@@ -34,6 +34,9 @@ STUDENT_OPTIMIZERS = ("sgd", "adamw")
 STUDENT_AUGS = ("dc", "rrc", "none")
 # ``--mix_type``: batch mixing of the student's views (SRe2L ``relabel``).
 MIX_TYPES = ("none", "cutmix", "mixup")
+# ``--adamw_schedule``: the AdamW student's learning-rate schedule: SRe2L's per-epoch cosine, or NCFM's
+# x0.5 at each fifth of the epochs (gszfwsb/NCFM ``condenser/evaluate.py``).
+ADAMW_SCHEDULES = ("cosine", "multistep")
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,12 @@ class StudentProtocol:
             the RandomResizedCrop area range of ``rrc`` views.
         mix_type: ``--mix_type`` (:data:`MIX_TYPES`).
         cutmix, mixup: ``--cutmix`` (1.0) / ``--mixup`` (0.8): the Beta(α, α) parameter of each mix.
+        mix_p: ``--mix_p`` (1.0): the probability that a batch is mixed under ``mix_type`` (NCFM 0.5;
+            gszfwsb/NCFM ``utils/train_val.py``); at 1 no draw is made, so the views are today's.
+        adamw_schedule: ``--adamw_schedule`` (:data:`ADAMW_SCHEDULES`): the AdamW student's schedule.
+        decode_factor: ``--decode_factor`` (1): multi-formation; every stored image holds a
+            ``decode_factor x decode_factor`` grid of sub-images, each upsampled to a training image
+            before training (:func:`evaluation.formation.decode_zoom`; IDC / NCFM ``factor``).
     """
 
     labels: str = "hard"
@@ -76,11 +85,15 @@ class StudentProtocol:
     mix_type: str = "none"
     cutmix: float = 1.0
     mixup: float = 0.8
+    mix_p: float = 1.0
+    adamw_schedule: str = "cosine"
+    decode_factor: int = 1
 
     def check_student(self) -> None:
         """Raise ``ValueError`` (naming the flag) for a value outside its choices or range."""
         for name, choices in (("labels", LABEL_REGIMES), ("soft_loss", SOFT_LOSSES), ("optimizer", STUDENT_OPTIMIZERS),
-                              ("student_aug", STUDENT_AUGS), ("mix_type", MIX_TYPES)):
+                              ("student_aug", STUDENT_AUGS), ("mix_type", MIX_TYPES),
+                              ("adamw_schedule", ADAMW_SCHEDULES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name} {getattr(self, name)!r}: expected one of {', '.join(choices)}")
         if not 0 < self.min_scale_crops <= self.max_scale_crops <= 1:
@@ -89,6 +102,10 @@ class StudentProtocol:
         for name in ("temperature", "cutmix", "mixup", "adamw_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} {getattr(self, name)}: expected a positive number")
+        if not 0 <= self.mix_p <= 1:
+            raise ValueError(f"--mix_p {self.mix_p}: expected a probability in [0, 1]")
+        if int(self.decode_factor) != self.decode_factor or self.decode_factor < 1:
+            raise ValueError(f"--decode_factor {self.decode_factor}: expected an integer >= 1")
 
     def student_fields(self) -> dict:
         """The student settings that differ from their defaults (``{}`` for today's protocol)."""
@@ -170,8 +187,10 @@ class EvalConfig(StudentProtocol):
         # "labels" in a result's protocol record is the set's label kind (methods, sets): the regime is "label_regime"
         record.update({("label_regime" if key == "labels" else key): value for key, value in self.student_fields().items()})
         if self.optimizer == "adamw":
+            schedule = ("x0.5 after each fifth of the epochs" if self.adamw_schedule == "multistep" else
+                        "cosine per epoch, 0.5 (1 + cos(pi e / epochs))")
             record.update(optimizer="AdamW", lr=self.adamw_lr, weight_decay=self.adamw_weight_decay,
-                          lr_schedule="cosine per epoch, 0.5 (1 + cos(pi e / epochs))")
+                          lr_schedule=schedule)
             record.pop("momentum")
         if self.student_aug == "rrc":
             record["augmentation"] = (f"RandomResizedCrop scale ({self.min_scale_crops}, {self.max_scale_crops}) "

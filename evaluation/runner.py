@@ -13,6 +13,7 @@ import torch.nn as nn
 
 import distributed
 import networks
+from evaluation.formation import decode_zoom
 from evaluation.stacked import StackingUnsupported, check_stackable, train_and_test_stacked
 from evaluation.protocol import LABEL_LOSSES, EvalConfig, EvalResult
 from evaluation.student import student_epochs
@@ -108,6 +109,9 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
             ``image_syn`` (``label_syn`` then the (N,) classes); without one, ``label_syn`` must be
             (N, K) per-image teacher logits. Ignored otherwise.
 
+    With ``cfg.decode_factor`` > 1 the set is first decoded (:func:`evaluation.formation.decode_zoom`):
+    ``decode_factor²`` training images per stored image, labels repeated.
+
     With student settings other than today's (``cfg.is_default_student`` false) every network is
     trained by :func:`evaluation.student.train_and_test_student`, one at a time (the result's
     ``path_note`` says so).
@@ -121,13 +125,19 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
             label loss other than cross-entropy or a student protocol; labels that do not fit
             ``cfg.label_loss``; ``teacher`` labels without a teacher, ``soft`` labels with neither a
             store nor (N, K) logits, a store that does not fit (:meth:`SoftLabelStore.check_replay`);
-            a label loss other than cross-entropy under soft or teacher labels.
+            a label loss other than cross-entropy under soft or teacher labels; a relabel store with
+            ``decode_factor`` > 1.
         FloatingPointError: a training loss became NaN or infinite.
         EvaluationStopped: ``should_stop`` said so.
     """
     device = device or image_syn.device
     images = image_syn.detach().to(device)
     labels = label_syn.detach().to(device)
+    if cfg.decode_factor > 1:  # multi-formation: every stored image becomes decode_factor² training images
+        if soft_store is not None:
+            raise ValueError(f"--decode_factor {cfg.decode_factor} trains on decoded images; a relabel store of the "
+                             "stored images does not fit them: use --labels teacher or hard")
+        images, labels = decode_zoom(images, labels, cfg.decode_factor)
     if cfg.label_loss not in LABEL_LOSSES:
         raise ValueError(f"label loss {cfg.label_loss!r}: expected one of {', '.join(LABEL_LOSSES)}")
     if cfg.labels != "hard" and cfg.label_loss != "cross_entropy":

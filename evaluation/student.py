@@ -35,6 +35,14 @@ def student_epochs(cfg: EvalConfig) -> int:
     return cfg.epochs + 1 if cfg.optimizer == "sgd" else cfg.epochs
 
 
+def multistep_factor(epoch: int, epochs: int) -> float:
+    """The learning-rate factor of epoch ``epoch`` (0-based) of ``epochs`` under NCFM's schedule:
+    ``0.5 ** m`` with ``m`` the milestones ``epochs // 5, 2 epochs // 5, 3 epochs // 5, 4 epochs // 5``
+    passed (gszfwsb/NCFM ``condenser/evaluate.py``: ``MultiStepLR(gamma=0.5)`` stepped once per epoch)."""
+    milestones = [k * epochs // 5 for k in range(1, 5)]
+    return 0.5 ** sum(1 for milestone in milestones if epoch >= milestone)
+
+
 def epoch_views(count: int, batch_size: int, im_size, cfg, generator: torch.Generator) -> Iterator[Views]:
     """The views of one epoch: a shuffle of the ``count`` images (``randperm`` from ``generator``),
     cut into batches of ``batch_size`` (the last may be smaller), each batch's views drawn right
@@ -69,7 +77,8 @@ def train_student(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
 
     The optimiser is DC's SGD schedule (:func:`evaluation.training.sgd_schedule`) or
     AdamW(``adamw_lr``, ``adamw_weight_decay``) with lr ``adamw_lr · cosine_factor(e, epochs)`` in
-    epoch ``e`` (:func:`evaluation.soft_labels.cosine_factor`); :func:`student_epochs` epochs.
+    epoch ``e`` (:func:`evaluation.soft_labels.cosine_factor`), or ``adamw_lr · multistep_factor(e,
+    epochs)`` under ``adamw_schedule='multistep'`` (:func:`multistep_factor`); :func:`student_epochs` epochs.
 
     Args:
         net: a fresh network (put in train mode).
@@ -130,7 +139,8 @@ def train_student(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
         if should_stop is not None and should_stop():
             raise EvaluationStopped
         for group in optimizer.param_groups:
-            group["lr"] = cfg.adamw_lr * cosine_factor(epoch, epochs)
+            group["lr"] = cfg.adamw_lr * (multistep_factor(epoch, epochs) if cfg.adamw_schedule == "multistep"
+                                          else cosine_factor(epoch, epochs))
         loss = run_epoch(optimizer, epoch)
         if on_epoch is not None:
             on_epoch(epoch + 1)

@@ -90,7 +90,8 @@ def draw_views(index: torch.Tensor, im_size: Sequence[int], cfg, generator: torc
         im_size: (H, W) of the images.
         cfg: the protocol's student settings (``evaluation.EvalConfig`` or anything with
             ``student_aug``, ``min_scale_crops``, ``max_scale_crops``, ``mix_type``, ``cutmix``, ``mixup``):
-            crops and flips only under ``student_aug='rrc'``; a mix under ``mix_type`` when B > 1.
+            crops and flips only under ``student_aug='rrc'``; a mix under ``mix_type`` when B > 1, and
+            with ``mix_p`` < 1 only when a uniform draw is below ``mix_p`` (none drawn at 1).
         generator: a CPU generator.
 
     Returns:
@@ -103,6 +104,9 @@ def draw_views(index: torch.Tensor, im_size: Sequence[int], cfg, generator: torc
         boxes = draw_crops(count, im_size, (cfg.min_scale_crops, cfg.max_scale_crops), generator)
         flips = torch.rand(count, generator=generator) < 0.5
     if cfg.mix_type == "none" or count < 2:
+        return Views(index=index, boxes=boxes, flips=flips)
+    mix_p = getattr(cfg, "mix_p", 1.0)
+    if mix_p < 1.0 and not float(torch.rand((), generator=generator)) < mix_p:  # NCFM: a batch mixed with p
         return Views(index=index, boxes=boxes, flips=flips)
     permutation = torch.randperm(count, generator=generator)
     alpha = cfg.cutmix if cfg.mix_type == "cutmix" else cfg.mixup

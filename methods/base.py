@@ -205,6 +205,9 @@ class DistillMethod:
     # field -> value; the decoupled family's label regime, student optimiser, views and mixing);
     # flags given override them. Empty: today's protocol.
     eval_student_defaults: ClassVar[Mapping[str, Any]] = {}
+    # True when the method matches against networks trained by train_original.py (NCFM's pool):
+    # scripts that run every method without such models (scripts/cost_study.py) leave it out.
+    needs_pretrained: ClassVar[bool] = False
 
     # ---- teacher (the decoupled family: methods/sre2l.py, methods/rded.py) ----------------
     # True when the method needs a trained teacher (``DistillConfig.teacher``): it is refused
@@ -312,6 +315,22 @@ class DistillMethod:
 
         Raises:
             ValueError: one line naming the flags and what was expected.
+        """
+
+    @classmethod
+    def student_defaults(cls, cfg: DistillConfig) -> Mapping[str, Any]:
+        """The evaluation protocol's fields this method sets for ``cfg`` (``evaluation.EvalProtocol``
+        field -> value): :attr:`eval_student_defaults`; a method whose options decide a field (NCFM's
+        multi-formation ``decode_factor``) adds it."""
+        return dict(cls.eval_student_defaults)
+
+    @classmethod
+    def check_files(cls, cfg: DistillConfig) -> None:
+        """That the files the method reads exist (``distill.py`` runs it before any data is loaded;
+        resolving flags alone does not); none in the base class (NCFM: its pool of models).
+
+        Raises:
+            utils.UserError: one line naming the flag, the path and the command that makes the files.
         """
 
     @classmethod

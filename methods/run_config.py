@@ -123,10 +123,13 @@ def eval_protocol(method_class, cfg: DistillConfig, opts: RunOptions) -> evaluat
     ``--batch_train``, the DiffAugment strategy the method trains with (none for plain DC: DC's
     ``get_daparam`` augmentation then applies), test-time augmentation, determinism and the label
     loss (``--label_loss``, else the method's ``eval_label_loss``), and the student settings: the
-    method's ``eval_student_defaults`` (a class attribute, e.g. ``{'labels': 'soft', 'optimizer':
-    'adamw', ...}``; none: today's protocol) with ``opts.eval_student`` (the flags given) over them."""
+    method's ``student_defaults(cfg)`` (its ``eval_student_defaults`` class attribute, e.g. ``{'labels':
+    'soft', 'optimizer': 'adamw', ...}``, or fields its options decide, e.g. NCFM's ``decode_factor``;
+    none: today's protocol) with ``opts.eval_student`` (the flags given) over them."""
     augmented, plain = method_class.eval_epochs
-    student = {**dict(getattr(method_class, "eval_student_defaults", None) or {}), **dict(opts.eval_student)}
+    defaults = (method_class.student_defaults(cfg) if hasattr(method_class, "student_defaults")
+                else getattr(method_class, "eval_student_defaults", None))
+    student = {**dict(defaults or {}), **dict(opts.eval_student)}
     return evaluation.EvalProtocol(epochs_augmented=augmented, epochs_plain=plain, lr=cfg.lr_net,
                               batch_train=cfg.batch_train, dsa_strategy=method_class.training_dsa(cfg),
                               tta_mode=opts.tta_mode, deterministic=opts.deterministic,

@@ -333,6 +333,43 @@ def load_original_models(save_path: str, dataset: str, model: str,
     return models
 
 
+def load_initial_models(save_path: str, dataset: str, model: str, indices: int, device, *,
+                        subset: Optional[str] = None) -> list:
+    """The networks trained original models ``0 .. indices - 1`` started from: each rebuilt with
+    :func:`build_network` from its checkpoint's model, shape and recorded seed, as ``train_original.py``
+    built it (``cfg.seed + index``), frozen, in eval mode. NCFM interpolates between these and the
+    trained weights (gszfwsb/NCFM ``premodel{i}_init.pth.tar``, which this toolkit does not store).
+
+    Args:
+        save_path, dataset, model, subset: as :func:`load_original_models`.
+        indices: how many models (indices ``0 .. indices - 1``), >= 1.
+        device: where to put them (the same kind of device the models were trained on gives the
+            same initial weights).
+
+    Returns:
+        A list of ``nn.Module``, one per index.
+
+    Raises:
+        utils.UserError: a checkpoint is missing or unreadable (the message names the path and the
+            ``train_original.py`` command that makes it).
+    """
+    directory = original_dir(save_path, dataset, model, subset)
+    name = dataset_name(dataset, subset)
+    models = []
+    for index in range(int(indices)):
+        path = os.path.join(directory, f"index_{index}", CHECKPOINT_NAME)
+        if not os.path.isfile(path):
+            raise utils.UserError(f"no original model {index}: {path} is missing; make it with: "
+                                  f"{train_command(name, model, int(indices), save_path, subset)}")
+        state = read_checkpoint(path)
+        net = build_network(state["model"], state["channel"], state["num_classes"], state["im_size"], device,
+                            seed=int(state["seed"]))
+        net.requires_grad_(False)
+        net.eval()
+        models.append(net)
+    return models
+
+
 def load_pool(pretrained_path: str, dataset: str, models_pool: Sequence[str], model_num: Optional[int],
               device, *, epoch: Optional[int] = None, subset: Optional[str] = None,
               expect: Optional[dict] = None) -> Dict[str, List[nn.Module]]:

@@ -476,14 +476,15 @@ def run_isolated(spec: CaseSpec, threads: Optional[int], memory_limit_mb: Option
 
 def resolve_methods(requested: Sequence[str]) -> tuple:
     """``(names to measure, skipped notes)``: ``all`` expands to every registered distillation
-    method (selection baselines have no iterations; methods that need a teacher are skipped with a
-    note); unregistered names are skipped."""
+    method (selection baselines have no iterations; methods that need a teacher or train_original.py
+    models are skipped with a note); unregistered names are skipped."""
     registered = methods.list_methods()
     names = []
     for name in requested:
         if name.lower() == "all":
             names += [known for known in registered if not methods.get_method_class(known).selection_only
-                      and not methods.get_method_class(known).needs_teacher]
+                      and not methods.get_method_class(known).needs_teacher
+                      and not methods.get_method_class(known).needs_pretrained]
         else:
             names.append(name)
     chosen, skipped = [], []
@@ -496,6 +497,9 @@ def resolve_methods(requested: Sequence[str]) -> tuple:
         elif methods.get_method_class(name).needs_teacher:
             skipped.append({"method": name, "note": f"{name}: needs a trained teacher (--teacher_model ...), which "
                                                     "this study does not train; skipped"})
+        elif methods.get_method_class(name).needs_pretrained:
+            skipped.append({"method": name, "note": f"{name}: matches against train_original.py models, which this "
+                                                    "study does not train; skipped"})
         else:
             chosen.append(name)
     return chosen, skipped

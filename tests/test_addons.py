@@ -45,9 +45,11 @@ def config(name, buffer_root, **fields):
 
 
 @pytest.mark.parametrize("name", methods.list_methods())
-def test_every_method_runs_two_iterations(name, buffer_root, tmp_path, monkeypatch):
+def test_every_method_runs_two_iterations(name, buffer_root, pretrained, tmp_path, monkeypatch):
     record = tiny_record()
     cfg = config(name, buffer_root)
+    if methods.get_method_class(name).needs_pretrained:  # NCFM: a pool of train_original.py models
+        cfg = cfg.replace(extra={**cfg.extra, "num_premodel": 2, "pretrain_dir": pretrained, "num_freqs": 64})
     if methods.get_method_class(name).needs_teacher:  # SRe2L, CDA, RDED: a frozen BatchNorm teacher
         torch.manual_seed(0)
         teacher = networks.get_network("ConvNetBN", 1, 3, (8, 8)).eval().requires_grad_(False)
