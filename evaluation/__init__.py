@@ -23,7 +23,7 @@ from evaluation.schedule import StepSchedule, evaluate_schedule, train_on_schedu
 from evaluation.soft_labels import adamw_groups, cosine_factor, make_adamw, mixed, soft_loss
 from evaluation.views import Views, apply_views, draw_crops, draw_views
 from evaluation.student import epoch_views, multistep_factor, student_epochs, train_and_test_student, train_student
-from evaluation.formation import decode_zoom
+from evaluation.formation import decode_zoom, mix_grid
 from evaluation.relabel import SoftLabelStore, relabel
 
 __all__ = [
@@ -36,5 +36,5 @@ __all__ = [
     "LABEL_REGIMES", "SOFT_LOSSES", "STUDENT_OPTIMIZERS", "STUDENT_AUGS", "MIX_TYPES", "StudentProtocol",
     "adamw_groups", "cosine_factor", "make_adamw", "mixed", "soft_loss", "Views", "apply_views", "draw_crops",
     "draw_views", "epoch_views", "student_epochs", "train_and_test_student", "train_student", "SoftLabelStore",
-    "relabel", "ADAMW_SCHEDULES", "multistep_factor", "decode_zoom",
+    "relabel", "ADAMW_SCHEDULES", "multistep_factor", "decode_zoom", "mix_grid",
 ]

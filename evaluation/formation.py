@@ -4,7 +4,8 @@ before matching).
 
 Source: Kim et al., "Dataset Condensation via Efficient Synthetic-Data Parameterization", ICML 2022
 (IDC, section 3.1); the decoder of gszfwsb/NCFM ``condenser/decode.py`` (``decode_zoom``, the
-``single`` decode type), which NCFM uses with ``factor: 2``. Knows no method.
+``single`` decode type), which NCFM uses with ``factor: 2``, and its ``mix`` initialisation
+(``condenser/Condenser.py``). Knows no method.
 """
 from __future__ import annotations
 
@@ -54,3 +55,38 @@ def decode_zoom(images: torch.Tensor, labels: torch.Tensor, factor: int) -> Tupl
              for i in range(factor) for j in range(factor)]
     decoded = F.interpolate(torch.cat(crops), size=(size, size), mode="bilinear", align_corners=False)
     return decoded, torch.cat([labels] * (factor * factor))
+
+
+def mix_grid(images: torch.Tensor, factor: int, n: int) -> torch.Tensor:
+    """``n`` images each holding a ``factor x factor`` grid of ``images`` (``init: mix`` of NCFM's
+    ``Condenser.load_condensed_data``; the multi-formation random-real baseline): cell k (row-major)
+    of image j is ``images[k n + j]`` shrunk (nearest) to the cell; with H = s factor + r the first r
+    rows / columns of cells are s + 1 pixels.
+
+    Args:
+        images: (factor² n, C, H, H).
+        factor: grid size; n: images out.
+
+    Returns:
+        (n, C, H, H).
+
+    Raises:
+        ValueError: not factor² n images.
+    """
+    if images.shape[0] != factor * factor * n:
+        raise ValueError(f"mix_grid needs {factor * factor * n} images, got {images.shape[0]}")
+    size = images.shape[-1]
+    out = images.new_empty((n,) + tuple(images.shape[1:]))
+    s, remainder = divmod(size, factor)
+    k, top = 0, 0
+    for i in range(factor):
+        height = s + 1 if i < remainder else s
+        left = 0
+        for j in range(factor):
+            width = s + 1 if j < remainder else s
+            out[:, :, top:top + height, left:left + width] = F.interpolate(images[k * n:(k + 1) * n],
+                                                                           size=(height, width))
+            left += width
+            k += 1
+        top += height
+    return out

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 import augment
 import utils
-from evaluation.formation import decode_zoom
+from evaluation.formation import decode_zoom, mix_grid
 from methods.base import DistillConfig, DistillMethod, SyntheticSet, register_method
 from methods.options import MethodOptions, option
 from pretrained import original_files
@@ -113,40 +113,6 @@ def ncfm_match_loss(feat_real: torch.Tensor, feat_syn: torch.Tensor, t: torch.Te
 # --------------------------------------------------------------------------------------------
 # Multi-formation initialisation and augmentation
 # --------------------------------------------------------------------------------------------
-def mix_grid(images: torch.Tensor, factor: int, n: int) -> torch.Tensor:
-    """``n`` images each holding a ``factor x factor`` grid of ``images`` (``init: mix`` of
-    ``Condenser.load_condensed_data``): cell k (row-major) of image j is ``images[k n + j]`` shrunk
-    (nearest) to the cell; with H = s factor + r the first r rows / columns of cells are s + 1 pixels.
-
-    Args:
-        images: (factor² n, C, H, H).
-        factor: grid size; n: images out.
-
-    Returns:
-        (n, C, H, H).
-
-    Raises:
-        ValueError: not factor² n images.
-    """
-    if images.shape[0] != factor * factor * n:
-        raise ValueError(f"mix_grid needs {factor * factor * n} images, got {images.shape[0]}")
-    size = images.shape[-1]
-    out = images.new_empty((n,) + tuple(images.shape[1:]))
-    s, remainder = divmod(size, factor)
-    k, top = 0, 0
-    for i in range(factor):
-        height = s + 1 if i < remainder else s
-        left = 0
-        for j in range(factor):
-            width = s + 1 if j < remainder else s
-            out[:, :, top:top + height, left:left + width] = F.interpolate(images[k * n:(k + 1) * n],
-                                                                           size=(height, width))
-            left += width
-            k += 1
-        top += height
-    return out
-
-
 def batch_augment(x: torch.Tensor, aug_type: str, generator: torch.Generator) -> torch.Tensor:
     """IDC's ``DiffAug(strategy, batch=True)`` as NCFM's matching uses it: one parameter draw shared
     by the whole batch for each of ``flip`` and ``color`` (when named), then one of the other

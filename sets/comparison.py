@@ -247,6 +247,25 @@ def evaluate_schedule_row(row: Row, experiments: Sequence[SetToEvaluate], models
     return row
 
 
+def random_stored_images(record, ipc: int, factor: int, generator: torch.Generator):
+    """``ipc`` random real images per class (``data.sample_random_real``), or with ``factor`` > 1 ``ipc``
+    stored images per class each holding a ``factor x factor`` grid of ``ipc factor²`` random real images
+    of the class (``evaluation.mix_grid``; NCFM's ``mix`` initialisation), decoded when trained on.
+
+    Returns:
+        ``(images (K ipc, C, H, W), labels (K ipc,))``, class-major.
+    """
+    from data import sample_random_real
+
+    if factor <= 1:
+        return sample_random_real(record, ipc, generator)
+    cells, _ = sample_random_real(record, ipc * factor * factor, generator)
+    per_class = ipc * factor * factor
+    images = torch.cat([evaluation.mix_grid(cells[c * per_class:(c + 1) * per_class], factor, ipc)
+                        for c in range(record.num_classes)])
+    return images, torch.arange(record.num_classes, device=cells.device).repeat_interleave(ipc)
+
+
 def random_real_row(record, ipc: int, models: Sequence[str], protocol: "evaluation.EvalProtocol", distilled_with: str,
                     test_images: torch.Tensor, test_labels: torch.Tensor, *, num_eval: int, device: torch.device,
                     seed: int, report: Optional[ReportFn] = None, precision: Precision = FP32,
@@ -256,6 +275,8 @@ def random_real_row(record, ipc: int, models: Sequence[str], protocol: "evaluati
     the sets, under the label regime ``labels`` (hard class labels; ``soft``: the teacher's labels
     of the drawn images made as for the sets, ``teacher``: the teacher online;
     ``sets.label_regimes``); without any training augmentation when ``augmented`` is off (ARS).
+    Under a multi-formation protocol (``decode_factor`` f > 1) each stored image is a grid of f²
+    random real images (:func:`random_stored_images`), the same storage as the sets.
 
     Raises:
         ValueError: ``soft`` / ``teacher`` labels without a teacher.
@@ -271,7 +292,7 @@ def random_real_row(record, ipc: int, models: Sequence[str], protocol: "evaluati
         cfg = cfg if augmented else without_augmentation(cfg)
         mine, seconds, results, kind, store_mb = {}, 0.0, [], None, []
         for run in distributed.shard(num_eval):  # all of them for one process; a share under torchrun
-            images, hard = sample_random_real(record, ipc, utils.make_generator(seed + run))
+            images, hard = random_stored_images(record, ipc, cfg.decode_factor, utils.make_generator(seed + run))
             inputs = label_regimes.label_inputs(cfg, images.to(device), hard.to(device), teacher, seed=seed + run)
             result = evaluation.evaluate_synset(images.to(device), inputs.labels.to(device), model_eval,
                                            record.num_classes, test_images, test_labels, cfg, num_eval=1,

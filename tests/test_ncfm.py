@@ -247,3 +247,15 @@ def test_distill_records_the_protocol_and_evaluate_replays_it(pretrained, fake_d
                           "--device", "cpu", "--decode_factor", "1", "--mix_p", "1", "--out", str(out2)]) == 0
     overridden = json.loads(out2.read_text())[MTT_MODEL]["protocol"]
     assert "decode_factor" not in overridden and "mix_p" not in overridden
+
+
+def test_random_real_under_multi_formation_stores_grids_of_real_images():
+    from sets.comparison import random_stored_images
+
+    record = tiny_record()
+    plain, labels = random_stored_images(record, 2, 1, utils.make_generator(0))
+    assert plain.shape == (6, 1, 8, 8) and labels.tolist() == [0, 0, 1, 1, 2, 2]
+    grids, grid_labels = random_stored_images(record, 2, 2, utils.make_generator(0))
+    assert grids.shape == (6, 1, 8, 8) and grid_labels.tolist() == [0, 0, 1, 1, 2, 2]
+    cells, _ = evaluation.decode_zoom(grids, grid_labels, 2)
+    assert cells.shape == (24, 1, 8, 8) and not torch.equal(grids, plain)
