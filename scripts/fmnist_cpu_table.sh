@@ -13,6 +13,8 @@
 #   bash scripts/fmnist_cpu_table.sh baselines  # random / herding / k-center at ipc 1 and 10; a cross-architecture
 #                                               # table of dsa_ipc1; 5-step continual learning of dm_ipc10;
 #                                               # make_table.py over everything; cost of the networks
+#   bash scripts/fmnist_cpu_table.sh ncfm       # a pool of train_original.py ConvNets, then NCFM beside DM at ipc 1
+#                                               # and 10, all (and random real) under NCFM's student protocol
 #   bash scripts/fmnist_cpu_table.sh core cafe datadam
 #   DRY_RUN=1 bash scripts/fmnist_cpu_table.sh mtt   # print the commands of the cells not run yet, run nothing
 set -euo pipefail
@@ -41,6 +43,20 @@ ORIGINAL_EPOCHS=${ORIGINAL_EPOCHS:-2}
 CLOM_ALPHA=${CLOM_ALPHA:-100}
 SEED=${SEED:-0}
 DSA=color_crop_cutout_flip_scale_rotate
+# NCFM at CPU size: a pool of 5 ConvNets of 5 epochs (reference: 20 of 60), 100 iterations (as DM's
+# cells; reference 20000) with 256 real images per class (reference 1024), 500 evaluation epochs
+# (reference 2000) under its student protocol (AdamW, x0.5 at each fifth, CutMix with p 0.5, DSA
+# without cutout). DM and the random-real rows are trained under the same protocol; NCFM's random
+# rows store grids of 4 random real images per image (--decode_factor 2), the same storage.
+NCFM_POOL=${NCFM_POOL:-5}
+NCFM_POOL_EPOCHS=${NCFM_POOL_EPOCHS:-5}
+NCFM_ITERS=${NCFM_ITERS:-100}
+NCFM_EPOCHS=${NCFM_EPOCHS:-500}
+NCFM_DSA=color_crop_flip_scale_rotate
+NCFM_EVAL="--optimizer adamw --adamw_schedule multistep --mix_type cutmix --mix_p 0.5 --batch_train 128"
+# Extra evaluate.py flags of the random-real baseline and a tag naming its protocol (set per cell).
+BASE_EXTRA=""
+BASE_TAG=""
 mkdir -p "$OUT"
 
 run() {  # a command, or (DRY_RUN=1) the command printed
@@ -58,11 +74,11 @@ cell() {  # name method ipc epochs strategy iterations extra-flags... (iteration
   fi
   if [ ! -f "$run/random.json" ]; then
     # One baseline per protocol (ipc, epochs, augmentation), shared by the cells that use it.
-    local shared="$OUT/random/ipc${ipc}_e${epochs}_${strategy}_n${NUM_EVAL}_s${SEED}.json"
+    local shared="$OUT/random/ipc${ipc}_e${epochs}_${strategy}_n${NUM_EVAL}_s${SEED}${BASE_TAG:+_$BASE_TAG}.json"
     if [ ! -f "$shared" ]; then
       mkdir -p "$OUT/random"
       run python3 evaluate.py --dataset FashionMNIST --baseline random --ipc "$ipc" --num_eval "$NUM_EVAL" \
-        --epoch_eval_train "$epochs" --dsa_strategy "$strategy" --seed "$SEED" --out "$shared"
+        --epoch_eval_train "$epochs" --dsa_strategy "$strategy" --seed "$SEED" --out "$shared" $BASE_EXTRA
     fi
     run cp "$shared" "$run/random.json"
   fi
@@ -120,6 +136,17 @@ for group in "${@:-core}"; do
       cell dm_feat_ipc10 DM 10 300 "$DSA" "$DM_ITERS" --feature_labels
       CELLS+=(dc_clom_ipc1 dm_clom_ipc10 dc_feat_ipc1 dm_feat_ipc10)
       assess_all ;;
+    ncfm)  # the pool under its own --save_path; NCFM and DM cells under NCFM's student protocol
+      run python3 train_original.py --dataset FashionMNIST --model ConvNet --num "$NCFM_POOL" \
+        --epochs "$NCFM_POOL_EPOCHS" --lr_decay_step "$NCFM_POOL_EPOCHS" --save_path "$OUT/ncfm_pool"
+      NCFM_CPU="--batch_real 256 --num_premodel $NCFM_POOL --pretrain_dir $OUT/ncfm_pool"
+      for ipc in 1 10; do
+        BASE_TAG=ncfm_f2 BASE_EXTRA="$NCFM_EVAL --decode_factor 2" \
+          cell "ncfm_ipc$ipc" NCFM "$ipc" "$NCFM_EPOCHS" "$NCFM_DSA" "$NCFM_ITERS" $NCFM_CPU
+        BASE_TAG=ncfm_f1 BASE_EXTRA="$NCFM_EVAL" \
+          cell "dm_ncfm_ipc$ipc" DM "$ipc" "$NCFM_EPOCHS" "$NCFM_DSA" "$NCFM_ITERS" --dsa_strategy "$NCFM_DSA" $NCFM_EVAL
+        CELLS+=("ncfm_ipc$ipc" "dm_ncfm_ipc$ipc")
+      done ;;
     baselines)  # coresets under the protocols of dc_ipc1 / dm_ipc10; needs core's dsa_ipc1 and dm_ipc10
       for ipc in 1 10; do
         # ipc 1 as dc_ipc1 (no augmentation), ipc 10 as dm_ipc10 (DSA: the set's --dsa_strategy)
@@ -141,7 +168,7 @@ for group in "${@:-core}"; do
       assess_all  # the coreset sets too (needs originals' models)
       run python3 scripts/make_table.py "$OUT" --model ConvNet --out_dir "$OUT/tables"
       run python3 scripts/cost.py --dataset FashionMNIST --eval_mode M --out "$OUT/cost_M.json" ;;
-    *) echo "unknown group $group (core, cafe, datadam, mtt, originals, baselines)" >&2; exit 2 ;;
+    *) echo "unknown group $group (core, cafe, datadam, mtt, originals, ncfm, baselines)" >&2; exit 2 ;;
   esac
 done
 

@@ -19,7 +19,7 @@ from conftest import ROOT, check_stage_command
 PY_SCRIPTS = sorted(p for p in glob.glob(os.path.join(ROOT, "scripts", "*.py")) if not p.endswith("__init__.py"))
 SHELL_SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "scripts", "*.sh")) + glob.glob(os.path.join(ROOT, "scripts", "*.sbatch")))
 STAGE = re.compile(r"^\+ python3 (distill|evaluate|buffer|train_original)\.py (.*)$")
-FMNIST_GROUPS = ("core", "cafe", "datadam", "mtt", "originals", "baselines")
+FMNIST_GROUPS = ("core", "cafe", "datadam", "mtt", "originals", "ncfm", "baselines")
 
 
 @pytest.mark.parametrize("path", PY_SCRIPTS, ids=os.path.basename)
@@ -91,6 +91,23 @@ def test_fmnist_cpu_table_dry_run_commands_parse(group, tmp_path, monkeypatch):
         check_stage_command(stage, argv)
         if stage == "distill" and argv[argv.index("--method") + 1] in ("random", "herding", "kcenter"):
             assert "--Iteration" not in argv  # coresets refuse it
+
+
+def test_fmnist_cpu_table_ncfm_trains_every_row_under_one_student_protocol(tmp_path):
+    commands = stage_commands(dry_run("fmnist_cpu_table.sh", tmp_path, "ncfm"))
+    stages = [stage for stage, _ in commands]
+    assert stages[0] == "train_original" and stages.count("distill") == 4 and stages.count("evaluate") == 4
+    protocol = ["--optimizer", "adamw", "--adamw_schedule", "multistep", "--mix_type", "cutmix", "--mix_p", "0.5"]
+    for stage, argv in commands:
+        if stage == "train_original":
+            continue
+        method = argv[argv.index("--method") + 1] if "--method" in argv else "random"
+        if method != "NCFM":  # NCFM's protocol is its default; DM and random real name it
+            assert " ".join(protocol) in " ".join(argv), argv
+        if method == "NCFM":
+            assert argv[argv.index("--pretrain_dir") + 1].endswith("ncfm_pool")
+        if method == "random" and "_ncfm_f2" in argv[argv.index("--out") + 1]:
+            assert argv[argv.index("--decode_factor") + 1] == "2"
 
 
 def test_fmnist_cpu_table_mtt_runs_what_results_md_reports(tmp_path):
