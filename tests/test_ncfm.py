@@ -259,3 +259,20 @@ def test_random_real_under_multi_formation_stores_grids_of_real_images():
     assert grids.shape == (6, 1, 8, 8) and grid_labels.tolist() == [0, 0, 1, 1, 2, 2]
     cells, _ = evaluation.decode_zoom(grids, grid_labels, 2)
     assert cells.shape == (24, 1, 8, 8) and not torch.equal(grids, plain)
+
+
+def test_distill_without_a_pool_is_one_line_before_loading_data(tmp_path, monkeypatch, capsys):
+    import data
+    import distill
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the data was loaded before the pool was checked")
+
+    monkeypatch.setattr(data, "load_dataset", no_loading)
+    with pytest.raises(SystemExit) as stopped:
+        distill.main(["--method", "NCFM", "--dataset", "FashionMNIST", "--pretrain_dir", str(tmp_path / "none"),
+                      "--run_dir", str(tmp_path / "run"), "--device", "cpu"])
+    assert stopped.value.code not in (0, None)
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert "--num_premodel 20" in err and "python train_original.py --dataset FashionMNIST --model ConvNet --num 20" in err
