@@ -8,6 +8,7 @@ the default of the chosen method's script. ``--config FILE.yaml`` supplies flag 
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 
@@ -33,7 +34,8 @@ def main(argv=None) -> int:
         stage = open_stage(args, run_dir=opts.run_dir, flag="--run_dir" if args.run_dir else "--save_path",
                            given=args.run_dir or args.save_path)
         device, opts = stage.device, dataclasses.replace(opts, precision=stage.precision)
-        record = cli.load_record(args, cifar100_stats_default=methods.get_method_class(cfg.method).cifar100_stats)
+        data_args = argparse.Namespace(**{**vars(args), "zca": cfg.zca})  # --zca as resolved (per-dataset defaults)
+        record = cli.load_record(data_args, cifar100_stats_default=methods.get_method_class(cfg.method).cifar100_stats)
         if cfg.ipc > int(record.labels_train.bincount().min()):
             raise utils.UserError(f"--ipc {cfg.ipc} exceeds the smallest class of {args.dataset}")
         with stop_requests() as stop:

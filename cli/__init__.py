@@ -56,16 +56,20 @@ DEFAULT_DATA_PATH = "data"
 CIFAR100_STATS = ("cifar100", "cifar10")
 
 
-def add_data_args(parser: argparse.ArgumentParser, cifar100_stats_default: str = "cifar100") -> None:
+def add_data_args(parser: argparse.ArgumentParser, cifar100_stats_default: str = "cifar100",
+                  zca_default: str | None = None) -> None:
     """``--dataset --data_path --zca --download --res --subset --cifar100_stats`` (reference names;
-    ``cifar100_stats_default`` is what the help names as the default when the flag is left out)."""
+    ``cifar100_stats_default`` is what the help names as the default when the flag is left out).
+    ``zca_default``: None keeps ``--zca`` off when left out; a text (``distill.py``: the methods'
+    per-dataset defaults) makes the flag's default ``None`` (resolved later) and is named in its help."""
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", default="CIFAR10", help="MNIST, FashionMNIST, SVHN, CIFAR10, CIFAR100, "
                        "TinyImageNet (or Tiny), imagenette/imagewoof/imagefruit/imagemeow/imagesquawk/imageyellow, MHIST")
     group.add_argument("--data_path", default=DEFAULT_DATA_PATH, help="dataset root (FashionMNIST is also found in "
                        "/usr/share/datasets/fashion-mnist without it)")
-    group.add_argument("--zca", action=argparse.BooleanOptionalAction, default=False,
-                       help="ZCA-whiten the data (eps 0.1); saved images stay whitened, pictures are inverted")
+    group.add_argument("--zca", action=argparse.BooleanOptionalAction, default=None if zca_default else False,
+                       help="ZCA-whiten the data (eps 0.1); saved images stay whitened, pictures are inverted"
+                            + (f" (default: {zca_default})" if zca_default else ""))
     group.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
                        help="let torchvision download missing datasets (needs internet)")
     group.add_argument("--res", type=int, default=None, help="image side for MHIST / ImageNet subsets")

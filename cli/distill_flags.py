@@ -69,7 +69,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
                         help="continue from run_dir/last.pt if it exists")
     parser.add_argument("--vis", action=argparse.BooleanOptionalAction, default=True, help="save PNG grids")
-    cli.add_data_args(parser, cifar100_stats_default="the method's: cifar10 for MTT, DATM, PAD and CAFE, else cifar100")
+    cli.add_data_args(parser, cifar100_stats_default="the method's: cifar10 for MTT, DATM, PAD and CAFE, else cifar100",
+                      zca_default="the method's per dataset: FRePo on for CIFAR10, CIFAR100 and TinyImageNet; else off")
     cli.add_runtime_args(parser)
     cli.add_amp_arg(parser)
     addons.add_args(parser)  # every registered add-on's own flags
@@ -78,14 +79,21 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     group = parser.add_argument_group("method-specific (declared by each method's options)")
     # One flag per field of the methods' options dataclasses (methods/options.py).
     for name, (option, users) in methods.method_options().items():
-        defaults = sorted({f"{m.name}: {getattr(m.resolve_options({}), name)}"
-                           for m in map(methods.get_method_class, users)})
+        defaults = sorted({f"{m.name}: {option_default_text(m, name)}" for m in map(methods.get_method_class, users)})
         help_text = f"{option.help} (default {'; '.join(defaults)})"
         if option.type is bool:  # --no_aug alone, and the references' --no_aug True / False
             group.add_argument(f"--{name}", action=cli.TrueFalseFlag, default=None, help=help_text)
         else:
             group.add_argument(f"--{name}", type=option.type, default=None, help=help_text)
     return parser
+
+
+def option_default_text(method_class, name: str) -> str:
+    """The default of option ``name`` of ``method_class`` as ``--help`` names it: ``per dataset``
+    when the method sets it per dataset (``DistillMethod.dataset_defaults``), else its value."""
+    if name in method_class.dataset_defaults("CIFAR10", 1):
+        return "per dataset"
+    return str(getattr(method_class.resolve_options({}), name))
 
 
 def method_extra(args: argparse.Namespace, method_class) -> dict:
@@ -173,6 +181,11 @@ def resolve(args: argparse.Namespace):
     cli.check_models([args.model], "--model")
     eval_models = cli.resolve_eval_models(v["eval_mode"], args.model, method_class.pool_family)
     extra = method_extra(args, method_class)
+    # The reference's per-dataset settings (FRePo: --zca, --use_flip) for the flags left out.
+    per_dataset = dict(method_class.dataset_defaults(args.dataset, v["ipc"]))
+    zca = bool(per_dataset.pop("zca", False)) if args.zca is None else args.zca
+    extra = {**per_dataset, **extra}
+    data_args = argparse.Namespace(**{**vars(args), "zca": zca})
     eval_it = args.eval_it
     if eval_it is None:
         eval_it = method_class.default_eval_it if v["eval_mode"] in ("S", "SS") else 0
@@ -185,9 +198,9 @@ def resolve(args: argparse.Namespace):
                                 iterations=v["Iteration"], lr_img=v["lr_img"], lr_net=v["lr_net"],
                                 batch_real=v["batch_real"], batch_train=v["batch_train"], init=v["init"],
                                 dsa_strategy=v["dsa_strategy"] or "", dis_metric=v["dis_metric"],
-                                outer_loop=args.outer_loop, inner_loop=args.inner_loop, zca=args.zca,
+                                outer_loop=args.outer_loop, inner_loop=args.inner_loop, zca=zca,
                                 subset=args.subset, res=args.res,
-                                normalize_like=cli.normalize_like(args, method_class.cifar100_stats), extra=extra,
+                                normalize_like=cli.normalize_like(data_args, method_class.cifar100_stats), extra=extra,
                                 addons=addon_settings, teacher=teacher.as_dict() if teacher is not None else None)
     try:
         addons.check_hosted(method_class, cfg)

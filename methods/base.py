@@ -307,6 +307,20 @@ class DistillMethod:
         """Tensors the add-ons append to an experiment's ``[image_syn, label_syn]`` result entry."""
         return [tensor for addon in self.addons for tensor in addon.saved_entries(syn)]
 
+    @classmethod
+    def dataset_defaults(cls, dataset: str, ipc: int) -> Mapping[str, Any]:
+        """Defaults that depend on the dataset and ipc, as the method's reference script sets them
+        per dataset: ``zca`` (the ``--zca`` data flag) and names of the method's own options.
+        ``distill.py`` applies them once, when resolving flags, to the flags left out (a flag or
+        ``--config`` value given wins), so the frozen config records what was used. None in the
+        base class.
+
+        Args:
+            dataset: the ``--dataset`` value as given (any case; ``Tiny`` for TinyImageNet).
+            ipc: the resolved images per class.
+        """
+        return {}
+
     # ---- evaluation defaults ------------------------------------------------------------
     @classmethod
     def check_config(cls, cfg: DistillConfig) -> None:

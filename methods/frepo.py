@@ -12,12 +12,16 @@ the squared error against the real images' centred one-hot labels plus the label
 one LAMB step updates the images and the learned labels. Then the model takes one Adam step on
 the synthetic set with the learned labels (or, older than ``max_online_updates``, is replaced by a
 fresh initialisation), and the next model is drawn at random.
+
+With ``--use_flip`` the support of the kernel regression is the synthetic set and its horizontal
+mirror images (labels repeated); the stored set and the online models' training use the set
+alone (``proto_train_step(use_flip=True)`` of ``lib/datadistillation/frepo.py``).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -114,6 +118,36 @@ class FRePoOptions(MethodOptions):
                               exclusive_minimum=True, source=FREPO_LIBRARY + " (proto_train_and_evaluate)")
     online_batch: int = option(1000, "FRePo: synthetic images per online step (all when fewer)", minimum=1,
                                source=FREPO_LIBRARY + " (proto_train_and_evaluate, eval_batch_size)")
+    use_flip: bool = option(False, "FRePo: the kernel regression's support is the set plus its horizontal mirror "
+                            "images (when left out: on for CIFAR10 at every ipc, CIFAR100 and TinyImageNet at ipc 1, "
+                            "imagenette and imagewoof; off otherwise)",
+                            source=FREPO_DISTILL + " (use_flip per dataset)")
+
+
+def frepo_dataset_defaults(dataset: str, ipc: int) -> Dict[str, Any]:
+    """FRePo's per-dataset settings of ``script/distill.py`` and ``lib/dataset/dataloader.py``
+    (yongchao97/FRePo) for the toolkit's dataset names:
+
+    * ``use_flip``: on for CIFAR-10 at every ipc and for imagenette and imagewoof (the script's
+      default branch), for CIFAR-100 and TinyImageNet at ipc 1 only; off for MNIST and
+      Fashion-MNIST and for datasets the reference does not have (SVHN, MHIST, the other
+      ImageNet subsets);
+    * ``zca``: on for CIFAR-10, CIFAR-100 and TinyImageNet (``preprocess_type = 'normalize_zca'``),
+      off for MNIST and Fashion-MNIST (``'standard'``: mean/std only) and for the datasets the
+      reference does not have or whitens block-wise at 128 pixels (imagenette, imagewoof), which the
+      toolkit's ZCA does not reproduce.
+
+    Args:
+        dataset: a ``--dataset`` name in any case (``Tiny`` or ``TinyImageNet``).
+        ipc: images per class.
+
+    Returns:
+        ``{'use_flip': bool, 'zca': bool}``.
+    """
+    name = dataset.lower()
+    tiny = name in ("tiny", "tinyimagenet")
+    use_flip = name in ("cifar10", "imagenette", "imagewoof") or ((name == "cifar100" or tiny) and ipc == 1)
+    return {"use_flip": use_flip, "zca": name in ("cifar10", "cifar100") or tiny}
 
 
 @register_method("FRePo")
@@ -142,6 +176,11 @@ class FRePo(DistillMethod):
     eval_label_loss = "mse"
     run_counts = (1, 5)  # script/eval.py num_eval=5
     eval_epochs = (1000, 1000)  # script/eval.py: 1000 steps for 10 images (2000 for 100)
+
+    @classmethod
+    def dataset_defaults(cls, dataset: str, ipc: int) -> Mapping[str, Any]:
+        """:func:`frepo_dataset_defaults` (``--use_flip`` and ``--zca`` when left out)."""
+        return frepo_dataset_defaults(dataset, ipc)
 
     def __init__(self, cfg, **kwargs):
         super().__init__(cfg, **kwargs)
@@ -190,21 +229,32 @@ class FRePo(DistillMethod):
         index = index.to(self.sampler.images.device)
         return self.sampler.images[index], self.sampler.labels[index]
 
+    def support(self, syn: SyntheticSet) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The kernel regression's support: ``(images (N, C, H, W), labels (N, K))`` of the set, or
+        with ``--use_flip`` ``(2N, C, H, W)`` and ``(2N, K)``: the set followed by its horizontal
+        mirror images (``torch.flip`` of the width axis; the reference's ``jnp.flip(x, axis=-2)``
+        on NHWC arrays) with the same labels. Graphs to the images and labels are kept."""
+        if not self.options.use_flip:
+            return syn.images, syn.label_values
+        return (torch.cat([syn.images, torch.flip(syn.images, dims=[-1])]),
+                torch.cat([syn.label_values, syn.label_values]))
+
     def loss(self, syn: SyntheticSet) -> torch.Tensor:
         """FRePo's meta-training loss (Sec. 3) under the current pool model: the kernel ridge
-        prediction of a real batch's centred one-hot labels from the synthetic set in the model's
-        feature space, squared error (``proto_train_step``), plus the label-margin term when labels
-        are learned. A scalar with a graph to the images (and the labels)."""
+        prediction of a real batch's centred one-hot labels from the support (:meth:`support`) in
+        the model's feature space, squared error (``proto_train_step``), plus the label-margin term
+        of the stored labels when labels are learned. A scalar with a graph to the images (and the
+        labels)."""
         net = self.pool[self.current].net
         net.eval()  # features only (no dropout or normalisation statistics in these networks)
         real, label_real = self.sample_real()
         with torch.no_grad():
             feat_real = chunked.embed_in_chunks(net, real)
-        feat_syn = net.embed(syn.images)
+        images, labels = self.support(syn)
+        feat_syn = net.embed(images)
         with torch.autocast(self.device.type, enabled=False):  # --amp: features only; kernel and solve in float32
             feat_real, feat_syn = feat_real.float(), feat_syn.float()
-            pred = kernel_ridge_regression(feat_real @ feat_syn.T, feat_syn @ feat_syn.T, syn.label_values,
-                                           self.options.reg)
+            pred = kernel_ridge_regression(feat_real @ feat_syn.T, feat_syn @ feat_syn.T, labels, self.options.reg)
         loss = regression_mse(pred, evaluation.centred_one_hot(label_real, self.num_classes))
         self.kernel_loss = loss.detach()
         if self.options.learn_label:

@@ -11,7 +11,8 @@ import methods
 import networks
 import evaluation
 import utils
-from cli import evaluate_flags
+from cli import distill_flags, evaluate_flags
+from methods import frepo as frepo_module
 from methods.runner import RunInterrupted, RunOptions, StopFlag, run_distillation
 from methods.frepo import initial_label_values, label_margin_loss, regression_mse
 from methods.kernels import kernel_ridge_regression
@@ -174,3 +175,72 @@ def test_bad_flags_are_one_line(tmp_path, monkeypatch, capsys, flag, value, need
     assert stop.value.code == 2
     lines = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], lines
+
+
+def test_use_flip_doubles_the_support_in_the_loss_with_mirror_images(monkeypatch):
+    method, _ = build_frepo(use_flip=True)
+    syn = method.init_synthetic()
+    n = syn.images.shape[0]
+    images, labels = method.support(syn)
+    assert images.shape[0] == 2 * n and labels.shape[0] == 2 * n
+    assert torch.equal(images[:n], syn.images) and torch.equal(images[n:], torch.flip(syn.images, dims=[-1]))
+    assert not torch.equal(images[n:], syn.images)  # the tiny images are not mirror-symmetric
+    assert torch.equal(labels[n:], syn.label_values) and torch.equal(labels[:n], syn.label_values)
+    seen = {}
+    real_solve = frepo_module.kernel_ridge_regression
+
+    def spy(k_ts, k_ss, y_s, reg):
+        seen.update(k_ss=k_ss.detach(), y_s=y_s.detach())
+        return real_solve(k_ts, k_ss, y_s, reg)
+
+    monkeypatch.setattr(frepo_module, "kernel_ridge_regression", spy)
+    net = method.pool[method.current].net
+    method.loss(syn)
+    features = net.embed(torch.cat([syn.images, torch.flip(syn.images, dims=[-1])])).detach()
+    assert seen["k_ss"].shape == (2 * n, 2 * n)
+    assert torch.allclose(seen["k_ss"], features @ features.T, rtol=1e-5, atol=1e-5)
+    assert torch.equal(seen["y_s"], torch.cat([syn.label_values, syn.label_values]).detach())
+    method.step(syn, 1)
+    assert syn.images.shape[0] == n and syn.label_values.shape[0] == n  # the stored set has no mirror copies
+
+
+def test_without_use_flip_the_support_is_the_set():
+    method, _ = build_frepo()
+    syn = method.init_synthetic()
+    images, labels = method.support(syn)
+    assert images is syn.images and labels is syn.label_values
+
+
+@pytest.mark.parametrize("dataset,ipc,use_flip,zca", [
+    ("CIFAR10", 1, True, True), ("CIFAR10", 50, True, True), ("cifar100", 1, True, True), ("CIFAR100", 10, False, True),
+    ("Tiny", 1, True, True), ("TinyImageNet", 10, False, True), ("MNIST", 1, False, False),
+    ("FashionMNIST", 10, False, False), ("SVHN", 1, False, False), ("imagenette", 10, True, False),
+])
+def test_per_dataset_defaults_follow_the_reference(dataset, ipc, use_flip, zca):
+    assert frepo_module.frepo_dataset_defaults(dataset, ipc) == {"use_flip": use_flip, "zca": zca}
+    cfg, _ = distill_flags.resolve(distill_flags.parse_args(["--method", "FRePo", "--dataset", dataset,
+                                                             "--ipc", str(ipc)]))
+    assert cfg.zca is zca and cfg.extra["use_flip"] is use_flip  # recorded in the frozen config
+
+
+def test_given_zca_and_use_flip_override_the_per_dataset_defaults():
+    cfg, _ = distill_flags.resolve(distill_flags.parse_args(
+        ["--method", "FRePo", "--dataset", "FashionMNIST", "--zca", "--use_flip", "true"]))
+    assert cfg.zca is True and cfg.extra["use_flip"] is True
+    cfg, _ = distill_flags.resolve(distill_flags.parse_args(
+        ["--method", "FRePo", "--dataset", "CIFAR10", "--no-zca", "--use_flip", "false"]))
+    assert cfg.zca is False and cfg.extra["use_flip"] is False
+    cfg, _ = distill_flags.resolve(distill_flags.parse_args(["--method", "DM", "--dataset", "CIFAR10"]))
+    assert cfg.zca is False and "use_flip" not in cfg.extra  # other methods keep --zca off
+
+
+def test_distill_loads_the_data_with_the_resolved_zca(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr("cli.load_record", lambda args, *rest, **kwargs: seen.append(args.zca) or tiny_record())
+    run_dir = tmp_path / "run"
+    code = distill.main(["--method", "FRePo", "--dataset", "CIFAR10", "--model", "ConvNetW32", "--ipc", "2",
+                         "--Iteration", "1", "--batch_real", "16", "--num_eval", "0", "--num_nn_state", "2",
+                         "--run_dir", str(run_dir), "--threads", "1", "--no-vis"])
+    assert code == 0 and seen == [True]
+    text = json.dumps(json.loads((run_dir / "results.json").read_text()))
+    assert '"use_flip": true' in text and '"zca": true' in text
