@@ -260,7 +260,10 @@ class MTT(DistillMethod):
                                   f"{self.latest_start_epoch()} plus --expert_epochs {self.options.expert_epochs} "
                                   f"need {self.latest_start_epoch() + self.options.expert_epochs}; lower "
                                   "--max_start_epoch or train longer experts (buffer.py --train_epochs)")
+        if self.options.tesla_grad != "exact" and not self.options.tesla:
+            raise utils.UserError(f"--tesla_grad {self.options.tesla_grad} applies to the --tesla sweep; add --tesla")
         self._chunks: List[torch.Tensor] = []  # this iteration's unused minibatches (next_batch)
+        self.teacher_targets: Optional[torch.Tensor] = None  # (N, K) this iteration's --teacher_label targets
         self.optimizer_lr: Optional[torch.optim.Optimizer] = None
 
     eval_epochs = (1000, 1000)  # MTT and DATM evaluation
@@ -297,8 +300,9 @@ class MTT(DistillMethod):
         return self._chunks.pop().to(self.device)
 
     def unroll_targets(self, syn: SyntheticSet) -> torch.Tensor:
-        """What the student's cross-entropy is taken against: the hard labels (N,) here."""
-        return syn.labels
+        """What the student's cross-entropy is taken against: the hard labels (N,), or with
+        ``--teacher_label`` this iteration's (N, K) probabilities from the target expert."""
+        return syn.labels if self.teacher_targets is None else self.teacher_targets
 
     def matching_loss(self, student: torch.Tensor, start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The normalised parameter distance (no parameter selection in MTT)."""
@@ -307,7 +311,8 @@ class MTT(DistillMethod):
     def unroll(self, syn: SyntheticSet, start: torch.Tensor) -> torch.Tensor:
         """``syn_steps`` differentiable SGD steps of the student from ``start`` (P,) with step size
         ``syn.syn_lr``; returns the final flat parameters, with a graph to the images (and alpha).
-        With ``--tesla`` the graph is one node whose backward recomputes the steps (methods/tesla.py)."""
+        With ``--tesla`` the graph is one node whose backward recomputes the steps (methods/tesla.py),
+        exactly or to first order (``--tesla_grad``)."""
         self._chunks = []  # a fresh permutation every iteration (MTT distill.py)
         # Terms an add-on adds to the matching loss once per unroll (AddOn.unroll_loss; DRUPI's CE of F).
         self.unroll_extra = torch.zeros((), device=self.device)
@@ -360,6 +365,8 @@ class MTT(DistillMethod):
         epoch = self.start_epoch(iteration)
         start = flatten(trajectory[epoch]).to(self.device)
         target = flatten(trajectory[epoch + self.options.expert_epochs]).to(self.device)
+        if self.options.teacher_label:  # TESLA: the target expert labels the images (methods/tesla.py)
+            self.teacher_targets = tesla.teacher_soft_labels(self.student, self.student_net, target, syn.images)
         self.student_net.train()
         with self.precision.autocast(self.device):
             loss = self.matching_loss(self.unroll(syn, start), start, target)
@@ -405,6 +412,8 @@ class DATM(MTT):
     def __init__(self, cfg, **kwargs):
         super().__init__(cfg, **kwargs)
         self.optimizer_y: Optional[torch.optim.Optimizer] = None
+        if self.options.teacher_label:
+            raise utils.UserError(f"--teacher_label is MTT's (TESLA); {cfg.method} learns its own soft labels")
         if self.options.min_start_epoch >= self.options.max_start_epoch:
             raise utils.UserError(f"--min_start_epoch {self.options.min_start_epoch} must be below "
                                   f"--max_start_epoch {self.options.max_start_epoch}")

@@ -2,7 +2,8 @@
 extending its parent's (``methods/options.py``).
 
 Sources of the defaults: ``distill.py`` of GeorgeCazenavette/mtt-distillation (MTT), the yacs
-defaults ``utils/cfg.py`` of NUS-HPC-AI-Lab/DATM (DATM) and of NUS-HPC-AI-Lab/PAD (PAD); the
+defaults ``utils/cfg.py`` of NUS-HPC-AI-Lab/DATM (DATM) and of NUS-HPC-AI-Lab/PAD (PAD),
+``distill.py`` of justincui03/tesla (``teacher_label``); the
 flags no reference has are this toolkit's (``methods.options.TOOLKIT``).
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from methods.options import TOOLKIT, MethodOptions, option, redefault
 MTT_REFERENCE = "GeorgeCazenavette/mtt-distillation distill.py"
 DATM_REFERENCE = "NUS-HPC-AI-Lab/DATM utils/cfg.py"
 PAD_REFERENCE = "NUS-HPC-AI-Lab/PAD utils/cfg.py"
+TESLA_REFERENCE = "justincui03/tesla distill.py"
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,13 @@ class MTTOptions(MethodOptions):
     max_experts: int = option(0, "trajectory matching: use at most N experts per file, in total with --load_all "
                               "(0: all)", minimum=0, source=MTT_REFERENCE)
     no_aug: bool = option(False, "trajectory matching: no DiffAugment in the student steps", source=MTT_REFERENCE)
-    tesla: bool = option(False, "trajectory matching: TESLA's constant-memory meta-gradient (same gradient)",
+    tesla: bool = option(False, "trajectory matching: TESLA's constant-memory meta-gradient (see --tesla_grad)",
                          source=TOOLKIT)
+    tesla_grad: str = option("exact", "trajectory matching, --tesla: exact (the full unroll's gradient) or "
+                             "first_order (TESLA's released form, Hessian terms dropped)",
+                             choices=("exact", "first_order"), source=TOOLKIT)
+    teacher_label: bool = option(False, "MTT: the student steps use soft labels from the expert at the target epoch "
+                                 "(TESLA)", source=TESLA_REFERENCE)
     syn_steps: int = option(20, "trajectory matching: student steps on the synthetic set (N)", minimum=1,
                             source=MTT_REFERENCE)
     expert_epochs: int = option(3, "trajectory matching: expert epochs the student must cover (M)", minimum=1,

@@ -3,7 +3,18 @@
 Source: Cui, Wang, Si, Hsieh, "Scaling Up Dataset Distillation to ImageNet-1K with Constant
 Memory", ICML 2023 (Section 3, the gradient of the MTT loss rewritten as a sum of per-step terms);
 DATM ships the idea as ``distill/DATM_tesla.py`` of NUS-HPC-AI-Lab/DATM. The code here is our own
-derivation and computes the *exact* unrolled gradient, including the Hessian terms.
+derivation. Two forms (``--tesla_grad``):
+
+- ``exact`` (the default): the exact unrolled gradient, Hessian terms included; the same
+  gradient as the full MTT unroll (:meth:`methods.mtt.MTT.unroll`), in constant graph memory.
+- ``first_order``: TESLA's released form (justincui03/tesla ``distill.py``, the loop after the
+  student's steps; DATM ``distill/DATM_tesla.py``, the same loop): each step's gradient is taken
+  with the later parameters' dependence on earlier steps ignored, i.e. the sweep below with
+  ``lam_t = lam_N`` for every t (no Hessian-vector products). With ``L = ||w_N - w*||^2 / D``,
+  ``w_N = w_0 - alpha * G`` and ``G = sum_t g_t`` that is TESLA's accumulation
+  ``dL/dx_t = (2 / D) d/dx_t [(alpha (w* - w_0) + alpha^2 G) . g_t]`` and
+  ``dL/dalpha = -(2 / D) (w_N - w*) . G``. It equals ``exact`` with one step; the two differ more
+  as ``alpha * H`` grows (larger step size, more steps).
 
 The student takes ``N = syn_steps`` SGD steps from the expert's parameters ``w_0``::
 
@@ -81,6 +92,7 @@ class _Sweep(torch.autograd.Function):
         grad_y = torch.zeros_like(y_all) if want_y else None
         grad_lr = torch.zeros_like(lr)
         lam = lam.detach()
+        first_order = method.options.tesla_grad == "first_order"  # lam stays lam_N (no H_t lam)
         for t in range(len(ctx.stored) - 1, -1, -1):
             index, drawn = ctx.steps[t]
             with torch.enable_grad():
@@ -90,10 +102,11 @@ class _Sweep(torch.autograd.Function):
                     batch = augment.apply_diffaug(batch, drawn)
                 loss = method.student_loss(w, syn, index, batch, y_all[index])
                 grad = torch.autograd.grad(loss, w, create_graph=True)[0]
-                inputs = [w] + ([x_all] if want_x else []) + ([y_all] if want_y else [])
-                products = torch.autograd.grad(grad, inputs, grad_outputs=lam, allow_unused=True)
+                inputs = ([] if first_order else [w]) + ([x_all] if want_x else []) + ([y_all] if want_y else [])
+                products = (torch.autograd.grad(grad, inputs, grad_outputs=lam, allow_unused=True)
+                            if inputs else ())
             grad_lr -= (grad.detach() * lam).sum()
-            rest = list(products[1:])
+            rest = list(products if first_order else products[1:])
             if want_x:
                 part = rest.pop(0)
                 if part is not None:
@@ -102,7 +115,8 @@ class _Sweep(torch.autograd.Function):
                 part = rest.pop(0)
                 if part is not None:
                     grad_y -= lr * part
-            lam = lam - lr * products[0]
+            if not first_order:
+                lam = lam - lr * products[0]
             ctx.stored[t] = None  # w_t is no longer needed
         return None, None, None, grad_x, grad_lr if want_lr else None, grad_y
 
@@ -111,11 +125,12 @@ def unroll(method, syn, start: torch.Tensor) -> torch.Tensor:
     """The student's final parameters after ``syn_steps`` steps, as :meth:`methods.mtt.MTT.unroll`
     returns them, but with a graph of constant size: back-propagating through the result runs the
     backward sweep (module docstring) into ``syn.images``, ``syn.syn_lr`` and, through
-    ``method.unroll_targets(syn)``, DATM's ``syn.label_logits``. Same minibatches and DiffAugment
+    ``method.unroll_targets(syn)``, DATM's ``syn.label_logits``; exact or first-order as
+    ``method.options.tesla_grad`` says. Same minibatches and DiffAugment
     draws as the unrolled student, from the same generator.
 
     Args:
-        method: an MTT / DATM / PAD instance (``options``, ``next_batch``, ``student_loss``,
+        method: an MTT / DATM / PAD instance (``options`` with ``syn_steps`` and ``tesla_grad``, ``next_batch``, ``student_loss``,
             ``unroll_targets``, ``dsa_strategy``, ``generator``, ``addons``).
         syn: the synthetic set (images (N, C, H, W), learnable ``syn_lr``).
         start: (P,) the expert's flat parameters at the start epoch.
@@ -132,3 +147,32 @@ def unroll(method, syn, start: torch.Tensor) -> torch.Tensor:
             raise utils.UserError(f"--tesla does not support the {addon.name} add-on (it changes the student's "
                                   f"step loss); run without --tesla")
     return _Sweep.apply(method, syn, start, syn.images, syn.syn_lr, method.unroll_targets(syn))
+
+
+def teacher_soft_labels(student, net: torch.nn.Module, target: torch.Tensor, images: torch.Tensor,
+                        chunk: int = 256) -> torch.Tensor:
+    """TESLA's ``--teacher_label`` targets: the expert at the target epoch labels the images.
+
+    ``softmax(f(x; w*))`` over classes, with ``f`` the student network in eval mode at the target
+    parameters ``w*`` (no gradient), in chunks of ``chunk`` images; the network is put back in
+    train mode. Source: justincui03/tesla ``distill.py`` (the ``args.teacher_label`` block: a
+    network in eval mode with ``flat_param`` the target parameters, then a softmax), drawn afresh
+    every iteration from that iteration's expert and target epoch.
+
+    Args:
+        student: a :class:`methods.mtt.FlatModel` calling ``net`` with flat parameters.
+        net: the network behind ``student`` (switched to eval mode while labelling).
+        target: (P,) the expert's flat parameters at ``start_epoch + expert_epochs``.
+        images: (N, C, H, W) synthetic images (detached here).
+
+    Returns:
+        (N, K) class probabilities, detached.
+    """
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            logits = torch.cat([student(target, part) for part in images.detach().split(chunk)])
+    finally:
+        net.train(was_training)
+    return torch.softmax(logits, dim=1)
