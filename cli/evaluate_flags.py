@@ -2,14 +2,17 @@
 for training, and the evaluation of their rows. Each set is trained with the evaluation protocol
 saved with it (``meta['protocol']``, ``evaluation.EvalProtocol``) replayed exactly, each flag given
 overriding its field; for files of an older version of this toolkit, the protocol of the method
-that made them; for the references' files, the DC protocol (1000 epochs with augmentation, else
-300; lr 0.01; batch 256). The network a set was distilled with and its ipc come from its record;
-``--model`` only overrides the former.
+that made them; for MTT/DATM/PAD's logged files (``images_best.pt`` directories, bare
+``images_*.pt``), the protocol those references evaluate them with (DSA, 1000 epochs, the learned
+step size: :func:`reference_log_protocol`); for the DC family's ``res_*.pt``, the DC protocol
+(1000 epochs with augmentation, else 300; lr 0.01; batch 256). The network a set was distilled
+with and its ipc come from its record; ``--model`` only overrides the former.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
@@ -31,6 +34,8 @@ from pretrained import original_files
 
 DEFAULT_MODEL = "ConvNet"  # a set that records no network, and --baseline random alone
 
+logger = logging.getLogger(__name__)
+
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
     """The ``evaluate.py`` flags. Protocol flags default to ``None``: the set's saved protocol."""
@@ -42,7 +47,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     parser.add_argument("--labels_path", default=None,
                         help="with --syn_path images_*.pt of MTT/DATM/PAD logs: their labels_*.pt (class indices or "
                              "soft-label logits; default: class-major hard labels)")
-    parser.add_argument("--lr_path", default=None, help="with --syn_path images_*.pt: the learned lr_*.pt")
+    parser.add_argument("--lr_path", default=None, help="with --syn_path images_*.pt: the learned lr_*.pt (default: the lr_*.pt beside the "
+                        "images, if any)")
     parser.add_argument("--ipc", type=int, default=None,
                         help="images per class for --baseline random (a set's ipc comes from its record)")
     parser.add_argument("--model", default=None,
@@ -60,16 +66,16 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     parser.add_argument("--exp", type=int, nargs="*", default=None, help="which experiments of the file (default all)")
     parser.add_argument("--num_eval", type=int, default=5, help="networks per synthetic set (baseline: random subsets)")
     parser.add_argument("--epoch_eval_train", type=int, default=None,
-                        help="training epochs (default: the protocol saved with the set, e.g. DataDAM 1800; files "
-                             "without one: 1000 with DSA or DC augmentation, else 300)")
+                        help="training epochs (default: the protocol saved with the set, e.g. DataDAM 1800; MTT/DATM/PAD "
+                             "logged files: 1000; other files without one: 1000 with DSA or DC augmentation, else 300)")
     parser.add_argument("--lr_net", type=float, default=None,
                         help="SGD learning rate (default: the step size learned with the set (MTT/DATM/PAD), else the "
-                             "saved --lr_net, else 0.01)")
+                             "saved --lr_net, else 0.01, said in one line for MTT's logged files)")
     parser.add_argument("--batch_train", type=int, default=None,
                         help="training batch size (default: the saved protocol's, else 256)")
     parser.add_argument("--dsa_strategy", default=None,
-                        help="DiffAugment strategy for training (default: the one saved with the set, else DC augmentation; "
-                             "'none' for DC augmentation)")
+                        help="DiffAugment strategy for training (default: the one saved with the set; MTT/DATM/PAD logged "
+                             "files: color_crop_cutout_flip_scale_rotate; else DC augmentation; 'none' for DC augmentation)")
     parser.add_argument("--dd_eval", default=None, choices=("shared", "schedule", "both"),
                         help="sets with a learned step schedule (DD): train fresh networks with the shared protocol, "
                              "by the learned schedule (DD's own), or both (default: what distill.py evaluated with; "
@@ -169,10 +175,25 @@ def check_args(args: argparse.Namespace) -> None:
             raise utils.UserError(str(error)) from None
 
 
+def reference_log_protocol() -> evaluation.EvalProtocol:
+    """The protocol MTT, DATM and PAD evaluate the sets they log with (GeorgeCazenavette/mtt-distillation,
+    NUS-HPC-AI-Lab/DATM and PAD ``distill.py``: DSA ``color_crop_cutout_flip_scale_rotate``,
+    ``--epoch_eval_train 1000``, ``--batch_train 256``, lr = the learned step size ``syn_lr``), taken
+    from our MTT method's evaluation defaults (``methods.mtt.MTT``). Its ``lr`` applies only where no
+    step size is recorded: MTT's ``--lr_teacher`` default 0.01, where its learned step size starts."""
+    mtt = methods.get_method_class("MTT")
+    augmented, plain = mtt.eval_epochs
+    return evaluation.EvalProtocol(epochs_augmented=augmented, epochs_plain=plain,
+                                   lr=mtt.options_type.__dataclass_fields__["lr_teacher"].default,
+                                   batch_train=mtt.defaults["batch_train"], dsa_strategy=mtt.defaults["dsa_strategy"])
+
+
 def saved_protocol(saved: SavedSet) -> evaluation.EvalProtocol:
     """The protocol a set was evaluated with when it was made (module docstring)."""
     if saved.protocol is not None:
         return saved.protocol
+    if saved.is_reference_log:
+        return reference_log_protocol()
     meta = saved.meta
     config = meta.get("config") or {}
     strategy = meta.get("dsa_strategy") or ""
@@ -260,6 +281,12 @@ def load_set(path: str, args: argparse.Namespace, record) -> Tuple[SavedSet, Lis
     saved = read_saved_set(path, record, args.exp, args.labels_path, args.lr_path, dataset=args.dataset)
     protocol = apply_flags(saved_protocol(saved), args)
     experiments = to_evaluate(saved, protocol.label_loss, vars(args), use_learned_lr=args.lr_net is None)
+    if saved.is_reference_log and args.lr_net is None and any(e.learned_lr is None for e in saved.experiments):
+        images = os.path.join(path, files.BEST_IMAGES) if saved.layout == "logged" else path
+        logger.warning("--syn_path %s: no learned step size is recorded with the set (MTT saves images_best.pt and "
+                       "labels_best.pt without an lr file), so its networks train at lr %g (MTT's --lr_teacher "
+                       "default, where the learned step size starts); give another with --lr_net LR or "
+                       "--lr_path %s", path, protocol.lr, files.lr_file_beside(images) or "lr_best.pt")
     check_normalization(path, saved.meta, record)
     return saved, experiments, protocol
 

@@ -139,10 +139,19 @@ def labels_file_beside(images_path: str) -> str:
     return os.path.join(folder, "labels_" + name[len("images_"):] if name.startswith("images_") else "labels_best.pt")
 
 
+def lr_file_beside(images_path: str) -> Optional[str]:
+    """Where DATM / PAD (and our ``logged_files``) save the learned step size of ``images_{tag}.pt``:
+    ``lr_{tag}.pt`` beside it; ``None`` for a file not named ``images_*.pt``."""
+    folder, name = os.path.split(images_path)
+    return os.path.join(folder, "lr_" + name[len("images_"):]) if name.startswith("images_") else None
+
+
 def tensor_files_as_results(images_path: str, num_classes: int, labels_path: Optional[str] = None,
                             lr_path: Optional[str] = None) -> dict:
     """The logged files of MTT / DATM / PAD as one result entry; ``meta['syn_lr']`` holds the
-    learned step size when ``lr_path`` is given.
+    learned step size of ``lr_path``, else of the ``lr_{tag}.pt`` beside ``images_{tag}.pt``
+    (:func:`lr_file_beside`, said in one INFO line) when it exists; without either there is none
+    (MTT saves none: ``cli.evaluate_flags`` says which lr it trains with).
 
     Without ``labels_path`` the labels are assumed: class-major hard labels, ``N / K`` per class
     (what MTT's ``images_*.pt`` hold), with a logged warning naming the labels file to pass.
@@ -174,6 +183,10 @@ def tensor_files_as_results(images_path: str, num_classes: int, labels_path: Opt
         logger.warning("--syn_path %s holds bare images without labels: assuming class-major labels, %d per class "
                        "(images 0..%d are class 0, the next %d class 1, ...); %s", images_path, ipc, ipc - 1, ipc, where)
     meta = {}
+    lr_beside = lr_file_beside(images_path)
+    if not lr_path and lr_beside is not None and os.path.isfile(lr_beside):
+        lr_path = lr_beside
+        logger.info("--syn_path %s: the learned step size from %s beside it", images_path, os.path.basename(lr_beside))
     if lr_path:
         meta["syn_lr"] = [float(load_tensor(lr_path, "--lr_path").reshape(-1)[0])]
     return {"data": [[images, labels]], "meta": meta, "accs_all_exps": {}}

@@ -8,8 +8,9 @@ What the record holds and where it comes from:
   ``res_{method}_{dataset}_{model}_{ipc}ipc.pt`` (DC ``main.py``); otherwise the file's stem,
   nothing, nothing, and ``max(1, N // K)`` (N images, K classes);
 * the evaluation protocol (``evaluation.EvalProtocol``) ``distill.py`` evaluated the set with (``None``
-  when the file records none: the caller picks the fallback) and which protocols (``shared``,
-  ``schedule``) it used;
+  when the file records none: the caller picks the fallback, for MTT/DATM/PAD's logged files
+  (:attr:`SavedSet.is_reference_log`) the protocol those references evaluate them with) and which
+  protocols (``shared``, ``schedule``) it used;
 * per experiment the images, the labels as saved (hard (N,) class indices, or (N, K) soft-label
   logits / real-valued targets), the learned step size, the learned step schedule (DD) and the
   raw entries of add-ons (the tensors that follow the labels in a ``data`` item, keyed by add-on
@@ -118,6 +119,13 @@ class SavedSet:
         ``{'spec': TeacherSpec.as_dict(), 'networks': [...]}``, or ``{'spec': ...}`` alone), or ``None``."""
         found = self.meta.get("teacher") if isinstance(self.meta, Mapping) else None
         return dict(found) if isinstance(found, Mapping) and (found.get("spec") or found.get("networks")) else None
+
+    @property
+    def is_reference_log(self) -> bool:
+        """Whether the set is one of MTT/DATM/PAD's logged files (an ``images_best.pt`` directory or a
+        bare ``images_*.pt``): files that record no protocol, which those references evaluate with
+        DSA for 1000 epochs at the learned step size (mtt-distillation, DATM and PAD ``distill.py``)."""
+        return self.layout in ("logged", "tensor")
 
     @property
     def has_schedule(self) -> bool:

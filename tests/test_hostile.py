@@ -404,8 +404,10 @@ def test_bare_images_warning_reaches_the_evaluate_script(tmp_path, fake_dataset,
                           "ConvNetW32", "--num_eval", "1", "--epoch_eval_train", "1", "--no-random_baseline",
                           "--device", "cpu"]) == 0
     err = [line for line in capsys.readouterr().err.splitlines() if "WARNING" in line]
-    assert len(err) == 1 and "assuming class-major labels, 1 per class" in err[0]
+    # one line for the assumed labels, one for the step size MTT did not save (reference_outputs tests it)
+    assert len(err) == 2 and "assuming class-major labels, 1 per class" in err[0]
     assert str(tmp_path / "labels_5000.pt") in err[0]
+    assert "no learned step size" in err[1] and f"--lr_path {tmp_path / 'lr_5000.pt'}" in err[1]
 
 
 def test_bare_images_not_divisible_by_the_classes_are_refused(tmp_path):

@@ -186,7 +186,10 @@ def test_evaluate_reads_reference_logged_files(tmp_path):
     args = evaluate_flags.build_parser().parse_args(["--syn_path", str(tmp_path / "images_best.pt"), "--dataset", record.name])
     loaded = evaluate_flags.load_set(str(tmp_path / "images_best.pt"), args, record)[1][0]
     hard, lr = loaded.labels, loaded.learned_lr
-    assert hard.tolist() == [0, 0, 1, 1, 2, 2] and lr is None
+    # without flags: class-major hard labels (a bare file's labels need --labels_path), the lr_best.pt beside it
+    assert hard.tolist() == [0, 0, 1, 1, 2, 2] and lr == pytest.approx(0.02)
+    (tmp_path / "lr_best.pt").unlink()
+    assert evaluate_flags.load_set(str(tmp_path / "images_best.pt"), args, record)[1][0].learned_lr is None
 
 
 def test_regularizers_join_the_trajectory_matching_update(buffer_root):

@@ -8,6 +8,8 @@
    ``images_best.pt``, ``labels_best.pt``, ``lr_best.pt`` and ``images_{it}.pt`` etc. every
    ``--save_every`` iterations (GeorgeCazenavette/mtt-distillation, NUS-HPC-AI-Lab/DATM
    ``distill.py``), and ``evaluate.py --syn_path DIR`` reads such a directory back.
+3. ``evaluate.py --syn_path DIR`` with no protocol flag trains such logged files as those references
+   do: DSA, 1000 epochs, the learned step size (one warning line where none is recorded).
 """
 import dataclasses
 import json
@@ -165,3 +167,94 @@ def test_trajectory_matching_layout_round_trips_through_evaluate(buffer_root, tm
 def test_a_directory_without_sets_is_one_line(tmp_path):
     with pytest.raises(utils.UserError, match=re.escape("a directory without res_*.pt or images_best.pt")):
         files.expand_syn_paths([str(tmp_path)])
+
+
+# 3. MTT/DATM/PAD's logged files are evaluated under those references' protocol (issue "Fidelity, round
+#    three", item 1): DSA, 1000 epochs, the learned step size, unless flags say otherwise.
+
+REFERENCE_DSA = "color_crop_cutout_flip_scale_rotate"
+
+
+def _logged(folder, record, lr=None, name="best"):
+    images = torch.randn(record.num_classes, record.channel, *record.im_size, generator=torch.Generator().manual_seed(1))
+    files.write_logged(str(folder), name, images, torch.arange(record.num_classes),
+                       None if lr is None else torch.tensor(lr))
+    return str(folder)
+
+
+def _load(record, argv):
+    from cli import evaluate_flags
+    args = evaluate_flags.build_parser().parse_args(["--dataset", record.name, *argv])
+    saved, experiments, protocol = evaluate_flags.load_set(args.syn_path[0], args, record)
+    cfg = protocol.resolve(record.name, MTT_MODEL, MTT_MODEL, saved.ipc, experiments[0].learned_lr)
+    return saved, protocol, cfg
+
+
+def test_logged_files_default_to_the_references_protocol(tmp_path, caplog):
+    record = tiny_record()
+    with_lr = _logged(tmp_path / "datm", record, lr=0.037)
+    with caplog.at_level(logging.WARNING):
+        saved, protocol, cfg = _load(record, ["--syn_path", with_lr])
+    assert saved.is_reference_log and not caplog.records  # the learned step size is there: nothing to say
+    assert (protocol.dsa_strategy, protocol.epochs_augmented, protocol.batch_train) == (REFERENCE_DSA, 1000, 256)
+    assert (cfg.epochs, cfg.dsa_strategy, cfg.lr) == (1000, REFERENCE_DSA, pytest.approx(0.037))
+    # a bare images_{tag}.pt takes the lr_{tag}.pt beside it
+    _logged(tmp_path / "bare", record, lr=0.021, name="300")
+    _, _, cfg = _load(record, ["--syn_path", str(tmp_path / "bare" / "images_300.pt")])
+    assert (cfg.epochs, cfg.dsa_strategy, cfg.lr) == (1000, REFERENCE_DSA, pytest.approx(0.021))
+
+    # MTT's own directory: no lr file, so one warning says which lr is used and how to give another
+    mtt = _logged(tmp_path / "mtt", record)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _, protocol, cfg = _load(record, ["--syn_path", mtt])
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "no learned step size" in line and "lr 0.01" in line and "--lr_net" in line and "--lr_path" in line
+    assert (cfg.epochs, cfg.dsa_strategy, cfg.lr) == (1000, REFERENCE_DSA, 0.01)
+
+    # explicit flags still override every field, and --lr_net silences the line
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _, _, cfg = _load(record, ["--syn_path", mtt, "--lr_net", "0.2", "--epoch_eval_train", "7",
+                                   "--dsa_strategy", "flip", "--batch_train", "2"])
+    assert not caplog.records and (cfg.epochs, cfg.dsa_strategy, cfg.lr, cfg.batch_train) == (7, "flip", 0.2, 2)
+    _, _, cfg = _load(record, ["--syn_path", with_lr, "--lr_net", "0.2"])
+    assert cfg.lr == 0.2
+    _, _, cfg = _load(record, ["--syn_path", mtt, "--lr_path", str(tmp_path / "datm" / "lr_best.pt")])
+    assert cfg.lr == pytest.approx(0.037)
+
+    # the DC family's res_*.pt keep the DC protocol (no augmentation here: 300 epochs, lr 0.01)
+    dc = tmp_path / f"res_DC_{record.name}_{MTT_MODEL}_1ipc.pt"
+    torch.save({"data": [[torch.randn(3, 1, 8, 8), torch.arange(3)]], "accs_all_exps": {}}, dc)
+    saved, protocol, _ = _load(record, ["--syn_path", str(dc)])
+    assert not saved.is_reference_log and protocol == __import__("evaluation").EvalProtocol()
+
+
+def test_evaluate_with_no_flag_trains_a_logged_directory_with_dsa_1000_epochs_and_the_learned_lr(
+        tmp_path, monkeypatch, capsys):
+    import evaluate
+    import evaluation
+    from evaluation import runner
+
+    record = dataclasses.replace(tiny_record(), name="CIFAR10")  # --dataset's default, tiny data
+    logged = _logged(tmp_path / "logged_files" / "exp0", record, lr=0.037)
+    monkeypatch.setattr(cli, "load_record", lambda *args, **kwargs: record)
+    trained = []
+    real_evaluate = runner.evaluate_synset
+
+    def one_epoch(images, labels, model, num_classes, test_images, test_labels, cfg, **kwargs):
+        """Record the configuration networks get and train them for one epoch of it (seconds)."""
+        trained.append(cfg)
+        return real_evaluate(images, labels, model, num_classes, test_images, test_labels,
+                             dataclasses.replace(cfg, epochs=1), **kwargs)
+    monkeypatch.setattr(runner, "evaluate_synset", one_epoch)
+    monkeypatch.setattr(evaluation, "evaluate_synset", one_epoch)
+    out = tmp_path / "out.json"
+    assert evaluate.main(["--syn_path", logged, "--out", str(out)]) == 0
+    # the set and the random-real row under the same protocol; the set at its learned step size
+    assert {cfg.epochs for cfg in trained} == {1000} and {cfg.dsa_strategy for cfg in trained} == {REFERENCE_DSA}
+    assert trained[0].lr == pytest.approx(0.037) and {cfg.lr for cfg in trained[1:]} == {0.01}  # random: 5 draws
+    recorded = json.loads(out.read_text())["ConvNet"]["protocol"]
+    assert recorded["epochs"] == 1000 and recorded["augmentation"] == f"DSA {REFERENCE_DSA}"
+    assert recorded["lr"] == pytest.approx(0.037)
+    assert "exp0" in capsys.readouterr().out
