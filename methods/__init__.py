@@ -8,7 +8,7 @@
 from methods.base import (METHODS, DistillConfig, DistillMethod, SyntheticSet, get_method_class, list_methods,
                           method_options, register_method)
 from methods.options import MethodOptions, Option, option
-from methods import cafe, coreset, datadam, dc, dd, dm, frepo, kip, mtt, ncfm, rded, sre2l  # noqa: F401  (registration)
+from methods import cafe, coreset, datadam, dc, dd, dm, frepo, kip, mtt, ncfm, ratbptt, rded, sre2l  # noqa: F401  (registration)
 
 
 def create_method(cfg: DistillConfig, **kwargs) -> DistillMethod:

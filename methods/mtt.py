@@ -241,6 +241,10 @@ class MTT(DistillMethod):
 
     def __init__(self, cfg, **kwargs):
         super().__init__(cfg, **kwargs)
+        try:
+            self.check_config(cfg)
+        except ValueError as error:
+            raise utils.UserError(str(error)) from None
         self.student_net = self.new_network()
         self.student = FlatModel(self.student_net)
         self.buffer_dir = buffers.buffer_dir(self.options.buffer_path, cfg.dataset, cfg.model, cfg.zca,
@@ -260,8 +264,6 @@ class MTT(DistillMethod):
                                   f"{self.latest_start_epoch()} plus --expert_epochs {self.options.expert_epochs} "
                                   f"need {self.latest_start_epoch() + self.options.expert_epochs}; lower "
                                   "--max_start_epoch or train longer experts (buffer.py --train_epochs)")
-        if self.options.tesla_grad != "exact" and not self.options.tesla:
-            raise utils.UserError(f"--tesla_grad {self.options.tesla_grad} applies to the --tesla sweep; add --tesla")
         self._chunks: List[torch.Tensor] = []  # this iteration's unused minibatches (next_batch)
         self.teacher_targets: Optional[torch.Tensor] = None  # (N, K) this iteration's --teacher_label targets
         self.optimizer_lr: Optional[torch.optim.Optimizer] = None
@@ -272,6 +274,20 @@ class MTT(DistillMethod):
     unused_flags = ("dis_metric", "outer_loop", "inner_loop")
 
     # ---- set-up -------------------------------------------------------------------------
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """``--tesla_grad first_order`` needs ``--tesla``; ``--teacher_label`` is MTT's only (DATM
+        and PAD learn their own soft labels). Also run when the method is built.
+
+        Raises:
+            ValueError: one line naming the flags.
+        """
+        opts = cls.resolve_options(cfg.extra)
+        if opts.tesla_grad != "exact" and not opts.tesla:
+            raise ValueError(f"--tesla_grad {opts.tesla_grad} applies to the --tesla sweep; add --tesla")
+        if opts.teacher_label and cls.name != "MTT":
+            raise ValueError(f"--teacher_label is MTT's (TESLA); {cls.name} learns its own soft labels")
+
     def latest_start_epoch(self) -> int:
         """The largest start epoch this run can draw (``max_start_epoch - 1``)."""
         return self.options.max_start_epoch - 1
@@ -412,8 +428,6 @@ class DATM(MTT):
     def __init__(self, cfg, **kwargs):
         super().__init__(cfg, **kwargs)
         self.optimizer_y: Optional[torch.optim.Optimizer] = None
-        if self.options.teacher_label:
-            raise utils.UserError(f"--teacher_label is MTT's (TESLA); {cfg.method} learns its own soft labels")
         if self.options.min_start_epoch >= self.options.max_start_epoch:
             raise utils.UserError(f"--min_start_epoch {self.options.min_start_epoch} must be below "
                                   f"--max_start_epoch {self.options.max_start_epoch}")

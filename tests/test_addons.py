@@ -73,7 +73,7 @@ def clom_settings(pretrained):
 # Which methods host which add-on, from the hook points each declares (DistillMethod.addon_hooks
 # against AddOn.requires): CLoM needs image-update terms; feature labels need networks trained with
 # their term and F learned after image updates or inside an unroll.
-HOSTS = {"CLoM": {"CAFE", "DATM", "DC", "DD", "DM", "DSA", "DataDAM", "FRePo", "KIP", "MTT", "PAD"},
+HOSTS = {"CLoM": {"CAFE", "DATM", "DC", "DD", "DM", "DSA", "DataDAM", "FRePo", "KIP", "MTT", "PAD", "RaT-BPTT"},
          "feature_labels": {"DATM", "DC", "DM", "DSA", "DataDAM", "MTT", "PAD"}}
 
 
