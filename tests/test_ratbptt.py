@@ -199,3 +199,17 @@ def test_flags_resolve_with_the_reference_defaults():
     options = build_method("RaT-BPTT", tiny_record()).options
     assert (options.window, options.totwindow, options.minwindow, options.inner_optim, options.inner_lr,
             options.batch_per_class, options.train_y, options.clip_coef) == (20, 20, 0, "SGD", 0.01, 1, False, 0.9)
+
+
+def test_method_loss_reaches_only_the_images_of_the_window():
+    record = tiny_record(per_class=8)
+    method = _rat(record, ipc=3, batch_per_class=1, window=1, totwindow=4, minwindow=3, init="real")
+    syn = method.init_synthetic()
+    method.draw_window(1)
+    assert method.detached == 3  # minwindow 3 = totwindow - window: the draw is forced
+    state = method.generator.get_state()
+    grad = torch.autograd.grad(method.loss(syn, 1), syn.images)[0]
+    method.generator.set_state(state)
+    last = method.inner_batches(4)[-1]  # the batches loss() drew: the window is the last one
+    touched = grad.flatten(1).abs().sum(1) > 0
+    assert touched.sum() == 3 and touched[last].all()  # one image per class, those of the last step
