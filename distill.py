@@ -35,7 +35,8 @@ def main(argv=None) -> int:
                            given=args.run_dir or args.save_path)
         device, opts = stage.device, dataclasses.replace(opts, precision=stage.precision)
         data_args = argparse.Namespace(**{**vars(args), "zca": cfg.zca})  # --zca as resolved (per-dataset defaults)
-        record = cli.load_record(data_args, cifar100_stats_default=methods.get_method_class(cfg.method).cifar100_stats)
+        record = cli.load_record(data_args, cifar100_stats_default=method_class.cifar100_stats,
+                                 norm_stats_default=method_class.norm_stats)
         if cfg.ipc > int(record.labels_train.bincount().min()):
             raise utils.UserError(f"--ipc {cfg.ipc} exceeds the smallest class of {args.dataset}")
         with stop_requests() as stop:

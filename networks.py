@@ -360,6 +360,8 @@ class ConvNet(BaseNetwork):
         net_pooling: ``"avgpooling"``, ``"maxpooling"`` or ``"none"``.
         im_size: Input spatial size ``(H, W)`` (the real input size; no 28->32 rule
             is needed, the first conv's padding is accounted for).
+        grey_padding: pad the first conv by 3 on 1-channel input (DC's 28 -> 32);
+            ``False``: padding 1 everywhere (yolky/RFAD ``models.py::ConvNet_wide``).
 
     Attributes:
         blocks: ``nn.ModuleList`` of blocks with ``conv``, ``norm``, ``act``, ``pool``
@@ -387,6 +389,7 @@ class ConvNet(BaseNetwork):
         net_norm: str = "instancenorm",
         net_pooling: str = "avgpooling",
         im_size: Sequence[int] = (32, 32),
+        grey_padding: bool = True,
     ) -> None:
         super().__init__()
         make_act = _pick(_ACTIVATIONS, net_act, "activation")
@@ -399,7 +402,7 @@ class ConvNet(BaseNetwork):
         blocks = []
         in_channels = channel
         for depth in range(net_depth):
-            padding = 3 if channel == 1 and depth == 0 else 1
+            padding = 3 if grey_padding and channel == 1 and depth == 0 else 1
             h, w = h + 2 * padding - 2, w + 2 * padding - 2
             conv = nn.Conv2d(in_channels, net_width, kernel_size=3, padding=padding)
             norm = make_norm(net_width, h, w)
@@ -431,6 +434,8 @@ def _register_convnet_family() -> None:
     variants.update({f"ConvNetD{d}": {"net_depth": d} for d in range(1, 9)})
     variants.update({f"ConvNetW{w}": {"net_width": w} for w in (32, 64, 128, 256, 512, 1024)})
     variants["ConvNetKIP"] = {"net_width": 1024, "net_norm": "none"}
+    # RFAD's random-feature network (yolky/RFAD ConvNet_wide, k=2): width 256, no norm, no 28->32 padding.
+    variants["ConvNetRFAD"] = {"net_width": 256, "net_norm": "none", "grey_padding": False}
     variants.update(
         {
             "ConvNetAS": {"net_act": "sigmoid"},

@@ -54,12 +54,16 @@ DEFAULT_DATA_PATH = "data"
 # --cifar100_stats: CIFAR-100's own mean/std (DC/DSA/DM, DataDAM, CLoM) or CIFAR-10's, which the
 # CIFAR-100 loaders of mtt-distillation, DATM, PAD and CAFE use (their published tables were made so).
 CIFAR100_STATS = ("cifar100", "cifar10")
+# --norm_stats: the fixed per-dataset mean/std of DC's utils.get_dataset ("dc"), or the mean/std
+# computed from the training images ("train": the KIP colab's get_normalization_data).
+NORM_STATS = ("dc", "train")
 
 
 def add_data_args(parser: argparse.ArgumentParser, cifar100_stats_default: str = "cifar100",
-                  zca_default: str | None = None) -> None:
-    """``--dataset --data_path --zca --download --res --subset --cifar100_stats`` (reference names;
-    ``cifar100_stats_default`` is what the help names as the default when the flag is left out).
+                  zca_default: str | None = None, norm_stats_default: str = "dc") -> None:
+    """``--dataset --data_path --zca --download --res --subset --cifar100_stats --norm_stats``
+    (reference names; ``cifar100_stats_default`` and ``norm_stats_default`` are what the help names
+    as the default when the flag is left out).
     ``zca_default``: None keeps ``--zca`` off when left out; a text (``distill.py``: the methods'
     per-dataset defaults) makes the flag's default ``None`` (resolved later) and is named in its help."""
     group = parser.add_argument_group("data")
@@ -78,6 +82,11 @@ def add_data_args(parser: argparse.ArgumentParser, cifar100_stats_default: str =
                        help="mean/std that normalise CIFAR100 (no effect on other datasets or with --zca): its own, "
                             "or CIFAR10's as mtt-distillation, DATM, PAD and CAFE do "
                             f"(default: {cifar100_stats_default})")
+    group.add_argument("--norm_stats", default=None, choices=NORM_STATS,
+                       help="mean/std that normalise the images (no effect with --zca): dc, the fixed per-dataset "
+                            "values of DC's utils.get_dataset, or train, computed from the training images as the "
+                            "KIP colab does (then --cifar100_stats has no effect); the set's own are recorded "
+                            f"(default: {norm_stats_default})")
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
@@ -136,18 +145,25 @@ def quiet_other_ranks() -> None:
         sys.stdout = open(os.devnull, "w")
 
 
-def normalize_like(args: argparse.Namespace, cifar100_stats_default: str = "cifar100") -> str | None:
-    """The ``data.load_dataset(normalize_like=...)`` value of the data flags: ``'CIFAR10'`` for
-    CIFAR100 with ``--cifar100_stats cifar10`` (or that default) and no ZCA, else ``None``."""
+def normalize_like(args: argparse.Namespace, cifar100_stats_default: str = "cifar100",
+                   norm_stats_default: str = "dc") -> str | None:
+    """The ``data.load_dataset(normalize_like=...)`` value of the data flags: ``data.TRAIN_STATS``
+    with ``--norm_stats train`` (or that default) and no ZCA; ``'CIFAR10'`` for CIFAR100 with
+    ``--cifar100_stats cifar10`` (or that default) and no ZCA; else ``None``."""
+    if (getattr(args, "norm_stats", None) or norm_stats_default) == "train" and not args.zca:
+        from data import TRAIN_STATS
+
+        return TRAIN_STATS
     stats = args.cifar100_stats or cifar100_stats_default
     if args.dataset.lower() == "cifar100" and stats == "cifar10" and not args.zca:
         return "CIFAR10"
     return None
 
 
-def load_record(args: argparse.Namespace, device=None, cifar100_stats_default: str = "cifar100"):
+def load_record(args: argparse.Namespace, device=None, cifar100_stats_default: str = "cifar100",
+                norm_stats_default: str = "dc"):
     """The dataset named by the data flags (``data.load_dataset``); ZCA is fitted on ``device``;
-    CIFAR100 is normalised as :func:`normalize_like` says.
+    the images are normalised as :func:`normalize_like` says.
 
     Raises:
         data.DatasetError: the dataset is unknown or its files are missing (one line).
@@ -165,7 +181,7 @@ def load_record(args: argparse.Namespace, device=None, cifar100_stats_default: s
     try:
         return load_dataset(args.dataset, args.data_path, zca=args.zca, download=args.download, res=args.res,
                             subset=args.subset, zca_device=device if device is not None else "cpu",
-                            normalize_like=normalize_like(args, cifar100_stats_default))
+                            normalize_like=normalize_like(args, cifar100_stats_default, norm_stats_default))
     except DatasetError as error:
         # A first command on a fresh machine: point at the dataset that is there.
         if "not found" in str(error) and args.dataset.lower() != "fashionmnist" and os.path.isdir(FASHION_MNIST_SYSTEM_DIR):

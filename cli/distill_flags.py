@@ -70,7 +70,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                         help="continue from run_dir/last.pt if it exists")
     parser.add_argument("--vis", action=argparse.BooleanOptionalAction, default=True, help="save PNG grids")
     cli.add_data_args(parser, cifar100_stats_default="the method's: cifar10 for MTT, DATM, PAD and CAFE, else cifar100",
-                      zca_default="the method's per dataset: FRePo on for CIFAR10, CIFAR100 and TinyImageNet; else off")
+                      zca_default="the method's per dataset: FRePo on for CIFAR10, CIFAR100 and TinyImageNet; else off",
+                      norm_stats_default="the method's: train for KIP, else dc")
     cli.add_runtime_args(parser)
     cli.add_amp_arg(parser)
     addons.add_args(parser)  # every registered add-on's own flags
@@ -90,8 +91,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
 
 def option_default_text(method_class, name: str) -> str:
     """The default of option ``name`` of ``method_class`` as ``--help`` names it: ``per dataset``
-    when the method sets it per dataset (``DistillMethod.dataset_defaults``), else its value."""
-    if name in method_class.dataset_defaults("CIFAR10", 1):
+    when the method sets it per dataset (``DistillMethod.resolved_defaults``), else its value."""
+    if name in method_class.resolved_defaults("CIFAR10", 1, {}):
         return "per dataset"
     return str(getattr(method_class.resolve_options({}), name))
 
@@ -155,6 +156,17 @@ def resolve(args: argparse.Namespace):
     for flag in ("ipc", "batch_real", "batch_train"):
         if v[flag] < 1:
             raise utils.UserError(f"--{flag} must be at least 1, got {v[flag]}")
+    extra = method_extra(args, method_class)
+    # The reference's settings per dataset or per option (FRePo: --zca, --use_flip; KIP --kernel
+    # conv_rf: RFAD's) for the flags left out.
+    derived = dict(method_class.resolved_defaults(args.dataset, v["ipc"], extra))
+    zca = bool(derived.pop("zca", False)) if args.zca is None else args.zca
+    for name in METHOD_DEFAULTED:
+        if name in derived:
+            value = derived.pop(name)
+            v[name] = value if getattr(args, name) is None else v[name]
+    extra = {**derived, **extra}
+    data_args = argparse.Namespace(**{**vars(args), "zca": zca})
     num_exp, num_eval = method_class.run_counts
     num_exp = num_exp if args.num_exp is None else args.num_exp
     num_eval = num_eval if args.num_eval is None else args.num_eval
@@ -180,12 +192,6 @@ def resolve(args: argparse.Namespace):
         raise utils.UserError(str(error)) from None
     cli.check_models([args.model], "--model")
     eval_models = cli.resolve_eval_models(v["eval_mode"], args.model, method_class.pool_family)
-    extra = method_extra(args, method_class)
-    # The reference's per-dataset settings (FRePo: --zca, --use_flip) for the flags left out.
-    per_dataset = dict(method_class.dataset_defaults(args.dataset, v["ipc"]))
-    zca = bool(per_dataset.pop("zca", False)) if args.zca is None else args.zca
-    extra = {**per_dataset, **extra}
-    data_args = argparse.Namespace(**{**vars(args), "zca": zca})
     eval_it = args.eval_it
     if eval_it is None:
         eval_it = method_class.default_eval_it if v["eval_mode"] in ("S", "SS") else 0
@@ -200,7 +206,8 @@ def resolve(args: argparse.Namespace):
                                 dsa_strategy=v["dsa_strategy"] or "", dis_metric=v["dis_metric"],
                                 outer_loop=args.outer_loop, inner_loop=args.inner_loop, zca=zca,
                                 subset=args.subset, res=args.res,
-                                normalize_like=cli.normalize_like(data_args, method_class.cifar100_stats), extra=extra,
+                                normalize_like=cli.normalize_like(data_args, method_class.cifar100_stats,
+                                                                  method_class.norm_stats), extra=extra,
                                 addons=addon_settings, teacher=teacher.as_dict() if teacher is not None else None)
     try:
         addons.check_hosted(method_class, cfg)

@@ -305,7 +305,8 @@ def check_normalization(path: str, meta: dict, record) -> None:
     if not same or len(meta["mean"]) != len(record.mean):
         raise utils.UserError(f"--syn_path {path}: the set was distilled on images normalised with mean {meta['mean']} "
                               f"std {meta['std']}, the test set here with mean {record.mean} std {record.std}; "
-                              "pass --cifar100_stats to match (CIFAR100 sets of MTT/DATM/PAD/CAFE: cifar10)")
+                              "pass --cifar100_stats to match (CIFAR100 sets of MTT/DATM/PAD/CAFE: cifar10) or "
+                              "--norm_stats (KIP sets: train)")
 
 
 def set_protocols(saved: SavedSet, args: argparse.Namespace) -> Tuple[str, ...]:

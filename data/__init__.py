@@ -15,9 +15,9 @@ Datasets: MNIST, FashionMNIST, SVHN, CIFAR10, CIFAR100 (torchvision readers), Ti
 (``tinyimagenet.pt`` or ImageFolder), ImageNet subsets (imagenette, imagewoof, imagefruit,
 imagemeow, imagesquawk, imageyellow; or ``'ImageNet'`` with ``subset``) and MHIST.
 """
-from .core import (CIFAR10_MEAN, CIFAR10_STD, DATASETS, SHARED_STATS, DatasetError, DatasetLoader, DatasetRecord,
-                   PlainDataError, RawSplits, list_datasets, load_dataset, load_plain, normalization_name, one_line,
-                   register_dataset)
+from .core import (CIFAR10_MEAN, CIFAR10_STD, DATASETS, SHARED_STATS, TRAIN_STATS, DatasetError, DatasetLoader,
+                   DatasetRecord, PlainDataError, RawSplits, list_datasets, load_dataset, load_plain, normalization_name,
+                   one_line, register_dataset, train_statistics)
 from .zca import ZCA
 from .sampler import RealSampler, sample_random_real
 from . import torchvision_sets, folder_sets  # noqa: F401  (register the loaders)
@@ -38,6 +38,7 @@ __all__ = [
     'RawSplits',
     'RealSampler',
     'SHARED_STATS',
+    'TRAIN_STATS',
     'ZCA',
     'cache_dir',
     'dataset_shape',
@@ -47,4 +48,5 @@ __all__ = [
     'normalization_name',
     'register_dataset',
     'sample_random_real',
+    'train_statistics',
 ]

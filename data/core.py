@@ -43,7 +43,9 @@ __all__ = [
     'CIFAR10_MEAN',
     'CIFAR10_STD',
     'SHARED_STATS',
+    'TRAIN_STATS',
     'normalization_name',
+    'train_statistics',
 ]
 
 
@@ -179,8 +181,9 @@ class DatasetRecord:
         labels_test: (M,) int64 in [0, K).
         zca: the whitening fitted on the training set, or None without ``zca``.
         source: where the images were read from (a folder or file path; ``''`` when unknown).
-        normalization: what was applied: ``'zca'``, ``'own'`` (the dataset's mean/std) or the
-            name of the dataset whose mean/std were used (``'CIFAR10'``; see :func:`load_dataset`).
+        normalization: what was applied: ``'zca'``, ``'own'`` (the dataset's fixed mean/std, DC's),
+            ``'train_stats'`` (mean/std computed from the training images) or the name of the
+            dataset whose mean/std were used (``'CIFAR10'``; see :func:`load_dataset`).
     """
 
     name: str
@@ -303,12 +306,41 @@ def _check_split(name: str, raw: RawSplits, which: str) -> None:
 # GeorgeCazenavette/mtt-distillation, NUS-HPC-AI-Lab/DATM and PAD and kaiwang960112/CAFE reuse.
 CIFAR10_MEAN, CIFAR10_STD = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]
 SHARED_STATS: dict[str, tuple[list[float], list[float]]] = {'CIFAR10': (CIFAR10_MEAN, CIFAR10_STD)}
+# ``load_dataset(normalize_like=TRAIN_STATS)``: the mean/std computed from the training images
+# (:func:`train_statistics`) instead of the fixed per-dataset values.
+TRAIN_STATS = 'train'
 
 
 def normalization_name(zca: bool, normalize_like: str | None) -> str:
     """What :func:`load_dataset` applies for these arguments (``DatasetRecord.normalization``):
-    ``'zca'``, ``'own'`` or the ``normalize_like`` dataset name."""
-    return 'zca' if zca else (normalize_like or 'own')
+    ``'zca'``, ``'own'``, ``'train_stats'`` (``normalize_like`` :data:`TRAIN_STATS`) or the
+    ``normalize_like`` dataset name."""
+    if zca:
+        return 'zca'
+    return 'train_stats' if normalize_like == TRAIN_STATS else (normalize_like or 'own')
+
+
+def train_statistics(images: Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and population standard deviation of ``images`` (N, C, H, W) over N, H
+    and W, accumulated in float64: the statistics of ``get_normalization_data`` in
+    google-research/google-research ``kip/KIP.ipynb`` (``np.mean`` / ``np.std`` over all but the
+    channel axis, ``ddof=0``), in the units of ``images`` ([0, 1] pixels here; the colab's 0-255
+    pixels give the same normalised images).
+
+    Returns:
+        ``(mean, std)``, two lists of C floats.
+
+    Raises:
+        DatasetError: no images, or a channel with zero variance (nothing to divide by).
+    """
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise DatasetError(f'training statistics need (N, C, H, W) images with N > 0, got {tuple(images.shape)}')
+    flat = images.transpose(0, 1).reshape(images.shape[1], -1).to(torch.float64)
+    mean = flat.mean(dim=1)
+    std = flat.std(dim=1, unbiased=False)
+    if bool((std == 0).any()):
+        raise DatasetError('a channel of the training images is constant: its standard deviation is 0')
+    return [float(m) for m in mean], [float(s) for s in std]
 
 
 def load_dataset(name: str, data_path: str | os.PathLike = 'data', *, zca: bool = False,
@@ -328,9 +360,11 @@ def load_dataset(name: str, data_path: str | os.PathLike = 'data', *, zca: bool 
         subset: the ImageNet subset for dataset ``'ImageNet'`` (MTT ``--subset``), e.g. ``'imagewoof'``.
         zca_device: where the ZCA is fitted and applied (a GPU makes CIFAR-size whitening take
             seconds instead of minutes); the whitened images and the ZCA are returned on the CPU.
-        normalize_like: ``None`` (the dataset's own mean/std) or a name in :data:`SHARED_STATS`
-            (``'CIFAR10'``) whose mean/std normalise the images instead; the record's ``mean``/``std``
-            are then those. Ignored with ``zca`` (no mean/std is applied).
+        normalize_like: ``None`` (the dataset's own fixed mean/std, DC's ``utils.get_dataset``),
+            :data:`TRAIN_STATS` (the mean/std computed from the training images,
+            :func:`train_statistics`; the KIP colab's ``get_normalization_data``) or a name in
+            :data:`SHARED_STATS` (``'CIFAR10'``) whose mean/std normalise the images instead; the
+            record's ``mean``/``std`` are then those. Ignored with ``zca`` (no mean/std is applied).
 
     Returns:
         A :class:`DatasetRecord` with float32 (N, C, H, W) images and int64 labels on the CPU.
@@ -341,8 +375,8 @@ def load_dataset(name: str, data_path: str | os.PathLike = 'data', *, zca: bool 
             or a ``normalize_like`` that is unknown or has another channel count.
     """
     canonical = _resolve_name(name)
-    if normalize_like is not None and normalize_like not in SHARED_STATS:
-        raise DatasetError(f'cannot normalise like {normalize_like!r}; known: {", ".join(SHARED_STATS)}')
+    if normalize_like is not None and normalize_like not in SHARED_STATS and normalize_like != TRAIN_STATS:
+        raise DatasetError(f'cannot normalise like {normalize_like!r}; known: {", ".join([*SHARED_STATS, TRAIN_STATS])}')
     if res is not None and (isinstance(res, bool) or not isinstance(res, int) or res <= 0):
         raise DatasetError(f'--res must be a positive integer number of pixels, got {res!r}')
     if subset is not None and not isinstance(subset, str):
@@ -352,7 +386,7 @@ def load_dataset(name: str, data_path: str | os.PathLike = 'data', *, zca: bool 
     _check_split(canonical, raw, 'train')
     _check_split(canonical, raw, 'test')
     mean_used, std_used = list(raw.mean), list(raw.std)
-    if normalize_like is not None and not zca:
+    if normalize_like in SHARED_STATS and not zca:
         mean_used, std_used = SHARED_STATS[normalize_like]
         if len(mean_used) != raw.channel:
             raise DatasetError(f'{canonical} has {raw.channel} channel(s); {normalize_like} statistics have '
@@ -360,6 +394,8 @@ def load_dataset(name: str, data_path: str | os.PathLike = 'data', *, zca: bool 
 
     images_train = _to_unit_float(raw.images_train)
     images_test = _to_unit_float(raw.images_test)
+    if normalize_like == TRAIN_STATS and not zca:
+        mean_used, std_used = train_statistics(images_train)
     whitening = None
     if zca:
         device = torch.device(zca_device)

@@ -219,6 +219,9 @@ class DistillMethod:
     # --cifar100_stats when not given: "cifar100" (its own mean/std, DC/DSA/DM) or "cifar10"
     # (CIFAR10's, as the CIFAR100 loaders of mtt-distillation, DATM, PAD and CAFE).
     cifar100_stats: ClassVar[str] = "cifar100"
+    # --norm_stats when not given: "dc" (the fixed per-dataset mean/std of DC's utils.get_dataset)
+    # or "train" (computed from the training images, as the KIP colab's get_normalization_data).
+    norm_stats: ClassVar[str] = "dc"
 
     # ---- output layout ------------------------------------------------------------------
     # True for the trajectory-matching family (MTT, DATM, PAD): the runner also writes their
@@ -308,9 +311,10 @@ class DistillMethod:
         return [tensor for addon in self.addons for tensor in addon.saved_entries(syn)]
 
     @classmethod
-    def dataset_defaults(cls, dataset: str, ipc: int) -> Mapping[str, Any]:
-        """Defaults that depend on the dataset and ipc, as the method's reference script sets them
-        per dataset: ``zca`` (the ``--zca`` data flag) and names of the method's own options.
+    def resolved_defaults(cls, dataset: str, ipc: int, given: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Defaults that depend on the dataset, ipc or the method's own flags given, as the method's
+        reference scripts set them: ``zca`` (the ``--zca`` data flag), shared flags with
+        method-dependent defaults (``lr_img``, ...) and names of the method's own options.
         ``distill.py`` applies them once, when resolving flags, to the flags left out (a flag or
         ``--config`` value given wins), so the frozen config records what was used. None in the
         base class.
@@ -318,6 +322,7 @@ class DistillMethod:
         Args:
             dataset: the ``--dataset`` value as given (any case; ``Tiny`` for TinyImageNet).
             ipc: the resolved images per class.
+            given: the method's own options given (flag name -> value).
         """
         return {}
 

@@ -178,7 +178,7 @@ class FRePo(DistillMethod):
     eval_epochs = (1000, 1000)  # script/eval.py: 1000 steps for 10 images (2000 for 100)
 
     @classmethod
-    def dataset_defaults(cls, dataset: str, ipc: int) -> Mapping[str, Any]:
+    def resolved_defaults(cls, dataset: str, ipc: int, given: Mapping[str, Any]) -> Mapping[str, Any]:
         """:func:`frepo_dataset_defaults` (``--use_flip`` and ``--zca`` when left out)."""
         return frepo_dataset_defaults(dataset, ipc)
 

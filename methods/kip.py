@@ -10,13 +10,20 @@ One iteration: draw a class-balanced batch of ``target_batch_size`` real images 
 y = one_hot - 1/K; predict them by kernel ridge regression on the support set (x_s, y_s),
 ``pred = K_ts (K_ss + reg * tr(K_ss)/n_s * I)^-1 y_s``; minimise ``0.5 * mean((pred - y_t)^2)``
 with Adam over the support images (and, with ``--learn_labels``, the support labels y_s).
+
+``--kernel conv_rf`` takes RFAD's settings for the flags left out (:func:`rfad_defaults`,
+yolky/RFAD ``run_distillation.py`` and ``distillation.py``): ``n_batches`` 4 batches of 1280
+uniformly drawn targets, ridge 5e-3, AdaBelief at lr 1e-3; ``--platt`` replaces the squared
+error by RFAD's Platt-scaled cross-entropy ``CE(exp(k) * pred, argmax y_t)`` with a learned
+temperature ``k``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Any, Dict, Mapping
 
 import torch
+import torch.nn.functional as F
 
 import evaluation
 import progress
@@ -45,6 +52,29 @@ def kip_loss(prediction: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 KIP_REFERENCE = "google-research/google-research kip/KIP.ipynb"
 RFAD_REFERENCE = "yolky/RFAD"
+RFAD_SCRIPT = "yolky/RFAD run_distillation.py"
+RFAD_DISTILL = "yolky/RFAD distillation.py (distill_dataset)"
+IMAGE_OPTIMIZERS = ("adam", "adabelief")
+TARGET_SAMPLINGS = ("balanced", "uniform")
+# RFAD distillation.py: the Platt temperature k (exp(k) scales the predictions) starts at 0 and
+# is stepped with lr 1e-2 ("a larger learning rate for k usually helps").
+PLATT_LR = 1e-2
+
+
+def rfad_defaults() -> Dict[str, Any]:
+    """RFAD's settings where they differ from the KIP colab's (yolky/RFAD ``run_distillation.py``
+    flags and ``distillation.py::distill_dataset``): ``lr_img`` 1e-3 (``--lr``), ``reg`` 5e-3
+    (``--jit``, the same trace-scaled ridge), the AdaBelief optimiser (``torch_optimizer.AdaBelief``,
+    eps 1e-16), ``n_batches`` 4 (``--n_batches``) of ``target_batch_size`` 1280 targets drawn
+    uniformly over the training set (``np.random.choice(N, 1280, replace=False)`` per batch). The
+    network (``--rf_model`` ConvNetRFAD: width 256, no normalisation, no 28->32 padding) and
+    ``n_models`` 8 are KIP's defaults already (they only serve ``conv_rf``).
+
+    Returns:
+        flag name -> value, applied to the flags left out when ``--kernel conv_rf`` is given.
+    """
+    return {"lr_img": 1e-3, "reg": 5e-3, "img_optimizer": "adabelief", "target_sampling": "uniform", "n_batches": 4,
+            "target_batch_size": 1280}
 
 
 @dataclass(frozen=True)
@@ -56,10 +86,20 @@ class KIPOptions(MethodOptions):
                          "NNGP from random networks, RFAD)", choices=KERNELS, source=KIP_REFERENCE)
     depth: int = option(1, "KIP: hidden layers of the fully connected kernel (KIP.ipynb DEPTH)", minimum=0,
                         source=KIP_REFERENCE)
-    reg: float = option(1e-6, "KIP: ridge relative to tr(K_ss)/n_s (KIP.ipynb reg)", minimum=0.0,
-                        source=KIP_REFERENCE)
-    target_batch_size: int = option(5000, "KIP: class-balanced real target images per iteration", minimum=1,
+    reg: float = option(1e-6, "KIP: ridge relative to tr(K_ss)/n_s (KIP.ipynb reg; conv_rf: 5e-3, RFAD --jit)",
+                        minimum=0.0, source=KIP_REFERENCE)
+    target_batch_size: int = option(5000, "KIP: real target images per batch (conv_rf: 1280, RFAD)", minimum=1,
                                     source=KIP_REFERENCE)
+    n_batches: int = option(1, "KIP: target batches per iteration (conv_rf: 4, RFAD --n_batches)", minimum=1,
+                            source=KIP_REFERENCE + " (one batch); " + RFAD_SCRIPT)
+    target_sampling: str = option("balanced", "KIP: targets drawn class-balanced (KIP.ipynb class_balanced_sample) "
+                                  "or uniform over the training set (conv_rf: uniform, RFAD)",
+                                  choices=TARGET_SAMPLINGS, source=KIP_REFERENCE)
+    img_optimizer: str = option("adam", "KIP: optimiser of the support (and learned labels): adam (KIP.ipynb) or "
+                                "adabelief (conv_rf: RFAD's torch_optimizer.AdaBelief, eps 1e-16)",
+                                choices=IMAGE_OPTIMIZERS, source=KIP_REFERENCE)
+    platt: bool = option(False, "KIP: Platt scaling, cross-entropy of exp(k) * predictions with a learned k, "
+                         "instead of the squared error (RFAD --platt)", source=RFAD_SCRIPT)
     learn_labels: bool = option(False, "KIP: also learn the support labels (KIP.ipynb LEARN_LABELS)",
                                 source=KIP_REFERENCE)
     W_std: float = option(kernels.W_STD, "KIP: weight standard deviation of the kernel's network (neural-tangents "
@@ -68,8 +108,8 @@ class KIPOptions(MethodOptions):
                           "b_std)", minimum=0.0, source=KIP_REFERENCE)
     n_models: int = option(8, "KIP conv_rf: random networks per iteration (RFAD --n_models)", minimum=1,
                            source=RFAD_REFERENCE)
-    rf_model: str = option("ConvNetNN", "KIP conv_rf: the random network (RFAD: ConvNet without normalisation)",
-                           source=RFAD_REFERENCE)
+    rf_model: str = option("ConvNetRFAD", "KIP conv_rf: the random network (RFAD's ConvNet_wide: width 256, no "
+                           "normalisation, no 28->32 padding)", source=RFAD_REFERENCE + " models.py")
 
 
 @register_method("KIP")
@@ -101,6 +141,15 @@ class KIP(DistillMethod):
     addon_hooks = frozenset({IMAGE_LOSS, AFTER_IMAGE_UPDATE})
     eval_label_loss = "mse"
     run_counts = (1, 5)  # one set, as the colab distils one; 5 evaluation networks (no reference count)
+    # The colab normalises with each dataset's own mean/std, computed from its training images
+    # (get_normalization_data); --norm_stats dc selects DC's fixed values.
+    norm_stats = "train"
+
+    @classmethod
+    def resolved_defaults(cls, dataset: str, ipc: int, given: Mapping[str, Any]) -> Mapping[str, Any]:
+        """RFAD's settings (:func:`rfad_defaults`) for the flags left out when ``--kernel conv_rf``
+        is given; none otherwise (the colab's)."""
+        return rfad_defaults() if given.get("kernel") == "conv_rf" else {}
 
     def __init__(self, cfg, **kwargs):
         super().__init__(cfg, **kwargs)
@@ -112,15 +161,19 @@ class KIP(DistillMethod):
             except (KeyError, ValueError) as error:
                 raise utils.UserError(f"--rf_model {self.options.rf_model!r}: {error}") from None
         self.last_accuracy = torch.zeros(())
+        # --platt: the learned log-temperature k of RFAD (exp(k) scales the predictions), from 0.
+        self.platt_k = torch.zeros((), dtype=torch.float64, device=self.device, requires_grad=True)
 
     # ---- set-up -------------------------------------------------------------------------
     def configure(self, syn: SyntheticSet) -> None:
-        """Adam(lr_img) over the images and, with ``--learn_labels``, the labels (initialised at
-        one_hot - 1/K); then the add-ons attach."""
+        """The support's optimiser (``--img_optimizer``) at ``lr_img`` over the images and, with
+        ``--learn_labels``, the labels (initialised at one_hot - 1/K), and with ``--platt`` the
+        temperature at :data:`PLATT_LR`; then the add-ons attach."""
         params = [syn.images]
         if self.options.learn_labels:
             params.append(syn.learn_label_values(evaluation.centred_one_hot(syn.labels, self.num_classes)))
-        self.optimizer_img = torch.optim.Adam(params, lr=self.cfg.lr_img)
+        groups = [{"params": params}] + ([{"params": [self.platt_k], "lr": PLATT_LR}] if self.options.platt else [])
+        self.optimizer_img = image_optimizer(self.options.img_optimizer, groups, self.cfg.lr_img)
         for addon in self.addons:
             addon.attach(syn)
 
@@ -132,14 +185,26 @@ class KIP(DistillMethod):
         return evaluation.centred_one_hot(syn.labels, self.num_classes)
 
     def sample_targets(self):
-        """``target_batch_size // K`` real images per class (at least 1; clamped to the class
-        size) and their targets one_hot - 1/K: (n_t, C, H, W), (n_t, K)."""
-        per_class = max(1, self.options.target_batch_size // self.num_classes)
+        """``n_batches`` batches of real targets and their labels one_hot - 1/K, concatenated:
+        (n_t, C, H, W), (n_t, K). A ``balanced`` batch holds ``target_batch_size // K`` images per
+        class (at least 1; clamped to the class size; the colab's ``class_balanced_sample``); a
+        ``uniform`` one ``target_batch_size`` distinct images drawn over the whole training set
+        (clamped to its size; RFAD's ``np.random.choice(N, 1280, replace=False)``). Batches are
+        drawn independently (an image may appear in two)."""
         images, labels = [], []
-        for c in range(self.num_classes):
-            real = self.sampler.get_images(c, per_class, self.generator)
-            images.append(real)
-            labels.append(torch.full((real.shape[0],), c, dtype=torch.long, device=self.device))
+        for _ in range(self.options.n_batches):
+            if self.options.target_sampling == "uniform":
+                count = len(self.sampler)
+                index = torch.randperm(count, generator=self.generator)[:min(self.options.target_batch_size, count)]
+                index = index.to(self.sampler.images.device)
+                images.append(self.sampler.images[index])
+                labels.append(self.sampler.labels[index].to(self.device))
+                continue
+            per_class = max(1, self.options.target_batch_size // self.num_classes)
+            for c in range(self.num_classes):
+                real = self.sampler.get_images(c, per_class, self.generator)
+                images.append(real)
+                labels.append(torch.full((real.shape[0],), c, dtype=torch.long, device=self.device))
         return torch.cat(images), evaluation.centred_one_hot(torch.cat(labels), self.num_classes)
 
     def kernel_matrices(self, image_syn: torch.Tensor, image_target: torch.Tensor):
@@ -170,14 +235,72 @@ class KIP(DistillMethod):
         k_ts, k_ss = self.kernel_matrices(syn.images, image_target)
         prediction = kernels.kernel_ridge_regression(k_ts, k_ss, self.support_labels(syn), self.options.reg)
         self.last_accuracy = (prediction.detach().argmax(1) == y_target.argmax(1)).float().mean()
+        if self.options.platt:
+            return platt_loss(prediction, y_target, self.platt_k)
         return kip_loss(prediction, y_target)
 
     def step(self, syn: SyntheticSet, iteration: int) -> Dict[str, torch.Tensor]:
-        """The base step (loss, one Adam step, add-on work), also logging ``krr_acc``: the KRR
-        accuracy on this iteration's target batch before the step (the colab's ``train acc``)."""
+        """The base step (loss, one optimiser step, add-on work), also logging ``krr_acc``: the KRR
+        accuracy on this iteration's target batch before the step (the colab's ``train acc``), and
+        with ``--platt`` the temperature ``platt_k``."""
         logs = super().step(syn, iteration)
         logs["krr_acc"] = self.last_accuracy
+        if self.options.platt:
+            logs["platt_k"] = self.platt_k.detach().clone()
         return logs
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The base state (optimiser moments, add-ons) and the Platt temperature."""
+        return {**super().state_dict(), "platt_k": self.platt_k.detach().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (after :meth:`configure`); checkpoints written
+        before ``--platt`` existed have no temperature and keep 0."""
+        super().load_state_dict(state)
+        if state.get("platt_k") is not None:
+            with torch.no_grad():
+                self.platt_k.copy_(state["platt_k"])
+
+
+def image_optimizer(name: str, groups: list, lr: float) -> torch.optim.Optimizer:
+    """The support's optimiser over parameter ``groups`` (``torch.optim`` group dicts) at ``lr``:
+
+    * ``adam``: ``torch.optim.Adam`` with its defaults (the colab's ``optimizers.adam``);
+    * ``adabelief``: timm's ``AdaBelief`` (huggingface/pytorch-image-models
+      ``timm/optim/adabelief.py``, a maintained package the toolkit already needs for LAMB) set to
+      RFAD's ``torch_optimizer.AdaBelief(lr=lr, eps=1e-16)``: betas (0.9, 0.999), no weight decay,
+      no rectification (its default there; timm rectifies unless told not to). The two agree to
+      1e-17 over 50 steps on a test problem.
+
+    Raises:
+        ValueError: an unknown ``name``.
+        utils.UserError: ``adabelief`` without timm installed.
+    """
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    if name != "adabelief":
+        raise ValueError(f"img_optimizer {name!r}: expected one of {', '.join(IMAGE_OPTIMIZERS)}")
+    try:
+        from timm.optim import AdaBelief
+    except ImportError:
+        raise utils.UserError("--img_optimizer adabelief needs timm (pip install timm)") from None
+    return AdaBelief(groups, lr=lr, betas=(0.9, 0.999), eps=1e-16, weight_decay=0.0, rectify=False)
+
+
+def platt_loss(prediction: torch.Tensor, targets: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """RFAD's Platt-scaled loss (yolky/RFAD ``distillation.py``, ``--platt``):
+    ``CrossEntropy(exp(k) * pred, argmax y_t)``, the mean over the targets.
+
+    Args:
+        prediction: (n_t, K) kernel ridge regression predictions.
+        targets: (n_t, K) regression targets (one_hot - 1/K); their argmax is the class.
+        k: scalar log-temperature (learned).
+
+    Returns:
+        A scalar tensor with graphs to ``prediction`` and ``k``.
+    """
+    return F.cross_entropy(torch.exp(k).to(prediction.dtype) * prediction, targets.argmax(1))
 
 
 def krr_accuracy(image_syn: torch.Tensor, label_syn: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,

@@ -197,7 +197,7 @@ def test_unknown_network_raises_keyerror_listing_names() -> None:
 
 def test_registry_contents_and_duplicate_registration() -> None:
     expected = {"MLP", "LeNet", "ConvNet", "AlexNet", "AlexNetBN", "VGG11", "VGG11BN", "ResNet18", "ResNet18BN",
-                "ResNet18_AP", "ResNet18BN_AP", "ConvNetKIP", "ConvNetAS", "ConvNetAR", "ConvNetAL",
+                "ResNet18_AP", "ResNet18BN_AP", "ConvNetKIP", "ConvNetRFAD", "ConvNetAS", "ConvNetAR", "ConvNetAL",
                 "ConvNetASwish", "ConvNetASwishBN", "ConvNetNN", "ConvNetBN", "ConvNetLN", "ConvNetIN",
                 "ConvNetGN", "ConvNetNP", "ConvNetMP", "ConvNetAP"}
     expected |= {f"ConvNetD{d}" for d in range(1, 9)} | {f"ConvNetW{w}" for w in (32, 64, 128, 256, 512, 1024)}

@@ -39,7 +39,7 @@ def test_flag_defaults_are_the_dataclass_defaults(name):
     cls = methods.get_method_class(name)
     parser = distill_flags.build_parser()
     helps = {action.dest: action.help for action in parser._actions}
-    per_dataset = cls.dataset_defaults("CIFAR10", 1)
+    per_dataset = cls.resolved_defaults("CIFAR10", 1, {})
     for spec in cls.option_specs():
         # --help names this method's default for the flag ("per dataset" when the dataset sets it)
         default = "per dataset" if spec.name in per_dataset else spec.default
@@ -47,7 +47,7 @@ def test_flag_defaults_are_the_dataclass_defaults(name):
     # no option flag given: the method receives the dataclass defaults, and the per-dataset ones
     # (FRePo's use_flip: off on Fashion-MNIST, its dataclass default) are recorded in the config
     cfg, _ = distill_flags.resolve(parser.parse_args(["--method", name, "--dataset", "FashionMNIST"]))
-    expected = {key: value for key, value in cls.dataset_defaults("FashionMNIST", cfg.ipc).items() if key != "zca"}
+    expected = {key: value for key, value in cls.resolved_defaults("FashionMNIST", cfg.ipc, {}).items() if key != "zca"}
     assert dict(cfg.extra) == expected
     assert cls.resolve_options(cfg.extra) == cls.options_type()
 
