@@ -23,6 +23,7 @@ from cli import eval_options, teacher_flags
 from methods import addons
 from methods.losses import METRICS
 from methods.run_config import RunOptions
+from methods.run_selection import SELECT_ON
 
 # Flags whose default depends on the method (``None`` here, resolved from Method.defaults).
 METHOD_DEFAULTED = ("ipc", "Iteration", "lr_img", "lr_net", "batch_real", "batch_train", "init", "dsa_strategy",
@@ -66,6 +67,12 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     parser.add_argument("--save_every", type=int, default=1000,
                         help="MTT/DATM/PAD: also write logged_files/exp{e}/images_{it}.pt, labels_{it}.pt, lr_{it}.pt "
                              "every N iterations (0: only *_best.pt)")
+    parser.add_argument("--select_on", default="test", choices=SELECT_ON,
+                        help="what each experiment's best-so-far set (best_*.pt) is chosen on, as the mean over the "
+                             "evaluation models: test accuracy (the references') or val, a class-balanced validation "
+                             "split held out of the training set and of distillation")
+    parser.add_argument("--val_per_class", type=int, default=100,
+                        help="--select_on val: training images per class held out (drawn from --seed)")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
                         help="continue from run_dir/last.pt if it exists")
     parser.add_argument("--vis", action=argparse.BooleanOptionalAction, default=True, help="save PNG grids")
@@ -218,7 +225,8 @@ def resolve(args: argparse.Namespace):
     opts = RunOptions(num_exp=num_exp, num_eval=num_eval, eval_it=eval_it,
                       eval_models=tuple(eval_models), epoch_eval_train=args.epoch_eval_train, seed=args.seed,
                       run_dir=run_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                      save_vis=args.vis, save_every=args.save_every, **eval_options.eval_option_values(args))
+                      save_vis=args.vis, save_every=args.save_every, select_on=args.select_on,
+                      val_per_class=args.val_per_class, **eval_options.eval_option_values(args))
     return cfg, opts
 
 

@@ -8,6 +8,8 @@ Public API (importing the package registers every loader):
   file that would run code refused in one line (:class:`PlainDataError`).
 * :class:`ZCA`: kornia-compatible ZCA whitening (fit / transform / inverse / state_dict).
 * :class:`RealSampler` and :func:`sample_random_real`: per-class random real images.
+* :func:`split_validation` -> :class:`ValidationSplit`: a class-balanced validation split held out
+  of the training images (``data/validation.py``).
 * Dataset facts without loading (``data/facts.py``): :data:`DATASET_SHAPES`, :func:`dataset_shape`,
   :data:`DEFAULT_RES` (the ``--res`` defaults), :data:`IMAGENET_SUBSETS`.
 
@@ -20,6 +22,7 @@ from .core import (CIFAR10_MEAN, CIFAR10_STD, DATASETS, SHARED_STATS, TRAIN_STAT
                    one_line, register_dataset, train_statistics)
 from .zca import ZCA
 from .sampler import RealSampler, sample_random_real
+from .validation import ValidationSplit, split_validation
 from . import torchvision_sets, folder_sets  # noqa: F401  (register the loaders)
 from .facts import DATASET_SHAPES, DEFAULT_RES, IMAGENET_SUBSETS, dataset_shape
 from .torchvision_sets import cache_dir
@@ -39,6 +42,7 @@ __all__ = [
     'RealSampler',
     'SHARED_STATS',
     'TRAIN_STATS',
+    'ValidationSplit',
     'ZCA',
     'cache_dir',
     'dataset_shape',
@@ -48,5 +52,6 @@ __all__ = [
     'normalization_name',
     'register_dataset',
     'sample_random_real',
+    'split_validation',
     'train_statistics',
 ]

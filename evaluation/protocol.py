@@ -295,13 +295,16 @@ class EvalProtocol(StudentProtocol):
 class EvalResult:
     """Outcome of :func:`evaluate_synset`: accuracies in [0, 1], training seconds and how the
     networks were trained (``path``: ``stacked`` or ``sequential``; ``path_note``: why, when the
-    choice was not ``--stacked_eval on`` honoured, e.g. a fallback)."""
+    choice was not ``--stacked_eval on`` honoured, e.g. a fallback); ``val_accs``: the same
+    networks' accuracies in [0, 1] on a validation split when one was given (``distill.py
+    --select_on val``), else empty."""
 
     model: str
     accs: list = field(default_factory=list)
     train_time_s: float = 0.0
     path: str = ""
     path_note: str = ""
+    val_accs: list = field(default_factory=list)
 
     @property
     def acc_mean(self) -> float:
@@ -313,11 +316,23 @@ class EvalResult:
         """Population standard deviation of the accuracies (as the references report)."""
         return float(np.std(self.accs)) if self.accs else float("nan")
 
+    @property
+    def val_acc_mean(self) -> float:
+        """Mean validation accuracy in [0, 1] (NaN without a validation split)."""
+        return float(np.mean(self.val_accs)) if self.val_accs else float("nan")
+
+    @property
+    def val_acc_std(self) -> float:
+        """Population standard deviation of the validation accuracies (NaN without a split)."""
+        return float(np.std(self.val_accs)) if self.val_accs else float("nan")
+
     def as_dict(self) -> dict:
         """JSON-ready ``{"mean", "std", "accs", "train_time_s"}``, with ``eval_path`` (and
-        ``eval_path_note``) when known."""
+        ``eval_path_note``) when known and ``val_mean`` / ``val_accs`` with a validation split."""
         record = {"mean": self.acc_mean, "std": self.acc_std, "accs": list(self.accs),
                   "train_time_s": self.train_time_s}
+        if self.val_accs:
+            record.update(val_mean=self.val_acc_mean, val_accs=list(self.val_accs))
         if self.path:
             record["eval_path"] = self.path
         if self.path_note:

@@ -18,7 +18,7 @@ from evaluation.stacked import StackingUnsupported, check_stackable, train_and_t
 from evaluation.protocol import LABEL_LOSSES, EvalConfig, EvalResult
 from evaluation.student import student_epochs
 from evaluation.training import (EvaluationStopped, TrainingTerm, deterministic_algorithms, regression_targets,
-                                 train_and_test)
+                                 test_accuracy, train_and_test)
 from precision import FP32, Precision
 from progress import Progress
 from utils import make_generator
@@ -67,7 +67,7 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
                     term: Optional[TrainingTerm] = None, progress: bool = True,
                     should_stop: Optional[Callable[[], bool]] = None,
                     indices: Optional[Sequence[int]] = None, teacher: Optional[Callable] = None,
-                    soft_store=None) -> EvalResult:
+                    soft_store=None, val: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> EvalResult:
     """Train ``num_eval`` fresh ``model`` networks on a synthetic set; report their test accuracy.
 
     The one evaluation routine of the toolkit, shared by ``distill.py`` and ``evaluate.py``.
@@ -108,6 +108,9 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
         soft_store: under ``cfg.labels='soft'``, an :class:`evaluation.relabel.SoftLabelStore` of
             ``image_syn`` (``label_syn`` then the (N,) classes); without one, ``label_syn`` must be
             (N, K) per-image teacher logits. Ignored otherwise.
+        val: ``(images (V, C, H, W), labels (V,))``, a validation split (``distill.py --select_on
+            val``): every trained network is also tested on it as on the test set
+            (``EvalResult.val_accs``, in the order of ``accs``); the test accuracies do not change.
 
     With ``cfg.decode_factor`` > 1 the set is first decoded (:func:`evaluation.formation.decode_zoom`):
     ``decode_factor²`` training images per stored image, labels repeated.
@@ -193,7 +196,8 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
                 result.accs = train_and_test_stacked(nets, images, labels, test_images, test_labels, cfg,
                                                      [make_generator(seed + run) for run in runs],
                                                      on_epoch=on_all_epochs if progress else None,
-                                                     should_stop=should_stop)
+                                                     should_stop=should_stop,
+                                                     also_test=None if val is None else (*val, result.val_accs))
         for position, run in enumerate([] if stacked else runs):
             def on_epoch(done: int, network: int = position + 1) -> None:
                 shown.update(1, f"network {network}/{len(runs)}, epoch {done}/{epochs}")
@@ -206,6 +210,9 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
                 acc = train_and_test(net, images, labels, test_images, test_labels, cfg, make_generator(seed + run),
                                      term=term, on_epoch=on_epoch if progress else None,
                                      should_stop=should_stop, teacher=teacher, soft_store=soft_store)
+                if val is not None:  # the same trained network on the validation split
+                    result.val_accs.append(test_accuracy(net, val[0], val[1], cfg.batch_test, cfg.tta_mode,
+                                                         cfg.deterministic, cfg.precision))
             result.accs.append(acc)
     result.train_time_s = time.perf_counter() - start
     return result
@@ -232,14 +239,17 @@ def evaluate_synset_sharded(image_syn: torch.Tensor, label_syn: torch.Tensor, mo
                                num_eval=num_eval, should_stop=should_stop, **kwargs)
     start = time.perf_counter()
     mine = distributed.shard(num_eval)
-    stopped, accs = False, []
+    stopped, mine_result = False, EvalResult(model=model)
     try:
-        accs = evaluate_synset(image_syn, label_syn, model, num_classes, test_images, test_labels, cfg,
-                               num_eval=num_eval, should_stop=should_stop, indices=mine, **kwargs).accs
+        mine_result = evaluate_synset(image_syn, label_syn, model, num_classes, test_images, test_labels, cfg,
+                                      num_eval=num_eval, should_stop=should_stop, indices=mine, **kwargs)
     except EvaluationStopped:
         stopped = True
     if distributed.any_flag(stopped):
         raise EvaluationStopped
-    merged = distributed.gather_units(dict(zip(mine, accs)))
-    return EvalResult(model=model, accs=[merged[k] for k in range(num_eval)],
-                      train_time_s=time.perf_counter() - start)
+    val_accs = mine_result.val_accs or [None] * len(mine_result.accs)
+    merged = distributed.gather_units(dict(zip(mine, zip(mine_result.accs, val_accs))))
+    val = [merged[k][1] for k in range(num_eval)]
+    return EvalResult(model=model, accs=[merged[k][0] for k in range(num_eval)],
+                      train_time_s=time.perf_counter() - start,
+                      val_accs=val if all(v is not None for v in val) else [])

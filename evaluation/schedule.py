@@ -102,7 +102,8 @@ def train_on_schedule(net: nn.Module, images: torch.Tensor, labels: torch.Tensor
 def evaluate_schedule(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str, num_classes: int,
                       test_images: torch.Tensor, test_labels: torch.Tensor, schedule: StepSchedule, *,
                       num_eval: int = 1, device: Optional[torch.device] = None, seed: int = 0,
-                      batch_test: int = 1000, tta_mode: str = "", deterministic: bool = False) -> EvalResult:
+                      batch_test: int = 1000, tta_mode: str = "", deterministic: bool = False,
+                      val: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> EvalResult:
     """Train ``num_eval`` fresh ``model`` networks by a learned step schedule (:func:`train_on_schedule`)
     and report their test accuracy: DD's own evaluation (SsnL/dataset-distillation ``basics.py``
     ``evaluate_steps`` with ``--test_nets_type unknown_init --test_distilled_lrs loaded``).
@@ -114,6 +115,7 @@ def evaluate_schedule(image_syn: torch.Tensor, label_syn: torch.Tensor, model: s
         model, num_classes, test_images, test_labels, num_eval, device, seed: as :func:`evaluate_synset`.
         schedule: the steps (:class:`StepSchedule`).
         batch_test, tta_mode, deterministic: as :class:`EvalConfig`.
+        val: a validation split ``(images, labels)``, as :func:`evaluate_synset` (``EvalResult.val_accs``).
 
     Raises:
         KeyError: unknown ``model``.
@@ -133,5 +135,7 @@ def evaluate_schedule(image_syn: torch.Tensor, label_syn: torch.Tensor, model: s
             net = networks.get_network(model, images.shape[1], num_classes, tuple(images.shape[2:]), device=device)
             train_on_schedule(net, images, labels, schedule)
             result.accs.append(test_accuracy(net, test_images, test_labels, batch_test, tta_mode, deterministic))
+            if val is not None:
+                result.val_accs.append(test_accuracy(net, val[0], val[1], batch_test, tta_mode, deterministic))
     result.train_time_s = time.perf_counter() - start
     return result

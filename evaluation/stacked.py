@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -327,7 +327,8 @@ def test_accuracies(stack: StackedNetworks, images: Tensor, labels: Tensor, batc
 def train_and_test_stacked(nets: Sequence[nn.Module], images: Tensor, labels: Tensor,
                            test_images: Tensor, test_labels: Tensor, cfg: EvalConfig,
                            generators: Sequence[torch.Generator], on_epoch: Optional[Callable[[int], None]] = None,
-                           should_stop: Optional[Callable[[], bool]] = None) -> List[float]:
+                           should_stop: Optional[Callable[[], bool]] = None,
+                           also_test: Optional[Tuple[Tensor, Tensor, List[float]]] = None) -> List[float]:
     """``evaluation.training.train_and_test`` for N networks of one architecture at once.
 
     Network k trains from its own initialisation and draws its data order and augmentation from
@@ -342,6 +343,8 @@ def train_and_test_stacked(nets: Sequence[nn.Module], images: Tensor, labels: Te
         generators: N CPU generators.
         on_epoch: called as ``on_epoch(epochs_done)`` after each epoch (of all N networks).
         should_stop: asked before every epoch; ``True`` abandons the training.
+        also_test: ``(images (V, C, H, W), labels (V,), out)``: a second labelled set (a validation
+            split); the N networks' accuracies on it are appended to the list ``out``.
 
     Returns:
         N test accuracies in [0, 1].
@@ -370,4 +373,7 @@ def train_and_test_stacked(nets: Sequence[nn.Module], images: Tensor, labels: Te
     if cfg.tta_mode and cfg.tta_mode not in TTA_MODES:
         raise ValueError(f"--tta_mode {cfg.tta_mode!r}: expected one of {', '.join(TTA_MODES)}")
     with cfg.precision.autocast(images.device):
-        return test_accuracies(stack, test_images, test_labels, per_pass, cfg.tta_mode)
+        accs = test_accuracies(stack, test_images, test_labels, per_pass, cfg.tta_mode)
+        if also_test is not None:
+            also_test[2].extend(test_accuracies(stack, also_test[0], also_test[1], per_pass, cfg.tta_mode))
+    return accs

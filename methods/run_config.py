@@ -84,6 +84,11 @@ class RunOptions:
             (``DistillMethod.writes_reference_layout``), write ``images_{it}.pt`` etc. every so many
             iterations (``--save_every``; 0: only the best). GeorgeCazenavette/mtt-distillation
             ``distill.py`` hard-codes 1000 (at evaluation iterations divisible by 1000).
+        select_on: ``--select_on`` (``methods.run_selection.SELECT_ON``): what the best-so-far set
+            of each experiment is chosen on: ``test`` accuracy (the references') or ``val``, the
+            accuracy on a class-balanced validation split held out of the training set (and out
+            of distillation); either way the mean over the evaluation models.
+        val_per_class: ``--val_per_class``: training images per class held out under ``select_on='val'``.
     """
 
     num_exp: int = 1
@@ -104,6 +109,8 @@ class RunOptions:
     label_loss: Optional[str] = None
     precision: Precision = FP32
     eval_student: Dict[str, object] = field(default_factory=dict)
+    select_on: str = "test"
+    val_per_class: int = 100
 
 
 @dataclass

@@ -7,7 +7,7 @@ import csv
 import dataclasses
 import io
 import os
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import yaml
@@ -24,7 +24,8 @@ from sets import files, resources
 
 class RunFiles:
     """The writers of a run's files; a mix-in of ``methods.runner.DistillationRun``, whose state
-    (``cfg``, ``opts``, ``record``, ``protocol``, ``summary_rows``, ``data_save``, ``best``, ...) they read."""
+    (``cfg``, ``opts``, ``record``, ``protocol``, ``summary_rows``, ``data_save``, ``best``, ``validation``,
+    ...) they read, and of ``methods.run_selection.BestSoFar`` (``best_records``, ``selection_record``)."""
 
     SUMMARY_FIELDS = ["exp", "iteration", "model", "acc_mean", "acc_std", "num_eval", "loss", "eval_seconds",
                       "elapsed_s"]
@@ -40,13 +41,16 @@ class RunFiles:
 
     def write_summary(self) -> None:
         """``summary.csv``: one row per (evaluation, model); accuracies in [0, 1] with 6 decimals, the
-        loss with 6 significant digits (rank 0)."""
+        loss with 6 significant digits; with a validation split (``--select_on val``) also
+        ``val_acc_mean`` and ``val_acc_std`` (rank 0)."""
         if not distributed.is_main():
             return
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=self.SUMMARY_FIELDS)
+        val = ["val_acc_mean", "val_acc_std"] if self.validation is not None else []
+        writer = csv.DictWriter(buffer, fieldnames=self.SUMMARY_FIELDS + val)
         writer.writeheader()
         writer.writerows({**row, "acc_mean": round(row["acc_mean"], 6), "acc_std": round(row["acc_std"], 6),
+                          **{key: round(row[key], 6) for key in val if key in row},
                           "loss": tables.round_significant(row["loss"])} for row in self.summary_rows)
         storage.write_text(os.path.join(self.opts.run_dir, "summary.csv"), buffer.getvalue())
 
@@ -68,8 +72,9 @@ class RunFiles:
         step size of each experiment) and ``protocol`` (``evaluation.EvalProtocol``), which
         ``evaluate.py`` replays. Beside it, when every finished experiment was evaluated, the
         best-so-far file ``best_{tag}.pt`` in the same layout: ``data`` and ``accs_all_exps`` of
-        each experiment's best evaluation, ``meta['best']`` one ``{exp, iteration, model, accuracy,
-        selected_on}`` per experiment (accuracy in [0, 1], selected on test accuracy)."""
+        each experiment's best evaluation, ``meta['best']`` one record per experiment
+        (``methods.run_selection.BestSoFar.best_records``: iteration, models, test accuracy in
+        [0, 1], what it was selected on) and ``meta['selection']`` (``selection_record``)."""
         if not distributed.is_main():
             return
         meta = self.result_meta()
@@ -81,21 +86,13 @@ class RunFiles:
             meta["syn_lr"] = [entry["syn_lr"] for entry in best] if self.learned_lr else None
             meta["step_schedule"] = [entry.get("schedule") for entry in best] if self.schedules else None
             meta["best"] = self.best_records()
+            meta["selection"] = self.selection_record()
             accs = {k: [acc for entry in best for acc in entry["accs"].get(k, [])] for k, _, _ in self.eval_keys}
             files.save_results(self.best_path, [entry["data"] for entry in best], accs, meta=meta)
 
-    def best_records(self) -> List[Optional[dict]]:
-        """Per finished experiment, where its best set was evaluated (``results.json`` ``best``):
-        ``{exp, iteration, model, accuracy (mean in [0, 1]), accs, selected_on: "test accuracy"}``,
-        or None when it was never evaluated."""
-        best = self.best + [None] * (len(self.data_save) - len(self.best))
-        return [None if entry is None else
-                {"exp": exp, "iteration": entry["iteration"], "model": entry["model"], "accuracy": entry["accuracy"],
-                 "accs": entry["accs"], "selected_on": "test accuracy"}
-                for exp, entry in enumerate(best[:len(self.data_save)])]
-
     def result_meta(self) -> dict:
-        """The ``meta`` record of the result files (without ``syn_lr``)."""
+        """The ``meta`` record of the result files (without ``syn_lr``); under ``--select_on val``
+        with ``validation``, the split held out of distillation (``data.ValidationSplit.record``)."""
         cfg, record = self.cfg, self.record
         meta = {"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model, "ipc": cfg.ipc,
                 "channel": record.channel, "im_size": list(record.im_size), "num_classes": record.num_classes,
@@ -107,6 +104,8 @@ class RunFiles:
         teacher = self.method.teacher_record() if self.method is not None else None
         if teacher is not None:  # the decoupled family: which teacher made the set (evaluate.py replays it)
             meta["teacher"] = teacher
+        if self.validation is not None:  # --select_on val: the images held out of distillation
+            meta["validation"] = self.validation.record()
         entries = addons.saved_entry_names(cfg)  # the add-on of each tensor after the labels (sets.saved)
         if entries:
             meta["addon_entries"] = entries
@@ -119,8 +118,9 @@ class RunFiles:
     def write_results_json(self) -> None:
         """``results.json``: the command line, seed and full resolved configuration (method and run
         options), final accuracies (``accuracy``, the headline), the best-so-far evaluation of each
-        experiment apart (``best``, selected on test accuracy; :meth:`best_records`), the protocol
-        of every evaluation model, cost (rank 0; ``world_size``: the processes that ran it)."""
+        experiment apart (``best``, ``methods.run_selection.BestSoFar.best_records``) and what it
+        was chosen on (``selection``: test accuracy or a validation split, its size and digest),
+        the protocol of every evaluation model, cost (rank 0; ``world_size``: the processes that ran it)."""
         if not distributed.is_main():
             return
         cfg, opts, syn = self.cfg, self.opts, self.syn
@@ -142,6 +142,7 @@ class RunFiles:
                                    "accs": a} for m, a in self.accs_all_exps.items()},
                   "eval_path": dict(self.eval_paths),
                   "best": self.best_records(),
+                  "selection": self.selection_record(),
                   "best_file": self.best_path if os.path.isfile(self.best_path) else None,
                   "result_file": self.result_path, **addons.results_records(cfg)}
         teacher = self.method.teacher_record() if self.method is not None else None

@@ -5,8 +5,10 @@ Layout of a run directory (``--run_dir``):
     config.yaml                                  the resolved configuration, written before step 1
     last.pt                                      checkpoint (``--checkpoint_every``, and on a stop)
     res_{method}_{dataset}_{model}_{ipc}ipc.pt   the result, in the reference layout (DC ``main.py``)
-    best_{method}_{dataset}_{model}_{ipc}ipc.pt  per experiment, the evaluated set of highest test accuracy
-                                                 (what the references report as Max_Accuracy), same layout
+    best_{method}_{dataset}_{model}_{ipc}ipc.pt  per experiment, the evaluated set of highest accuracy, mean
+                                                 over the evaluation models, on the test set (what the
+                                                 references report as Max_Accuracy) or with --select_on val
+                                                 on a held-out validation split (methods/run_selection.py)
     logged_files/exp{e}/                         the MTT family only: GeorgeCazenavette/mtt-distillation and
                                                  NUS-HPC-AI-Lab/DATM ``distill.py``'s logged files:
                                                  images_best.pt, labels_best.pt, lr_best.pt, and every
@@ -48,24 +50,32 @@ from methods.run_config import (RunInterrupted, RunOptions, RunOutcome, StopFlag
                                  eval_protocol)
 # The writers of config.yaml, summary.csv, the result files and results.json live in methods/run_results.py.
 from methods.run_results import RunFiles, run_cost, schedule_key, schedule_record  # noqa: F401
+# Choosing the best-so-far set (on test accuracy or a held-out validation split): methods/run_selection.py.
+from methods.run_selection import BestSoFar, hold_out_validation
 from sets import files, resources
 
 logger = logging.getLogger(__name__)
 
 
-class DistillationRun(RunFiles):
+class DistillationRun(RunFiles, BestSoFar):
     """One ``distill.py`` run: ``opts.num_exp`` experiments of ``cfg.method``, each a synthetic set
     learned for ``cfg.iterations`` iterations, evaluated every ``opts.eval_it`` iterations and at
     the end, with pictures, ``summary.csv``, checkpoints, the result file and ``results.json``
-    (module docstring). :func:`run_distillation` is the entry point.
+    (module docstring). :func:`run_distillation` is the entry point. Under ``opts.select_on='val'``
+    a validation split is held out of ``record``'s training images first: the method, its add-ons
+    and its sampler see only the rest (``methods.run_selection.hold_out_validation``).
 
     Raises:
         utils.UserError: ``--resume`` found an incompatible checkpoint, or an add-on's files are
-            missing (e.g. pre-trained models an add-on loads).
+            missing (e.g. pre-trained models an add-on loads); ``--select_on`` / ``--val_per_class``
+            out of range.
     """
 
     def __init__(self, cfg: DistillConfig, opts: RunOptions, record, device: torch.device,
                  stop: Optional[StopFlag] = None, on_iteration: Optional[Callable[[int, int, dict], None]] = None):
+        record, self.validation = hold_out_validation(record, opts.select_on, opts.val_per_class, opts.seed, cfg.ipc)
+        self.val_pair = (None if self.validation is None else
+                         (self.validation.images.to(device), self.validation.labels.to(device)))
         self.cfg, self.opts, self.record, self.device = cfg, opts, record, device
         self.stop = stop or StopFlag()
         self.on_iteration = on_iteration
@@ -94,8 +104,8 @@ class DistillationRun(RunFiles):
         # Where each finished experiment ended (set, method, RNG), so that a larger --Iteration
         # can continue it on --resume.
         self.finished: list = []
-        # Per experiment (also the one in progress), the evaluated set of highest test accuracy of
-        # the first evaluation model (:meth:`note_evaluation`); None before its first evaluation.
+        # Per experiment (also the one in progress), the evaluated set of highest accuracy (test or
+        # validation, mean over the evaluation models: :meth:`note_evaluation`); None before its first evaluation.
         self.best: list = []
         self.summary_rows: list = []
         self.vis_paths: list = []
@@ -136,7 +146,7 @@ class DistillationRun(RunFiles):
                                   **self.position(iteration, method, syn, generator),
                                   data_save=self.data_save, learned_lr=self.learned_lr, schedules=self.schedules,
                                   accs_by_exp=self.accs_by_exp, finished=self.finished, best=self.best,
-                                  summary_rows=self.summary_rows)
+                                  summary_rows=self.summary_rows, selection=self.selection_settings())
         self.checkpointed = (exp, iteration)
         distributed.barrier()
 
@@ -171,8 +181,10 @@ class DistillationRun(RunFiles):
             logger.info("--resume: no checkpoint in %s yet, starting from scratch", self.opts.run_dir)
             return None
         saved = storage.load_checkpoint(self.checkpoint_path)
-        before = {**saved["config"], "num_exp": saved.get("num_exp"), "seed": saved.get("seed")}
-        now = {**addons.config_record(self.cfg), "num_exp": self.opts.num_exp, "seed": self.opts.seed}
+        before = {**saved["config"], "num_exp": saved.get("num_exp"), "seed": saved.get("seed"),
+                  **(saved.get("selection") or {"select_on": "test"})}  # older checkpoints: chosen on test
+        now = {**addons.config_record(self.cfg), "num_exp": self.opts.num_exp, "seed": self.opts.seed,
+                **self.selection_settings()}
         saved_iterations = before.pop("iterations", None)
         now.pop("iterations")
         differing = utils.config_differences(before, now, flag_names={"iterations": "Iteration"})
@@ -240,7 +252,7 @@ class DistillationRun(RunFiles):
                                                      self.test_images, self.test_labels, schedule,
                                                      num_eval=self.opts.num_eval, device=self.device, seed=seed,
                                                      tta_mode=self.opts.tta_mode,
-                                                     deterministic=self.opts.deterministic)
+                                                     deterministic=self.opts.deterministic, val=self.val_pair)
                     what = f"{len(schedule.lrs)} learned steps"
                 else:
                     eval_cfg = eval_config_for(method, model_eval, self.opts, syn)
@@ -248,17 +260,21 @@ class DistillationRun(RunFiles):
                                                            self.record.num_classes, self.test_images,
                                                            self.test_labels, eval_cfg, num_eval=self.opts.num_eval,
                                                            device=self.device, seed=seed, term=term,
-                                                           should_stop=lambda: self.stop.requested,
+                                                           should_stop=lambda: self.stop.requested, val=self.val_pair,
                                                            **self.label_sources(method, syn, eval_cfg, seed, key))
                     what = f"{eval_cfg.epochs} epochs"
                 results[key] = result
                 self.summary_rows.append(dict(exp=exp, iteration=iteration, model=key, acc_mean=result.acc_mean,
                                               acc_std=result.acc_std, num_eval=self.opts.num_eval, loss=loss_value,
-                                              eval_seconds=round(result.train_time_s, 2), elapsed_s=round(elapsed, 2)))
+                                              eval_seconds=round(result.train_time_s, 2), elapsed_s=round(elapsed, 2),
+                                              **({"val_acc_mean": result.val_acc_mean, "val_acc_std": result.val_acc_std}
+                                                 if self.validation is not None else {})))
                 self.eval_paths[key] = {"path": result.path or "sequential",
                                         **({"note": result.path_note} if result.path_note else {})}
-                logger.info("exp %d iter %d: %s %s (%d nets %s, %s, %.1f s)%s", exp, iteration, key,
-                            tables.format_acc(result.accs), self.opts.num_eval, result.path or "sequential", what,
+                logger.info("exp %d iter %d: %s %s%s (%d nets %s, %s, %.1f s)%s", exp, iteration, key,
+                            tables.format_acc(result.accs),
+                            f", validation {tables.format_acc(result.val_accs)}" if result.val_accs else "",
+                            self.opts.num_eval, result.path or "sequential", what,
                             result.train_time_s, f"; {result.path_note}" if result.path_note else "")
         except (evaluation.EvaluationStopped, progress.StopRequested):
             del self.summary_rows[rows:]
@@ -305,30 +321,6 @@ class DistillationRun(RunFiles):
         """A set as the result files hold it: ``[images (N, C, H, W) on the CPU, labels,
         *add-on entries]`` (one ``data`` entry of the reference layout)."""
         return [syn.images.detach().cpu().clone(), syn.export_labels()] + method.saved_entries(syn)
-
-    def note_evaluation(self, exp: int, iteration: int, method, syn, results: Dict[str, evaluation.EvalResult]) -> bool:
-        """Keep experiment ``exp``'s set as its best so far when the first evaluation model's mean
-        test accuracy beats every earlier evaluation of the experiment (ties keep the earlier set,
-        as mtt-distillation ``distill.py``'s ``acc_test_mean > best_acc``). Selecting on test
-        accuracy is what the references report as Max_Accuracy; the final set stays the result.
-
-        Returns:
-            Whether the set became the best (False without an evaluation).
-        """
-        model = self.eval_keys[0][0]
-        if model not in results:
-            return False
-        while len(self.best) <= exp:
-            self.best.append(None)
-        accuracy = results[model].acc_mean
-        if self.best[exp] is not None and accuracy <= self.best[exp]["accuracy"]:
-            return False
-        self.best[exp] = {"iteration": iteration, "model": model, "accuracy": accuracy,
-                          "accs": {m: list(result.accs) for m, result in results.items()},
-                          "data": self.saved_set(method, syn),
-                          "syn_lr": float(syn.syn_lr.detach()) if syn.syn_lr is not None else None,
-                          "schedule": schedule_record(method, syn)}
-        return True
 
     def write_logged(self, exp: int, name: str, syn) -> None:
         """Experiment ``exp``'s set as the trajectory-matching references log it, in

@@ -1,9 +1,10 @@
 """Outputs the references write (issue "Fidelity", item 8).
 
 1. The best-so-far set: every run with evaluations keeps, per experiment, the set of highest test
-   accuracy of the first evaluation model (what mtt-distillation and DATM report as Max_Accuracy)
-   in ``best_{tag}.pt`` beside the final result, listed apart in ``results.json``; it survives a
-   stop and ``--resume``.
+   accuracy, mean over the evaluation models (what mtt-distillation and DATM report as
+   Max_Accuracy; ``tests/test_select_on.py`` tests the mean and ``--select_on val``) in
+   ``best_{tag}.pt`` beside the final result, listed apart in ``results.json``; it survives a stop
+   and ``--resume``.
 2. The trajectory-matching layout: MTT and DATM runs also write ``logged_files/exp{e}/``
    ``images_best.pt``, ``labels_best.pt``, ``lr_best.pt`` and ``images_{it}.pt`` etc. every
    ``--save_every`` iterations (GeorgeCazenavette/mtt-distillation, NUS-HPC-AI-Lab/DATM
@@ -99,8 +100,9 @@ def test_best_survives_a_stop_and_resume(tmp_path):
     checkpoint = tmp_path / "run" / "last.pt"
     saved = storage.load_checkpoint(str(checkpoint))
     assert saved["iteration"] == 2 and saved["best"][0]["iteration"] in (0, 1, 2)
-    # A best no later evaluation can beat: the resumed run must report it, not forget it.
-    saved["best"][0].update(iteration=1, accuracy=2.0)
+    # A best no later evaluation can beat: the resumed run must report it, not forget it (``score`` is
+    # what the choice compares: here the test accuracy, mean over the evaluation models).
+    saved["best"][0].update(iteration=1, accuracy=2.0, score=2.0)
     marker = saved["best"][0]["data"][0] = torch.full_like(saved["best"][0]["data"][0], 7.0)
     saved.pop("version")
     storage.save_checkpoint(str(checkpoint), **saved)
