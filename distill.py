@@ -52,6 +52,12 @@ def main(argv=None) -> int:
         if accs:
             print(f"  {model:<16} {tables.format_acc(accs)} %  over {len(accs)} networks")
     print(f"  result file: {outcome.result_path}")
+    best = [entry for entry in outcome.best if entry is not None]
+    if outcome.best_path and best:  # the best-so-far sets, and what they were chosen on
+        accuracies = ", ".join(f"{100 * entry['accuracy']:.2f}" for entry in best)
+        iterations = ", ".join(str(entry["iteration"]) for entry in best)
+        print(f"  best-so-far: {outcome.best_path} (chosen on {best[0]['selected_on']}, mean over "
+              f"{len(best[0]['models'])} evaluation model(s); test accuracy {accuracies} % at iteration(s) {iterations})")
     if outcome.vis_paths:
         print(f"  picture:     {outcome.vis_paths[-1]}")
     distributed.shutdown()

@@ -115,13 +115,18 @@ class RunOptions:
 
 @dataclass
 class RunOutcome:
-    """What a finished run produced: per-model final accuracies and the files written."""
+    """What a finished run produced: per-model final accuracies and the files written; ``best``:
+    the best-so-far record of each experiment (``methods.run_selection.BestSoFar.best_records``:
+    iteration, test ``accuracy`` in [0, 1], ``selected_on``; ``None`` when never evaluated) and
+    ``best_path``, its file (``None`` when not written)."""
 
     accs_all_exps: Dict[str, List[float]]
     result_path: str
     run_dir: str
     seconds_per_iteration: float
     vis_paths: List[str] = field(default_factory=list)
+    best: List[Optional[dict]] = field(default_factory=list)
+    best_path: Optional[str] = None
 
 
 def eval_protocol(method_class, cfg: DistillConfig, opts: RunOptions) -> evaluation.EvalProtocol:

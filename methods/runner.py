@@ -504,7 +504,9 @@ class DistillationRun(RunFiles, BestSoFar):
             self.method = self.new_method(0, utils.make_generator(self.opts.seed))
         self.write_results_json()
         return RunOutcome(accs_all_exps=self.accs_all_exps, result_path=self.result_path, run_dir=self.opts.run_dir,
-                          seconds_per_iteration=self.seconds_per_iteration, vis_paths=self.vis_paths)
+                          seconds_per_iteration=self.seconds_per_iteration, vis_paths=self.vis_paths,
+                          best=self.best_records(),
+                          best_path=self.best_path if os.path.isfile(self.best_path) else None)
 
     @property
     def seconds_per_iteration(self) -> float:

@@ -94,6 +94,7 @@ def test_best_is_chosen_on_the_mean_over_models_of_test_or_validation_accuracy(t
     outcome = run.run()
     summary = json.load(open(tmp_path / "val" / "results.json"))
     (best,) = summary["best"]
+    assert outcome.best == summary["best"] and outcome.best_path == summary["best_file"]
     assert (best["iteration"], best["selected_on"]) == (3, "validation accuracy")
     assert best["val_accuracy"] == pytest.approx(0.7) and best["accuracy"] == pytest.approx(0.1)  # its test accuracy
     assert best["val_accs"] == {MTT_MODEL: [0.7, 0.7], "MLP": [0.7, 0.7]}
@@ -138,3 +139,17 @@ def test_flags_reach_the_run_options():
     assert (opts.select_on, opts.val_per_class) == ("val", 5)
     _, opts = distill_flags.resolve(distill_flags.parse_args(["--method", "DM", "--dataset", "FashionMNIST"]))
     assert (opts.select_on, opts.val_per_class) == ("test", 100)
+
+
+def test_distill_script_holds_out_and_says_what_the_best_set_was_chosen_on(tmp_path, fake_dataset, capsys):
+    import distill
+
+    run_dir = tmp_path / "run"
+    assert distill.main(["--method", "DM", "--dataset", "Tiny3", "--model", MTT_MODEL, "--ipc", "1", "--Iteration", "2",
+                         "--num_exp", "1", "--num_eval", "1", "--epoch_eval_train", "1", "--eval_it", "1",
+                         "--run_dir", str(run_dir), "--device", "cpu", "--no-vis", "--select_on", "val",
+                         "--val_per_class", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "best-so-far: " in printed and "chosen on validation accuracy, mean over 1 evaluation model(s)" in printed
+    summary = json.load(open(run_dir / "results.json"))
+    assert summary["run"]["select_on"] == "val" and summary["selection"]["validation"]["count"] == 12
