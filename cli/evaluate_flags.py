@@ -293,12 +293,17 @@ def load_set(path: str, args: argparse.Namespace, record) -> Tuple[SavedSet, Lis
 
 def check_normalization(path: str, meta: dict, record) -> None:
     """Refuse a set whose saved ``meta`` mean/std (images in [0, 1] pixel units normalised per
-    channel) differ from those the test set was normalised with; ZCA sets and files without
-    them (the references' ``res_*.pt``) are not checked.
+    channel) differ from those the test set was normalised with, or that was ZCA-whitened when the
+    test set is not (or the reverse: the toolkit's files record ``zca``; FRePo whitens CIFAR by
+    default); files without these records (the references' ``res_*.pt``) are not checked.
 
     Raises:
-        utils.UserError: one line naming both and ``--cifar100_stats``.
+        utils.UserError: one line naming both and ``--zca``, ``--cifar100_stats`` or ``--norm_stats``.
     """
+    if "zca" in meta and bool(meta["zca"]) != (record.zca is not None):
+        raise utils.UserError(f"--syn_path {path}: the set was distilled on "
+                              f"{'ZCA-whitened' if meta['zca'] else 'mean/std-normalised'} images, the test set here "
+                              f"is {'not whitened: pass --zca' if meta['zca'] else 'ZCA-whitened: leave --zca out'}")
     if record.zca is not None or meta.get("zca") or meta.get("mean") is None or meta.get("std") is None:
         return
     same = all(abs(float(a) - float(b)) < 1e-6 for a, b in zip([*meta["mean"], *meta["std"]], [*record.mean, *record.std]))

@@ -1,6 +1,7 @@
 """KIP's reference settings: the colab's per-dataset normalisation (mean/std computed from the
 training images, ``--norm_stats``), RFAD's defaults under ``--kernel conv_rf`` (resolved once,
 overridden by explicit flags), its network without 28->32 padding, AdaBelief and Platt scaling."""
+import dataclasses
 import json
 
 import pytest
@@ -191,3 +192,15 @@ def test_evaluating_a_set_normalised_otherwise_names_norm_stats():
     with pytest.raises(utils.UserError, match="--norm_stats"):
         evaluate_flags.check_normalization("SET", meta, record)
     evaluate_flags.check_normalization("SET", {**meta, "mean": [0.2861], "std": [0.3530]}, record)
+
+
+def test_evaluating_a_whitened_set_without_zca_or_the_reverse_is_refused():
+    from cli import evaluate_flags
+
+    record = tiny_record(channel=1)
+    whitened = {"mean": [0.0], "std": [1.0], "zca": {"mean": torch.zeros(1)}}
+    with pytest.raises(utils.UserError, match="pass --zca"):
+        evaluate_flags.check_normalization("SET", whitened, record)
+    with pytest.raises(utils.UserError, match="leave --zca out"):
+        evaluate_flags.check_normalization("SET", {**whitened, "zca": None}, dataclasses.replace(record, zca=object()))
+    evaluate_flags.check_normalization("SET", {"mean": [0.0], "std": [1.0]}, record)  # no record: not checked
