@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Optional, Tuple
 
 import yaml
 
@@ -26,6 +27,7 @@ from methods.run_config import RunOptions
 from methods.run_selection import SELECT_ON
 
 # Flags whose default depends on the method (``None`` here, resolved from Method.defaults).
+DEFAULT_MODEL = "ConvNet"  # --model where the method's reference names no network for the dataset
 METHOD_DEFAULTED = ("ipc", "Iteration", "lr_img", "lr_net", "batch_real", "batch_train", "init", "dsa_strategy",
                     "dis_metric", "eval_mode")
 
@@ -36,7 +38,9 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None,
                         help="YAML file of flag values (configs/METHOD/DATASET_ipcN.yaml); flags given here override it")
     parser.add_argument("--method", default="DC", help=f"one of: {', '.join(methods.list_methods())}")
-    parser.add_argument("--model", default="ConvNet", help="network to distil with (networks.py names)")
+    parser.add_argument("--model", default=None,
+                        help="network to distil with (networks.py names; default: the method's reference network, "
+                             "ConvNet for most, ConvNetNN for FRePo, LeNet for DD on MNIST/FashionMNIST)")
     parser.add_argument("--ipc", type=int, default=None, help="images per class (DC/DSA 1, DM 50)")
     parser.add_argument("--eval_mode", default=None, help="evaluation pool: S, SS, M, B, W, D, A, P, N, C (DC S, DM SS; "
                         "M is DC's pool, or MTT's for MTT/DATM/PAD)")
@@ -142,6 +146,25 @@ def refuse_unused(args: argparse.Namespace, method_class) -> None:
         raise utils.UserError(f"--{name} {value}: --method {args.method} does not use this flag{hint}; leave it out")
 
 
+def reference_model(given: Optional[str], method_class, method: str, dataset: str) -> Tuple[str, str]:
+    """``(model, note)``: the ``--model`` to distil with, ``given`` or else the method's reference
+    network for ``dataset`` (``DistillMethod.reference_network``; ConvNet where the reference names
+    none), and, when a given network differs from the reference's, one line naming both ("" else;
+    printed by :func:`resolve` once every flag is valid).
+
+    Args:
+        given: ``--model`` as given, or None when left out.
+        method_class: the ``DistillMethod`` subclass; method, dataset: the flag values, for the line.
+    """
+    name, source = method_class.reference_network(dataset)
+    if given is None:
+        return name or DEFAULT_MODEL, ""
+    if name is not None and given != name:
+        return given, (f"note: --model {given}: --method {method}'s reference distils {dataset} with {name} "
+                       f"({source}); results may differ from the paper's")
+    return given, ""
+
+
 def resolve(args: argparse.Namespace):
     """Fill method defaults, validate every value, and build the frozen (DistillConfig, RunOptions).
 
@@ -197,17 +220,18 @@ def resolve(args: argparse.Namespace):
         augment.validate_strategy(v["dsa_strategy"] or "")
     except ValueError as error:
         raise utils.UserError(str(error)) from None
-    cli.check_models([args.model], "--model")
-    eval_models = cli.resolve_eval_models(v["eval_mode"], args.model, method_class.pool_family)
+    model, model_note = reference_model(args.model, method_class, args.method, args.dataset)
+    cli.check_models([model], "--model")
+    eval_models = cli.resolve_eval_models(v["eval_mode"], model, method_class.pool_family)
     eval_it = args.eval_it
     if eval_it is None:
         eval_it = method_class.default_eval_it if v["eval_mode"] in ("S", "SS") else 0
     try:
-        addon_settings = addons.settings_from_flags(vars(args))  # a plain mapping of the parsed values
+        addon_settings = addons.settings_from_flags({**vars(args), "model": model})  # a plain mapping of the parsed values
     except ValueError as error:
         raise utils.UserError(str(error)) from None
     teacher = teacher_flags.teacher_spec(args)
-    cfg = methods.DistillConfig(method=args.method, dataset=args.dataset, model=args.model, ipc=v["ipc"],
+    cfg = methods.DistillConfig(method=args.method, dataset=args.dataset, model=model, ipc=v["ipc"],
                                 iterations=v["Iteration"], lr_img=v["lr_img"], lr_net=v["lr_net"],
                                 batch_real=v["batch_real"], batch_train=v["batch_train"], init=v["init"],
                                 dsa_strategy=v["dsa_strategy"] or "", dis_metric=v["dis_metric"],
@@ -221,12 +245,14 @@ def resolve(args: argparse.Namespace):
         method_class.check_config(cfg)
     except ValueError as error:
         raise utils.UserError(str(error)) from None
-    run_dir = args.run_dir or os.path.join(args.save_path, f"{args.method}_{args.dataset}_{args.model}_{v['ipc']}ipc")
+    run_dir = args.run_dir or os.path.join(args.save_path, f"{args.method}_{args.dataset}_{model}_{v['ipc']}ipc")
     opts = RunOptions(num_exp=num_exp, num_eval=num_eval, eval_it=eval_it,
                       eval_models=tuple(eval_models), epoch_eval_train=args.epoch_eval_train, seed=args.seed,
                       run_dir=run_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
                       save_vis=args.vis, save_every=args.save_every, select_on=args.select_on,
                       val_per_class=args.val_per_class, **eval_options.eval_option_values(args))
+    if model_note:
+        print(model_note, file=sys.stderr)
     return cfg, opts
 
 

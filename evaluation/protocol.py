@@ -186,6 +186,15 @@ class EvalConfig(StudentProtocol):
             record["amp"] = self.precision.describe()
         # "labels" in a result's protocol record is the set's label kind (methods, sets): the regime is "label_regime"
         record.update({("label_regime" if key == "labels" else key): value for key, value in self.student_fields().items()})
+        if self.labels != "hard":  # the loss that trains on soft or teacher labels, defaults included
+            record["label_loss"] = self.soft_loss
+            record["soft_loss"] = self.soft_loss
+            if self.soft_loss in ("kl", "sce"):
+                record["temperature"] = self.temperature
+            if self.soft_loss == "sce":
+                record["soft_t2"] = self.soft_t2
+            if self.soft_loss == "mse_gt":
+                record["mse_gt_weight"] = self.mse_gt_weight
         if self.optimizer == "adamw":
             schedule = ("x0.5 after each fifth of the epochs" if self.adamw_schedule == "multistep" else
                         "cosine per epoch, 0.5 (1 + cos(pi e / epochs))")

@@ -154,6 +154,10 @@ class DistillMethod:
     # ---- flags: the shared flags' defaults and the method's own options --------------------
     # Reference flag defaults of this method (override the DistillConfig field defaults).
     defaults: ClassVar[dict] = {}
+    # The network the reference script distils with (``--model`` when it is left out) and where
+    # that is written (:meth:`reference_network`; per dataset where the reference changes it).
+    reference_model: ClassVar[Optional[str]] = "ConvNet"
+    reference_model_source: ClassVar[str] = "the reference scripts' --model ConvNet"
     # This method's own flags (``distill.py --{field}``): a frozen MethodOptions dataclass.
     options_type: ClassVar[Type[MethodOptions]] = MethodOptions
     # Accepted values of --init (the first is never implied: defaults name theirs).
@@ -309,6 +313,18 @@ class DistillMethod:
     def saved_entries(self, syn: SyntheticSet) -> list:
         """Tensors the add-ons append to an experiment's ``[image_syn, label_syn]`` result entry."""
         return [tensor for addon in self.addons for tensor in addon.saved_entries(syn)]
+
+    @classmethod
+    def reference_network(cls, dataset: str) -> Tuple[Optional[str], str]:
+        """``(name, source)``: the network the method's reference distils ``dataset`` with, which
+        ``distill.py`` uses when ``--model`` is left out and names in one line when ``--model``
+        differs; ``(None, "")`` when the reference has no network for this dataset (then ConvNet,
+        with no line). The base class: :attr:`reference_model` for every dataset.
+
+        Args:
+            dataset: the ``--dataset`` value as given (any case).
+        """
+        return cls.reference_model, cls.reference_model_source
 
     @classmethod
     def resolved_defaults(cls, dataset: str, ipc: int, given: Mapping[str, Any]) -> Mapping[str, Any]:

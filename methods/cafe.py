@@ -150,6 +150,7 @@ class CAFE(DistillMethod):
        ``watcher_window`` values span more than ``lambda_2``.
     """
 
+    reference_model_source = "kaiwang960112/CAFE distill.py (--model ConvNet)"
     defaults = dict(ipc=1, iterations=2000, lr_img=0.1, lr_net=0.01, batch_real=256, batch_train=256,
                     init="noise", dsa_strategy="", dis_metric="ours", eval_mode="S")
     options_type = CAFEOptions

@@ -145,6 +145,7 @@ class CoresetMethod(DistillMethod):
     the images are never optimised (``selection_only``), so ``--Iteration`` is not used."""
 
     selection_only = True
+    reference_model = None  # selection baselines: no reference distils with a network
     defaults = dict(iterations=0, init="real", eval_mode="S")
     init_choices = ("real",)
     # The images are selected, never learned: no add-on has anything to act on.

@@ -43,6 +43,7 @@ class DataDAM(DM):
     class-mean last-layer embedding weighted by ``task_balance``. One SGD step on the images.
     """
 
+    reference_model_source = "DataDistillation/DataDAM main_DataDAM.py (--model ConvNet)"
     defaults = dict(ipc=50, iterations=20000, lr_img=1.0, lr_net=0.01, batch_real=64, batch_train=64,
                     init="real", dsa_strategy="color_crop_cutout_flip_scale_rotate", eval_mode="SS")
     run_counts = (1, 10)  # main_DataDAM.py: --num_exp 1 --num_eval 10

@@ -55,6 +55,7 @@ class DC(DistillMethod):
     detached synthetic set.
     """
 
+    reference_model_source = "VICO-UoE/DatasetCondensation main.py (--model ConvNet)"
     defaults = dict(ipc=1, iterations=1000, lr_img=0.1, lr_net=0.01, batch_real=256, batch_train=256,
                     init="noise", dsa_strategy="", dis_metric="ours", eval_mode="S")
     default_eval_it = 500

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +104,7 @@ class DD(DistillMethod):
     distilled_images_per_class_per_step``: ``distill_steps`` is derived from ``--ipc`` unless given.
     """
 
+    reference_model_source = "SsnL/dataset-distillation base_options.py (--arch LeNet for MNIST, AlexCifarNet for CIFAR-10)"
     defaults = dict(ipc=10, iterations=23600, lr_img=0.01, lr_net=0.01, batch_real=1024, batch_train=256,
                     init="noise", dsa_strategy="", eval_mode="S")
     options_type = DDOptions
@@ -137,6 +138,14 @@ class DD(DistillMethod):
         self.last_unroll = self.total_steps
 
     # ---- configuration ------------------------------------------------------------------
+    @classmethod
+    def reference_network(cls, dataset: str) -> Tuple[Optional[str], str]:
+        """LeNet for the 28 x 28 grey datasets (the reference's MNIST setting); for others ``(None, "")``
+        (ConvNet, no line): the reference's CIFAR-10 network, AlexCifarNet, is not in networks.py."""
+        if dataset.lower() in ("mnist", "fashionmnist"):
+            return "LeNet", cls.reference_model_source
+        return None, ""
+
     @classmethod
     def check_config(cls, cfg: DistillConfig) -> None:
         """``--ipc`` must be ``distill_steps x distilled_images_per_class_per_step`` (``distill_steps``

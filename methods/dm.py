@@ -26,6 +26,7 @@ class DM(DistillMethod):
     BatchNorm network, whose joint statistics span every class).
     """
 
+    reference_model_source = "VICO-UoE/DatasetCondensation main_DM.py (--model ConvNet)"
     defaults = dict(ipc=50, iterations=20000, lr_img=1.0, lr_net=0.01, batch_real=256, batch_train=256,
                     init="real", dsa_strategy="color_crop_cutout_flip_scale_rotate", eval_mode="SS")
     unused_flags = ("dis_metric", "outer_loop", "inner_loop")

@@ -164,6 +164,8 @@ class FRePo(DistillMethod):
         utils.UserError: timm (LAMB) is not installed (at :meth:`init_synthetic`).
     """
 
+    reference_model = "ConvNetNN"
+    reference_model_source = "yongchao97/FRePo script/distill.py (arch conv, width 128, depth 3, normalization identity)"
     defaults = dict(ipc=10, iterations=500000, lr_img=0.0003, lr_net=0.01, batch_real=1024, batch_train=500,
                     init="real", dsa_strategy="color_crop_cutout_rotate", eval_mode="S")
     options_type = FRePoOptions

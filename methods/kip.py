@@ -130,6 +130,7 @@ class KIP(DistillMethod):
 
     # KIP.ipynb: SUPPORT_SIZE 100 (ipc 10 on 10 classes), LEARNING_RATE 4e-2, ~1000 steps, images
     # initialised from a class-balanced real sample; no augmentation.
+    reference_model = None  # --model is only the evaluation network; the kernel is --kernel
     defaults = dict(ipc=10, iterations=1000, lr_img=0.04, lr_net=0.01, batch_real=256, batch_train=256,
                     init="real", dsa_strategy="", eval_mode="S")
     options_type = KIPOptions

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -226,6 +226,7 @@ class MTT(DistillMethod):
     momentum 0.5) and the step size alpha (SGD lr_lr, momentum 0.5, initialised at lr_teacher)
     learn; evaluation trains with the learned alpha."""
 
+    reference_model_source = "GeorgeCazenavette/mtt-distillation distill.py (--model ConvNet; ConvNetD4 for Tiny ImageNet)"
     defaults = dict(ipc=1, iterations=5000, lr_img=1000.0, lr_net=0.01, batch_real=256, batch_train=256,
                     init="real", dsa_strategy="color_crop_cutout_flip_scale_rotate", eval_mode="S")
     options_type = MTTOptions
@@ -274,6 +275,12 @@ class MTT(DistillMethod):
     unused_flags = ("dis_metric", "outer_loop", "inner_loop")
 
     # ---- set-up -------------------------------------------------------------------------
+    @classmethod
+    def reference_network(cls, dataset: str) -> Tuple[Optional[str], str]:
+        """ConvNet, and ConvNetD4 for Tiny ImageNet (64 x 64), as the reference's scripts distil."""
+        name = "ConvNetD4" if dataset.lower() in ("tiny", "tinyimagenet") else "ConvNet"
+        return name, cls.reference_model_source
+
     @classmethod
     def check_config(cls, cfg) -> None:
         """``--tesla_grad first_order`` needs ``--tesla``; ``--teacher_label`` is MTT's only (DATM

@@ -196,6 +196,7 @@ class NCFM(DistillMethod):
     """Neural characteristic function matching (module docstring) against a pool of
     ``train_original.py`` models, on multi-formation images."""
 
+    reference_model_source = NCFM_CONFIG + " (net_type ConvNet: depth 3, instance norm)"
     defaults = dict(ipc=10, iterations=20000, lr_img=0.01, batch_real=1024, batch_train=128, init="mix",
                     dsa_strategy="color_crop_flip_scale_rotate", eval_mode="S")
     init_choices = ("mix", "real", "noise")

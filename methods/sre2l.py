@@ -244,6 +244,7 @@ class SRe2L(DistillMethod):
     """SRe2L recovery (module docstring): ``--Iteration`` steps of Adam on noise images against a
     frozen teacher's cross-entropy and BatchNorm statistics; no real image is used."""
 
+    reference_model = None  # teacher-driven: the reference networks are ImageNet/CIFAR ResNets
     defaults = dict(ipc=10, iterations=4000, lr_img=0.25, init="noise", dsa_strategy="", eval_mode="S")
     options_type = SRe2LOptions
     options: SRe2LOptions

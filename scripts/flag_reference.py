@@ -116,7 +116,7 @@ def method_defaults() -> List[str]:
     from methods import runner
 
     flags = ("ipc", "Iteration", "lr_img", "lr_net", "batch_real", "batch_train", "init", "dsa_strategy")
-    columns = ("method", "`--ipc`", "`--Iteration`", "`--lr_img`", "`--lr_net`", "`--batch_real`", "`--batch_train`",
+    columns = ("method", "`--model`", "`--ipc`", "`--Iteration`", "`--lr_img`", "`--lr_net`", "`--batch_real`", "`--batch_train`",
                "`--init`", "`--dsa_strategy`", "`--num_exp`", "`--num_eval`", "`--eval_it`", "evaluation pool",
                "evaluation epochs (augmented / plain)", "label loss")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -127,7 +127,7 @@ def method_defaults() -> List[str]:
         refused = set(getattr(method_class, "unused_flags", ()))
         resolved = (cfg.ipc, cfg.iterations, cfg.lr_img, cfg.lr_net, cfg.batch_real, cfg.batch_train, cfg.init,
                     cfg.dsa_strategy or "none")
-        values = (name, *("refused" if flag in refused else value for flag, value in zip(flags, resolved)),
+        values = (name, cfg.model, *("refused" if flag in refused else value for flag, value in zip(flags, resolved)),
                   opts.num_exp, opts.num_eval, opts.eval_it, " ".join(opts.eval_models),
                   f"{protocol.epochs_augmented} / {protocol.epochs_plain}", protocol.label_loss)
         lines.append("| " + " | ".join(cell(value) for value in values) + " |")
@@ -146,7 +146,7 @@ def render() -> str:
         lines += stage_section(script, summary)
     lines += ["## Defaults per method", "",
               "What `distill.py --method M` resolves the method-dependent flags to when they are left out (the",
-              "reference scripts' defaults; `--dataset` CIFAR10, `--model` ConvNet). A flag given on the command",
+              "reference scripts' defaults, the network included; `--dataset` CIFAR10). A flag given on the command",
               "line, or in a `--config` file, replaces the value; \"refused\": the method does not use the flag and",
               "refuses it.", ""]
     lines += method_defaults()

@@ -268,6 +268,15 @@ def test_defaults_leave_protocol_records_and_accuracies_unchanged(monkeypatch):
     assert after == before and teacher.inputs == []  # hard labels: the teacher is not asked
 
 
+def test_a_soft_regime_records_its_loss_and_temperature_even_at_their_defaults():
+    soft = evaluation.EvalProtocol(labels="soft").resolve("FashionMNIST", "ConvNet", "ConvNet", 1).describe()
+    assert (soft["label_regime"], soft["label_loss"], soft["soft_loss"], soft["temperature"]) == ("soft", "kl", "kl", 20.0)
+    mse = evaluation.EvalProtocol(labels="teacher", soft_loss="mse_gt").resolve(
+        "FashionMNIST", "ConvNet", "ConvNet", 1).describe()
+    assert mse["label_loss"] == "mse_gt" and mse["mse_gt_weight"] == 0.1 and "temperature" not in mse
+    assert "soft_loss" not in evaluation.EvalProtocol().resolve("FashionMNIST", "ConvNet", "ConvNet", 1).describe()
+
+
 def test_flags_reach_both_protocols():
     args = evaluate_flags.build_parser().parse_args(["--syn_path", "x.pt", "--labels", "teacher", "--mix_type", "cutmix",
                                                      "--optimizer", "adamw", "--soft_t2"])
