@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+import methods
 from conftest import ROOT, check_stage_command
 
 PY_SCRIPTS = sorted(p for p in glob.glob(os.path.join(ROOT, "scripts", "*.py")) if not p.endswith("__init__.py"))
@@ -163,3 +164,48 @@ def test_soft_label_table_dry_run_evaluates_every_set_under_three_regimes(tmp_pa
             assert regimes == ["hard", "soft", "teacher"] and "--random_baseline" in argv
             assert argv[argv.index("--optimizer") + 1] == "adamw" and "--teacher_model" in argv
     assert not list(tmp_path.glob("*/results.json"))  # a dry run trains nothing
+
+
+def test_defaults_sweep_dry_run_runs_every_method_with_defaults_and_replays_each_protocol(tmp_path, monkeypatch):
+    commands = stage_commands(dry_run("defaults_sweep.sh", tmp_path))
+    monkeypatch.chdir(ROOT)
+    for stage, argv in commands:
+        check_stage_command(stage, argv)
+    distilled = [argv[argv.index("--method") + 1] for stage, argv in commands if stage == "distill"]
+    registered = set(methods.list_methods()) - {"random", "herding", "kcenter", "forgetting"}
+    assert sorted(distilled) == sorted(registered)  # every distillation method, once
+    shared = {"--lr_img", "--lr_net", "--batch_real", "--batch_train", "--init", "--dsa_strategy", "--model",
+              "--zca", "--syn_steps", "--expert_lr", "--lr_teacher"}
+    for stage, argv in commands:
+        if stage == "distill":  # defaults: no shared hyper-parameter is given
+            assert not shared & set(argv), argv
+        if stage == "evaluate":  # the recorded protocol: no protocol flag
+            assert "--random_baseline" in argv and "--syn_path" in argv
+            assert not {"--epoch_eval_train", "--dsa_strategy", "--optimizer", "--lr_net", "--labels"} & set(argv)
+    evaluated = [argv for stage, argv in commands if stage == "evaluate"]
+    assert len(evaluated) == len(distilled)
+    assert [a for a in evaluated if "--norm_stats" in a] == [a for a in evaluated if "KIP_ipc1" in " ".join(a)]
+    assert not list(tmp_path.glob("*/results.json"))  # a dry run trains nothing
+
+
+def test_defaults_table_reads_each_eval_and_says_whether_the_set_beats_random(tmp_path, capsys):
+    from scripts import defaults_table
+
+    def result(mean, std):
+        return {"mean": mean, "std": std, "accs": [mean - std, mean + std],
+                "protocol": {"epochs": 300, "optimizer": "SGD", "augmentation": "none", "lr": 0.01}}
+
+    for name, (syn, rand) in {"DC_ipc1": ((0.60, 0.01), (0.50, 0.02)), "DM_ipc1": ((0.51, 0.01), (0.50, 0.02)),
+                              "FRePo_ipc1": ((0.36, 0.01), (0.52, 0.01))}.items():
+        run = tmp_path / name
+        run.mkdir()
+        rows = [{"kind": "synthetic", "method": name.split("_")[0], "labels": "hard", "augmented": True,
+                 "results": {"ConvNet": result(*syn)}},
+                {"kind": "random", "labels": "hard", "augmented": True, "results": {"ConvNet": result(*rand)}}]
+        (run / "eval.json").write_text(json.dumps({"comparison": {"models": ["ConvNet"], "rows": rows}}))
+        (run / "results.json").write_text(json.dumps({"config": {"iterations": 20}}))
+    assert defaults_table.main([str(tmp_path)]) == 0
+    lines = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert "above random" in lines["DC"] and "+10.00" in lines["DC"] and "60.00 ± 1.00" in lines["DC"]
+    assert "within noise" in lines["DM"] and "below random" in lines["FRePo"] and "-16.00" in lines["FRePo"]
+    assert defaults_table.main([str(tmp_path / "missing")]) == 1

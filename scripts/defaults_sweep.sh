@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# The defaults sweep of docs/results.md: every distillation method with its defaults (only the
+# dataset, ipc and a CPU-sized --Iteration given, plus the files a method cannot run without: a
+# teacher, a model pool, expert trajectories) on Fashion-MNIST, then each set evaluated with
+# evaluate.py under the protocol recorded with it, beside ipc random real images per class under
+# that same protocol. A table of every row: python3 scripts/defaults_table.py $OUT.
+#
+#   bash scripts/defaults_sweep.sh                    # every method at ipc 1
+#   METHODS="DC DM FRePo" bash scripts/defaults_sweep.sh
+#   DRY_RUN=1 bash scripts/defaults_sweep.sh          # print the commands not run yet, run nothing
+#
+# Finished steps are skipped on a re-run (a run directory with results.json, an eval.json).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then
+  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+  exit 0
+fi
+
+OUT=${OUT:-result/defaults_sweep}
+IPC=${IPC:-1}
+NUM_EVAL=${NUM_EVAL:-2}
+SEED=${SEED:-0}
+THREADS=${THREADS:-2}
+METHODS=${METHODS:-DC DSA DM DataDAM CAFE NCFM MTT DATM PAD DD KIP FRePo RaT-BPTT SRe2L CDA RDED}
+# Prerequisites, trained here when missing (CPU-sized; the references use far larger ones).
+TEACHER_DIR=${TEACHER_DIR:-$OUT/teachers}   # SRe2L, CDA, RDED: a train_original.py ConvNetBN
+TEACHER_EPOCHS=${TEACHER_EPOCHS:-1}
+POOL_DIR=${POOL_DIR:-$OUT/pool}             # NCFM: train_original.py ConvNets (reference: 20 of 60 epochs)
+POOL=${POOL:-3}
+POOL_EPOCHS=${POOL_EPOCHS:-1}
+BUFFER_DIR=${BUFFER_DIR:-$OUT/buffers}      # MTT, DATM, PAD: buffer.py experts (reference: 100 of 50 epochs)
+EXPERTS=${EXPERTS:-1}
+EXPERT_EPOCHS=${EXPERT_EPOCHS:-3}
+mkdir -p "$OUT"
+
+iterations() {  # method: the CPU-sized --Iteration of its row (each row a few minutes on 2 cores)
+  case $1 in
+    DC|DSA) echo 20 ;;
+    CAFE|NCFM|RaT-BPTT) echo 20 ;;
+    MTT|DATM|PAD) echo 50 ;;
+    DM|DataDAM|FRePo|KIP) echo 100 ;;
+    DD) echo 300 ;;
+    SRe2L|CDA) echo 1000 ;;
+    RDED) echo - ;;  # a selection: no iterations (--Iteration is refused)
+    *) echo "no iteration budget for --method $1" >&2; exit 2 ;;
+  esac
+}
+
+prerequisites() {  # method: sets EXTRA to the flags of the files it needs (trained here when missing)
+  case $1 in
+    SRe2L|CDA|RDED)
+      [ -f "$TEACHER_DIR/FashionMNIST/original/ConvNetBN/summary.json" ] || run python3 train_original.py \
+        --dataset FashionMNIST --model ConvNetBN --num 1 --epochs "$TEACHER_EPOCHS" --save_path "$TEACHER_DIR" \
+        --seed "$SEED" --threads "$THREADS"
+      EXTRA="--teacher_model ConvNetBN --teacher_dir $TEACHER_DIR" ;;
+    NCFM)
+      [ -f "$POOL_DIR/FashionMNIST/original/ConvNet/summary.json" ] || run python3 train_original.py \
+        --dataset FashionMNIST --model ConvNet --num "$POOL" --epochs "$POOL_EPOCHS" --save_path "$POOL_DIR" \
+        --seed "$SEED" --threads "$THREADS"
+      EXTRA="--pretrain_dir $POOL_DIR --num_premodel $POOL" ;;
+    MTT|DATM|PAD)
+      [ -d "$BUFFER_DIR/FashionMNIST" ] || run python3 buffer.py --dataset FashionMNIST --model ConvNet \
+        --num_experts "$EXPERTS" --train_epochs "$EXPERT_EPOCHS" --buffer_path "$BUFFER_DIR" \
+        --seed "$SEED" --threads "$THREADS"
+      # The experts have EXPERT_EPOCHS epochs: start epochs (reference up to 25) must leave room
+      # for the expert epochs matched, so both are cut to what the experts hold.
+      local start=$(( EXPERT_EPOCHS - 2 ))
+      local window="--buffer_path $BUFFER_DIR --expert_epochs 2 --max_start_epoch $start"
+      [ "$1" = MTT ] || window="$window --current_max_start_epoch $start"
+      EXTRA=$window ;;
+    *) EXTRA="" ;;
+  esac
+}
+
+run() {  # a command, or (DRY_RUN=1) the command printed
+  if [ -n "${DRY_RUN:-}" ]; then printf '+'; printf ' %q' "$@"; echo; else "$@"; fi
+}
+
+timed() {  # name command...: runs it, appends "name seconds" to $OUT/times.txt
+  local name=$1 start; shift
+  start=$(date +%s)
+  run "$@"
+  [ -n "${DRY_RUN:-}" ] || echo "$name $(( $(date +%s) - start ))" >> "$OUT/times.txt"
+}
+
+for method in $METHODS; do
+  dir="$OUT/${method}_ipc$IPC"
+  iters=$(iterations "$method")
+  prerequisites "$method"
+  if [ ! -f "$dir/results.json" ]; then
+    # shellcheck disable=SC2086  # $EXTRA: flags, split on purpose
+    iteration=()
+    [ "$iters" = - ] || iteration=(--Iteration "$iters")
+    timed "distill_$method" python3 distill.py --method "$method" --dataset FashionMNIST --ipc "$IPC" \
+      "${iteration[@]}" --num_exp 1 --num_eval 0 --seed "$SEED" --threads "$THREADS" --run_dir "$dir" \
+      --resume $EXTRA
+  fi
+  if [ ! -f "$dir/eval.json" ]; then
+    # No protocol flag: evaluate.py replays the one recorded with the set, for the set and the random
+    # rows. KIP's sets are normalised with the training images' own mean/std (the colab's), which the
+    # test set must share: evaluate.py refuses them without --norm_stats train.
+    norm=()
+    [ "$method" != KIP ] || norm=(--norm_stats train)
+    timed "evaluate_$method" python3 evaluate.py --dataset FashionMNIST --syn_path "$dir" --random_baseline \
+      --num_eval "$NUM_EVAL" --seed "$SEED" --threads "$THREADS" "${norm[@]}" --out "$dir/eval.json"
+  fi
+done
+[ -n "${DRY_RUN:-}" ] || python3 scripts/defaults_table.py "$OUT"
