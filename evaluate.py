@@ -39,6 +39,7 @@ def main(argv=None) -> int:
         paths = files.expand_syn_paths(args.syn_path or [])
         if args.assess and len(paths) != 1:
             raise utils.UserError(f"--assess takes one synthetic set (--syn_path), got {len(paths)}")
+        args = flags.adopt_recorded_data_flags(args, paths)  # --zca / --norm_stats as the sets record them
         stage = open_stage(args, quiet=True)  # torchrun: rank 0 prints the table and writes --out
         device, amp = stage.device, stage.precision
         record = cli.load_record(args)

@@ -150,7 +150,7 @@ def reference_model(given: Optional[str], method_class, method: str, dataset: st
     """``(model, note)``: the ``--model`` to distil with, ``given`` or else the method's reference
     network for ``dataset`` (``DistillMethod.reference_network``; ConvNet where the reference names
     none), and, when a given network differs from the reference's, one line naming both ("" else;
-    printed by :func:`resolve` once every flag is valid).
+    printed on stdout by :func:`resolve` once every flag is valid).
 
     Args:
         given: ``--model`` as given, or None when left out.
@@ -251,8 +251,8 @@ def resolve(args: argparse.Namespace):
                       run_dir=run_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
                       save_vis=args.vis, save_every=args.save_every, select_on=args.select_on,
                       val_per_class=args.val_per_class, **eval_options.eval_option_values(args))
-    if model_note:
-        print(model_note, file=sys.stderr)
+    if model_note:  # on stdout: a note, not an error (a user mistake stays one line on stderr)
+        print(model_note)
     return cfg, opts
 
 

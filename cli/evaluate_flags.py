@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import sys
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import augment
@@ -85,7 +86,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     evaluate_regimes.add_regime_args(parser)
     addons.add_eval_args(parser)  # every registered add-on's own evaluate.py flags (feature labels: --lbd)
     eval_options.add_eval_option_args(parser, saved_default=True)
-    cli.add_data_args(parser)
+    cli.add_data_args(parser, zca_default="the set's record")
     cli.add_runtime_args(parser)
     cli.add_amp_arg(parser)
     parser.add_argument("--assess", action="store_true",
@@ -289,6 +290,50 @@ def load_set(path: str, args: argparse.Namespace, record) -> Tuple[SavedSet, Lis
                        "--lr_path %s", path, protocol.lr, files.lr_file_beside(images) or "lr_best.pt")
     check_normalization(path, saved.meta, record)
     return saved, experiments, protocol
+
+
+def adopt_recorded_data_flags(args: argparse.Namespace, paths: Sequence[str]) -> argparse.Namespace:
+    """``args`` with the data flags left out taken from what the sets record, so that a set is tested
+    on images preprocessed as it was distilled without the user repeating the flags: ``--zca`` (on
+    when every set was distilled on whitened images, else off), ``--norm_stats train`` (the KIP
+    colab's own-statistics normalisation) and ``--cifar100_stats cifar10`` when every set records
+    it (``meta['normalize_like']``). A flag given is kept (:func:`check_normalization` then refuses a
+    set that disagrees). One line names what was taken. Files without a ``meta`` record (the
+    references' ``res_*.pt``, logged directories) decide nothing.
+
+    Args:
+        args: the parsed flags (``--zca`` None when left out); paths: the expanded ``--syn_path`` files.
+
+    """
+    metas = []
+    for path in paths:
+        if not os.path.isfile(path):
+            continue
+        try:
+            meta = files.load_results(path).get("meta")
+        except utils.UserError:  # a bare tensor file, or one load_set reports in its own words
+            continue
+        if isinstance(meta, dict) and "zca" in meta:
+            metas.append(meta)
+    values, taken = dict(vars(args)), []
+    if args.zca is None:
+        values["zca"] = bool(metas) and all(meta.get("zca") for meta in metas)
+        if values["zca"]:
+            taken.append("--zca")
+    likes = {meta.get("normalize_like") for meta in metas if "normalize_like" in meta}
+    if len(likes) == 1 and not values["zca"]:
+        like = likes.pop()
+        from data import TRAIN_STATS
+
+        if like == TRAIN_STATS and args.norm_stats is None:
+            values["norm_stats"] = "train"
+            taken.append("--norm_stats train")
+        elif like == "CIFAR10" and args.cifar100_stats is None and args.dataset.lower() == "cifar100":
+            values["cifar100_stats"] = "cifar10"
+            taken.append("--cifar100_stats cifar10")
+    if taken:
+        print(f"data: {' '.join(taken)} as the set(s) record", file=sys.stderr)
+    return argparse.Namespace(**values)
 
 
 def check_normalization(path: str, meta: dict, record) -> None:

@@ -184,7 +184,7 @@ class RaTBPTT(DistillMethod):
     ``--batch_real`` its ``--batch_size``, ``--ipc`` its ``--num_per_class``; ``--Iteration`` counts
     outer steps (the reference counts epochs of ``ceil(num_train / batch_size)`` steps)."""
 
-    reference_model_source = "fengyzpku/RaT-BPTT (ConvNet, DC's network)"
+    reference_model_source = "the RaT-BPTT paper's ConvNet (fengyzpku/RaT-BPTT; its --arch default is mnistnet)"
     defaults = dict(ipc=1, iterations=25000, lr_img=0.01, lr_net=0.01, batch_real=200, batch_train=256,
                     init="noise", dsa_strategy="", eval_mode="S")
     options_type = RaTBPTTOptions

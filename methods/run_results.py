@@ -98,6 +98,7 @@ class RunFiles:
                 "channel": record.channel, "im_size": list(record.im_size), "num_classes": record.num_classes,
                 "mean": list(record.mean), "std": list(record.std),
                 "zca": record.zca.state_dict() if getattr(record, "zca", None) is not None else None,
+                "normalize_like": cfg.normalize_like,
                 "dsa_strategy": self.protocol.dsa_strategy, "iterations": cfg.iterations, "seed": self.opts.seed,
                 "config": addons.config_record(cfg), "protocol": self.protocol.as_dict(),
                 "eval_protocols": list(self.method_class.eval_protocols(cfg))}

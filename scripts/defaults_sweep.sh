@@ -98,13 +98,10 @@ for method in $METHODS; do
       --resume $EXTRA
   fi
   if [ ! -f "$dir/eval.json" ]; then
-    # No protocol flag: evaluate.py replays the one recorded with the set, for the set and the random
-    # rows. KIP's sets are normalised with the training images' own mean/std (the colab's), which the
-    # test set must share: evaluate.py refuses them without --norm_stats train.
-    norm=()
-    [ "$method" != KIP ] || norm=(--norm_stats train)
+    # No protocol or data flag: evaluate.py replays the protocol recorded with the set, for the set and
+    # the random rows, and its preprocessing (--zca, KIP's --norm_stats train).
     timed "evaluate_$method" python3 evaluate.py --dataset FashionMNIST --syn_path "$dir" --random_baseline \
-      --num_eval "$NUM_EVAL" --seed "$SEED" --threads "$THREADS" "${norm[@]}" --out "$dir/eval.json"
+      --num_eval "$NUM_EVAL" --seed "$SEED" --threads "$THREADS" --out "$dir/eval.json"
   fi
 done
 [ -n "${DRY_RUN:-}" ] || python3 scripts/defaults_table.py "$OUT"

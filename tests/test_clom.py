@@ -87,7 +87,8 @@ def test_distill_flags_reach_the_config():
                           (["--alphas", "1", "--CLoM_distance", "cos"], "--CLoM_batch_size"),
                           (["--alphas", "1", "--model_num", "0"], "--model_num")):
         with pytest.raises(utils.UserError, match=message):
-            clom.CLoM.from_flags(vars(distill_flags.parse_args(["--dataset", "MNIST", *argv])))
+            # the flags as distill.py resolves them: --model left out is the method's network by then
+            clom.CLoM.from_flags({**vars(distill_flags.parse_args(["--dataset", "MNIST", *argv])), "model": "ConvNet"})
 
 
 # ----- loading ----------------------------------------------------------------------------------

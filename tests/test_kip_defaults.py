@@ -204,3 +204,31 @@ def test_evaluating_a_whitened_set_without_zca_or_the_reverse_is_refused():
     with pytest.raises(utils.UserError, match="leave --zca out"):
         evaluate_flags.check_normalization("SET", {**whitened, "zca": None}, dataclasses.replace(record, zca=object()))
     evaluate_flags.check_normalization("SET", {"mean": [0.0], "std": [1.0]}, record)  # no record: not checked
+
+
+def test_evaluate_takes_zca_and_norm_stats_from_the_sets_record_when_left_out(tmp_path, capsys):
+    from cli import evaluate_flags
+    from sets import files
+
+    def saved(name, **meta):
+        path = str(tmp_path / name)
+        files.save_results(path, [[torch.zeros(2, 1, 4, 4), torch.tensor([0, 1])]], {},
+                           meta={"mean": [0.5], "std": [0.5], **meta})
+        return path
+
+    parse = evaluate_flags.build_parser().parse_args
+    kip = saved("kip.pt", zca=None, normalize_like=data.TRAIN_STATS)
+    whitened = saved("frepo.pt", zca={"mean": torch.zeros(1)}, normalize_like=None)
+    plain = saved("dm.pt", zca=None, normalize_like=None)
+    args = evaluate_flags.adopt_recorded_data_flags(parse(["--syn_path", kip]), [kip])
+    assert (args.zca, args.norm_stats) == (False, "train") and "--norm_stats train" in capsys.readouterr().err
+    args = evaluate_flags.adopt_recorded_data_flags(parse(["--syn_path", whitened]), [whitened])
+    assert (args.zca, args.norm_stats) == (True, None) and "--zca" in capsys.readouterr().err
+    args = evaluate_flags.adopt_recorded_data_flags(parse(["--syn_path", plain]), [plain])
+    assert (args.zca, args.norm_stats) == (False, None) and capsys.readouterr().err == ""
+    # flags given win (check_normalization then refuses what disagrees); mixed sets decide nothing
+    args = evaluate_flags.adopt_recorded_data_flags(parse(["--syn_path", whitened, "--no-zca", "--norm_stats", "dc"]),
+                                                    [whitened, kip])
+    assert (args.zca, args.norm_stats) == (False, "dc")
+    args = evaluate_flags.adopt_recorded_data_flags(parse(["--syn_path", plain]), [whitened, plain, kip])
+    assert (args.zca, args.norm_stats) == (False, None)
