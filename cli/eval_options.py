@@ -36,9 +36,10 @@ def add_eval_option_args(parser: argparse.ArgumentParser, saved_default: bool = 
                             "on CPU, where it was measured faster). Same accuracies up to float rounding")
     group.add_argument("--label_loss", default=None,
                        help=f"how networks trained on a set fit its labels: {' or '.join(evaluation.LABEL_LOSSES)} "
-                            "(square loss on one-hot - 1/K, or on a set's learned real-valued labels); default: "
+                            "(mse: square loss averaged over the classes, mse_sum: summed over them; on one-hot - 1/K, "
+                            "or on a set's learned real-valued labels); default: "
                             + ("the protocol saved with the set" if saved_default else
-                               "the method's (KIP mse, every other cross_entropy)"))
+                               "the method's (KIP mse, FRePo mse_sum, every other cross_entropy)"))
     add_student_args(parser, saved_default)
 
 

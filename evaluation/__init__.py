@@ -10,7 +10,7 @@ hard, soft or teacher labels (:mod:`evaluation.student`) and relabel stores (:mo
 It knows no method and no command line: ``methods/``, ``sets/`` and ``cli/`` call it. The public
 names are importable from the package itself (``evaluation.evaluate_synset``).
 """
-from evaluation.protocol import (ADAMW_SCHEDULES, LABEL_LOSSES, LABEL_REGIMES, MIX_TYPES, SOFT_LOSSES, STACKED_EVAL_CHOICES,
+from evaluation.protocol import (ADAMW_SCHEDULES, LABEL_LOSSES, LABEL_REGIMES, MIX_TYPES, SOFT_LOSSES, SQUARE_LOSSES, STACKED_EVAL_CHOICES,
                                  STUDENT_AUGS, STUDENT_OPTIMIZERS, TTA_MODES, EvalConfig, EvalProtocol, EvalResult,
                                  StudentProtocol)
 from evaluation.training import (DETERMINISTIC_TEST_PASS, Augmenter, EvaluationStopped, Step, TrainingTerm,
@@ -27,7 +27,7 @@ from evaluation.formation import decode_zoom, mix_grid
 from evaluation.relabel import SoftLabelStore, relabel
 
 __all__ = [
-    "LABEL_LOSSES", "STACKED_EVAL_CHOICES", "TTA_MODES", "EvalConfig", "EvalProtocol", "EvalResult",
+    "LABEL_LOSSES", "SQUARE_LOSSES", "STACKED_EVAL_CHOICES", "TTA_MODES", "EvalConfig", "EvalProtocol", "EvalResult",
     "DETERMINISTIC_TEST_PASS", "Augmenter", "EvaluationStopped", "Step", "TrainingTerm", "accumulate_gradient",
     "centred_one_hot", "deterministic_algorithms", "has_batchnorm", "label_loss_sum", "make_augmenter",
     "regression_targets", "sgd_schedule", "sgd_step", "test_accuracy", "train_and_test", "train_epoch",

@@ -17,8 +17,12 @@ import numpy as np
 import augment
 from precision import FP32, Precision
 
-# How a network trained on a set is fitted to its labels (``EvalConfig.label_loss``, ``--label_loss``).
-LABEL_LOSSES = ("cross_entropy", "mse")
+# How a network trained on a set is fitted to its labels (``EvalConfig.label_loss``, ``--label_loss``):
+# cross-entropy, or a square loss on regression targets, averaged over the K outputs (``mse``, the
+# KIP colab's) or summed over them (``mse_sum``, FRePo's ``mean_squared_loss``).
+LABEL_LOSSES = ("cross_entropy", "mse", "mse_sum")
+# The label losses that fit (N, K) regression targets (evaluation.training.regression_targets).
+SQUARE_LOSSES = ("mse", "mse_sum")
 # Test-time augmentations (``--tta_mode``).
 TTA_MODES = ("hflip",)
 # ``--stacked_eval``: train the networks of one evaluation together, one at a time, or pick.

@@ -15,7 +15,7 @@ import distributed
 import networks
 from evaluation.formation import decode_zoom
 from evaluation.stacked import StackingUnsupported, check_stackable, train_and_test_stacked
-from evaluation.protocol import LABEL_LOSSES, EvalConfig, EvalResult
+from evaluation.protocol import LABEL_LOSSES, SQUARE_LOSSES, EvalConfig, EvalResult
 from evaluation.student import student_epochs
 from evaluation.training import (EvaluationStopped, TrainingTerm, deterministic_algorithms, regression_targets,
                                  test_accuracy, train_and_test)
@@ -154,7 +154,7 @@ def evaluate_synset(image_syn: torch.Tensor, label_syn: torch.Tensor, model: str
     if cfg.labels == "soft" and soft_store is None and not (label_syn.dim() == 2 and label_syn.is_floating_point()):
         raise ValueError(f"--labels soft needs a relabel store or (N, K) per-image teacher logits; got labels of shape "
                          f"{tuple(label_syn.shape)}")
-    if cfg.label_loss == "mse" and cfg.labels == "hard":
+    if cfg.label_loss in SQUARE_LOSSES and cfg.labels == "hard":
         if term is not None:
             raise ValueError("a training term (feature labels) trains with cross-entropy; it cannot use --label_loss mse")
         labels = regression_targets(labels, num_classes)

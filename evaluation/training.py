@@ -62,7 +62,7 @@ def centred_one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def regression_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """What the ``mse`` label loss fits: class indices (N,) become :func:`centred_one_hot` (N, K);
+    """What the square label losses (``mse``, ``mse_sum``) fit: class indices (N,) become :func:`centred_one_hot` (N, K);
     real-valued (N, K) labels (learned by kernel ridge regression, KIP) are used as they are.
 
     Raises:
@@ -79,11 +79,13 @@ def label_loss_sum(logits: torch.Tensor, labels: torch.Tensor, label_loss: str =
     """The summed (not averaged) training loss of a batch.
 
     ``cross_entropy``: ``sum_i CE(logits_i, y_i)`` with class indices or (B, K) probabilities.
-    ``mse``: ``sum_i 0.5 * ||logits_i - y_i||^2`` against (B, K) regression targets
-    (:func:`regression_targets`): the square loss the KIP paper's finite networks were trained with
-    (google-research ``kip/nn_training.ipynb`` ``loss_type='mse'``, whose ``0.5 * mean`` also
-    averages over the K outputs; summing over them keeps the gradient's scale near the
-    cross-entropy's, so the same ``--lr_net`` fits both).
+    ``mse``: ``sum_i 0.5 * mean_k (logits_ik - y_ik)^2`` against (B, K) regression targets
+    (:func:`regression_targets`): the square loss the KIP papers' finite networks were trained with
+    (google-research ``kip/nn_training.ipynb`` ``loss_type='mse'``, ``0.5 * mean`` over the batch
+    and the K outputs; the caller divides by B).
+    ``mse_sum``: ``sum_i 0.5 * ||logits_i - y_i||^2``, summed over the K outputs (FRePo
+    ``mean_squared_loss``). Its gradient is K times ``mse``'s: with SGD at lr 0.01 and momentum 0.9,
+    ConvNets fitting 10 images diverged on two of four seeds (docs/kernel-and-performance-matching.md).
 
     Args:
         logits: (B, K) network outputs.
@@ -96,6 +98,8 @@ def label_loss_sum(logits: torch.Tensor, labels: torch.Tensor, label_loss: str =
     if label_loss == "cross_entropy":
         return F.cross_entropy(logits, labels, reduction="sum")
     if label_loss == "mse":
+        return 0.5 * ((logits - labels) ** 2).mean(dim=1).sum()
+    if label_loss == "mse_sum":
         return 0.5 * ((logits - labels) ** 2).sum()
     raise ValueError(f"label loss {label_loss!r}: expected one of {', '.join(LABEL_LOSSES)}")
 

@@ -203,7 +203,8 @@ class DistillMethod:
     # Whose --eval_mode pools (networks.FAMILY_POOLS): "DC" or "MTT" (its M pool differs).
     pool_family: ClassVar[str] = "DC"
     # How networks trained on the set fit its labels when --label_loss is not given
-    # (evaluation.LABEL_LOSSES): cross-entropy, or mse for kernel methods whose labels are regression targets.
+    # (evaluation.LABEL_LOSSES): cross-entropy, or a square loss (mse, mse_sum) for kernel methods whose
+    # labels are regression targets.
     eval_label_loss: ClassVar[str] = "cross_entropy"
     # The evaluation protocol's fields this method sets beside the ones above (``evaluation.EvalProtocol``
     # field -> value; the decoupled family's label regime, student optimiser, views and mixing);

@@ -157,8 +157,8 @@ class FRePo(DistillMethod):
     The images and the learned labels share one LAMB optimiser (timm's ``Lamb`` set to optax's
     ``lamb``: no weight decay, trust ratio on every tensor, no gradient clipping) at ``--lr_img``
     with cosine decay to a tenth over ``--Iteration`` (FRePo ``proto_train_and_evaluate``).
-    Evaluation fits the learned real-valued labels by squared error (``eval_label_loss`` ``mse``,
-    FRePo ``script/eval.py`` ``loss='mse'``).
+    Evaluation fits the learned real-valued labels by squared error summed over the classes
+    (``eval_label_loss`` ``mse_sum``: FRePo ``script/eval.py`` ``loss='mse'``, ``mean_squared_loss``).
 
     Raises:
         utils.UserError: timm (LAMB) is not installed (at :meth:`init_synthetic`).
@@ -175,7 +175,7 @@ class FRePo(DistillMethod):
     # loss, so no (cross-entropy) training term.
     addon_hooks = frozenset({IMAGE_LOSS, AFTER_IMAGE_UPDATE})
     default_eval_it = 1000
-    eval_label_loss = "mse"
+    eval_label_loss = "mse_sum"
     run_counts = (1, 5)  # script/eval.py num_eval=5
     eval_epochs = (1000, 1000)  # script/eval.py: 1000 steps for 10 images (2000 for 100)
 
@@ -278,7 +278,7 @@ class FRePo(DistillMethod):
             index = index.to(syn.images.device)
             model.net.train()
             evaluation.sgd_step(model.net, syn.images.detach()[index], syn.label_values.detach()[index], model.optimizer,
-                           label_loss="mse", precision=self.precision)
+                           label_loss="mse_sum", precision=self.precision)
             model.age += 1
         self.current = self.draw_model()
 

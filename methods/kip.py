@@ -123,9 +123,9 @@ class KIP(DistillMethod):
 
     The support images (and learned labels) are stepped by one Adam(``--lr_img``) optimiser, as
     the colab's ``optimizers.adam(LEARNING_RATE)`` over ``{'x', 'y'}``. Networks evaluated on the
-    set fit its labels with the square loss (``--label_loss mse``: one_hot - 1/K, or the learned
-    labels as they are), as the KIP papers' finite networks were trained (``kip/nn_training.ipynb``
-    ``loss_type='mse'``).
+    set fit its labels with the square loss averaged over the classes (``--label_loss mse``:
+    one_hot - 1/K, or the learned labels as they are), as the KIP papers' finite networks were
+    trained (``kip/nn_training.ipynb`` ``loss_type='mse'``, ``0.5 * mean``).
     """
 
     # KIP.ipynb: SUPPORT_SIZE 100 (ipc 10 on 10 classes), LEARNING_RATE 4e-2, ~1000 steps, images

@@ -9,7 +9,9 @@
 #   METHODS="DC DM FRePo" bash scripts/defaults_sweep.sh
 #   DRY_RUN=1 bash scripts/defaults_sweep.sh          # print the commands not run yet, run nothing
 #
-# Finished steps are skipped on a re-run (a run directory with results.json, an eval.json).
+# Finished steps are skipped on a re-run (a run directory with results.json, an eval.json). A step
+# that fails is written to $OUT/failed.txt (method, step, exit status) and the sweep goes on; the
+# table shows it as a failed row.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -78,11 +80,17 @@ run() {  # a command, or (DRY_RUN=1) the command printed
   if [ -n "${DRY_RUN:-}" ]; then printf '+'; printf ' %q' "$@"; echo; else "$@"; fi
 }
 
-timed() {  # name command...: runs it, appends "name seconds" to $OUT/times.txt
-  local name=$1 start; shift
+timed() {  # name command...: runs it, appends "name seconds" to $OUT/times.txt; returns its status
+  local name=$1 start status=0; shift
   start=$(date +%s)
-  run "$@"
-  [ -n "${DRY_RUN:-}" ] || echo "$name $(( $(date +%s) - start ))" >> "$OUT/times.txt"
+  run "$@" || status=$?
+  [ -n "${DRY_RUN:-}" ] || [ "$status" -ne 0 ] || echo "$name $(( $(date +%s) - start ))" >> "$OUT/times.txt"
+  return "$status"
+}
+
+failed() {  # method step status: the step is recorded in $OUT/failed.txt (read by defaults_table.py)
+  echo "$1 $2 $3" >> "$OUT/failed.txt"
+  echo "defaults sweep: $2 of $1 failed (exit $3); going on" >&2
 }
 
 for method in $METHODS; do
@@ -95,13 +103,14 @@ for method in $METHODS; do
     [ "$iters" = - ] || iteration=(--Iteration "$iters")
     timed "distill_$method" python3 distill.py --method "$method" --dataset FashionMNIST --ipc "$IPC" \
       "${iteration[@]}" --num_exp 1 --num_eval 0 --seed "$SEED" --threads "$THREADS" --run_dir "$dir" \
-      --resume $EXTRA
+      --resume $EXTRA || { failed "$method" distill $?; continue; }
   fi
   if [ ! -f "$dir/eval.json" ]; then
     # No protocol or data flag: evaluate.py replays the protocol recorded with the set, for the set and
     # the random rows, and its preprocessing (--zca, KIP's --norm_stats train).
     timed "evaluate_$method" python3 evaluate.py --dataset FashionMNIST --syn_path "$dir" --random_baseline \
-      --num_eval "$NUM_EVAL" --seed "$SEED" --threads "$THREADS" --out "$dir/eval.json"
+      --num_eval "$NUM_EVAL" --seed "$SEED" --threads "$THREADS" --out "$dir/eval.json" \
+      || failed "$method" evaluate $?
   fi
 done
 [ -n "${DRY_RUN:-}" ] || python3 scripts/defaults_table.py "$OUT"

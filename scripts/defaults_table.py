@@ -5,7 +5,8 @@ under the protocol recorded with the set, and whether the set beats them.
 Reads every ``*/eval.json`` (``evaluate.py --random_baseline --out``) under the directory, with the
 ``results.json`` beside it (method, network, iterations). A row says "above random" when the set's
 mean accuracy exceeds the random rows' by more than the larger of the two standard deviations,
-"within noise" when the gap is smaller, and "below random" otherwise.
+"within noise" when the gap is smaller, and "below random" otherwise. A step the sweep recorded
+in ``failed.txt`` (``method step status`` lines) is a row of its own unless the method has a result.
 
     python3 scripts/defaults_table.py result/defaults_sweep           # Markdown on stdout
 """
@@ -77,12 +78,27 @@ def row_of(eval_path: str) -> Optional[List[str]]:
             verdict(result["mean"], result["std"], base["mean"], base["std"])]
 
 
+def failed_rows(directory: str, done: set) -> List[List[str]]:
+    """Rows for the steps ``failed.txt`` records, for methods without an ``eval.json`` row."""
+    path = os.path.join(directory, "failed.txt")
+    rows = []
+    if os.path.isfile(path):
+        with open(path) as handle:
+            for line in handle:
+                parts = line.split()
+                if len(parts) == 3 and parts[0] not in done:
+                    rows.append([parts[0], "–", "–", "–", "–", "–", "–", f"{parts[1]} failed (exit {parts[2]})"])
+                    done.add(parts[0])
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("directory", help="the sweep's OUT directory")
     args = parser.parse_args(argv)
     rows = [row for path in sorted(glob.glob(os.path.join(args.directory, "*", "eval.json")))
             if (row := row_of(path)) is not None]
+    rows += failed_rows(args.directory, {row[0] for row in rows})
     if not rows:
         print(f"error: no */eval.json under {args.directory}", file=sys.stderr)
         return 1

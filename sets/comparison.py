@@ -192,7 +192,7 @@ def evaluate_set_row(row: Row, experiments: Sequence[SetToEvaluate], models: Seq
     """
     protocol = dataclasses.replace(protocol, labels=row.labels)
     labels_kind = ("hard" if experiments[0].labels.dim() == 1 else
-                   "learned real-valued" if protocol.label_loss == "mse" else "soft")
+                   "learned real-valued" if protocol.label_loss in evaluation.SQUARE_LOSSES else "soft")
     learned_lr = [experiment.learned_lr for experiment in experiments if experiment.learned_lr is not None]
     for model_eval in models:
         accs, seconds, cfg, results, store_mb = [], 0.0, None, [], []

@@ -63,9 +63,9 @@ class SavedExperiment:
 
     def training_labels(self, label_loss: str = "cross_entropy") -> torch.Tensor:
         """The labels networks are trained on: hard labels as they are; (N, K) labels become
-        probabilities (softmax of the logits), except under the ``mse`` label loss
-        (``evaluation.LABEL_LOSSES``), where they are real-valued regression targets kept as saved."""
-        if self.labels.dim() == 1 or label_loss == "mse":
+        probabilities (softmax of the logits), except under a square label loss (``mse``, ``mse_sum``;
+        ``evaluation.SQUARE_LOSSES``), where they are real-valued regression targets kept as saved."""
+        if self.labels.dim() == 1 or label_loss in evaluation.SQUARE_LOSSES:
             return self.labels
         return torch.softmax(self.labels, dim=1)
 

@@ -131,8 +131,8 @@ def test_squared_error_evaluation_learns_real_valued_labels():
     record = tiny_record()
     images, labels = record.images_train, record.labels_train
     targets = centred_one_hot(labels, record.num_classes)
-    cfg = evaluation.EvalConfig(epochs=15, lr=0.01, batch_train=16, label_loss="mse")
-    assert cfg.describe()["label_loss"] == "mse"
+    cfg = evaluation.EvalConfig(epochs=15, lr=0.01, batch_train=16, label_loss="mse_sum")
+    assert cfg.describe()["label_loss"] == "mse_sum"
     net = networks.get_network("ConvNetW32", 1, 3, (8, 8))
     acc = evaluation.train_and_test(net, images, targets, record.images_test, record.labels_test, cfg,
                                utils.make_generator(0))
@@ -153,11 +153,11 @@ def test_distill_saves_real_valued_labels_and_evaluates_them_by_squared_error(tm
     assert code == 0
     results = json.loads((run_dir / "results.json").read_text())
     protocol = results["protocol"]["ConvNetW32"]
-    assert protocol["labels"] == "learned real-valued" and protocol["label_loss"] == "mse"
+    assert protocol["labels"] == "learned real-valued" and protocol["label_loss"] == "mse_sum"
     path = os.path.join(str(run_dir), files.result_filename("FRePo", "MNIST", "ConvNetW32", 2))
     labels = files.load_results(path)["data"][0][1]
     assert labels.shape == (6, 3) and labels.dtype == torch.float32 and labels.min() < 0
-    _, experiments = evaluate_flags.read_experiments(path, tiny_record(), dataset="MNIST", label_loss="mse")
+    _, experiments = evaluate_flags.read_experiments(path, tiny_record(), dataset="MNIST", label_loss="mse_sum")
     assert torch.equal(experiments[0].labels, labels)  # kept as values, not turned into probabilities
     _, experiments = evaluate_flags.read_experiments(path, tiny_record(), dataset="MNIST", label_loss="cross_entropy")
     assert torch.allclose(experiments[0].labels, torch.softmax(labels, dim=1))  # --label_loss cross_entropy: probabilities

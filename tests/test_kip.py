@@ -147,7 +147,10 @@ def test_mse_label_loss_trains_on_centred_one_hot_or_learned_labels():
     values = torch.randn(2, 3)
     assert torch.equal(evaluation.regression_targets(values, 3), values)
     logits = torch.zeros(2, 3, requires_grad=True)
-    assert torch.isclose(evaluation.label_loss_sum(logits, values, "mse"), 0.5 * (values ** 2).sum())
+    # mse: the KIP colab's 0.5 * mean over the K outputs (summed over the batch here; the caller
+    # divides by B); mse_sum: FRePo's sum over the outputs, K times larger.
+    assert torch.isclose(evaluation.label_loss_sum(logits, values, "mse"), 0.5 * (values ** 2).sum() / 3)
+    assert torch.isclose(evaluation.label_loss_sum(logits, values, "mse_sum"), 0.5 * (values ** 2).sum())
     with pytest.raises(ValueError, match="expected one of"):
         evaluation.label_loss_sum(logits, values, "hinge")
 
@@ -181,7 +184,7 @@ def test_kip_run_saves_learned_labels_and_evaluates_them_with_the_square_loss(tm
     (["--kernel", "rbf"], "--kernel 'rbf': expected one of fc_ntk, fc_nngp, conv_rf"),
     (["--reg", "-1"], "--reg must be >= 0.0"),
     (["--batch_real", "10"], "--batch_real 10: --method KIP does not use this flag"),
-    (["--label_loss", "hinge"], "--label_loss 'hinge': expected one of cross_entropy, mse"),
+    (["--label_loss", "hinge"], "--label_loss 'hinge': expected one of cross_entropy, mse, mse_sum"),
 ])
 def test_bad_kip_flag_is_one_line(tmp_path, monkeypatch, capsys, argv, needle):
     monkeypatch.setattr(data, "load_dataset", lambda *args, **kwargs: tiny_record())

@@ -42,6 +42,7 @@ def test_our_result_file_round_trips_with_its_record(tmp_path):
     assert experiment.learned_lr == pytest.approx(0.03) and experiment.schedule == schedule
     assert torch.allclose(experiment.training_labels("cross_entropy"), torch.softmax(logits, 1))
     assert torch.equal(experiment.training_labels("mse"), logits)  # real-valued targets stay as saved
+    assert torch.equal(experiment.training_labels("mse_sum"), logits)
     assert torch.equal(experiment.addons["feature_labels"], features)
     assert saved.addon_settings == {"feature_labels": {"lbd": 0.5, "layer_idx": 1}}
     # the add-on turns its raw entry into a training term in one call, with its saved settings

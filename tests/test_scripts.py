@@ -188,6 +188,34 @@ def test_defaults_sweep_dry_run_runs_every_method_with_defaults_and_replays_each
     assert not list(tmp_path.glob("*/results.json"))  # a dry run trains nothing
 
 
+def test_defaults_sweep_records_a_failed_step_and_goes_on(tmp_path):
+    # A stand-in python3 on PATH: distill.py of DC fails, every other stage writes what the sweep
+    # checks for; the table is made by the real interpreter.
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python3").write_text(f"""#!/usr/bin/env bash
+case "$*" in
+  *defaults_table.py*) exec {sys.executable} "$@" ;;
+  *distill.py*--method\\ DC\\ *) exit 5 ;;
+esac
+prev=""
+for a in "$@"; do
+  [ "$prev" = --run_dir ] && mkdir -p "$a" && echo {{}} > "$a/results.json"
+  [ "$prev" = --out ] && echo {{}} > "$a"
+  prev=$a
+done
+""")
+    (shim / "python3").chmod(0o755)
+    out = tmp_path / "sweep"
+    done = subprocess.run(["bash", os.path.join(ROOT, "scripts", "defaults_sweep.sh")], capture_output=True, text=True,
+                          env={**os.environ, "OUT": str(out), "METHODS": "DC DM", "PATH": f"{shim}:{os.environ['PATH']}"},
+                          timeout=120, cwd=ROOT)
+    assert "distill of DC failed (exit 5); going on" in done.stderr, done.stderr[-2000:]
+    assert (out / "failed.txt").read_text().split() == ["DC", "distill", "5"]
+    assert (out / "DM_ipc1" / "eval.json").is_file()  # the sweep went on to DM
+    assert "DC" in done.stdout and "distill failed (exit 5)" in done.stdout
+
+
 def test_defaults_table_reads_each_eval_and_says_whether_the_set_beats_random(tmp_path, capsys):
     from scripts import defaults_table
 
@@ -204,8 +232,11 @@ def test_defaults_table_reads_each_eval_and_says_whether_the_set_beats_random(tm
                 {"kind": "random", "labels": "hard", "augmented": True, "results": {"ConvNet": result(*rand)}}]
         (run / "eval.json").write_text(json.dumps({"comparison": {"models": ["ConvNet"], "rows": rows}}))
         (run / "results.json").write_text(json.dumps({"config": {"iterations": 20}}))
+    # failed.txt: a method without a result gets a row saying which step failed; one with a result keeps it.
+    (tmp_path / "failed.txt").write_text("KIP evaluate 3\nDC distill 1\n")
     assert defaults_table.main([str(tmp_path)]) == 0
     lines = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert "evaluate failed (exit 3)" in lines["KIP"] and "failed" not in lines["DC"]
     assert "above random" in lines["DC"] and "+10.00" in lines["DC"] and "60.00 ± 1.00" in lines["DC"]
     assert "within noise" in lines["DM"] and "below random" in lines["FRePo"] and "-16.00" in lines["FRePo"]
     assert defaults_table.main([str(tmp_path / "missing")]) == 1
