@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -47,6 +47,24 @@ logger = logging.getLogger(__name__)
 SRE2L_REFERENCE = "VILA-Lab/SRe2L SRe2L/recover/data_synthesis.py"
 SRE2L_SCRIPT = "VILA-Lab/SRe2L SRe2L/recover/recover.sh"
 CDA_REFERENCE = "VILA-Lab/SRe2L CDA/recover_cda_in1k.py"
+SRE2L_SMALL = "VILA-Lab/SRe2L SRe2L/*small_dataset/recover_cifar.py and recover_cifar.sh"
+# Datasets of at most 32 pixels a side: SRe2L recovers them as its CIFAR code does (SRE2L_SMALL).
+SMALL_DATASETS = ("mnist", "fashionmnist", "svhn", "cifar10", "cifar100")
+
+
+def sre2l_dataset_defaults(dataset: str) -> Dict[str, Any]:
+    """SRe2L's settings for images of at most 32 pixels (``SRe2L/*small_dataset/recover_cifar.py``:
+    ``--jitter`` default 4; ``recover_cifar.sh``: ``--iteration 1000``) on MNIST, Fashion-MNIST,
+    SVHN, CIFAR-10 and CIFAR-100; none for larger images (ImageNet's ``recover.sh``: jitter 32,
+    4000 iterations, the class defaults).
+
+    Args:
+        dataset: a ``--dataset`` name in any case.
+
+    Returns:
+        ``{'jitter': 4, 'Iteration': 1000}`` or ``{}``.
+    """
+    return {"jitter": 4, "Iteration": 1000} if dataset.lower() in SMALL_DATASETS else {}
 CDA_README = "VILA-Lab/SRe2L CDA/README.md (recover commands)"
 EASY2HARD_MODES = ("cosine", "linear", "step")
 
@@ -224,7 +242,8 @@ class SRe2LOptions(MethodOptions):
     first_bn_multiplier: float = option(10.0, "SRe2L/CDA: multiplier of the first BatchNorm layer's term",
                                         minimum=0.0, source=SRE2L_REFERENCE)
     jitter: int = option(32, "SRe2L/CDA: random shift (torch.roll) of 0..jitter pixels each step (the reference's "
-                         "32 is for 224 px)", minimum=0, source=SRE2L_REFERENCE)
+                         "32 for 224 px; its CIFAR code's 4 on datasets of at most 32 px)", minimum=0,
+                         source=SRE2L_REFERENCE)
     batch_size: int = option(100, "SRe2L/CDA: classes optimised together in one batch (one image each); the "
                              "BatchNorm statistics span the batch", minimum=1, source=SRE2L_REFERENCE)
 
@@ -261,6 +280,12 @@ class SRe2L(DistillMethod):
     # SRe2L validate/train_FKD.py trains the student 300 epochs (ImageNet-1K).
     eval_epochs = (300, 300)
     eval_student_defaults = SOFT_LABEL_PROTOCOL
+
+    @classmethod
+    def resolved_defaults(cls, dataset: str, ipc: int, given: Mapping[str, Any]) -> Mapping[str, Any]:
+        """:func:`sre2l_dataset_defaults` (``--jitter`` and ``--Iteration`` of the CIFAR code on
+        datasets of at most 32 px) for the flags left out."""
+        return sre2l_dataset_defaults(dataset)
 
     def __init__(self, cfg: DistillConfig, **kwargs):
         super().__init__(cfg, **kwargs)

@@ -57,16 +57,19 @@ def row_of(eval_path: str) -> Optional[List[str]]:
     synthetic = [r for r in rows if r.get("kind") == "synthetic" and r.get("augmented", True)]
     if not synthetic or model is None:
         return None
-    own = synthetic[0]
-    randoms = [r for r in rows if r.get("kind") == "random" and r.get("labels") == own.get("labels")
-               and r.get("augmented", True) == own.get("augmented", True)]
-    result = own["results"][model]
     results_path = os.path.join(os.path.dirname(eval_path), "results.json")
-    iterations = "?"
+    run = {}
     if os.path.isfile(results_path):
         with open(results_path) as handle:
             run = json.load(handle)
-        iterations = str((run.get("config") or {}).get("iterations", run.get("iterations", "?")))
+    # The row of the method's own label regime (SRe2L, CDA, RDED: soft), recorded with its protocol.
+    regime = next((p.get("label_regime") for p in (run.get("protocol") or {}).values() if p.get("label_regime")),
+                  "hard")
+    own = next((r for r in synthetic if r.get("labels") == regime), synthetic[0])
+    randoms = [r for r in rows if r.get("kind") == "random" and r.get("labels") == own.get("labels")
+               and r.get("augmented", True) == own.get("augmented", True)]
+    result = own["results"][model]
+    iterations = str((run.get("config") or {}).get("iterations", run.get("iterations", "?")))
     set_cell = f"{100 * result['mean']:.2f} ± {100 * result['std']:.2f}"
     if not randoms:
         return [own.get("method", "?"), model, iterations, protocol_text(result.get("protocol") or {}),

@@ -42,3 +42,16 @@ def test_the_note_never_joins_a_refusal(capsys):
         resolved(capsys, "--method", "FRePo", "--model", "ConvNet", "--label_loss", "hinge")
     captured = capsys.readouterr()
     assert "note:" not in captured.out + captured.err
+
+
+@pytest.mark.parametrize("method", ["SRe2L", "CDA"])
+def test_sre2l_on_small_images_takes_the_cifar_codes_jitter_and_iterations(capsys, method):
+    # SRe2L/*small_dataset/recover_cifar.py (--jitter 4) and recover_cifar.sh (--iteration 1000)
+    # on datasets of at most 32 px; ImageNet-size data keeps recover.sh's 32 and 4000.
+    teacher = ["--teacher_model", "ConvNetBN"]
+    cfg, _, _ = resolved(capsys, "--method", method, *teacher)
+    assert cfg.iterations == 1000 and cfg.extra["jitter"] == 4
+    cfg, _, _ = resolved(capsys, "--method", method, "--dataset", "ImageNette", *teacher)
+    assert cfg.iterations == 4000 and cfg.extra.get("jitter", 32) == 32
+    cfg, _, _ = resolved(capsys, "--method", method, "--jitter", "8", "--Iteration", "50", *teacher)  # given wins
+    assert cfg.iterations == 50 and cfg.extra["jitter"] == 8

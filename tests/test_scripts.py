@@ -232,11 +232,22 @@ def test_defaults_table_reads_each_eval_and_says_whether_the_set_beats_random(tm
                 {"kind": "random", "labels": "hard", "augmented": True, "results": {"ConvNet": result(*rand)}}]
         (run / "eval.json").write_text(json.dumps({"comparison": {"models": ["ConvNet"], "rows": rows}}))
         (run / "results.json").write_text(json.dumps({"config": {"iterations": 20}}))
+    # A soft-label method: its row is the one of the label regime recorded with its protocol.
+    run = tmp_path / "SRe2L_ipc1"
+    run.mkdir()
+    rows = [{"kind": kind, "method": "SRe2L", "labels": labels, "augmented": True,
+             "results": {"ConvNet": result(mean, 0.01)}}
+            for kind, labels, mean in [("synthetic", "hard", 0.13), ("synthetic", "soft", 0.70),
+                                       ("random", "hard", 0.50), ("random", "soft", 0.65)]]
+    (run / "eval.json").write_text(json.dumps({"comparison": {"models": ["ConvNet"], "rows": rows}}))
+    (run / "results.json").write_text(json.dumps({"config": {"iterations": 1000},
+                                                  "protocol": {"ConvNet": {"label_regime": "soft"}}}))
     # failed.txt: a method without a result gets a row saying which step failed; one with a result keeps it.
     (tmp_path / "failed.txt").write_text("KIP evaluate 3\nDC distill 1\n")
     assert defaults_table.main([str(tmp_path)]) == 0
     lines = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines()[2:]}
     assert "evaluate failed (exit 3)" in lines["KIP"] and "failed" not in lines["DC"]
+    assert "70.00 ± 1.00" in lines["SRe2L"] and "+5.00" in lines["SRe2L"] and "above random" in lines["SRe2L"]
     assert "above random" in lines["DC"] and "+10.00" in lines["DC"] and "60.00 ± 1.00" in lines["DC"]
     assert "within noise" in lines["DM"] and "below random" in lines["FRePo"] and "-16.00" in lines["FRePo"]
     assert defaults_table.main([str(tmp_path / "missing")]) == 1
