@@ -7,6 +7,7 @@
 #
 #   bash scripts/defaults_sweep.sh                    # every method at ipc 1
 #   METHODS="DC DM FRePo" bash scripts/defaults_sweep.sh
+#   ITERS="DD:3000 RaT-BPTT:200" bash scripts/defaults_sweep.sh   # other --Iteration budgets
 #   DRY_RUN=1 bash scripts/defaults_sweep.sh          # print the commands not run yet, run nothing
 #
 # Finished steps are skipped on a re-run (a run directory with results.json, an eval.json). A step
@@ -16,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then
-  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 
@@ -38,6 +39,10 @@ EXPERT_EPOCHS=${EXPERT_EPOCHS:-3}
 mkdir -p "$OUT"
 
 iterations() {  # method: the CPU-sized --Iteration of its row (each row a few minutes on 2 cores)
+  local pair
+  for pair in ${ITERS:-}; do  # METHOD:N pairs given in the environment win
+    if [ "${pair%%:*}" = "$1" ]; then echo "${pair#*:}"; return; fi
+  done
   case $1 in
     DC|DSA) echo 20 ;;
     CAFE|NCFM|RaT-BPTT) echo 20 ;;

@@ -188,6 +188,15 @@ def test_defaults_sweep_dry_run_runs_every_method_with_defaults_and_replays_each
     assert not list(tmp_path.glob("*/results.json"))  # a dry run trains nothing
 
 
+def test_defaults_sweep_iters_sets_a_methods_budget(tmp_path):
+    done = subprocess.run(["bash", os.path.join(ROOT, "scripts", "defaults_sweep.sh")], capture_output=True, text=True,
+                          env={**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path), "METHODS": "DD DC",
+                               "ITERS": "DD:3000 RaT-BPTT:200"}, timeout=120, cwd=ROOT)
+    budgets = {argv[argv.index("--method") + 1]: argv[argv.index("--Iteration") + 1]
+               for stage, argv in stage_commands(done.stdout) if stage == "distill"}
+    assert budgets == {"DD": "3000", "DC": "20"}
+
+
 def test_defaults_sweep_records_a_failed_step_and_goes_on(tmp_path):
     # A stand-in python3 on PATH: distill.py of DC fails, every other stage writes what the sweep
     # checks for; the table is made by the real interpreter.
