@@ -190,11 +190,26 @@ def load_record(args: argparse.Namespace, device=None, cifar100_stats_default: s
         raise
 
 
+class NoFollowFileHandler(logging.FileHandler):
+    """A ``logging.FileHandler`` (append) that never opens its file through a symbolic link
+    (``O_NOFOLLOW``): a link planted at a run's ``log.txt`` is an ``OSError`` (``ELOOP``), not a
+    write into the file it points to."""
+
+    def _open(self):
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        return os.fdopen(os.open(self.baseFilename, flags, 0o644), "a", encoding=self.encoding, errors=self.errors)
+
+
 def setup_logging(log_file: str | None = None, quiet: bool = False) -> None:
     """Console (stderr) and optional file logging for the scripts; ``quiet`` keeps warnings and the
     progress lines of long stages (``progress.Progress``, shown when stderr is not a terminal).
     Under torchrun only rank 0 logs at that level and writes ``log_file``; the other ranks print
-    warnings and errors only, prefixed with their rank."""
+    warnings and errors only, prefixed with their rank. ``log_file`` is appended to, never through
+    a symbolic link (:class:`NoFollowFileHandler`).
+
+    Raises:
+        utils.UserError: ``log_file`` is a symbolic link (or cannot be opened), in one line.
+    """
     handlers = [logging.StreamHandler(sys.stderr)]
     if not distributed.is_main():
         logging.basicConfig(level=logging.WARNING, handlers=handlers, force=True,
@@ -203,7 +218,13 @@ def setup_logging(log_file: str | None = None, quiet: bool = False) -> None:
         return
     if log_file:
         os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
+        if os.path.islink(log_file):
+            raise utils.UserError(f"{log_file} is a symbolic link; the log is never written through one "
+                                  "(remove it, or choose another output folder)")
+        try:
+            handlers.append(NoFollowFileHandler(log_file))
+        except OSError as error:
+            raise utils.UserError(f"{log_file}: cannot write the log ({error.strerror or error})") from None
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, handlers=handlers, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     progress.progress_logger.setLevel(logging.INFO)
@@ -355,9 +376,8 @@ def check_writable(path: str, flag: str, directory: bool = False, given: str | N
                                                      f"{blocker} is a file, not a directory"))
     try:
         os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write-test-{os.getpid()}")
-        with open(probe, "w"):
-            pass
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)  # a new file (O_EXCL): no link followed
+        os.close(handle)
         os.remove(probe)
     except OSError as error:
         raise utils.UserError(f"{flag} {path}: cannot write there ({error.strerror or error})") from None
