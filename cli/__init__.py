@@ -340,6 +340,26 @@ def write_or_rescue(write: Callable[[str], object], path: str, flag: str) -> obj
              "is left", EXIT_USER)
 
 
+def refuse_inputs_as_outputs(flag: str, value: str, outputs, inputs) -> None:
+    """Outputs never replace inputs: refuse when an existing file of ``outputs`` (paths derived from
+    ``flag``'s ``value``: the file itself, a CSV or PNG beside it) is one of ``inputs`` (files the
+    stage reads or that record them), the same file also through a hard or symbolic link
+    (``os.path.samefile``).
+
+    Raises:
+        utils.UserError: one line naming ``flag`` and the input.
+    """
+    existing = [path for path in inputs if os.path.isfile(path)]
+    for output in outputs:
+        if not os.path.exists(output):
+            continue
+        for source in existing:
+            if os.path.samefile(output, source):
+                what = "" if os.path.normpath(output) == os.path.normpath(value) else f"{output}, written beside it, "
+                raise utils.UserError(f"{flag} {value}: {what}is the input {source}; outputs never replace inputs, "
+                                      f"choose another {flag}")
+
+
 def _file_in_the_way(folder: str) -> str | None:
     """The nearest existing ancestor of ``folder`` (itself included) when it is not a directory."""
     current = os.path.normpath(folder)

@@ -185,17 +185,8 @@ def check_out(args: argparse.Namespace, paths: Sequence[str]) -> None:
     if os.path.splitext(args.out)[1].lower() == ".csv":
         raise utils.UserError(f"--out {args.out}: --out names the JSON report; the CSV is written beside it "
                               f"(give --out {os.path.splitext(args.out)[0]}.json)")
-    outputs = [("", args.out)]
-    if not args.assess:
-        outputs.append(("its CSV ", os.path.splitext(args.out)[0] + ".csv"))
-    inputs = input_files(args, paths)
-    for what, output in outputs:
-        if not os.path.exists(output):
-            continue
-        for source in inputs:
-            if os.path.samefile(output, source):
-                raise utils.UserError(f"--out {args.out}: {what}{output} is the input {source}; outputs never "
-                                      "replace inputs, choose another --out")
+    outputs = [args.out] + ([] if args.assess else [os.path.splitext(args.out)[0] + ".csv"])
+    cli.refuse_inputs_as_outputs("--out", args.out, outputs, input_files(args, paths))
 
 
 def check_args(args: argparse.Namespace) -> None:

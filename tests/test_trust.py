@@ -231,7 +231,7 @@ def test_out_is_never_an_input(saved_run, tmp_path, capsys, monkeypatch, case):
         out, syn, input_file = saved_run / "summary.json", saved_run, saved_run / "summary.csv"
     else:  # a run file of a --syn_path directory
         out, syn, input_file = saved_run / case, saved_run, saved_run / case
-    line = one_line_exit(capsys, evaluate.main, evaluate_argv(syn, out), f"--out {out}:", f"the input {input_file}")
+    line = one_line_exit(capsys, evaluate.main, evaluate_argv(syn, out), f"--out {out}:", f"is the input {input_file}")
     assert "choose another --out" in line
     assert {path: path.read_bytes() for path in saved_run.iterdir()} == before
 
@@ -279,3 +279,22 @@ def test_the_atomic_writer_never_writes_through_a_link(tmp_path):
     assert victim.read_text() == "precious"
     assert (run / "results.json").read_text() == '{\n  "a": 1\n}\n'
     assert not os.path.islink(run / "summary.csv") and (run / "summary.csv").read_text() == "x\n"
+
+
+def test_other_scripts_out_is_never_an_input(saved_run, tmp_path, capsys, monkeypatch):
+    from scripts import continual, cost
+
+    monkeypatch.setattr("data.load_dataset", lambda *a, **k: pytest.fail("data loaded before --out was checked"))
+    result = saved_run / "res_DM_Tiny3_ConvNetW32_1ipc.pt"
+    before = {path: path.read_bytes() for path in saved_run.iterdir()}
+    link = tmp_path / "cl.json"
+    os.symlink(result, link)
+    one_line_exit(capsys, continual.main, ["--dataset", "Tiny3", "--syn_path", str(saved_run), "--steps", "1",
+                                           "--model", "ConvNetW32", "--device", "cpu", "--out", str(link)],
+                  f"--out {link}: is the input {result}")
+    (saved_run / "results.json").write_text('{"cost": {}}\n')
+    before[saved_run / "results.json"] = b'{"cost": {}}\n'
+    out = saved_run / "results.json"
+    one_line_exit(capsys, cost.main, ["--dataset", "FashionMNIST", "--models", "MLP", "--run_dir", str(saved_run),
+                                      "--out", str(out)], f"--out {out}: is the input {out}")
+    assert {path: path.read_bytes() for path in saved_run.iterdir()} == before
