@@ -9,6 +9,7 @@ the default of the chosen method's script. ``--config FILE.yaml`` supplies flag 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 
@@ -19,20 +20,29 @@ import tables
 import utils
 from cli import distill_flags
 from cli.stage import open_stage, stop_requests
-from methods.runner import RunInterrupted, eval_protocol, run_distillation
+from methods.runner import RunInterrupted, claim_run_dir, eval_protocol, run_distillation
 
 
 def main(argv=None) -> int:
-    """Parse, load the dataset, run the distillation, print the accuracy table. Returns the exit code."""
-    with cli.user_errors():
+    """Parse, load the dataset, run the distillation, print the accuracy table. Returns the exit code.
+
+    The run directory is this process's from before its ``log.txt`` is opened to the end
+    (``methods.runner.claim_run_dir``: a directory of other files, or one another process is using,
+    is refused in one line)."""
+    with cli.user_errors(), contextlib.ExitStack() as owned:
         args = distill_flags.parse_args(argv, description=__doc__)
         cfg, opts = distill_flags.resolve(args)
         method_class = methods.get_method_class(cfg.method)  # SRe2L, CDA, RDED, --labels soft|teacher: a teacher
         method_class.check_teacher(cfg, eval_protocol(method_class, cfg, opts).labels)  # before any data is loaded
         method_class.check_files(cfg)  # NCFM: its pool of train_original.py models
         opts = dataclasses.replace(opts, command=cli.command_line(argv))
-        stage = open_stage(args, run_dir=opts.run_dir, flag="--run_dir" if args.run_dir else "--save_path",
-                           given=args.run_dir or args.save_path)
+        flag, given = ("--run_dir", args.run_dir) if args.run_dir else ("--save_path", args.save_path)
+
+        def claim() -> None:  # rank 0 owns the run directory (torchrun's other ranks share it)
+            if distributed.is_main():
+                owned.enter_context(claim_run_dir(opts.run_dir, flag, given))
+
+        stage = open_stage(args, run_dir=opts.run_dir, flag=flag, given=given, check=claim)
         device, opts = stage.device, dataclasses.replace(opts, precision=stage.precision)
         data_args = argparse.Namespace(**{**vars(args), "zca": cfg.zca})  # --zca as resolved (per-dataset defaults)
         record = cli.load_record(data_args, cifar100_stats_default=method_class.cifar100_stats,

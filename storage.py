@@ -1,12 +1,21 @@
 """Files the toolkit writes: the one atomic writer (temporary file, then rename), JSON and text
-through it, checkpoints (versioned, read back without running code) and numbered entries of a
-directory. Knows no method."""
+through it, checkpoints (versioned, read back without running code), numbered entries of a
+directory, and the advisory lock that makes one process the owner of a directory. Knows no method."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
-from typing import Callable, List, Optional, Tuple
+import stat
+import time
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+try:  # POSIX; on Windows directories are not locked
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 import numpy as np
 import torch
@@ -37,7 +46,10 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """The toolkit's one atomic writer: ``write(tmp)`` writes a temporary file beside ``path``,
     which then replaces ``path`` (``os.replace``), so a run killed while saving never leaves a
     half-written file. The parent directory is created if needed; on an error the temporary file
-    is removed and the previous ``path`` is left as it was.
+    is removed and the previous ``path`` is left as it was. The temporary is ``PATH.tmpPID``
+    (:data:`TEMPORARY`); an entry of that name found before writing (a link planted there) is
+    removed first, and ``os.replace`` replaces a link at ``path`` rather than writing through it,
+    so the write never follows a symbolic link.
 
     Raises:
         OSError: one line, ``cannot write PATH (reason)``, saying whether the previous file is intact.
@@ -46,6 +58,8 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(directory, exist_ok=True)
+        if os.path.lexists(tmp):  # this process's own name: nothing else should be there
+            os.remove(tmp)
         write(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
@@ -57,21 +71,31 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
             os.remove(tmp)
 
 
-TEMPORARY = re.compile(r"\.tmp(\d+)$")
+# The name of :func:`atomic_write`'s temporary files, ``NAME.tmpPID`` (whole name; group 1: NAME,
+# group 2: the writer's process id).
+TEMPORARY = re.compile(r"(.+)\.tmp([1-9]\d{0,9})")
 
 
 def remove_stale_temporaries(directory: str) -> List[str]:
     """Delete the temporary files :func:`atomic_write` leaves when its process was killed while
-    writing (``NAME.tmpPID`` whose process no longer runs); returns their paths."""
+    writing: regular files (not links or folders) of ``directory`` whose whole name is
+    ``NAME.tmpPID`` (:data:`TEMPORARY`) and whose process no longer runs; returns their paths.
+    Call it only while holding the directory's lock (:func:`lock_directory`), so that no other
+    run of the toolkit writes there."""
     removed = []
     if not os.path.isdir(directory):
         return removed
     for name in os.listdir(directory):
-        match = TEMPORARY.search(name)
-        if not match or int(match.group(1)) == os.getpid():
+        match = TEMPORARY.fullmatch(name)
+        if not match or int(match.group(2)) == os.getpid():
             continue
         try:
-            os.kill(int(match.group(1)), 0)
+            if not stat.S_ISREG(os.lstat(os.path.join(directory, name)).st_mode):
+                continue
+        except OSError:
+            continue
+        try:
+            os.kill(int(match.group(2)), 0)
             continue  # its writer is still running
         except ProcessLookupError:
             pass
@@ -81,6 +105,79 @@ def remove_stale_temporaries(directory: str) -> List[str]:
         os.remove(path)
         removed.append(path)
     return removed
+
+
+# The lock file :func:`lock_directory` holds inside the directory it locks.
+LOCK_NAME = ".lock"
+# Directories this process has locked: realpath of the lock file -> [file descriptor, holders].
+_HELD: Dict[str, list] = {}
+
+
+class DirectoryInUse(Exception):
+    """Another process holds the lock of a directory (:func:`lock_directory`); ``pid`` is its
+    process id as written in the lock file (None when it could not be read)."""
+
+    def __init__(self, directory: str, pid: Optional[int]):
+        super().__init__(f"{directory} is in use by " + (f"process {pid}" if pid else "another process"))
+        self.directory, self.pid = directory, pid
+
+
+def _lock_holder(fd: int) -> Optional[int]:
+    """The process id written in an open lock file (its holder writes it right after locking, so a
+    short wait covers a holder that has only just taken it); None if none can be read."""
+    for _ in range(20):
+        try:
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        except OSError:
+            return None
+        if text.isdigit():
+            return int(text)
+        time.sleep(0.05)
+    return None
+
+
+@contextlib.contextmanager
+def lock_directory(directory: str) -> Iterator[Optional[str]]:
+    """Hold an exclusive advisory lock (``fcntl.flock(LOCK_EX | LOCK_NB)``) on ``directory/.lock``
+    (:data:`LOCK_NAME`, created if needed, never through a symbolic link; this process's id is
+    written into it) while the block runs; yields the lock file's path. The lock is released when
+    the block ends, also on an exception (the file descriptor is closed; the kernel releases it
+    when a process dies). Re-entrant within one process: an inner ``lock_directory`` of a
+    directory this process already holds shares the outer lock. Where ``fcntl`` does not exist
+    (Windows) nothing is locked and it yields None. ``directory`` must exist.
+
+    Raises:
+        DirectoryInUse: another process holds the lock (its id, read from the file, in ``pid``).
+        OSError: the lock file cannot be opened (a link planted at its name: ``ELOOP``).
+    """
+    if fcntl is None:
+        yield None
+        return
+    path = os.path.join(os.path.realpath(directory), LOCK_NAME)
+    if path in _HELD:
+        _HELD[path][1] += 1
+        try:
+            yield path
+        finally:
+            _HELD[path][1] -= 1
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise DirectoryInUse(directory, _lock_holder(fd)) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD[path] = [fd, 1]
+        try:
+            yield path
+        finally:
+            del _HELD[path]
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def atomic_save(obj: object, path: str) -> None:

@@ -190,11 +190,26 @@ def load_record(args: argparse.Namespace, device=None, cifar100_stats_default: s
         raise
 
 
+class NoFollowFileHandler(logging.FileHandler):
+    """A ``logging.FileHandler`` (append) that never opens its file through a symbolic link
+    (``O_NOFOLLOW``): a link planted at a run's ``log.txt`` is an ``OSError`` (``ELOOP``), not a
+    write into the file it points to."""
+
+    def _open(self):
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        return os.fdopen(os.open(self.baseFilename, flags, 0o644), "a", encoding=self.encoding, errors=self.errors)
+
+
 def setup_logging(log_file: str | None = None, quiet: bool = False) -> None:
     """Console (stderr) and optional file logging for the scripts; ``quiet`` keeps warnings and the
     progress lines of long stages (``progress.Progress``, shown when stderr is not a terminal).
     Under torchrun only rank 0 logs at that level and writes ``log_file``; the other ranks print
-    warnings and errors only, prefixed with their rank."""
+    warnings and errors only, prefixed with their rank. ``log_file`` is appended to, never through
+    a symbolic link (:class:`NoFollowFileHandler`).
+
+    Raises:
+        utils.UserError: ``log_file`` is a symbolic link (or cannot be opened), in one line.
+    """
     handlers = [logging.StreamHandler(sys.stderr)]
     if not distributed.is_main():
         logging.basicConfig(level=logging.WARNING, handlers=handlers, force=True,
@@ -203,7 +218,13 @@ def setup_logging(log_file: str | None = None, quiet: bool = False) -> None:
         return
     if log_file:
         os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
+        if os.path.islink(log_file):
+            raise utils.UserError(f"{log_file} is a symbolic link; the log is never written through one "
+                                  "(remove it, or choose another output folder)")
+        try:
+            handlers.append(NoFollowFileHandler(log_file))
+        except OSError as error:
+            raise utils.UserError(f"{log_file}: cannot write the log ({error.strerror or error})") from None
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, handlers=handlers, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     progress.progress_logger.setLevel(logging.INFO)
@@ -319,6 +340,26 @@ def write_or_rescue(write: Callable[[str], object], path: str, flag: str) -> obj
              "is left", EXIT_USER)
 
 
+def refuse_inputs_as_outputs(flag: str, value: str, outputs, inputs) -> None:
+    """Outputs never replace inputs: refuse when an existing file of ``outputs`` (paths derived from
+    ``flag``'s ``value``: the file itself, a CSV or PNG beside it) is one of ``inputs`` (files the
+    stage reads or that record them), the same file also through a hard or symbolic link
+    (``os.path.samefile``).
+
+    Raises:
+        utils.UserError: one line naming ``flag`` and the input.
+    """
+    existing = [path for path in inputs if os.path.isfile(path)]
+    for output in outputs:
+        if not os.path.exists(output):
+            continue
+        for source in existing:
+            if os.path.samefile(output, source):
+                what = "" if os.path.normpath(output) == os.path.normpath(value) else f"{output}, written beside it, "
+                raise utils.UserError(f"{flag} {value}: {what}is the input {source}; outputs never replace inputs, "
+                                      f"choose another {flag}")
+
+
 def _file_in_the_way(folder: str) -> str | None:
     """The nearest existing ancestor of ``folder`` (itself included) when it is not a directory."""
     current = os.path.normpath(folder)
@@ -355,9 +396,8 @@ def check_writable(path: str, flag: str, directory: bool = False, given: str | N
                                                      f"{blocker} is a file, not a directory"))
     try:
         os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write-test-{os.getpid()}")
-        with open(probe, "w"):
-            pass
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)  # a new file (O_EXCL): no link followed
+        os.close(handle)
         os.remove(probe)
     except OSError as error:
         raise utils.UserError(f"{flag} {path}: cannot write there ({error.strerror or error})") from None

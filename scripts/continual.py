@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dsa_strategy", default=REFERENCE_STRATEGY,
                         help=f"DiffAugment for every source (reference {REFERENCE_STRATEGY}; 'none' to disable)")
     parser.add_argument("--orders", type=int, default=NUM_ORDERS, help="class orders, seeds 0..N-1 (reference 5)")
-    parser.add_argument("--out", default="result/continual/continual.json", help="JSON results; the plot goes beside it (.png)")
+    parser.add_argument("--out", default="result/continual/continual.json", help="JSON results; the plot goes beside it (.png); "
+                        "neither may be an input (a --syn_path file or a file of its run directory)")
     cli.add_data_args(parser)
     cli.add_runtime_args(parser)
     return parser
@@ -59,6 +60,10 @@ def main(argv=None) -> int:
             if getattr(args, flag) < 1:
                 raise utils.UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
         cli.check_models([args.model], "--model")
+        from cli.evaluate_flags import input_files
+
+        cli.refuse_inputs_as_outputs("--out", args.out, [args.out, os.path.splitext(args.out)[0] + ".png"],
+                                     input_files(args, files.expand_syn_paths(args.syn_path)))
         try:
             strategy = "_".join(augment.validate_strategy(args.dsa_strategy))
         except ValueError as error:

@@ -17,6 +17,7 @@ import sys
 
 import cli
 import data
+import storage as storage_module  # "storage" names a run's storage record below
 from sets import resources
 import utils
 
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", nargs="+", default=None, help="several networks (overrides --model)")
     parser.add_argument("--eval_mode", default=None, help="a get_eval_pool mode (M, B, W, D, A, P, N) instead of --model")
     parser.add_argument("--run_dir", nargs="*", default=[], help="distill.py run directories: print their cost record")
-    parser.add_argument("--out", default=None, help="write everything as JSON here")
+    parser.add_argument("--out", default=None, help="write everything as JSON here (never a file of a --run_dir)")
     return parser
 
 
@@ -67,6 +68,10 @@ def main(argv=None) -> int:
     """Parse, count, print; returns the exit code."""
     args = build_parser().parse_args(argv)
     with cli.user_errors():
+        if args.out:
+            inputs = [os.path.join(run_dir, name) for run_dir in args.run_dir if os.path.isdir(run_dir)
+                      for name in os.listdir(run_dir)]
+            cli.refuse_inputs_as_outputs("--out", args.out, [args.out], inputs)
         try:
             channel, im_size, classes = data.dataset_shape(args.dataset, args.res)
         except ValueError as error:
@@ -92,10 +97,8 @@ def main(argv=None) -> int:
                   f"{format_bytes(storage.get('total', 0))} per set "
                   f"({', '.join(f'{k} {format_bytes(v)}' for k, v in storage.items() if k != 'total')})")
         if args.out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out, "w") as handle:
-                json.dump({"dataset": args.dataset, "channel": channel, "im_size": list(im_size), "num_classes": classes,
-                           "networks": networks_cost, "runs": runs}, handle, indent=2)
+            storage_module.write_json(args.out, {"dataset": args.dataset, "channel": channel, "im_size": list(im_size),
+                                                 "num_classes": classes, "networks": networks_cost, "runs": runs})
     return 0
 
 
