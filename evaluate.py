@@ -24,6 +24,7 @@ import cli
 import distributed
 import utils
 from cli import evaluate_flags as flags
+from cli.evaluate_outputs import check_out
 from cli.stage import open_stage
 from sets import comparison, files
 
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
         if args.out:
             cli.check_writable(args.out, "--out")
         paths = files.expand_syn_paths(args.syn_path or [])
-        flags.check_out(args, paths)  # --out names the JSON; neither it nor its CSV is an input
+        check_out(args, paths)  # --out names the JSON; neither it nor its CSV is an input
         if args.assess and len(paths) != 1:
             raise utils.UserError(f"--assess takes one synthetic set (--syn_path), got {len(paths)}")
         args = flags.adopt_recorded_data_flags(args, paths)  # --zca / --norm_stats as the sets record them

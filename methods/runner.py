@@ -23,7 +23,7 @@ Layout of a run directory (``--run_dir``):
 A run directory is owned by one process: the run holds ``.lock`` (``fcntl.flock``) from start to
 end, and a second ``distill.py`` on the same directory, with or without ``--resume``, is refused
 in one line naming the first one's process id (:func:`claim_run_dir`). ``distill.py`` also
-refuses a directory that is neither empty nor a run of this toolkit (:data:`RUN_FILES`).
+refuses a directory that is neither empty nor a run of this toolkit (``methods.run_dir.RUN_FILES``).
 
 Under torchrun (``distributed``) every rank runs the same experiments in step: a method that
 shards its classes (``DistillMethod.shards_classes``) computes its ranks' share of the loss and
@@ -33,12 +33,11 @@ alone writes every file above; a stop requested on any rank stops all at the sam
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import logging
 import math
 import os
 import time
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -60,66 +59,10 @@ from methods.run_config import (RunInterrupted, RunOptions, RunOutcome, StopFlag
 from methods.run_results import RunFiles, run_cost, schedule_key, schedule_record  # noqa: F401
 # Choosing the best-so-far set (on test accuracy or a held-out validation split): methods/run_selection.py.
 from methods.run_selection import BestSoFar, hold_out_validation
+from methods.run_dir import claim_run_dir
 from sets import files, resources
 
 logger = logging.getLogger(__name__)
-
-# Names (shell patterns) of the entries a run directory of this toolkit holds (module docstring),
-# and their temporaries (storage.TEMPORARY): a non-empty directory with none of them is someone else's.
-RUN_FILES = ("config.yaml", "last.pt", "res_*.pt", "best_*.pt", "summary.csv", "results.json", "log.txt",
-             "logged_files", "vis_*.png", storage.LOCK_NAME)
-
-
-def holds_run_files(directory: str) -> bool:
-    """Whether ``directory`` holds an entry named as in :data:`RUN_FILES` (or a temporary of one)."""
-    for name in os.listdir(directory):
-        temporary = storage.TEMPORARY.fullmatch(name)
-        base = temporary.group(1) if temporary else name
-        if any(fnmatch.fnmatchcase(base, pattern) for pattern in RUN_FILES):
-            return True
-    return False
-
-
-@contextlib.contextmanager
-def claim_run_dir(run_dir: str, flag: str = "--run_dir", given: Optional[str] = None,
-                  refuse_foreign: bool = True) -> Iterator[None]:
-    """Make this process the owner of ``run_dir`` while the block runs: with ``refuse_foreign``, a
-    directory that exists, is not empty and holds none of :data:`RUN_FILES` is refused; then the
-    directory is created if needed and its lock taken (``storage.lock_directory``: ``.lock``,
-    ``fcntl.flock``, released when the block ends, also on an exception; nothing is locked where
-    ``fcntl`` does not exist). Re-entrant within one process. Under torchrun only rank 0 calls it.
-
-    Args:
-        run_dir: the run directory.
-        flag: the flag that chose it, for the messages (``--save_path`` when derived from it).
-        given: the flag's value as typed, when ``run_dir`` is derived from it.
-        refuse_foreign: refuse a non-empty directory of other files (``distill.py``).
-
-    Raises:
-        utils.UserError: one line naming ``flag`` and ``run_dir``: a file, not a directory; a
-            directory of other files; in use by another process (its id); a lock file that cannot
-            be opened (a symbolic link planted at ``.lock``).
-    """
-    shown = f"{flag} {run_dir}" if given is None or os.path.normpath(given) == os.path.normpath(run_dir) else \
-        f"{flag} {given}: run directory {run_dir}"
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise utils.UserError(f"{shown}: a file, not a directory")
-    if refuse_foreign and os.path.isdir(run_dir) and os.listdir(run_dir) and not holds_run_files(run_dir):
-        raise utils.UserError(f"{shown} is not empty and holds no run of this toolkit (no config.yaml, last.pt, "
-                              "res_*.pt, results.json, ...); choose an empty or new --run_dir")
-    os.makedirs(run_dir, exist_ok=True)
-    lock_path = os.path.join(run_dir, storage.LOCK_NAME)
-    with contextlib.ExitStack() as held:
-        try:
-            held.enter_context(storage.lock_directory(run_dir))
-        except storage.DirectoryInUse as error:
-            who = f"process {error.pid}" if error.pid else "another process"
-            raise utils.UserError(f"{shown} is in use by {who} (it holds {lock_path}); wait for it to end, "
-                                  "or choose another --run_dir") from None
-        except OSError as error:
-            raise utils.UserError(f"{shown}: cannot lock {lock_path} ({error.strerror or error})") from None
-        yield
-
 
 class DistillationRun(RunFiles, BestSoFar):
     """One ``distill.py`` run: ``opts.num_exp`` experiments of ``cfg.method``, each a synthetic set

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
             if getattr(args, flag) < 1:
                 raise utils.UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
         cli.check_models([args.model], "--model")
-        from cli.evaluate_flags import input_files
+        from cli.evaluate_outputs import input_files
 
         cli.refuse_inputs_as_outputs("--out", args.out, [args.out, os.path.splitext(args.out)[0] + ".png"],
                                      input_files(args, files.expand_syn_paths(args.syn_path)))

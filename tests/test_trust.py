@@ -20,7 +20,8 @@ import torch
 import cli
 import storage
 import utils
-from methods.runner import RunOptions, claim_run_dir, run_distillation
+from methods.run_dir import claim_run_dir
+from methods.runner import RunOptions, run_distillation
 from sets import files
 from tiny_data import CPU, tiny_record
 
