@@ -275,19 +275,41 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# A preset is a short mapping of flags: larger files are refused before they are parsed.
+CONFIG_MAX_BYTES = 1 << 20
+
+
+class PresetLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases: ``*name`` references let a few hundred bytes expand
+    into gigabytes (a "billion laughs" file), and no preset needs them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not accepted in a preset",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
     """The flag values of a preset YAML file (``configs/``), checked against ``parser``'s flags.
 
     Raises:
-        utils.UserError: unreadable file, not a mapping, or a key that is no flag.
+        utils.UserError: no such file, larger than :data:`CONFIG_MAX_BYTES`, not UTF-8, not valid
+            YAML or holding an alias (:class:`PresetLoader`), not a mapping, or a key that is no flag.
     """
     if not os.path.isfile(path):
         raise utils.UserError(f"--config: no file at {path}")
+    size = os.path.getsize(path)
+    if size > CONFIG_MAX_BYTES:
+        raise utils.UserError(f"--config {path}: {size} bytes; a preset is at most {CONFIG_MAX_BYTES} bytes")
     try:
-        with open(path) as handle:
-            values = yaml.safe_load(handle) or {}
+        with open(path, encoding="utf-8") as handle:
+            values = yaml.load(handle, Loader=PresetLoader) or {}  # noqa: S506 (a SafeLoader without aliases)
+    except UnicodeDecodeError:
+        raise utils.UserError(f"--config {path}: not UTF-8 text") from None
     except yaml.YAMLError as error:
-        raise utils.UserError(f"--config {path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        raise utils.UserError(f"--config {path}: not valid YAML ({' '.join(str(error).split())})") from None
     if not isinstance(values, dict):
         raise utils.UserError(f"--config {path}: expected a mapping of flag names to values")
     actions = {action.dest: action for action in parser._actions}

@@ -32,6 +32,7 @@ import pandas as pd
 
 from sets import comparison  # noqa: E402
 import utils  # noqa: E402
+from cli.distill_flags import CONFIG_MAX_BYTES, PresetLoader  # noqa: E402
 
 COLUMNS = ["dataset", "ipc", "method", "model", "epochs", "augmentation", "labels", "accs", "source"]
 
@@ -54,11 +55,14 @@ def variant_suffix(results: dict, run_dir: str) -> str:
     feature_labels = results.get("feature_labels")
     if feature_labels is None and "feature_labels" not in results:
         config_path = os.path.join(run_dir, "config.yaml")
-        if os.path.isfile(config_path):
+        if os.path.isfile(config_path) and os.path.getsize(config_path) <= CONFIG_MAX_BYTES:
             import yaml
 
-            with open(config_path) as handle:
-                config = yaml.safe_load(handle) or {}
+            try:  # an alias, bad text or bad YAML: no record to read, as for a run without the file
+                with open(config_path, encoding="utf-8") as handle:
+                    config = yaml.load(handle, Loader=PresetLoader) or {}  # noqa: S506 (safe, no aliases)
+            except (yaml.YAMLError, UnicodeDecodeError):
+                config = {}
             distill = config.get("distill") if isinstance(config, dict) else None
             feature_labels = distill.get("feature_labels") if isinstance(distill, dict) else None
     return suffix + ("+F" if feature_labels else "")

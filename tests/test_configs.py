@@ -138,3 +138,24 @@ def test_unknown_key_is_a_user_error(tmp_path):
 def test_missing_file_is_a_user_error(tmp_path):
     with pytest.raises(utils.UserError, match="no file"):
         distill_flags.parse_args(["--config", str(tmp_path / "absent.yaml")])
+
+
+@pytest.mark.parametrize("text, needle", [
+    (b"ipc: &n 10\nIteration: *n\n", "aliases (*name) are not accepted"),  # a billion-laughs shape, small
+    (b"ipc: 1\n\xff\xfe: 2\n", "not UTF-8 text"),
+    (b"ipc: [1\n", "not valid YAML"),
+])
+def test_a_hostile_preset_is_one_line(tmp_path, text, needle):
+    path = tmp_path / "preset.yaml"
+    path.write_bytes(text)
+    with pytest.raises(utils.UserError, match="--config") as refused:
+        distill_flags.parse_args(["--config", str(path)])
+    assert needle in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_preset_larger_than_the_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(distill_flags, "CONFIG_MAX_BYTES", 64)
+    path = tmp_path / "preset.yaml"
+    path.write_text("ipc: 1\n" * 20)
+    with pytest.raises(utils.UserError, match="a preset is at most 64 bytes"):
+        distill_flags.parse_args(["--config", str(path)])
