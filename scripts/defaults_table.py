@@ -70,6 +70,7 @@ def row_of(eval_path: str) -> Optional[List[str]]:
                and r.get("augmented", True) == own.get("augmented", True)]
     result = own["results"][model]
     iterations = str((run.get("config") or {}).get("iterations", run.get("iterations", "?")))
+    iterations = "–" if iterations == "0" else iterations  # a selection (RDED, coresets): no iterations
     set_cell = f"{100 * result['mean']:.2f} ± {100 * result['std']:.2f}"
     if not randoms:
         return [own.get("method", "?"), model, iterations, protocol_text(result.get("protocol") or {}),
