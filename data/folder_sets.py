@@ -332,7 +332,8 @@ def load_mhist(data_path: str, *, download: bool = False, res: int | None = None
     utils) normalises with MHIST training-split statistics, not ImageNet's, so we do the same.
 
     Raises:
-        DatasetError: missing csv/images, unknown label or partition, an empty split, or ``subset``.
+        DatasetError: missing csv/images, unknown label or partition, an image name that leaves
+            ``images/`` (absolute, or through ``..``), an empty split, or ``subset``.
     """
     reject_subset('MHIST', subset)
     _warn_no_download('MHIST', download)
@@ -354,8 +355,12 @@ def load_mhist(data_path: str, *, download: bool = False, res: int | None = None
             if label not in MHIST_CLASSES or partition not in samples:
                 raise DatasetError(f'{str(csv_path)!r} line {line}: label {label!r} / partition '
                                    f'{partition!r}; expected HP or SSA / train or test')
-            samples[partition].append((str(image_dir / row['Image Name'].strip()),
-                                       MHIST_CLASSES.index(label)))
+            name = row['Image Name'].strip()
+            inside = os.path.normpath(name)
+            if not name or os.path.isabs(name) or inside == os.pardir or inside.startswith(os.pardir + os.sep):
+                raise DatasetError(f'{str(csv_path)!r} line {line}: image name {name!r} is not a file name inside '
+                                   f"{str(image_dir)!r}; expected {layout}")
+            samples[partition].append((str(image_dir / inside), MHIST_CLASSES.index(label)))
     every = samples['train'] + samples['test']
     missing = [path for path, _ in every if not os.path.isfile(path)]
     if missing:

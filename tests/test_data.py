@@ -268,6 +268,16 @@ def test_mhist_miniature(tmp_path):
     assert load_dataset('MHIST', str(tmp_path)).im_size == (224, 224)
 
 
+@pytest.mark.parametrize('name', ['../outside.png', '/etc/passwd', 'sub/../../outside.png', ''])
+def test_mhist_image_names_stay_inside_the_images_folder(tmp_path, name):
+    _write_mhist(tmp_path, [('a.png', 'HP', 'train'), ('b.png', 'SSA', 'test')])
+    (tmp_path / 'outside.png').write_bytes((tmp_path / 'images' / 'a.png').read_bytes())
+    csv_path = tmp_path / 'annotations.csv'
+    csv_path.write_text(csv_path.read_text().replace('a.png,', f'{name},', 1))
+    with pytest.raises(DatasetError, match='is not a file name inside'):
+        load_dataset('MHIST', str(tmp_path), res=8)
+
+
 def test_mhist_bad_label(tmp_path):
     _write_mhist(tmp_path, [('a.png', 'HP', 'train'), ('b.png', 'TA', 'test')])
     with pytest.raises(DatasetError, match='TA'):
