@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import stat
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
@@ -52,7 +53,8 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     so the write never follows a symbolic link.
 
     Raises:
-        OSError: one line, ``cannot write PATH (reason)``, saying whether the previous file is intact.
+        OSError: one line, ``cannot write PATH (reason)``, saying whether the previous file is
+            intact; a full disk (:func:`disk_full`) reads ``no space left on device``.
     """
     directory = os.path.dirname(os.path.abspath(path))
     tmp = f"{path}.tmp{os.getpid()}"
@@ -64,11 +66,27 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
         reason = getattr(error, "strerror", None) or " ".join(str(error).split())[:160]
-        kept = "; the previous file is intact" if os.path.exists(path) else ""
+        if disk_full(error, directory):
+            reason = "no space left on device"
+        kept = "; the previous file is intact" if os.path.exists(path) else "; nothing was replaced"
         raise OSError(f"cannot write {path} ({reason}){kept}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def disk_full(error: BaseException, directory: str) -> bool:
+    """Whether a failed write ran out of space: ``ENOSPC``, or torch's zip writer's
+    ``unexpected pos ... vs ...`` (how ``torch.save`` reports a short write) with less than 1 MiB
+    free on the file system of ``directory``."""
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
+        return True
+    if isinstance(error, RuntimeError) and "unexpected pos" in str(error):
+        try:
+            return shutil.disk_usage(directory).free < (1 << 20)
+        except OSError:
+            return False
+    return False
 
 
 # The name of :func:`atomic_write`'s temporary files, ``NAME.tmpPID`` (whole name; group 1: NAME,

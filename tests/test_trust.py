@@ -10,7 +10,9 @@ B. ``evaluate.py --out`` is never an input (same file, hard link or symbolic lin
    directory (``log.txt``, the atomic writer's temporary and target).
 """
 import logging
+import errno
 import os
+import shutil
 import subprocess
 import sys
 
@@ -280,6 +282,26 @@ def test_the_atomic_writer_never_writes_through_a_link(tmp_path):
     assert victim.read_text() == "precious"
     assert (run / "results.json").read_text() == '{\n  "a": 1\n}\n'
     assert not os.path.islink(run / "summary.csv") and (run / "summary.csv").read_text() == "x\n"
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:595] . unexpected pos 64 vs 0")])
+def test_a_full_disk_says_so_and_keeps_the_previous_file(tmp_path, monkeypatch, error):
+    # torch.save reports a short write as "unexpected pos"; with the disk full that is the reason.
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 0))
+    path = tmp_path / "results.json"
+
+    def fail(tmp):
+        open(tmp, "w").close()
+        raise error
+
+    with pytest.raises(OSError, match=r"\(no space left on device\); nothing was replaced") as refused:
+        storage.atomic_write(str(path), fail)
+    assert str(refused.value).startswith(f"cannot write {path}") and not list(tmp_path.iterdir())
+    path.write_text("kept")
+    with pytest.raises(OSError, match=r"\(no space left on device\); the previous file is intact"):
+        storage.atomic_write(str(path), fail)
+    assert path.read_text() == "kept" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
 def test_other_scripts_out_is_never_an_input(saved_run, tmp_path, capsys, monkeypatch):
