@@ -5,8 +5,8 @@
 :class:`DistillMethod` subclass decorated by ``@register_method('<NAME>')`` (its own flags: a frozen
 :class:`MethodOptions` dataclass, ``methods/options.py``) and import it here.
 """
-from methods.base import (METHODS, DistillConfig, DistillMethod, SyntheticSet, get_method_class, list_methods,
-                          method_options, register_method)
+from methods.base import DistillConfig, DistillMethod, SyntheticSet
+from methods.registry import METHODS, get_method_class, list_methods, method_options, register_method
 from methods.options import MethodOptions, Option, option
 from methods import cafe, coreset, datadam, dc, dd, dm, frepo, kip, mtt, ncfm, ratbptt, rded, sre2l  # noqa: F401  (registration)
 

@@ -1,6 +1,6 @@
-"""The method interface: a registry, the configuration, the synthetic set and the base class.
+"""The method interface: the configuration, the synthetic set and the base class.
 
-A distillation method is a class registered with :func:`register_method`. The runner
+A distillation method is a class registered with :func:`methods.registry.register_method`. The runner
 (``methods/runner.py``) builds it from a frozen :class:`DistillConfig`, asks it for the initial
 :class:`SyntheticSet`, then calls :meth:`DistillMethod.step` once per iteration. The base
 ``step`` is ``loss -> zero_grad -> backward -> step`` on the synthetic images; methods with an
@@ -25,62 +25,6 @@ from methods.options import MethodOptions, Option, option_specs, resolve
 from methods.synthetic import SyntheticSet  # noqa: F401  (re-exported: the set lives in methods/synthetic.py)
 import utils
 from pretrained import teachers
-
-METHODS: Dict[str, Type["DistillMethod"]] = {}
-
-
-def register_method(name: str):
-    """Class decorator adding a :class:`DistillMethod` subclass to ``METHODS`` under ``name``.
-
-    Raises:
-        ValueError: ``name`` is already registered.
-    """
-
-    def decorator(cls: Type["DistillMethod"]) -> Type["DistillMethod"]:
-        if name in METHODS:
-            raise ValueError(f"method {name!r} is already registered by {METHODS[name].__name__}")
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-
-    return decorator
-
-
-def list_methods() -> list:
-    """Names accepted by ``distill.py --method``."""
-    return sorted(METHODS)
-
-
-def get_method_class(name: str) -> Type["DistillMethod"]:
-    """Look a method up by name.
-
-    Raises:
-        KeyError: unknown name; the message lists the registered ones.
-    """
-    if name not in METHODS:
-        raise KeyError(f"unknown method {name!r}; choose from: {', '.join(list_methods())}")
-    return METHODS[name]
-
-
-def method_options() -> Dict[str, Tuple[Option, Tuple[str, ...]]]:
-    """Every option of every registered method: ``name -> (option, names of the methods using it)``.
-
-    Raises:
-        TypeError: two methods declare the same option name with different types.
-    """
-    found: Dict[str, Tuple[Option, Tuple[str, ...]]] = {}
-    for method_name in sorted(METHODS):
-        for option in METHODS[method_name].option_specs():
-            if option.name in found:
-                first, users = found[option.name]
-                if first.type is not option.type:
-                    raise TypeError(f"option {option.name!r} has type {first.type.__name__} in {users[0]} "
-                                    f"but {option.type.__name__} in {method_name}")
-                found[option.name] = (first, users + (method_name,))
-            else:
-                found[option.name] = (option, (method_name,))
-    return found
-
 
 @dataclass(frozen=True)
 class DistillConfig:

@@ -39,7 +39,8 @@ import chunked
 import evaluation
 import progress
 from methods.addons.base import IMAGE_LOSS, TRAINING_TERM
-from methods.base import DistillMethod, SyntheticSet, register_method
+from methods.base import DistillMethod, SyntheticSet
+from methods.registry import register_method
 from methods.options import TOOLKIT, MethodOptions, option
 from methods.features import real_class_statistics, syn_class_statistics
 from methods.losses import class_means, discrimination_loss, feature_alignment_loss, mean_embedding_distance

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 import chunked
 import utils
-from methods.base import DistillMethod, SyntheticSet, register_method
+from methods.base import DistillMethod, SyntheticSet
+from methods.registry import register_method
 from methods.options import TOOLKIT, MethodOptions, option
 from pretrained import original_files
 from sets.selection import herding_select, kcenter_select  # noqa: F401  (also re-exported)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from methods.base import SyntheticSet, register_method
+from methods.base import SyntheticSet
+from methods.registry import register_method
 from methods.options import MethodOptions, option
 from methods.dm import DM
 from methods.features import real_class_statistics, syn_class_statistics

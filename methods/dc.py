@@ -16,7 +16,8 @@ import torch.nn.functional as F
 import chunked
 import evaluation
 import progress
-from methods.base import DistillMethod, SyntheticSet, register_method
+from methods.base import DistillMethod, SyntheticSet
+from methods.registry import register_method
 from methods.losses import gradient_match_distance
 
 # (outer_loop, inner_loop) per ipc, from the reference ``get_loops``.

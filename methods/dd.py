@@ -30,7 +30,8 @@ import evaluation
 import progress
 import utils
 from methods.addons.base import AFTER_IMAGE_UPDATE, IMAGE_LOSS
-from methods.base import DistillConfig, DistillMethod, SyntheticSet, register_method
+from methods.base import DistillConfig, DistillMethod, SyntheticSet
+from methods.registry import register_method
 from methods.options import TOOLKIT, MethodOptions, option
 from methods.mtt import FlatModel
 

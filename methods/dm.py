@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 import chunked
-from methods.base import DistillMethod, SyntheticSet, register_method
+from methods.base import DistillMethod, SyntheticSet
+from methods.registry import register_method
 from methods.losses import class_means, mean_embedding_distance
 
 @register_method("DM")

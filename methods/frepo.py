@@ -30,7 +30,8 @@ import chunked
 import evaluation
 import utils
 from methods.addons.base import AFTER_IMAGE_UPDATE, IMAGE_LOSS
-from methods.base import DistillMethod, SyntheticSet, register_method
+from methods.base import DistillMethod, SyntheticSet
+from methods.registry import register_method
 from methods.options import MethodOptions, option
 from methods.kernels import kernel_ridge_regression
 

@@ -30,7 +30,8 @@ import progress
 import utils
 from methods import kernels
 from methods.addons.base import AFTER_IMAGE_UPDATE, IMAGE_LOSS
-from methods.base import DistillMethod, SyntheticSet, register_method
+from methods.base import DistillMethod, SyntheticSet
+from methods.registry import register_method
 from methods.options import MethodOptions, option
 
 KERNELS = ("fc_ntk", "fc_nngp", "conv_rf")

@@ -33,7 +33,8 @@ from pretrained import buffers
 import utils
 from methods import tesla
 from methods.addons.base import IMAGE_LOSS, TRAINING_TERM, UNROLL_LOSS
-from methods.base import DistillMethod, SyntheticSet, register_method
+from methods.base import DistillMethod, SyntheticSet
+from methods.registry import register_method
 from methods.mtt_options import DATMOptions, MTTOptions, PADOptions
 
 

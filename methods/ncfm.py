@@ -38,7 +38,8 @@ import torch.nn.functional as F
 import augment
 import utils
 from evaluation.formation import decode_zoom, mix_grid
-from methods.base import DistillConfig, DistillMethod, SyntheticSet, register_method
+from methods.base import DistillConfig, DistillMethod, SyntheticSet
+from methods.registry import register_method
 from methods.options import MethodOptions, option
 from pretrained import original_files
 

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 import progress
 import utils
 from methods.addons.base import AFTER_IMAGE_UPDATE, IMAGE_LOSS
-from methods.base import DistillConfig, DistillMethod, SyntheticSet, register_method
+from methods.base import DistillConfig, DistillMethod, SyntheticSet
+from methods.registry import register_method
 from methods.mtt import FlatModel
 from methods.options import MethodOptions, option
 from precision import scaled_backward

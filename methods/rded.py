@@ -31,7 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import utils
-from methods.base import SyntheticSet, register_method
+from methods.base import SyntheticSet
+from methods.registry import register_method
 from methods.coreset import CoresetMethod
 from methods.options import MethodOptions, option
 from methods.sre2l import random_resized_crop_box

@@ -50,7 +50,8 @@ import tables
 import utils
 from data import RealSampler
 from methods import addons
-from methods.base import DistillConfig, DistillMethod, get_method_class
+from methods.base import DistillConfig, DistillMethod
+from methods.registry import get_method_class
 # The run's options, outcome, protocol and stop types live in methods/run_config.py; importing them from here
 # (the run's entry point) keeps working.
 from methods.run_config import (RunInterrupted, RunOptions, RunOutcome, StopFlag, eval_config_for,  # noqa: F401

@@ -39,7 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import utils
-from methods.base import DistillConfig, DistillMethod, SyntheticSet, register_method
+from methods.base import DistillConfig, DistillMethod, SyntheticSet
+from methods.registry import register_method
 from methods.options import MethodOptions, option
 
 logger = logging.getLogger(__name__)
