@@ -55,7 +55,7 @@ def main(argv=None) -> int:
             except RunInterrupted as error:
                 cli.fail(f"{error}; re-run the same command with --resume to continue", cli.EXIT_STOPPED)
             except FloatingPointError as error:
-                cli.fail(f"{error}; the last checkpoint in {opts.run_dir} is kept", cli.EXIT_NUMERIC)
+                cli.fail(str(error), cli.EXIT_NUMERIC)  # names where the values are and what is kept on disk
     print(f"\n{cfg.method} {cfg.dataset} ipc {cfg.ipc} ({cfg.iterations} iterations, "
           f"{outcome.seconds_per_iteration:.3f} s/iteration on {device}, {opts.precision.describe()})")
     for model, accs in outcome.accs_all_exps.items():

@@ -61,6 +61,8 @@ from methods.run_results import RunFiles, run_cost, schedule_key, schedule_recor
 # Choosing the best-so-far set (on test accuracy or a held-out validation split): methods/run_selection.py.
 from methods.run_selection import BestSoFar, hold_out_validation
 from methods.run_dir import claim_run_dir
+from methods.run_checks import (check_checkpoint, divergence_message, evaluation_failure_message, kept_message,
+                                non_finite_parts)
 from sets import files, resources
 
 logger = logging.getLogger(__name__)
@@ -189,6 +191,7 @@ class DistillationRun(RunFiles, BestSoFar):
             logger.info("--resume: no checkpoint in %s yet, starting from scratch", self.opts.run_dir)
             return None
         saved = storage.load_checkpoint(self.checkpoint_path)
+        check_checkpoint(saved, self.checkpoint_path)  # fields, types, finite values: one line naming the field
         before = {**saved["config"], "num_exp": saved.get("num_exp"), "seed": saved.get("seed"),
                   **(saved.get("selection") or {"select_on": "test"})}  # older checkpoints: chosen on test
         now = {**addons.config_record(self.cfg), "num_exp": self.opts.num_exp, "seed": self.opts.seed,
@@ -316,6 +319,8 @@ class DistillationRun(RunFiles, BestSoFar):
 
         Raises:
             RunInterrupted: the evaluation was stopped (the checkpoint is written).
+            FloatingPointError: an evaluation's training loss became NaN or infinite (the message
+                names the set's non-finite tensors: ``methods.run_checks.evaluation_failure_message``).
         """
         try:
             return self.evaluate(method, syn, exp, iteration, loss_value, elapsed)
@@ -323,6 +328,8 @@ class DistillationRun(RunFiles, BestSoFar):
             self.checkpoint(exp, iteration, method, syn, generator, pending_eval=True)
             raise RunInterrupted(f"stopped during the evaluation of experiment {exp}, iteration {iteration} "
                                  f"(it runs again on resume); checkpoint {self.checkpoint_path}") from None
+        except FloatingPointError as error:  # name the set's non-finite tensors, if any
+            raise FloatingPointError(evaluation_failure_message(error, exp, iteration, syn)) from None
 
     @staticmethod
     def saved_set(method, syn) -> list:
@@ -389,7 +396,9 @@ class DistillationRun(RunFiles, BestSoFar):
 
         Raises:
             RunInterrupted: a stop was requested (the checkpoint is written).
-            FloatingPointError: the loss became NaN or infinite.
+            FloatingPointError: the loss became NaN or infinite (the message names where the
+                non-finite values are: ``methods.run_checks.divergence_message``).
+            utils.UserError: ``resumed`` cannot be restored (a damaged checkpoint).
         """
         opts, iterations = self.opts, self.iterations
         utils.seed_everything(opts.seed + exp)
@@ -399,12 +408,12 @@ class DistillationRun(RunFiles, BestSoFar):
         syn = self.syn = method.init_synthetic()
         self.distill_seconds += time.perf_counter() - tick
         done, pending = 0, True  # iterations done; whether the evaluation after them is still to run
-        if resumed is not None and resumed["syn"] is not None:
-            syn.load_state_dict(resumed["syn"])
-            method.load_state_dict(resumed["method"])
-            generator.set_state(resumed["generator"])
-            utils.set_rng_state(resumed["rng"])
+        restored = resumed is not None and resumed["syn"] is not None
+        if restored:
+            self.restore(exp, resumed, method, syn, generator)
             done, pending = resumed["iteration"], resumed.get("pending_eval", False)
+        # Where a non-finite loss would come from if the set is so already (one check per experiment).
+        at_start = non_finite_parts(syn)
         run_start = time.perf_counter()
         last_acc, loss_value = "-", float("nan")
         if pending:  # the initial set, or an evaluation a stop interrupted
@@ -429,8 +438,9 @@ class DistillationRun(RunFiles, BestSoFar):
                 self.distill_seconds += elapsed
                 self.steps_timed += 1
                 if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"{self.cfg.method} loss became {loss_value} at experiment {exp}, "
-                                             f"iteration {iteration} (try a smaller --lr_img)")
+                    raise FloatingPointError(divergence_message(
+                        self.cfg.method, exp, iteration, loss_value, syn, done + 1, at_start,
+                        "the resumed checkpoint" if restored else "their initialisation", self.record.images_train))
                 if self.on_iteration is not None:
                     self.on_iteration(exp, iteration, logs)
                 is_last = iteration == iterations
@@ -455,6 +465,27 @@ class DistillationRun(RunFiles, BestSoFar):
                 if opts.checkpoint_every > 0 and iteration % opts.checkpoint_every == 0 and not is_last:
                     self.checkpoint(exp, iteration, method, syn, generator)
 
+    def restore(self, exp: int, position: dict, method, syn, generator) -> None:
+        """Continue experiment ``exp`` from ``position`` (:meth:`position`, read from ``last.pt``):
+        the set, the method's state, the generator's and the global RNG states.
+
+        Raises:
+            utils.UserError: one line naming the checkpoint and the part that does not fit (a
+                tensor of another shape, a missing entry, a value of the wrong type).
+        """
+        parts = (("synthetic set", lambda: syn.load_state_dict(position["syn"])),
+                 ("method state", lambda: method.load_state_dict(position["method"])),
+                 ("generator state", lambda: generator.set_state(position["generator"])),
+                 ("random-number states", lambda: utils.set_rng_state(position["rng"])))
+        for name, load in parts:
+            try:
+                load()
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as error:
+                detail = " ".join(str(error).split())[:300] or type(error).__name__
+                raise utils.UserError(f"--resume: {self.checkpoint_path}: its {name} of experiment {exp} cannot be "
+                                      f"restored ({type(error).__name__}: {detail}); it cannot be continued: remove "
+                                      "it to start again, or use another --run_dir") from None
+
     def abandoned(self, stop: "progress.StopRequested") -> str:
         """What a stop that abandoned the running iteration (:class:`progress.StopRequested`) kept:
         nothing of that iteration; ``last.pt`` as it was (it is written only between iterations,
@@ -477,7 +508,8 @@ class DistillationRun(RunFiles, BestSoFar):
         Raises:
             RunInterrupted: a stop was requested (a checkpoint was written).
             utils.UserError: see the class docstring.
-            FloatingPointError: the loss became NaN or infinite (the last checkpoint is kept).
+            FloatingPointError: the loss became NaN or infinite; the message says where, and what
+                is kept on disk (``methods.run_checks.kept_message``).
         """
         self.refuse_overwrite()
         with contextlib.ExitStack() as owned:
@@ -506,6 +538,9 @@ class DistillationRun(RunFiles, BestSoFar):
                     self.run_experiment(exp, start)
             except progress.StopRequested as stop:
                 raise RunInterrupted(self.abandoned(stop)) from None
+            except FloatingPointError as error:  # what is on disk to continue from, checked there
+                kept = kept_message(self.checkpoint_path, self.checkpointed, self.result_path, len(self.data_save))
+                raise FloatingPointError(f"{error}; {kept}") from None
             # The finished experiment is in the checkpoint's lists; a resume skips it.
             self.checkpoint(exp + 1, 0)
             self.save_result_or_say_where()
@@ -547,6 +582,7 @@ def run_distillation(cfg: DistillConfig, opts: RunOptions, record, device: torch
         RunInterrupted: a stop was requested (a checkpoint was written).
         utils.UserError: ``--resume`` found an incompatible checkpoint, or an add-on's files are
             missing or do not fit (e.g. pre-trained models an add-on loads).
-        FloatingPointError: the loss became NaN or infinite (the last checkpoint is kept).
+        FloatingPointError: the loss became NaN or infinite; the message says where and what is
+            kept on disk.
     """
     return DistillationRun(cfg, opts, record, device, stop, on_iteration).run()

@@ -176,7 +176,9 @@ def load_chunk(path: str) -> list:
 
     Raises:
         utils.UserError: unreadable, holding more than plain data (a pickle that would run code),
-            or not a list of trajectories (lists of lists of tensors).
+            not a list of trajectories (lists of lists of tensors), an empty list, or a
+            parameter holding NaN or infinite values (the message names the expert's place in
+            the file, the parameter's index in ``model.parameters()`` order and the epoch).
     """
     try:
         chunk = load_plain(path, "expert buffer file")
@@ -188,6 +190,18 @@ def load_chunk(path: str) -> list:
             for traj in chunk):
         raise utils.UserError(f"{path} is not an expert buffer file (a list of trajectories, each a list of "
                               "snapshots, each a list of parameter tensors)")
+    if not chunk:
+        raise utils.UserError(f"expert buffer file {path} holds no experts (an empty list); remove it, or make the "
+                              "buffer again with buffer.py")
+    for number, trajectory in enumerate(chunk):
+        for epoch, snapshot in enumerate(trajectory):
+            for index, tensor in enumerate(snapshot):
+                if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+                    when = "its initialisation (epoch 0)" if epoch == 0 else f"epoch {epoch}"
+                    raise utils.UserError(f"expert buffer file {path}: expert {number} (counting from 0 in this "
+                                          f"file) holds NaN or infinite values in parameter {index} at {when}; "
+                                          "the expert diverged or the file is damaged: remove it, or make the "
+                                          "buffer again with buffer.py")
     return chunk
 
 
