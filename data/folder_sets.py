@@ -143,11 +143,32 @@ def _tiny_from_pt(path: Path) -> RawSplits:
         if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise DatasetError(f"{str(path)!r}: '{key}' must be a uint8 N x 3 x H x W tensor, got {shape}")
+    classes = data['classes']
+    if not isinstance(classes, (list, tuple)) or not classes:
+        found = f'{len(classes)} names' if isinstance(classes, (list, tuple)) else type(classes).__name__
+        raise DatasetError(f"{str(path)!r}: 'classes' must be a non-empty list of class names, got {found}")
+    labels = {}
+    for key, images in (('labels_train', images_train), ('labels_val', images_val)):
+        value = data[key]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            value = torch.tensor(value, dtype=torch.int64).reshape(-1)
+        if not isinstance(value, Tensor) or value.ndim != 1 or value.dtype.is_floating_point or \
+                value.dtype.is_complex or value.dtype == torch.bool or value.shape[0] != images.shape[0]:
+            shape = f'{value.dtype} {tuple(value.shape)}' if isinstance(value, Tensor) else type(value).__name__
+            raise DatasetError(f"{str(path)!r}: '{key}' must be an integer tensor of {images.shape[0]} labels "
+                               f'(one per image), got {shape}')
+        labels[key] = value.to(torch.int64)
+    in_range = labels['labels_train'][(labels['labels_train'] >= 0) & (labels['labels_train'] < len(classes))]
+    empty = [str(classes[k]) for k, n in enumerate(torch.bincount(in_range, minlength=len(classes)).tolist()) if n == 0]
+    if empty:
+        raise DatasetError(f"{str(path)!r}: {len(empty)} of the {len(classes)} classes have no training image "
+                           f"({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}); every class in 'classes' "
+                           "needs at least one")
     return RawSplits(
         channel=3, im_size=(int(images_train.shape[2]), int(images_train.shape[3])),
-        class_names=[str(c) for c in data['classes']], mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        images_train=images_train, labels_train=torch.as_tensor(data['labels_train']).to(torch.int64),
-        images_test=images_val, labels_test=torch.as_tensor(data['labels_val']).to(torch.int64))
+        class_names=[str(c) for c in classes], mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        images_train=images_train, labels_train=labels['labels_train'],
+        images_test=images_val, labels_test=labels['labels_val'])
 
 
 def _tiny_from_folders(train_dir: Path, val_dir: Path) -> RawSplits:
