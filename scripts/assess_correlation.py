@@ -24,8 +24,10 @@ from typing import List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from sets import assess  # noqa: E402  (after the path set-up)
+import cli  # noqa: E402
+import storage  # noqa: E402
 import utils  # noqa: E402
+from sets import assess  # noqa: E402
 
 MIN_SETS = 3
 
@@ -70,6 +72,16 @@ def find_pairs(root: str, model: Optional[str] = None) -> List[dict]:
             pairs.append({"path": os.path.join(directory, name), "run_dir": directory, "accuracy": float(mean),
                           "ipc": results.get("ipc"), "metrics": metrics})
     return pairs
+
+
+def input_files(root: str) -> List[str]:
+    """The files :func:`find_pairs` reads under ``root``: every ``*_assess.json`` and the
+    ``results.json`` beside it (what ``--out`` must never replace)."""
+    found = []
+    for directory, _, files in sorted(os.walk(root)) if os.path.isdir(root) else []:
+        assessments = [os.path.join(directory, f) for f in sorted(files) if f.endswith("_assess.json")]
+        found += assessments + ([os.path.join(directory, "results.json")] if assessments else [])
+    return found
 
 
 def correlations(pairs: List[dict]) -> List[dict]:
@@ -171,9 +183,13 @@ def main(argv=None) -> int:
     parser.add_argument("root", help="directory searched recursively for *_assess.json beside results.json")
     parser.add_argument("--model", default=None, help="evaluation network whose accuracy to use (default: the first)")
     parser.add_argument("--plot_dir", default=None, help="where the scatter PNGs go (default: ROOT/assess_correlation)")
-    parser.add_argument("--out", default=None, help="also write the correlations as JSON here")
+    parser.add_argument("--out", default=None, help="also write the correlations as JSON here (never one of the "
+                                                    "files read)")
     args = parser.parse_args(argv)
     try:
+        if args.out:  # before any work: writable, and never one of the files read
+            cli.check_writable(args.out, "--out")
+            cli.refuse_inputs_as_outputs("--out", args.out, [args.out], input_files(args.root))
         pairs = find_pairs(args.root, args.model)
         rows = correlations(pairs)
     except utils.UserError as error:
@@ -189,10 +205,13 @@ def main(argv=None) -> int:
         print(markdown_table(per_ipc_rows[ipc]))
     paths = scatter_plots(pairs, rows, args.plot_dir or os.path.join(args.root, "assess_correlation"))
     print(f"\nscatter plots: {os.path.dirname(paths[0]) if paths else '-'} ({len(paths)} files)")
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump({"sets": pairs, "correlations": rows,
-                       "correlations_by_ipc": {str(k): v for k, v in per_ipc_rows.items()}}, handle, indent=2)
+    if args.out:  # the toolkit's atomic writer: a failed write leaves the previous file as it was
+        try:
+            storage.write_json(args.out, {"sets": pairs, "correlations": rows,
+                                          "correlations_by_ipc": {str(k): v for k, v in per_ipc_rows.items()}})
+        except OSError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     return 0
 
 

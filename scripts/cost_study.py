@@ -15,8 +15,10 @@ does not depend on what the images show.
 
 For each method the ipc values run in increasing order; the series stops at the first ipc where
 memory runs out (``--memory_limit`` on the CPU, the GPU's memory on CUDA) or where an iteration
-takes longer than ``--time_bound`` seconds (that ipc is still reported). Methods named but not
-registered in this checkout (``methods.list_methods()``) are skipped with a note.
+takes longer than ``--time_bound`` seconds (that ipc is still reported). A name that is not
+registered in this checkout (``methods.list_methods()``) is refused in one line listing the known
+ones; a method the study cannot time (a selection baseline, one that needs a teacher or
+``train_original.py`` models) is skipped with a note, and is refused when nothing else is left.
 
 Columns (the first iteration of each case is a warm-up and is not timed, unless it alone already
 exceeds the time bound; then it is the one timed):
@@ -133,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``cost_study.py`` flags."""
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
-                        help="method names, or 'all' (every registered distillation method); names not registered "
-                             f"are skipped with a note (default: {' '.join(DEFAULT_METHODS)})")
+                        help="registered method names, or 'all' (every registered distillation method); methods "
+                             "the study cannot time are skipped with a note "
+                             f"(default: {' '.join(DEFAULT_METHODS)})")
     parser.add_argument("--ipc", type=int, nargs="+", default=DEFAULT_IPC,
                         help=f"images per class, run in increasing order (default: {' '.join(map(str, DEFAULT_IPC))})")
     parser.add_argument("--time_bound", type=float, default=60.0,
@@ -477,8 +480,17 @@ def run_isolated(spec: CaseSpec, threads: Optional[int], memory_limit_mb: Option
 def resolve_methods(requested: Sequence[str]) -> tuple:
     """``(names to measure, skipped notes)``: ``all`` expands to every registered distillation
     method (selection baselines have no iterations; methods that need a teacher or train_original.py
-    models are skipped with a note); unregistered names are skipped."""
+    models are skipped with a note, also when named).
+
+    Raises:
+        utils.UserError: a name is not registered (one line naming ``--methods`` and the registered
+            names), or no method is left to measure.
+    """
     registered = methods.list_methods()
+    unknown = [name for name in requested if name.lower() != "all" and name not in registered]
+    if unknown:
+        raise utils.UserError(f"--methods {' '.join(unknown)}: not a registered method; known: "
+                              f"{', '.join(registered)} (or all)")
     names = []
     for name in requested:
         if name.lower() == "all":
@@ -489,10 +501,7 @@ def resolve_methods(requested: Sequence[str]) -> tuple:
             names.append(name)
     chosen, skipped = [], []
     for name in dict.fromkeys(names):
-        if name not in registered:
-            skipped.append({"method": name, "note": f"{name}: not registered in this checkout (registered: "
-                                                    f"{', '.join(registered)}); skipped"})
-        elif methods.get_method_class(name).selection_only:
+        if methods.get_method_class(name).selection_only:
             skipped.append({"method": name, "note": f"{name}: a selection baseline, no iterations to time; skipped"})
         elif methods.get_method_class(name).needs_teacher:
             skipped.append({"method": name, "note": f"{name}: needs a trained teacher (--teacher_model ...), which "
@@ -502,6 +511,9 @@ def resolve_methods(requested: Sequence[str]) -> tuple:
                                                     "study does not train; skipped"})
         else:
             chosen.append(name)
+    if not chosen:
+        raise utils.UserError(f"--methods {' '.join(requested)}: nothing to measure ("
+                              f"{'; '.join(entry['note'] for entry in skipped)})")
     return chosen, skipped
 
 
@@ -670,8 +682,8 @@ def main(argv=None) -> int:
         if args.replot:
             return replot(args.out)
         check_args(args)
+        names, skipped = resolve_methods(args.methods)  # before any work: an unknown name is one line
         device = cli.setup_runtime(args)
-        names, skipped = resolve_methods(args.methods)
         for entry in skipped:
             print(entry["note"], flush=True)
         isolate = args.isolate if args.isolate is not None else device.type == "cpu"

@@ -22,26 +22,83 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 from collections import defaultdict
 
 import numpy as np
 import pandas as pd
 
-
-from sets import comparison  # noqa: E402
-import utils  # noqa: E402
-from cli.distill_flags import CONFIG_MAX_BYTES, PresetLoader  # noqa: E402
+import storage
+import utils
+from cli.distill_flags import CONFIG_MAX_BYTES, PresetLoader
+from sets import comparison
 
 COLUMNS = ["dataset", "ipc", "method", "model", "epochs", "augmentation", "labels", "accs", "source"]
 
 
-def _entry(dataset, ipc, method, model, result, source) -> dict:
-    protocol = result.get("protocol") or {}
-    return {"dataset": dataset, "ipc": ipc, "method": method, "model": model, "epochs": protocol.get("epochs"),
-            "augmentation": protocol.get("augmentation"), "labels": protocol.get("labels") or "hard",
-            "accs": list(result.get("accs") or []), "source": source}
+def shown(text):
+    """``text`` as it can be printed and written as UTF-8: a path or name read from a directory
+    whose name is not valid UTF-8 (Python keeps such bytes as lone surrogates) or from a JSON
+    string with lone surrogates gets U+FFFD in their place; other values come back unchanged."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte (a JSON "\ud800"): "?" for each
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _entry(dataset, ipc, method, model, result, source, field) -> dict:
+    """One accuracy entry (keys of :data:`COLUMNS`) of the record ``result`` of ``model``, found at
+    ``field`` (e.g. ``accuracy.ConvNet``) of the file ``source``.
+
+    Raises:
+        utils.UserError: one line naming the file and the field: ``result`` is not a mapping, its
+            ``accs`` is not a list of finite numbers in [0, 1] (accuracies are fractions), its
+            ``mean`` / ``std`` is not a number, the ipc is not an integer, or the dataset or method
+            is not a string.
+    """
+    where = f"{shown(source)}: {shown(field)}"
+    if not isinstance(result, dict):
+        raise utils.UserError(f"{where} is {json.dumps(result)[:80]}, not a record with 'accs' (accuracies in [0, 1])")
+    accs = result.get("accs") or []
+    if not isinstance(accs, list) or not all(_is_number(a) and math.isfinite(a) and 0 <= a <= 1 for a in accs):
+        raise utils.UserError(f"{where}.accs is {json.dumps(accs)[:80]}, not a list of accuracies (numbers in [0, 1])")
+    for key in ("mean", "std"):
+        if result.get(key) is not None and not _is_number(result[key]):
+            raise utils.UserError(f"{where}.{key} is {json.dumps(result[key])[:80]}, not a number")
+    if not isinstance(ipc, int) or isinstance(ipc, bool) or ipc < 1:
+        raise utils.UserError(f"{shown(source)}: ipc is {json.dumps(ipc)[:80]}, not a positive integer")
+    for name, value in (("dataset", dataset), ("method", method), ("model", model)):
+        if not isinstance(value, str):
+            raise utils.UserError(f"{shown(source)}: {name} is {json.dumps(value)[:80]}, not a string")
+    protocol = result.get("protocol")
+    protocol = protocol if isinstance(protocol, dict) else {}
+    return {"dataset": shown(dataset), "ipc": ipc, "method": shown(method), "model": shown(model),
+            "epochs": protocol.get("epochs"), "augmentation": shown(protocol.get("augmentation")),
+            "labels": shown(protocol.get("labels") or "hard"), "accs": [float(a) for a in accs],
+            "source": shown(source)}
+
+
+def _read_json(path: str):
+    """The JSON value in ``path``.
+
+    Raises:
+        utils.UserError: unreadable, or not JSON (one line naming the file).
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as error:  # ValueError: bad JSON or bytes that are not UTF-8
+        raise utils.UserError(f"{shown(path)}: not a readable JSON result file ({shown(' '.join(str(error).split()))})") \
+            from None
 
 
 def variant_suffix(results: dict, run_dir: str) -> str:
@@ -75,30 +132,42 @@ def read_file(path: str) -> list:
         dicts with the keys of :data:`COLUMNS` (``accs`` in [0, 1]).
 
     Raises:
-        utils.UserError: the file is not valid JSON.
+        utils.UserError: the file (or the ``results.json`` a ``random*.json`` takes its dataset and
+            ipc from) is not valid JSON, or an accuracy record in it is malformed (:func:`_entry`:
+            one line naming the file and the field, e.g. ``accuracy.ConvNet.accs``).
     """
-    try:
-        with open(path) as handle:
-            blob = json.load(handle)
-    except (OSError, json.JSONDecodeError) as error:
-        raise utils.UserError(f"{path}: not a readable JSON result file ({error})") from None
+    blob = _read_json(path)
     if not isinstance(blob, dict):
         return []
     if "comparison" in blob:
-        return [_entry(row.dataset, row.ipc, row.method, model, result, path)
-                for row in comparison.rows_from_json(blob) if row.kind != "whole"
-                for model, result in row.results.items()]
+        try:
+            rows = comparison.rows_from_json(blob)
+        except (TypeError, AttributeError):  # rows that are not records of comparison.Row's fields
+            raise utils.UserError(f"{shown(path)}: comparison.rows is not a list of table rows") from None
+        return [_entry(row.dataset, row.ipc, row.method, model, result, path, f"comparison row {row.name!r} {model}")
+                for row in rows if row.kind != "whole"
+                for model, result in (row.results.items() if isinstance(row.results, dict) else [("results", None)])]
     if {"method", "dataset", "ipc", "accuracy"} <= set(blob):
+        accuracy, protocols = blob["accuracy"], blob.get("protocol")
+        if not isinstance(accuracy, dict):
+            raise utils.UserError(f"{shown(path)}: accuracy is {json.dumps(accuracy)[:80]}, not a record per "
+                                  "evaluation model")
+        if not isinstance(blob["method"], str):
+            raise utils.UserError(f"{shown(path)}: method is {json.dumps(blob['method'])[:80]}, not a string")
         method = blob["method"] + variant_suffix(blob, os.path.dirname(path))
+        protocols = protocols if isinstance(protocols, dict) else {}
         return [_entry(blob["dataset"], blob["ipc"], method, model,
-                       {**result, "protocol": (blob.get("protocol") or {}).get(model)}, path)
-                for model, result in blob["accuracy"].items()]
+                       {**result, "protocol": protocols.get(model)} if isinstance(result, dict) else result, path,
+                       f"accuracy.{model}")
+                for model, result in accuracy.items()]
     sibling = os.path.join(os.path.dirname(path), "results.json")
     per_model = {k: v for k, v in blob.items() if isinstance(v, dict) and "accs" in v}
     if per_model and os.path.basename(path).startswith("random") and os.path.isfile(sibling):
-        with open(sibling) as handle:
-            run = json.load(handle)
-        return [_entry(run["dataset"], run["ipc"], "random", model, result, path) for model, result in per_model.items()]
+        run = _read_json(sibling)
+        if not isinstance(run, dict) or not {"dataset", "ipc"} <= set(run):
+            raise utils.UserError(f"{shown(sibling)}: no dataset and ipc for {shown(os.path.basename(path))} beside it")
+        return [_entry(run["dataset"], run["ipc"], "random", model, result, path, model)
+                for model, result in per_model.items()]
     return []
 
 
@@ -111,7 +180,7 @@ def gather(directories) -> pd.DataFrame:
     entries = []
     for directory in directories:
         if not os.path.isdir(directory):
-            raise utils.UserError(f"{directory}: no such directory")
+            raise utils.UserError(f"{shown(directory)}: no such directory")
         for root, _, files in sorted(os.walk(directory)):
             for name in sorted(files):
                 if name.endswith(".json"):
@@ -187,8 +256,9 @@ def paper_table(table: pd.DataFrame, model: str, original_path: str) -> pd.DataF
     counts = chosen.groupby(["dataset", "method"])[["epochs", "augmentation", "labels"]].apply(
         lambda g: len(g.drop_duplicates())).to_dict()
     cells = {}
-    for row in chosen.to_dict("records"):
-        cells[((row["dataset"], row["ipc"]), method_label(row, counts))] = comparison.cell(row["mean"], row["std"], row["ior"])
+    for row in chosen.to_dict("records"):  # a record without networks (num_eval 0) has no accuracy to show
+        cells[((row["dataset"], row["ipc"]), method_label(row, counts))] = (
+            comparison.cell(row["mean"], row["std"], row["ior"]) if row["n"] else "n/a (no networks)")
     columns = sorted({c for _, c in cells}, key=lambda c: (c.startswith("random"), c.lower()))
     index = sorted({i for i, _ in cells})
     wide = pd.DataFrame("-", index=pd.MultiIndex.from_tuples(index, names=["dataset", "ipc"]), columns=columns)
@@ -229,7 +299,8 @@ def plot(table: pd.DataFrame, model: str, out_dir: str) -> list:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = os.path.join(out_dir, f"{dataset}_acc_vs_ipc.png")
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", str(dataset)).lstrip(".") or "dataset"  # a name from a file: no path
+        path = os.path.join(out_dir, f"{safe}_acc_vs_ipc.png")
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)
@@ -258,13 +329,17 @@ def main(argv=None) -> int:
         return 2
     markdown = (wide.reset_index().to_markdown(index=False) + f"\n\nTest accuracy (%) of {args.model}, mean ± std over networks; (+x): improvement "
                 "over random real images of the same ipc and protocol (DD-Ranking IOR, points).\n")
-    with open(os.path.join(out_dir, "table.md"), "w") as handle:
-        handle.write(markdown)
-    comparison.rounded_for_csv(table).to_csv(os.path.join(out_dir, "table.csv"), index=False)
+    try:  # the toolkit's atomic writer: a failed write leaves the previous file as it was
+        storage.write_text(os.path.join(out_dir, "table.md"), markdown)
+        storage.atomic_write(os.path.join(out_dir, "table.csv"),
+                             lambda tmp: comparison.rounded_for_csv(table).to_csv(tmp, index=False, encoding="utf-8"))
+    except OSError as error:
+        print(f"error: {shown(str(error))}", file=sys.stderr)
+        return 2
     figures = plot(table, args.model, out_dir)
     print(markdown)
-    print(f"wrote {os.path.join(out_dir, 'table.md')}, {os.path.join(out_dir, 'table.csv')}"
-          + "".join(f", {path}" for path in figures))
+    print(f"wrote {shown(os.path.join(out_dir, 'table.md'))}, {shown(os.path.join(out_dir, 'table.csv'))}"
+          + "".join(f", {shown(path)}" for path in figures))
     return 0
 
 

@@ -71,16 +71,28 @@ def test_series_stops_at_the_time_bound(tmp_path, one_thread):
     assert row["timed"] == 1 and "warm-up alone" in row["note"] and row["iteration_s"] > 0
 
 
-def test_unregistered_method_is_skipped_with_a_note(tmp_path, capsys, one_thread):
-    code, report = study(tmp_path, "--methods", "NoSuchMethod", "random", "DM", "--ipc", "1", "--iterations", "0",
-                         "--no-isolate")
+def test_a_method_the_study_cannot_time_is_skipped_with_a_note(tmp_path, capsys, one_thread):
+    code, report = study(tmp_path, "--methods", "random", "DM", "--ipc", "1", "--iterations", "0", "--no-isolate")
     assert code == 0
     assert [row["method"] for row in report["rows"]] == ["DM"]
     notes = {entry["method"]: entry["note"] for entry in report["skipped"]}
-    assert "not registered" in notes["NoSuchMethod"] and "DM" in notes["NoSuchMethod"]
     assert "selection baseline" in notes["random"]
-    assert "NoSuchMethod: not registered" in capsys.readouterr().out
-    assert "NoSuchMethod" in (tmp_path / "cost_study.md").read_text()
+    assert "random: a selection baseline" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("names,needle", [
+    (["FOO"], "--methods FOO: not a registered method; known: "),
+    (["DM", "NoSuchMethod"], "--methods NoSuchMethod: not a registered method; known: "),
+    (["random"], "--methods random: nothing to measure (random: a selection baseline"),
+])
+def test_an_unknown_method_or_nothing_to_measure_is_one_line(names, needle, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cost_study.main([*TINY, "--out", str(tmp_path), "--methods", *names, "--ipc", "1"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert stop.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    if "known" in needle:
+        assert "DM, " in err[0] and err[0].endswith("(or all)"), err
+    assert not (tmp_path / "cost_study.json").exists()
 
 
 def test_all_runs_every_registered_distillation_method(tmp_path, one_thread):

@@ -283,3 +283,111 @@ def test_an_image_folder_with_an_empty_class_or_no_class_is_one_line(tmp_path, l
     with pytest.raises(data.DatasetError) as error:
         data.load_dataset("TinyImageNet", str(tmp_path))
     assert needle.format(root=tmp_path) in one_line(str(error.value)), str(error.value)
+
+
+# ----- 3. assess_correlation.py --out: never an input, written atomically -----------------------------
+def _assessed_runs(root, accuracies=(0.3, 0.5, 0.8)):
+    import json
+
+    for index, acc in enumerate(accuracies):
+        run = root / f"run{index}"
+        run.mkdir(parents=True)
+        (run / "results.json").write_text(json.dumps({"accuracy": {"ConvNetW32": {"mean": acc, "accs": [acc]}}}))
+        (run / f"res_{index}_assess.json").write_text(json.dumps({"metrics": {"om_acc": acc, "om_loss": 1 - acc}}))
+
+
+@pytest.mark.parametrize("target", ["run1/results.json", "run0/res_0_assess.json", "link.json"])
+def test_assess_correlation_out_is_never_an_input(tmp_path, capsys, target):
+    from scripts import assess_correlation
+
+    _assessed_runs(tmp_path)
+    os.symlink(tmp_path / "run2" / "results.json", tmp_path / "link.json")
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*.json") if not path.is_symlink()}
+    out = tmp_path / target
+    assert assess_correlation.main([str(tmp_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --out {out}: is the input "), err
+    assert "outputs never replace inputs" in err[0], err
+    assert {path: path.read_bytes() for path in before} == before
+    assert not (tmp_path / "assess_correlation").exists()  # refused before any work
+
+
+def test_assess_correlation_out_goes_through_the_atomic_writer(tmp_path, monkeypatch):
+    import json
+
+    from scripts import assess_correlation
+
+    _assessed_runs(tmp_path / "runs")
+    written = []
+    real = storage.atomic_write
+
+    def spy(path, write):
+        written.append(path)
+        real(path, write)
+
+    monkeypatch.setattr(storage, "atomic_write", spy)
+    out = tmp_path / "corr.json"
+    assert assess_correlation.main([str(tmp_path / "runs"), "--out", str(out)]) == 0
+    assert written == [str(out)] and json.loads(out.read_text())["correlations"]
+
+
+# ----- 4. cost_study.py --methods with an unknown name -------------------------------------------------
+def test_cost_study_unknown_method_is_one_line(tmp_path, capsys):
+    from scripts import cost_study
+
+    with pytest.raises(SystemExit) as stop:
+        cost_study.main(["--methods", "FOO", "--out", str(tmp_path / "cost")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert stop.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: --methods FOO: not a registered method; known: ") and " DM, " in err[0], err
+    assert not (tmp_path / "cost").exists()
+
+
+# ----- 5. make_table.py: a run name that is not UTF-8, accuracies that are not numbers ---------------------
+def _results(directory, accuracy, **extra):
+    import json
+
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, b"results.json" if isinstance(directory, bytes) else "results.json"), "w") as h:
+        json.dump({"method": "DM", "dataset": "Tiny3", "ipc": 1, "accuracy": accuracy, **extra}, h)
+
+
+def test_make_table_on_a_run_name_that_is_not_utf8(tmp_path, capsys):
+    from scripts import make_table
+
+    _results(os.path.join(os.fsencode(tmp_path), b"runs", b"DM_\xff\xfe_1ipc"),
+             {"ConvNet": {"mean": 0.5, "std": 0.1, "accs": [0.4, 0.6]}})
+    out = tmp_path / "tables"
+    assert make_table.main([str(tmp_path / "runs"), "--out_dir", str(out), "--original_path", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "50.00 ± 10.00" in printed and "wrote" in printed
+    assert "DM_\ufffd\ufffd_1ipc" in (out / "table.csv").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("accuracy,needle", [
+    ({"ConvNet": {"mean": "55.1"}}, "accuracy.ConvNet.mean is \"55.1\", not a number"),
+    ({"ConvNet": {"mean": 0.5, "accs": "0.5"}}, "accuracy.ConvNet.accs is \"0.5\", not a list of accuracies"),
+    ({"ConvNet": {"accs": [0.5, "high"]}}, "accuracy.ConvNet.accs is [0.5, \"high\"], not a list of accuracies"),
+    ({"ConvNet": {"accs": [55.0]}}, "accuracy.ConvNet.accs is [55.0], not a list of accuracies (numbers in [0, 1])"),
+    ({"ConvNet": "55 %"}, "accuracy.ConvNet is \"55 %\", not a record"),
+    ("high", "accuracy is \"high\", not a record per evaluation model"),
+])
+def test_make_table_refuses_an_accuracy_that_is_not_a_number(tmp_path, capsys, accuracy, needle):
+    from scripts import make_table
+
+    _results(str(tmp_path / "runs" / "run"), accuracy)
+    assert make_table.main([str(tmp_path / "runs"), "--out_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'runs' / 'run' / 'results.json'}: "), err
+    assert needle in err[0] and "nan" not in err[0], err
+    assert not (tmp_path / "out" / "table.md").exists()
+
+
+def test_make_table_shows_a_run_without_networks_as_n_a(tmp_path, capsys):
+    from scripts import make_table
+
+    _results(str(tmp_path / "runs" / "a"), {"ConvNet": {"mean": None, "std": None, "accs": []}})
+    _results(str(tmp_path / "runs" / "b"), {"ConvNet": {"mean": 0.5, "std": 0.0, "accs": [0.5]}}, ipc=2)
+    assert make_table.main([str(tmp_path / "runs"), "--original_path", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "n/a (no networks)" in printed and "nan" not in printed and "50.00 ± 0.00" in printed
