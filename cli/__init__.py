@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shlex
 import signal
 import sys
@@ -15,6 +16,8 @@ from typing import Callable, NoReturn
 
 import distributed
 import networks
+from flag_types import (Range, RangeError, at_least, fraction, greater_than, in_range,  # noqa: F401
+                        non_negative_float, non_negative_int, positive_float, positive_int, seed_int)
 import precision
 import progress
 import utils
@@ -22,6 +25,21 @@ import utils
 # Exit codes: 1 for results written elsewhere than asked, 2 for a user mistake (as argparse), 3 for
 # a numerical failure, 130 for a stop.
 EXIT_RESCUED, EXIT_USER, EXIT_NUMERIC, EXIT_STOPPED = 1, 2, 3, 130
+
+
+# argparse's message for a value a flag's type refused (flag_types.Range): the first name, the reason.
+ARGUMENT_MESSAGE = re.compile(r"^argument (-[^\s/:]+)(?:/[^\s:]+)*: (must be .*)$")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """The stage scripts' parser: a mistake on the command line is one line on stderr and exit
+    code 2 (argparse's), without the usage block: ``error: --num must be >= 1, got 0`` for a value
+    outside the range its flag declares (``flag_types.Range``), argparse's own message otherwise
+    (``error: argument --amp: invalid choice: ... (see --help)``)."""
+
+    def error(self, message: str) -> NoReturn:
+        match = ARGUMENT_MESSAGE.match(message)  # "argument --num: must be >= 1, got 0" -> "--num must be ..."
+        fail(f"{match.group(1)} {match.group(2)}" if match else f"{message} (see --help)")
 
 
 class TrueFalseFlag(argparse.Action):
@@ -76,7 +94,7 @@ def add_data_args(parser: argparse.ArgumentParser, cifar100_stats_default: str =
                             + (f" (default: {zca_default})" if zca_default else ""))
     group.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
                        help="let torchvision download missing datasets (needs internet)")
-    group.add_argument("--res", type=int, default=None, help="image side for MHIST / ImageNet subsets")
+    group.add_argument("--res", type=positive_int, default=None, help="image side in pixels for MHIST / ImageNet subsets")
     group.add_argument("--subset", default=None, help="ImageNet subset name when --dataset is ImageNet-style")
     group.add_argument("--cifar100_stats", default=None, choices=CIFAR100_STATS,
                        help="mean/std that normalise CIFAR100 (no effect on other datasets or with --zca): its own, "
@@ -89,12 +107,16 @@ def add_data_args(parser: argparse.ArgumentParser, cifar100_stats_default: str =
                             f"(default: {norm_stats_default})")
 
 
+# --threads: torch.set_num_threads overflows past 2**31 - 1 and crashes the process far below it.
+THREADS = in_range(1, 1024, int)
+
+
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     """``--seed --device --threads``."""
     group = parser.add_argument_group("runtime")
-    group.add_argument("--seed", type=int, default=0, help="base seed; experiment e uses seed + e")
+    group.add_argument("--seed", type=seed_int, default=0, help="base seed; experiment e uses seed + e")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    group.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    group.add_argument("--threads", type=THREADS, default=None, help="CPU threads for torch (default: torch's choice)")
 
 
 AMP_HELP = ("mixed precision of forward passes (torch.autocast; fp16 adds a GradScaler, refused on CPU); "

@@ -23,6 +23,7 @@ import utils
 from cli import eval_options, teacher_flags
 from methods import addons
 from methods.losses import METRICS
+from methods.options import shared_flag_range
 from methods.run_config import RunOptions
 from methods.run_selection import SELECT_ON
 
@@ -34,48 +35,52 @@ METHOD_DEFAULTED = ("ipc", "Iteration", "lr_img", "lr_net", "batch_real", "batch
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
     """The ``distill.py`` flags (reference names; method-dependent defaults are ``None`` until resolved)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None,
                         help="YAML file of flag values (configs/METHOD/DATASET_ipcN.yaml); flags given here override it")
     parser.add_argument("--method", default="DC", help=f"one of: {', '.join(methods.list_methods())}")
     parser.add_argument("--model", default=None,
                         help="network to distil with (networks.py names; default: the method's reference network, "
                              "ConvNet for most, ConvNetNN for FRePo, LeNet for DD on MNIST/FashionMNIST)")
-    parser.add_argument("--ipc", type=int, default=None, help="images per class (DC/DSA 1, DM 50)")
+    parser.add_argument("--ipc", type=cli.positive_int, default=None, help="images per class (DC/DSA 1, DM 50)")
     parser.add_argument("--eval_mode", default=None, help="evaluation pool: S, SS, M, B, W, D, A, P, N, C (DC S, DM SS; "
                         "M is DC's pool, or MTT's for MTT/DATM/PAD)")
-    parser.add_argument("--num_exp", type=int, default=None,
+    parser.add_argument("--num_exp", type=cli.positive_int, default=None,
                         help="independent experiments (default: DC/DSA/DM 5, DataDAM/CAFE/MTT/DATM/PAD/FRePo 1)")
-    parser.add_argument("--num_eval", type=int, default=None,
+    parser.add_argument("--num_eval", type=cli.non_negative_int, default=None,
                         help="networks per evaluation, 0: no evaluation (default: DC/DSA/DM/CAFE 20, DataDAM 10, "
                              "MTT/DATM/PAD/FRePo 5)")
-    parser.add_argument("--epoch_eval_train", type=int, default=None,
+    parser.add_argument("--epoch_eval_train", type=cli.positive_int, default=None,
                         help="evaluation epochs (default: DC/DSA 1000 with augmentation else 300; DM 1000)")
-    parser.add_argument("--Iteration", type=int, default=None, help="outer iterations (DC/DSA 1000, DM 20000)")
-    parser.add_argument("--lr_img", type=float, default=None, help="synthetic image lr (DC/DSA 0.1, DM 1.0)")
-    parser.add_argument("--lr_net", type=float, default=None, help="network lr, inner loop and evaluation (0.01)")
-    parser.add_argument("--batch_real", type=int, default=None, help="real images per class per step (256)")
-    parser.add_argument("--batch_train", type=int, default=None, help="batch for training on the synthetic set (256)")
+    parser.add_argument("--Iteration", type=cli.non_negative_int, default=None, help="outer iterations (DC/DSA 1000, DM 20000)")
+    parser.add_argument("--lr_img", type=cli.positive_float, default=None, help="synthetic image lr (DC/DSA 0.1, DM 1.0)")
+    parser.add_argument("--lr_net", type=cli.positive_float, default=None, help="network lr, inner loop and evaluation (0.01)")
+    parser.add_argument("--batch_real", type=cli.positive_int, default=None, help="real images per class per step (256)")
+    parser.add_argument("--batch_train", type=cli.positive_int, default=None, help="batch for training on the synthetic set (256)")
     parser.add_argument("--init", "--pix_init", dest="init", default=None,
                         help="noise or real (DC/DSA noise, DM/MTT real); DATM/PAD also samples_predicted_correctly (their default)")
     parser.add_argument("--dsa_strategy", default=None,
                         help="DiffAugment ops joined by _ (DSA/DM: color_crop_cutout_flip_scale_rotate; none to disable)")
     parser.add_argument("--dis_metric", default=None, help=f"gradient distance for DC/DSA: {', '.join(METRICS)}")
-    parser.add_argument("--outer_loop", type=int, default=None, help="DC outer loop (default: get_loops(ipc))")
-    parser.add_argument("--inner_loop", type=int, default=None, help="DC inner loop (default: get_loops(ipc))")
+    parser.add_argument("--outer_loop", type=cli.positive_int, default=None,
+                        help="DC/DSA: image updates per iteration, each on a fresh batch of real images "
+                             "(default: get_loops(ipc))")
+    parser.add_argument("--inner_loop", type=cli.non_negative_int, default=None,
+                        help="DC/DSA: network epochs on the synthetic set between image updates, 0: none "
+                             "(default: get_loops(ipc))")
     parser.add_argument("--save_path", default="result", help="root of run directories")
     parser.add_argument("--run_dir", default=None, help="run directory (default: save_path/METHOD_DATASET_MODEL_IPCipc)")
-    parser.add_argument("--eval_it", type=int, default=None,
+    parser.add_argument("--eval_it", type=cli.non_negative_int, default=None,
                         help="evaluate every N iterations, 0 = only at the end (default: DC 500, DM 2000 for S/SS)")
-    parser.add_argument("--checkpoint_every", type=int, default=100, help="write last.pt every N iterations (0: only on stop)")
-    parser.add_argument("--save_every", type=int, default=1000,
+    parser.add_argument("--checkpoint_every", type=cli.non_negative_int, default=100, help="write last.pt every N iterations (0: only on stop)")
+    parser.add_argument("--save_every", type=cli.non_negative_int, default=1000,
                         help="MTT/DATM/PAD: also write logged_files/exp{e}/images_{it}.pt, labels_{it}.pt, lr_{it}.pt "
                              "every N iterations (0: only *_best.pt)")
     parser.add_argument("--select_on", default="test", choices=SELECT_ON,
                         help="what each experiment's best-so-far set (best_*.pt) is chosen on, as the mean over the "
                              "evaluation models: test accuracy (the references') or val, a class-balanced validation "
                              "split held out of the training set and of distillation")
-    parser.add_argument("--val_per_class", type=int, default=100,
+    parser.add_argument("--val_per_class", type=cli.positive_int, default=100,
                         help="--select_on val: training images per class held out (drawn from --seed)")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
                         help="continue from run_dir/last.pt if it exists")
@@ -91,10 +96,14 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     group = parser.add_argument_group("method-specific (declared by each method's options)")
     # One flag per field of the methods' options dataclasses (methods/options.py).
     for name, (option, users) in methods.method_options().items():
-        defaults = sorted({f"{m.name}: {option_default_text(m, name)}" for m in map(methods.get_method_class, users)})
+        classes = [methods.get_method_class(user) for user in users]
+        defaults = sorted({f"{m.name}: {option_default_text(m, name)}" for m in classes})
         help_text = f"{option.help} (default {'; '.join(defaults)})"
         if option.type is bool:  # --no_aug alone, and the references' --no_aug True / False
             group.add_argument(f"--{name}", action=cli.TrueFalseFlag, default=None, help=help_text)
+        elif option.type in (int, float):  # the range the options declare (the loosest where several do)
+            declared = [spec for m in classes for spec in m.option_specs() if spec.name == name]
+            group.add_argument(f"--{name}", type=shared_flag_range(declared), default=None, help=help_text)
         else:
             group.add_argument(f"--{name}", type=option.type, default=None, help=help_text)
     return parser
@@ -183,9 +192,6 @@ def resolve(args: argparse.Namespace):
                 **method_class.defaults}
     defaults["Iteration"] = defaults.pop("iterations")
     v = {name: (defaults.get(name) if getattr(args, name) is None else getattr(args, name)) for name in METHOD_DEFAULTED}
-    for flag in ("ipc", "batch_real", "batch_train"):
-        if v[flag] < 1:
-            raise utils.UserError(f"--{flag} must be at least 1, got {v[flag]}")
     extra = method_extra(args, method_class)
     # The reference's settings per dataset or per option (FRePo: --zca, --use_flip; KIP --kernel
     # conv_rf: RFAD's) for the flags left out.
@@ -200,18 +206,6 @@ def resolve(args: argparse.Namespace):
     num_exp, num_eval = method_class.run_counts
     num_exp = num_exp if args.num_exp is None else args.num_exp
     num_eval = num_eval if args.num_eval is None else args.num_eval
-    if num_exp < 1:
-        raise utils.UserError(f"--num_exp must be at least 1, got {num_exp}")
-    if args.epoch_eval_train is not None and args.epoch_eval_train < 1:
-        raise utils.UserError(f"--epoch_eval_train must be at least 1 (the protocol trains epochs + 1 epochs), "
-                              f"got {args.epoch_eval_train}")
-    for flag, value in (("Iteration", v["Iteration"]), ("num_eval", num_eval),
-                        ("checkpoint_every", args.checkpoint_every), ("save_every", args.save_every)):
-        if value < 0:
-            raise utils.UserError(f"--{flag} must be >= 0, got {value}")
-    for flag in ("lr_img", "lr_net"):
-        if not v[flag] > 0:
-            raise utils.UserError(f"--{flag} must be positive, got {v[flag]}")
     if v["init"] not in method_class.init_choices:
         raise utils.UserError(f"--init {v['init']!r}: --method {args.method} takes {' or '.join(method_class.init_choices)}")
     if v["dis_metric"] not in METRICS:
@@ -331,7 +325,8 @@ TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0"
 def yaml_value(action: argparse.Action, value):
     """A YAML value checked and converted as the command line would for the flag ``action``:
     booleans (``resume: no``, ``vis: "false"``) become ``bool``; an integer flag refuses ``1.7``;
-    YAML strings such as ``1e-7`` (no dot) get the flag's type.
+    YAML strings such as ``1e-7`` (no dot) get the flag's type; a number outside the flag's
+    declared range (``flag_types.Range``) is refused as on the command line.
 
     Raises:
         ValueError: the value does not fit the flag (the message says what was expected).
@@ -347,12 +342,16 @@ def yaml_value(action: argparse.Action, value):
     if value is None or action.nargs in ("+", "*"):
         return value
     convert = action.type
-    if convert is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+    kind = convert.kind if isinstance(convert, cli.Range) else convert
+    if kind is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
         raise ValueError(f"{value!r} is not an integer")
     if convert is not None and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         try:
-            return convert(value)
+            converted = convert.convert(value) if isinstance(convert, cli.Range) else convert(value)
         except (TypeError, ValueError):
-            expected = {int: "an integer", float: "a number"}.get(convert, f"a {getattr(convert, '__name__', 'value')}")
+            expected = {int: "an integer", float: "a number"}.get(kind, f"a {getattr(kind, '__name__', 'value')}")
             raise ValueError(f"{value!r} is not {expected}") from None
+        if isinstance(convert, cli.Range) and converted is not None:
+            return convert(converted)  # the flag's declared range (cli.RangeError is a ValueError)
+        return converted
     return value

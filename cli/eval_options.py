@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+import cli
 import evaluation
 import utils
 
@@ -43,7 +44,10 @@ def add_eval_option_args(parser: argparse.ArgumentParser, saved_default: bool = 
     add_student_args(parser, saved_default)
 
 
-# The student flags: (name, type, choices, today's default, help). Their defaults are None (not
+# A RandomResizedCrop area fraction (--min_scale_crops <= --max_scale_crops is checked on resolve).
+CROP_SCALE = cli.in_range(0.0, 1.0, exclusive_minimum=True)
+
+# The student flags: (name, type, choices, today's default, help); a numeric type is its range. Their defaults are None (not
 # given): the method's protocol (distill.py) or the saved one (evaluate.py) applies.
 STUDENT_FLAGS = (
     ("labels", str, evaluation.LABEL_REGIMES, "hard",
@@ -52,25 +56,25 @@ STUDENT_FLAGS = (
     ("soft_loss", str, evaluation.SOFT_LOSSES, "kl",
      "loss under soft/teacher labels: kl (SRe2L, batchmean, no T^2), sce (DD-Ranking, x T^2 with --soft_t2) or "
      "mse_gt (MSE to the teacher's logits + --mse_gt_weight x CE, G-VBSM/EDC)"),
-    ("temperature", float, None, 20.0, "temperature T of kl and sce (SRe2L 20)"),
-    ("mse_gt_weight", float, None, 0.1, "weight of the cross-entropy term of mse_gt (G-VBSM 0.1, EDC 0.025)"),
+    ("temperature", cli.positive_float, None, 20.0, "temperature T of kl and sce (SRe2L 20)"),
+    ("mse_gt_weight", cli.non_negative_float, None, 0.1, "weight of the cross-entropy term of mse_gt (G-VBSM 0.1, EDC 0.025)"),
     ("optimizer", str, evaluation.STUDENT_OPTIMIZERS, "sgd",
      "student optimiser: sgd (DC's schedule: --lr_net, x0.1 at half-time) or adamw (SRe2L: --adamw_lr, "
      "--adamw_weight_decay, cosine per epoch)"),
-    ("adamw_lr", float, None, 1e-3, "AdamW learning rate (SRe2L 0.001)"),
-    ("adamw_weight_decay", float, None, 0.01, "AdamW weight decay (SRe2L 0.01)"),
+    ("adamw_lr", cli.positive_float, None, 1e-3, "AdamW learning rate (SRe2L 0.001)"),
+    ("adamw_weight_decay", cli.non_negative_float, None, 0.01, "AdamW weight decay (SRe2L 0.01)"),
     ("student_aug", str, evaluation.STUDENT_AUGS, "dc",
      "student augmentation: dc (DSA strategy or DC's get_daparam: today), rrc (RandomResizedCrop "
      "--min_scale_crops..--max_scale_crops + flip per image, SRe2L/RDED) or none"),
-    ("min_scale_crops", float, None, 0.08, "smallest RandomResizedCrop area fraction of rrc views (SRe2L 0.08)"),
-    ("max_scale_crops", float, None, 1.0, "largest RandomResizedCrop area fraction of rrc views (SRe2L 1)"),
+    ("min_scale_crops", CROP_SCALE, None, 0.08, "smallest RandomResizedCrop area fraction of rrc views (SRe2L 0.08)"),
+    ("max_scale_crops", CROP_SCALE, None, 1.0, "largest RandomResizedCrop area fraction of rrc views (SRe2L 1)"),
     ("mix_type", str, evaluation.MIX_TYPES, "none", "batch mixing of the student's views: none, cutmix or mixup"),
-    ("cutmix", float, None, 1.0, "Beta(alpha, alpha) of CutMix (SRe2L 1.0)"),
-    ("mixup", float, None, 0.8, "Beta(alpha, alpha) of Mixup (SRe2L 0.8)"),
-    ("mix_p", float, None, 1.0, "probability that a batch is mixed under --mix_type (NCFM 0.5)"),
+    ("cutmix", cli.positive_float, None, 1.0, "Beta(alpha, alpha) of CutMix (SRe2L 1.0)"),
+    ("mixup", cli.positive_float, None, 0.8, "Beta(alpha, alpha) of Mixup (SRe2L 0.8)"),
+    ("mix_p", cli.fraction, None, 1.0, "probability that a batch is mixed under --mix_type (NCFM 0.5)"),
     ("adamw_schedule", str, evaluation.ADAMW_SCHEDULES, "cosine",
      "AdamW student's lr schedule: cosine per epoch (SRe2L) or multistep, x0.5 at each fifth of the epochs (NCFM)"),
-    ("decode_factor", int, None, 1,
+    ("decode_factor", cli.positive_int, None, 1,
      "multi-formation: decode every stored image into decode_factor^2 upsampled grid cells before training "
      "(IDC/NCFM factor)"),
 )

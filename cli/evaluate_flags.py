@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
     """The ``evaluate.py`` flags. Protocol flags default to ``None``: the set's saved protocol."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--syn_path", nargs="+", help="result file(s) {'data': [[image_syn, label_syn], ...], ...} "
                         "or distill.py run directories (their res_*.pt); several give one table")
@@ -52,7 +52,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                              "soft-label logits; default: class-major hard labels)")
     parser.add_argument("--lr_path", default=None, help="with --syn_path images_*.pt: the learned lr_*.pt (default: the lr_*.pt beside the "
                         "images, if any)")
-    parser.add_argument("--ipc", type=int, default=None,
+    parser.add_argument("--ipc", type=cli.positive_int, default=None,
                         help="images per class for --baseline random (a set's ipc comes from its record)")
     parser.add_argument("--model", default=None,
                         help="the model the set was distilled with (default: the one its record names, else "
@@ -66,15 +66,15 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                         help="also evaluate ipc random real images per class under the same protocol (table row, IOR)")
     parser.add_argument("--original_path", default="pretrained_model",
                         help="train_original.py --save_path: whole-dataset accuracy row when its summary.json exists")
-    parser.add_argument("--exp", type=int, nargs="*", default=None, help="which experiments of the file (default all)")
-    parser.add_argument("--num_eval", type=int, default=5, help="networks per synthetic set (baseline: random subsets)")
-    parser.add_argument("--epoch_eval_train", type=int, default=None,
+    parser.add_argument("--exp", type=cli.non_negative_int, nargs="*", default=None, help="which experiments of the file (default all)")
+    parser.add_argument("--num_eval", type=cli.positive_int, default=5, help="networks per synthetic set (baseline: random subsets)")
+    parser.add_argument("--epoch_eval_train", type=cli.positive_int, default=None,
                         help="training epochs (default: the protocol saved with the set, e.g. DataDAM 1800; MTT/DATM/PAD "
                              "logged files: 1000; other files without one: 1000 with DSA or DC augmentation, else 300)")
-    parser.add_argument("--lr_net", type=float, default=None,
+    parser.add_argument("--lr_net", type=cli.positive_float, default=None,
                         help="SGD learning rate (default: the step size learned with the set (MTT/DATM/PAD), else the "
                              "saved --lr_net, else 0.01, said in one line for MTT's logged files)")
-    parser.add_argument("--batch_train", type=int, default=None,
+    parser.add_argument("--batch_train", type=cli.positive_int, default=None,
                         help="training batch size (default: the saved protocol's, else 256)")
     parser.add_argument("--dsa_strategy", default=None,
                         help="DiffAugment strategy for training (default: the one saved with the set; MTT/DATM/PAD logged "
@@ -97,7 +97,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     parser.add_argument("--assess", action="store_true",
                         help="instead of training: OM accuracy / loss and synthetic-real distances on original models "
                              "(assess.py); JSON to --out or next to --syn_path")
-    parser.add_argument("--assess_real", type=int, default=500, help="--assess: real images per class (seeded draw)")
+    parser.add_argument("--assess_real", type=cli.positive_int, default=500, help="--assess: real images per class (seeded draw)")
     add_original_model_args(parser.add_argument_group("original models for --assess"), clom=False)
     return parser
 
@@ -105,9 +105,9 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
 def add_score_args(parser: argparse.ArgumentParser) -> None:
     """DD-Ranking's score flags (``sets.ranking``; names as its ``compute_metrics`` arguments)."""
     group = parser.add_argument_group("DD-Ranking scores (HLR, IOR, LRS, ARS; docs/evaluation.md)")
-    group.add_argument("--lrs_lambda", type=float, default=ranking.LRS_LAMBDA,
+    group.add_argument("--lrs_lambda", type=cli.fraction, default=ranking.LRS_LAMBDA,
                        help="LRS weight: alpha = lrs_lambda*IOR - (1-lrs_lambda)*HLR (DD-Ranking default 0.5)")
-    group.add_argument("--ars_lambda", type=float, default=ranking.ARS_LAMBDA,
+    group.add_argument("--ars_lambda", type=cli.fraction, default=ranking.ARS_LAMBDA,
                        help="ARS weight of the augmented gain over random against the gain without augmentation "
                             "(DD-Ranking default 0.5)")
     group.add_argument("--score_units", default="points", choices=tuple(ranking.SCORE_UNITS),
@@ -151,11 +151,9 @@ def check_args(args: argparse.Namespace) -> None:
     Raises:
         utils.UserError: one line naming the flag.
     """
-    if args.num_eval < 1:
-        raise utils.UserError(f"--num_eval must be at least 1, got {args.num_eval}")
     if args.assess and not args.syn_path:
         raise utils.UserError("--assess needs --syn_path (a saved synthetic set)")
-    if args.baseline and (args.ipc is None or args.ipc < 1):
+    if args.baseline and args.ipc is None:
         raise utils.UserError("--baseline random needs --ipc N with N >= 1")
     if args.syn_path and args.ipc is not None:
         raise utils.UserError("--ipc is for --baseline random; a set's ipc comes from its record (leave --ipc out)")
@@ -163,12 +161,6 @@ def check_args(args: argparse.Namespace) -> None:
         cli.check_models([args.model], "--model")
     if args.models:
         cli.check_models(args.models, "--models")
-    for flag in ("epoch_eval_train", "batch_train"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise utils.UserError(f"--{flag} must be at least 1, got {value}")
-    if args.lr_net is not None and not args.lr_net > 0:
-        raise utils.UserError(f"--lr_net must be positive, got {args.lr_net}")
     if args.lr_path:  # the learned step size: one number (DATM / PAD / logged_files lr_*.pt: a 0-dim tensor)
         lr = files.load_tensor(args.lr_path, "--lr_path")
         if lr.numel() != 1 or lr.dtype.is_complex or lr.dtype == torch.bool:
@@ -567,13 +559,11 @@ def run_assess(args: argparse.Namespace, record, loaded: tuple, device) -> int:
 
     Raises:
         utils.UserError: missing original models (the message names the directory and the
-            ``train_original.py`` command), or ``--assess_real`` < 1.
+            ``train_original.py`` command).
     """
     if not distributed.is_main():  # trains nothing: rank 0 alone assesses and writes
         return 0
     saved, experiments, _ = loaded
-    if args.assess_real < 1:
-        raise utils.UserError(f"--assess_real must be at least 1, got {args.assess_real}")
     pool_names = split_list(args.models_pool) or [distilled_with(args, [saved])]
     cli.check_models(pool_names, "--models_pool")
     expect = {"channel": record.channel, "im_size": list(record.im_size), "num_classes": record.num_classes,

@@ -6,7 +6,6 @@ import argparse
 from dataclasses import dataclass
 
 import cli
-import utils
 from pretrained import original_files
 from pretrained import originals
 
@@ -37,23 +36,23 @@ class OriginalJob:
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
     """The ``train_original.py`` flags (reference names and defaults, DDInterpreter)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ConvNet", help="network to train (networks.py names)")
-    parser.add_argument("--num", type=int, default=1, help="number of models (indices 0 .. num-1)")
-    parser.add_argument("--epochs", type=int, default=150, help="training epochs per model")
-    parser.add_argument("--batch_size", type=int, default=256, help="images per SGD step")
-    parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    parser.add_argument("--weight_decay", type=float, default=0.005, help="SGD weight decay")
+    parser.add_argument("--num", type=cli.positive_int, default=1, help="number of models (indices 0 .. num-1)")
+    parser.add_argument("--epochs", type=cli.positive_int, default=150, help="training epochs per model")
+    parser.add_argument("--batch_size", type=cli.positive_int, default=256, help="images per SGD step")
+    parser.add_argument("--lr", type=cli.positive_float, default=0.01, help="SGD learning rate")
+    parser.add_argument("--momentum", type=cli.non_negative_float, default=0.9, help="SGD momentum")
+    parser.add_argument("--weight_decay", type=cli.non_negative_float, default=0.005, help="SGD weight decay")
     parser.add_argument("--lr_decay_step", default="50,100",
                         help="MultiStepLR milestones: lr x0.1 once that many epochs are done (none: constant lr)")
-    parser.add_argument("--save_every", type=int, default=1,
+    parser.add_argument("--save_every", type=cli.non_negative_int, default=1,
                         help="write the resumable checkpoint every N epochs (and after the last; 0: only then)")
     parser.add_argument("--save_epochs", default=None,
                         help="also keep the weights after these epochs in index_{i}/epoch_{E}.pt, e.g. 5,10 or "
                              "all (default: none), so an early-stopped model can be a teacher (--teacher_epoch)")
     parser.add_argument("--save_path", default=original_files.DEFAULT_SAVE_PATH, help="root of the saved models")
-    parser.add_argument("--random_seed", type=int, dest="seed", default=argparse.SUPPRESS,
+    parser.add_argument("--random_seed", type=cli.seed_int, dest="seed", default=argparse.SUPPRESS,
                         help="the reference's name for --seed")
     parser.add_argument("--ddp", action="store_true",
                         help="torchrun: all ranks train each model together (DistributedDataParallel); "
@@ -72,10 +71,6 @@ def resolve(args: argparse.Namespace) -> OriginalJob:
     Raises:
         utils.UserError: a value is invalid (the message names the flag).
     """
-    if args.num < 1:
-        raise utils.UserError(f"--num must be at least 1, got {args.num}")
-    if args.save_every < 0:
-        raise utils.UserError(f"--save_every must be >= 0, got {args.save_every}")
     cfg = originals.OriginalConfig(
         dataset=args.dataset, model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, lr_decay_step=originals.parse_milestones(

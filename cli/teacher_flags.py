@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
+import cli
 import utils
 from pretrained import original_files
 from pretrained.teachers import TeacherSpec
@@ -26,7 +27,7 @@ def add_teacher_args(parser: argparse.ArgumentParser) -> None:
                        help=f"train_original.py --save_path of those models (default {original_files.DEFAULT_SAVE_PATH})")
     group.add_argument("--teacher_index", default=None,
                        help="index(es) of each --teacher_model, comma-separated (default 0)")
-    group.add_argument("--teacher_epoch", type=int, default=None,
+    group.add_argument("--teacher_epoch", type=cli.positive_int, default=None,
                        help="use the weights after this epoch (index_{i}/epoch_{E}.pt, made by train_original.py "
                             "--save_epochs) instead of the finished model")
     group.add_argument("--teacher_arch", default=None,

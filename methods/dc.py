@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import chunked
 import evaluation
 import progress
+import utils
 from methods.base import DistillMethod, SyntheticSet
 from methods.registry import register_method
 from methods.losses import gradient_match_distance
@@ -78,11 +79,30 @@ class DC(DistillMethod):
         """DSA trains with ``--dsa_strategy``; plain DC with none."""
         return super().training_dsa(cfg) if cls.dsa else ""
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """``outer_loop`` >= 1 and ``inner_loop`` >= 0 when given (``None``: :func:`get_loops`); 0
+        image updates never stands for the default (the reference's ``get_loops`` returns 0 only
+        for an ipc it does not tabulate, and then exits).
+
+        Raises:
+            ValueError: one line naming the flag.
+        """
+        super().check_config(cfg)
+        if cfg.outer_loop is not None and cfg.outer_loop < 1:
+            raise ValueError(f"--outer_loop must be >= 1, got {cfg.outer_loop}")
+        if cfg.inner_loop is not None and cfg.inner_loop < 0:
+            raise ValueError(f"--inner_loop must be >= 0, got {cfg.inner_loop}")
+
     def __init__(self, cfg, **kwargs):
         super().__init__(cfg, **kwargs)
+        try:
+            self.check_config(cfg)
+        except ValueError as error:
+            raise utils.UserError(str(error)) from None
         default_outer, default_inner = get_loops(cfg.ipc)
-        self.outer_loop = cfg.outer_loop or default_outer
-        self.inner_loop = cfg.inner_loop if cfg.inner_loop is not None else default_inner
+        self.outer_loop = default_outer if cfg.outer_loop is None else cfg.outer_loop
+        self.inner_loop = default_inner if cfg.inner_loop is None else cfg.inner_loop
 
     def _freeze_batchnorm(self, net: nn.Module) -> None:
         """Set BN statistics from real images of every class, then freeze them (eval mode)."""

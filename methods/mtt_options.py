@@ -83,6 +83,6 @@ class PADOptions(DATMOptions):
     param_selection: str = option("loss", "PAD: which parameter selection applies: loss (released PAD.py), depth "
                                   "(PAD_depth.py) or both", source=TOOLKIT)
     loss_ratio: float = option(0.0, "PAD: fraction of parameter entries with the smallest error left out", minimum=0.0,
-                               source=PAD_REFERENCE)
+                               maximum=1.0, exclusive_maximum=True, source=PAD_REFERENCE)
     depth_ratio: float = option(0.0, "PAD: fraction of shallowest parameter entries left out", minimum=0.0,
-                                source=PAD_REFERENCE)
+                                maximum=1.0, exclusive_maximum=True, source=PAD_REFERENCE)

@@ -2,8 +2,10 @@
 
 A method's options are the fields of a frozen dataclass derived from :class:`MethodOptions`;
 each field is declared with :func:`option` (its reference default, the one-line help of the flag
-``--{name}``, its minimum or choices, and the source of the default: reference repository and
-file). ``distill.py`` adds one flag per field over all registered methods
+``--{name}``, its range (minimum, maximum) or choices, and the source of the default: reference
+repository and file). A numeric option's range is the flag's argparse type
+(:meth:`Option.flag_range`, a ``flag_types.Range``), so a value outside it is refused while
+parsing. ``distill.py`` adds one flag per field over all registered methods
 (``methods.method_options``); the method receives a validated instance as ``self.options`` and
 reads attributes (``self.options.syn_steps``).
 
@@ -17,7 +19,9 @@ import dataclasses
 import functools
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Tuple, Type
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Type
+
+from flag_types import Range
 
 # Where a default comes from when no reference repository has the flag.
 TOOLKIT = "this toolkit (no reference flag)"
@@ -33,8 +37,10 @@ class Option:
         default: the reference default.
         help: one line for ``--help``.
         type: ``float``, ``int``, ``str`` or ``bool`` (the field's annotation).
-        minimum: smallest allowed value (numbers), or ``None``.
+        minimum: smallest allowed value (numbers; every int or float option has one).
         exclusive_minimum: ``True`` when ``minimum`` itself is not allowed (``> minimum``).
+        maximum: largest allowed value (numbers), or ``None``.
+        exclusive_maximum: ``True`` when ``maximum`` itself is not allowed (``< maximum``).
         choices: the allowed values (a ``str`` option with a fixed set of values), or ``None``.
         source: where the default comes from (reference repository and file, or :data:`TOOLKIT`).
     """
@@ -47,6 +53,15 @@ class Option:
     exclusive_minimum: bool = False
     choices: Optional[Tuple[Any, ...]] = None
     source: str = ""
+    maximum: Optional[float] = None
+    exclusive_maximum: bool = False
+
+    def flag_range(self) -> Optional[Range]:
+        """The range of a numeric option (its flag's argparse type), ``None`` for str and bool."""
+        if self.type not in (int, float):
+            return None
+        return Range(self.type, self.minimum, self.maximum, exclusive_minimum=self.exclusive_minimum,
+                     exclusive_maximum=self.exclusive_maximum)
 
     def convert(self, value: Any) -> Any:
         """``value`` converted by ``type``; a ``bool`` option also takes the strings
@@ -69,25 +84,27 @@ class Option:
         """Validate ``value`` (already converted by :meth:`convert`) and return it.
 
         Raises:
-            ValueError: below the minimum, or not one of ``choices``; the message names ``--{name}``.
+            ValueError: outside the range (:meth:`flag_range`), or not one of ``choices``; the
+                message names ``--{name}``.
         """
         if self.choices is not None and value not in self.choices:
             raise ValueError(f"--{self.name} {value!r}: expected one of {', '.join(map(str, self.choices))}")
-        if self.minimum is not None:
-            too_small = value <= self.minimum if self.exclusive_minimum else value < self.minimum
-            if too_small:
-                relation = ">" if self.exclusive_minimum else ">="
-                raise ValueError(f"--{self.name} must be {relation} {self.minimum}, got {value}")
+        allowed = self.flag_range()
+        if allowed is not None and not allowed.contains(value):
+            raise ValueError(f"--{self.name} must be {allowed.bounds_text()}, got {value}")
         return value
 
 
 def option(default: Any, help: str, *, source: str, minimum: Optional[float] = None,
-           exclusive_minimum: bool = False, choices: Optional[Tuple[Any, ...]] = None):
+           exclusive_minimum: bool = False, maximum: Optional[float] = None, exclusive_maximum: bool = False,
+           choices: Optional[Tuple[Any, ...]] = None):
     """A field of a :class:`MethodOptions` dataclass: ``default`` with the flag's help, bounds and
     the source of the default (``"GeorgeCazenavette/mtt-distillation distill.py"``, or
-    :data:`TOOLKIT`). The field's annotation (int, float, str, bool) is the flag's type."""
+    :data:`TOOLKIT`). The field's annotation (int, float, str, bool) is the flag's type; an int or
+    float option needs a ``minimum`` (:func:`option_specs` refuses one without)."""
     return dataclasses.field(default=default, metadata={
         "help": help, "source": source, "minimum": minimum, "exclusive_minimum": exclusive_minimum,
+        "maximum": maximum, "exclusive_maximum": exclusive_maximum,
         "choices": None if choices is None else tuple(choices)})
 
 
@@ -125,8 +142,8 @@ def option_specs(options_class: Type[MethodOptions]) -> Tuple[Option, ...]:
     """The flags of an options dataclass, in field order.
 
     Raises:
-        TypeError: a field is not declared with :func:`option`, or its annotation is none of
-            int, float, str, bool.
+        TypeError: a field is not declared with :func:`option`, its annotation is none of
+            int, float, str, bool, or an int or float field declares no ``minimum``.
     """
     hints = typing.get_type_hints(options_class)
     specs = []
@@ -136,10 +153,34 @@ def option_specs(options_class: Type[MethodOptions]) -> Tuple[Option, ...]:
             raise TypeError(f"{options_class.__name__}.{field.name}: declare options with methods.options.option() "
                             "and an int, float, str or bool annotation")
         meta = field.metadata
+        if kind in (int, float) and meta["minimum"] is None:
+            raise TypeError(f"{options_class.__name__}.{field.name}: a numeric option declares its range "
+                            "(option(..., minimum=...))")
         specs.append(Option(field.name, field.default, meta["help"], type=kind, minimum=meta["minimum"],
                             exclusive_minimum=meta["exclusive_minimum"], choices=meta["choices"],
-                            source=meta["source"]))
+                            source=meta["source"], maximum=meta.get("maximum"),
+                            exclusive_maximum=meta.get("exclusive_maximum", False)))
     return tuple(specs)
+
+
+def shared_flag_range(options: Sequence[Option]) -> Range:
+    """The argparse type of a flag that several methods declare (``--factor``: NCFM from 1, RDED
+    from 0, where 0 means automatic): the loosest of their ranges, so that the flag refuses what no
+    method takes and each method still refuses the rest of its own when it is resolved
+    (:meth:`MethodOptions.__post_init__`).
+
+    Raises:
+        ValueError: ``options`` is empty or holds a str or bool option.
+    """
+    ranges = [option.flag_range() for option in options]
+    if not ranges or any(r is None for r in ranges):
+        raise ValueError("shared_flag_range needs numeric options")
+    lowest = min(ranges, key=lambda r: (r.minimum, r.exclusive_minimum))
+    highest = None if any(r.maximum is None for r in ranges) else max(
+        ranges, key=lambda r: (r.maximum, not r.exclusive_maximum))
+    return Range(ranges[0].kind, lowest.minimum, None if highest is None else highest.maximum,
+                 exclusive_minimum=lowest.exclusive_minimum,
+                 exclusive_maximum=False if highest is None else highest.exclusive_maximum)
 
 
 def resolve(options_class: Type[MethodOptions], given: Mapping[str, Any], method: str) -> MethodOptions:

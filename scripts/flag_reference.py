@@ -19,6 +19,8 @@ import os
 import sys
 from typing import Callable, List
 
+from flag_types import Range
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = os.path.join(ROOT, "docs", "flags.md")
 REGENERATE = "python3 scripts/flag_reference.py"
@@ -73,12 +75,15 @@ def default_text(action: argparse.Action) -> str:
 
 
 def help_text(action: argparse.Action, prog: str) -> str:
-    """The help of ``action`` with ``%(default)s``-style fields filled in, and its choices."""
+    """The help of ``action`` with ``%(default)s``-style fields filled in, its choices, and the
+    range a numeric flag declares (``flag_types.Range``)."""
     text = action.help or ""
     if "%" in text:
         text = text % {**vars(action), "prog": prog}
     if action.choices and not isinstance(action.choices, dict):
         text += f" (one of: {', '.join(map(str, action.choices))})"
+    if isinstance(action.type, Range):
+        text += f" (range: {action.type.describe()})"
     return cell(text)
 
 

@@ -161,6 +161,8 @@ def test_distill_cli_accepts_selection_methods(tmp_path, monkeypatch, one_thread
                                "--coreset_model_path", "x", "--run_dir", str(tmp_path)])
     cfg, opts = distill_flags.resolve(args)
     assert cfg.iterations == 0 and cfg.init == "real" and cfg.extra == {"coreset_model_path": "x"}
-    args = distill_flags.parse_args(["--method", "forgetting", "--dataset", "FashionMNIST", "--forgetting_epochs", "0"])
-    with pytest.raises(utils.UserError, match="--forgetting_epochs must be >= 1"):
-        distill_flags.resolve(args)
+    with pytest.raises(SystemExit) as stop:  # refused while parsing (the option's declared range)
+        distill_flags.parse_args(["--method", "forgetting", "--dataset", "FashionMNIST", "--forgetting_epochs", "0"])
+    assert stop.value.code == 2
+    with pytest.raises(ValueError, match="--forgetting_epochs must be >= 1"):  # and by the options themselves
+        methods.get_method_class("forgetting").resolve_options({"forgetting_epochs": 0})

@@ -485,8 +485,8 @@ def test_run_dir_that_is_a_file_is_one_line(tmp_path):
 @pytest.mark.parametrize("script,argv,message", [
     ("evaluate", ["--baseline", "random", "--ipc", "1", "--out", "/proc/nope/x.json"], "--out /proc/nope/x.json: cannot write there"),
     ("distill", ["--run_dir", "/proc/nope"], "--run_dir /proc/nope: cannot write there"),
-    ("distill", ["--epoch_eval_train", "0"], "--epoch_eval_train must be at least 1"),
-    ("evaluate", ["--baseline", "random", "--ipc", "1", "--epoch_eval_train", "0"], "--epoch_eval_train must be at least 1"),
+    ("distill", ["--epoch_eval_train", "0"], "--epoch_eval_train must be >= 1"),
+    ("evaluate", ["--baseline", "random", "--ipc", "1", "--epoch_eval_train", "0"], "--epoch_eval_train must be >= 1"),
 ])
 def test_unwritable_outputs_are_refused_before_any_work(script, argv, message, capsys, monkeypatch):
     import distill

@@ -182,7 +182,7 @@ def test_kip_run_saves_learned_labels_and_evaluates_them_with_the_square_loss(tm
 
 @pytest.mark.parametrize("argv,needle", [
     (["--kernel", "rbf"], "--kernel 'rbf': expected one of fc_ntk, fc_nngp, conv_rf"),
-    (["--reg", "-1"], "--reg must be >= 0.0"),
+    (["--reg", "-1"], "--reg must be >= 0, got -1"),
     (["--batch_real", "10"], "--batch_real 10: --method KIP does not use this flag"),
     (["--label_loss", "hinge"], "--label_loss 'hinge': expected one of cross_entropy, mse, mse_sum"),
 ])

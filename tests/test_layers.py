@@ -18,7 +18,7 @@ LAYERS = {
     "pretrained": 2,
     "evaluation": 1,
     **{name: 0 for name in ("networks", "augment", "data", "precision", "distributed", "utils", "progress",
-                            "chunked", "storage", "pictures", "tables")},
+                            "chunked", "storage", "pictures", "tables", "flag_types")},
 }
 
 

@@ -65,8 +65,10 @@ def test_flags_arrive_typed_and_invalid_values_name_the_flag():
     options = methods.get_method_class("DATM").resolve_options(cfg.extra)
     assert (options.syn_steps, options.lr_y, options.Sequential_Generation) == (7, 3.0, False)
     assert type(options.lr_y) is float and options.expert_epochs == 2  # DATM's own default, not MTT's 3
-    with pytest.raises(utils.UserError, match="--syn_steps must be >= 1, got 0"):
-        distill_flags.resolve(parser.parse_args(["--method", "MTT", "--dataset", "FashionMNIST", "--syn_steps", "0"]))
+    with pytest.raises(SystemExit):  # refused while parsing: the flag's type is the option's range
+        parser.parse_args(["--method", "MTT", "--dataset", "FashionMNIST", "--syn_steps", "0"])
+    with pytest.raises(ValueError, match="--syn_steps must be >= 1, got 0"):
+        methods.get_method_class("MTT").resolve_options({"syn_steps": 0})
     with pytest.raises(ValueError, match="--kernel 'rbf': expected one of fc_ntk, fc_nngp, conv_rf"):
         methods.get_method_class("KIP").options_type(kernel="rbf")
     with pytest.raises(ValueError, match="--depth expects a int, got 'deep'"):
@@ -80,12 +82,21 @@ def test_options_shared_between_methods_must_agree_on_their_type(monkeypatch):
 
     @dataclasses.dataclass(frozen=True)
     class ClashingOptions(MethodOptions):
-        reg: int = option(1, "a ridge given as an integer", source=TOOLKIT)
+        reg: int = option(1, "a ridge given as an integer", minimum=0, source=TOOLKIT)
 
     clash = type("Clash", (methods.DistillMethod,), {"options_type": ClashingOptions, "name": "Clash"})
     monkeypatch.setitem(methods.METHODS, "Clash", clash)
     with pytest.raises(TypeError, match="option 'reg' has type int in Clash but float in FRePo"):
         methods.method_options()
+
+
+def test_a_numeric_option_without_a_range_is_refused():
+    @dataclasses.dataclass(frozen=True)
+    class Unbounded(MethodOptions):
+        steps: int = option(3, "steps", source=TOOLKIT)
+
+    with pytest.raises(TypeError, match="Unbounded.steps: a numeric option declares its range"):
+        option_specs(Unbounded)
 
 
 def test_a_field_without_option_metadata_is_refused():

@@ -194,7 +194,7 @@ def test_evaluate_refuses_a_lambda_outside_the_unit_interval(capsys):
     with pytest.raises(SystemExit) as stop:
         evaluate.main(["--baseline", "random", "--ipc", "1", "--dataset", "MNIST", "--lrs_lambda", "2"])
     assert stop.value.code == 2
-    assert "--lrs_lambda must lie in [0, 1], got 2.0" in capsys.readouterr().err
+    assert "--lrs_lambda must be in [0, 1], got 2" in capsys.readouterr().err
 
 
 # ----- label regimes and the teacher (sets/label_regimes.py, cli/evaluate_regimes.py) -------------

@@ -286,7 +286,6 @@ def test_flags_resolve_to_a_spec_that_round_trips():
     (["--teacher_path", "a.pth", "--teacher_index", "1"], "--teacher_index applies to --teacher_model"),
     (["--teacher_model", "ConvNetBN", "--teacher_index", "a"], "--teacher_index 'a'"),
     (["--teacher_model", "NoNet"], "--teacher_model: unknown model 'NoNet'"),
-    (["--teacher_model", "ConvNetBN", "--teacher_epoch", "0"], "--teacher_epoch must be at least 1"),
     (["--teacher_arch", "resnet18"], "--teacher_arch resnet18 needs --teacher_path"),
     (["--teacher_arch", "resnet18,vgg11,alexnet", "--teacher_path", "a,b"], "3 architectures for 2"),
 ])
@@ -294,6 +293,14 @@ def test_bad_teacher_flags_are_one_line(argv, message):
     with pytest.raises(utils.UserError) as err:
         parse(*argv)
     assert message in one_line(err)
+
+
+def test_teacher_epoch_below_one_is_refused_while_parsing_and_in_the_spec(capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse("--teacher_model", "ConvNetBN", "--teacher_epoch", "0")
+    assert stop.value.code == 2 and "--teacher_epoch: must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(utils.UserError, match="--teacher_epoch must be at least 1"):  # a spec built elsewhere
+        T.TeacherSpec(models=("ConvNetBN",), epoch=0).validate()
 
 
 # ----- ImageNet scale: an ImageNet-style folder at 224 px, torchvision ResNet-18 ------------------

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 import networks
 import utils
+from flag_types import positive_int
 from methods.addons import register_addon
 from methods.addons.base import IMAGE_LOSS, AddOn
 from pretrained import original_files
@@ -222,10 +223,10 @@ def add_original_model_args(group, clom: bool = True) -> None:
                            help="CLoM weight: one for every architecture or one per --models_pool entry (off if absent)")
     group.add_argument("--models_pool", nargs="+", default=None,
                        help="architectures of the original models, e.g. ConvNet or ConvNet,LeNet (default: --model)")
-    group.add_argument("--model_num", type=int, default=1 if clom else None,
+    group.add_argument("--model_num", type=positive_int, default=1 if clom else None,
                        help="original models per architecture, indices 0..N-1 "
                             f"(default {'1' if clom else 'every index_* folder found'})")
-    group.add_argument("--epoch", type=int, default=None,
+    group.add_argument("--epoch", type=positive_int, default=None,
                        help="use models whose checkpoint holds exactly this many trained epochs "
                             "(default: the finished models)")
     group.add_argument("--pretrained_path", default="pretrained_model",
@@ -235,7 +236,7 @@ def add_original_model_args(group, clom: bool = True) -> None:
                            help="ce: alpha*CE(model(image_syn), label_syn); cos: the contrastive variant")
         group.add_argument("--source_dataset", default=None,
                            help="dataset the original models were trained on (default: --dataset)")
-        group.add_argument("--CLoM_batch_size", type=int, default=None,
+        group.add_argument("--CLoM_batch_size", type=positive_int, default=None,
                            help="real images per step for --CLoM_distance cos (required there)")
 
 

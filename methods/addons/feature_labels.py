@@ -44,6 +44,7 @@ import torch.nn.functional as F
 import networks
 import chunked
 import evaluation
+from flag_types import Range, non_negative_float, positive_float, positive_int
 from methods.addons import register_addon
 from methods.addons.base import AFTER_IMAGE_UPDATE, TRAINING_TERM, UNROLL_LOSS, AddOn
 from methods.addons.feature_loss import (FeatureLossConfig, FeatureTargets, classify_features, feature_distance,
@@ -123,9 +124,8 @@ class _Tap(nn.Module):
         return classify_features(self.net, x, self.cfg.layer_idx, tap_size, self.cfg.pooling)
 
 
-def _optional_int(value: str) -> Optional[int]:
-    """``None`` for none/None, else an int (``--layer_idx``)."""
-    return None if value.strip().lower() == "none" else int(value)
+# --layer_idx: a ConvNet block from 1 (feature_loss.FeatureLossConfig), or none for the last feature map.
+LAYER_INDEX = Range(int, 1, none_word="none")
 
 
 def _optional_str(value: str) -> Optional[str]:
@@ -162,18 +162,18 @@ class FeatureLabels(AddOn):
         group.add_argument("--feature_labels", action=argparse.BooleanOptionalAction, default=False,
                            help="learn a feature label F per image (or class) beside the images; networks trained on "
                                 "the set minimise CE + lbd * D(E(x), F)")
-        group.add_argument("--lbd", type=float, default=0.01, help="lambda of D(E(x), F) in network training (0.01)")
-        group.add_argument("--lr_feat", "--lr-feat", dest="lr_feat", type=float, default=0.1,
+        group.add_argument("--lbd", type=non_negative_float, default=0.01, help="lambda of D(E(x), F) in network training (0.01)")
+        group.add_argument("--lr_feat", "--lr-feat", dest="lr_feat", type=positive_float, default=0.1,
                            help="learning rate of F (0.1)")
         group.add_argument("--feat_opt", "--feat-opt", dest="feat_opt", default="SGD",
                            help="optimiser of F: SGD (momentum 0.5) or anything else for Adam (SGD)")
-        group.add_argument("--layer_idx", "--layer-idx", dest="layer_idx", type=_optional_int, default=None,
+        group.add_argument("--layer_idx", "--layer-idx", dest="layer_idx", type=LAYER_INDEX, default=None,
                            help="feature tap: omitted/none = last feature map, k = after ConvNet block k's pool")
         group.add_argument("--pooling", type=_optional_str, default=None,
                            help="avg, max or sum: pool E(x) and F to 1x1 (default none)")
-        group.add_argument("--feat_lbd", "--feat-lbd", dest="feat_lbd", type=float, default=None,
+        group.add_argument("--feat_lbd", "--feat-lbd", dest="feat_lbd", type=non_negative_float, default=None,
                            help="weight of CE(h(F), y) in the feature step (0; MTT/DATM/PAD 0.02)")
-        group.add_argument("--n_feat", "--n-feat", dest="n_feat", type=int, default=1,
+        group.add_argument("--n_feat", "--n-feat", dest="n_feat", type=positive_int, default=1,
                            help="number of sets of feature labels (1)")
         group.add_argument("--use_feature", "--use-feature", dest="use_feature", default="mean",
                            help="with --n_feat > 1: mean (average the sets) or random (one set per batch)")
@@ -217,7 +217,7 @@ class FeatureLabels(AddOn):
     @classmethod
     def add_eval_args(cls, parser: argparse.ArgumentParser) -> None:
         """``evaluate.py --lbd``."""
-        parser.add_argument("--lbd", type=float, default=None,
+        parser.add_argument("--lbd", type=non_negative_float, default=None,
                             help="sets saved with feature labels F (DRUPI): lambda of D(E(x), F) in training (default: "
                                  "the value the set was distilled with, else 0.01); 0 trains with CE only")
 
