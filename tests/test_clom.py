@@ -84,11 +84,15 @@ def test_distill_flags_reach_the_config():
     for argv, message in ((["--CLoM"], "--CLoM needs --alphas"),
                           (["--alphas", "1", "2"], "--alphas has 2 values"),
                           (["--alphas", "1", "--models_pool", "NoNet"], "--models_pool: unknown model"),
-                          (["--alphas", "1", "--CLoM_distance", "cos"], "--CLoM_batch_size"),
-                          (["--alphas", "1", "--model_num", "0"], "--model_num")):
+                          (["--alphas", "1", "--CLoM_distance", "cos"], "--CLoM_batch_size")):
         with pytest.raises(utils.UserError, match=message):
             # the flags as distill.py resolves them: --model left out is the method's network by then
             clom.CLoM.from_flags({**vars(distill_flags.parse_args(["--dataset", "MNIST", *argv])), "model": "ConvNet"})
+    with pytest.raises(SystemExit):  # --model_num 0: refused while parsing (its declared range) ...
+        distill_flags.parse_args(["--dataset", "MNIST", "--alphas", "1", "--model_num", "0"])
+    with pytest.raises(utils.UserError, match="--model_num"):  # ... and by the add-on for values from elsewhere
+        clom.CLoM.from_flags({**vars(distill_flags.parse_args(["--dataset", "MNIST", "--alphas", "1"])),
+                              "model": "ConvNet", "model_num": 0})
 
 
 # ----- loading ----------------------------------------------------------------------------------

@@ -291,6 +291,9 @@ def test_flags_reach_both_protocols():
     import methods
     protocol = eval_protocol(methods.get_method_class("DM"), cfg, opts)
     assert (protocol.student_aug, protocol.min_scale_crops, protocol.labels) == ("rrc", 0.25, "hard")
-    bad = evaluate_flags.build_parser().parse_args(["--syn_path", "x.pt", "--min_scale_crops", "2"])
-    with pytest.raises(utils.UserError, match="--min_scale_crops 2.0"):
+    with pytest.raises(SystemExit):  # outside (0, 1]: refused while parsing
+        evaluate_flags.build_parser().parse_args(["--syn_path", "x.pt", "--min_scale_crops", "2"])
+    bad = evaluate_flags.build_parser().parse_args(["--syn_path", "x.pt", "--min_scale_crops", "0.9",
+                                                    "--max_scale_crops", "0.5"])
+    with pytest.raises(utils.UserError, match="--min_scale_crops 0.9"):  # the pair is checked on resolve
         eval_options.eval_option_values(bad, given_only=True)
