@@ -14,7 +14,10 @@ passes it costs one clock read and one comparison: no device sync, no random dra
 - inside :func:`stoppable` (the distillation loop installs it), the stop check is asked every
   :data:`POLL_S` seconds; once a stop has been pending for the grace period
   (:data:`STOP_GRACE_S`) it raises :class:`StopRequested` where the loop is, and the caller drops
-  the unfinished unit. A stop is thus honoured within grace + poll + the time between two ticks.
+  the unfinished unit. A stop is thus honoured within grace + poll + the time between two ticks;
+- under torchrun, this rank's heartbeat for the ranks waiting in a collective
+  (``distributed.beat``, every ``distributed.beat_every_s()`` seconds), so that a rank that works
+  is not taken for a stuck one (``--dist_timeout``).
 
 The loops know nothing of who watches them: the state here is module-level and one process runs
 one stage at a time.
@@ -94,6 +97,9 @@ def _due(now: float) -> None:
     if _open:
         _open[-1].heartbeat(now)
     due = [_open[-1].next_heartbeat(now)] if _open else []
+    if distributed.world_size() > 1:  # torchrun: tell the ranks waiting in a collective this one works
+        distributed.beat()
+        due.append(now + distributed.beat_every_s())
     if _stop is not None:
         due.append(now + POLL_S if _stop_seen_at is None else min(now + POLL_S, _stop_seen_at + _grace_s))
     _deadline = min(due, default=math.inf)
@@ -213,6 +219,7 @@ class Progress:
         ``"loss=0.1234, acc=45.10%"``) replaces the text shown after the rate."""
         self.n += n
         now = self.updated_at = clock()
+        distributed.beat()  # torchrun: this rank is working (distributed.beat)
         if postfix is not None:
             self.postfix = postfix
         if not self.logs:

@@ -23,8 +23,9 @@ import progress
 import utils
 
 # Exit codes: 1 for results written elsewhere than asked, 2 for a user mistake (as argparse), 3 for
-# a numerical failure, 130 for a stop.
-EXIT_RESCUED, EXIT_USER, EXIT_NUMERIC, EXIT_STOPPED = 1, 2, 3, 130
+# a numerical failure, 4 for a torchrun rank that did not answer (or a collective that failed), 130
+# for a stop.
+EXIT_RESCUED, EXIT_USER, EXIT_NUMERIC, EXIT_DISTRIBUTED, EXIT_STOPPED = 1, 2, 3, 4, 130
 
 
 # argparse's message for a value a flag's type refused (flag_types.Range): the first name, the reason.
@@ -109,14 +110,23 @@ def add_data_args(parser: argparse.ArgumentParser, cifar100_stats_default: str =
 
 # --threads: torch.set_num_threads overflows past 2**31 - 1 and crashes the process far below it.
 THREADS = in_range(1, 1024, int)
+DIST_TIMEOUT_HELP = (
+    "torchrun: seconds a rank may neither reach a collective nor finish a training step before every rank "
+    "stops with one line naming it (also the process group's timeout). A working rank reports each training "
+    "step, so this must exceed the longest stretch without one: one step of the slowest network, rank 0 "
+    "writing a checkpoint, or the dataset loaded before the first collective, not a whole evaluation share. "
+    f"Default: the environment variable {distributed.TIMEOUT_ENV}, else {distributed.DEFAULT_TIMEOUT_S:g} "
+    "(10 minutes)")
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
-    """``--seed --device --threads``."""
+    """``--seed --device --threads --dist_timeout``."""
     group = parser.add_argument_group("runtime")
     group.add_argument("--seed", type=seed_int, default=0, help="base seed; experiment e uses seed + e")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     group.add_argument("--threads", type=THREADS, default=None, help="CPU threads for torch (default: torch's choice)")
+    group.add_argument("--dist_timeout", type=greater_than(0.0), default=None, metavar="SECONDS",
+                       help=DIST_TIMEOUT_HELP)
 
 
 AMP_HELP = ("mixed precision of forward passes (torch.autocast; fp16 adds a GradScaler, refused on CPU); "
@@ -141,21 +151,37 @@ def setup_precision(args: argparse.Namespace, device) -> "precision.Precision":
         raise utils.UserError(str(error)) from None
 
 
-def setup_runtime(args: argparse.Namespace):
-    """Apply ``--threads``, resolve ``--device`` once and, when torchrun started this process,
-    join its process group (``distributed.init``: NCCL on CUDA with ``cuda:LOCAL_RANK``, gloo on
-    CPU); returns this rank's ``torch.device``.
+def dist_timeout(args: argparse.Namespace) -> float:
+    """``--dist_timeout`` in seconds (``distributed.resolve_timeout``: the flag, else
+    ``DD_DIST_TIMEOUT_S``, else ``distributed.DEFAULT_TIMEOUT_S``), checked whether or not torchrun
+    started this process.
 
     Raises:
-        utils.UserError: an unusable ``--device``, or a ``LOCAL_RANK`` without its GPU.
+        utils.UserError: not a finite number above 0 (one line naming the flag or the variable).
+    """
+    try:
+        return distributed.resolve_timeout(getattr(args, "dist_timeout", None))
+    except ValueError as error:
+        raise utils.UserError(str(error)) from None
+
+
+def setup_runtime(args: argparse.Namespace):
+    """Apply ``--threads``, resolve ``--device`` and ``--dist_timeout`` once and, when torchrun
+    started this process, join its process group (``distributed.init``: NCCL on CUDA with
+    ``cuda:LOCAL_RANK``, gloo on CPU); returns this rank's ``torch.device``.
+
+    Raises:
+        utils.UserError: an unusable ``--device`` or ``--dist_timeout``, or a ``LOCAL_RANK``
+            without its GPU.
     """
     import torch
 
+    timeout_s = dist_timeout(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = utils.resolve_device(args.device)
     try:
-        return distributed.init(device)
+        return distributed.init(device, timeout_s=timeout_s)
     except ValueError as error:
         raise utils.UserError(f"--device {args.device}: {error}") from None
 
@@ -311,11 +337,17 @@ def stop_word(stop: KeyboardInterrupt) -> str:
     return "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
 
 
+# What a stopped torchrun job keeps when the stage does not say more (every file is written whole).
+DIST_KEPT = "files written before it are kept whole"
+
+
 @contextmanager
 def user_errors(on_stop: str = "nothing was written; run the same command again"):
     """Turn the toolkit's user-facing exceptions into one line: exit code 2 for a user mistake,
     3 for a NaN/Inf loss, 130 for Ctrl-C or SIGTERM outside the distillation loop (which
-    checkpoints first), saying ``on_stop`` (what is kept, how to continue). SIGTERM is turned
+    checkpoints first), saying ``on_stop`` (what is kept, how to continue), 4 for a torchrun rank
+    that did not answer (``distributed.CollectiveError``, with what the stage says it kept, or a
+    torch.distributed failure, ``distributed.backend_failure``). SIGTERM is turned
     into :class:`Terminated` (a ``KeyboardInterrupt``) while the block runs, so a stage's own
     ``except KeyboardInterrupt`` (buffer.py, train_original.py) reports both alike."""
     from data import DatasetError
@@ -327,6 +359,13 @@ def user_errors(on_stop: str = "nothing was written; run the same command again"
         fail(str(error))
     except FloatingPointError as error:
         fail(str(error), EXIT_NUMERIC)
+    except distributed.CollectiveError as error:  # torchrun: a rank did not answer
+        fail(f"{error}; every rank stops; {error.kept or DIST_KEPT}", EXIT_DISTRIBUTED)
+    except RuntimeError as error:  # a torch.distributed failure outside distributed's collectives (--ddp)
+        line = distributed.backend_failure(error)
+        if line is None:
+            raise
+        fail(f"{line}; every rank stops; {DIST_KEPT}", EXIT_DISTRIBUTED)
     except OSError as error:  # an output that could not be written (full disk, permissions)
         fail(str(error) if str(error).startswith("cannot write") else f"{type(error).__name__}: {error}")
     except KeyboardInterrupt as stop:

@@ -157,8 +157,9 @@ class DistillationRun(RunFiles, BestSoFar):
                                   data_save=self.data_save, learned_lr=self.learned_lr, schedules=self.schedules,
                                   accs_by_exp=self.accs_by_exp, finished=self.finished, best=self.best,
                                   summary_rows=self.summary_rows, selection=self.selection_settings())
-        self.checkpointed = (exp, iteration)
+            self.checkpointed = (exp, iteration)
         distributed.barrier()
+        self.checkpointed = (exp, iteration)  # the other ranks know it is on disk once rank 0 has arrived
 
     def refuse_overwrite(self) -> None:
         """A run directory that already holds a run (its checkpoint or result file) is continued
@@ -510,6 +511,8 @@ class DistillationRun(RunFiles, BestSoFar):
             utils.UserError: see the class docstring.
             FloatingPointError: the loss became NaN or infinite; the message says where, and what
                 is kept on disk (``methods.run_checks.kept_message``).
+            distributed.CollectiveError: under torchrun, a rank did not answer (its ``kept`` says
+                what is kept on disk).
         """
         self.refuse_overwrite()
         with contextlib.ExitStack() as owned:
@@ -517,7 +520,13 @@ class DistillationRun(RunFiles, BestSoFar):
                 owned.enter_context(claim_run_dir(self.opts.run_dir, refuse_foreign=False))
                 for path in storage.remove_stale_temporaries(self.opts.run_dir):  # ours alone: we hold its lock
                     logger.info("removed %s, left by a process stopped while writing", path)
-            return self.run_owned()
+            try:
+                return self.run_owned()
+            except distributed.CollectiveError as error:  # torchrun: a rank did not answer
+                kept = kept_message(self.checkpoint_path, self.checkpointed, self.result_path, len(self.data_save))
+                again = "--resume to continue" if os.path.isfile(self.checkpoint_path) else "--resume"
+                error.kept = f"{kept}; re-run the same command with {again}"
+                raise
 
     def run_owned(self) -> RunOutcome:
         """:meth:`run` once the run directory is this process's (rank 0 holds its lock)."""

@@ -1,0 +1,131 @@
+"""torchrun timeouts (``--dist_timeout``): a rank that neither reaches a collective nor finishes a
+training step within the timeout ends every rank with one line naming it and exit code 4; a rank
+that works longer than the timeout (``progress.tick``) is waited for.
+
+Two ranks joined by gloo are started as plain processes with the environment torchrun would set
+(each one's output apart), running a small driver written into the test's folder: it joins the
+group through ``cli.setup_runtime`` (so ``--dist_timeout`` is the flag's path) inside
+``cli.user_errors`` (the stage scripts' handler), passes a barrier, then rank 1 sleeps (``stuck``)
+or trains for twice the timeout while ticking (``busy``) before the next collective.
+"""
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import cli
+import distributed
+import utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 3  # --dist_timeout of the runs
+JOIN_TIMEOUT_S = 240  # a busy 2-core machine starts two torch processes slowly
+
+DRIVER = r'''
+import argparse, os, pathlib, sys, time
+
+import cli, distributed, progress
+
+folder, mode = pathlib.Path(sys.argv[1]), sys.argv[2]
+# Both ranks have imported torch before either joins (the rendezvous shares --dist_timeout).
+(folder / f"ready{os.environ['RANK']}").touch()
+while not all((folder / f"ready{r}").exists() for r in range(2)):
+    time.sleep(0.05)
+parser = argparse.ArgumentParser()
+cli.add_runtime_args(parser)
+args = parser.parse_args(sys.argv[3:])
+with cli.user_errors():
+    cli.setup_runtime(args)
+    distributed.barrier()
+    if distributed.rank() == 1:
+        until = time.monotonic() + 2.5 * args.dist_timeout
+        while time.monotonic() < until:
+            if mode == "busy":
+                progress.tick()  # a training step
+            time.sleep(0.01)
+    stop = distributed.any_flag(False)
+    print(f"rank {distributed.rank()} passed", flush=True)
+distributed.shutdown()
+'''
+
+
+def run_two_ranks(tmp_path, mode):
+    """Start the driver on 2 ranks; returns ``[(exit code, stderr), ...]`` by rank and the seconds
+    from the barrier's end (both ranks ready) to the last exit."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        env.pop(distributed.TIMEOUT_ENV, None)
+        procs.append(subprocess.Popen([sys.executable, str(driver), str(tmp_path), mode, "--device", "cpu",
+                                       "--threads", "1", "--dist_timeout", str(TIMEOUT_S)],
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        outputs = [proc.communicate(timeout=JOIN_TIMEOUT_S) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return [(proc.returncode, err) for proc, (_, err) in zip(procs, outputs)], outputs
+
+
+def test_a_stuck_rank_ends_every_rank_in_one_line(tmp_path):
+    start = time.monotonic()
+    results, outputs = run_two_ranks(tmp_path, "stuck")
+    took = time.monotonic() - start
+    (code0, err0), (code1, err1) = results
+    assert code0 == code1 == cli.EXIT_DISTRIBUTED, results
+    assert err0.strip().splitlines() == [
+        f"error: rank 1 did not reach all_reduce (stop flag) within --dist_timeout {TIMEOUT_S} s, nor finished a "
+        f"training step in that time; every rank stops; {cli.DIST_KEPT}"], err0
+    # Rank 1 arrives after rank 0 has left: one line too (the store rank 0 hosted is gone, or,
+    # were rank 0 still there, the message it left in the store), no traceback or C++ dump.
+    assert len(err1.strip().splitlines()) == 1, err1
+    assert err1.startswith("error: rank 1 reached all_reduce (stop flag) after the other ranks had stopped"), err1
+    assert "passed" not in outputs[0][0] + outputs[1][0]
+    assert took < JOIN_TIMEOUT_S
+
+
+def test_a_busy_rank_is_waited_for_past_the_timeout(tmp_path):
+    results, outputs = run_two_ranks(tmp_path, "busy")
+    assert results == [(0, ""), (0, "")], results
+    assert [out.strip() for out, _ in outputs] == ["rank 0 passed", "rank 1 passed"]
+
+
+@pytest.mark.parametrize("value, why", [("0", "> 0"), ("-1", "> 0"), ("nan", "a finite number > 0"),
+                                        ("inf", "a finite number > 0")])
+def test_dist_timeout_refuses_a_value_not_above_zero_in_one_line(value, why, capsys):
+    parser = cli.OneLineParser()
+    cli.add_runtime_args(parser)
+    with pytest.raises(SystemExit) as stop:
+        parser.parse_args(["--dist_timeout", value])
+    assert stop.value.code == cli.EXIT_USER
+    assert capsys.readouterr().err.splitlines() == [f"error: --dist_timeout must be {why}, got {value}"]
+    with pytest.raises(ValueError, match=f"^--dist_timeout {value}: the timeout must be a finite number of "
+                                         "seconds above 0$"):  # the library's own check (init's timeout_s)
+        distributed.resolve_timeout(float(value))
+
+
+def test_dist_timeout_flag_wins_over_the_environment(monkeypatch):
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "42")
+    parser = cli.OneLineParser()
+    cli.add_runtime_args(parser)
+    assert cli.dist_timeout(parser.parse_args([])) == 42.0
+    assert cli.dist_timeout(parser.parse_args(["--dist_timeout", "7"])) == 7.0
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "-5")
+    with pytest.raises(utils.UserError, match=r"^DD_DIST_TIMEOUT_S=-5: the timeout must be"):
+        cli.dist_timeout(parser.parse_args([]))
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")
+    with pytest.raises(ValueError, match="DD_DIST_TIMEOUT_S='soon'"):
+        distributed.resolve_timeout(None)
+    monkeypatch.delenv(distributed.TIMEOUT_ENV)
+    assert distributed.resolve_timeout(None) == distributed.DEFAULT_TIMEOUT_S == 600.0
