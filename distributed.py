@@ -33,8 +33,8 @@ arrives, stops with the same explanation instead of a gloo traceback. The collec
 starts only once every rank is there; its own timeout (``init_process_group``'s) is the same.
 
 Source: the PyTorch documentation of ``torch.distributed`` (``init_process_group`` with the
-``env://`` method torchrun sets up, ``all_reduce``, ``all_gather_object``, ``barrier``) and of
-``torchrun``.
+``env://`` method torchrun sets up, ``all_reduce``, ``all_gather_object``, ``barrier``, the
+key-value store's ``set``, ``check``, ``add``, ``get``, ``delete_key``) and of ``torchrun``.
 """
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import cli
 import distributed
@@ -129,3 +130,32 @@ def test_dist_timeout_flag_wins_over_the_environment(monkeypatch):
         distributed.resolve_timeout(None)
     monkeypatch.delenv(distributed.TIMEOUT_ENV)
     assert distributed.resolve_timeout(None) == distributed.DEFAULT_TIMEOUT_S == 600.0
+
+
+def test_distill_says_which_checkpoint_a_timeout_keeps(tmp_path, monkeypatch, capsys, one_thread):
+    """A collective that fails at iteration 3 (checkpoints after 1 and 2): distill's line names
+    last.pt of iteration 2 and --resume, exit code 4."""
+    import methods
+    from methods.runner import RunOptions, run_distillation
+    from tiny_data import tiny_record
+
+    calls = []
+
+    def stop_flag(flag):
+        calls.append(flag)
+        if len(calls) == 3:
+            raise distributed.CollectiveError("rank 1 did not reach all_reduce (stop flag) within --dist_timeout 5 s")
+        return bool(flag)
+
+    monkeypatch.setattr(distributed, "any_flag", stop_flag)
+    cfg = methods.DistillConfig(method="DM", dataset="Tiny3", model="ConvNetW32", ipc=1, iterations=5, lr_img=1.0,
+                                batch_real=8, init="real")
+    opts = RunOptions(num_exp=1, num_eval=0, eval_it=0, eval_models=("ConvNetW32",), seed=0,
+                      run_dir=str(tmp_path / "run"), checkpoint_every=1, save_vis=False)
+    with pytest.raises(SystemExit) as stop, cli.user_errors():
+        run_distillation(cfg, opts, tiny_record(num_classes=3, per_class=8, size=8), torch.device("cpu"))
+    assert stop.value.code == cli.EXIT_DISTRIBUTED
+    checkpoint = os.path.join(opts.run_dir, "last.pt")
+    assert capsys.readouterr().err.splitlines() == [
+        "error: rank 1 did not reach all_reduce (stop flag) within --dist_timeout 5 s; every rank stops; checkpoint "
+        f"{checkpoint} (experiment 0, iteration 2) is kept; re-run the same command with --resume to continue"]
