@@ -524,8 +524,8 @@ class DistillationRun(RunFiles, BestSoFar):
                 return self.run_owned()
             except distributed.CollectiveError as error:  # torchrun: a rank did not answer
                 kept = kept_message(self.checkpoint_path, self.checkpointed, self.result_path, len(self.data_save))
-                again = "--resume to continue" if os.path.isfile(self.checkpoint_path) else "--resume"
-                error.kept = f"{kept}; re-run the same command with {again}"
+                again = " with --resume to continue" if os.path.isfile(self.checkpoint_path) else ""
+                error.kept = f"{kept}; re-run the same command{again}"
                 raise
 
     def run_owned(self) -> RunOutcome:
