@@ -21,12 +21,13 @@ STAGES = tuple(script for script, _ in flag_reference.STAGES)
 # What a stage needs on its command line besides the flag tried (evaluate.py: a source of sets).
 REQUIRED = {"evaluate.py": ["--baseline", "random"]}
 # Flags the walk must find (the examples; a walk that finds nothing passes nothing).
+RUNTIME = {"--threads", "--seed", "--dist_timeout"}  # cli.add_runtime_args, every stage
 EXPECTED = {
-    "distill.py": {"--threads", "--seed", "--outer_loop", "--inner_loop", "--ipc", "--syn_steps", "--factor",
-                   "--lbd", "--layer_idx", "--model_num", "--temperature", "--teacher_epoch"},
-    "evaluate.py": {"--threads", "--seed", "--num_eval", "--exp", "--lrs_lambda", "--lbd", "--assess_real"},
-    "buffer.py": {"--threads", "--seed", "--num_experts", "--rm_easy_ratio_first"},
-    "train_original.py": {"--threads", "--seed", "--random_seed", "--num", "--lr"},
+    "distill.py": RUNTIME | {"--outer_loop", "--inner_loop", "--ipc", "--syn_steps", "--factor", "--lbd",
+                             "--layer_idx", "--model_num", "--temperature", "--teacher_epoch"},
+    "evaluate.py": RUNTIME | {"--num_eval", "--exp", "--lrs_lambda", "--lbd", "--assess_real"},
+    "buffer.py": RUNTIME | {"--num_experts", "--rm_easy_ratio_first"},
+    "train_original.py": RUNTIME | {"--random_seed", "--num", "--lr"},
 }
 
 _PARSERS = {}
