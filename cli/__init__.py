@@ -14,6 +14,7 @@ import time
 from contextlib import contextmanager
 from typing import Callable, NoReturn
 
+import data
 import distributed
 import networks
 from flag_types import (Range, RangeError, at_least, fraction, greater_than, in_range,  # noqa: F401
@@ -127,6 +128,10 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threads", type=THREADS, default=None, help="CPU threads for torch (default: torch's choice)")
     group.add_argument("--dist_timeout", type=greater_than(0.0), default=None, metavar="SECONDS",
                        help=DIST_TIMEOUT_HELP)
+    group.add_argument("--max_file_gb", type=greater_than(0.0), default=data.plain.DEFAULT_MAX_BYTES / 2 ** 30,
+                       metavar="GIB",
+                       help="largest input file (set, checkpoint, buffer, model) in GiB, and the most its tensors may "
+                            "declare, checked before it is read (default 64: an ImageNet-1K set at ipc 50 is 28 GiB)")
 
 
 AMP_HELP = ("mixed precision of forward passes (torch.autocast; fp16 adds a GradScaler, refused on CPU); "
@@ -177,6 +182,8 @@ def setup_runtime(args: argparse.Namespace):
     import torch
 
     timeout_s = dist_timeout(args)
+    if getattr(args, "max_file_gb", None):
+        data.set_max_bytes(int(args.max_file_gb * 2 ** 30))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = utils.resolve_device(args.device)

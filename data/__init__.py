@@ -4,8 +4,9 @@ Public API (importing the package registers every loader):
 
 * :func:`load_dataset` -> :class:`DatasetRecord`; :func:`list_datasets`, :data:`DATASETS`,
   :func:`register_dataset`; :class:`DatasetError` for every user-facing problem.
-* :func:`load_plain`: ``torch.load(weights_only=True)`` of any file a user hands the toolkit, a
-  file that would run code refused in one line (:class:`PlainDataError`).
+* :func:`load_plain` (``data/plain.py``): ``torch.load(weights_only=True)`` of any file a user hands
+  the toolkit, a file that would run code or inflate beyond its size refused in one line
+  (:class:`PlainDataError`); :func:`set_max_bytes` (``--max_file_gb``).
 * :class:`ZCA`: kornia-compatible ZCA whitening (fit / transform / inverse / state_dict).
 * :class:`RealSampler` and :func:`sample_random_real`: per-class random real images.
 * :func:`split_validation` -> :class:`ValidationSplit`: a class-balanced validation split held out
@@ -18,8 +19,9 @@ Datasets: MNIST, FashionMNIST, SVHN, CIFAR10, CIFAR100 (torchvision readers), Ti
 imagemeow, imagesquawk, imageyellow; or ``'ImageNet'`` with ``subset``) and MHIST.
 """
 from .core import (CIFAR10_MEAN, CIFAR10_STD, DATASETS, SHARED_STATS, TRAIN_STATS, DatasetError, DatasetLoader,
-                   DatasetRecord, PlainDataError, RawSplits, list_datasets, load_dataset, load_plain, normalization_name,
+                   DatasetRecord, RawSplits, list_datasets, load_dataset, normalization_name,
                    one_line, register_dataset, train_statistics)
+from .plain import PlainDataError, load_plain, set_max_bytes
 from .zca import ZCA
 from .sampler import RealSampler, sample_random_real
 from .validation import ValidationSplit, split_validation
@@ -52,6 +54,7 @@ __all__ = [
     'normalization_name',
     'register_dataset',
     'sample_random_real',
+    'set_max_bytes',
     'split_validation',
     'train_statistics',
 ]

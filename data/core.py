@@ -12,15 +12,11 @@ Loaders register themselves with :func:`register_dataset` when the ``data`` pack
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import pickle
-import re
 import time
-import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor
@@ -31,7 +27,6 @@ _logger = logging.getLogger(__name__)
 
 __all__ = [
     'DatasetError',
-    'PlainDataError',
     'DatasetRecord',
     'RawSplits',
     'DatasetLoader',
@@ -39,7 +34,6 @@ __all__ = [
     'register_dataset',
     'list_datasets',
     'load_dataset',
-    'load_plain',
     'CIFAR10_MEAN',
     'CIFAR10_STD',
     'SHARED_STATS',
@@ -64,56 +58,6 @@ class DatasetError(Exception):
 def one_line(text: object) -> str:
     """Collapse ``text`` (any object, via ``str``) to a single line with single spaces."""
     return ' '.join(str(text).split())
-
-
-class PlainDataError(DatasetError):
-    """A ``torch.save``'d file that :func:`load_plain` refused (it holds more than plain data) or
-    could not read; the one-line message names the file."""
-
-
-_GLOBAL_RE = re.compile(r'Unsupported global: GLOBAL (\S+?)(?: was|[:.,]|\s|$)')
-
-
-def load_plain(path: str | os.PathLike, what: str = '', allowed_globals: Sequence = ()) -> object:
-    """``torch.load(path, map_location='cpu', weights_only=True)``: read tensors and plain Python
-    values (dict, list, tuple, str, numbers, None) only, plus the types in ``allowed_globals``.
-
-    A pickle that names any other class or function (``os.system``, ``getattr``, a class of some
-    package) is refused by torch's restricted unpickler before anything in it is called, so no
-    code from the file ever runs. Every file a user hands the toolkit (synthetic sets, checkpoints,
-    expert buffers, score files, original models, TinyImageNet's ``.pt``) is read through here.
-
-    Args:
-        path: the file.
-        what: what the file is, for the message (``'expert buffer file'``); may be empty.
-        allowed_globals: further classes or functions the file may reference (numpy's array
-            reconstruction for the RNG state in our checkpoints).
-
-    Returns:
-        The loaded object.
-
-    Raises:
-        PlainDataError: one line naming ``path``: it is not plain data (and what it references),
-            or it cannot be read (missing, truncated, not a torch file).
-    """
-    name = f'{what} {os.fspath(path)}' if what else os.fspath(path)
-    allow = getattr(torch.serialization, 'safe_globals', None)  # torch >= 2.5
-    context = allow(list(allowed_globals)) if allow and allowed_globals else contextlib.nullcontext()
-    try:
-        with context, warnings.catch_warnings():
-            # torch warns about the pickle protocol of a foreign file before refusing it: one line, not two
-            warnings.filterwarnings('ignore', message='Detected pickle protocol')
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as error:  # torch's restricted unpickler refused something
-        text = str(error)
-        if 'weights only' in text.lower() or 'WeightsUnpickler' in text:
-            found = _GLOBAL_RE.search(text)
-            held = f'a reference to {found.group(1)}' if found else 'pickle operations beyond tensors and plain values'
-            raise PlainDataError(f'{name} is not plain data: it holds objects other than tensors and plain values '
-                                 f'({held}), which could run code when loaded; refused, nothing in it was run') from None
-        raise PlainDataError(f'cannot read {name} ({one_line(text)[:200]})') from None
-    except Exception as error:  # missing, truncated or foreign: zip, pickle and OS errors share no base class
-        raise PlainDataError(f'cannot read {name} ({one_line(error)[:200]})') from None
 
 
 @dataclass

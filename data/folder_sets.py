@@ -24,7 +24,8 @@ from torchvision.datasets.folder import default_loader, find_classes
 from torchvision.datasets.imagenet import load_meta_file
 from torchvision.transforms.functional import pil_to_tensor
 
-from .core import DatasetError, PlainDataError, RawSplits, load_plain, one_line, register_dataset, reject_res, reject_subset
+from .core import DatasetError, RawSplits, one_line, register_dataset, reject_res, reject_subset
+from .plain import PlainDataError, load_plain
 from .facts import DEFAULT_RES, IMAGENET_SUBSETS
 
 _logger = logging.getLogger(__name__)

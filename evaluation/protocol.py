@@ -213,6 +213,11 @@ class EvalConfig(StudentProtocol):
         return record
 
 
+# The flag each recorded protocol field stands for, where the names differ.
+RECORD_FLAGS = {"epochs_augmented": "--epoch_eval_train", "epochs_plain": "--epoch_eval_train", "lr": "--lr_net",
+                "batch_train": "--batch_train"}
+
+
 @dataclass(frozen=True)
 class EvalProtocol(StudentProtocol):
     """The one evaluation-protocol resolver: what a synthetic set is trained with, before the
@@ -299,9 +304,46 @@ class EvalProtocol(StudentProtocol):
 
     @classmethod
     def from_dict(cls, record: dict) -> "EvalProtocol":
-        """Inverse of :meth:`as_dict`; unknown keys are ignored (a newer file), missing ones default."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in record.items() if key in known})
+        """Inverse of :meth:`as_dict`; unknown keys are ignored (a newer file), missing ones default.
+        Every recorded value is checked like the flag it stands for (:data:`RECORD_FLAGS`): its type
+        (the field's default's: bool, int, float or str) and its range (:meth:`check_ranges`).
+
+        Raises:
+            ValueError: ``record`` is not a dict, or a value of the wrong type or out of its range,
+                naming the field and its flag.
+        """
+        if not isinstance(record, dict):
+            raise ValueError(f"the protocol record is a {type(record).__name__}; expected a dict")
+        values = {}
+        for f in dataclasses.fields(cls):
+            if record.get(f.name) is None:  # unrecorded: the default, as for a missing key
+                continue
+            value, flag = record[f.name], RECORD_FLAGS.get(f.name, f"--{f.name}")
+            kind = type(f.default)
+            fits = (isinstance(value, bool) if kind is bool else
+                    isinstance(value, int) and not isinstance(value, bool) if kind is int else
+                    isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    if kind is float else isinstance(value, str))
+            if not fits:
+                raise ValueError(f"protocol field {f.name} ({flag}) is {value!r}; expected {kind.__name__}")
+            values[f.name] = value
+        protocol = cls(**values)
+        protocol.check_ranges()
+        return protocol
+
+    def check_ranges(self) -> None:
+        """Raise ``ValueError`` naming the flag for a training setting out of range: epochs and
+        ``batch_train`` at least 1, ``lr`` positive, weight decay and the MSE weight non-negative
+        (the student settings' choices: :meth:`StudentProtocol.check_student`)."""
+        for name in ("epochs_augmented", "epochs_plain", "batch_train"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"protocol field {name} ({RECORD_FLAGS[name]}) is {getattr(self, name)}; "
+                                 "expected at least 1")
+        if not self.lr > 0:
+            raise ValueError(f"protocol field lr (--lr_net) is {self.lr}; expected a positive number")
+        for name in ("adamw_weight_decay", "mse_gt_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"protocol field {name} (--{name}) is {getattr(self, name)}; expected >= 0")
 
 
 @dataclass

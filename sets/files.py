@@ -188,7 +188,11 @@ def tensor_files_as_results(images_path: str, num_classes: int, labels_path: Opt
         lr_path = lr_beside
         logger.info("--syn_path %s: the learned step size from %s beside it", images_path, os.path.basename(lr_beside))
     if lr_path:
-        meta["syn_lr"] = [float(load_tensor(lr_path, "--lr_path").reshape(-1)[0])]
+        lr = load_tensor(lr_path, "--lr_path")
+        if lr.numel() != 1 or lr.is_complex() or lr.dtype == torch.bool:
+            raise utils.UserError(f"--lr_path: {lr_path} holds {tuple(lr.shape)} {str(lr.dtype).replace('torch.', '')}; "
+                                  "expected the learned step size, one number (DATM/PAD lr_*.pt)")
+        meta["syn_lr"] = [float(lr.reshape(-1)[0])]
     return {"data": [[images, labels]], "meta": meta, "accs_all_exps": {}}
 
 

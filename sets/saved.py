@@ -22,6 +22,7 @@ the add-on's own loader (``methods.addons``), called by ``cli``.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -32,11 +33,17 @@ import torch
 import evaluation
 import networks
 import utils
-from sets import files
+from sets import checks, files
 
 # DRUPI's result files (and ours before add-on entries were named) hold one extra tensor per
 # ``data`` item: the feature labels F of the add-on of that name.
 DEFAULT_ADDON_ENTRIES = ("feature_labels",)
+
+logger = logging.getLogger(__name__)
+
+# Datasets the references distil both with and without ZCA whitening (DC/DSA/DM: mean/std;
+# MTT/DATM/PAD/FRePo/KIP: ``--zca`` by default), so a file that records neither is ambiguous.
+AMBIGUOUS_PREPROCESSING = ("CIFAR10", "CIFAR100")
 
 _REFERENCE_NAME = re.compile(r"^res_(?P<method>[^_]+)_(?P<dataset>[^_]+)_(?P<model>.+)_(?P<ipc>\d+)ipc\.pt$")
 
@@ -153,20 +160,6 @@ def layout_of(path: str) -> str:
     return "tensor" if files.is_tensor_file(path) else "result"
 
 
-def _labels(labels: torch.Tensor, count: int, num_classes: int, index: int, path: str, dataset: str) -> torch.Tensor:
-    """Saved labels checked and cast: (N,) int64 within the classes, or (N, K) float32."""
-    if labels.dim() == 1:
-        labels = labels.long()
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-            raise utils.UserError(f"--syn_path {path}: data[{index}] labels run {int(labels.min())}..{int(labels.max())}; "
-                                  f"{dataset} has classes 0..{num_classes - 1}")
-        return labels
-    if labels.dim() == 2 and labels.shape[1] == num_classes:
-        return labels.float()
-    raise utils.UserError(f"--syn_path labels of experiment {index} have shape {tuple(labels.shape)}; expected "
-                          f"({count},) class indices or ({count}, {num_classes}) logits")
-
-
 def read_saved_set(path: str, record, exp: Optional[Sequence[int]] = None, labels_path: Optional[str] = None,
                    lr_path: Optional[str] = None, dataset: Optional[str] = None) -> SavedSet:
     """Read a saved set in any layout (``sets.files``) and check it fits the dataset.
@@ -189,7 +182,7 @@ def read_saved_set(path: str, record, exp: Optional[Sequence[int]] = None, label
     """
     layout = layout_of(path)
     blob = files.read_set_file(path, record.num_classes, labels_path, lr_path)
-    meta = blob.get("meta") or {}
+    meta = checks.check_record(blob, path)
     named = reference_name(path) if layout == "result" else {}
     dataset = dataset or record.name
     if meta.get("dataset") and meta["dataset"] not in (dataset, record.name):
@@ -203,35 +196,44 @@ def read_saved_set(path: str, record, exp: Optional[Sequence[int]] = None, label
     for index in chosen:
         if not 0 <= index < len(entries):
             raise utils.UserError(f"--exp {index}: the file holds experiments 0..{len(entries) - 1}")
-        images = entries[index][0].float()
+        images = entries[index][0]
         if tuple(images.shape[1:]) != (record.channel, *record.im_size):
             raise utils.UserError(f"--syn_path images are {tuple(images.shape[1:])} but {dataset} images are "
                                   f"{(record.channel, *record.im_size)}")
-        if not torch.isfinite(images).all():
-            raise utils.UserError(f"--syn_path {path}: data[{index}] images hold NaN or infinite values "
-                                  f"({int((~torch.isfinite(images)).sum())} entries); the set is not usable")
-        labels = _labels(entries[index][1], images.shape[0], record.num_classes, index, path, dataset)
+        images = checks.check_images(images, index, path)
+        labels = checks.check_labels(entries[index][1], images.shape[0], record.num_classes, index, path, dataset)
         extras = [value for value in entries[index][2:] if torch.is_tensor(value)]
         schedule = None
         if index < len(schedules) and schedules[index] is not None:
             try:
+                if not isinstance(schedules[index], dict):
+                    raise ValueError(f"a {type(schedules[index]).__name__}, not a dict")
                 schedule = evaluation.StepSchedule.from_dict(schedules[index])
                 schedule.check(images.shape[0])
             except ValueError as error:
                 raise utils.UserError(f"--syn_path {path}: data[{index}] step schedule: {error}") from None
         experiments.append(SavedExperiment(
-            images, labels, float(learned[index]) if index < len(learned) else None, schedule,
+            images, labels, float(learned[index]) if index < len(learned) and learned[index] is not None else None, schedule,
             dict(zip(entry_names, extras))))
     config = meta.get("config") or {}
     addon_names = dict.fromkeys(name for experiment in experiments for name in experiment.addons)
     saved_protocols = tuple(p for p in (meta.get("eval_protocols") or ()) if p in ("shared", "schedule"))
     count = experiments[0].images.shape[0]
+    try:
+        protocol = evaluation.EvalProtocol.from_dict(meta["protocol"]) if meta.get("protocol") else None
+    except ValueError as error:
+        raise utils.UserError(f"--syn_path {path}: {error}") from None
+    if "zca" not in meta:  # a legacy or reference file: say what is assumed, loudly where it is ambiguous
+        logger.log(logging.WARNING if record.name in AMBIGUOUS_PREPROCESSING else logging.INFO,
+                   "--syn_path %s records no preprocessing: assuming its images were %s as the test set here; if it "
+                   "was distilled otherwise (MTT/DATM/PAD/KIP/FRePo whiten CIFAR with --zca) pass the same flags",
+                   path, "ZCA-whitened" if record.zca is not None else f"normalised with {dataset}'s mean/std")
     return SavedSet(
         path=path, layout=layout,
         method=meta.get("method") or named.get("method") or os.path.splitext(os.path.basename(path))[0],
         dataset=meta.get("dataset") or named.get("dataset"), model=meta.get("model") or named.get("model"),
         ipc=int(meta.get("ipc") or max(1, count // record.num_classes)), num_classes=record.num_classes, experiments=tuple(experiments),
-        indices=chosen, protocol=evaluation.EvalProtocol.from_dict(meta["protocol"]) if meta.get("protocol") else None,
+        indices=chosen, protocol=protocol,
         eval_protocols=saved_protocols or ("shared",),
         addon_settings={name: dict(config.get(name) or {}) for name in addon_names},
         meta=meta, accs_all_exps=blob.get("accs_all_exps") or {})
