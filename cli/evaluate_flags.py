@@ -277,9 +277,8 @@ def load_set(path: str, args: argparse.Namespace, record) -> Tuple[SavedSet, Lis
     its protocol after the flags.
 
     Raises:
-        utils.UserError: see ``sets.saved.read_saved_set`` and :func:`training_term`; or the set
-            records another mean/std than the test set's (CIFAR100 distilled by MTT/DATM/PAD/CAFE:
-            ``--cifar100_stats cifar10``).
+        utils.UserError: see ``sets.saved.read_saved_set`` (which refuses a set recording another
+            preprocessing than the test set's) and :func:`training_term`.
     """
     saved = read_saved_set(path, record, args.exp, args.labels_path, args.lr_path, dataset=args.dataset)
     protocol = apply_flags(saved_protocol(saved), args)
@@ -290,7 +289,6 @@ def load_set(path: str, args: argparse.Namespace, record) -> Tuple[SavedSet, Lis
                        "labels_best.pt without an lr file), so its networks train at lr %g (MTT's --lr_teacher "
                        "default, where the learned step size starts); give another with --lr_net LR or "
                        "--lr_path %s", path, protocol.lr, files.lr_file_beside(images) or "lr_best.pt")
-    check_normalization(path, saved.meta, record)
     return saved, experiments, protocol
 
 
@@ -299,7 +297,7 @@ def adopt_recorded_data_flags(args: argparse.Namespace, paths: Sequence[str]) ->
     on images preprocessed as it was distilled without the user repeating the flags: ``--zca`` (on
     when every set was distilled on whitened images, else off), ``--norm_stats train`` (the KIP
     colab's own-statistics normalisation) and ``--cifar100_stats cifar10`` when every set records
-    it (``meta['normalize_like']``). A flag given is kept (:func:`check_normalization` then refuses a
+    it (``meta['normalize_like']``). A flag given is kept (``sets.checks.check_preprocessing`` then refuses a
     set that disagrees). One line names what was taken. Files without a ``meta`` record (the
     references' ``res_*.pt``, logged directories) decide nothing.
 
@@ -336,29 +334,6 @@ def adopt_recorded_data_flags(args: argparse.Namespace, paths: Sequence[str]) ->
     if taken:
         print(f"data: {' '.join(taken)} as the set(s) record", file=sys.stderr)
     return argparse.Namespace(**values)
-
-
-def check_normalization(path: str, meta: dict, record) -> None:
-    """Refuse a set whose saved ``meta`` mean/std (images in [0, 1] pixel units normalised per
-    channel) differ from those the test set was normalised with, or that was ZCA-whitened when the
-    test set is not (or the reverse: the toolkit's files record ``zca``; FRePo whitens CIFAR by
-    default); files without these records (the references' ``res_*.pt``) are not checked.
-
-    Raises:
-        utils.UserError: one line naming both and ``--zca``, ``--cifar100_stats`` or ``--norm_stats``.
-    """
-    if "zca" in meta and bool(meta["zca"]) != (record.zca is not None):
-        raise utils.UserError(f"--syn_path {path}: the set was distilled on "
-                              f"{'ZCA-whitened' if meta['zca'] else 'mean/std-normalised'} images, the test set here "
-                              f"is {'not whitened: pass --zca' if meta['zca'] else 'ZCA-whitened: leave --zca out'}")
-    if record.zca is not None or meta.get("zca") or meta.get("mean") is None or meta.get("std") is None:
-        return
-    same = all(abs(float(a) - float(b)) < 1e-6 for a, b in zip([*meta["mean"], *meta["std"]], [*record.mean, *record.std]))
-    if not same or len(meta["mean"]) != len(record.mean):
-        raise utils.UserError(f"--syn_path {path}: the set was distilled on images normalised with mean {meta['mean']} "
-                              f"std {meta['std']}, the test set here with mean {record.mean} std {record.std}; "
-                              "pass --cifar100_stats to match (CIFAR100 sets of MTT/DATM/PAD/CAFE: cifar10) or "
-                              "--norm_stats (KIP sets: train)")
 
 
 def set_protocols(saved: SavedSet, args: argparse.Namespace) -> Tuple[str, ...]:

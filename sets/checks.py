@@ -13,7 +13,9 @@ and what was expected:
 * labels: (N,) class indices in 0..K-1 (integers, or floats holding whole numbers: legacy files),
   each class at least once; or (N, K) finite soft labels. Fractional, boolean, NaN labels refused;
 * ``meta``: a dict whose known fields have their types (:data:`META_TYPES`); the protocol record is
-  range-checked like the flags it stands for (``evaluation.EvalProtocol.from_record``);
+  range-checked like the flags it stands for (``evaluation.EvalProtocol.from_dict``);
+* preprocessing: the recorded ZCA setting and normalisation statistics must be the test set's
+  (:func:`check_preprocessing`), else one line naming both and the flag that fixes it;
 * ``accs_all_exps``: ``{model name: [accuracy, ...]}`` with real-number accuracies;
 * at most :data:`MAX_EXPERIMENTS` experiments per file.
 
@@ -192,3 +194,26 @@ def check_labels(labels: torch.Tensor, count: int, num_classes: int, index: int,
         raise utils.UserError(f"{where} give no image to class(es) {shown} of {dataset}'s {num_classes}; a set needs "
                               "at least one image per class")
     return labels
+
+
+def check_preprocessing(path: str, meta: Mapping, record) -> None:
+    """Refuse a set whose saved ``meta`` mean/std (images in [0, 1] pixel units normalised per
+    channel) differ from those the test set was normalised with, or that was ZCA-whitened when the
+    test set is not (or the reverse: the toolkit's files record ``zca``; FRePo whitens CIFAR by
+    default); files without these records (the references' ``res_*.pt``) are not checked.
+
+    Raises:
+        utils.UserError: one line naming both and ``--zca``, ``--cifar100_stats`` or ``--norm_stats``.
+    """
+    if "zca" in meta and bool(meta["zca"]) != (record.zca is not None):
+        raise utils.UserError(f"--syn_path {path}: the set was distilled on "
+                              f"{'ZCA-whitened' if meta['zca'] else 'mean/std-normalised'} images, the test set here "
+                              f"is {'not whitened: pass --zca' if meta['zca'] else 'ZCA-whitened: leave --zca out'}")
+    if record.zca is not None or meta.get("zca") or meta.get("mean") is None or meta.get("std") is None:
+        return
+    same = all(abs(float(a) - float(b)) < 1e-6 for a, b in zip([*meta["mean"], *meta["std"]], [*record.mean, *record.std]))
+    if not same or len(meta["mean"]) != len(record.mean):
+        raise utils.UserError(f"--syn_path {path}: the set was distilled on images normalised with mean {meta['mean']} "
+                              f"std {meta['std']}, the test set here with mean {record.mean} std {record.std}; "
+                              "pass --cifar100_stats to match (CIFAR100 sets of MTT/DATM/PAD/CAFE: cifar10) or "
+                              "--norm_stats (KIP sets: train)")

@@ -223,6 +223,7 @@ def read_saved_set(path: str, record, exp: Optional[Sequence[int]] = None, label
         protocol = evaluation.EvalProtocol.from_dict(meta["protocol"]) if meta.get("protocol") else None
     except ValueError as error:
         raise utils.UserError(f"--syn_path {path}: {error}") from None
+    checks.check_preprocessing(path, meta, record)
     if "zca" not in meta:  # a legacy or reference file: say what is assumed, loudly where it is ambiguous
         logger.log(logging.WARNING if record.name in AMBIGUOUS_PREPROCESSING else logging.INFO,
                    "--syn_path %s records no preprocessing: assuming its images were %s as the test set here; if it "

@@ -6,6 +6,7 @@ import torch
 import networks
 import utils
 from cli import distill_flags, evaluate_flags
+from sets import checks
 
 # Reference run counts (--num_exp, --num_eval): DC/DSA main.py and DM main_DM.py 5 x 20,
 # main_DataDAM.py 1 x 10, CAFE distill.py 1 x 20, MTT distill.py 1 x 5 (DATM and PAD alike).
@@ -242,7 +243,7 @@ def test_evaluate_refuses_a_set_of_another_normalisation(mini_cifar100):
     record = data.load_dataset("CIFAR100", str(mini_cifar100))
     saved = {"mean": CIFAR10_MEAN, "std": CIFAR10_STD, "zca": None}
     with pytest.raises(utils.UserError, match="--cifar100_stats"):
-        evaluate_flags.check_normalization("set.pt", saved, record)
+        checks.check_preprocessing("set.pt", saved, record)
     like = data.load_dataset("CIFAR100", str(mini_cifar100), normalize_like="CIFAR10")
-    evaluate_flags.check_normalization("set.pt", saved, like)  # matches: no error
-    evaluate_flags.check_normalization("res.pt", {}, record)  # reference files record no mean/std
+    checks.check_preprocessing("set.pt", saved, like)  # matches: no error
+    checks.check_preprocessing("res.pt", {}, record)  # reference files record no mean/std

@@ -269,3 +269,27 @@ def test_a_malformed_set_through_evaluate_is_one_line_and_no_traceback(tmp_path,
     err = [line for line in capsys.readouterr().err.strip().splitlines() if "records no preprocessing" not in line]
     assert stop.value.code != 0 and len(err) == 1 and "are uint8; expected floating-point images" in err[0], err
     assert "Traceback" not in " ".join(err)
+
+
+@pytest.mark.parametrize("extra", [[], ["--assess"]])
+def test_a_whitened_set_evaluated_without_zca_is_one_line(tmp_path, fake_dataset, capsys, extra):
+    import evaluate
+
+    path = _save(tmp_path / "res_DM_Tiny3_ConvNetW32_1ipc.pt", *_set(fake_dataset), meta={"zca": True})
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(["--dataset", "Tiny3", "--syn_path", path, "--no-zca", "--num_eval", "1",
+                       "--epoch_eval_train", "1", "--device", "cpu", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code != 0 and len(err) == 1, err
+    assert "distilled on ZCA-whitened images, the test set here is not whitened: pass --zca" in err[0]
+
+
+def test_a_whitened_set_in_the_continual_script_is_one_line(tmp_path, fake_dataset, capsys):
+    from scripts import continual
+
+    path = _save(tmp_path / "res_DM_Tiny3_ConvNetW32_1ipc.pt", *_set(fake_dataset), meta={"zca": True})
+    with pytest.raises(SystemExit) as stop:
+        continual.main(["--dataset", "Tiny3", "--syn_path", path, "--device", "cpu", "--steps", "3",
+                        "--out", str(tmp_path / "continual.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code != 0 and len(err) == 1 and "pass --zca" in err[-1], err

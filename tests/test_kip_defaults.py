@@ -15,6 +15,7 @@ import utils
 from cli import distill_flags
 from data import DATASETS, RawSplits, load_dataset, train_statistics
 from methods import kip as kip_module
+from sets import checks
 from tiny_data import build_method, tiny_record
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks on a busy 2-core machine
@@ -184,26 +185,22 @@ def test_a_conv_rf_run_records_rfads_settings(tmp_path, monkeypatch):
 
 
 def test_evaluating_a_set_normalised_otherwise_names_norm_stats():
-    from cli import evaluate_flags
-
     record = tiny_record(channel=1)
     record.mean, record.std = [0.2861], [0.3530]
     meta = {"mean": [0.28604060219395294], "std": [0.3530242495012941], "zca": None}
     with pytest.raises(utils.UserError, match="--norm_stats"):
-        evaluate_flags.check_normalization("SET", meta, record)
-    evaluate_flags.check_normalization("SET", {**meta, "mean": [0.2861], "std": [0.3530]}, record)
+        checks.check_preprocessing("SET", meta, record)
+    checks.check_preprocessing("SET", {**meta, "mean": [0.2861], "std": [0.3530]}, record)
 
 
 def test_evaluating_a_whitened_set_without_zca_or_the_reverse_is_refused():
-    from cli import evaluate_flags
-
     record = tiny_record(channel=1)
     whitened = {"mean": [0.0], "std": [1.0], "zca": {"mean": torch.zeros(1)}}
     with pytest.raises(utils.UserError, match="pass --zca"):
-        evaluate_flags.check_normalization("SET", whitened, record)
+        checks.check_preprocessing("SET", whitened, record)
     with pytest.raises(utils.UserError, match="leave --zca out"):
-        evaluate_flags.check_normalization("SET", {**whitened, "zca": None}, dataclasses.replace(record, zca=object()))
-    evaluate_flags.check_normalization("SET", {"mean": [0.0], "std": [1.0]}, record)  # no record: not checked
+        checks.check_preprocessing("SET", {**whitened, "zca": None}, dataclasses.replace(record, zca=object()))
+    checks.check_preprocessing("SET", {"mean": [0.0], "std": [1.0]}, record)  # no record: not checked
 
 
 def test_evaluate_takes_zca_and_norm_stats_from_the_sets_record_when_left_out(tmp_path, capsys):
@@ -226,7 +223,7 @@ def test_evaluate_takes_zca_and_norm_stats_from_the_sets_record_when_left_out(tm
     assert (args.zca, args.norm_stats) == (True, None) and "--zca" in capsys.readouterr().err
     args = evaluate_flags.adopt_recorded_data_flags(parse(["--syn_path", plain]), [plain])
     assert (args.zca, args.norm_stats) == (False, None) and capsys.readouterr().err == ""
-    # flags given win (check_normalization then refuses what disagrees); mixed sets decide nothing
+    # flags given win (sets.checks.check_preprocessing then refuses what disagrees); mixed sets decide nothing
     args = evaluate_flags.adopt_recorded_data_flags(parse(["--syn_path", whitened, "--no-zca", "--norm_stats", "dc"]),
                                                     [whitened, kip])
     assert (args.zca, args.norm_stats) == (False, "dc")
