@@ -17,8 +17,6 @@ import os
 import sys
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
-import torch
-
 import augment
 import cli
 import distributed
@@ -146,7 +144,7 @@ def resolve_models(args: argparse.Namespace, model: Optional[str] = None) -> Lis
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Value checks that need no data (and the ``--lr_path`` file: one number).
+    """Value checks that need no data (the ``--lr_path`` file is checked where it is read, ``sets.files``).
 
     Raises:
         utils.UserError: one line naming the flag.
@@ -161,11 +159,6 @@ def check_args(args: argparse.Namespace) -> None:
         cli.check_models([args.model], "--model")
     if args.models:
         cli.check_models(args.models, "--models")
-    if args.lr_path:  # the learned step size: one number (DATM / PAD / logged_files lr_*.pt: a 0-dim tensor)
-        lr = files.load_tensor(args.lr_path, "--lr_path")
-        if lr.numel() != 1 or lr.dtype.is_complex or lr.dtype == torch.bool:
-            raise utils.UserError(f"--lr_path: {args.lr_path} holds a {lr.dtype} tensor of shape {tuple(lr.shape)}; "
-                                  "expected the learned step size, one number (a 0-dim tensor, as lr_best.pt)")
     score_settings(args)
     try:
         addons.check_eval_flags(vars(args))

@@ -190,8 +190,8 @@ def tensor_files_as_results(images_path: str, num_classes: int, labels_path: Opt
     if lr_path:
         lr = load_tensor(lr_path, "--lr_path")
         if lr.numel() != 1 or lr.is_complex() or lr.dtype == torch.bool:
-            raise utils.UserError(f"--lr_path: {lr_path} holds {tuple(lr.shape)} {str(lr.dtype).replace('torch.', '')}; "
-                                  "expected the learned step size, one number (DATM/PAD lr_*.pt)")
+            raise utils.UserError(f"--lr_path: {lr_path} holds a {lr.dtype} tensor of shape {tuple(lr.shape)}; "
+                                  "expected the learned step size, one number (a 0-dim tensor, as lr_best.pt)")
         meta["syn_lr"] = [float(lr.reshape(-1)[0])]
     return {"data": [[images, labels]], "meta": meta, "accs_all_exps": {}}
 
