@@ -37,11 +37,13 @@ Exit codes: 0 done (or submitted), 1 some point failed, 2 a mistake in the flags
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import fcntl
 import glob
 import hashlib
+import io
 import json
 import math
 import os
@@ -135,11 +137,15 @@ def check_commands(points: Sequence[GridPoint]) -> None:
     from cli import distill_flags
 
     for point in points:
+        said = io.StringIO()
         try:
-            distill_flags.resolve(distill_flags.parse_args([*point.argv, "--run_dir", "unused"]))
+            with contextlib.redirect_stderr(said):
+                args = distill_flags.parse_args([*point.argv, "--run_dir", "unused"])
+            distill_flags.resolve(args)
         except SystemExit:
-            raise SweepError(f"{point.name}: distill.py refuses its flags {shlex.join(point.argv)} "
-                             "(the message above names the flag)") from None
+            lines = said.getvalue().strip().splitlines() or ["unknown"]
+            message = lines[-1].split("error: ", 1)[-1]
+            raise SweepError(f"{point.name}: distill.py refuses its flags: {message}") from None
         except utils.UserError as error:
             raise SweepError(f"{point.name}: {error}") from None
 
