@@ -409,6 +409,14 @@ class DistillMethod:
         """A fresh randomly initialised ``cfg.model`` on the device (global torch RNG)."""
         return networks.get_network(self.cfg.model, self.channel, self.num_classes, self.im_size, device=self.device)
 
+    def amp_note(self) -> Optional[str]:
+        """One line when ``--amp`` changes none of this method's own arithmetic (it computes in
+        float64, which ``torch.autocast`` leaves alone, or runs no network), else ``None``. The
+        runner logs it once as a warning when ``--amp`` is on; the evaluation networks train under
+        ``--amp`` in every case. Source: PyTorch's autocast documentation (only float32 operations
+        of the listed kinds are cast)."""
+        return None
+
     def init_synthetic(self) -> SyntheticSet:
         """The initial synthetic set: N(0, 1) noise (``--init noise``) or ``ipc`` random real
         images per class (``--init real``), class-major.

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -204,6 +205,11 @@ class CoresetMethod(DistillMethod):
 @register_method("random")
 class RandomSelection(CoresetMethod):
     """``ipc`` real images per class drawn uniformly without replacement with the run's generator."""
+
+    def amp_note(self) -> Optional[str]:
+        """A random draw runs no network: ``--amp`` changes only the evaluation."""
+        return (f"--amp {self.precision.amp}: random selection runs no network, so the selection is unchanged "
+                f"(only the evaluation networks use {self.precision.amp})")
 
     def select(self, c: int, indices: torch.Tensor) -> torch.Tensor:
         """A uniform random ``ipc``-subset (positions into ``indices``)."""

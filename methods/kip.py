@@ -20,7 +20,7 @@ temperature ``k``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -225,6 +225,16 @@ class KIP(DistillMethod):
         k_ss = kernels.fc_kernels(x_s, x_s, opts.depth, opts.W_std, opts.b_std)[which]
         k_ts = kernels.fc_kernels(x_t, x_s, opts.depth, opts.W_std, opts.b_std)[which]
         return k_ts, k_ss
+
+    def amp_note(self) -> Optional[str]:
+        """``fc_ntk`` / ``fc_nngp``: the exact kernels compute in float64 (:meth:`kernel_matrices`),
+        so ``--amp`` leaves the distillation unchanged; ``conv_rf`` runs its random networks under
+        autocast (``None``)."""
+        if self.options.kernel == "conv_rf":
+            return None
+        return (f"--amp {self.precision.amp}: KIP --kernel {self.options.kernel} computes its kernel in float64, "
+                f"so the distillation is unchanged (only the evaluation networks use {self.precision.amp}; "
+                f"--kernel conv_rf runs its networks in {self.precision.amp})")
 
     def loss(self, syn: SyntheticSet) -> torch.Tensor:
         """KIP's loss on a fresh target batch (module docstring); keeps the batch's KRR accuracy

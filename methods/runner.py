@@ -389,6 +389,10 @@ class DistillationRun(RunFiles, BestSoFar):
         method = self.method_class(self.cfg, sampler=self.sampler, device=self.device, generator=generator,
                                    precision=self.opts.precision, **self.dims)
         method.attach_addons(addons.create(self.cfg, method, self.shared))
+        note = method.amp_note() if method.precision.enabled else None
+        if note and not getattr(self, "amp_noted", False) and distributed.is_main():
+            logger.warning(note)  # once per run: --amp changes nothing in this method's own arithmetic
+            self.amp_noted = True
         return method
 
     def run_experiment(self, exp: int, resumed: Optional[dict]) -> None:

@@ -74,6 +74,49 @@ def test_bf16_differs_from_fp32_but_stays_close(one_thread):
             assert method.loss(syn).dtype == torch.float32, name
 
 
+def kip_run(record, precision, kernel):
+    """Two KIP steps with ``kernel``: (losses, images after, the method's --amp note)."""
+    method = build_method("KIP", record, precision=precision, kernel=kernel, n_models=2, target_batch_size=12)
+    syn, _, losses, _ = run_steps(method)
+    return losses, syn.images.detach().clone(), method.amp_note()
+
+
+@pytest.mark.parametrize("kernel", ["fc_ntk", "fc_nngp"])
+def test_kip_default_kernels_are_float64_and_say_amp_changes_nothing(one_thread, kernel):
+    """KIP's exact kernels (the default fc_ntk, and fc_nngp) compute in float64, which autocast
+    leaves alone: bf16 gives the float32 run bit for bit, and the method says so in one line."""
+    record = tiny_record()
+    fp32_losses, fp32_images, fp32_note = kip_run(record, FP32, kernel)
+    bf16_losses, bf16_images, bf16_note = kip_run(record, BF16, kernel)
+    assert bf16_losses == fp32_losses and torch.equal(bf16_images, fp32_images)
+    assert fp32_losses[0] != fp32_losses[1]  # the images did learn
+    assert f"--kernel {kernel}" in bf16_note and "float64" in bf16_note and "\n" not in bf16_note
+
+
+def test_kip_conv_rf_changes_under_amp_and_has_no_note(one_thread):
+    record = tiny_record()
+    fp32_losses, fp32_images, _ = kip_run(record, FP32, "conv_rf")
+    bf16_losses, bf16_images, note = kip_run(record, BF16, "conv_rf")
+    assert note is None and bf16_losses != fp32_losses and not torch.equal(bf16_images, fp32_images)
+    # measured here: 0.0020478 fp32, 0.0020523 bf16 (0.2 %) at the first step
+    assert abs(bf16_losses[0] - fp32_losses[0]) <= 0.02 * abs(fp32_losses[0])
+
+
+def test_distill_warns_once_when_amp_changes_nothing(one_thread, tmp_path, fake_dataset, capfd):
+    import distill
+
+    argv = ["--method", "KIP", "--dataset", "Tiny3", "--model", "ConvNetW32", "--ipc", "1", "--Iteration", "2",
+            "--num_exp", "2", "--num_eval", "1", "--epoch_eval_train", "1", "--target_batch_size", "6",
+            "--device", "cpu", "--no-vis"]
+    assert distill.main([*argv, "--amp", "bf16", "--run_dir", str(tmp_path / "bf16")]) == 0
+    out = capfd.readouterr()
+    notes = [line for line in (out.out + out.err).splitlines() if "computes its kernel in float64" in line]
+    assert len(notes) == 1 and "WARNING" in notes[0] and "--kernel fc_ntk" in notes[0], notes  # once for 2 experiments
+    assert distill.main([*argv, "--amp", "off", "--run_dir", str(tmp_path / "fp32")]) == 0
+    out = capfd.readouterr()
+    assert "float64" not in out.out + out.err
+
+
 @pytest.mark.parametrize("name", ["MTT", "DATM", "PAD"])
 def test_trajectory_methods_run_under_bf16_autocast(one_thread, buffer_root, name):
     method, _ = build_mtt(name, buffer_root, precision=BF16)
@@ -87,11 +130,13 @@ def test_trajectory_methods_run_under_bf16_autocast(one_thread, buffer_root, nam
 def test_coreset_methods_select_under_bf16(one_thread, name):
     record = tiny_record()
     with ConvDtypes() as seen:
-        syn = build_method(name, record, precision=BF16, forgetting_epochs=1).init_synthetic() \
-            if name == "forgetting" else build_method(name, record, precision=BF16).init_synthetic()
+        method = build_method(name, record, precision=BF16, **(dict(forgetting_epochs=1) if name == "forgetting" else {}))
+        syn = method.init_synthetic()
     assert syn.images.dtype == torch.float32 and syn.images.shape[0] == 2 * record.num_classes
     if name != "random":
-        assert torch.bfloat16 in seen.dtypes
+        assert torch.bfloat16 in seen.dtypes and method.amp_note() is None
+    else:  # no network: the selection says --amp changes nothing in it
+        assert not seen.dtypes and "runs no network" in method.amp_note()
 
 
 def test_evaluation_trains_and_tests_in_bf16(one_thread):
@@ -105,7 +150,9 @@ def test_evaluation_trains_and_tests_in_bf16(one_thread):
                                            record.labels_test, cfg, num_eval=1, progress=False)
         accs[precision.amp] = (result.accs[0], seen.dtypes)
     assert accs["bf16"][1] == {torch.bfloat16} and accs["off"][1] == {torch.float32}
-    assert abs(accs["bf16"][0] - accs["off"][0]) < 0.2
+    # Measured here (torch 2.x, one thread): 0.8611 fp32 and 0.8889 bf16, one of the 36 test images;
+    # allowed: two images (one of margin for another CPU's bf16 kernels).
+    assert abs(accs["bf16"][0] - accs["off"][0]) <= 2 / len(record.labels_test) + 1e-9, accs
     assert evaluation.EvalConfig(precision=BF16).describe()["amp"] == "autocast bf16"
     assert "amp" not in evaluation.EvalConfig().describe()
 
