@@ -1,11 +1,15 @@
 """Reference fidelity: run counts, evaluation pools per family, CAFE's accuracy watchers and the
 trajectory family's CIFAR-100 normalisation."""
+import glob
+import os
+
 import pytest
 import torch
 
 import networks
 import utils
 from cli import distill_flags, evaluate_flags
+from conftest import ROOT
 from sets import checks
 
 # Reference run counts (--num_exp, --num_eval): DC/DSA main.py and DM main_DM.py 5 x 20,
@@ -215,11 +219,20 @@ def test_distill_and_buffer_load_cifar100_with_cifar10_stats(mini_cifar100):
     assert cli.normalize_like(args, "cifar10") is None
 
 
-@pytest.mark.parametrize("path", sorted(__import__("glob").glob("configs/*/CIFAR100_*.yaml")))
+# Absolute, so that the parametrisation is the same whatever directory pytest runs from.
+CIFAR100_PRESETS = sorted(glob.glob(os.path.join(ROOT, "configs", "*", "CIFAR100_*.yaml")))
+
+
+def test_there_are_cifar100_presets_to_check():
+    assert len(CIFAR100_PRESETS) >= 3, CIFAR100_PRESETS
+
+
+@pytest.mark.parametrize("path", CIFAR100_PRESETS, ids=lambda p: os.path.relpath(p, ROOT))
 def test_cifar100_presets_use_cifar10_statistics(path, capsys):
     cfg, _ = resolve("--config", path)
     assert cfg.normalize_like == (None if cfg.zca else "CIFAR10")
-    assert __import__("yaml").safe_load(open(path))["cifar100_stats"] == "cifar10"
+    with open(path) as handle:
+        assert __import__("yaml").safe_load(handle)["cifar100_stats"] == "cifar10"
 
 
 def test_buffer_of_another_normalisation_is_refused(tmp_path):
