@@ -58,7 +58,7 @@ def options(script):
             parser = flag_reference.parser_builder(script)()
         else:
             parser = None
-            original, saved_argv = argparse.ArgumentParser.parse_args, sys.argv
+            saved = argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args, sys.argv
 
             def catch(self, *args, **kwargs):
                 raise _Parsed(self)
@@ -71,9 +71,7 @@ def options(script):
             except _Parsed as parsed:
                 parser = parsed.parser
             finally:
-                argparse.ArgumentParser.parse_args = original
-                del argparse.ArgumentParser.parse_known_args  # the class's own again
-                sys.argv = saved_argv
+                argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args, sys.argv = saved
             assert parser is not None, f"{script} parsed no command line"
         _OPTIONS[script] = {name for action in parser._actions for name in action.option_strings}
     return _OPTIONS[script]
@@ -127,6 +125,14 @@ def documented():
 
 
 DOCUMENTED = documented()
+
+
+def test_reading_a_scripts_parser_leaves_argparse_whole():
+    before = argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args
+    _OPTIONS.pop("scripts/make_table.py", None)
+    assert "--out_dir" in options("scripts/make_table.py")
+    assert (argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args) == before
+    assert argparse.ArgumentParser().parse_args(["x"][:0]) == argparse.Namespace()
 
 
 def test_the_documentation_has_commands_of_every_kind():
