@@ -45,9 +45,10 @@ MAX_ABS_PIXEL = 1e4
 MAX_EXPERIMENTS = 1000
 
 _TEXT, _NUMBER, _LIST, _DICT = (str,), (numbers.Real,), (list, tuple), (dict,)
-# meta field -> the types it may hold (None is always allowed: unrecorded).
+# meta field -> the types it may hold (None is always allowed: unrecorded). ``zca``: the whitening's
+# state (``data.ZCA.state_dict``) in distill.py's files, a bool in the coreset/NCFM/FRePo records.
 META_TYPES: Mapping[str, tuple] = {
-    "method": _TEXT, "dataset": _TEXT, "model": _TEXT, "ipc": (int,), "zca": (bool, int),
+    "method": _TEXT, "dataset": _TEXT, "model": _TEXT, "ipc": (int,), "zca": (bool, int, dict),
     "mean": _LIST, "std": _LIST, "normalize_like": _TEXT, "dsa_strategy": _TEXT,
     "syn_lr": _LIST, "step_schedule": _LIST, "protocol": _DICT, "eval_protocols": _LIST,
     "addon_entries": _LIST, "config": _DICT, "teacher": _DICT,

@@ -214,6 +214,13 @@ def test_a_record_of_the_wrong_type_or_range_is_one_line(tmp_path, meta, needle)
     _refused(_save(tmp_path / "res.pt", *_set(record), meta=meta), record, needle)
 
 
+@pytest.mark.parametrize("zca", [None, False, True, {"mean": torch.zeros(4), "transform": torch.eye(4)}])
+def test_every_recorded_zca_form_passes_the_record_check(zca):
+    record = tiny_record()
+    images, labels = _set(record)
+    assert checks.check_record({"data": [[images, labels]], "meta": {"zca": zca}}, "res.pt") == {"zca": zca}
+
+
 def test_a_recorded_protocol_in_range_round_trips(tmp_path):
     record = tiny_record()
     protocol = evaluation.EvalProtocol(epochs_augmented=3, epochs_plain=2, lr=0.05, batch_train=8)
