@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
-# Short check of the CUDA path (under 8 minutes on one GPU): every method a few iterations in fp32
-# and with --amp bf16, evaluation of 20 networks (--stacked_eval on/off when evaluate.py has it),
-# a small buffer and a small original model, each beside a CPU run of the same tiny problem; one
-# table on stdout, JSON in $OUT/gpu_check.json when OUT is set. Fashion-MNIST is read from beside
-# this script or --data_path DIR (or /usr/share/datasets/fashion-mnist); nothing is downloaded.
-#   bash scripts/gpu_check.sh                       # on a CUDA machine
-#   DEVICE=cpu bash scripts/gpu_check.sh            # dry run (CPU, generated miniature data)
-#   bash scripts/gpu_check.sh --data_path /data --amp fp16 --cases DC DM eval
-set -euo pipefail
-# The toolkit is imported as installed (pip install -e . in the checkout, as .ci/run does).
+# One short check of the CUDA path that fits a single short GPU allocation (docs/gpu.md): every
+# method a few iterations in fp32 and with --amp bf16, 20-network evaluation stacked and
+# sequential, a buffer, an original model and torchrun (NCCL), each compared with CPU reference
+# values stored in scripts/gpu_reference.json. Results after each case in $OUT (or --out):
+# gpu_check.json, gpu_check.txt, logs/; the last lines name each failure (exit status 1).
+#   bash scripts/gpu_check.sh --data_path shared/fmnist          # on a CUDA machine, OUT set
+#   DEVICE=cpu bash scripts/gpu_check.sh --out check_out         # dry run (CPU, generated miniature)
+set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 args=("$@")
 if [ "${DEVICE:-cuda}" = cpu ]; then
     args+=(--dry)
 fi
-exec timeout "${GPU_CHECK_TIMEOUT:-480}" python3 "$HERE/gpu_check.py" "${args[@]}"
+# The script keeps its own deadline (--deadline_s); this outer limit only catches a hang.
+# Run as a module from the repository root, so that the toolkit is found without installing it;
+# relative paths in the arguments are therefore taken from the repository root.
+cd "$HERE/.."
+timeout -k 10 "${GPU_CHECK_TIMEOUT:-420}" python3 -m scripts.gpu_check "${args[@]}"
+rc=$?
+if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] || [ "$rc" -gt 128 ] || [ "$rc" -eq 70 ]; then
+    # Killed mid-case: the results of the finished cases are already on disk; name the one that was running.
+    python3 -m scripts.gpu_check "${args[@]}" --stopped "$rc"
+fi
+exit "$rc"
