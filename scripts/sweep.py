@@ -242,6 +242,7 @@ def array_script(args: argparse.Namespace, grid_path: str, indices: Sequence[int
     lines += [f"export SWEEP_PYTHON={shlex.quote(args.python)}",
               f"export SWEEP_NPROC_PER_NODE={args.nproc_per_node}",
               f"export SWEEP_MAX_REQUEUES={args.max_requeues}",
+              f"export SWEEP_SRUN={int(args.srun)}",
               f"exec bash {shlex.quote(TASK_SCRIPT)} {shlex.quote(grid_path)}", ""]
     return "\n".join(lines)
 
@@ -488,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--nodes", type=int, default=1, help="nodes per grid point (with --nproc_per_node; default 1)")
     slurm.add_argument("--nproc_per_node", type=int, default=0, help="run each point under srun + torchrun with this "
                        "many processes per node (default 0: one plain process)")
+    slurm.add_argument("--srun", action="store_true", help="start torchrun under srun also on one node (always "
+                       "with --nodes > 1)")
     slurm.add_argument("--max_requeues", type=int, default=20, help="self-requeues of one element (default 20)")
     slurm.add_argument("--job_name", default="sweep", help="SLURM job name (default: sweep)")
     return parser

@@ -63,7 +63,8 @@ def wait_for(predicate, seconds, what):
 def cluster(tmp_path_factory):
     """The environment (``SLURM_CONF``) of a local cluster in a fresh directory, on free ports."""
     where = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "SLURMCTLD_PORT": str(free_port()), "SLURMD_PORT": str(free_port())}
+    # A requeued job starts again once its credential expired: 10 s here keeps the module short.
+    env = {**os.environ, "SLURMCTLD_PORT": str(free_port()), "SLURMD_PORT": str(free_port()), "SLURM_CRED_EXPIRE": "10"}
     started = subprocess.run(["bash", CLUSTER, "start", str(where)], capture_output=True, text=True, env=env,
                              timeout=600)
     assert started.returncode == 0, started.stderr[-2000:]
@@ -152,6 +153,30 @@ def test_array_requeue_and_time_limit_stop_resume_bit_exactly_and_gather(cluster
     # A resubmission skips every finished point and submits nothing.
     again = sweep(*GRID, "--extra", TINY, "--root", root, "--scheduler", "slurm", env=env)
     assert again.returncode == 0 and "all 4 grid point(s) finished" in again.stdout and "submitted" not in again.stdout
+
+
+@needs_slurm
+@needs_fashion
+def test_torchrun_under_srun_stops_on_the_warning_and_resumes_with_two_processes(cluster, tmp_path):
+    env = cluster["env"]
+    root = tmp_path / "torchrun"
+    extra = TINY.replace("--Iteration 30", "--Iteration 100") + " --device cpu"
+    submitted = sweep("--methods", "DM", "--datasets", "FashionMNIST", "--ipcs", "1", "--extra", extra, "--root", root,
+                      "--scheduler", "slurm", "--nproc_per_node", "2", "--cpus_per_task", "2", "--srun",
+                      "--python", sys.executable, env=env)
+    assert submitted.returncode == 0, submitted.stderr[-2000:]
+    job = re.search(r"submitted job array (\d+)", submitted.stdout).group(1)
+    run_dir = root / "DM_FashionMNIST_ipc1_seed0"
+    wait_for(lambda: (run_dir / "last.pt").exists(), 240, "the first checkpoint")
+    subprocess.run(["scancel", "--batch", "--signal=USR1", f"{job}_0"], env=env, check=True, timeout=60)
+    wait_for(lambda: not subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True,
+                                        env=env).stdout.strip(), 300, f"job array {job} to end")
+    log = (root / "_sweep" / "logs" / f"{job}_0.out").read_text()
+    assert (run_dir / "results.json").is_file(), log
+    assert json.loads((run_dir / "results.json").read_text())["world_size"] == 2
+    stopped = re.findall(r"stopped at experiment 0, iteration (\d+)", log)
+    assert len(stopped) == 2 and stopped[0] == stopped[1], log  # both ranks, the same iteration
+    assert f"from experiment 0, iteration {stopped[0]}" in log and "requeueing" in log
 
 
 def test_local_cluster_fails_in_one_line(tmp_path):

@@ -5,7 +5,8 @@
 # NAME, RUN_DIR, the distill.py flags and, with sweep.py --random_baseline, the evaluate.py flags
 # (tab-separated, each flag list shell-quoted). Environment it reads: SWEEP_PYTHON (python3),
 # SWEEP_NPROC_PER_NODE (0: one process; N > 0: srun + torchrun with N processes per node),
-# SWEEP_MAX_REQUEUES (20).
+# SWEEP_MAX_REQUEUES (20), SWEEP_SRUN (0; torchrun starts under srun, one task per node, when it
+# is 1 or the job has several nodes; on one node torchrun runs in the batch shell's step).
 #
 # Stops and requeues (docs/scale-out.md, "SLURM job arrays"):
 # - SIGUSR1 is the time-limit warning (sweep.py submits --signal=B:USR1@GRACE, to this shell only):
@@ -16,6 +17,10 @@
 #   with PreemptMode=REQUEUE, scancel, the time limit): it is forwarded too, and this shell does
 #   not requeue: SLURM requeues the job when that is what it was asked (or preempted) to do, and a
 #   cancelled job stays cancelled.
+# Under srun (several nodes), SLURM's own SIGTERM also reaches srun, which then kills its step
+# at once: the run continues from the last --checkpoint_every checkpoint (still bit-exactly), the
+# iterations since are done again. The time-limit warning is passed to the step's processes with
+# scancel --signal=TERM (not through srun), so they stop cleanly.
 # A finished grid point (results.json, and eval.json when asked for) is not run again.
 set -uo pipefail
 
@@ -25,6 +30,8 @@ cd "$REPO" || exit 2
 PYTHON=${SWEEP_PYTHON:-python3}
 NPROC=${SWEEP_NPROC_PER_NODE:-0}
 MAX_REQUEUES=${SWEEP_MAX_REQUEUES:-20}
+SRUN=${SWEEP_SRUN:-0}
+[ "${SLURM_NNODES:-1}" -gt 1 ] && SRUN=1
 index=${SLURM_ARRAY_TASK_ID:?array_task.sh runs as a SLURM array task (sbatch --array)}
 line=$(sed -n "$((index + 1))p" "$GRID")
 if [ -z "$line" ]; then
@@ -40,9 +47,19 @@ echo "sweep task $element (job $SLURM_JOB_ID, start $((${SLURM_RESTART_COUNT:-0}
 warned=0
 signals=0
 child=""
-forward() { signals=$((signals + 1)); [ -n "$child" ] && kill -TERM "$child" 2>/dev/null; }
-trap 'warned=1; forward' USR1
-trap 'forward' TERM
+forward() {
+  signals=$((signals + 1))
+  [ -n "$child" ] || return 0
+  if [ "$SRUN" = 1 ]; then
+    # srun answers a SIGTERM of its own by killing its step at once: the step's processes
+    # (torchrun and its workers, on every node) get the SIGTERM from SLURM instead.
+    [ "$1" = TERM ] || scancel --signal=TERM "$SLURM_JOB_ID" 2>/dev/null || kill -TERM "$child" 2>/dev/null
+  else
+    kill -TERM "$child" 2>/dev/null
+  fi
+}
+trap 'warned=1; forward USR1' USR1
+trap 'forward TERM' TERM
 
 # Run a stage script with its flags in the background (so that the traps run at once) and wait
 # for its exit status, also when a signal interrupts the wait.
@@ -51,9 +68,13 @@ launch() {
     local head port
     head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
     port=$((20000 + SLURM_JOB_ID % 20000))
-    srun --kill-on-bad-exit=1 --ntasks-per-node=1 "$PYTHON" -m torch.distributed.run \
-      --nnodes "${SLURM_NNODES:-1}" --nproc_per_node "$NPROC" --rdzv_id "$SLURM_JOB_ID" \
-      --rdzv_backend c10d --rdzv_endpoint "$head:$port" "$@" &
+    local torchrun=("$PYTHON" -m torch.distributed.run --nnodes "${SLURM_NNODES:-1}" --nproc_per_node "$NPROC"
+                    --rdzv_id "$SLURM_JOB_ID" --rdzv_backend c10d --rdzv_endpoint "$head:$port")
+    if [ "$SRUN" = 1 ]; then
+      srun --kill-on-bad-exit=1 --ntasks-per-node=1 "${torchrun[@]}" "$@" &
+    else
+      "${torchrun[@]}" "$@" &
+    fi
   else
     "$PYTHON" "$@" &
   fi
