@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Sweep DC (or DSA with METHOD=DSA) over datasets x ipc with the reference defaults, one run
-# directory per cell, then print every cell's final accuracy. Runs that were stopped continue
-# (--resume) when the sweep is started again.
+# DC (or DSA with METHOD=DSA) over datasets x ipc with the reference defaults: a thin wrapper of
+# scripts/sweep.py (one run directory per grid point under SAVE_PATH, finished points skipped,
+# stopped ones continued with --resume), then its table (SAVE_PATH/sweep_table.md).
 #
 #   bash scripts/sweep_dc.sh                                   # reference settings (GPU-sized)
 #   DATASETS="FashionMNIST" IPCS="1" ITERATIONS=20 NUM_EXP=1 NUM_EVAL=2 bash scripts/sweep_dc.sh   # CPU try-out
+#   SCHEDULER=slurm bash scripts/sweep_dc.sh                   # the same grid as a SLURM job array
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,18 +17,11 @@ NUM_EXP=${NUM_EXP:-5}
 NUM_EVAL=${NUM_EVAL:-20}
 DATA_PATH=${DATA_PATH:-data}
 SAVE_PATH=${SAVE_PATH:-result/sweep_${METHOD}}
+SCHEDULER=${SCHEDULER:-local}
 EXTRA=${EXTRA:-}
 
-for dataset in $DATASETS; do
-  for ipc in $IPCS; do
-    echo "== $METHOD $dataset ipc $ipc"
-    python3 distill.py --method "$METHOD" --dataset "$dataset" --ipc "$ipc" --Iteration "$ITERATIONS" \
-      --num_exp "$NUM_EXP" --num_eval "$NUM_EVAL" --data_path "$DATA_PATH" --save_path "$SAVE_PATH" \
-      --eval_it 0 --resume $EXTRA || echo "!! $METHOD $dataset ipc $ipc failed (exit $?)"
-  done
-done
-
-echo; echo "== results ($SAVE_PATH)"
-for f in "$SAVE_PATH"/*/results.json; do
-  [ -f "$f" ] && python3 -c "import json,sys; r=json.load(open(sys.argv[1])); a=r['accuracy']['ConvNet'] if 'ConvNet' in r['accuracy'] else next(iter(r['accuracy'].values())); print(f\"{r['method']:<5} {r['dataset']:<14} ipc {r['ipc']:<4} {100*a['mean']:6.2f} ± {100*a['std']:.2f}\")" "$f"
-done
+# shellcheck disable=SC2086  # the lists split on purpose
+python3 scripts/sweep.py --methods "$METHOD" --datasets $DATASETS --ipcs $IPCS --root "$SAVE_PATH" \
+  --scheduler "$SCHEDULER" --extra "--Iteration $ITERATIONS --num_exp $NUM_EXP --num_eval $NUM_EVAL --eval_it 0 --data_path $DATA_PATH $EXTRA" \
+  || echo "!! some grid points failed (exit $?): see the table"
+[ "$SCHEDULER" = slurm ] || python3 scripts/sweep.py gather "$SAVE_PATH" || true

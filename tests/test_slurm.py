@@ -211,7 +211,9 @@ def test_grid_expansion_and_the_array_script(tmp_path):
     assert "#SBATCH --nodes=2" in torchrun.stdout and "SWEEP_NPROC_PER_NODE=4" in torchrun.stdout
     wrong = sweep("--methods", "DC", "--datasets", "CIFAR10", "--ipcs", "0", "--root", tmp_path, "--dry")
     assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and "--ipc" in wrong.stderr
-    for script in ("local_cluster.sh", "array_task.sh"):
+    scripts = sorted(os.listdir(os.path.join(ROOT, "scripts", "slurm")))
+    assert scripts == ["array_task.sh", "local_cluster.sh", "torchrun.sbatch"]
+    for script in scripts:
         checked = subprocess.run(["bash", "-n", os.path.join(ROOT, "scripts", "slurm", script)], capture_output=True)
         assert checked.returncode == 0, checked.stderr
 
