@@ -331,7 +331,8 @@ def write_reference(path: str, info: dict, threads: int) -> None:
                   torch=info["torch"], cpu=platform.processor() or platform.machine(), threads=threads)
     for row in info["rows"]:
         if row["status"] == "ok":
-            stored["cases"][row["case"]] = {**{k: row.get(k) for k in ("loss", "acc", "wall_s", "seconds")},
+            kept = ("loss", "acc", "wall_s", "seconds", "processes")
+            stored["cases"][row["case"]] = {**{k: row[k] for k in kept if k in row},
                                             "command": info["command"], "date": info["started"]}
     stored["cases"] = {key: stored["cases"][key] for key in sorted(stored["cases"], key=case_order)}
     storage.write_json(path, stored)
@@ -374,8 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--dry: scripts/gpu_reference_dry.json)")
     parser.add_argument("--device", default="cuda", help="the device checked (default cuda; cuda:N)")
     parser.add_argument("--amp", default="bf16", choices=("bf16", "fp16"), help="the mixed precision checked")
-    parser.add_argument("--cases", nargs="+", default=list(CASE_NAMES), choices=CASE_NAMES, metavar="CASE",
-                        help=f"cases to run, from: {' '.join(CASE_NAMES)} (default all)")
+    parser.add_argument("--cases", nargs="+", default=list(CASE_NAMES), metavar="CASE",
+                        help=f"cases to run, from: {' '.join(CASE_NAMES)} (default all); 'CASE VARIANT' "
+                        "('eval stacked', 'DM bf16') runs that variant only")
     parser.add_argument("--deadline_s", type=float, default=None,
                         help="overall seconds after which no case starts (default 330; --dry 170; "
                         "--make_reference none)")
@@ -455,7 +457,11 @@ def main(argv=None) -> int:
             reference = {"error": f"--reference {args.reference}: {error}"}
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
-    cases = [case for case in CASE_NAMES if case in args.cases]
+    unknown = [given for given in args.cases if given.split(" ")[0] not in CASE_NAMES]
+    if unknown:
+        parser.error(f"--cases: unknown case {unknown[0]!r}; choose from: {' '.join(CASE_NAMES)}")
+    only = {given for given in args.cases if " " in given}  # single variants asked for
+    cases = [case for case in CASE_NAMES if case in {given.split(" ")[0] for given in args.cases}]
     if "eval" in cases and "DM" not in cases:
         cases.insert(cases.index("eval"), "DM")
     if any(case in ("MTT", "DATM", "PAD") for case in cases) and "buffer" not in cases:
@@ -500,6 +506,8 @@ def main(argv=None) -> int:
         for case in cases:
             for variant in variants(case, args.amp, args.make_reference):
                 key = f"{case} {variant}"
+                if case in {given.split(" ")[0] for given in only} and case not in args.cases and key not in only:
+                    continue  # --cases named other variants of this case only
                 record = {"case": key, "status": "ok"}
                 known = (reference or {}).get("cases", {})
                 expected = (known.get(key) or known.get(f"{case} fp32") or {}).get("wall_s")

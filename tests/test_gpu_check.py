@@ -30,13 +30,18 @@ def expected_keys(make_reference):
             for variant in gpu_check.variants(case, "bf16", make_reference)}
 
 
-def test_stored_dry_reference_covers_every_case_with_the_dry_settings():
-    stored = json.load(open(gpu_check.DRY_REFERENCE))
-    assert stored["settings"] == gpu_check.DRY_SETTINGS
+@pytest.mark.parametrize("path,settings,dry", [(gpu_check.DRY_REFERENCE, gpu_check.DRY_SETTINGS, True),
+                                               (gpu_check.REFERENCE, gpu_check.SETTINGS, False)])
+def test_stored_references_cover_every_case_with_the_current_settings(path, settings, dry):
+    """A case added to the check, or a changed setting, needs the reference made again."""
+    stored = json.load(open(path))
+    assert stored["settings"] == settings
     assert set(stored["cases"]) == expected_keys(make_reference=True)
     for case in stored["cases"].values():
         command = case["command"].split()
-        assert command[:3] == ["python3", "-m", "scripts.gpu_check"] and {"--make_reference", "--dry"} <= set(command)
+        assert command[:3] == ["python3", "-m", "scripts.gpu_check"] and "--make_reference" in command
+        assert ("--dry" in command) == dry and "/" not in case["command"]  # no machine's folders
+        assert case["acc"] is not None and 0 < case["wall_s"]
 
 
 def test_dry_run_compares_every_case_with_the_stored_reference_and_names_a_failing_case(tmp_path):
@@ -108,13 +113,25 @@ def test_a_reference_that_disagrees_fails_and_a_case_past_the_deadline_is_skippe
     assert "skipped (deadline): DM fp32, DM bf16" in done.stdout
 
 
+def test_a_case_past_its_budget_is_stopped_and_recorded(tmp_path):
+    """torchrun (two processes starting torch) cannot finish in one second: it is stopped, the
+    failure names the budget, and the check still ends normally with its JSON."""
+    done = run_check(tmp_path, "--cases", "torchrun", "--case_budget_s", "1")
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    row = json.load(open(tmp_path / "gpu_check.json"))["rows"][0]
+    assert row["case"] == "torchrun fp32" and row["status"] == "failed" and row["wall_s"] < 30
+    assert failed_lines(done) == [f"FAILED torchrun fp32: {row['why']} (log: logs/torchrun_fp32.log)"]
+    assert "--case_budget_s" in row["why"]
+
+
 def test_make_reference_adds_cases_to_a_reference_of_the_same_settings(tmp_path):
     reference = tmp_path / "reference.json"
-    for case in ("random", "herding"):
-        done = run_check(tmp_path / case, "--make_reference", "--cases", case, "--reference", str(reference))
+    for case in ("random", "herding", "eval stacked"):  # one variant of eval (its DM set is made first)
+        done = run_check(tmp_path / case.replace(" ", "_"), "--make_reference", "--cases", case, "--reference",
+                         str(reference))
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     stored = json.load(open(reference))
-    assert list(stored["cases"]) == ["random fp32", "herding fp32"]
+    assert list(stored["cases"]) == ["DM fp32", "random fp32", "herding fp32", "eval stacked"]
     assert stored["settings"] == gpu_check.DRY_SETTINGS and "/" not in stored["cases"]["random fp32"]["command"]
     # a missing reference is one failure line per case, not a crash
     done = run_check(tmp_path / "check", "--cases", "kcenter", "--reference", str(reference))
