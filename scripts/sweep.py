@@ -6,7 +6,8 @@ A grid is methods x datasets x ipc x seeds (``--methods --datasets --ipcs --seed
 presets x seeds (``--presets configs/MTT/*.yaml``); ``--extra`` adds flags to every distill.py
 command. Each grid point has its own run directory ``ROOT/{method}_{dataset}_ipc{ipc}_seed{seed}``
 (``--root``), so a stopped or requeued point continues its own run (``--resume``), and a finished
-one (``results.json`` there) is skipped when the sweep is started or submitted again.
+one (``results.json`` there) is skipped when the sweep is started or submitted again (a submission
+while an array of the same root is still queued is refused).
 
     python3 scripts/sweep.py --methods DC DSA DM --datasets CIFAR10 --ipcs 1 10 50 --root result/sweep \\
         --scheduler slurm --time 24:00:00 --gres gpu:1 --extra "--device cuda"
@@ -247,6 +248,19 @@ def array_script(args: argparse.Namespace, grid_path: str, indices: Sequence[int
     return "\n".join(lines)
 
 
+def queued_arrays(root: str) -> List[str]:
+    """Array job ids in the queue (pending, running, requeued) whose script is one of this sweep's
+    ``ROOT/_sweep/array_*.sbatch`` (none when squeue is missing or fails)."""
+    try:
+        listed = subprocess.run(["squeue", "-h", "-o", "%F|%o"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    prefix = os.path.join(root, STATE_DIR, "array_")
+    found = [line.split("|", 1)[0] for line in listed.stdout.splitlines()
+             if "|" in line and line.split("|", 1)[1].startswith(prefix)]
+    return sorted(set(found))
+
+
 def submit(args: argparse.Namespace, points: Sequence[GridPoint], pending: Sequence[int]) -> int:
     """Write the grid and array script and ``sbatch`` it (``--dry``: print them); returns the exit code."""
     grid_path = write_grid(args.root, points, args.num_eval_random if args.random_baseline else 0) if not args.dry \
@@ -260,6 +274,10 @@ def submit(args: argparse.Namespace, points: Sequence[GridPoint], pending: Seque
             print(f"+ {args.python} distill.py {shlex.join(points[index].argv)} "
                   f"--run_dir {shlex.quote(os.path.join(args.root, points[index].name))} --resume")
         return 0
+    queued = queued_arrays(args.root)
+    if queued:
+        raise SweepError(f"job array {queued[0]} of this sweep (--root {args.root}) is still queued or running; "
+                         f"submit again once it has ended (squeue), or scancel {queued[0]} first")
     os.makedirs(os.path.join(args.root, STATE_DIR, "logs"), exist_ok=True)
     with open(script_path, "w") as handle:
         handle.write(script)

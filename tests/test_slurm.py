@@ -105,6 +105,8 @@ def test_array_requeue_and_time_limit_stop_resume_bit_exactly_and_gather(cluster
                       "--python", sys.executable, env=env)
     assert submitted.returncode == 0, submitted.stderr[-2000:]
     job = re.search(r"submitted job array (\d+): 4 grid point", submitted.stdout).group(1)
+    twice = sweep(*GRID, "--extra", TINY, "--root", root, "--scheduler", "slurm", env=env)
+    assert twice.returncode == 2 and f"job array {job} of this sweep" in twice.stderr, twice.stderr
     # The uninterrupted runs of the two points stopped below, here and meanwhile (same flags).
     reference_root = tmp_path / "reference"
     reference = subprocess.Popen([sys.executable, SWEEP, "--methods", "DC", "--datasets", "FashionMNIST", "--ipcs", "1",
