@@ -158,6 +158,24 @@ def test_array_requeue_and_time_limit_stop_resume_bit_exactly_and_gather(cluster
 
 
 @needs_slurm
+def test_a_job_of_the_urgent_partition_preempts_a_debug_job_which_is_requeued(cluster, tmp_path):
+    env = cluster["env"]
+    out = tmp_path / "low.out"
+    script = ("trap 'echo TERM; exit 130' TERM; echo start $((${SLURM_RESTART_COUNT:-0} + 1)); "
+              "[ ${SLURM_RESTART_COUNT:-0} -gt 0 ] && exit 0; for i in $(seq 120); do sleep 0.5; done")
+    low = subprocess.run(["sbatch", "--parsable", "--requeue", "--exclusive", "--open-mode=append", "-o", str(out),
+                          "--wrap", script], capture_output=True, text=True, env=env, check=True).stdout.strip()
+    wait_for(lambda: out.exists() and "start 1" in out.read_text(), 60, "the debug job to start")
+    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "--exclusive", "--wrap", "true"],
+                            capture_output=True, text=True, env=env, check=True).stdout.strip()
+    wait_for(lambda: not subprocess.run(["squeue", "-h", "-j", f"{low},{urgent}"], capture_output=True, text=True,
+                                        env=env).stdout.strip(), 120, "both jobs to end")
+    text = out.read_text()
+    assert "DUE TO PREEMPTION" in text, text
+    assert re.findall(r"^(start \d|TERM)$", text, re.M) == ["start 1", "TERM", "start 2"], text
+
+
+@needs_slurm
 @needs_fashion
 def test_torchrun_under_srun_stops_on_the_warning_and_resumes_with_two_processes(cluster, tmp_path):
     env = cluster["env"]

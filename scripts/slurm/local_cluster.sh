@@ -7,16 +7,18 @@
 #   bash scripts/slurm/local_cluster.sh status [DIR]
 #   bash scripts/slurm/local_cluster.sh stop [DIR]     # cancels its jobs, ends the daemons it started in DIR
 #
-# DIR defaults to $TMPDIR/dd-slurm-$UID. The node is this host (hostname -s) with the cores and
-# memory `slurmd -C` reports; one partition `debug` (default, no time limit), select/cons_tres
-# (CR_CPU), proctrack/linuxproc and task/none (no cgroups), preemption by requeue allowed
-# (PreemptType=preempt/partition_prio, PreemptMode=REQUEUE, JobRequeue=1), KillWait=60 (the
-# seconds between a job's SIGTERM and its SIGKILL). The daemons run as the user who starts them
-# (SlurmUser; root in CI); state, spool, logs, pid files and the munge socket are all inside DIR.
-# Ports: SLURMCTLD_PORT (default 6817) and SLURMD_PORT (6818). A requeued job waits for its
-# credentials to expire before it starts again: cred_expire is SLURM_CRED_EXPIRE seconds
-# (default 20; SLURM's own default is 120). slurm-wlm and munge are installed with apt-get when
-# missing and this runs as root.
+# DIR defaults to $TMPDIR/dd-slurm-$UID. The node is this host (hostname -s, reached at
+# 127.0.0.1, so no name lookup is needed) with the cores and memory `slurmd -C` reports.
+# Partitions: `debug` (the default, no time limit) and `urgent` (the same node, a higher
+# PriorityTier: its jobs preempt debug's, which are requeued; PreemptType=preempt/partition_prio,
+# PreemptMode=REQUEUE, JobRequeue=1, no GraceTime). select/cons_tres (CR_CPU),
+# proctrack/linuxproc and task/none (no cgroups), KillWait=60 (the seconds between a job's
+# SIGTERM and its SIGKILL). The daemons run as the user who starts them (SlurmUser; root in CI);
+# state, spool, logs, pid files and the munge socket are all inside DIR. Ports: SLURMCTLD_PORT
+# (default 6817) and SLURMD_PORT (6818). A requeued job waits for its credentials to expire
+# before it starts again: cred_expire is SLURM_CRED_EXPIRE seconds (default 20; SLURM's own
+# default is 120). slurm-wlm and munge are installed with apt-get when missing and this runs as
+# root.
 #
 # `start` is idempotent: daemons already running from DIR are kept. Every failure is one line
 # on stderr (with the log to read) and exit status 1.
@@ -85,7 +87,7 @@ write_config() {
   cat > "$CONF.tmp" <<EOF
 # Written by scripts/slurm/local_cluster.sh: a one-node cluster on $NODE, everything under $DIR.
 ClusterName=ddlocal
-SlurmctldHost=$NODE
+SlurmctldHost=$NODE(127.0.0.1)
 SlurmUser=$(id -un)
 SlurmdUser=$(id -un)
 SlurmctldPort=$CTLD_PORT
@@ -117,8 +119,9 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MinJobAge=600
-NodeName=$NODE CPUs=$cpus RealMemory=$mem$topology State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP PreemptMode=REQUEUE OverSubscribe=NO
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem$topology State=UNKNOWN
+PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE OverSubscribe=NO
+PartitionName=urgent Nodes=$NODE MaxTime=INFINITE State=UP PriorityTier=2 OverSubscribe=NO
 EOF
   mv "$CONF.tmp" "$CONF"
 }
