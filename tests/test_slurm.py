@@ -164,10 +164,12 @@ def test_a_job_of_the_urgent_partition_preempts_a_debug_job_which_is_requeued(cl
     script = ("trap 'echo TERM; exit 130' TERM; echo start $((${SLURM_RESTART_COUNT:-0} + 1)); "
               "[ ${SLURM_RESTART_COUNT:-0} -gt 0 ] && exit 0; for i in $(seq 120); do sleep 0.5; done")
     low = subprocess.run(["sbatch", "--parsable", "--requeue", "--exclusive", "--open-mode=append", "-o", str(out),
-                          "--wrap", script], capture_output=True, text=True, env=env, check=True).stdout.strip()
+                          "--wrap", script], capture_output=True, text=True, env=env, check=True,
+                         cwd=tmp_path).stdout.strip()
     wait_for(lambda: out.exists() and "start 1" in out.read_text(), 60, "the debug job to start")
-    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "--exclusive", "--wrap", "true"],
-                            capture_output=True, text=True, env=env, check=True).stdout.strip()
+    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "--exclusive", "-o", str(tmp_path / "urgent.out"),
+                             "--wrap", "true"], capture_output=True, text=True, env=env, check=True,
+                            cwd=tmp_path).stdout.strip()
     wait_for(lambda: not subprocess.run(["squeue", "-h", "-j", f"{low},{urgent}"], capture_output=True, text=True,
                                         env=env).stdout.strip(), 120, "both jobs to end")
     text = out.read_text()
