@@ -12,6 +12,20 @@ args=("$@")
 if [ "${DEVICE:-cuda}" = cpu ]; then
     args+=(--dry)
 fi
+# Preflight: the Python packages the stage scripts import (a GPU machine may have torch alone);
+# timm (FRePo) and scipy are needed by some cases only: those cases fail, the others run.
+read -r core optional < <(python3 -c '
+import importlib.util
+def lacking(names):
+    return ",".join(n for n in names if importlib.util.find_spec(n) is None) or "-"
+print(lacking(["torch", "torchvision", "numpy", "pandas", "tabulate", "tqdm", "yaml", "PIL"]), lacking(["timm", "scipy"]))')
+if [ "$optional" != - ]; then
+    echo "warning: python3 lacks $optional (some cases will fail; docs/gpu.md: wheels carried beside the code)"
+fi
+if [ "$core" != - ]; then
+    echo "FAILED setup: python3 lacks $core (requirements.txt; without a network see docs/gpu.md, wheels carried beside the code)"
+    exit 1
+fi
 # The script keeps its own deadline (--deadline_s); this outer limit only catches a hang.
 # Run as a module from the repository root, so that the toolkit is found without installing it;
 # relative paths in the arguments are therefore taken from the repository root.
