@@ -39,10 +39,16 @@ POINTS = ["DM_FashionMNIST_ipc1_seed0", "DM_FashionMNIST_ipc1_seed1", "DC_Fashio
           "DC_FashionMNIST_ipc1_seed1"]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def free_ports(count: int) -> list:
+    """``count`` distinct TCP ports free now (all probes held open together)."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 def sweep(*args, env=None, timeout=300):
@@ -64,7 +70,8 @@ def cluster(tmp_path_factory):
     """The environment (``SLURM_CONF``) of a local cluster in a fresh directory, on free ports."""
     where = tmp_path_factory.mktemp("slurm")
     # A requeued job starts again once its credential expired: 10 s here keeps the module short.
-    env = {**os.environ, "SLURMCTLD_PORT": str(free_port()), "SLURMD_PORT": str(free_port()), "SLURM_CRED_EXPIRE": "10"}
+    ctld_port, slurmd_port = free_ports(2)
+    env = {**os.environ, "SLURMCTLD_PORT": str(ctld_port), "SLURMD_PORT": str(slurmd_port), "SLURM_CRED_EXPIRE": "10"}
     started = subprocess.run(["bash", CLUSTER, "start", str(where)], capture_output=True, text=True, env=env,
                              timeout=600)
     assert started.returncode == 0, started.stderr[-2000:]
