@@ -65,6 +65,23 @@ NCFM_EVAL="--optimizer adamw --adamw_schedule multistep --mix_type cutmix --mix_
 # Extra evaluate.py flags of the random-real baseline and a tag naming its protocol (set per cell).
 BASE_EXTRA=""
 BASE_TAG=""
+# Epochs of the cross-architecture and continual-learning evaluations.
+CROSS_EPOCHS=${CROSS_EPOCHS:-300}
+CL_EPOCHS=${CL_EPOCHS:-100}
+# Where the data is read (DATA_PATH: the stages' --data_path; left out, their own search) and where
+# train_original.py's models and buffer.py's experts go (the stages' defaults unless TINY is set).
+DATA=(); [ -z "${DATA_PATH:-}" ] || DATA=(--data_path "$DATA_PATH")
+PRETRAINED=pretrained_model
+ORIG_SAVE=(); ORIG_READ=(); BUFFERS=()
+if [ -n "${TINY:-}" ]; then  # a check that every stage of a group runs, not a measurement
+  NUM_EVAL=1 DAM_NUM_EVAL=1 NCFM_NUM_EVAL=1 DC_ITERS=1 DM_ITERS=1 CAFE_ITERS=1 DAM_ITERS=1 MTT_ITERS=1
+  NCFM_ITERS=1 NCFM_POOL=1 NCFM_POOL_EPOCHS=1 NCFM_EPOCHS=1 EXPERTS=1 ORIGINAL_EPOCHS=1 CROSS_EPOCHS=1 CL_EPOCHS=1
+  PRETRAINED="$OUT/pretrained_model"
+  ORIG_SAVE=(--save_path "$PRETRAINED"); ORIG_READ=(--pretrained_path "$PRETRAINED")
+  BUFFERS=(--buffer_path "$OUT/buffers")
+  MTT_CPU=${MTT_CPU/--lr_lr 1e-5/--lr_lr 1e-7}  # at 1e-5 one step on the miniature makes the step size negative
+  DATM_CPU="$DATM_CPU --init real"  # a 5-epoch expert on a miniature classifies too few images correctly
+fi
 mkdir -p "$OUT"
 
 run() {  # a command, or (DRY_RUN=1) the command printed
@@ -75,10 +92,11 @@ cell() {  # name method ipc epochs strategy iterations extra-flags... (iteration
   local name=$1 method=$2 ipc=$3 epochs=$4 strategy=$5 iters=$6; shift 6
   local run="$OUT/$name" iteration=()
   [ "$iters" = - ] || iteration=(--Iteration "$iters")
+  [ -z "${TINY:-}" ] || epochs=1
   if [ ! -f "$run/results.json" ]; then
     run python3 distill.py --method "$method" --dataset FashionMNIST --ipc "$ipc" "${iteration[@]}" \
       --num_exp 1 --num_eval "$NUM_EVAL" --epoch_eval_train "$epochs" --eval_it 0 --seed "$SEED" \
-      --run_dir "$run" --resume "$@"
+      --run_dir "$run" --resume "${DATA[@]}" "$@"
   fi
   if [ ! -f "$run/random.json" ]; then
     # One baseline per protocol (ipc, epochs, augmentation), shared by the cells that use it.
@@ -86,17 +104,17 @@ cell() {  # name method ipc epochs strategy iterations extra-flags... (iteration
     if [ ! -f "$shared" ]; then
       mkdir -p "$OUT/random"
       run python3 evaluate.py --dataset FashionMNIST --baseline random --ipc "$ipc" --num_eval "$NUM_EVAL" \
-        --epoch_eval_train "$epochs" --dsa_strategy "$strategy" --seed "$SEED" --out "$shared" $BASE_EXTRA
+        --epoch_eval_train "$epochs" --dsa_strategy "$strategy" --seed "$SEED" --out "$shared" "${DATA[@]}" $BASE_EXTRA
     fi
     run cp "$shared" "$run/random.json"
   fi
 }
 
 assess_all() {  # OM accuracy and distances of every saved set of the sweep, then their correlation with accuracy
-  [ -d pretrained_model/FashionMNIST/original/ConvNet ] || { echo "no original models: run the originals group" >&2; return 0; }
-  for res in "$OUT"/*/res_*.pt; do
+  [ -d "$PRETRAINED/FashionMNIST/original/ConvNet" ] || { echo "no original models: run the originals group" >&2; return 0; }
+  for res in "$OUT"/*/res_*_ConvNet_*.pt; do  # the ConvNet sets (the original models are ConvNets)
     if [ -f "$res" ] && [ ! -f "${res%.pt}_assess.json" ]; then
-      run python3 evaluate.py --dataset FashionMNIST --assess --model_num 2 --syn_path "$res" >/dev/null \
+      run python3 evaluate.py --dataset FashionMNIST --assess --model_num 2 --syn_path "$res" "${DATA[@]}" "${ORIG_READ[@]}" >/dev/null \
         || echo "assessment of $res failed (continuing)" >&2
     fi
   done
@@ -128,30 +146,30 @@ for group in "${@:-core}"; do
       CELLS+=(datadam_ipc1 datadam_ipc10 datadam_bn_ipc10) ;;
     mtt)  # experts: 2 x 5 epochs; evaluation 300 DSA epochs (reference: 1000) with the learned lr
       run python3 buffer.py --dataset FashionMNIST --model ConvNet --num_experts "$EXPERTS" \
-        --train_epochs "$EXPERT_EPOCHS" --save_interval 1 --test_every "$EXPERT_EPOCHS"
-      cell mtt_ipc1   MTT  1  300 "$DSA" "$MTT_ITERS" $MTT_CPU --syn_steps 20 --lr_img "$MTT_LR_IMG"
-      cell datm_ipc1  DATM 1  300 "$DSA" "$MTT_ITERS" $MTT_CPU $DATM_CPU --syn_steps 20 --lr_img "$MTT_LR_IMG"
-      cell pad_ipc1   PAD  1  300 "$DSA" "$MTT_ITERS" $MTT_CPU $DATM_CPU --syn_steps 20 --lr_img "$MTT_LR_IMG" \
+        --train_epochs "$EXPERT_EPOCHS" --save_interval 1 --test_every "$EXPERT_EPOCHS" "${DATA[@]}" "${BUFFERS[@]}"
+      cell mtt_ipc1   MTT  1  300 "$DSA" "$MTT_ITERS" $MTT_CPU "${BUFFERS[@]}" --syn_steps 20 --lr_img "$MTT_LR_IMG"
+      cell datm_ipc1  DATM 1  300 "$DSA" "$MTT_ITERS" $MTT_CPU "${BUFFERS[@]}" $DATM_CPU --syn_steps 20 --lr_img "$MTT_LR_IMG"
+      cell pad_ipc1   PAD  1  300 "$DSA" "$MTT_ITERS" $MTT_CPU "${BUFFERS[@]}" $DATM_CPU --syn_steps 20 --lr_img "$MTT_LR_IMG" \
         --batch_syn 0 --loss_ratio 0.25 --depth_ratio 0.25
-      cell mtt_ipc10  MTT  10 300 "$DSA" "$MTT_ITERS" $MTT_CPU --syn_steps 20 --batch_syn 20 --lr_img "$MTT_LR_IMG"
-      cell datm_ipc10 DATM 10 300 "$DSA" "$MTT_ITERS" $MTT_CPU $DATM_CPU --syn_steps 20 --batch_syn 20 --lr_img "$MTT_LR_IMG"
-      cell pad_ipc10  PAD  10 300 "$DSA" "$MTT_ITERS" $MTT_CPU $DATM_CPU --syn_steps 20 --batch_syn 20 \
+      cell mtt_ipc10  MTT  10 300 "$DSA" "$MTT_ITERS" $MTT_CPU "${BUFFERS[@]}" --syn_steps 20 --batch_syn 20 --lr_img "$MTT_LR_IMG"
+      cell datm_ipc10 DATM 10 300 "$DSA" "$MTT_ITERS" $MTT_CPU "${BUFFERS[@]}" $DATM_CPU --syn_steps 20 --batch_syn 20 --lr_img "$MTT_LR_IMG"
+      cell pad_ipc10  PAD  10 300 "$DSA" "$MTT_ITERS" $MTT_CPU "${BUFFERS[@]}" $DATM_CPU --syn_steps 20 --batch_syn 20 \
         --lr_img "$MTT_LR_IMG" --loss_ratio 0.25 --depth_ratio 0.25
       CELLS+=(mtt_ipc1 datm_ipc1 pad_ipc1 mtt_ipc10 datm_ipc10 pad_ipc10) ;;
     originals)  # the same budgets and protocols as core's dc_ipc1 and dm_ipc10
       run python3 train_original.py --dataset FashionMNIST --model ConvNet --num 2 --epochs "$ORIGINAL_EPOCHS" \
-        --lr_decay_step 1
+        --lr_decay_step 1 "${DATA[@]}" "${ORIG_SAVE[@]}"
       assess_all  # the sets of the other groups first (cheap), then the new cells
       CLOM="--alphas $CLOM_ALPHA --models_pool ConvNet --model_num 2"
-      cell dc_clom_ipc1  DC 1  300 none   "$DC_ITERS" --init real $CLOM
-      cell dm_clom_ipc10 DM 10 300 "$DSA" "$DM_ITERS" $CLOM
+      cell dc_clom_ipc1  DC 1  300 none   "$DC_ITERS" --init real $CLOM "${ORIG_READ[@]}"
+      cell dm_clom_ipc10 DM 10 300 "$DSA" "$DM_ITERS" $CLOM "${ORIG_READ[@]}"
       cell dc_feat_ipc1  DC 1  300 none   "$DC_ITERS" --init real --feature_labels
       cell dm_feat_ipc10 DM 10 300 "$DSA" "$DM_ITERS" --feature_labels
       CELLS+=(dc_clom_ipc1 dm_clom_ipc10 dc_feat_ipc1 dm_feat_ipc10)
       assess_all ;;
     ncfm)  # the pool under its own --save_path; NCFM and DM cells under NCFM's student protocol
       run python3 train_original.py --dataset FashionMNIST --model ConvNet --num "$NCFM_POOL" \
-        --epochs "$NCFM_POOL_EPOCHS" --lr_decay_step "$NCFM_POOL_EPOCHS" --save_path "$OUT/ncfm_pool"
+        --epochs "$NCFM_POOL_EPOCHS" --lr_decay_step "$NCFM_POOL_EPOCHS" --save_path "$OUT/ncfm_pool" "${DATA[@]}"
       NCFM_CPU="--batch_real 256 --num_premodel $NCFM_POOL --pretrain_dir $OUT/ncfm_pool"
       for ipc in 1 10; do
         NUM_EVAL=$NCFM_NUM_EVAL BASE_TAG=ncfm_f2 BASE_EXTRA="$NCFM_EVAL --decode_factor 2" \
@@ -171,28 +189,28 @@ for group in "${@:-core}"; do
       done
       # Cross-architecture: CPU-sized 300 DSA epochs (reference: 1000), 3 networks per architecture.
       [ -f "$OUT/crossarch_dsa_ipc1.json" ] || run python3 evaluate.py --dataset FashionMNIST \
-        --syn_path "$OUT/dsa_ipc1" --eval_mode M --num_eval "$NUM_EVAL" --epoch_eval_train 300 \
-        --seed "$SEED" --out "$OUT/crossarch_dsa_ipc1.json"
+        --syn_path "$OUT/dsa_ipc1" --eval_mode M --num_eval "$NUM_EVAL" --epoch_eval_train "$CROSS_EPOCHS" \
+        --seed "$SEED" --out "$OUT/crossarch_dsa_ipc1.json" "${DATA[@]}"
       # Continual learning: 5 steps of 2 classes, 5 class orders, 1 network per order and step,
       # 100 DSA epochs (reference: 3 networks, 1000 epochs; 300 epochs took ~75 s a step here).
       [ -f "$OUT/continual/cl5_dm_ipc10.json" ] || run python3 scripts/continual.py --dataset FashionMNIST --steps 5 \
-        --syn_path "$OUT/dm_ipc10" --baselines random herding --num_eval 1 --epoch_eval_train 100 \
-        --seed "$SEED" --out "$OUT/continual/cl5_dm_ipc10.json"
+        --syn_path "$OUT/dm_ipc10" --baselines random herding --num_eval 1 --epoch_eval_train "$CL_EPOCHS" \
+        --seed "$SEED" --out "$OUT/continual/cl5_dm_ipc10.json" "${DATA[@]}"
       assess_all  # the coreset sets too (needs originals' models)
-      run python3 scripts/make_table.py "$OUT" --model ConvNet --out_dir "$OUT/tables"
+      run python3 scripts/make_table.py "$OUT" --model ConvNet --out_dir "$OUT/tables" --original_path "$PRETRAINED"
       run python3 scripts/cost.py --dataset FashionMNIST --eval_mode M --out "$OUT/cost_M.json" ;;
     *) echo "unknown group $group (core, cafe, datadam, mtt, originals, ncfm, baselines)" >&2; exit 2 ;;
   esac
 done
 
 [ ${#CELLS[@]} -gt 0 ] && [ -z "${DRY_RUN:-}" ] || exit 0
-python3 - "$OUT" "${CELLS[@]}" <<'PY'
+python3 - "$OUT" "$PRETRAINED" "${CELLS[@]}" <<'PY'
 import json, os, sys
 from sets import comparison
-out = sys.argv[1]
+out, pretrained = sys.argv[1:3]
 print("| method | ipc | iterations | eval epochs, augmentation | distilled (%) | random real (%) | IOR (points) | s / iteration |")
 print("|---|---|---|---|---|---|---|---|")
-for name in sys.argv[2:]:
+for name in sys.argv[3:]:
     res = json.load(open(os.path.join(out, name, "results.json")))
     model = next(iter(res["accuracy"]))  # the cell's network (ConvNet, or DataDAM's ConvNetBN)
     rnd = json.load(open(os.path.join(out, name, "random.json")))[model]
@@ -201,7 +219,7 @@ for name in sys.argv[2:]:
     print(f"| {res['method']} | {res['ipc']} | {res['iterations']} | {proto['epochs']}, {proto['augmentation']} | "
           f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f} | {100 * rnd['mean']:.2f} ± {100 * rnd['std']:.2f} | "
           f"{100 * (acc['mean'] - rnd['mean']):+.2f} | {res['seconds_per_iteration']:.2f} |")
-whole = comparison.whole_dataset_accuracy("pretrained_model", "FashionMNIST", "ConvNet")
+whole = comparison.whole_dataset_accuracy(pretrained, "FashionMNIST", "ConvNet")
 if whole is not None:  # train_original.py's models (the originals group), their own protocol
     print(f"\nwhole dataset (train_original.py, {len(whole['accs'])} ConvNets, {whole['protocol'].get('epochs')} epochs): "
           f"{100 * whole['mean']:.2f} ± {100 * whole['std']:.2f}")

@@ -1,7 +1,9 @@
 """Every script in scripts/ is exercised: each ``scripts/*.py`` answers ``--help``; each shell or
 SLURM script passes ``bash -n``; the scripts with a dry mode (``DRY_RUN=1`` of quickstart.sh and
 fmnist_cpu_table.sh) print stage commands that parse and resolve as the stage scripts would parse
-them, and their result tables are printed from results that are already there (nothing is trained).
+them, and their result tables are printed from results that are already there (nothing is trained);
+fmnist_cpu_table.sh's ``TINY=1`` mode runs its core and coreset groups for real on a generated
+miniature.
 ``scripts/gpu_check.sh``'s dry mode (``DEVICE=cpu``) runs in test_gpu_check.py."""
 import glob
 import json
@@ -130,6 +132,51 @@ def test_fmnist_cpu_table_prints_the_table_of_finished_cells(tmp_path):
                           text=True, env={**os.environ, "OUT": str(tmp_path)}, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("| 67.36 ± 0.42 | 53.56 ± 2.45 | +13.80 | 1.50 |") == 3, done.stdout
+
+
+def write_fashion_miniature(root, per_class=20, test_per_class=5):
+    """Fashion-MNIST's four IDX files (gzip) of a generated 28x28 ten-class miniature under ``root``:
+    class c is noise brightened by 19·c, so a network can learn something in one epoch."""
+    import gzip
+    import struct
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    os.makedirs(root, exist_ok=True)
+    for prefix, count in (("train", per_class), ("t10k", test_per_class)):
+        labels = np.repeat(np.arange(10), count).astype(np.uint8)
+        images = (rng.integers(0, 60, size=(len(labels), 28, 28)) + 19 * labels[:, None, None]).astype(np.uint8)
+        for name, blob in ((f"{prefix}-images-idx3-ubyte", struct.pack(">IIII", 0x803, len(labels), 28, 28) + images.tobytes()),
+                           (f"{prefix}-labels-idx1-ubyte", struct.pack(">II", 0x801, len(labels)) + labels.tobytes())):
+            with open(os.path.join(root, f"{name}.gz"), "wb") as handle:
+                handle.write(gzip.compress(blob))
+    return root
+
+
+def test_fmnist_cpu_table_tiny_runs_the_core_and_coreset_groups(tmp_path):
+    """``TINY=1``: every stage of the core and baselines (coreset) groups runs for real, on a generated
+    miniature (1 iteration, 1 network, 1 epoch), from another working directory, writing only
+    under OUT; then the cells' table is printed from what they wrote."""
+    data, out = write_fashion_miniature(str(tmp_path / "data")), tmp_path / "out"
+    root_before = sorted(os.listdir(ROOT))
+    done = subprocess.run(["bash", os.path.join(ROOT, "scripts", "fmnist_cpu_table.sh"), "core", "baselines"],
+                          capture_output=True, text=True, timeout=1200, cwd=str(tmp_path),
+                          env={**os.environ, "TINY": "1", "DATA_PATH": data, "OUT": str(out)})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    cells = {"dc_ipc1": ("DC", 1), "dsa_ipc1": ("DSA", 1), "dm_ipc10": ("DM", 10)}
+    cells.update({f"{m}_ipc{ipc}": (m, 0) for m in ("random", "herding", "kcenter") for ipc in (1, 10)})
+    for name, (method, iterations) in cells.items():
+        results = json.loads((out / name / "results.json").read_text())
+        assert results["method"] == method and results["iterations"] == iterations, name
+        assert 0 <= results["accuracy"]["ConvNet"]["mean"] <= 1 and (out / name / "random.json").is_file()
+    cross = json.loads((out / "crossarch_dsa_ipc1.json").read_text())
+    assert {"MLP", "ConvNet", "LeNet", "AlexNet", "VGG11", "ResNet18"} <= set(cross), sorted(cross)
+    assert (out / "continual" / "cl5_dm_ipc10.json").is_file() and (out / "tables" / "table.md").is_file()
+    assert (out / "cost_M.json").is_file()
+    rows = [line for line in done.stdout.splitlines() if re.match(r"^\| (DC|DSA|DM|random|herding|kcenter) \|", line)]
+    assert len(rows) == 9, done.stdout[-3000:]
+    assert sorted(os.listdir(ROOT)) == root_before  # nothing written beside the code
 
 
 MACHINE_PATH = re.compile(r"""(?:^|["' (=])/(?:tmp|home|work|root|Users|mnt|scratch)/""", re.M)
