@@ -28,8 +28,8 @@ STAGES = ("distill.py", "evaluate.py", "buffer.py", "train_original.py")
 DOCS = sorted(["README.md", os.path.join("configs", "README.md"),
                *(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md"))
                  if os.path.basename(p) != "flags.md")])  # flags.md is generated from the parsers
-SHELL = sorted(os.path.relpath(p, ROOT) for pattern in ("*.sh", "*.sbatch", os.path.join("slurm", "*.sh"))
-               for p in glob.glob(os.path.join(ROOT, "scripts", pattern)))
+SHELL = sorted(os.path.relpath(p, ROOT) for folder in ("", "slurm") for ext in ("sh", "sbatch")
+               for p in glob.glob(os.path.join(ROOT, "scripts", folder, f"*.{ext}")))
 # A script named in a command: a stage script, or anything under scripts/.
 SCRIPT = re.compile(r"^(?:\./)?((?:scripts/[\w/.-]+\.(?:py|sh|sbatch))|(?:distill|evaluate|buffer|train_original)\.py)$")
 END = {"|", "||", "&&", ";", ">", ">>", "2>&1", "#", "and", "or"}  # what ends a command in a span or line
