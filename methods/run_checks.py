@@ -4,7 +4,8 @@ which learned tensor of the synthetic set, or the real images, holds the non-fin
 since when), :func:`evaluation_failure_message` (the same for an evaluation of the set),
 :func:`kept_message` (what is on disk to continue from, only if it is there) and
 :func:`check_checkpoint` (the fields, their types and their values of a ``last.pt`` before
-``--resume`` continues it). ``methods.runner`` calls them; nothing here knows a command line
+``--resume`` continues it) and :func:`restore_position` (restoring it, a part that does not fit
+named in one line). ``methods.runner`` calls them; nothing here knows a command line
 beyond naming the flags in its messages.
 """
 from __future__ import annotations
@@ -208,3 +209,26 @@ def check_checkpoint(saved: dict, path: str) -> None:
         if bad is not None:
             raise utils.UserError(f"--resume: {path} holds NaN or infinite values in {bad}; the run it saved had "
                                   f"diverged, so it cannot be continued: {fix}")
+
+
+def restore_position(checkpoint_path: str, exp: int, position: dict, method, syn, generator) -> None:
+    """Continue experiment ``exp`` from ``position`` (``methods.runner`` ``position``, read from
+    ``last.pt``): the set (``SyntheticSet.load_state_dict``), the method's state, the generator's
+    and the global RNG states.
+
+    Raises:
+        utils.UserError: one line naming ``checkpoint_path`` and the part that does not fit (a
+            tensor of another shape, a missing entry, a value of the wrong type).
+    """
+    parts = (("synthetic set", lambda: syn.load_state_dict(position["syn"])),
+             ("method state", lambda: method.load_state_dict(position["method"])),
+             ("generator state", lambda: generator.set_state(position["generator"])),
+             ("random-number states", lambda: utils.set_rng_state(position["rng"])))
+    for name, load in parts:
+        try:
+            load()
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as error:
+            detail = " ".join(str(error).split())[:300] or type(error).__name__
+            raise utils.UserError(f"--resume: {checkpoint_path}: its {name} of experiment {exp} cannot be "
+                                  f"restored ({type(error).__name__}: {detail}); it cannot be continued: remove "
+                                  "it to start again, or use another --run_dir") from None

@@ -62,7 +62,7 @@ from methods.run_results import RunFiles, run_cost, schedule_key, schedule_recor
 from methods.run_selection import BestSoFar, hold_out_validation
 from methods.run_dir import claim_run_dir
 from methods.run_checks import (check_checkpoint, divergence_message, evaluation_failure_message, kept_message,
-                                non_finite_parts)
+                                non_finite_parts, restore_position)
 from sets import files, resources
 
 logger = logging.getLogger(__name__)
@@ -415,7 +415,7 @@ class DistillationRun(RunFiles, BestSoFar):
         done, pending = 0, True  # iterations done; whether the evaluation after them is still to run
         restored = resumed is not None and resumed["syn"] is not None
         if restored:
-            self.restore(exp, resumed, method, syn, generator)
+            restore_position(self.checkpoint_path, exp, resumed, method, syn, generator)
             done, pending = resumed["iteration"], resumed.get("pending_eval", False)
         # Where a non-finite loss would come from if the set is so already (one check per experiment).
         at_start = non_finite_parts(syn)
@@ -469,27 +469,6 @@ class DistillationRun(RunFiles, BestSoFar):
                                          f"checkpoint {self.checkpoint_path}")
                 if opts.checkpoint_every > 0 and iteration % opts.checkpoint_every == 0 and not is_last:
                     self.checkpoint(exp, iteration, method, syn, generator)
-
-    def restore(self, exp: int, position: dict, method, syn, generator) -> None:
-        """Continue experiment ``exp`` from ``position`` (:meth:`position`, read from ``last.pt``):
-        the set, the method's state, the generator's and the global RNG states.
-
-        Raises:
-            utils.UserError: one line naming the checkpoint and the part that does not fit (a
-                tensor of another shape, a missing entry, a value of the wrong type).
-        """
-        parts = (("synthetic set", lambda: syn.load_state_dict(position["syn"])),
-                 ("method state", lambda: method.load_state_dict(position["method"])),
-                 ("generator state", lambda: generator.set_state(position["generator"])),
-                 ("random-number states", lambda: utils.set_rng_state(position["rng"])))
-        for name, load in parts:
-            try:
-                load()
-            except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as error:
-                detail = " ".join(str(error).split())[:300] or type(error).__name__
-                raise utils.UserError(f"--resume: {self.checkpoint_path}: its {name} of experiment {exp} cannot be "
-                                      f"restored ({type(error).__name__}: {detail}); it cannot be continued: remove "
-                                      "it to start again, or use another --run_dir") from None
 
     def abandoned(self, stop: "progress.StopRequested") -> str:
         """What a stop that abandoned the running iteration (:class:`progress.StopRequested`) kept:

@@ -202,7 +202,7 @@ def test_a_broken_or_nan_checkpoint_is_one_line_naming_last_pt(finished_run, tmp
 
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
-    saved = torch.load(run / "last.pt", weights_only=False)
+    saved = storage.load_checkpoint(str(run / "last.pt"))
     storage.save_checkpoint(str(run / "last.pt"), **{k: v for k, v in _edit(saved, change).items() if k != "version"})
     with pytest.raises(utils.UserError) as error:
         run_distillation(_cfg(iterations=4), _opts(tmp_path, "run", resume=True), tiny_record(), CPU)
@@ -218,7 +218,7 @@ def test_a_nan_checkpoint_through_distill_resume(finished_run, tmp_path, fake_da
 
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
-    saved = torch.load(run / "last.pt", weights_only=False)
+    saved = storage.load_checkpoint(str(run / "last.pt"))
     storage.save_checkpoint(str(run / "last.pt"), **{k: v for k, v in _edit(saved, _poison).items() if k != "version"})
     with pytest.raises(SystemExit) as stop:
         distill.main(["--method", "DM", "--dataset", "Tiny3", "--model", "ConvNetW32", "--ipc", "2", "--Iteration",
