@@ -301,14 +301,24 @@ class NCFM(DistillMethod):
     def init_synthetic(self) -> SyntheticSet:
         """``--init mix`` (each stored image a grid of ``factor²`` real images of its class,
         :func:`mix_grid`), ``real`` or ``noise``; records the valid pixel range (per channel, the
-        range of the real training images) for the clip before every iteration."""
+        range of the real training images) for the clip before every iteration.
+
+        Raises:
+            utils.UserError: ``--init mix`` and a class with fewer than ``ipc factor²`` real images.
+        """
         real = self.sampler.images.transpose(0, 1).reshape(self.channel, -1)
         shape = (1, self.channel, 1, 1)
         self.pixel_range = (real.min(dim=1).values.view(shape), real.max(dim=1).values.view(shape))
         if self.cfg.init != "mix":
             return super().init_synthetic()
         factor, ipc = self.options.factor, self.cfg.ipc
-        images = torch.cat([mix_grid(self.sampler.get_images(c, ipc * factor * factor, self.generator), factor, ipc)
+        need = ipc * factor * factor
+        fewest = min(range(self.num_classes), key=lambda c: self.sampler.class_counts[c])
+        if self.sampler.class_counts[fewest] < need:
+            raise utils.UserError(f"--init mix: --ipc {ipc} with --factor {factor} needs {need} real images per class "
+                                  f"(ipc x factor²), class {fewest} has {self.sampler.class_counts[fewest]}; "
+                                  f"lower --ipc or --factor, or use --init real")
+        images = torch.cat([mix_grid(self.sampler.get_images(c, need, self.generator), factor, ipc)
                             for c in range(self.num_classes)])
         syn = SyntheticSet(images.to(self.device), SyntheticSet.class_major_labels(self.num_classes, ipc,
                                                                                    device=self.device),

@@ -130,6 +130,15 @@ def test_calibration_and_sampling_net_run(pretrained):
     assert method.frequencies(method.pool[0][1].embed_dim).shape == (64, method.pool[0][1].embed_dim)
 
 
+def test_mix_init_with_too_few_real_images_is_one_line_naming_ipc_and_factor(pretrained):
+    """16 real images per class hold one 2x2 grid for each of 4 stored images, not 5."""
+    method = ncfm(pretrained, ipc=5, init="mix")
+    with pytest.raises(utils.UserError, match=r"--init mix: --ipc 5 with --factor 2 needs 20 real images per "
+                                              r"class .*class \d has 16; lower --ipc or --factor"):
+        method.init_synthetic()
+    assert ncfm(pretrained, ipc=4, init="mix").init_synthetic().images.shape[0] == 12
+
+
 def test_missing_pool_is_one_line_naming_the_command(pretrained):
     cfg = methods.DistillConfig(method="NCFM", dataset="Tiny3", model=MTT_MODEL,
                                 extra={"num_premodel": 3, "pretrain_dir": pretrained})
