@@ -145,3 +145,22 @@ def test_the_cuda_check_refuses_in_one_line_without_data_or_gpu(tmp_path, argv, 
     env = {**os.environ, "OUT": str(tmp_path)}
     done = subprocess.run(["bash", SCRIPT, *argv], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode != 0 and message in done.stdout + done.stderr, done.stdout + done.stderr
+
+
+def test_a_python_without_the_packages_is_one_failed_setup_line_before_any_case(tmp_path):
+    """A GPU machine whose python3 lacks the toolkit's packages (here: site-packages switched off)
+    stops at the preflight with one ``FAILED setup`` line naming them, and runs no case."""
+    import sys
+
+    shim = tmp_path / "bin" / "python3"
+    shim.parent.mkdir()
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    shim.chmod(0o755)
+    env = {**os.environ, "DEVICE": "cpu", "PATH": f"{shim.parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("OUT", None)
+    done = subprocess.run(["bash", SCRIPT, "--out", str(tmp_path / "check")], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert failed_lines(done) == [done.stdout.splitlines()[-1]]
+    assert failed_lines(done)[0].startswith("FAILED setup: python3 lacks torch,") and "yaml" in failed_lines(done)[0]
+    assert not (tmp_path / "check").exists()
