@@ -15,14 +15,35 @@
 #                                               # make_table.py over everything; cost of the networks
 #   bash scripts/fmnist_cpu_table.sh ncfm       # a pool of train_original.py ConvNets, then NCFM beside DM at ipc 1
 #                                               # and 10, all (and random real) under NCFM's student protocol
+#   bash scripts/fmnist_cpu_table.sh kip        # KIP (fc_ntk kernel) at ipc 1 and 10, evaluated with the square loss
+#   bash scripts/fmnist_cpu_table.sh dd         # DD at ipc 1 (full unroll) and ipc 10 (RaT-BPTT window 10)
+#   bash scripts/fmnist_cpu_table.sh frepo      # FRePo (ZCA, ConvNetNN) at ipc 1 and 10
+#                                   # (kip, dd, frepo: each set then evaluate.py beside random real images,
+#                                   # written to <cell>/eval.json and tabled by scripts/defaults_table.py)
 #   bash scripts/fmnist_cpu_table.sh core cafe datadam
 #   DRY_RUN=1 bash scripts/fmnist_cpu_table.sh mtt   # print the commands of the cells not run yet, run nothing
 #   TINY=1 DATA_PATH=DIR OUT=DIR bash scripts/fmnist_cpu_table.sh core baselines
 #                                   # every stage on tiny settings (1 iteration, 1 network, 1 epoch) on
 #                                   # the Fashion-MNIST files in DATA_PATH: checks that a group runs
+#   OUT=DIR bash scripts/fmnist_cpu_table.sh --dry   # TINY=1, every group, on a generated miniature
+#                                   # written to OUT/data (DATA_PATH given: those files instead)
 # The defaults are the settings docs/results.md publishes for each table (tests/test_claims.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+ALL_GROUPS=(core cafe datadam mtt originals ncfm baselines kip dd frepo)  # baselines after core and originals
+GROUPS_ASKED=()
+for arg in "$@"; do
+  case $arg in
+    --dry) TINY=1 ;;
+    -*) echo "unknown option $arg (--dry, or group names: ${ALL_GROUPS[*]})" >&2; exit 2 ;;
+    *) GROUPS_ASKED+=("$arg") ;;
+  esac
+done
+if [ ${#GROUPS_ASKED[@]} -eq 0 ]; then
+  # --dry alone: every group; nothing named: the core table
+  if [ -n "${TINY:-}" ] && [[ " $* " == *" --dry "* ]]; then GROUPS_ASKED=("${ALL_GROUPS[@]}"); else GROUPS_ASKED=(core); fi
+fi
 
 OUT=${OUT:-result/fmnist_cpu}
 NUM_EVAL=${NUM_EVAL:-3}
@@ -62,6 +83,14 @@ NCFM_EPOCHS=${NCFM_EPOCHS:-300}
 NCFM_NUM_EVAL=${NCFM_NUM_EVAL:-2}
 NCFM_DSA=color_crop_flip_scale_rotate
 NCFM_EVAL="--optimizer adamw --adamw_schedule multistep --mix_type cutmix --mix_p 0.5 --batch_train 128"
+# KIP, DD and FRePo (docs/results.md's KIP, DD and FRePo sections): their sets' budgets and evaluations.
+KIP_ITERS=${KIP_ITERS:-300}           # Adam steps, 2000 class-balanced targets each (the colab: 1000+ of 5000)
+KIP_TARGETS=${KIP_TARGETS:-2000}
+KIP_NUM_EVAL=${KIP_NUM_EVAL:-2}
+DD_ITERS_1=${DD_ITERS_1:-100}         # ipc 1 from noise, full unroll
+DD_ITERS_10=${DD_ITERS_10:-10}        # ipc 10 from real images, RaT-BPTT window 10
+FREPO_ITERS_1=${FREPO_ITERS_1:-200}   # reference: 500000
+FREPO_ITERS_10=${FREPO_ITERS_10:-100}
 # Extra evaluate.py flags of the random-real baseline and a tag naming its protocol (set per cell).
 BASE_EXTRA=""
 BASE_TAG=""
@@ -76,9 +105,16 @@ ORIG_SAVE=(); ORIG_READ=(); BUFFERS=()
 if [ -n "${TINY:-}" ]; then  # a check that every stage of a group runs, not a measurement
   NUM_EVAL=1 DAM_NUM_EVAL=1 NCFM_NUM_EVAL=1 DC_ITERS=1 DM_ITERS=1 CAFE_ITERS=1 DAM_ITERS=1 MTT_ITERS=1
   NCFM_ITERS=1 NCFM_POOL=1 NCFM_POOL_EPOCHS=1 NCFM_EPOCHS=1 EXPERTS=1 ORIGINAL_EPOCHS=1 CROSS_EPOCHS=1 CL_EPOCHS=1
+  KIP_ITERS=1 KIP_TARGETS=100 KIP_NUM_EVAL=1 DD_ITERS_1=1 DD_ITERS_10=1 FREPO_ITERS_1=1 FREPO_ITERS_10=1
+  if [ -z "${DATA_PATH:-}" ] && [[ " $* " == *" --dry "* ]]; then  # --dry: a generated miniature, 20 images a class
+    DATA_PATH="$OUT/data"
+    [ -d "$DATA_PATH/FashionMNIST/raw" ] || { mkdir -p "$OUT" && python3 -c 'import sys; from scripts.gpu_check_data import write_miniature; write_miniature(sys.argv[1], 20, 50)' "$DATA_PATH"; }
+    DATA=(--data_path "$DATA_PATH")
+  fi
   PRETRAINED="$OUT/pretrained_model"
   ORIG_SAVE=(--save_path "$PRETRAINED"); ORIG_READ=(--pretrained_path "$PRETRAINED")
   BUFFERS=(--buffer_path "$OUT/buffers")
+  CAFE_CPU="${CAFE_CPU/--max_outer_steps 10/--max_outer_steps 2} --max_inner_steps 2"  # at most 2 x 2 steps, not 10 x 100
   MTT_CPU=${MTT_CPU/--lr_lr 1e-5/--lr_lr 1e-7}  # at 1e-5 one step on the miniature makes the step size negative
   DATM_CPU="$DATM_CPU --init real"  # a 5-epoch expert on a miniature classifies too few images correctly
 fi
@@ -110,6 +146,23 @@ cell() {  # name method ipc epochs strategy iterations extra-flags... (iteration
   fi
 }
 
+tiny() {  # n: n, or 1 under TINY (epochs and networks of the kip, dd and frepo evaluations)
+  if [ -n "${TINY:-}" ]; then echo 1; else echo "$1"; fi
+}
+
+solo() {  # name flags...: one distill.py set, no evaluation inside (then evaluated name ...)
+  local name=$1; shift
+  [ -f "$OUT/$name/results.json" ] || run python3 distill.py --dataset FashionMNIST --num_eval 0 \
+    --run_dir "$OUT/$name" "${DATA[@]}" "$@"
+}
+
+evaluated() {  # name flags...: evaluate.py on solo's set beside random real images (its default), to name/eval.json
+  local name=$1; shift
+  [ -f "$OUT/$name/eval.json" ] || run python3 evaluate.py --dataset FashionMNIST --syn_path "$OUT/$name" \
+    --out "$OUT/$name/eval.json" "${DATA[@]}" "$@"
+  EVALS+=("$name")
+}
+
 assess_all() {  # OM accuracy and distances of every saved set of the sweep, then their correlation with accuracy
   [ -d "$PRETRAINED/FashionMNIST/original/ConvNet" ] || { echo "no original models: run the originals group" >&2; return 0; }
   for res in "$OUT"/*/res_*_ConvNet_*.pt; do  # the ConvNet sets (the original models are ConvNets)
@@ -121,8 +174,8 @@ assess_all() {  # OM accuracy and distances of every saved set of the sweep, the
   run python3 scripts/assess_correlation.py "$OUT" || echo "assess_correlation.py failed (continuing)" >&2
 }
 
-CELLS=()
-for group in "${@:-core}"; do
+CELLS=() EVALS=()
+for group in "${GROUPS_ASKED[@]}"; do
   case $group in
     core)
       cell dc_ipc1  DC  1  300  none  "$DC_ITERS" --init real
@@ -199,11 +252,38 @@ for group in "${@:-core}"; do
       assess_all  # the coreset sets too (needs originals' models)
       run python3 scripts/make_table.py "$OUT" --model ConvNet --out_dir "$OUT/tables" --original_path "$PRETRAINED"
       run python3 scripts/cost.py --dataset FashionMNIST --eval_mode M --out "$OUT/cost_M.json" ;;
-    *) echo "unknown group $group (core, cafe, datadam, mtt, originals, ncfm, baselines)" >&2; exit 2 ;;
+    kip)  # fc_ntk kernel, --norm_stats dc (the default when measured); 2 ConvNets per row with the summed
+          # square loss the rows were measured with (KIP's default is now the averaged mse)
+      for ipc in 1 10; do
+        if [ "$ipc" = 1 ]; then epochs=200; else epochs=50; fi
+        solo "kip_ipc$ipc" --method KIP --ipc "$ipc" --Iteration "$KIP_ITERS" --target_batch_size "$KIP_TARGETS" \
+          --norm_stats dc --threads 1 --checkpoint_every 0
+        evaluated "kip_ipc$ipc" --random_baseline --num_eval "$(tiny "$KIP_NUM_EVAL")" \
+          --epoch_eval_train "$(tiny "$epochs")" --label_loss mse_sum --threads 1
+      done ;;
+    dd)  # real batch 64; evaluation under the protocol saved with the set and under its learned schedule
+      solo dd_ipc1 --method DD --ipc 1 --Iteration "$DD_ITERS_1" --batch_real 64 --threads 1
+      if [ -n "${TINY:-}" ]; then evaluated dd_ipc1 --num_eval 1 --epoch_eval_train 1 --threads 1
+      else evaluated dd_ipc1 --num_eval 5 --threads 1; fi
+      solo dd_ipc10 --method DD --ipc 10 --Iteration "$DD_ITERS_10" --batch_real 64 --init real --rat_bptt \
+        --truncation 10 --threads 1
+      evaluated dd_ipc10 --num_eval "$(tiny 2)" --epoch_eval_train "$(tiny 50)" --threads 1 ;;
+    frepo)  # ZCA, ConvNetNN, real batch 256, --lr_img 0.003; 3 / 2 ConvNetNN of 300 / 100 epochs
+      solo frepo_ipc1 --method FRePo --model ConvNetNN --zca --ipc 1 --Iteration "$FREPO_ITERS_1" --batch_real 256 \
+        --lr_img 0.003 --epoch_eval_train "$(tiny 300)" --threads 1
+      evaluated frepo_ipc1 --zca --model ConvNetNN --num_eval "$(tiny 3)" --threads 1
+      solo frepo_ipc10 --method FRePo --model ConvNetNN --zca --ipc 10 --Iteration "$FREPO_ITERS_10" --batch_real 256 \
+        --lr_img 0.003 --epoch_eval_train "$(tiny 100)" --threads 1
+      evaluated frepo_ipc10 --zca --model ConvNetNN --num_eval "$(tiny 2)" --epoch_eval_train "$(tiny 100)" --threads 1 ;;
+    *) echo "unknown group $group (${ALL_GROUPS[*]})" >&2; exit 2 ;;
   esac
 done
 
-[ ${#CELLS[@]} -gt 0 ] && [ -z "${DRY_RUN:-}" ] || exit 0
+[ -z "${DRY_RUN:-}" ] || exit 0
+if [ ${#EVALS[@]} -gt 0 ]; then  # kip, dd, frepo: each set beside random real images under its own protocol
+  python3 scripts/defaults_table.py "$OUT"
+fi
+[ ${#CELLS[@]} -gt 0 ] || exit 0
 python3 - "$OUT" "$PRETRAINED" "${CELLS[@]}" <<'PY'
 import json, os, sys
 from sets import comparison

@@ -16,6 +16,7 @@ import glob
 import os
 import re
 import runpy
+import subprocess
 import sys
 
 import pytest
@@ -34,6 +35,8 @@ SHELL = sorted(os.path.relpath(p, ROOT) for folder in ("", "slurm") for ext in (
 SCRIPT = re.compile(r"^(?:\./)?((?:scripts/[\w/.-]+\.(?:py|sh|sbatch))|(?:distill|evaluate|buffer|train_original)\.py)$")
 END = {"|", "||", "&&", ";", ">", ">>", "2>&1", "#", "and", "or"}  # what ends a command in a span or line
 FLAG = re.compile(r"^\[?(--?[A-Za-z][\w-]*)")
+# The drivers of docs/results.md's tables: a lower-case word after one is a group (table) it knows.
+TABLE_DRIVERS = ("scripts/fmnist_cpu_table.sh", "scripts/soft_label_table.sh", "scripts/defaults_sweep.sh")
 
 
 def read(path):
@@ -82,7 +85,7 @@ def driver_facts(script):
     labels of its ``case $group`` branches."""
     text = read(script)
     names = set(re.findall(r"\$\{?([A-Z_][A-Z0-9_]*)", text))
-    groups = set(re.findall(r"^\s{4}([a-z][\w-]*)\)", text, re.M))
+    groups = set(re.findall(r"^\s+([a-z][\w-]*)\)", text, re.M))
     return names, groups
 
 
@@ -154,7 +157,7 @@ def check_command(script, after, env):
         names, groups = driver_facts(script)
         for name in env:
             assert name in names, f"{script} reads no variable {name}"
-        if script == "scripts/fmnist_cpu_table.sh":
+        if script in TABLE_DRIVERS:
             for word in after:
                 if re.match(r"^[a-z]+$", word):
                     assert word in groups, f"{script} has no group {word}"
@@ -174,6 +177,10 @@ def test_the_check_catches_a_wrong_flag_a_missing_script_and_an_unknown_group():
         check_command(*commands_in("bash scripts/no_such_table.sh core")[0])
     with pytest.raises(AssertionError, match="no group cores"):
         check_command(*commands_in("bash scripts/fmnist_cpu_table.sh cores")[0])
+    with pytest.raises(AssertionError, match="no group longer"):
+        check_command(*commands_in("bash scripts/defaults_sweep.sh longer")[0])
+    check_command(*commands_in("bash scripts/defaults_sweep.sh long")[0])
+    check_command(*commands_in("bash scripts/soft_label_table.sh ipc10")[0])
     with pytest.raises(AssertionError, match="reads no variable NO_SUCH_ITERS"):
         check_command(*commands_in("NO_SUCH_ITERS=3 bash scripts/fmnist_cpu_table.sh core")[0])
     assert commands_in("torchrun --nproc_per_node 4 distill.py --method DM | tee log") == \
@@ -252,7 +259,54 @@ def test_fmnist_table_defaults_are_the_published_settings():
     for name, value in {"NCFM_POOL": 3, "NCFM_POOL_EPOCHS": 1, "NCFM_ITERS": 50, "NCFM_EPOCHS": 300,
                         "NCFM_NUM_EVAL": 2, "DAM_NUM_EVAL": 2, "DAM_ITERS": 100, "MTT_ITERS": 60,
                         "MTT_LR_IMG": 1000, "DC_ITERS": 50, "DM_ITERS": 100, "CAFE_ITERS": 10, "NUM_EVAL": 3,
-                        "EXPERTS": 2, "EXPERT_EPOCHS": 5, "ORIGINAL_EPOCHS": 2}.items():
+                        "EXPERTS": 2, "EXPERT_EPOCHS": 5, "ORIGINAL_EPOCHS": 2, "KIP_ITERS": 300,
+                        "KIP_TARGETS": 2000, "KIP_NUM_EVAL": 2, "DD_ITERS_1": 100, "DD_ITERS_10": 10,
+                        "FREPO_ITERS_1": 200, "FREPO_ITERS_10": 100}.items():
         assert f"{name}=${{{name}:-{value}}}" in text, name
     results = read(os.path.join("docs", "results.md"))
     assert "\n    bash scripts/fmnist_cpu_table.sh ncfm\n" in results  # the group alone, no budget overrides
+
+
+def dry_run_commands(script, *args, tmp_path, env=None):
+    """The stage commands a driver prints under ``DRY_RUN=1`` (``+ python3 ...`` lines), with the
+    temporary ``OUT`` written back as ``result/fmnist_cpu``."""
+    done = subprocess.run(["bash", os.path.join(ROOT, "scripts", script), *args], capture_output=True, text=True,
+                          env={**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path), **(env or {})}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return [line[2:].replace(str(tmp_path), "result/fmnist_cpu") for line in done.stdout.splitlines()
+            if line.startswith("+ python3 ")]
+
+
+@pytest.mark.parametrize("group", ["kip", "dd", "frepo"])
+def test_the_kip_dd_and_frepo_sections_list_exactly_what_their_group_runs(group, tmp_path):
+    """docs/results.md's KIP, DD and FRePo sections name ``bash scripts/fmnist_cpu_table.sh GROUP``
+    and list its commands: every command the group runs is a line of the section, flags and all."""
+    results = read(os.path.join("docs", "results.md")).splitlines()
+    commands = dry_run_commands("fmnist_cpu_table.sh", group, tmp_path=tmp_path)
+    assert len(commands) == 4 and f"bash scripts/fmnist_cpu_table.sh {group}" in results
+    for command in commands:
+        assert command in results, command
+
+
+def test_soft_label_and_defaults_sweep_defaults_are_the_published_settings(tmp_path):
+    """No argument and no variable: the settings docs/results.md's soft-label and defaults-sweep
+    tables were measured with (ipc 1: 3 students and ARS; ipc 10: 2 students; the sweep: every
+    method but NCFM, CAFE 2 iterations, soft_label_table.sh's teacher command; long: DD 3000 and
+    RaT-BPTT 200)."""
+    soft = dry_run_commands("soft_label_table.sh", tmp_path=tmp_path / "soft")
+    evaluations = [c.split() for c in soft if c.startswith("python3 evaluate.py")]
+    assert [(e[e.index("--num_eval") + 1], "--ars" in e) for e in evaluations] == [("3", True), ("2", False)]
+    sweep = dry_run_commands("defaults_sweep.sh", tmp_path=tmp_path / "sweep")
+    distilled = {c.split()[c.split().index("--method") + 1]: c.split() for c in sweep if "distill.py" in c}
+    assert "NCFM" not in distilled and len(distilled) == 15
+    assert distilled["CAFE"][distilled["CAFE"].index("--Iteration") + 1] == "2"
+    teachers = [c for c in sweep if "train_original.py" in c and "ConvNetBN" in c]
+    soft_teacher = [c for c in soft if "train_original.py" in c and "ConvNetBN" in c]
+    def without_save_path(command):
+        words = command.split()
+        return words[:words.index("--save_path")] + words[words.index("--save_path") + 2:]
+    assert len(set(teachers)) == 1 and without_save_path(teachers[0]) == without_save_path(soft_teacher[0])
+    long = dry_run_commands("defaults_sweep.sh", "long", tmp_path=tmp_path / "long")
+    budgets = {c.split()[c.split().index("--method") + 1]: c.split()[c.split().index("--Iteration") + 1]
+               for c in long if "distill.py" in c}
+    assert budgets == {"DD": "3000", "RaT-BPTT": "200"}
