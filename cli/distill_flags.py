@@ -196,7 +196,8 @@ def resolve(args: argparse.Namespace):
     # The reference's settings per dataset or per option (FRePo: --zca, --use_flip; KIP --kernel
     # conv_rf: RFAD's) for the flags left out.
     derived = dict(method_class.resolved_defaults(args.dataset, v["ipc"], extra))
-    zca = bool(derived.pop("zca", False)) if args.zca is None else args.zca
+    derived_zca = bool(derived.pop("zca", False))  # popped either way: it is a data flag, not a method option
+    zca = derived_zca if args.zca is None else args.zca
     for name in METHOD_DEFAULTED:
         if name in derived:
             value = derived.pop(name)

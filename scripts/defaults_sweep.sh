@@ -97,6 +97,8 @@ prerequisites() {  # method: sets EXTRA to the flags of the files it needs (trai
       local start=$(( EXPERT_EPOCHS - 2 ))
       local window="--buffer_path $BUFFER_DIR --expert_epochs 2 --max_start_epoch $start"
       [ "$1" = MTT ] || window="$window --current_max_start_epoch $start"
+      # TINY: at the default --lr_lr one step on a miniature can make the learned step size negative
+      [ -z "${TINY:-}" ] || window="$window --lr_lr 1e-7"
       EXTRA=$window ;;
     *) EXTRA="" ;;
   esac

@@ -106,9 +106,9 @@ if [ -n "${TINY:-}" ]; then  # a check that every stage of a group runs, not a m
   NUM_EVAL=1 DAM_NUM_EVAL=1 NCFM_NUM_EVAL=1 DC_ITERS=1 DM_ITERS=1 CAFE_ITERS=1 DAM_ITERS=1 MTT_ITERS=1
   NCFM_ITERS=1 NCFM_POOL=1 NCFM_POOL_EPOCHS=1 NCFM_EPOCHS=1 EXPERTS=1 ORIGINAL_EPOCHS=1 CROSS_EPOCHS=1 CL_EPOCHS=1
   KIP_ITERS=1 KIP_TARGETS=100 KIP_NUM_EVAL=1 DD_ITERS_1=1 DD_ITERS_10=1 FREPO_ITERS_1=1 FREPO_ITERS_10=1
-  if [ -z "${DATA_PATH:-}" ] && [[ " $* " == *" --dry "* ]]; then  # --dry: a generated miniature, 20 images a class
+  if [ -z "${DATA_PATH:-}" ] && [[ " $* " == *" --dry "* ]]; then  # --dry: a generated miniature, 40 images a class
     DATA_PATH="$OUT/data"
-    [ -d "$DATA_PATH/FashionMNIST/raw" ] || { mkdir -p "$OUT" && python3 -c 'import sys; from scripts.gpu_check_data import write_miniature; write_miniature(sys.argv[1], 20, 50)' "$DATA_PATH"; }
+    [ -d "$DATA_PATH/FashionMNIST/raw" ] || { mkdir -p "$OUT" && python3 -c 'import sys; from scripts.gpu_check_data import write_miniature; write_miniature(sys.argv[1], 40, 50)' "$DATA_PATH"; }
     DATA=(--data_path "$DATA_PATH")
   fi
   PRETRAINED="$OUT/pretrained_model"
@@ -165,8 +165,11 @@ evaluated() {  # name flags...: evaluate.py on solo's set beside random real ima
 
 assess_all() {  # OM accuracy and distances of every saved set of the sweep, then their correlation with accuracy
   [ -d "$PRETRAINED/FashionMNIST/original/ConvNet" ] || { echo "no original models: run the originals group" >&2; return 0; }
+  local assessed=0
   for res in "$OUT"/*/res_*_ConvNet_*.pt; do  # the ConvNet sets (the original models are ConvNets)
+    if [ -n "${TINY:-}" ] && [ "$assessed" -ge 3 ]; then break; fi  # TINY: 3 sets a call show the stage runs
     if [ -f "$res" ] && [ ! -f "${res%.pt}_assess.json" ]; then
+      assessed=$(( assessed + 1 ))
       run python3 evaluate.py --dataset FashionMNIST --assess --model_num 2 --syn_path "$res" "${DATA[@]}" "${ORIG_READ[@]}" >/dev/null \
         || echo "assessment of $res failed (continuing)" >&2
     fi
@@ -261,11 +264,11 @@ for group in "${GROUPS_ASKED[@]}"; do
         evaluated "kip_ipc$ipc" --random_baseline --num_eval "$(tiny "$KIP_NUM_EVAL")" \
           --epoch_eval_train "$(tiny "$epochs")" --label_loss mse_sum --threads 1
       done ;;
-    dd)  # real batch 64; evaluation under the protocol saved with the set and under its learned schedule
-      solo dd_ipc1 --method DD --ipc 1 --Iteration "$DD_ITERS_1" --batch_real 64 --threads 1
+    dd)  # ConvNet (DD's default is now LeNet, the reference's), real batch 64; evaluation under the protocol saved with the set and under its learned schedule
+      solo dd_ipc1 --method DD --model ConvNet --ipc 1 --Iteration "$DD_ITERS_1" --batch_real 64 --threads 1
       if [ -n "${TINY:-}" ]; then evaluated dd_ipc1 --num_eval 1 --epoch_eval_train 1 --threads 1
       else evaluated dd_ipc1 --num_eval 5 --threads 1; fi
-      solo dd_ipc10 --method DD --ipc 10 --Iteration "$DD_ITERS_10" --batch_real 64 --init real --rat_bptt \
+      solo dd_ipc10 --method DD --model ConvNet --ipc 10 --Iteration "$DD_ITERS_10" --batch_real 64 --init real --rat_bptt \
         --truncation 10 --threads 1
       evaluated dd_ipc10 --num_eval "$(tiny 2)" --epoch_eval_train "$(tiny 50)" --threads 1 ;;
     frepo)  # ZCA, ConvNetNN, real batch 256, --lr_img 0.003; 3 / 2 ConvNetNN of 300 / 100 epochs

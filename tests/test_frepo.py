@@ -227,9 +227,11 @@ def test_given_zca_and_use_flip_override_the_per_dataset_defaults():
     cfg, _ = distill_flags.resolve(distill_flags.parse_args(
         ["--method", "FRePo", "--dataset", "FashionMNIST", "--zca", "--use_flip", "true"]))
     assert cfg.zca is True and cfg.extra["use_flip"] is True
+    # --zca is a data flag: given or not, it never reaches the method's options (which refuse it)
+    assert "zca" not in cfg.extra and frepo_module.FRePo.resolve_options(cfg.extra).use_flip is True
     cfg, _ = distill_flags.resolve(distill_flags.parse_args(
         ["--method", "FRePo", "--dataset", "CIFAR10", "--no-zca", "--use_flip", "false"]))
-    assert cfg.zca is False and cfg.extra["use_flip"] is False
+    assert cfg.zca is False and cfg.extra["use_flip"] is False and "zca" not in cfg.extra
     cfg, _ = distill_flags.resolve(distill_flags.parse_args(["--method", "DM", "--dataset", "CIFAR10"]))
     assert cfg.zca is False and "use_flip" not in cfg.extra  # other methods keep --zca off
 

@@ -162,29 +162,80 @@ def write_fashion_miniature(root, per_class=20, test_per_class=5):
     return root
 
 
-def test_fmnist_cpu_table_tiny_runs_the_core_and_coreset_groups(tmp_path):
-    """``TINY=1``: every stage of the core and baselines (coreset) groups runs for real, on a generated
-    miniature (1 iteration, 1 network, 1 epoch), from another working directory, writing only
-    under OUT; then the cells' table is printed from what they wrote."""
-    data, out = write_fashion_miniature(str(tmp_path / "data")), tmp_path / "out"
+def test_fmnist_cpu_table_dry_runs_every_group(tmp_path):
+    """``--dry``: every group of the driver runs for real on tiny settings (1 iteration, 1 network, 1
+    epoch) and a generated miniature, from another working directory, writing only under OUT; then
+    the cells' table and the kip/dd/frepo table are printed from what the runs wrote."""
+    out = tmp_path / "out"
     root_before = sorted(os.listdir(ROOT))
-    done = subprocess.run(["bash", os.path.join(ROOT, "scripts", "fmnist_cpu_table.sh"), "core", "baselines"],
-                          capture_output=True, text=True, timeout=1200, cwd=str(tmp_path),
-                          env={**os.environ, "TINY": "1", "DATA_PATH": data, "OUT": str(out)})
+    done = subprocess.run(["bash", os.path.join(ROOT, "scripts", "fmnist_cpu_table.sh"), "--dry"],
+                          capture_output=True, text=True, timeout=1800, cwd=str(tmp_path),
+                          env={**{k: v for k, v in os.environ.items() if k not in ("TINY", "DATA_PATH")},
+                               "OUT": str(out)})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    cells = {"dc_ipc1": ("DC", 1), "dsa_ipc1": ("DSA", 1), "dm_ipc10": ("DM", 1)}  # (method, iterations)
+    assert "(continuing)" not in done.stderr, done.stderr[-3000:]  # no assessment step failed quietly
+    assert (out / "data" / "FashionMNIST" / "raw").is_dir()  # the generated miniature
+    cells = {}
+    for text in re.findall(r"cell (\w+)\s+(\w+)\s+(\d+)\s+\S+\s+\S+\s+(\S+)",
+                           open(os.path.join(ROOT, "scripts", "fmnist_cpu_table.sh")).read()):
+        name, method, _, iterations = text
+        if "$" not in name:
+            cells[name] = (method, 0 if iterations == "-" else 1)
     cells.update({f"{m}_ipc{ipc}": (m, 0) for m in ("random", "herding", "kcenter") for ipc in (1, 10)})
+    cells.update({f"ncfm_ipc{ipc}": ("NCFM", 1) for ipc in (1, 10)})
+    cells.update({f"dm_ncfm_ipc{ipc}": ("DM", 1) for ipc in (1, 10)})
+    assert len(cells) == 30, sorted(cells)
     for name, (method, iterations) in cells.items():
         results = json.loads((out / name / "results.json").read_text())
         assert results["method"] == method and results["iterations"] == iterations, name
-        assert 0 <= results["accuracy"]["ConvNet"]["mean"] <= 1 and (out / name / "random.json").is_file()
+        model = next(iter(results["accuracy"]))
+        assert 0 <= results["accuracy"][model]["mean"] <= 1 and (out / name / "random.json").is_file(), name
+    rows = [line for line in done.stdout.splitlines() if re.match(r"^\| [A-Za-z]+ \| (1|10) \| [01] \|", line)]
+    assert len(rows) == 30, done.stdout[-3000:]
+    # kip, dd, frepo: each set and random real images under its own protocol, tabled by defaults_table.py
+    for name in ("kip_ipc1", "kip_ipc10", "dd_ipc1", "dd_ipc10", "frepo_ipc1", "frepo_ipc10"):
+        report = json.loads((out / name / "eval.json").read_text())
+        kinds = {row["kind"] for row in report["comparison"]["rows"]}
+        assert {"synthetic", "random"} <= kinds, (name, kinds)
+    assert len(re.findall(r"^\| (KIP|DD|FRePo) +\| ConvNet(NN)? +\| 1 ", done.stdout, re.M)) == 6, done.stdout[-3000:]
     cross = json.loads((out / "crossarch_dsa_ipc1.json").read_text())
     assert {"MLP", "ConvNet", "LeNet", "AlexNet", "VGG11", "ResNet18"} <= set(cross), sorted(cross)
     assert (out / "continual" / "cl5_dm_ipc10.json").is_file() and (out / "tables" / "table.md").is_file()
-    assert (out / "cost_M.json").is_file()
-    rows = [line for line in done.stdout.splitlines() if re.match(r"^\| (DC|DSA|DM|random|herding|kcenter) \|", line)]
-    assert len(rows) == 9, done.stdout[-3000:]
+    assert (out / "cost_M.json").is_file() and list(out.glob("*/res_*_assess.json"))
+    assert (out / "buffers").is_dir() and (out / "ncfm_pool").is_dir() and (out / "pretrained_model").is_dir()
     assert sorted(os.listdir(ROOT)) == root_before  # nothing written beside the code
+
+
+def test_soft_label_table_tiny_runs_its_ipc1_table(tmp_path):
+    """``TINY=1``: the ipc-1 table's every step (teacher, whole-dataset model, the four sets, one
+    evaluation under three label regimes with ARS) runs for real on a generated miniature."""
+    data, out = write_fashion_miniature(str(tmp_path / "data"), per_class=40), tmp_path / "out"
+    done = subprocess.run(["bash", os.path.join(ROOT, "scripts", "soft_label_table.sh"), "ipc1"], capture_output=True,
+                          text=True, timeout=900, cwd=str(tmp_path),
+                          env={**os.environ, "TINY": "1", "DATA_PATH": data, "OUT": str(out), "THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("sre2l_ipc1", "cda_ipc1", "rded_ipc1", "dm_ipc1"):
+        assert (out / name / "results.json").is_file(), name
+    table = json.loads((out / "table_ipc1.json").read_text())
+    regimes = {row.get("labels") for row in table["comparison"]["rows"]}
+    assert {"hard", "soft", "teacher"} <= regimes, regimes
+    assert not (out / "table_ipc10.json").exists()  # one table asked, one table made
+
+
+def test_defaults_sweep_tiny_runs_each_kind_of_prerequisite(tmp_path):
+    """``TINY=1`` on a generated miniature: methods needing nothing, a teacher (SRe2L, RDED) and
+    expert trajectories (MTT) each distil and are evaluated under their recorded protocols, and the
+    table has a row each (the other methods' commands are checked by the dry run above)."""
+    data, out = write_fashion_miniature(str(tmp_path / "data"), per_class=40), tmp_path / "out"
+    done = subprocess.run(["bash", os.path.join(ROOT, "scripts", "defaults_sweep.sh")], capture_output=True,
+                          text=True, timeout=900, cwd=str(tmp_path),
+                          env={**os.environ, "TINY": "1", "DATA_PATH": data, "OUT": str(out), "THREADS": "1",
+                               "METHODS": "DM SRe2L RDED MTT"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert not (out / "failed.txt").exists(), (out / "failed.txt").read_text()
+    for method in ("DM", "SRe2L", "RDED", "MTT"):
+        assert (out / f"{method}_ipc1" / "eval.json").is_file(), method
+        assert re.search(rf"^\| {method} ", done.stdout, re.M), done.stdout[-3000:]
 
 
 MACHINE_PATH = re.compile(r"""(?:^|["' (=])/(?:tmp|home|work|root|Users|mnt|scratch)/""", re.M)
