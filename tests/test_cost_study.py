@@ -8,7 +8,7 @@ import time
 import pytest
 
 import methods
-from scripts import cost_study
+from scripts import cost_case, cost_study
 
 TINY = ["--image_shape", "3", "8", "8", "--num_classes", "2", "--real_per_class", "16", "--model", "ConvNetW32",
         "--threads", "1"]
@@ -152,7 +152,7 @@ def test_loss_timer_times_the_loss_and_update_but_not_the_rest():
     import torch
 
     method = Method()
-    timer = cost_study.LossTimer(method, torch.device("cpu"))
+    timer = cost_case.LossTimer(method, torch.device("cpu"))
     method.step()
     assert timer.updates == 1 and timer.loss_calls == 1
     assert 0.07 <= timer.seconds < 0.3
@@ -161,4 +161,4 @@ def test_loss_timer_times_the_loss_and_update_but_not_the_rest():
         loss_functions = ("no_such_function",)
 
     with pytest.raises(ValueError, match="no_such_function"):
-        cost_study.LossTimer(Wrong(), torch.device("cpu"))
+        cost_case.LossTimer(Wrong(), torch.device("cpu"))
