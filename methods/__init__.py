@@ -8,7 +8,8 @@
 from methods.base import DistillConfig, DistillMethod, SyntheticSet
 from methods.registry import METHODS, get_method_class, list_methods, method_options, register_method
 from methods.options import MethodOptions, Option, option
-from methods import cafe, coreset, datadam, dc, dd, dm, frepo, kip, mtt, ncfm, ratbptt, rded, sre2l  # noqa: F401  (registration)
+# Importing each method module registers its methods (``register_method``).
+from methods import cafe, coreset, datadam, datm, dc, dd, dm, frepo, kip, mtt, ncfm, ratbptt, rded, sre2l  # noqa: F401
 
 
 def create_method(cfg: DistillConfig, **kwargs) -> DistillMethod:

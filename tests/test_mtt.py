@@ -96,7 +96,7 @@ def test_datm_initialises_with_correctly_classified_images_and_expert_logits(buf
 
 
 def test_datm_start_epoch_window_grows():
-    from methods.mtt import DATM, DATMOptions
+    from methods.datm import DATM, DATMOptions
 
     class Probe(DATM):
         def __init__(self):

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from cli import distill_flags
-from methods.mtt import PAD, ExpertStream, trajectory_matching_loss
+from methods.datm import PAD
+from methods.mtt import ExpertStream, trajectory_matching_loss
 from pretrained import buffers
 import utils
 from tiny_data import MTT_MODEL, build_mtt, tiny_record
