@@ -16,9 +16,9 @@ import networks
 from evaluation.formation import decode_zoom
 from evaluation.stacked import StackingUnsupported, check_stackable, train_and_test_stacked
 from evaluation.protocol import LABEL_LOSSES, SQUARE_LOSSES, EvalConfig, EvalResult
-from evaluation.student import student_epochs
+from evaluation.student import student_epochs, train_and_test
 from evaluation.training import (EvaluationStopped, TrainingTerm, deterministic_algorithms, regression_targets,
-                                 test_accuracy, train_and_test)
+                                 test_accuracy)
 from precision import FP32, Precision
 from progress import Progress
 from utils import make_generator

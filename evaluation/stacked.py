@@ -329,7 +329,7 @@ def train_and_test_stacked(nets: Sequence[nn.Module], images: Tensor, labels: Te
                            generators: Sequence[torch.Generator], on_epoch: Optional[Callable[[int], None]] = None,
                            should_stop: Optional[Callable[[], bool]] = None,
                            also_test: Optional[Tuple[Tensor, Tensor, List[float]]] = None) -> List[float]:
-    """``evaluation.training.train_and_test`` for N networks of one architecture at once.
+    """``evaluation.student.train_and_test`` (DC protocol) for N networks of one architecture at once.
 
     Network k trains from its own initialisation and draws its data order and augmentation from
     ``generators[k]`` exactly as ``train_and_test`` would with that generator, so the

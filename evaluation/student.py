@@ -1,8 +1,8 @@
 """Training a student under the decoupled family's protocol: hard, soft or teacher labels
 (``--labels``), a soft loss (``--soft_loss``), DC's SGD schedule or SRe2L's AdamW + cosine
 (``--optimizer``), RandomResizedCrop views and CutMix / Mixup (``--student_aug``, ``--mix_type``).
-:func:`evaluation.training.train_and_test` hands a network here whenever a student setting is not
-today's; with all of them at their defaults this module is not used.
+:func:`train_and_test` trains one network: with every student setting at its default, by DC's
+protocol (:mod:`evaluation.training`); otherwise by the student protocol of this module.
 
 Sources: VILA-Lab/SRe2L ``validate/train_FKD.py`` (the student's loop over stored labels) and
 ``relabel/generate_soft_label.py``; LINs-lab/RDED ``validation/main.py`` (the teacher queried on
@@ -20,7 +20,8 @@ import torch.nn.functional as F
 import progress
 from evaluation.protocol import EvalConfig
 from evaluation.soft_labels import cosine_factor, make_adamw, mixed, soft_loss
-from evaluation.training import EvaluationStopped, label_loss_sum, make_augmenter, sgd_schedule, test_accuracy
+from evaluation.training import (EvaluationStopped, TrainingTerm, label_loss_sum, make_augmenter, sgd_schedule,
+                                 test_accuracy, train_epoch)
 from evaluation.views import Views, apply_views, draw_views
 from precision import optimizer_step, scaled_backward
 
@@ -88,7 +89,7 @@ def train_student(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
         generator: CPU generator of the shuffle, the views and the DC augmentation.
         teacher: the callable of ``teacher`` labels (on ``images``' device).
         soft_store: an ``evaluation.relabel.SoftLabelStore`` of these images.
-        on_epoch, should_stop: as :func:`evaluation.training.train_and_test`.
+        on_epoch, should_stop: as :func:`train_and_test`.
 
     Raises:
         ValueError: what the regime needs is missing or does not fit (see :func:`check_student_inputs`).
@@ -220,3 +221,53 @@ def train_and_test_student(net: nn.Module, images: torch.Tensor, labels: torch.T
     if not math.isfinite(loss):
         raise FloatingPointError(f"evaluation training loss became {loss}")
     return test_accuracy(net, test_images, test_labels, cfg.batch_test, cfg.tta_mode, cfg.deterministic, cfg.precision)
+
+
+def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, test_images: torch.Tensor,
+                   test_labels: torch.Tensor, cfg: EvalConfig, generator: torch.Generator,
+                   term: Optional[TrainingTerm] = None, on_epoch: Optional[Callable[[int], None]] = None,
+                   should_stop: Optional[Callable[[], bool]] = None, *, teacher: Optional[Callable] = None,
+                   soft_store=None) -> float:
+    """Train one network on a (synthetic) set with the DC protocol and return its test accuracy.
+
+    When a student setting of ``cfg`` is not today's (``cfg.is_default_student`` false: soft or
+    teacher labels, AdamW, crop views, a mix), the network is trained by
+    :func:`train_and_test_student` instead, with ``teacher`` / ``soft_store``.
+
+    Args:
+        net: a freshly initialised network on the target device.
+        images: (N, C, H, W) training images on that device (detached).
+        labels: (N,) int64 or (N, K) soft labels; with ``cfg.label_loss='mse'`` (N, K) regression
+            targets (:func:`evaluation.training.regression_targets`).
+        test_images, test_labels: (M, C, H, W) and (M,), on any device.
+        cfg: the protocol.
+        generator: CPU generator for shuffling and augmentation.
+        term: the set's :class:`evaluation.training.TrainingTerm` (e.g. feature labels), or ``None``: plain
+            cross-entropy (see :func:`evaluation.training.train_epoch`).
+        on_epoch: called as ``on_epoch(epochs_done)`` after each of the ``cfg.epochs + 1``
+            epochs (progress display; it must not draw random numbers).
+        should_stop: asked before every epoch; ``True`` abandons the training.
+        teacher, soft_store: what ``teacher`` / ``soft`` labels need (see :func:`train_student`).
+
+    Raises:
+        FloatingPointError: the training loss became NaN or infinite.
+        EvaluationStopped: ``should_stop`` said so.
+        ValueError: a student protocol with a training term, or without what its labels need.
+    """
+    if not cfg.is_default_student:
+        if term is not None:
+            raise ValueError("a training term (feature labels) trains with today's protocol; it cannot be combined "
+                             "with --labels soft/teacher, --optimizer adamw, --student_aug rrc/none or --mix_type")
+        return train_and_test_student(net, images, labels, test_images, test_labels, cfg, generator, teacher=teacher,
+                                      soft_store=soft_store, on_epoch=on_epoch, should_stop=should_stop)
+    augmenter = make_augmenter(cfg.dsa_strategy, cfg.dc_aug)
+    scaler = cfg.precision.grad_scaler(images.device)
+    loss = sgd_schedule(
+        list(net.parameters()), cfg,
+        lambda optimizer: train_epoch(net, images, labels, optimizer, cfg.batch_train, generator, augmenter, term=term,
+                                      precision=cfg.precision, scaler=scaler, label_loss=cfg.label_loss),
+        on_epoch, should_stop)
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"evaluation training loss became {loss}")
+    return test_accuracy(net, test_images, test_labels, cfg.batch_test, cfg.tta_mode, cfg.deterministic,
+                         cfg.precision)

@@ -4,7 +4,6 @@ DatasetCondensation ``utils.py``: ``epoch('train')``, ``evaluate_synset``'s sche
 method: a set's extra training signal reaches it as a :class:`TrainingTerm`."""
 from __future__ import annotations
 
-import math
 import os
 from contextlib import contextmanager
 from typing import Callable, List, Optional, Protocol
@@ -289,57 +288,6 @@ def deterministic_algorithms(enabled: bool = True):
 
 class EvaluationStopped(Exception):
     """An evaluation was abandoned because its caller asked to stop (``should_stop``)."""
-
-
-def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, test_images: torch.Tensor,
-                   test_labels: torch.Tensor, cfg: EvalConfig, generator: torch.Generator,
-                   term: Optional[TrainingTerm] = None, on_epoch: Optional[Callable[[int], None]] = None,
-                   should_stop: Optional[Callable[[], bool]] = None, *, teacher: Optional[Callable] = None,
-                   soft_store=None) -> float:
-    """Train one network on a (synthetic) set with the DC protocol and return its test accuracy.
-
-    When a student setting of ``cfg`` is not today's (``cfg.is_default_student`` false: soft or
-    teacher labels, AdamW, crop views, a mix), the network is trained by
-    :func:`evaluation.student.train_and_test_student` instead, with ``teacher`` / ``soft_store``.
-
-    Args:
-        net: a freshly initialised network on the target device.
-        images: (N, C, H, W) training images on that device (detached).
-        labels: (N,) int64 or (N, K) soft labels; with ``cfg.label_loss='mse'`` (N, K) regression
-            targets (:func:`regression_targets`).
-        test_images, test_labels: (M, C, H, W) and (M,), on any device.
-        cfg: the protocol.
-        generator: CPU generator for shuffling and augmentation.
-        term: the set's :class:`TrainingTerm` (e.g. feature labels), or ``None``: plain
-            cross-entropy (see :func:`train_epoch`).
-        on_epoch: called as ``on_epoch(epochs_done)`` after each of the ``cfg.epochs + 1``
-            epochs (progress display; it must not draw random numbers).
-        should_stop: asked before every epoch; ``True`` abandons the training.
-        teacher, soft_store: what ``teacher`` / ``soft`` labels need (see :func:`evaluation.student.train_student`).
-
-    Raises:
-        FloatingPointError: the training loss became NaN or infinite.
-        EvaluationStopped: ``should_stop`` said so.
-        ValueError: a student protocol with a training term, or without what its labels need.
-    """
-    if not cfg.is_default_student:
-        if term is not None:
-            raise ValueError("a training term (feature labels) trains with today's protocol; it cannot be combined "
-                             "with --labels soft/teacher, --optimizer adamw, --student_aug rrc/none or --mix_type")
-        from evaluation.student import train_and_test_student  # the student module builds on this one
-        return train_and_test_student(net, images, labels, test_images, test_labels, cfg, generator, teacher=teacher,
-                                      soft_store=soft_store, on_epoch=on_epoch, should_stop=should_stop)
-    augmenter = make_augmenter(cfg.dsa_strategy, cfg.dc_aug)
-    scaler = cfg.precision.grad_scaler(images.device)
-    loss = sgd_schedule(
-        list(net.parameters()), cfg,
-        lambda optimizer: train_epoch(net, images, labels, optimizer, cfg.batch_train, generator, augmenter, term=term,
-                                      precision=cfg.precision, scaler=scaler, label_loss=cfg.label_loss),
-        on_epoch, should_stop)
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"evaluation training loss became {loss}")
-    return test_accuracy(net, test_images, test_labels, cfg.batch_test, cfg.tta_mode, cfg.deterministic,
-                         cfg.precision)
 
 
 def sgd_schedule(parameters: List[torch.Tensor], cfg: EvalConfig, run_epoch: Callable[[torch.optim.Optimizer], object],
