@@ -310,3 +310,12 @@ def test_soft_label_and_defaults_sweep_defaults_are_the_published_settings(tmp_p
     budgets = {c.split()[c.split().index("--method") + 1]: c.split()[c.split().index("--Iteration") + 1]
                for c in long if "distill.py" in c}
     assert budgets == {"DD": "3000", "RaT-BPTT": "200"}
+
+
+def test_reproduce_lists_every_group_of_the_driver_once():
+    """docs/reproduce.md's table of fmnist_cpu_table.sh's groups has one row per group of its
+    ``ALL_GROUPS``, no more and no less (a group added to the driver must be documented)."""
+    script = read(os.path.join("scripts", "fmnist_cpu_table.sh"))
+    groups = re.search(r"^ALL_GROUPS=\(([^)]*)\)", script, flags=re.M).group(1).split()
+    rows = re.findall(r"^\| `([a-z]+)`(?: \(default\))? \|", read(os.path.join("docs", "reproduce.md")), flags=re.M)
+    assert sorted(rows) == sorted(groups), (rows, groups)
