@@ -1,7 +1,8 @@
 """Image-file datasets: TinyImageNet (two layouts), the ImageNet subsets and MHIST.
 
 Folders are read with torchvision's ``ImageFolder`` machinery (a subclass fixes which class folders
-are read and their label order) and ``default_loader`` (PIL, converted to RGB). Images are decoded
+are read and their label order) and ``default_loader`` (PIL, converted to RGB), imported when a
+folder is read (importing torchvision costs about a second). Images are decoded
 once into one uint8 (N, 3, res, res) tensor; sizes that differ from res x res go through
 ``Resize(res)`` (shorter side, antialiased) then ``CenterCrop(res)``. The references resize the
 float tensor after ``Normalize``; resizing the PIL image first differs only by uint8 rounding.
@@ -11,6 +12,7 @@ There is no automatic download for these datasets; ``download`` is ignored with 
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import os
 from pathlib import Path
@@ -19,10 +21,6 @@ from typing import Callable
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torchvision import datasets, transforms
-from torchvision.datasets.folder import default_loader, find_classes
-from torchvision.datasets.imagenet import load_meta_file
-from torchvision.transforms.functional import pil_to_tensor
 
 from .core import DatasetError, RawSplits, one_line, register_dataset, reject_res, reject_subset
 from .plain import PlainDataError, load_plain
@@ -54,26 +52,36 @@ class _ToSquareTensor:
     """PIL image -> uint8 (C, res, res): Resize(res) + CenterCrop(res) unless already res x res."""
 
     def __init__(self, res: int) -> None:
+        from torchvision import transforms  # torchvision is imported when images are read (about a second)
+        from torchvision.transforms.functional import pil_to_tensor
+
         self.res = res
         self.resize = transforms.Resize(res)
         self.crop = transforms.CenterCrop(res)
+        self.to_tensor = pil_to_tensor
 
     def __call__(self, image) -> Tensor:
         if image.size != (self.res, self.res):
             image = self.crop(self.resize(image))
-        return pil_to_tensor(image)
+        return self.to_tensor(image)
 
 
-class _ClassListFolder(datasets.ImageFolder):
-    """``ImageFolder`` over the given class folders only, with the given label of each folder."""
+@functools.cache
+def _class_list_folder() -> type:
+    """The ``ImageFolder`` subclass over the given class folders only, with the given label of each
+    folder (built on first use, so that importing this module does not import torchvision)."""
+    from torchvision import datasets
 
-    def __init__(self, root: str | Path, class_to_idx: dict[str, int], transform: Callable) -> None:
-        self._class_to_idx = dict(class_to_idx)
-        super().__init__(str(root), transform=transform)
+    class ClassListFolder(datasets.ImageFolder):
+        def __init__(self, root: str | Path, class_to_idx: dict[str, int], transform: Callable) -> None:
+            self._class_to_idx = dict(class_to_idx)
+            super().__init__(str(root), transform=transform)
 
-    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        classes = sorted(self._class_to_idx, key=self._class_to_idx.__getitem__)
-        return classes, dict(self._class_to_idx)
+        def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+            classes = sorted(self._class_to_idx, key=self._class_to_idx.__getitem__)
+            return classes, dict(self._class_to_idx)
+
+    return ClassListFolder
 
 
 class _ImageList(Dataset):
@@ -87,13 +95,15 @@ class _ImageList(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        from torchvision.datasets.folder import default_loader
+
         path, label = self.samples[index]
         return self.transform(default_loader(path)), label
 
 
 def _image_folder(name: str, root: Path, class_to_idx: dict[str, int], res: int) -> Dataset:
     try:
-        return _ClassListFolder(root, class_to_idx, _ToSquareTensor(res))
+        return _class_list_folder()(root, class_to_idx, _ToSquareTensor(res))
     except (OSError, ValueError) as err:  # FileNotFoundError: a class folder without images
         raise DatasetError(f'{name}: could not index the images under {_show(root)}: '
                            f'{one_line(err)}') from err
@@ -173,6 +183,8 @@ def _tiny_from_pt(path: Path) -> RawSplits:
 
 
 def _tiny_from_folders(train_dir: Path, val_dir: Path) -> RawSplits:
+    from torchvision.datasets.folder import find_classes
+
     try:
         wnids, class_to_idx = find_classes(str(train_dir))
         val_wnids, _ = find_classes(str(val_dir))
@@ -233,6 +245,8 @@ def _imagenet_class_names(data_path: str, wnids: list[str]) -> list[str]:
     """Human-readable names from torchvision's ImageNet ``meta.bin`` if present, else the wnids."""
     if not (Path(data_path) / 'meta.bin').is_file():
         return list(wnids)
+    from torchvision.datasets.imagenet import load_meta_file
+
     try:
         wnid_to_classes = load_meta_file(data_path)[0]
         return [wnid_to_classes[w][0] if w in wnid_to_classes else w for w in wnids]

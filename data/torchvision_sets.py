@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torchvision import datasets
 
 from .core import CIFAR10_MEAN, CIFAR10_STD, DatasetError, RawSplits, one_line, register_dataset, reject_res, reject_subset
 
@@ -36,6 +35,14 @@ FASHION_MNIST_SYSTEM_DIR = '/usr/share/datasets/fashion-mnist'
 _IDX_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
               't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
 _DOWNLOAD_HINT = '(pass --data_path, or --download on a machine with internet)'
+
+
+def _datasets():
+    """``torchvision.datasets``, imported on first use: importing torchvision costs about a second
+    (it loads ``torch._dynamo``), which a command that reads no dataset (``--help``, a flag
+    refused, a table) need not pay."""
+    from torchvision import datasets
+    return datasets
 
 
 def cache_dir() -> Path:
@@ -155,7 +162,7 @@ def load_mnist(data_path: str, *, download: bool = False, res: int | None = None
     """
     reject_res('MNIST', res)
     reject_subset('MNIST', subset)
-    return _load_idx_dataset('MNIST', datasets.MNIST, data_path, download, (), 0.1307, 0.3081)
+    return _load_idx_dataset('MNIST', _datasets().MNIST, data_path, download, (), 0.1307, 0.3081)
 
 
 @register_dataset('FashionMNIST')
@@ -175,7 +182,7 @@ def load_fashion_mnist(data_path: str, *, download: bool = False, res: int | Non
     """
     reject_res('FashionMNIST', res)
     reject_subset('FashionMNIST', subset)
-    return _load_idx_dataset('FashionMNIST', datasets.FashionMNIST, data_path, download,
+    return _load_idx_dataset('FashionMNIST', _datasets().FashionMNIST, data_path, download,
                              (FASHION_MNIST_SYSTEM_DIR,), 0.2861, 0.3530)
 
 
@@ -198,7 +205,7 @@ def load_svhn(data_path: str, *, download: bool = False, res: int | None = None,
         raise DatasetError(f"SVHN not found under {_show(data_path)}: expected torchvision's "
                            f"{' and '.join(files)} there (missing {', '.join(missing)}) {_DOWNLOAD_HINT}")
     train, test = _open_splits(
-        lambda is_train: datasets.SVHN(data_path, split='train' if is_train else 'test', download=download),
+        lambda is_train: _datasets().SVHN(data_path, split='train' if is_train else 'test', download=download),
         download, f'SVHN under {_show(data_path)}',
         f"torchvision's {' and '.join(files)} there (reading needs scipy) {_DOWNLOAD_HINT}")
     return RawSplits(
@@ -244,7 +251,7 @@ def load_cifar10(data_path: str, *, download: bool = False, res: int | None = No
     Raises:
         DatasetError: folder missing or corrupted, or ``res``/``subset`` given.
     """
-    return _load_cifar('CIFAR10', datasets.CIFAR10, 'cifar-10-batches-py', data_path, download, res, subset,
+    return _load_cifar('CIFAR10', _datasets().CIFAR10, 'cifar-10-batches-py', data_path, download, res, subset,
                        list(CIFAR10_MEAN), list(CIFAR10_STD))
 
 
@@ -259,5 +266,5 @@ def load_cifar100(data_path: str, *, download: bool = False, res: int | None = N
     Raises:
         DatasetError: folder missing or corrupted, or ``res``/``subset`` given.
     """
-    return _load_cifar('CIFAR100', datasets.CIFAR100, 'cifar-100-python', data_path, download, res, subset,
+    return _load_cifar('CIFAR100', _datasets().CIFAR100, 'cifar-100-python', data_path, download, res, subset,
                        [0.5071, 0.4866, 0.4409], [0.2673, 0.2564, 0.2762])

@@ -115,3 +115,21 @@ def test_short_dm_on_real_fashion_mnist_and_evaluate(tmp_path):
     assert [row["ipc"] for row in random_rows] == [2]
     assert 0.2 < random_rows[0]["results"]["ConvNet"]["mean"] <= 1.0
     assert random_rows[0]["results"]["ConvNet"]["protocol"]["augmentation"].startswith("DSA")
+
+
+def test_the_stages_import_torchvision_only_when_a_dataset_is_read():
+    """Importing torchvision costs about a second (it loads torch._dynamo): ``--help`` and a refused
+    flag of every stage must not pay it; reading Fashion-MNIST does (its IDX reader is torchvision's)."""
+    probe = ("import runpy, sys\n"
+             "sys.argv = [sys.argv[1], '--help']\n"
+             "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+             "except SystemExit:\n    pass\n"
+             "print('torchvision' in sys.modules)\n")
+    for stage in ("distill.py", "evaluate.py", "buffer.py", "train_original.py"):
+        done = subprocess.run([sys.executable, "-c", probe, os.path.join(ROOT, stage)], capture_output=True, text=True,
+                              cwd=ROOT, timeout=300)
+        assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "False", (stage, done.stderr[-2000:])
+    read = subprocess.run([sys.executable, "-c", "import sys, data; data.load_dataset('FashionMNIST', "
+                           "data_path='/nonexistent'); print('torchvision' in sys.modules)"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert read.returncode == 0 and read.stdout.strip() == "True", read.stderr[-2000:]
