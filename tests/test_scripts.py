@@ -243,13 +243,32 @@ def test_fmnist_cpu_table_dry_runs_every_group(tmp_path):
     assert sorted(os.listdir(ROOT)) == root_before  # nothing written beside the code
 
 
-def test_soft_label_table_tiny_runs_its_ipc1_table(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_tables(tmp_path_factory):
+    """The soft-label ``ipc1`` table and a defaults sweep over DM, SRe2L, RDED and MTT, both under
+    ``TINY=1`` on one generated miniature, run side by side (one thread each, independent OUT
+    folders) to halve the wall time; returns ``{name: (finished process, OUT)}``."""
+    root = tmp_path_factory.mktemp("tiny_tables")
+    data = write_fashion_miniature(str(root / "data"), per_class=40)
+    runs = {"soft": (["soft_label_table.sh", "ipc1"], {}),
+            "sweep": (["defaults_sweep.sh"], {"METHODS": "DM SRe2L RDED MTT"})}
+    procs = {}
+    for name, (argv, extra) in runs.items():
+        env = {**os.environ, "TINY": "1", "DATA_PATH": data, "OUT": str(root / name), "THREADS": "1",
+               "OMP_NUM_THREADS": "1", **extra}
+        procs[name] = subprocess.Popen(["bash", os.path.join(ROOT, "scripts", argv[0]), *argv[1:]], text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(root), env=env)
+    finished = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=1200)
+        finished[name] = (subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), root / name)
+    return finished
+
+
+def test_soft_label_table_tiny_runs_its_ipc1_table(tiny_tables):
     """``TINY=1``: the ipc-1 table's every step (teacher, whole-dataset model, the four sets, one
     evaluation under three label regimes with ARS) runs for real on a generated miniature."""
-    data, out = write_fashion_miniature(str(tmp_path / "data"), per_class=40), tmp_path / "out"
-    done = subprocess.run(["bash", os.path.join(ROOT, "scripts", "soft_label_table.sh"), "ipc1"], capture_output=True,
-                          text=True, timeout=900, cwd=str(tmp_path),
-                          env={**os.environ, "TINY": "1", "DATA_PATH": data, "OUT": str(out), "THREADS": "1"})
+    done, out = tiny_tables["soft"]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for name in ("sre2l_ipc1", "cda_ipc1", "rded_ipc1", "dm_ipc1"):
         assert (out / name / "results.json").is_file(), name
@@ -259,15 +278,11 @@ def test_soft_label_table_tiny_runs_its_ipc1_table(tmp_path):
     assert not (out / "table_ipc10.json").exists()  # one table asked, one table made
 
 
-def test_defaults_sweep_tiny_runs_each_kind_of_prerequisite(tmp_path):
+def test_defaults_sweep_tiny_runs_each_kind_of_prerequisite(tiny_tables):
     """``TINY=1`` on a generated miniature: methods needing nothing, a teacher (SRe2L, RDED) and
     expert trajectories (MTT) each distil and are evaluated under their recorded protocols, and the
     table has a row each (the other methods' commands are checked by the dry run above)."""
-    data, out = write_fashion_miniature(str(tmp_path / "data"), per_class=40), tmp_path / "out"
-    done = subprocess.run(["bash", os.path.join(ROOT, "scripts", "defaults_sweep.sh")], capture_output=True,
-                          text=True, timeout=900, cwd=str(tmp_path),
-                          env={**os.environ, "TINY": "1", "DATA_PATH": data, "OUT": str(out), "THREADS": "1",
-                               "METHODS": "DM SRe2L RDED MTT"})
+    done, out = tiny_tables["sweep"]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert not (out / "failed.txt").exists(), (out / "failed.txt").read_text()
     for method in ("DM", "SRe2L", "RDED", "MTT"):
