@@ -2,7 +2,7 @@
 
 Folders are read with torchvision's ``ImageFolder`` machinery (a subclass fixes which class folders
 are read and their label order) and ``default_loader`` (PIL, converted to RGB), imported when a
-folder is read (importing torchvision costs about a second). Images are decoded
+folder is read (importing torchvision loads torch._dynamo: over a second). Images are decoded
 once into one uint8 (N, 3, res, res) tensor; sizes that differ from res x res go through
 ``Resize(res)`` (shorter side, antialiased) then ``CenterCrop(res)``. The references resize the
 float tensor after ``Normalize``; resizing the PIL image first differs only by uint8 rounding.
@@ -52,7 +52,7 @@ class _ToSquareTensor:
     """PIL image -> uint8 (C, res, res): Resize(res) + CenterCrop(res) unless already res x res."""
 
     def __init__(self, res: int) -> None:
-        from torchvision import transforms  # torchvision is imported when images are read (about a second)
+        from torchvision import transforms  # imported when images are read (over a second)
         from torchvision.transforms.functional import pil_to_tensor
 
         self.res = res
@@ -88,17 +88,18 @@ class _ImageList(Dataset):
     """(path, label) pairs read with torchvision's ``default_loader`` (PIL, RGB)."""
 
     def __init__(self, samples: list[tuple[str, int]], transform: Callable) -> None:
+        from torchvision.datasets.folder import default_loader
+
         self.samples = samples
         self.transform = transform
+        self.loader = default_loader
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        from torchvision.datasets.folder import default_loader
-
         path, label = self.samples[index]
-        return self.transform(default_loader(path)), label
+        return self.transform(self.loader(path)), label
 
 
 def _image_folder(name: str, root: Path, class_to_idx: dict[str, int], res: int) -> Dataset:

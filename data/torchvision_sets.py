@@ -38,7 +38,7 @@ _DOWNLOAD_HINT = '(pass --data_path, or --download on a machine with internet)'
 
 
 def _datasets():
-    """``torchvision.datasets``, imported on first use: importing torchvision costs about a second
+    """``torchvision.datasets``, imported on first use: importing torchvision costs over a second
     (it loads ``torch._dynamo``), which a command that reads no dataset (``--help``, a flag
     refused, a table) need not pay."""
     from torchvision import datasets

@@ -1,11 +1,11 @@
-"""Every script in scripts/ is exercised: each ``scripts/*.py`` answers ``--help``; each shell or
-SLURM script passes ``bash -n``; the scripts with a dry mode (``DRY_RUN=1`` of quickstart.sh and
-fmnist_cpu_table.sh) print stage commands that parse and resolve as the stage scripts would parse
-them, and their result tables are printed from results that are already there (nothing is trained);
-fmnist_cpu_table.sh's ``TINY=1`` mode runs its core and coreset groups for real on a generated
-miniature.
+"""Every script in scripts/ is exercised: each ``scripts/*.py`` command answers ``--help`` (and each
+helper module is imported by one); each shell or SLURM script passes ``bash -n``; the scripts with
+a dry mode (``DRY_RUN=1`` of quickstart.sh and the table drivers) print stage commands that parse
+and resolve as the stage scripts would parse them, and their result tables are printed from results
+that are already there (nothing is trained); fmnist_cpu_table.sh's ``--dry`` runs every group for
+real on a generated miniature, as do the soft-label ``ipc1`` table and a defaults sweep under
+``TINY=1``.
 ``scripts/gpu_check.sh``'s dry mode (``DEVICE=cpu``) runs in test_gpu_check.py."""
-import argparse
 import glob
 import json
 import os
@@ -175,6 +175,17 @@ def write_fashion_miniature(root, per_class=20, test_per_class=5):
     return root
 
 
+def run_side_by_side(runs, cwd, timeout=1800):
+    """Start each ``(argv, env)`` of ``runs`` at once, one thread each (``OMP_NUM_THREADS=1``: two
+    processes fill the 2 cores without their OpenMP threads waiting for each other), and wait for
+    all; returns their ``subprocess.CompletedProcess`` in order."""
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(cwd),
+                              env={**env, "OMP_NUM_THREADS": "1"}) for argv, env in runs]
+    outputs = [proc.communicate(timeout=timeout) for proc in procs]  # sets each returncode
+    return [subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+            for proc, (stdout, stderr) in zip(procs, outputs)]
+
+
 # --dry's groups in two independent halves, each under its own OUT (baselines needs core and originals).
 DRY_HALVES = (("core", "originals", "baselines", "kip"), ("cafe", "datadam", "mtt", "ncfm", "dd", "frepo"))
 
@@ -198,15 +209,13 @@ def test_fmnist_cpu_table_dry_runs_every_group(tmp_path):
     independent halves of the groups run side by side, one thread each, to halve the wall time."""
     root_before = sorted(os.listdir(ROOT))
     env = {k: v for k, v in os.environ.items() if k not in ("TINY", "DATA_PATH")}
-    procs = [subprocess.Popen(["bash", os.path.join(ROOT, "scripts", "fmnist_cpu_table.sh"), "--dry", *groups],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path),
-                              env={**env, "OUT": str(tmp_path / f"out{k}"), "OMP_NUM_THREADS": "1"})
-             for k, groups in enumerate(DRY_HALVES)]
-    outputs = [proc.communicate(timeout=1800) for proc in procs]
-    for proc, (stdout, stderr) in zip(procs, outputs):
-        assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
-        assert "(continuing)" not in stderr, stderr[-3000:]  # no assessment step failed quietly
-    done = argparse.Namespace(stdout="".join(stdout for stdout, _ in outputs))
+    halves = run_side_by_side([(["bash", os.path.join(ROOT, "scripts", "fmnist_cpu_table.sh"), "--dry", *groups],
+                                {**env, "OUT": str(tmp_path / f"out{k}")}) for k, groups in enumerate(DRY_HALVES)],
+                              tmp_path)
+    for half in halves:
+        assert half.returncode == 0, half.stdout[-3000:] + half.stderr[-3000:]
+        assert "(continuing)" not in half.stderr, half.stderr[-3000:]  # no assessment step failed quietly
+    stdout = "".join(half.stdout for half in halves)
     for k in (0, 1):
         assert (tmp_path / f"out{k}" / "data" / "FashionMNIST" / "raw").is_dir()  # the generated miniature
     out0, out1 = tmp_path / "out0", tmp_path / "out1"
@@ -227,14 +236,14 @@ def test_fmnist_cpu_table_dry_runs_every_group(tmp_path):
         assert results["method"] == method and results["iterations"] == iterations, name
         model = next(iter(results["accuracy"]))
         assert 0 <= results["accuracy"][model]["mean"] <= 1 and (found[0] / "random.json").is_file(), name
-    rows = [line for line in done.stdout.splitlines() if re.match(r"^\| [A-Za-z]+ \| (1|10) \| [01] \|", line)]
-    assert len(rows) == 30, done.stdout[-3000:]
+    rows = [line for line in stdout.splitlines() if re.match(r"^\| [A-Za-z]+ \| (1|10) \| [01] \|", line)]
+    assert len(rows) == 30, stdout[-3000:]
     # kip, dd, frepo: each set and random real images under its own protocol, tabled by defaults_table.py
     for name in ("kip_ipc1", "kip_ipc10", "dd_ipc1", "dd_ipc10", "frepo_ipc1", "frepo_ipc10"):
         report = json.loads(next(out / name / "eval.json" for out in (out0, out1) if (out / name).is_dir()).read_text())
         kinds = {row["kind"] for row in report["comparison"]["rows"]}
         assert {"synthetic", "random"} <= kinds, (name, kinds)
-    assert len(re.findall(r"^\| (KIP|DD|FRePo) +\| ConvNet(NN)? +\| 1 ", done.stdout, re.M)) == 6, done.stdout[-3000:]
+    assert len(re.findall(r"^\| (KIP|DD|FRePo) +\| ConvNet(NN)? +\| 1 ", stdout, re.M)) == 6, stdout[-3000:]
     cross = json.loads((out0 / "crossarch_dsa_ipc1.json").read_text())
     assert {"MLP", "ConvNet", "LeNet", "AlexNet", "VGG11", "ResNet18"} <= set(cross), sorted(cross)
     assert (out0 / "continual" / "cl5_dm_ipc10.json").is_file() and (out0 / "tables" / "table.md").is_file()
@@ -252,17 +261,10 @@ def tiny_tables(tmp_path_factory):
     data = write_fashion_miniature(str(root / "data"), per_class=40)
     runs = {"soft": (["soft_label_table.sh", "ipc1"], {}),
             "sweep": (["defaults_sweep.sh"], {"METHODS": "DM SRe2L RDED MTT"})}
-    procs = {}
-    for name, (argv, extra) in runs.items():
-        env = {**os.environ, "TINY": "1", "DATA_PATH": data, "OUT": str(root / name), "THREADS": "1",
-               "OMP_NUM_THREADS": "1", **extra}
-        procs[name] = subprocess.Popen(["bash", os.path.join(ROOT, "scripts", argv[0]), *argv[1:]], text=True,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(root), env=env)
-    finished = {}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=1200)
-        finished[name] = (subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), root / name)
-    return finished
+    done = run_side_by_side([(["bash", os.path.join(ROOT, "scripts", argv[0]), *argv[1:]],
+                              {**os.environ, "TINY": "1", "DATA_PATH": data, "OUT": str(root / name), "THREADS": "1",
+                               **extra}) for name, (argv, extra) in runs.items()], root, timeout=1200)
+    return {name: (finished, root / name) for name, finished in zip(runs, done)}
 
 
 def test_soft_label_table_tiny_runs_its_ipc1_table(tiny_tables):
